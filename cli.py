@@ -1,0 +1,3 @@
+"""coopipe command line (placeholder, filled in below)."""
+def main() -> None:
+    pass

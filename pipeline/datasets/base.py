@@ -1,0 +1,155 @@
+"""The dataset model every adapter produces, and the registry that finds adapters by name."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import inspect
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from coopipe.errors import DatasetError, UnknownDatasetError
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split: image paths relative to :attr:`Dataset.image_root`, and integer labels."""
+
+    paths: tuple[str, ...]
+    labels: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.paths) != len(self.labels):
+            raise DatasetError(f"split has {len(self.paths)} paths but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A classification dataset: where its images are, its splits, class names and zero-shot prompt.
+
+    ``name`` is the registry name (plus a qualifier for user datasets, e.g. ``imagefolder-pets``); it is part
+    of store paths, so it must be file-name safe.
+    """
+
+    name: str
+    image_root: Path
+    classnames: tuple[str, ...]
+    template: str
+    splits: dict[str, Split] = field(default_factory=dict)
+    source: str = ""  # e.g. the split file used, for error messages and provenance
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classnames)
+
+    def split(self, name: str) -> Split:
+        if name not in self.splits or len(self.splits[name]) == 0:
+            have = ", ".join(k for k, v in self.splits.items() if len(v)) or "none"
+            raise DatasetError(
+                f"dataset {self.name} has no {name!r} split (it has: {have}); check {self.source or self.image_root}"
+            )
+        return self.splits[name]
+
+    def file_list_hash(self, split: str) -> str:
+        """sha256 over the split's (path, label) list and the class names: the dataset's identity in stores."""
+        digest = hashlib.sha256()
+        for name in self.classnames:
+            digest.update(f"class\t{name}\n".encode())
+        data = self.split(split)
+        for path, label in zip(data.paths, data.labels):
+            digest.update(f"{path}\t{label}\n".encode())
+        return digest.hexdigest()
+
+    def prompts(self) -> list[str]:
+        """The hand-crafted zero-shot prompt filled with each class name."""
+        return [self.template.format(name) for name in self.classnames]
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """A registry entry: how to build a dataset from a data root."""
+
+    name: str
+    description: str
+    builder: Callable[..., Dataset]
+
+
+class DatasetRegistry:
+    """Name -> adapter. Built explicitly (no import side effects): see :func:`default_registry`.
+
+    Names are case-insensitive; aliases (e.g. CoOp's ``EuroSAT``, ``OxfordPets``) resolve to one registered name
+    and are not listed by :meth:`names`.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[str, DatasetInfo] = {}
+        self._aliases: dict[str, str] = {}  # lower-case alias -> lower-case registered name
+
+    def register(
+        self, name: str, builder: Callable[..., Dataset], description: str, *, aliases: Iterable[str] = ()
+    ) -> None:
+        key = name.lower()
+        if key in self._entries or key in self._aliases:
+            raise ValueError(f"dataset {name!r} registered twice")
+        self._entries[key] = DatasetInfo(name, description, builder)
+        for alias in aliases:
+            self.add_alias(alias, name)
+
+    def add_alias(self, alias: str, name: str) -> None:
+        """Let ``alias`` (case-insensitive) stand for the registered dataset ``name``."""
+        key, target = alias.lower(), name.lower()
+        if target not in self._entries:
+            raise ValueError(f"cannot alias {alias!r} to unregistered dataset {name!r}")
+        if key == target:
+            return
+        if key in self._entries or self._aliases.get(key, target) != target:
+            raise ValueError(f"alias {alias!r} already names another dataset")
+        self._aliases[key] = target
+
+    def names(self) -> list[str]:
+        return [info.name for info in self._entries.values()]
+
+    def infos(self) -> list[DatasetInfo]:
+        return list(self._entries.values())
+
+    def info(self, name: str) -> DatasetInfo:
+        """The entry for a registered name or alias; :class:`UnknownDatasetError` (listing the known ones) if none."""
+        key = name.lower()
+        key = self._aliases.get(key, key)
+        if key not in self._entries:
+            close = difflib.get_close_matches(key, [*self._entries, *self._aliases], n=1)
+            hint = f" (did you mean {self._entries[self._aliases.get(close[0], close[0])].name!r}?)" if close else ""
+            raise UnknownDatasetError(
+                f"unknown dataset {name!r}{hint}; known: {', '.join(self.names())} (see `coopipe datasets`)"
+            )
+        return self._entries[key]
+
+    def resolve(self, name: str) -> str:
+        """The registered name that ``name`` (any case, or an alias) stands for."""
+        return self.info(name).name
+
+    def build(self, name: str, data_root: str | Path, **options: Any) -> Dataset:
+        info = self.info(name)
+        _check_options(info, options)
+        return info.builder(Path(data_root).expanduser(), **options)
+
+
+def _check_options(info: DatasetInfo, options: dict[str, Any]) -> None:
+    """Turn an option the builder does not take into a clear :class:`DatasetError` (not a ``TypeError``)."""
+    params = list(inspect.signature(info.builder).parameters.values())[1:]  # the first one is data_root
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return
+    accepted = [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise DatasetError(
+            f"dataset {info.name} does not take option(s) {', '.join(unknown)}; "
+            f"it takes: {', '.join(accepted) or 'none'}"
+        )

@@ -1,0 +1,375 @@
+"""Encode a dataset split once into a feature store: decode in worker processes, encode, write zarr chunks.
+
+The image encoder is the expensive part, so everything else is arranged around keeping it busy:
+- decoding and view generation run in ``num_workers`` DataLoader worker processes and hand uint8 tensors to
+  the main process, which normalises a whole batch at once and runs the model (bf16 autocast + channels_last
+  on CPU, autocast on CUDA);
+- rows are processed chunk by chunk in store order, and a chunk is written (and marked done) as soon as its
+  last row is encoded, so a killed run loses at most the chunk in flight and a re-run resumes;
+- with a dask.distributed scheduler address, chunk-aligned blocks of rows are encoded by the cluster's
+  workers, each loading the model once (a worker plugin caches it), writing into the same partial store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+import coopipe
+from coopipe.datasets.base import Dataset
+from coopipe.errors import BadImageError, CoopipeError, MissingFileError, StoreError
+from coopipe.imageio import load_rgb
+from coopipe.models import LoadedClip, PreprocessConfig, load_clip, open_clip_version
+from coopipe.store import (
+    FeatureStore,
+    StoreWriter,
+    open_store,
+    partial_path,
+    store_lock,
+    store_path,
+)
+from coopipe.views import ViewSpec, make_views, normalize_batch
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = ("bf16", "fp32", "fp16")
+BAD_IMAGE_POLICIES = ("fail", "skip")
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    """How to run the encoder (none of this changes the features except ``precision`` and ``dtype``)."""
+
+    batch_size: int = 64
+    num_workers: int = 1
+    dtype: str = "float16"
+    precision: str = "bf16"
+    chunk_rows: int = 256
+    on_bad_image: str = "fail"
+    device: str = "cpu"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.on_bad_image not in BAD_IMAGE_POLICIES:
+            raise ValueError(f"on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {self.on_bad_image!r}")
+        if self.dtype not in ("float16", "float32"):
+            raise ValueError(f"dtype must be float16 or float32, got {self.dtype!r}")
+        if self.batch_size < 1 or self.chunk_rows < 1 or self.num_workers < 0:
+            raise ValueError("batch_size and chunk_rows must be >= 1 and num_workers >= 0")
+
+
+@dataclass(frozen=True)
+class EncodeJob:
+    """Everything a (possibly remote) worker needs to encode rows of one store; picklable."""
+
+    image_root: str
+    paths: tuple[str, ...]  # per store row
+    positions: tuple[int, ...]  # per store row: position in the split's file list (seeds the views)
+    preprocess: PreprocessConfig
+    views: ViewSpec
+    model: str
+    pretrained: str
+    options: EncodeOptions
+
+
+@dataclass
+class EncodeResult:
+    path: Path
+    n_rows: int
+    n_views: int
+    encoded_rows: int  # rows encoded by this call (0 when the store already existed)
+    seconds: float
+    reused: bool
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.encoded_rows / self.seconds if self.seconds > 0 else 0.0
+
+
+def rows_descriptor(positions: Sequence[int] | None, n_split: int, note: Mapping | None = None) -> Any:
+    """Provenance of which split rows a store holds: ``"all"`` or a count + hash of the positions."""
+    if positions is None:
+        return "all"
+    arr = np.asarray(positions, dtype=np.int64)
+    desc: dict[str, Any] = {"count": int(arr.size), "sha256": hashlib.sha256(arr.tobytes()).hexdigest()[:16]}
+    if note:
+        desc.update(note)
+    return desc
+
+
+def build_provenance(
+    dataset: Dataset,
+    split: str,
+    clip: LoadedClip,
+    views: ViewSpec,
+    *,
+    positions: Sequence[int] | None,
+    options: EncodeOptions,
+    subset_note: Mapping | None = None,
+) -> dict[str, Any]:
+    """The inputs that determine a store's content (keyed) plus versions (recorded only)."""
+    n_split = len(dataset.split(split))
+    return {
+        "dataset": dataset.name,
+        "split": split,
+        "file_list_sha256": dataset.file_list_hash(split),
+        "n_split": n_split,
+        "classnames": list(dataset.classnames),
+        "rows": rows_descriptor(positions, n_split, subset_note),
+        "model": clip.name,
+        "weights": clip.weights_id,
+        "preprocess": clip.preprocess.to_dict(),
+        "views": views.to_dict(),
+        "dtype": options.dtype,
+        "precision": options.precision,
+        "normalized": False,
+        "coopipe_version": coopipe.__version__,
+        "open_clip_version": open_clip_version(),
+    }
+
+
+class _ViewDataset(torch.utils.data.Dataset):
+    """Decodes store rows into stacked uint8 views; errors are returned (not raised) to the main process."""
+
+    def __init__(self, job: EncodeJob) -> None:
+        self.job = job
+        self.root = Path(job.image_root)
+
+    def __len__(self) -> int:
+        return len(self.job.paths)
+
+    def __getitem__(self, row: int) -> tuple[int, torch.Tensor | None, str]:
+        try:
+            img = load_rgb(self.root / self.job.paths[row])
+            return row, make_views(img, self.job.positions[row], self.job.preprocess, self.job.views), ""
+        except (BadImageError, MissingFileError) as exc:
+            return row, None, str(exc)
+
+
+def _collate(items: list[tuple[int, torch.Tensor | None, str]]) -> list[tuple[int, torch.Tensor | None, str]]:
+    return items
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # decoding is single-threaded PIL work; leave the cores to the model
+
+
+def _autocast(options: EncodeOptions, device: torch.device) -> Any:
+    if options.precision == "fp32":
+        return nullcontext()
+    dtype = torch.bfloat16 if options.precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def prepare_visual(clip: LoadedClip, options: EncodeOptions) -> torch.device:
+    """Move the image tower to the device; channels_last helps CPU and CUDA convolutions."""
+    device = torch.device(options.device)
+    clip.model.visual.to(device=device, memory_format=torch.channels_last)
+    return device
+
+
+def encode_batch(clip: LoadedClip, batch: torch.Tensor, options: EncodeOptions, device: torch.device) -> np.ndarray:
+    """uint8 (B, 3, S, S) -> raw image features (B, D) float32, under the configured precision."""
+    x = normalize_batch(batch.to(device, non_blocking=True), clip.preprocess)
+    x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), _autocast(options, device):
+        feats = clip.model.encode_image(x)
+    return feats.float().cpu().numpy()
+
+
+def encode_chunks(
+    clip: LoadedClip,
+    job: EncodeJob,
+    writer: StoreWriter,
+    chunks: Sequence[int],
+    *,
+    on_rows: Callable[[int], None] | None = None,
+    num_workers: int | None = None,
+) -> list[dict[str, str]]:
+    """Encode the given chunks of ``writer``'s store, writing each as soon as it is complete.
+
+    Returns the skipped images (``on_bad_image=skip``); raises BadImageError under ``fail`` after the chunks
+    finished before the bad image have been written (so a fixed re-run resumes from there).
+    """
+    options = job.options
+    device = prepare_visual(clip, options)
+    n_views = job.views.n_views
+    rows = [r for c in chunks for r in writer.chunk_rows_range(c)]
+    if not rows:
+        return []
+    workers = options.num_workers if num_workers is None else num_workers
+    loader = DataLoader(
+        _ViewDataset(job),
+        batch_size=max(1, options.batch_size // n_views) if n_views > 1 else options.batch_size,
+        sampler=rows,
+        num_workers=workers,
+        collate_fn=_collate,
+        worker_init_fn=_worker_init if workers else None,
+        prefetch_factor=4 if workers else None,
+        persistent_workers=False,
+    )
+    chunk_of = {c: writer.chunk_rows_range(c) for c in chunks}
+    buffers: dict[int, np.ndarray] = {}
+    valid: dict[int, np.ndarray] = {}
+    filled: dict[int, int] = {c: 0 for c in chunks}
+    skipped: list[dict[str, str]] = []
+    dim: int | None = None
+    for items in loader:
+        good = [(row, views) for row, views, err in items if views is not None]
+        for row, _, err in items:
+            if err:
+                if options.on_bad_image == "fail":
+                    raise BadImageError(err)
+                logger.warning("skipping unreadable image: %s", err)
+                skipped.append({"path": job.paths[row], "error": err})
+        feats = None
+        if good:
+            batch = torch.cat([views for _, views in good])  # (b * V, 3, S, S)
+            feats = encode_batch(clip, batch, options, device).reshape(len(good), n_views, -1)
+            dim = feats.shape[-1]
+        feat_of = {row: feats[i] for i, (row, _) in enumerate(good)} if feats is not None else {}
+        for row, _, _ in items:
+            chunk = row // writer.chunk_rows
+            span = chunk_of[chunk]
+            if chunk not in buffers:
+                width = dim if dim is not None else writer.features.shape[2]
+                buffers[chunk] = np.zeros((len(span), n_views, width), dtype=np.float32)
+                valid[chunk] = np.ones(len(span), dtype=bool)
+            if row in feat_of:
+                buffers[chunk][row - span.start] = feat_of[row]
+            else:
+                valid[chunk][row - span.start] = False
+            filled[chunk] += 1
+            if filled[chunk] == len(span):
+                writer.write_chunk(chunk, buffers.pop(chunk), valid.pop(chunk))
+        if on_rows is not None:
+            on_rows(len(items))
+    return skipped
+
+
+def _progress(total: int, desc: str, enabled: bool) -> tqdm:
+    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, dynamic_ncols=True, smoothing=0.1)
+
+
+def encode_split(
+    dataset: Dataset,
+    split: str,
+    *,
+    cache_dir: str | Path,
+    model: str = "RN50",
+    pretrained: str = "none",
+    views: ViewSpec = ViewSpec(),
+    positions: Sequence[int] | None = None,
+    subset_note: Mapping | None = None,
+    options: EncodeOptions = EncodeOptions(),
+    scheduler: str | None = None,
+    clip: LoadedClip | None = None,
+) -> EncodeResult:
+    """Encode ``dataset``'s ``split`` (or only the split ``positions`` given) into a store under ``cache_dir``.
+
+    Re-running with the same inputs is a no-op; an interrupted run is resumed; different inputs go to a
+    different store. ``scheduler`` is a dask.distributed address (``None`` = in-process).
+    """
+    started = time.perf_counter()
+    data = dataset.split(split)
+    if positions is None:
+        pos = list(range(len(data)))
+    else:
+        pos = sorted({int(p) for p in positions})
+        if pos and (pos[0] < 0 or pos[-1] >= len(data)):
+            raise StoreError(f"row positions out of range for {dataset.name}/{split} ({len(data)} images)")
+    clip = clip or load_clip(model, pretrained, device=options.device)
+    provenance = build_provenance(dataset, split, clip, views, positions=positions, options=options, subset_note=subset_note)
+    path = store_path(cache_dir, provenance)
+    if path.exists():
+        store = open_store(path, expect={k: v for k, v in provenance.items() if not k.endswith("_version")})
+        logger.info("store %s already complete: nothing to do", path)
+        return EncodeResult(path, store.n_rows, store.n_views, 0, time.perf_counter() - started, reused=True)
+    job = EncodeJob(
+        image_root=str(dataset.image_root),
+        paths=tuple(data.paths[p] for p in pos),
+        positions=tuple(pos),
+        preprocess=clip.preprocess,
+        views=views,
+        model=clip.name,
+        pretrained=clip.weights.value,
+        options=options,
+    )
+    with store_lock(path):
+        if partial_path(path).exists():
+            writer = StoreWriter.resume(path, provenance)
+            logger.info("resuming %s: %d of %d chunks left", path.name, len(writer.pending_chunks()), writer.n_chunks)
+        else:
+            writer = StoreWriter.create(
+                path, provenance, labels=[data.labels[p] for p in pos], index=pos, paths=job.paths,
+                n_views=views.n_views, dim=clip.embed_dim, dtype=options.dtype, chunk_rows=options.chunk_rows,
+            )
+        pending = writer.pending_chunks()
+        todo = sum(len(writer.chunk_rows_range(c)) for c in pending)
+        desc = f"encode {dataset.name}/{split} ({views.label})"
+        with _progress(todo, desc, options.progress) as bar:
+            if scheduler:
+                from coopipe.distributed import encode_chunks_distributed
+
+                skipped = encode_chunks_distributed(scheduler, job, writer, pending, on_rows=bar.update)
+            else:
+                skipped = encode_chunks(clip, job, writer, pending, on_rows=bar.update)
+        skipped_all = _skipped_report(writer, skipped)
+        if skipped_all:
+            report = path.with_name(path.name + ".skipped.json")
+            report.write_text(json.dumps(skipped_all, indent=1))
+            logger.warning("%d unreadable image(s) skipped; report: %s", len(skipped_all), report)
+        writer.finalize({"skipped": skipped_all, "encode_seconds": round(time.perf_counter() - started, 3)})
+    seconds = time.perf_counter() - started
+    logger.info("wrote %s (%d rows x %d views) in %.1fs", path, len(pos), views.n_views, seconds)
+    return EncodeResult(path, len(pos), views.n_views, todo, seconds, reused=False, skipped=skipped_all)
+
+
+def _skipped_report(writer: StoreWriter, skipped: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Every invalid row (this run's with its error; earlier runs' as such), for the written report."""
+    valid = np.asarray(writer.group["valid"][:], dtype=bool)
+    if valid.all():
+        return []
+    known = {s["path"]: s["error"] for s in skipped}
+    paths = np.asarray(writer.group["paths"][:])
+    return [{"path": str(p), "error": known.get(str(p), "skipped in an earlier run")} for p in paths[~valid]]
+
+
+def describe_store(store: FeatureStore) -> dict[str, Any]:
+    """A JSON-able summary of a store: shape, dtype, provenance (used by `coopipe cache info`)."""
+    return {
+        "path": str(store.path),
+        "shape": list(store.features.shape),
+        "dtype": str(store.features.dtype),
+        "chunks": list(store.features.chunks),
+        "n_valid": int(store.valid().sum()),
+        "provenance": store.provenance,
+        "skipped": store.attrs.get("skipped", []),
+    }
+
+
+__all__ = [
+    "EncodeJob",
+    "EncodeOptions",
+    "EncodeResult",
+    "build_provenance",
+    "encode_chunks",
+    "encode_split",
+    "describe_store",
+    "CoopipeError",
+]

@@ -1,0 +1,176 @@
+"""Load CLIP-style open_clip models and pin down the identity of their weights.
+
+``pretrained`` is one of:
+- an open_clip tag (``openai``, ``laion2b_s34b_b79k``, ...): downloaded through open_clip exactly as open_clip
+  does (its hub cache included); identity ``open_clip:<model>/<tag>``;
+- a path to a local checkpoint file: loaded by open_clip's own checkpoint loader; identity ``sha256:<hex>``;
+- ``none``: random weights drawn from a fixed init seed, so every process (dask workers included) builds the
+  same model; identity ``random-init:seed=<seed>``. Only useful for pipeline checks and tests.
+
+Everything built from a model records :attr:`LoadedClip.weights_id`, so a store or checkpoint made with one set
+of weights is never silently reused with another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from coopipe.compat import import_open_clip
+from coopipe.errors import WeightsError
+
+logger = logging.getLogger(__name__)
+
+RANDOM_INIT_SEED = 0
+_HUB_HOST = ("huggingface.co", 443)
+
+
+@dataclass(frozen=True)
+class WeightsRef:
+    """Where weights come from: ``kind`` is ``tag``, ``file`` or ``none``."""
+
+    kind: str
+    value: str
+    identity: str
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """The image preprocessing a model expects (recorded in every store)."""
+
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+    resize_mode: str = "shortest"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "image_size": self.image_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "interpolation": self.interpolation,
+            "resize_mode": self.resize_mode,
+        }
+
+
+@dataclass
+class LoadedClip:
+    """A frozen open_clip model plus what is needed to use and identify it."""
+
+    model: Any  # open_clip.model.CLIP (or CustomTextCLIP)
+    name: str
+    weights: WeightsRef
+    preprocess: PreprocessConfig
+    tokenizer: Any = field(repr=False)
+
+    @property
+    def weights_id(self) -> str:
+        return self.weights.identity
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model.text_projection.shape[1])
+
+
+def sha256_file(path: str | os.PathLike[str], *, block: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in blocks (checkpoints can be GBs)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def resolve_weights(model_name: str, pretrained: str | None) -> WeightsRef:
+    """Classify ``pretrained`` as tag, file or none and compute its identity (without loading anything)."""
+    value = (pretrained or "none").strip()
+    if value.lower() in {"none", "random", ""}:
+        return WeightsRef("none", "none", f"random-init:seed={RANDOM_INIT_SEED}")
+    path = Path(value).expanduser()
+    looks_like_path = path.suffix in {".pt", ".pth", ".bin", ".safetensors", ".ckpt"} or os.sep in value
+    if path.is_file():
+        return WeightsRef("file", str(path.resolve()), f"sha256:{sha256_file(path)}")
+    if looks_like_path:
+        raise WeightsError(
+            f"checkpoint file {value} does not exist; give an existing local checkpoint path, an open_clip "
+            f"pretrained tag (e.g. 'openai'), or 'none' for random weights"
+        )
+    open_clip = import_open_clip()
+    tags = open_clip.list_pretrained_tags_by_model(model_name)
+    if value not in tags:
+        raise WeightsError(
+            f"open_clip has no pretrained tag {value!r} for model {model_name}; known tags: "
+            f"{', '.join(tags) or '(none)'}; or give a local checkpoint path, or 'none'"
+        )
+    return WeightsRef("tag", value, f"open_clip:{model_name}/{value}")
+
+
+def _hub_reachable(timeout: float = 5.0) -> bool:
+    try:
+        with socket.create_connection(_HUB_HOST, timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _preprocess_config(model: Any) -> PreprocessConfig:
+    cfg = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
+    size = cfg.get("size", getattr(model.visual, "image_size", 224))
+    if isinstance(size, (tuple, list)):
+        size = size[0]
+    mean = tuple(float(v) for v in cfg.get("mean", (0.48145466, 0.4578275, 0.40821073)))
+    std = tuple(float(v) for v in cfg.get("std", (0.26862954, 0.26130258, 0.27577711)))
+    return PreprocessConfig(
+        image_size=int(size),
+        mean=mean,  # type: ignore[arg-type]
+        std=std,  # type: ignore[arg-type]
+        interpolation=str(cfg.get("interpolation", "bicubic")),
+        resize_mode=str(cfg.get("resize_mode", "shortest")),
+    )
+
+
+def load_clip(model_name: str = "RN50", pretrained: str | None = "none", *, device: str = "cpu") -> LoadedClip:
+    """Build ``model_name`` with the given weights, frozen and in eval mode.
+
+    Raises :class:`WeightsError` quickly (never hangs) when a pretrained tag needs a download and the model hub is
+    unreachable, saying what to set instead.
+    """
+    open_clip = import_open_clip()
+    if model_name not in open_clip.list_models():
+        raise WeightsError(
+            f"unknown open_clip model {model_name!r}; pick one of open_clip.list_models(), e.g. RN50, ViT-B-32, ViT-B-16"
+        )
+    ref = resolve_weights(model_name, pretrained)
+    if ref.kind == "tag" and os.environ.get("HF_HUB_OFFLINE") != "1" and not _hub_reachable():
+        raise WeightsError(
+            f"pretrained weights {model_name}/{ref.value} must be downloaded but the model hub is unreachable "
+            f"(no network). Set `pretrained` to a local checkpoint file, or `pretrained: none` for a "
+            f"random-weights pipeline check (or HF_HUB_OFFLINE=1 if the weights are already in the hub cache)"
+        )
+    try:
+        if ref.kind == "none":
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(RANDOM_INIT_SEED)
+                model = open_clip.create_model(model_name, pretrained=None, device=device)
+        else:
+            model = open_clip.create_model(model_name, pretrained=ref.value, device=device)
+    except (RuntimeError, OSError, ValueError, KeyError) as exc:
+        raise WeightsError(f"could not load weights {ref.value!r} into {model_name}: {exc}") from exc
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    tokenizer = open_clip.get_tokenizer(model_name)
+    logger.info("loaded %s (%s)", model_name, ref.identity)
+    return LoadedClip(model=model, name=model_name, weights=ref, preprocess=_preprocess_config(model), tokenizer=tokenizer)
+
+
+def open_clip_version() -> str:
+    return str(import_open_clip().__version__)

@@ -1,0 +1,346 @@
+"""Chunked zarr v3 feature stores: one per dataset x split x model x weights x view-set.
+
+Layout of a store (a zarr v3 group, directory ``<name>.zarr``)::
+
+    features  (N, V, D)  float16 by default   raw ``encode_image`` output (not L2-normalised); view 0 = centre
+    labels    (N,)       int32
+    index     (N,)       int64                position of each row in the dataset split's file list
+    paths     (N,)       str                  image path relative to the dataset's image root
+    valid     (N,)       bool                 False for images skipped under ``on_bad_image=skip``
+    done      (n_chunks,) bool                which row chunks are written (resume bookkeeping)
+    attrs     provenance (model, weights, preprocessing, views, dataset file-list hash, ...) + "complete"
+
+Why it is safe:
+- A store is written under ``<name>.zarr.partial`` and renamed to ``<name>.zarr`` only once every chunk is
+  written, so nothing half-written is ever opened as complete. A killed encode leaves the ``.partial``
+  directory; the next run with the same inputs resumes it, skipping the chunks marked done. A chunk is
+  marked done only after its features are written.
+- The store name ends with a hash of its provenance (the inputs that determine the features), so different
+  inputs write a different store and identical inputs find the existing one (a no-op).
+- :func:`open_store` compares the provenance a reader expects with the stored one and raises
+  :class:`~coopipe.errors.ProvenanceMismatchError` naming the fields that differ.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+from coopipe.errors import IncompleteStoreError, ProvenanceMismatchError, StoreError
+
+logger = logging.getLogger(__name__)
+
+STORE_FORMAT = "coopipe.features/1"
+PARTIAL_SUFFIX = ".partial"
+# Provenance fields that identify the *content* of a store. Versions are recorded but not keyed, so upgrading
+# coopipe or open_clip does not silently invalidate every cache (the reader still sees them in `cache info`).
+_UNKEYED = {"coopipe_version", "open_clip_version", "created", "complete", "n_rows", "skipped"}
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def provenance_key(provenance: Mapping[str, Any]) -> str:
+    """12-hex digest of the keyed provenance fields: the suffix of the store's directory name."""
+    keyed = {k: v for k, v in provenance.items() if k not in _UNKEYED}
+    return hashlib.sha256(canonical_json(keyed).encode()).hexdigest()[:12]
+
+
+def _slug(text: str) -> str:
+    keep = [c if c.isalnum() or c in "-." else "-" for c in text]
+    return "".join(keep).strip("-") or "x"
+
+
+def weights_slug(weights_id: str) -> str:
+    """Short, file-name-safe form of a weights identity, for store names."""
+    kind, _, rest = weights_id.partition(":")
+    if kind == "sha256":
+        return f"sha256-{rest[:10]}"
+    if kind == "random-init":
+        return "random"
+    return _slug(rest.split("/")[-1] if "/" in rest else rest)
+
+
+def store_path(cache_dir: str | os.PathLike[str], provenance: Mapping[str, Any]) -> Path:
+    """``cache_dir/<dataset>/<split>_<model>_<weights>_<views>_<key>.zarr`` for the given provenance."""
+    views = provenance["views"]
+    label = "center" if views["n_aug"] == 0 else f"center+aug{views['n_aug']}"
+    subset = "" if provenance.get("rows", "all") == "all" else "_subset"
+    name = "_".join(
+        [
+            provenance["split"],
+            _slug(provenance["model"]),
+            weights_slug(provenance["weights"]),
+            label + subset,
+            provenance_key(provenance),
+        ]
+    )
+    return Path(cache_dir) / _slug(provenance["dataset"]) / f"{name}.zarr"
+
+
+def partial_path(path: Path) -> Path:
+    return path.with_name(path.name + PARTIAL_SUFFIX)
+
+
+def diff_provenance(expected: Mapping[str, Any], actual: Mapping[str, Any]) -> list[str]:
+    """Names (dotted) of expected fields whose stored value differs; fields not in ``expected`` are ignored."""
+    diffs: list[str] = []
+    for key, want in expected.items():
+        have = actual.get(key, "<missing>")
+        if isinstance(want, Mapping) and isinstance(have, Mapping):
+            diffs += [f"{key}.{sub}" for sub in diff_provenance(want, have)]
+        elif canonical_json(want) != canonical_json(have):
+            diffs.append(key)
+    return diffs
+
+
+@dataclass
+class FeatureStore:
+    """A complete store opened for reading. Arrays are zarr arrays: slice them to read only what you need."""
+
+    path: Path
+    group: zarr.Group
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return dict(self.group.attrs)
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        return dict(self.group.attrs["provenance"])
+
+    @property
+    def features(self) -> zarr.Array:
+        return self.group["features"]  # type: ignore[return-value]
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.features.shape[0])
+
+    @property
+    def n_views(self) -> int:
+        return int(self.features.shape[1])
+
+    @property
+    def dim(self) -> int:
+        return int(self.features.shape[2])
+
+    def labels(self) -> np.ndarray:
+        return np.asarray(self.group["labels"][:], dtype=np.int64)
+
+    def index(self) -> np.ndarray:
+        return np.asarray(self.group["index"][:], dtype=np.int64)
+
+    def paths(self) -> np.ndarray:
+        return np.asarray(self.group["paths"][:])
+
+    def valid(self) -> np.ndarray:
+        return np.asarray(self.group["valid"][:], dtype=bool)
+
+    def classnames(self) -> list[str]:
+        return list(self.provenance["classnames"])
+
+    def rows_for(self, split_positions: Sequence[int]) -> np.ndarray:
+        """Store rows holding the given split positions (e.g. few-shot indices); error if any is absent."""
+        index = self.index()
+        order = np.argsort(index)
+        wanted = np.asarray(split_positions, dtype=np.int64)
+        pos = np.searchsorted(index, wanted, sorter=order)
+        pos = np.clip(pos, 0, len(index) - 1)
+        rows = order[pos]
+        missing = wanted[index[rows] != wanted]
+        if missing.size:
+            raise StoreError(
+                f"store {self.path} does not hold {missing.size} requested image(s) (e.g. split position "
+                f"{int(missing[0])}); re-encode the train split with the shots/seeds you train with "
+                f"(coopipe encode --shots ... --seeds ...) or without a subset"
+            )
+        bad = ~self.valid()[rows]
+        if bad.any():
+            raise StoreError(
+                f"store {self.path}: {int(bad.sum())} requested image(s) were skipped as unreadable at encode "
+                f"time (e.g. {self.paths()[rows[bad][0]]}); fix the image(s) and re-encode"
+            )
+        return rows
+
+    def read(self, rows: Sequence[int] | np.ndarray | None = None, *, view: int | None = 0) -> np.ndarray:
+        """Features as float32: (n, D) for one view, or (n, V, D) with ``view=None``. Checks NaN/inf."""
+        arr = self.features
+        if rows is None:
+            data = arr[:, view, :] if view is not None else arr[:]
+        else:
+            rows = np.asarray(rows, dtype=np.int64)
+            order = np.argsort(rows)
+            sel = arr.get_orthogonal_selection((rows[order], slice(None), slice(None)))
+            data = np.empty_like(sel)
+            data[order] = sel
+            if view is not None:
+                data = data[:, view, :]
+        out = np.asarray(data, dtype=np.float32)
+        if not np.isfinite(out).all():
+            raise StoreError(f"store {self.path} holds NaN/inf features; delete it and re-encode (fp32 precision)")
+        return out
+
+
+def open_store(path: str | os.PathLike[str], *, expect: Mapping[str, Any] | None = None) -> FeatureStore:
+    """Open a complete store; raise if it is partial, not a coopipe store, or built from other inputs."""
+    path = Path(path)
+    if not path.exists():
+        if partial_path(path).exists():
+            raise IncompleteStoreError(
+                f"store {path} is still being written or was interrupted ({partial_path(path).name} exists); "
+                f"re-run the same `coopipe encode` command to resume it"
+            )
+        raise StoreError(f"no feature store at {path}; run `coopipe encode` first (see `coopipe cache info`)")
+    try:
+        group = zarr.open_group(str(path), mode="r")
+        attrs = dict(group.attrs)
+    except Exception as exc:  # zarr raises several unrelated types for a non-store directory
+        raise StoreError(f"{path} is not a readable zarr store ({exc}); delete it and re-encode") from exc
+    if attrs.get("format") != STORE_FORMAT or "provenance" not in attrs:
+        raise StoreError(f"{path} is not a coopipe feature store (format {attrs.get('format')!r})")
+    if not attrs.get("complete", False):
+        raise IncompleteStoreError(f"store {path} is marked incomplete; re-run `coopipe encode` to finish it")
+    store = FeatureStore(path=path, group=group)
+    if expect:
+        diffs = diff_provenance(expect, store.provenance)
+        if diffs:
+            details = "; ".join(
+                f"{d}: store has {_lookup(store.provenance, d)!r}, expected {_lookup(expect, d)!r}" for d in diffs[:4]
+            )
+            raise ProvenanceMismatchError(
+                f"store {path} was built from other inputs ({details}); re-encode with the current settings "
+                f"(coopipe encode) or point to the matching store"
+            )
+    return store
+
+
+def _lookup(mapping: Mapping[str, Any], dotted: str) -> Any:
+    value: Any = mapping
+    for part in dotted.split("."):
+        value = value.get(part, "<missing>") if isinstance(value, Mapping) else "<missing>"
+    return value
+
+
+@contextmanager
+def store_lock(path: Path) -> Iterator[None]:
+    """Exclusive advisory lock for writing ``path`` (two encodes of one store never interleave)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock_file = path.with_name(path.name + ".lock")
+    with open(lock_file, "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise StoreError(f"store {path} is being written by another process (lock {lock_file})") from exc
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+class StoreWriter:
+    """Writes one store chunk by chunk into ``<path>.partial`` and publishes it atomically when complete.
+
+    Chunk writes are independent (disjoint files), so several processes (dask workers) may write different
+    chunks of the same partial store at once; only :meth:`finalize` must run in a single process.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.partial = partial_path(path)
+        self.group = zarr.open_group(str(self.partial), mode="r+")
+        self.features: zarr.Array = self.group["features"]  # type: ignore[assignment]
+        self.chunk_rows = int(self.features.chunks[0])
+        self.n_rows = int(self.features.shape[0])
+        self.n_chunks = -(-self.n_rows // self.chunk_rows)
+
+    @classmethod
+    def create(
+        cls,
+        path: Path,
+        provenance: Mapping[str, Any],
+        *,
+        labels: Sequence[int],
+        index: Sequence[int],
+        paths: Sequence[str],
+        n_views: int,
+        dim: int,
+        dtype: str = "float16",
+        chunk_rows: int = 256,
+    ) -> StoreWriter:
+        partial = partial_path(path)
+        if partial.exists():
+            shutil.rmtree(partial)
+        n = len(labels)
+        if n == 0:
+            raise StoreError(f"refusing to create an empty store at {path}: the split has no images")
+        group = zarr.open_group(str(partial), mode="w")
+        chunk_rows = max(1, min(chunk_rows, n))
+        compressor = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+        group.create_array(
+            "features", shape=(n, n_views, dim), chunks=(chunk_rows, n_views, dim), dtype=dtype,
+            compressors=compressor, fill_value=0,
+        )
+        group.create_array("labels", shape=(n,), chunks=(max(n, 1),), dtype="int32")[:] = np.asarray(labels)
+        group.create_array("index", shape=(n,), chunks=(max(n, 1),), dtype="int64")[:] = np.asarray(index)
+        group.create_array("paths", shape=(n,), chunks=(max(n, 1),), dtype=str)[:] = np.asarray(list(paths), dtype=object)
+        group.create_array("valid", shape=(n,), chunks=(chunk_rows,), dtype=bool, fill_value=True)
+        n_chunks = -(-n // chunk_rows)
+        group.create_array("done", shape=(n_chunks,), chunks=(1,), dtype=bool, fill_value=False)
+        group.attrs.update(
+            {"format": STORE_FORMAT, "provenance": dict(provenance), "complete": False, "n_rows": n}
+        )
+        return cls(path)
+
+    @classmethod
+    def resume(cls, path: Path, provenance: Mapping[str, Any]) -> StoreWriter:
+        writer = cls(path)
+        stored = dict(writer.group.attrs.get("provenance", {}))
+        diffs = diff_provenance({k: v for k, v in provenance.items() if k not in _UNKEYED}, stored)
+        if diffs:
+            raise ProvenanceMismatchError(
+                f"partial store {writer.partial} was started from other inputs ({', '.join(diffs)}); delete it"
+            )
+        return writer
+
+    def pending_chunks(self) -> list[int]:
+        done = np.asarray(self.group["done"][:], dtype=bool)
+        return [int(i) for i in np.flatnonzero(~done)]
+
+    def chunk_rows_range(self, chunk: int) -> range:
+        return range(chunk * self.chunk_rows, min((chunk + 1) * self.chunk_rows, self.n_rows))
+
+    def write_chunk(self, chunk: int, features: np.ndarray, valid: np.ndarray | None = None) -> None:
+        """Write one whole row chunk (V views) and then mark it done."""
+        rows = self.chunk_rows_range(chunk)
+        if features.shape[0] != len(rows):
+            raise StoreError(f"chunk {chunk} needs {len(rows)} rows, got {features.shape[0]}")
+        self.features[rows.start : rows.stop] = features.astype(self.features.dtype, copy=False)
+        if valid is not None and not valid.all():
+            self.group["valid"][rows.start : rows.stop] = valid
+        self.group["done"][chunk] = True
+
+    def finalize(self, extra_attrs: Mapping[str, Any] | None = None) -> Path:
+        """Check every chunk is done, mark complete and atomically publish under the final name."""
+        pending = self.pending_chunks()
+        if pending:
+            raise IncompleteStoreError(f"store {self.partial} still misses {len(pending)} chunk(s); resume it")
+        attrs = dict(extra_attrs or {})
+        attrs["complete"] = True
+        self.group.attrs.update(attrs)
+        os.replace(self.partial, self.path)  # atomic on one filesystem: readers see all or nothing
+        return self.path

@@ -1,0 +1,139 @@
+"""Image views for the feature cache: the centre crop used at test time, and seeded augmented training views.
+
+The reference CoOp training re-encodes a fresh random-resized-crop + flip of each image every step. The cache
+keeps that regularisation by storing ``n_aug`` such views per training image (training draws one per epoch),
+next to the deterministic centre view (view 0). Every augmented view is drawn from its own generator seeded
+by ``(seed, image index, view)``, so a view does not depend on batch order, worker count or which machine
+encodes it: the in-process and distributed encoders produce identical stores.
+
+Views are produced as uint8 tensors (cheap to pass between worker processes); :func:`normalize_batch` turns a
+batch into the float input of the image encoder, in the same arithmetic as torchvision's ToTensor + Normalize.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from coopipe.models import PreprocessConfig
+
+_INTERPOLATION = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+}
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """Which views a store holds: view 0 is always the centre crop; views 1..n_aug are augmented."""
+
+    n_aug: int = 0
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: bool = True
+    seed: int = 0
+
+    @property
+    def n_views(self) -> int:
+        return 1 + self.n_aug
+
+    @property
+    def label(self) -> str:
+        return "center" if self.n_aug == 0 else f"center+aug{self.n_aug}"
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["scale"], data["ratio"] = list(self.scale), list(self.ratio)
+        data["center"] = "resize-shortest+center-crop"
+        data["augmentation"] = "random-resized-crop+hflip" if self.flip else "random-resized-crop"
+        if self.n_aug == 0:  # augmentation settings are irrelevant without augmented views
+            for key in ("scale", "ratio", "flip", "seed", "augmentation"):
+                data.pop(key)
+        return data
+
+
+def _resample(cfg: PreprocessConfig) -> Image.Resampling:
+    return _INTERPOLATION.get(cfg.interpolation, Image.Resampling.BICUBIC)
+
+
+def _to_uint8_chw(img: Image.Image) -> torch.Tensor:
+    arr = np.asarray(img, dtype=np.uint8)  # (H, W, 3)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()  # (3, H, W)
+
+
+def center_view(img: Image.Image, cfg: PreprocessConfig) -> torch.Tensor:
+    """Resize the short side to ``image_size`` and centre-crop: open_clip's test transform, as uint8 (3, S, S)."""
+    size = cfg.image_size
+    width, height = img.size
+    scale = size / min(width, height)
+    # torchvision's Resize(int) computes the long side with int() truncation; match it exactly.
+    new_w, new_h = (size, int(size * height / width)) if width <= height else (int(size * width / height), size)
+    if (new_w, new_h) != (width, height) or scale != 1:
+        img = img.resize((new_w, new_h), _resample(cfg))
+    left = int(round((new_w - size) / 2.0))
+    top = int(round((new_h - size) / 2.0))
+    return _to_uint8_chw(img.crop((left, top, left + size, top + size)))
+
+
+def view_generator(seed: int, image_index: int, view: int) -> torch.Generator:
+    """A generator private to one (image, view): the view is the same wherever and whenever it is encoded."""
+    digest = hashlib.blake2b(f"{seed}:{image_index}:{view}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+
+
+def _random_resized_crop_box(
+    width: int, height: int, spec: ViewSpec, gen: torch.Generator
+) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop.get_params, drawing from ``gen`` instead of the global RNG."""
+    area = width * height
+    log_ratio = (math.log(spec.ratio[0]), math.log(spec.ratio[1]))
+    for _ in range(10):
+        target_area = area * float(torch.empty(1).uniform_(spec.scale[0], spec.scale[1], generator=gen))
+        aspect = math.exp(float(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=gen)))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, size=(1,), generator=gen))
+            left = int(torch.randint(0, width - w + 1, size=(1,), generator=gen))
+            return top, left, h, w
+    in_ratio = width / height  # fallback to a central crop, as torchvision does
+    if in_ratio < min(spec.ratio):
+        w, h = width, int(round(width / min(spec.ratio)))
+    elif in_ratio > max(spec.ratio):
+        h, w = height, int(round(height * max(spec.ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def augmented_view(img: Image.Image, cfg: PreprocessConfig, spec: ViewSpec, gen: torch.Generator) -> torch.Tensor:
+    """Random resized crop (+ horizontal flip) to ``image_size``, as in CoOp's reference training transform."""
+    top, left, h, w = _random_resized_crop_box(img.width, img.height, spec, gen)
+    size = cfg.image_size
+    out = img.resize((size, size), _resample(cfg), box=(left, top, left + w, top + h))
+    if spec.flip and float(torch.rand(1, generator=gen)) < 0.5:
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return _to_uint8_chw(out)
+
+
+def make_views(img: Image.Image, image_index: int, cfg: PreprocessConfig, spec: ViewSpec) -> torch.Tensor:
+    """All views of one image, stacked: (n_views, 3, S, S) uint8, view 0 the centre crop."""
+    views = [center_view(img, cfg)]
+    for v in range(1, spec.n_views):
+        views.append(augmented_view(img, cfg, spec, view_generator(spec.seed, image_index, v)))
+    return torch.stack(views)
+
+
+def normalize_batch(batch: torch.Tensor, cfg: PreprocessConfig, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 (B, 3, S, S) -> normalised float, same arithmetic as ToTensor() followed by Normalize(mean, std)."""
+    mean = torch.tensor(cfg.mean, dtype=torch.float32, device=batch.device).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.std, dtype=torch.float32, device=batch.device).view(1, 3, 1, 1)
+    x = batch.to(torch.float32).div_(255.0)
+    return x.sub_(mean).div_(std).to(dtype)

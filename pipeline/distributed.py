@@ -71,7 +71,7 @@ def encode_chunks_distributed(
     """Encode ``chunks`` on the cluster at ``scheduler``; returns skipped images like :func:`encode_chunks`."""
     if not chunks:
         return []
-    with Client(scheduler, set_as_default=False) as client:
+    with Client(scheduler) as client:  # as_completed needs it as the default client
         client.register_plugin(ModelCache(), name=PLUGIN_NAME)
         n_workers = len(client.scheduler_info().get("workers", {}))
         logger.info("encoding %d chunks on %d dask workers at %s", len(chunks), n_workers, scheduler)

@@ -344,3 +344,34 @@ class StoreWriter:
         self.group.attrs.update(attrs)
         os.replace(self.partial, self.path)  # atomic on one filesystem: readers see all or nothing
         return self.path
+
+
+def find_stores(
+    cache_dir: str | os.PathLike[str],
+    dataset: str,
+    split: str,
+    *,
+    model: str | None = None,
+    weights: str | None = None,
+) -> list[FeatureStore]:
+    """Complete stores under ``cache_dir`` for ``dataset``/``split`` (optionally one model / weights identity).
+
+    Sorted with the most views first, then the most rows, so callers that want augmented views or the full
+    split can take the first one that holds the rows they need.
+    """
+    folder = Path(cache_dir) / _slug(dataset)
+    found: list[FeatureStore] = []
+    for path in sorted(folder.glob(f"{split}_*.zarr")):
+        try:
+            store = open_store(path)
+        except StoreError as exc:
+            logger.warning("ignoring %s: %s", path, exc)
+            continue
+        prov = store.provenance
+        if prov.get("split") != split or prov.get("dataset") != dataset:
+            continue
+        if (model and prov.get("model") != model) or (weights and prov.get("weights") != weights):
+            continue
+        found.append(store)
+    found.sort(key=lambda s: (-s.n_views, -s.n_rows, s.path.name))
+    return found

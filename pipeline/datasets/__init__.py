@@ -1,0 +1,74 @@
+"""Dataset adapters: image paths, labels, readable class names and zero-shot prompts.
+
+Build datasets through :func:`load_dataset` (or a registry from :func:`default_registry`); sample the CoOp
+few-shot subsets with :func:`make_few_shot_index` / :func:`sample_few_shot`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from coopipe.datasets.base import SPLITS, Dataset, DatasetInfo, DatasetRegistry, Split
+from coopipe.datasets.common import read_split_file
+from coopipe.datasets.coop import COOP_SPECS, coop_builder
+from coopipe.datasets.fewshot import (
+    VAL_MAX_SHOTS,
+    FewShotIndex,
+    few_shot_union,
+    make_few_shot_index,
+    sample_few_shot,
+    sample_val,
+)
+from coopipe.datasets.folder import build_image_folder
+from coopipe.datasets.manifest import build_manifest
+
+__all__ = [
+    "SPLITS",
+    "VAL_MAX_SHOTS",
+    "Dataset",
+    "DatasetInfo",
+    "DatasetRegistry",
+    "FewShotIndex",
+    "Split",
+    "default_registry",
+    "few_shot_union",
+    "load_dataset",
+    "make_few_shot_index",
+    "read_split_file",
+    "sample_few_shot",
+    "sample_val",
+]
+
+
+def default_registry() -> DatasetRegistry:
+    """A registry with CoOp's 15 datasets, ``imagefolder`` and ``manifest`` (CoOp's class names as aliases)."""
+    registry = DatasetRegistry()
+    for spec in COOP_SPECS:
+        registry.register(
+            spec.name,
+            coop_builder(spec),
+            f"{spec.description}; $DATA/{spec.folder}/",
+            aliases=(spec.coop_name, *spec.aliases),
+        )
+    registry.register(
+        "imagefolder",
+        build_image_folder,
+        "one sub-folder per class (data root = that folder); seeded stratified split or a CoOp split file",
+        aliases=("image_folder", "folder"),
+    )
+    registry.register(
+        "manifest",
+        build_manifest,
+        "CSV/JSON manifest with path, label[, split] columns (data root = the manifest file)",
+    )
+    return registry
+
+
+def load_dataset(name: str, data_root: str | Path, **options: Any) -> Dataset:
+    """Build dataset ``name`` (any case, or a CoOp alias such as ``EuroSAT``) from ``data_root``.
+
+    For CoOp datasets ``data_root`` is CoOp's ``$DATA`` folder; for ``imagefolder`` the folder of class
+    sub-folders; for ``manifest`` the manifest file. Unknown names raise :class:`UnknownDatasetError`.
+    """
+    return default_registry().build(name, data_root, **options)

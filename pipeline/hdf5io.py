@@ -1,0 +1,78 @@
+"""Move feature stores to and from HDF5 (h5py), keeping the provenance, for tools that do not read zarr.
+
+The HDF5 file holds the same arrays (features, labels, index, paths, valid) and the store's attributes as a
+JSON string attribute ``coopipe`` (HDF5 attributes cannot hold nested dicts). Importing re-creates a zarr store
+at the canonical path for that provenance, so an imported store is found and checked like an encoded one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from coopipe.errors import StoreError
+from coopipe.store import STORE_FORMAT, FeatureStore, StoreWriter, open_store, store_lock, store_path
+
+_ATTR = "coopipe"
+
+
+def export_hdf5(store: FeatureStore, out: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """Write ``store`` to an HDF5 file (atomically: a temporary file renamed when complete)."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise StoreError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+    tmp = out.with_name(out.name + ".tmp")
+    with h5py.File(tmp, "w") as h5:
+        feats = h5.create_dataset(
+            "features", shape=store.features.shape, dtype=store.features.dtype,
+            chunks=tuple(int(c) for c in store.features.chunks), compression="gzip", compression_opts=4,
+        )
+        step = int(store.features.chunks[0])
+        for start in range(0, store.n_rows, step):
+            feats[start : start + step] = store.features[start : start + step]
+        h5.create_dataset("labels", data=store.labels().astype(np.int32))
+        h5.create_dataset("index", data=store.index())
+        h5.create_dataset("paths", data=np.asarray(store.paths(), dtype=object), dtype=h5py.string_dtype())
+        h5.create_dataset("valid", data=store.valid())
+        h5.attrs[_ATTR] = json.dumps(store.attrs, default=str)
+        for key in ("dataset", "split", "model", "weights"):
+            h5.attrs[key] = str(store.provenance.get(key, ""))
+    os.replace(tmp, out)
+    return out
+
+
+def import_hdf5(src: str | os.PathLike[str], cache_dir: str | os.PathLike[str]) -> Path:
+    """Create the zarr store described by an exported HDF5 file under ``cache_dir``; return its path."""
+    src = Path(src)
+    if not src.is_file():
+        raise StoreError(f"no HDF5 file at {src}")
+    with h5py.File(src, "r") as h5:
+        if _ATTR not in h5.attrs:
+            raise StoreError(f"{src} was not exported by coopipe (no '{_ATTR}' attribute); cannot import it")
+        attrs = json.loads(h5.attrs[_ATTR])
+        if attrs.get("format") != STORE_FORMAT:
+            raise StoreError(f"{src} holds store format {attrs.get('format')!r}, expected {STORE_FORMAT}")
+        provenance = attrs["provenance"]
+        path = store_path(cache_dir, provenance)
+        if path.exists():
+            open_store(path, expect=provenance)
+            return path
+        feats = h5["features"]
+        with store_lock(path):
+            writer = StoreWriter.create(
+                path, provenance, labels=h5["labels"][:], index=h5["index"][:],
+                paths=[p.decode() if isinstance(p, bytes) else str(p) for p in h5["paths"][:]],
+                n_views=int(feats.shape[1]), dim=int(feats.shape[2]), dtype=str(feats.dtype),
+                chunk_rows=int(feats.chunks[0]) if feats.chunks else 256,
+            )
+            valid = np.asarray(h5["valid"][:], dtype=bool)
+            for chunk in writer.pending_chunks():
+                rows = writer.chunk_rows_range(chunk)
+                writer.write_chunk(chunk, feats[rows.start : rows.stop], valid[rows.start : rows.stop])
+            extra = {k: v for k, v in attrs.items() if k not in {"format", "provenance", "complete", "n_rows"}}
+            writer.finalize(extra)
+    return path

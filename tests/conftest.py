@@ -1,0 +1,50 @@
+"""Shared fixtures: the real data in ../shared/data (skipped when absent unless COOPIPE_REQUIRE_DATA=1)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def require_data(path: Path, what: str) -> Path:
+    """``path`` if it exists; else skip (or fail when COOPIPE_REQUIRE_DATA=1) with a clear reason."""
+    if path.exists():
+        return path
+    reason = f"{what} not found at {path} (the shared data folder next to the repository)"
+    if os.environ.get("COOPIPE_REQUIRE_DATA") == "1":
+        pytest.fail(f"{reason}; COOPIPE_REQUIRE_DATA=1 requires it")
+    pytest.skip(f"{reason}; set COOPIPE_REQUIRE_DATA=1 to make this a failure")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The ``../shared/data`` folder (CoOp's ``$DATA`` layout for EuroSAT, plus ``splits/``)."""
+    return require_data(SHARED_DATA, "shared data")
+
+
+@pytest.fixture(scope="session")
+def eurosat_root(shared_data: Path) -> Path:
+    """The CoOp data root holding ``eurosat/2750`` and ``eurosat/split_zhou_EuroSAT.json``."""
+    require_data(shared_data / "eurosat" / "split_zhou_EuroSAT.json", "EuroSAT split file")
+    require_data(shared_data / "eurosat" / "2750", "EuroSAT images")
+    return shared_data
+
+
+@pytest.fixture(scope="session")
+def rn50():
+    """RN50 with random weights (the same for every call: fixed init seed), loaded once per test session."""
+    from coopipe.models import load_clip
+
+    return load_clip("RN50", "none")
+
+
+@pytest.fixture(scope="session")
+def eurosat(eurosat_root: Path):
+    """CoOp's EuroSAT split over the real images."""
+    from coopipe.datasets import load_dataset
+
+    return load_dataset("eurosat", eurosat_root)

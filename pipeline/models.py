@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import pickle
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,6 +138,18 @@ def _preprocess_config(model: Any) -> PreprocessConfig:
     )
 
 
+def check_weights_available(model_name: str, pretrained: str | None) -> WeightsRef:
+    """Resolve ``pretrained`` and fail fast (seconds, never a hang) if a tag would need an unreachable hub."""
+    ref = resolve_weights(model_name, pretrained)
+    if ref.kind == "tag" and os.environ.get("HF_HUB_OFFLINE") != "1" and not _hub_reachable():
+        raise WeightsError(
+            f"pretrained weights {model_name}/{ref.value} must be downloaded but the model hub is unreachable "
+            f"(no network). Set `pretrained` to a local checkpoint file, or `pretrained: none` for a "
+            f"random-weights pipeline check (or HF_HUB_OFFLINE=1 if the weights are already in the hub cache)"
+        )
+    return ref
+
+
 def load_clip(model_name: str = "RN50", pretrained: str | None = "none", *, device: str = "cpu") -> LoadedClip:
     """Build ``model_name`` with the given weights, frozen and in eval mode.
 
@@ -148,13 +161,7 @@ def load_clip(model_name: str = "RN50", pretrained: str | None = "none", *, devi
         raise WeightsError(
             f"unknown open_clip model {model_name!r}; pick one of open_clip.list_models(), e.g. RN50, ViT-B-32, ViT-B-16"
         )
-    ref = resolve_weights(model_name, pretrained)
-    if ref.kind == "tag" and os.environ.get("HF_HUB_OFFLINE") != "1" and not _hub_reachable():
-        raise WeightsError(
-            f"pretrained weights {model_name}/{ref.value} must be downloaded but the model hub is unreachable "
-            f"(no network). Set `pretrained` to a local checkpoint file, or `pretrained: none` for a "
-            f"random-weights pipeline check (or HF_HUB_OFFLINE=1 if the weights are already in the hub cache)"
-        )
+    ref = check_weights_available(model_name, pretrained)
     try:
         if ref.kind == "none":
             with torch.random.fork_rng(devices=[]):
@@ -162,7 +169,7 @@ def load_clip(model_name: str = "RN50", pretrained: str | None = "none", *, devi
                 model = open_clip.create_model(model_name, pretrained=None, device=device)
         else:
             model = open_clip.create_model(model_name, pretrained=ref.value, device=device)
-    except (RuntimeError, OSError, ValueError, KeyError) as exc:
+    except (RuntimeError, OSError, ValueError, KeyError, pickle.UnpicklingError, EOFError) as exc:
         raise WeightsError(f"could not load weights {ref.value!r} into {model_name}: {exc}") from exc
     model.eval()
     for param in model.parameters():

@@ -133,6 +133,24 @@ def _result_dict(result: EncodeResult) -> dict:
     }
 
 
+def preflight(dataset: str, data_root: str, model: str, pretrained: str) -> None:
+    """Check data and weights before any work, and say in one message everything that must be set."""
+    from coopipe.errors import CoopipeError, ParamsError
+    from coopipe.models import check_weights_available
+
+    problems = []
+    try:
+        load_dataset(dataset, data_root)
+    except CoopipeError as exc:
+        problems.append(f"data: {exc} -> set data.root in params.yaml to your local dataset root")
+    try:
+        check_weights_available(model, pretrained)
+    except CoopipeError as exc:
+        problems.append(f"model: {exc}")
+    if problems:
+        raise ParamsError("cannot run the pipeline as configured:\n  " + "\n  ".join(problems))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     from coopipe.stages.params import load_params
 
@@ -140,6 +158,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
     p = load_params(args.params)
+    preflight(p.data.dataset, p.data.root, p.model.name, p.model.pretrained)
     e = p.encode
     run_encode(
         dataset=p.data.dataset, data_root=p.data.root, cache_dir=p.paths.cache, model=p.model.name,
@@ -156,4 +175,10 @@ if __name__ == "__main__":
     from coopipe.stages.logs import setup_logging
 
     setup_logging()
-    main()
+    from coopipe.errors import CoopipeError
+
+    try:
+        main()
+    except CoopipeError as exc:
+        logging.getLogger("coopipe").error("%s", exc)
+        raise SystemExit(1) from None

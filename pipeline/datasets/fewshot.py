@@ -1,7 +1,8 @@
 """CoOp's few-shot protocol: K images per class from train, min(K, 4) per class from val, per seed.
 
 Sampling is a pure function of (labels, shots, seed): it draws from its own ``numpy.random.Generator`` (never
-global random state), so the same seed gives the same indices on every machine and run. Indices are positions
+global random state), so the same seed gives the same indices on every machine and run. Each class gets one
+permutation per seed, cut to K, so smaller draws nest in larger ones. Indices are positions
 in the dataset's split lists (stores hold rows of the full split). A :class:`FewShotIndex` records one draw,
 with the split file-list hashes it was drawn from, as a small JSON file.
 """
@@ -228,13 +229,16 @@ def _sample(
             )
     order = np.argsort(y, kind="stable")  # positions grouped by class, ascending within a class
     starts = np.concatenate([[0], np.cumsum(counts)])
-    rng = np.random.default_rng([stream, int(seed)])
     chosen = []
     for c in range(num_classes):
         pool = order[starts[c] : starts[c + 1]]
         take = min(per_class, pool.size)
         if take:
-            chosen.append(rng.choice(pool, size=take, replace=False))
+            # One permutation per (stream, seed, class), cut to K: the K-shot draw is a prefix of the
+            # 16-shot draw of the same seed, so the images needing augmented views over all shots of a
+            # seed are just its largest draw (a third of the encoding of independent draws).
+            rng = np.random.default_rng([stream, int(seed), c])
+            chosen.append(rng.permutation(pool)[:take])
     if not chosen:
         return np.zeros(0, dtype=np.int64)
     return np.sort(np.concatenate(chosen)).astype(np.int64)

@@ -112,6 +112,113 @@ def encode(
 
 
 @app.command()
+def train(
+    features: Annotated[Path, typer.Option(help="Cache directory holding the encoded stores (e.g. cache/).")],
+    dataset: Annotated[str, typer.Option(help="Dataset name, as encoded.")],
+    shots: Annotated[int, typer.Option(help="K images per class (1, 2, 4, 8, 16 in the paper).")],
+    seed: Annotated[int, typer.Option(help="Few-shot draw and training seed (1, 2, 3 in the paper).")],
+    out: Annotated[Path, typer.Option(help="Run folder for the checkpoint, classifier and history.")],
+    method: Annotated[str, typer.Option(help="Prompt-learning method (coop).")] = "coop",
+    n_ctx: Annotated[int, typer.Option(help="Number of context tokens M.")] = 16,
+    csc: Annotated[bool, typer.Option("--csc", help="Class-specific context (one context per class).")] = False,
+    class_token_position: Annotated[str, typer.Option(help="end, middle or front.")] = "end",
+    ctx_init: Annotated[Optional[str], typer.Option(help="Initialise the context from words, e.g. 'a photo of a' (sets M).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs (default: CoOp's 50/100/100/200/200 by shots; ImageNet 50).")] = None,
+    lr: Annotated[float, typer.Option(help="SGD learning rate (cosine decay per epoch, first epoch at 1e-5).")] = 0.002,
+    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 32,
+    views: Annotated[str, typer.Option(help="augmented: one cached augmented view per image per epoch; center; all.")] = "augmented",
+    bf16: Annotated[bool, typer.Option("--bf16", help="Run the text transformer under bf16 autocast.")] = False,
+    class_chunk: Annotated[Optional[int], typer.Option(help="Encode classes in chunks of this size (large K).")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Model (default: the one the features were encoded with).")] = None,
+    pretrained: Annotated[Optional[str], typer.Option(help="Weights (default: inferred from the features; a path for local files).")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Train a CoOp prompt on cached features (only the context moves; the image encoder never runs)."""
+    from coopipe.stages.train import run_train
+
+    with _errors():
+        if method != "coop":
+            raise typer.BadParameter(f"unknown --method {method!r}; available: coop")
+        overrides = {
+            "n_ctx": n_ctx, "csc": csc, "class_token_position": class_token_position, "ctx_init": ctx_init,
+            "max_epoch": epochs, "lr": lr, "batch_size": batch_size, "views": views, "autocast_bf16": bf16,
+            "class_chunk": class_chunk,
+        }
+        summary = run_train(cache_dir=features, dataset=dataset, shots=shots, seed=seed, out_dir=out, model=model,
+                            pretrained=pretrained, overrides=overrides, device=device, progress=progress,
+                            params_record={"cli": "coopipe train"})
+        state = "already complete (skipped)" if summary["skipped"] else f"trained in {summary['train_seconds']:.1f}s"
+        val = summary.get("final_val_acc")
+        typer.echo(f"{out}: {summary['method']} {shots}-shot seed {seed} {state}; final loss {summary['final_loss']:.4f}"
+                   + (f", val acc {100 * val:.2f}%" if val is not None else ""))
+
+
+@app.command("eval")
+def eval_(
+    run: Annotated[Path, typer.Argument(help="Run folder (or its prompt.json) written by `coopipe train`.")],
+    features: Annotated[Path, typer.Option(help="Cache directory.")] = Path("cache"),
+    dataset: Annotated[Optional[str], typer.Option(help="Dataset (default: the one the prompt was trained on).")] = None,
+    split: Annotated[str, typer.Option(help="Split to evaluate on.")] = "test",
+    store: Annotated[Optional[Path], typer.Option(help="Evaluate on this store instead (must match model and classes).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Metrics JSON path (default: RUN/metrics.json).")] = None,
+) -> None:
+    """Evaluate a trained prompt on cached features: accuracy, macro-F1, per-class accuracy."""
+    from coopipe.stages.evaluate import run_eval
+
+    with _errors():
+        _print_metrics(run_eval(run, cache_dir=features, dataset=dataset, store=store, split=split, out=out))
+
+
+@app.command()
+def zeroshot(
+    features: Annotated[Path, typer.Option(help="Cache directory.")],
+    dataset: Annotated[str, typer.Option(help="Dataset name.")],
+    ensemble: Annotated[bool, typer.Option("--ensemble", help="Prompt ensembling over CLIP's 80 ImageNet templates.")] = False,
+    template: Annotated[Optional[list[str]], typer.Option(help="Custom template(s) with {} for the class name; repeatable.")] = None,
+    out: Annotated[Path, typer.Option(help="Output folder for metrics.json.")] = Path("runs/zeroshot"),
+    model: Annotated[Optional[str], typer.Option(help="Model (default: inferred from the features).")] = None,
+    pretrained: Annotated[Optional[str], typer.Option(help="Weights (default: inferred).")] = None,
+) -> None:
+    """Zero-shot CLIP with the dataset's hand-crafted prompt (or an ensemble) on the cached test features."""
+    from coopipe.stages.evaluate import run_zeroshot
+
+    with _errors():
+        _print_metrics(run_zeroshot(cache_dir=features, dataset=dataset, out_dir=out, model=model,
+                                    pretrained=pretrained, ensemble=ensemble, templates=template))
+
+
+@app.command("linear-probe")
+def linear_probe(
+    features: Annotated[Path, typer.Option(help="Cache directory.")],
+    dataset: Annotated[str, typer.Option(help="Dataset name.")],
+    shots: Annotated[int, typer.Option(help="K images per class.")],
+    seed: Annotated[int, typer.Option(help="Few-shot seed.")],
+    out: Annotated[Optional[Path], typer.Option(help="Output folder (default runs/<dataset>/linear_probe/shotsK_seedS).")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Model (default: inferred from the features).")] = None,
+    pretrained: Annotated[Optional[str], typer.Option(help="Weights (default: inferred).")] = None,
+) -> None:
+    """Linear probe (logistic regression, C searched on the few-shot validation split) on cached features."""
+    from coopipe.stages.common import run_name
+    from coopipe.stages.evaluate import run_linear_probe
+
+    with _errors():
+        folder = out or Path("runs") / dataset / "linear_probe" / run_name(shots, seed)
+        _print_metrics(run_linear_probe(cache_dir=features, dataset=dataset, shots=shots, seed=seed,
+                                        out_dir=folder, model=model, pretrained=pretrained))
+
+
+def _print_metrics(m: dict[str, Any]) -> None:
+    shots = f" {m['shots']}-shot" if m.get("shots") else ""
+    seed = f" seed {m['seed']}" if m.get("seed") is not None else ""
+    typer.echo(f"{m['method']} on {m.get('dataset')}{shots}{seed}: accuracy {100 * m['accuracy']:.2f}%  "
+               f"macro-F1 {100 * m['macro_f1']:.2f}%  (n={m['n']})")
+    worst = sorted((v, k) for k, v in m["per_class_accuracy"].items() if v is not None)[:3]
+    if worst:
+        typer.echo("  lowest per-class accuracy: " + ", ".join(f"{k} {100 * v:.1f}%" for v, k in worst))
+
+
+@app.command()
 def datasets() -> None:
     """List the registered datasets and where each expects its files."""
     from coopipe.datasets import default_registry
@@ -172,6 +279,45 @@ def cache_import(
 
     with _errors():
         typer.echo(str(import_hdf5(src, cache)))
+
+
+@app.command()
+def interpret(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint written by `coopipe train`.")],
+    topk: Annotated[int, typer.Option(help="Nearest vocabulary tokens shown per context vector.")] = 5,
+    metric: Annotated[str, typer.Option(help="l2 (Euclidean, as in CoOp) or cosine.")] = "l2",
+    cache: Annotated[Path, typer.Option(help="Cache directory: vocabulary indexes (<cache>/vocab) and test stores.")] = Path("cache"),
+    test_store: Annotated[Optional[Path], typer.Option(help="Test store for the accuracy (default: the test store of the checkpoint's dataset, model and weights under --cache).")] = None,
+    accuracy: Annotated[bool, typer.Option(help="Measure the test accuracy of the learned and the nearest-word prompt when a test store is found.")] = True,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the full result as JSON here.")] = None,
+    tsv_out: Annotated[Optional[Path], typer.Option("--tsv", help="Also write the neighbours as TSV here.")] = None,
+    max_classes: Annotated[Optional[int], typer.Option(help="Print at most this many classes of a class-specific context (files hold all).")] = None,
+    pretrained: Annotated[Optional[str], typer.Option(help="Where to load the checkpoint's weights from, if not where it records (identity must match).")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda (text encoder for the accuracy).")] = "cpu",
+) -> None:
+    """Read a learned prompt as words: the nearest vocabulary tokens of each context vector (FAISS, exact)."""
+    from coopipe.errors import MissingFileError
+    from coopipe.interpret import METRICS, format_table
+    from coopipe.stages.interpret import run_interpret
+
+    with _errors():
+        if metric not in METRICS:
+            raise typer.BadParameter(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
+        if topk < 1:
+            raise typer.BadParameter(f"--topk must be >= 1, got {topk}")
+        if not checkpoint.exists():
+            raise MissingFileError(f"no checkpoint at {checkpoint}; train one with `coopipe train`")
+        if test_store is not None and not test_store.exists():
+            raise MissingFileError(f"no test store at {test_store}; see `coopipe cache info {cache}`")
+        result = run_interpret(
+            checkpoint=checkpoint, cache_dir=cache, topk=topk, metric=metric, test_store=test_store,
+            accuracy=(True if test_store is not None else None) if accuracy else False, device=device,
+            pretrained=pretrained, json_out=json_out, tsv_out=tsv_out,
+        )
+        typer.echo(format_table(result, max_classes=max_classes))
+        for path in (json_out, tsv_out):
+            if path is not None:
+                typer.echo(f"wrote {path}", err=True)
 
 
 def main() -> None:

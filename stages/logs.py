@@ -27,5 +27,5 @@ def setup_logging(level: str | None = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("distributed", "asyncio", "numcodecs", "PIL", "urllib3", "filelock", "matplotlib"):
+    for noisy in ("distributed", "asyncio", "numcodecs", "PIL", "urllib3", "filelock", "matplotlib", "faiss"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

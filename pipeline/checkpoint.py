@@ -1,0 +1,410 @@
+"""Prompt checkpoints (safetensors + JSON) and exported K x D classifiers.
+
+A checkpoint is a directory::
+
+    prompt.safetensors   ctx (n_ctx, width) or (n_cls, n_ctx, width); for resuming also the SGD momentum
+                         buffer and the data generator's state
+    prompt.json          how it was made: model name, weights identity, class names, prompt variant, the cache
+                         stores it was trained on (paths + provenance keys), training config and extra params,
+                         epoch, history, coopipe / open_clip versions, sha256 of prompt.safetensors
+
+and, once exported, ``classifier.safetensors``: the class text features (K, D) of the learned prompt plus
+CLIP's logit scale, so inference and evaluation need no text encoder.
+
+Why this way: safetensors holds only tensors (no pickle, safe to load) and the JSON is readable by people and
+DVC. Every file is written to a temporary name in the same folder and moved into place with ``os.replace``, and
+the JSON (written last) records the tensor file's hash, so a reader never sees a half-written or mismatched
+pair. A checkpoint remembers the model, weights and class list it was trained for; using it with features from
+another model, other weights or another class list raises :class:`~coopipe.errors.CheckpointError` instead
+of silently producing garbage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+import coopipe
+from coopipe.errors import CheckpointError, MissingFileError
+from coopipe.models import LoadedClip, open_clip_version, sha256_file
+from coopipe.store import FeatureStore, provenance_key
+from coopipe.train import EpochRecord, TrainConfig, TrainResult, TrainState, text_features_for
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "coopipe.prompt/1"
+CLASSIFIER_FORMAT = "coopipe.classifier/1"
+TENSORS_FILE = "prompt.safetensors"
+META_FILE = "prompt.json"
+CLASSIFIER_FILE = "classifier.safetensors"
+
+
+# ---------------------------------------------------------------- atomic writes
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary file next to ``path``, fsync it, then ``os.replace`` it onto ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _write_json(path: Path, data: Mapping[str, Any]) -> Path:
+    def write(tmp: Path) -> None:
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=False, default=str) + "\n", encoding="utf-8")
+
+    return _atomic_write(path, write)
+
+
+def _write_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> Path:
+    clean = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+    return _atomic_write(path, lambda tmp: save_file(clean, str(tmp), metadata=dict(metadata)))
+
+
+def _read_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise MissingFileError(f"{what} {path} not found; train (coopipe train) or point to an existing checkpoint")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{what} {path} is not a readable safetensors file ({exc}); re-create it") from exc
+
+
+def _read_safetensors_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        return dict(fh.metadata() or {})
+
+
+# ---------------------------------------------------------------- store references
+def store_ref(store: FeatureStore) -> dict[str, Any]:
+    """What a checkpoint records about a store it used: path, provenance key and the identifying fields."""
+    prov = store.provenance
+    return {
+        "path": str(store.path),
+        "provenance_key": provenance_key(prov),
+        "dataset": prov.get("dataset"),
+        "split": prov.get("split"),
+        "model": prov.get("model"),
+        "weights": prov.get("weights"),
+        "views": prov.get("views"),
+        "rows": prov.get("rows"),
+        "n_classes": len(prov.get("classnames", [])),
+    }
+
+
+def check_compatible(
+    *,
+    what: str,
+    model: str,
+    weights: str,
+    classnames: Sequence[str],
+    store: FeatureStore,
+) -> None:
+    """Raise :class:`CheckpointError` (one line: both files, the difference, the fix) unless ``store`` holds
+    features of the same model, weights and class list as ``what`` (a checkpoint or classifier path)."""
+    prov = store.provenance
+    problems = []
+    if prov.get("model") != model:
+        problems.append(f"model {model} vs {prov.get('model')}")
+    if prov.get("weights") != weights:
+        problems.append(f"weights {weights} vs {prov.get('weights')}")
+    theirs = list(prov.get("classnames", []))
+    if theirs != list(classnames):
+        if len(theirs) != len(classnames):
+            problems.append(f"{len(classnames)} classes vs {len(theirs)}")
+        else:
+            i = next(i for i, (a, b) in enumerate(zip(classnames, theirs)) if a != b)
+            problems.append(f"class {i} is {classnames[i]!r} vs {theirs[i]!r}")
+    if problems:
+        raise CheckpointError(
+            f"{what} does not fit store {store.path}: {'; '.join(problems)} (checkpoint vs store); evaluate it on "
+            f"a store encoded with the checkpoint's model, weights and dataset (coopipe encode --model {model} "
+            f"--pretrained ...), or retrain on this store"
+        )
+
+
+# ---------------------------------------------------------------- checkpoints
+@dataclass
+class Checkpoint:
+    """A loaded prompt checkpoint."""
+
+    path: Path  # the checkpoint directory
+    meta: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def ctx(self) -> torch.Tensor:
+        return self.tensors["ctx"]
+
+    @property
+    def model(self) -> str:
+        return str(self.meta["model"])
+
+    @property
+    def weights(self) -> str:
+        return str(self.meta["weights"])
+
+    @property
+    def classnames(self) -> list[str]:
+        return list(self.meta["classnames"])
+
+    @property
+    def variant(self) -> dict[str, Any]:
+        return dict(self.meta["variant"])
+
+    @property
+    def epoch(self) -> int:
+        return int(self.meta["epoch"])
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.meta.get("complete", False))
+
+    @property
+    def config(self) -> TrainConfig:
+        return TrainConfig.from_dict(self.meta["config"])
+
+    @property
+    def history(self) -> list[EpochRecord]:
+        return [EpochRecord.from_dict(r) for r in self.meta.get("history", [])]
+
+    def train_state(self) -> TrainState:
+        """The state to pass to ``train_coop(resume_state=...)``; needs a checkpoint saved with resume tensors."""
+        if "generator_state" not in self.tensors:
+            raise CheckpointError(f"checkpoint {self.path} holds no resume state (saved without it); start a new run")
+        return TrainState(
+            epoch=self.epoch,
+            ctx=self.ctx,
+            momentum_buffer=self.tensors.get("momentum_buffer"),
+            generator_state=self.tensors["generator_state"],
+            history=self.history,
+            variant=self.variant,
+        )
+
+    def check_clip(self, clip: LoadedClip) -> None:
+        """Raise unless ``clip`` is the model and weights the prompt was trained with."""
+        if (clip.name, clip.weights_id) != (self.model, self.weights):
+            raise CheckpointError(
+                f"checkpoint {self.path} was trained with {self.model} ({self.weights}), not {clip.name} "
+                f"({clip.weights_id}); load the checkpoint's model and weights"
+            )
+
+    def check_store(self, store: FeatureStore) -> None:
+        """Raise unless ``store`` holds features of this checkpoint's model, weights and class list."""
+        check_compatible(
+            what=f"checkpoint {self.path}", model=self.model, weights=self.weights, classnames=self.classnames, store=store
+        )
+
+    def check_resumable(self, config: TrainConfig) -> None:
+        """Raise unless ``config`` is the configuration this checkpoint was trained with (resume needs the same)."""
+        saved = self.meta["config"]
+        diffs = [k for k, v in config.to_dict().items() if saved.get(k) != v]
+        if diffs:
+            shown = ", ".join(f"{k}: {saved.get(k)!r} -> {getattr(config, k)!r}" for k in diffs[:4])
+            raise CheckpointError(
+                f"cannot resume checkpoint {self.path} with another training config ({shown}); use the saved "
+                f"config or start a new run in another output folder"
+            )
+
+    def text_features(self, clip: LoadedClip) -> torch.Tensor:
+        """The class text features (K, D) of the saved context, computed with ``clip``'s text tower."""
+        self.check_clip(clip)
+        config = TrainConfig.from_dict({**self.meta["config"], **_variant_config(self.variant)})
+        return text_features_for(self.ctx, clip, self.classnames, config)
+
+
+def _variant_config(variant: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: variant[k] for k in ("n_ctx", "ctx_init", "csc", "class_token_position") if k in variant}
+
+
+def save_checkpoint(
+    directory: str | os.PathLike[str],
+    *,
+    clip: LoadedClip,
+    classnames: Sequence[str],
+    config: TrainConfig,
+    state: TrainState,
+    stores: Mapping[str, FeatureStore] | None = None,
+    params: Mapping[str, Any] | None = None,
+    include_resume: bool = True,
+) -> Path:
+    """Write ``prompt.safetensors`` then ``prompt.json`` into ``directory``; returns the directory.
+
+    ``stores`` maps a role (``train``, ``val``) to the store it came from; ``params`` is any extra record (e.g.
+    the pipeline's params.yaml section). ``include_resume`` also saves the momentum buffer and generator state.
+    """
+    directory = Path(directory)
+    tensors: dict[str, torch.Tensor] = {"ctx": state.ctx}
+    if include_resume:
+        tensors["generator_state"] = state.generator_state
+        if state.momentum_buffer is not None:
+            tensors["momentum_buffer"] = state.momentum_buffer
+    tensor_path = _write_tensors(directory / TENSORS_FILE, tensors, {"format": CHECKPOINT_FORMAT})
+    meta = {
+        "format": CHECKPOINT_FORMAT,
+        "model": clip.name,
+        "weights": clip.weights_id,
+        "embed_dim": clip.embed_dim,
+        "logit_scale": float(clip.model.logit_scale.detach()),
+        "classnames": list(classnames),
+        "variant": dict(state.variant),
+        "stores": {role: store_ref(store) for role, store in (stores or {}).items()},
+        "config": config.to_dict(),
+        "params": dict(params or {}),
+        "epoch": state.epoch,
+        "max_epoch": config.max_epoch,
+        "complete": state.epoch >= config.max_epoch,
+        "history": [r.to_dict() for r in state.history],
+        "tensors": {"file": TENSORS_FILE, "sha256": sha256_file(tensor_path), "resume": include_resume},
+        "coopipe_version": coopipe.__version__,
+        "open_clip_version": open_clip_version(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    _write_json(directory / META_FILE, meta)
+    logger.info("saved checkpoint %s (epoch %d/%d)", directory, state.epoch, config.max_epoch)
+    return directory
+
+
+def save_result(
+    directory: str | os.PathLike[str],
+    result: TrainResult,
+    *,
+    clip: LoadedClip,
+    classnames: Sequence[str],
+    config: TrainConfig,
+    stores: Mapping[str, FeatureStore] | None = None,
+    params: Mapping[str, Any] | None = None,
+) -> Path:
+    """Save a finished run: the checkpoint plus its exported ``classifier.safetensors``."""
+    directory = save_checkpoint(
+        directory, clip=clip, classnames=classnames, config=config, state=result.state, stores=stores, params=params
+    )
+    export_classifier(
+        directory / CLASSIFIER_FILE,
+        result.text_features,
+        classnames=classnames,
+        model=clip.name,
+        weights=clip.weights_id,
+        logit_scale=result.logit_scale,
+        source={"checkpoint": str(directory), "epoch": result.state.epoch, "variant": result.variant},
+    )
+    return directory
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+    """Load a checkpoint directory (or its ``prompt.json``), checking format and the tensor file's hash."""
+    path = Path(path)
+    directory = path.parent if path.name == META_FILE else path
+    meta_path = directory / META_FILE
+    if not meta_path.is_file():
+        raise MissingFileError(f"no checkpoint at {directory} ({META_FILE} missing); train first (coopipe train)")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"checkpoint metadata {meta_path} is not readable JSON ({exc}); re-train") from exc
+    fmt = meta.get("format") if isinstance(meta, dict) else None
+    if fmt != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{meta_path} is not a coopipe prompt checkpoint (format {fmt!r}, expected {CHECKPOINT_FORMAT!r})")
+    missing = [k for k in ("model", "weights", "classnames", "variant", "config", "epoch", "tensors") if k not in meta]
+    if missing:
+        raise CheckpointError(f"checkpoint metadata {meta_path} misses {', '.join(missing)}; re-train")
+    tensor_path = directory / str(meta["tensors"].get("file", TENSORS_FILE))
+    tensors = _read_tensors(tensor_path, "checkpoint tensors")
+    want = meta["tensors"].get("sha256")
+    if want and sha256_file(tensor_path) != want:
+        raise CheckpointError(
+            f"{tensor_path} does not match {meta_path} (sha256 differs: written by another run or modified); re-train"
+        )
+    if "ctx" not in tensors:
+        raise CheckpointError(f"{tensor_path} holds no 'ctx' tensor; re-train")
+    return Checkpoint(path=directory, meta=meta, tensors=tensors)
+
+
+# ---------------------------------------------------------------- exported classifier
+@dataclass
+class Classifier:
+    """A K x D text classifier exported from a prompt (or a zero-shot baseline)."""
+
+    path: Path
+    text_features: torch.Tensor  # (K, D) L2-normalised, float32
+    logit_scale: float  # CLIP's log scale
+    classnames: list[str]
+    model: str
+    weights: str
+    source: dict[str, Any]
+
+    def check_store(self, store: FeatureStore) -> None:
+        check_compatible(
+            what=f"classifier {self.path}", model=self.model, weights=self.weights, classnames=self.classnames, store=store
+        )
+
+
+def export_classifier(
+    path: str | os.PathLike[str],
+    text_features: torch.Tensor,
+    *,
+    classnames: Sequence[str],
+    model: str,
+    weights: str,
+    logit_scale: float,
+    source: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write the (K, D) normalised class text features and the logit scale as safetensors (identity in metadata)."""
+    feats = torch.nn.functional.normalize(text_features.detach().float().cpu(), dim=-1)  # (K, D)
+    if feats.ndim != 2 or feats.shape[0] != len(classnames):
+        raise CheckpointError(f"classifier of shape {tuple(feats.shape)} does not have one row per class ({len(classnames)})")
+    metadata = {
+        "format": CLASSIFIER_FORMAT,
+        "model": model,
+        "weights": weights,
+        "classnames": json.dumps(list(classnames)),
+        "source": json.dumps(dict(source or {}), default=str),
+        "coopipe_version": coopipe.__version__,
+    }
+    tensors = {"text_features": feats, "logit_scale": torch.tensor(float(logit_scale), dtype=torch.float32)}
+    return _write_tensors(Path(path), tensors, metadata)
+
+
+def load_classifier(path: str | os.PathLike[str]) -> Classifier:
+    """Load an exported classifier (a ``classifier.safetensors`` file or the checkpoint directory holding it)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CLASSIFIER_FILE
+    tensors = _read_tensors(path, "classifier")
+    meta = _read_safetensors_metadata(path)
+    if meta.get("format") != CLASSIFIER_FORMAT or "text_features" not in tensors:
+        raise CheckpointError(f"{path} is not a coopipe classifier (format {meta.get('format')!r}); re-export it")
+    try:
+        classnames = list(json.loads(meta["classnames"]))
+        source = dict(json.loads(meta.get("source", "{}")))
+    except (KeyError, json.JSONDecodeError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"classifier {path} has unreadable metadata ({exc}); re-export it") from exc
+    return Classifier(
+        path=path,
+        text_features=tensors["text_features"],
+        logit_scale=float(tensors["logit_scale"]),
+        classnames=classnames,
+        model=meta.get("model", ""),
+        weights=meta.get("weights", ""),
+        source=source,
+    )

@@ -1,0 +1,159 @@
+"""Stage `evaluate` and the baselines: accuracy, macro-F1 and per-class accuracy on cached test features.
+
+- ``run_eval``: a trained run (its exported classifier, so no text encoder is needed) on the test store of
+  its dataset, model and weights (or any compatible store given explicitly);
+- ``run_zeroshot``: zero-shot CLIP with the dataset's hand-crafted prompt, or prompt ensembling;
+- ``run_linear_probe``: logistic regression on the few-shot train features, C searched on the few-shot val split.
+Each writes ``metrics.json`` (method, dataset, shots, seed + metrics) into its run folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from coopipe.baselines import IMAGENET_TEMPLATES, dataset_template, fit_linear_probe, zero_shot
+from coopipe.checkpoint import CLASSIFIER_FILE, load_checkpoint, load_classifier
+from coopipe.errors import StoreError
+from coopipe.evaluate import evaluate_classifier
+from coopipe.features import read_split, select_store
+from coopipe.models import LoadedClip
+from coopipe.stages.common import method_label, write_json
+from coopipe.stages.train import fewshot_index, resolve_model
+from coopipe.store import find_stores, open_store
+
+logger = logging.getLogger(__name__)
+
+
+def _metrics(evaluation: Any, classnames: Sequence[str], **info: Any) -> dict[str, Any]:
+    data = evaluation.to_dict(classnames)
+    if len(classnames) > 100:  # a 1000 x 1000 confusion matrix does not belong in a metrics file
+        data.pop("confusion", None)
+    return {**info, **data}
+
+
+def run_eval(
+    run: str | Path,
+    *,
+    cache_dir: str | Path = "cache",
+    dataset: str | None = None,
+    store: str | Path | None = None,
+    split: str = "test",
+    out: str | Path | None = None,
+) -> dict[str, Any]:
+    """Evaluate a run folder (or checkpoint) on the ``split`` store; writes ``<run>/metrics.json`` by default."""
+    ckpt = load_checkpoint(run)
+    params = ckpt.meta.get("params") or {}
+    dataset = dataset or params.get("dataset") or next(
+        (ref.get("dataset") for ref in ckpt.meta.get("stores", {}).values()), None)
+    if store is not None:
+        feature_store = open_store(store)
+    else:
+        if dataset is None:
+            raise StoreError(f"checkpoint {ckpt.path} records no dataset; pass --dataset")
+        feature_store = select_store(cache_dir, dataset, split, model=ckpt.model, weights=ckpt.weights)
+    ckpt.check_store(feature_store)
+    classifier = load_classifier(ckpt.path / CLASSIFIER_FILE)
+    test = read_split(feature_store, all_views=False)
+    evaluation = evaluate_classifier(classifier.text_features, test.center, test.labels, classifier.logit_scale)
+    metrics = _metrics(
+        evaluation, ckpt.classnames, method=method_label(ckpt.variant), dataset=dataset, shots=params.get("shots"),
+        seed=params.get("seed"), model=ckpt.model, weights=ckpt.weights, variant=ckpt.variant,
+        split=split, store=str(feature_store.path),
+    )
+    write_json(Path(out) if out else ckpt.path / "metrics.json", metrics)
+    return metrics
+
+
+def run_zeroshot(
+    *,
+    cache_dir: str | Path,
+    dataset: str,
+    out_dir: str | Path,
+    model: str | None = None,
+    pretrained: str | None = None,
+    ensemble: bool = False,
+    templates: Sequence[str] | None = None,
+    device: str = "cpu",
+    clip: LoadedClip | None = None,
+) -> dict[str, Any]:
+    """Zero-shot CLIP (the dataset's hand-crafted prompt) or prompt ensembling on the test store."""
+    clip = clip or resolve_model(Path(cache_dir), dataset, model, pretrained, device)
+    store = select_store(cache_dir, dataset, "test", model=clip.name, weights=clip.weights_id)
+    test = read_split(store, all_views=False)
+    chosen = list(templates) if templates else (list(IMAGENET_TEMPLATES) if ensemble else [dataset_template(dataset)])
+    evaluation = zero_shot(clip, test.classnames, chosen, test.center, test.labels)
+    metrics = _metrics(
+        evaluation, test.classnames, method="zeroshot_ensemble" if len(chosen) > 1 else "zeroshot", dataset=dataset,
+        shots=0, seed=None, model=clip.name, weights=clip.weights_id, templates=chosen, store=str(store.path),
+    )
+    write_json(Path(out_dir) / "metrics.json", metrics)
+    return metrics
+
+
+def run_linear_probe(
+    *,
+    cache_dir: str | Path,
+    dataset: str,
+    shots: int,
+    seed: int,
+    out_dir: str | Path,
+    model: str | None = None,
+    pretrained: str | None = None,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """CLIP's linear probe on the K-shot centre-view features; C chosen on the few-shot validation split."""
+    cache_dir = Path(cache_dir)
+    clip = resolve_model(cache_dir, dataset, model, pretrained, device)
+    kw = {"model": clip.name, "weights": clip.weights_id}
+    full = [s for s in find_stores(cache_dir, dataset, "train", **kw) if s.provenance.get("rows", "all") == "all"]
+    index = fewshot_index(cache_dir, dataset, shots, seed, full[0] if full else None)
+    train = read_split(select_store(cache_dir, dataset, "train", positions=index.train_indices, **kw),
+                       index.train_indices, all_views=False)
+    if not index.val_indices:
+        raise StoreError(f"the linear probe needs a validation split to choose C; {dataset} has none recorded")
+    val = read_split(select_store(cache_dir, dataset, "val", positions=index.val_indices, **kw),
+                     index.val_indices, all_views=False)
+    test_store = select_store(cache_dir, dataset, "test", **kw)
+    test = read_split(test_store, all_views=False)
+    probe = fit_linear_probe(train.center, train.labels, val.center, val.labels, n_classes=len(train.classnames))
+    evaluation = probe.evaluate(test.center, test.labels)
+    metrics = _metrics(
+        evaluation, train.classnames, method="linear_probe", dataset=dataset, shots=shots, seed=seed,
+        model=clip.name, weights=clip.weights_id, C=probe.C, val_accuracy=probe.val_accuracy,
+        store=str(test_store.path),
+    )
+    write_json(Path(out_dir) / "metrics.json", metrics)
+    return metrics
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from coopipe.stages.params import load_params
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=["coop", "zeroshot", "linear_probe"])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--run", help="run folder (coop)")
+    parser.add_argument("--out", help="output folder (zeroshot, linear_probe)")
+    parser.add_argument("--shots", type=int)
+    parser.add_argument("--seed", type=int)
+    args = parser.parse_args(argv)
+    p = load_params(args.params)
+    common = {"cache_dir": p.paths.cache, "dataset": p.data.dataset}
+    model = {"model": p.model.name, "pretrained": p.model.pretrained, "device": p.encode.device}
+    if args.what == "coop":
+        run_eval(args.run, **common)
+    elif args.what == "zeroshot":
+        run_zeroshot(out_dir=args.out, **common, **model)
+    else:
+        run_linear_probe(shots=args.shots, seed=args.seed, out_dir=args.out, **common, **model)
+
+
+if __name__ == "__main__":
+    from coopipe.stages.logs import setup_logging
+
+    setup_logging()
+    main()

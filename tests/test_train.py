@@ -1,0 +1,387 @@
+"""CoOp training on cached features, checkpoints, metrics and baselines.
+
+Fast tests run on tiny in-memory features with random-weights RN50 (the ``rn50`` fixture); the learning test
+encodes a few hundred real EuroSAT images once (kept in pytest's cache folder, so later runs skip encoding).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import accuracy_score, f1_score, recall_score
+from sklearn.metrics import confusion_matrix as sk_confusion_matrix
+
+from coopipe.baselines import (
+    IMAGENET_TEMPLATES,
+    dataset_template,
+    fit_linear_probe,
+    zero_shot,
+    zero_shot_classifier,
+)
+from coopipe.checkpoint import (
+    CLASSIFIER_FILE,
+    META_FILE,
+    TENSORS_FILE,
+    export_classifier,
+    load_checkpoint,
+    load_classifier,
+    save_checkpoint,
+    save_result,
+)
+from coopipe.errors import CheckpointError, DatasetError, ParamsError, ProvenanceMismatchError, StoreError
+from coopipe.evaluate import (
+    confusion_matrix,
+    evaluate_classifier,
+    evaluate_predictions,
+    macro_f1,
+    per_class_accuracy,
+)
+from coopipe.features import check_store_model, read_split, select_store
+from coopipe.prompt import PromptLearner
+from coopipe.store import StoreWriter, open_store, store_path
+from coopipe.text_encoder import PromptTextEncoder
+from coopipe.train import (
+    TrainConfig,
+    batch_slices,
+    draw_views,
+    epochs_for,
+    train_coop,
+)
+
+CLASSES = ["cat", "dog", "sea or lake"]
+
+
+def _toy(n_per_class: int = 4, n_views: int = 3, dim: int = 1024, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random raw features (N, V, D) with a class-dependent mean, and labels (N,)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(len(CLASSES)).repeat_interleave(n_per_class)  # (N,)
+    means = torch.randn(len(CLASSES), dim, generator=g)  # (K, D)
+    feats = means[labels][:, None, :] + 0.5 * torch.randn(len(labels), n_views, dim, generator=g)  # (N, V, D)
+    return feats, labels
+
+
+def _tiny_config(**overrides) -> TrainConfig:
+    base = dict(max_epoch=3, batch_size=4, seed=1)
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def toy() -> tuple[torch.Tensor, torch.Tensor]:
+    return _toy()
+
+
+def _make_store(cache_dir: Path, *, model: str, weights: str, classnames: list[str], feats: np.ndarray,
+                labels: np.ndarray, dataset: str = "toy", split: str = "test", rows="all") -> Path:
+    """Write a complete store directly (no encoding): for provenance and bad-input tests."""
+    prov = {"dataset": dataset, "split": split, "model": model, "weights": weights, "classnames": classnames,
+            "views": {"n_aug": feats.shape[1] - 1}, "rows": rows}
+    path = store_path(cache_dir, prov)
+    n = len(labels)
+    writer = StoreWriter.create(path, prov, labels=labels.tolist(), index=list(range(n)),
+                                paths=[f"img{i}.jpg" for i in range(n)], n_views=feats.shape[1], dim=feats.shape[2],
+                                dtype="float32")
+    for chunk in writer.pending_chunks():
+        span = writer.chunk_rows_range(chunk)
+        writer.write_chunk(chunk, feats[span.start:span.stop])
+    return writer.finalize()
+
+
+# ---------------------------------------------------------------- protocol
+def test_epochs_follow_coop():
+    assert [epochs_for(k) for k in (1, 2, 4, 8, 16)] == [50, 100, 100, 200, 200]
+    assert [epochs_for(k, "imagenet") for k in (1, 16)] == [50, 50]
+    assert epochs_for(16, "eurosat") == 200 and epochs_for(3) == 100
+    assert TrainConfig.for_shots(1).max_epoch == 50
+    cfg = TrainConfig()
+    assert (cfg.lr, cfg.momentum, cfg.weight_decay, cfg.batch_size) == (0.002, 0.9, 5e-4, 32)
+    assert (cfg.warmup_epoch, cfg.warmup_lr, cfg.n_ctx, cfg.csc, cfg.class_token_position) == (1, 1e-5, 16, False, "end")
+    with pytest.raises(ParamsError):
+        epochs_for(0)
+    with pytest.raises(ParamsError, match="views"):
+        TrainConfig(views="random")
+    with pytest.raises(ParamsError, match="unknown"):
+        TrainConfig.from_dict({"lr": 0.1, "learning_rate": 0.1})
+
+
+class _DasslConstantWarmup(torch.optim.lr_scheduler.LRScheduler):
+    """Dassl's ConstantWarmupScheduler (dassl/optim/lr_scheduler.py), for comparison."""
+
+    def __init__(self, optimizer, successor, warmup_epoch, cons_lr):
+        self.successor, self.warmup_epoch, self.cons_lr = successor, warmup_epoch, cons_lr
+        super().__init__(optimizer)
+
+    def get_lr(self):
+        if self.last_epoch >= self.warmup_epoch:
+            return self.successor.get_last_lr()
+        return [self.cons_lr for _ in self.base_lrs]
+
+    def step(self, epoch=None):
+        if self.last_epoch >= self.warmup_epoch:
+            self.successor.step(epoch)
+            self._last_lr = self.successor.get_last_lr()
+        else:
+            super().step(epoch)
+
+
+def test_lr_schedule_matches_dassl_reference(rn50, toy):
+    max_epoch = 7
+    cfg = _tiny_config(max_epoch=max_epoch)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()"
+        sched = _DasslConstantWarmup(opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max_epoch), 1, 1e-5)
+        reference = []
+        for _ in range(max_epoch):
+            reference.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+    ours = [cfg.lr_at(e) for e in range(max_epoch)]
+    assert ours == pytest.approx(reference, rel=1e-12, abs=0)
+    assert ours[0] == 1e-5 and ours[1] == 0.002 and all(a > b for a, b in zip(ours[1:], ours[2:]))
+    feats, labels = toy
+    history = train_coop(feats, labels, rn50, CLASSES, cfg).history
+    assert [r.lr for r in history] == ours
+
+
+# ---------------------------------------------------------------- determinism, resume, views
+def test_same_seed_same_ctx_other_seed_differs(rn50, toy):
+    feats, labels = toy
+    a = train_coop(feats, labels, rn50, CLASSES, _tiny_config(seed=1))
+    b = train_coop(feats, labels, rn50, CLASSES, _tiny_config(seed=1))
+    c = train_coop(feats, labels, rn50, CLASSES, _tiny_config(seed=2))
+    assert torch.equal(a.ctx, b.ctx) and torch.equal(a.text_features, b.text_features)
+    assert [r.loss for r in a.history] == [r.loss for r in b.history]
+    assert not torch.equal(a.ctx, c.ctx)
+    assert a.ctx.shape == (16, 512) and a.text_features.shape == (3, rn50.embed_dim)
+    assert torch.allclose(a.text_features.norm(dim=-1), torch.ones(3), atol=1e-5)
+
+
+def test_resume_equals_uninterrupted(rn50, toy, tmp_path):
+    feats, labels = toy
+    cfg = _tiny_config(max_epoch=4)
+    full = train_coop(feats, labels, rn50, CLASSES, cfg)
+    saved = {}
+    first = train_coop(feats, labels, rn50, CLASSES, cfg, stop_after=2,
+                       on_epoch=lambda rec, state: saved.setdefault(rec.epoch, state))
+    assert first.epochs_done == 2 and not torch.equal(first.ctx, full.ctx)
+    # through the checkpoint files, as a killed run would resume
+    save_checkpoint(tmp_path / "ckpt", clip=rn50, classnames=CLASSES, config=cfg, state=saved[2])
+    ckpt = load_checkpoint(tmp_path / "ckpt")
+    assert ckpt.epoch == 2 and not ckpt.complete
+    ckpt.check_resumable(cfg)
+    resumed = train_coop(feats, labels, rn50, CLASSES, cfg, resume_state=ckpt.train_state())
+    assert torch.equal(resumed.ctx, full.ctx)
+    assert [r.loss for r in resumed.history] == [r.loss for r in full.history]
+    assert [r.epoch for r in resumed.history] == [1, 2, 3, 4]
+    with pytest.raises(CheckpointError, match="another training config"):
+        ckpt.check_resumable(_tiny_config(max_epoch=5))
+    with pytest.raises(CheckpointError, match="variant"):
+        train_coop(feats, labels, rn50, CLASSES, _tiny_config(max_epoch=4, n_ctx=4), resume_state=ckpt.train_state())
+
+
+def test_view_sampling_draws_among_augmented_views(rn50, toy, monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    views = draw_views(5000, 4, "augmented", g)
+    assert set(views.tolist()) == {1, 2, 3}
+    assert torch.equal(draw_views(10, 1, "augmented", g), torch.zeros(10, dtype=torch.long))
+    assert torch.equal(draw_views(10, 4, "center", g), torch.zeros(10, dtype=torch.long))
+    assert set(draw_views(5000, 3, "all", g).tolist()) == {0, 1, 2}
+    assert [s.stop - s.start for s in batch_slices(70, 32, True)] == [32, 32]
+    assert [s.stop - s.start for s in batch_slices(20, 32, True)] == [20]
+
+    # in training: every image row the loss sees is one of that image's augmented views, never the centre one
+    import coopipe.train as train_module
+
+    feats, labels = toy
+    seen: list[torch.Tensor] = []
+    real = train_module.coop_logits
+
+    def spy(image, text, scale):
+        seen.append(image.detach().clone())
+        return real(image, text, scale)
+
+    monkeypatch.setattr(train_module, "coop_logits", spy)
+    train_coop(feats, labels, rn50, CLASSES, _tiny_config(max_epoch=3))
+    rows = torch.cat(seen)  # (steps * B, D)
+    flat = feats.reshape(-1, feats.shape[-1])  # (N * V, D), index = image * V + view
+    match = (rows[:, None, :] == flat[None]).all(-1)  # (R, N * V)
+    assert bool(match.any(1).all())
+    used_views = match.float().argmax(1) % feats.shape[1]
+    assert set(used_views.tolist()) == {1, 2}
+    assert len(rows) == 3 * len(labels)
+
+
+# ---------------------------------------------------------------- checkpoints
+def test_checkpoint_round_trip_and_classifier_export(rn50, toy, tmp_path):
+    feats, labels = toy
+    cfg = _tiny_config(max_epoch=2)
+    result = train_coop(feats, labels, rn50, CLASSES, cfg, val_feats=feats[:, 0], val_labels=labels)
+    assert all(r.val_acc is not None for r in result.history)
+    out = save_result(tmp_path / "run", result, clip=rn50, classnames=CLASSES, config=cfg, params={"note": "test"})
+    assert {p.name for p in out.iterdir()} == {TENSORS_FILE, META_FILE, CLASSIFIER_FILE}
+    meta = json.loads((out / META_FILE).read_text())
+    assert meta["model"] == "RN50" and meta["weights"] == rn50.weights_id and meta["classnames"] == CLASSES
+    assert meta["variant"] == {"n_ctx": 16, "ctx_init": None, "csc": False, "class_token_position": "end"}
+    assert meta["epoch"] == 2 and meta["complete"] and len(meta["history"]) == 2 and meta["params"] == {"note": "test"}
+    assert meta["config"]["lr"] == 0.002 and meta["coopipe_version"]
+
+    ckpt = load_checkpoint(out)
+    assert torch.equal(ckpt.ctx, result.ctx) and ckpt.config == cfg and ckpt.history == result.history
+    # the exported classifier equals the text features recomputed from the saved context, by the plain
+    # 77-token path (no cut, no prefix sharing)
+    clf = load_classifier(out)
+    learner = PromptLearner(rn50, CLASSES)
+    with torch.no_grad():
+        learner.ctx.copy_(ckpt.ctx)
+        plain = PromptTextEncoder(rn50, cut=False, share_prefix=False)(learner)
+    assert clf.classnames == CLASSES and clf.text_features.shape == (3, rn50.embed_dim)
+    assert torch.allclose(clf.text_features, plain, atol=1e-5)
+    assert torch.allclose(ckpt.text_features(rn50), clf.text_features, atol=1e-6)
+    assert clf.logit_scale == pytest.approx(float(rn50.model.logit_scale))
+    ev = evaluate_classifier(clf.text_features, feats[:, 0], labels, clf.logit_scale)
+    assert ev.accuracy == pytest.approx(result.history[-1].val_acc)
+
+    # a mismatched tensor file is detected through the recorded hash
+    export_classifier(out / TENSORS_FILE, clf.text_features, classnames=CLASSES, model="RN50", weights="x", logit_scale=1.0)
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_checkpoint(out)
+
+
+def test_checkpoint_refuses_store_of_other_model_weights_or_classes(rn50, toy, tmp_path):
+    feats, labels = toy
+    cfg = _tiny_config(max_epoch=1)
+    result = train_coop(feats, labels, rn50, CLASSES, cfg)
+    out = save_result(tmp_path / "run", result, clip=rn50, classnames=CLASSES, config=cfg)
+    ckpt, clf = load_checkpoint(out), load_classifier(out)
+    f, y = feats[:, :1].numpy(), labels.numpy()
+
+    good = open_store(_make_store(tmp_path / "c1", model="RN50", weights=rn50.weights_id, classnames=CLASSES, feats=f, labels=y))
+    ckpt.check_store(good)
+    clf.check_store(good)
+    check_store_model(good, rn50)
+    cases = {
+        "model RN50 vs ViT-B-32": dict(model="ViT-B-32", weights=rn50.weights_id, classnames=CLASSES),
+        "weights": dict(model="RN50", weights="open_clip:RN50/openai", classnames=CLASSES),
+        "class 2 is 'sea or lake' vs 'river'": dict(model="RN50", weights=rn50.weights_id, classnames=["cat", "dog", "river"]),
+        "3 classes vs 4": dict(model="RN50", weights=rn50.weights_id, classnames=[*CLASSES, "x"]),
+    }
+    for i, (message, kw) in enumerate(cases.items()):
+        store = open_store(_make_store(tmp_path / f"m{i}", feats=f, labels=y, **kw))
+        for obj in (ckpt, clf):
+            with pytest.raises(CheckpointError) as info:
+                obj.check_store(store)
+            text = str(info.value)
+            assert message in text and str(store.path) in text and "\n" not in text and "coopipe encode" in text
+    with pytest.raises(ProvenanceMismatchError, match="ViT-B-32"):
+        check_store_model(open_store(_make_store(tmp_path / "v", model="ViT-B-32", weights="w", classnames=CLASSES,
+                                                 feats=f, labels=y)), rn50)
+    with pytest.raises(CheckpointError, match="trained with RN50"):
+        ckpt.check_clip(type(rn50)(model=rn50.model, name="ViT-B-32", weights=rn50.weights,
+                                   preprocess=rn50.preprocess, tokenizer=rn50.tokenizer))
+
+
+# ---------------------------------------------------------------- bad input
+def test_bad_inputs_give_clear_errors(rn50, toy, tmp_path):
+    feats, labels = toy
+    f, y = feats.numpy(), labels.numpy()
+    cache = tmp_path / "cache"
+    _make_store(cache, model="RN50", weights=rn50.weights_id, classnames=CLASSES, feats=f, labels=y, split="train",
+                rows={"count": len(y)})
+    # a split that was never encoded
+    with pytest.raises(StoreError, match="no feature store for toy/val.*coopipe encode"):
+        select_store(cache, "toy", "val", model="RN50", weights=rn50.weights_id)
+    # the whole split is asked for, but only a subset store exists
+    with pytest.raises(StoreError, match="holds the whole split"):
+        select_store(cache, "toy", "train", model="RN50", weights=rn50.weights_id)
+    store = select_store(cache, "toy", "train", model="RN50", weights=rn50.weights_id, positions=[0, 5])
+    part = read_split(store, [0, 5])
+    assert part.features.shape == (2, 3, 1024) and part.labels.tolist() == [0, 1]
+    assert torch.allclose(part.features, feats[[0, 5]])
+    with pytest.raises(StoreError, match="does not hold"):
+        select_store(cache, "toy", "train", model="RN50", weights=rn50.weights_id, positions=[0, 99])
+    # NaN / inf features: from a store, and handed in directly
+    bad = f.copy()
+    bad[1, 2, 3] = np.inf
+    nan_store = open_store(_make_store(tmp_path / "nan", model="RN50", weights=rn50.weights_id, classnames=CLASSES,
+                                       feats=bad, labels=y))
+    with pytest.raises(StoreError, match="NaN/inf"):
+        read_split(nan_store)
+    with pytest.raises(StoreError, match="NaN/inf"):
+        train_coop(torch.from_numpy(bad), labels, rn50, CLASSES, _tiny_config())
+    # features of another model (other width), labels beyond the class list
+    with pytest.raises(ProvenanceMismatchError, match="dimension 512"):
+        train_coop(feats[..., :512], labels, rn50, CLASSES, _tiny_config())
+    with pytest.raises(DatasetError, match="0..1"):
+        train_coop(feats, labels, rn50, CLASSES[:2], _tiny_config())
+    # more shots than the smallest class holds
+    from coopipe.datasets import sample_few_shot
+
+    with pytest.raises(DatasetError, match="shots"):
+        sample_few_shot([0, 0, 0, 1, 1, 2, 2, 2], 3, 3, seed=1, classnames=CLASSES)
+
+
+# ---------------------------------------------------------------- metrics and baselines
+def test_metrics_match_sklearn():
+    rng = np.random.default_rng(0)
+    k = 6
+    y = rng.integers(0, k - 1, size=300)  # class 5 never occurs as a label
+    p = np.where(rng.random(300) < 0.5, y, rng.integers(0, k, size=300))
+    cm = confusion_matrix(y, p, k)
+    assert np.array_equal(cm, sk_confusion_matrix(y, p, labels=list(range(k))))
+    ev = evaluate_predictions(y, p, k)
+    assert ev.accuracy == pytest.approx(accuracy_score(y, p))
+    assert macro_f1(cm) == pytest.approx(f1_score(y, p, average="macro"))
+    per_class = per_class_accuracy(cm)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sk_recall = recall_score(y, p, labels=list(range(k)), average=None, zero_division=0)
+    assert np.allclose(per_class[:5], sk_recall[:5]) and np.isnan(per_class[5])
+    assert json.dumps(ev.to_dict([f"c{i}" for i in range(k)]))  # JSON-able, NaN -> null
+
+
+def test_zero_shot_and_prompt_ensembling(rn50, toy):
+    feats, labels = toy
+    assert len(IMAGENET_TEMPLATES) == 80 == len(set(IMAGENET_TEMPLATES))
+    assert all(t.count("{}") == 1 for t in IMAGENET_TEMPLATES)
+    assert dataset_template("EuroSAT") == "a centered satellite photo of {}."
+    assert dataset_template("my-own-data") == "a photo of a {}."
+    encoder = PromptTextEncoder(rn50)
+    single = zero_shot_classifier(rn50, CLASSES, "a photo of a {}.", encoder=encoder)
+    direct = rn50.model.encode_text(rn50.tokenizer([f"a photo of a {c}." for c in CLASSES]), normalize=True)
+    assert torch.allclose(single, direct.detach(), atol=1e-5)
+    templates = list(IMAGENET_TEMPLATES[:3])
+    ens = zero_shot_classifier(rn50, CLASSES, templates, encoder=encoder)
+    each = torch.stack([zero_shot_classifier(rn50, CLASSES, t, encoder=encoder) for t in templates])  # (T, K, D)
+    assert torch.allclose(ens, torch.nn.functional.normalize(each.mean(0), dim=-1), atol=1e-6)
+    ev = zero_shot(rn50, CLASSES, templates, feats[:, 0], labels, encoder=encoder)
+    assert ev.n == len(labels) and 0.0 <= ev.accuracy <= 1.0 and ev.confusion.shape == (3, 3)
+    with pytest.raises(ParamsError, match="exactly one"):
+        zero_shot_classifier(rn50, CLASSES, "no slot", encoder=encoder)
+
+
+def test_linear_probe_picks_c_on_validation():
+    rng = np.random.default_rng(0)
+    k, d = 4, 32
+    means = rng.normal(size=(k, d))
+    y_tr, y_val = np.repeat(np.arange(k), 8), np.repeat(np.arange(k), 10)
+    x_tr = means[y_tr] + 1.5 * rng.normal(size=(len(y_tr), d))
+    x_val = means[y_val] + 1.5 * rng.normal(size=(len(y_val), d))
+    probe = fit_linear_probe(x_tr, y_tr, x_val, y_val, c_grid=[1e-4, 1e-2, 1, 1e2, 1e4], refine_steps=4)
+    accs = dict(probe.search)
+    assert probe.C in accs and probe.val_accuracy == max(accs.values())
+    assert probe.val_accuracy > 0.5 and accs[1e-4] < probe.val_accuracy  # over-regularised is worse
+    assert len(accs) > 5  # the grid was refined around the best value
+    again = fit_linear_probe(x_tr, y_tr, x_val, y_val, c_grid=[1e-4, 1e-2, 1, 1e2, 1e4], refine_steps=4)
+    assert again.C == probe.C and np.array_equal(again.classifier.coef_, probe.classifier.coef_)
+    # the returned classifier is plain lbfgs logistic regression on L2-normalised train features with that C
+    norm = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    ref = LogisticRegression(C=probe.C, solver="lbfgs", max_iter=1000).fit(norm(x_tr), y_tr)
+    assert np.array_equal(ref.predict(norm(x_val)), probe.predict(x_val))
+    assert probe.evaluate(x_val, y_val).accuracy == pytest.approx(probe.val_accuracy)

@@ -129,6 +129,7 @@ def train(
     views: Annotated[str, typer.Option(help="augmented: one cached augmented view per image per epoch; center; all.")] = "augmented",
     bf16: Annotated[bool, typer.Option("--bf16", help="Run the text transformer under bf16 autocast.")] = False,
     class_chunk: Annotated[Optional[int], typer.Option(help="Encode classes in chunks of this size (large K).")] = None,
+    classes: Annotated[str, typer.Option(help="all, or base/new: train on the first ceil(K/2) sorted classes or the rest (CoCoOp's base-to-new).")] = "all",
     model: Annotated[Optional[str], typer.Option(help="Model (default: the one the features were encoded with).")] = None,
     pretrained: Annotated[Optional[str], typer.Option(help="Weights (default: inferred from the features; a path for local files).")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
@@ -140,6 +141,7 @@ def train(
     with _errors():
         if method != "coop":
             raise typer.BadParameter(f"unknown --method {method!r}; available: coop")
+        _check_classes(classes)
         overrides = {
             "n_ctx": n_ctx, "csc": csc, "class_token_position": class_token_position, "ctx_init": ctx_init,
             "max_epoch": epochs, "lr": lr, "batch_size": batch_size, "views": views, "autocast_bf16": bf16,
@@ -147,7 +149,7 @@ def train(
         }
         summary = run_train(cache_dir=features, dataset=dataset, shots=shots, seed=seed, out_dir=out, model=model,
                             pretrained=pretrained, overrides=overrides, device=device, progress=progress,
-                            params_record={"cli": "coopipe train"})
+                            params_record={"cli": "coopipe train"}, classes=classes)
         state = "already complete (skipped)" if summary["skipped"] else f"trained in {summary['train_seconds']:.1f}s"
         val = summary.get("final_val_acc")
         typer.echo(f"{out}: {summary['method']} {shots}-shot seed {seed} {state}; final loss {summary['final_loss']:.4f}"
@@ -161,13 +163,25 @@ def eval_(
     dataset: Annotated[Optional[str], typer.Option(help="Dataset (default: the one the prompt was trained on).")] = None,
     split: Annotated[str, typer.Option(help="Split to evaluate on.")] = "test",
     store: Annotated[Optional[Path], typer.Option(help="Evaluate on this store instead (must match model and classes).")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Metrics JSON path (default: RUN/metrics.json).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Metrics JSON path (default: RUN/metrics.json, RUN/metrics_<classes>.json, RUN/transfer/<dataset>/metrics.json).")] = None,
+    classes: Annotated[Optional[str], typer.Option(help="all, base or new (default: the classes the run was trained on; all on another dataset).")] = None,
+    transfer: Annotated[bool, typer.Option("--transfer", help="Evaluate on another dataset's classes: build the classifier from the learned context with the store's class names.")] = False,
+    pretrained: Annotated[Optional[str], typer.Option(help="Where to load the weights for the text encoder (only needed for a checkpoint trained on local-file weights).")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda (text encoder, when the class list differs).")] = "cpu",
 ) -> None:
-    """Evaluate a trained prompt on cached features: accuracy, macro-F1, per-class accuracy."""
+    """Evaluate a trained prompt on cached features: accuracy, macro-F1, per-class accuracy.
+
+    --classes base|new (base-to-new) and --dataset D --transfer (cross-dataset) use other class names.
+
+    Then the classifier is built from the learned context with those names (unified context only).
+    """
     from coopipe.stages.evaluate import run_eval
 
     with _errors():
-        _print_metrics(run_eval(run, cache_dir=features, dataset=dataset, store=store, split=split, out=out))
+        if classes is not None:
+            _check_classes(classes)
+        _print_metrics(run_eval(run, cache_dir=features, dataset=dataset, store=store, split=split, out=out,
+                                classes=classes, transfer=transfer, pretrained=pretrained, device=device))
 
 
 @app.command()
@@ -176,6 +190,7 @@ def zeroshot(
     dataset: Annotated[str, typer.Option(help="Dataset name.")],
     ensemble: Annotated[bool, typer.Option("--ensemble", help="Prompt ensembling over CLIP's 80 ImageNet templates.")] = False,
     template: Annotated[Optional[list[str]], typer.Option(help="Custom template(s) with {} for the class name; repeatable.")] = None,
+    classes: Annotated[str, typer.Option(help="all, base or new (base-to-new protocol; writes metrics_<classes>.json).")] = "all",
     out: Annotated[Path, typer.Option(help="Output folder for metrics.json.")] = Path("runs/zeroshot"),
     model: Annotated[Optional[str], typer.Option(help="Model (default: inferred from the features).")] = None,
     pretrained: Annotated[Optional[str], typer.Option(help="Weights (default: inferred).")] = None,
@@ -184,8 +199,9 @@ def zeroshot(
     from coopipe.stages.evaluate import run_zeroshot
 
     with _errors():
+        _check_classes(classes)
         _print_metrics(run_zeroshot(cache_dir=features, dataset=dataset, out_dir=out, model=model,
-                                    pretrained=pretrained, ensemble=ensemble, templates=template))
+                                    pretrained=pretrained, ensemble=ensemble, templates=template, classes=classes))
 
 
 @app.command("linear-probe")
@@ -208,10 +224,42 @@ def linear_probe(
                                         out_dir=folder, model=model, pretrained=pretrained))
 
 
+def _check_classes(classes: str) -> None:
+    from coopipe.transfer import CLASS_SUBSETS
+
+    if classes not in CLASS_SUBSETS:
+        raise typer.BadParameter(f"--classes must be one of {', '.join(CLASS_SUBSETS)}, got {classes!r}")
+
+
+@app.command()
+def report(
+    runs: Annotated[Path, typer.Argument(help="Runs folder to summarise (every metrics*.json below it).")],
+    out: Annotated[Optional[Path], typer.Option(help="Output folder (default: RUNS/report).")] = None,
+    gain_method: Annotated[str, typer.Option(help="Method compared with zero-shot CLIP in the gain figure.")] = "coop",
+    gain_shots: Annotated[Optional[int], typer.Option(help="Shots of that method in the gain figure (default: the most available).")] = None,
+) -> None:
+    """Tables (mean ± std over seeds, Markdown + CSV) and the paper's figures from finished runs.
+
+    Writes report.md, report.csv, fig3_accuracy_vs_shots.png, fig4_gain_over_zeroshot.png and summary.json.
+    """
+    from coopipe.stages.report import run_report
+
+    with _errors():
+        if not runs.is_dir():
+            raise FileNotFoundError(f"no runs folder at {runs}; run `coopipe train`/`eval` or scripts/paper_grid.sh first")
+        summary = run_report(runs, out_dir=out, gain_method=gain_method, gain_shots=gain_shots)
+        typer.echo(f"{summary['n_records']} result(s) from {runs}: {len(summary['fewshot'])} few-shot cell(s), "
+                   f"{len(summary['base2new'])} base-to-new row(s), {len(summary['transfer'])} transfer cell(s)")
+        for name in summary["files"].values():
+            typer.echo(f"  wrote {name}")
+
+
 def _print_metrics(m: dict[str, Any]) -> None:
     shots = f" {m['shots']}-shot" if m.get("shots") else ""
     seed = f" seed {m['seed']}" if m.get("seed") is not None else ""
-    typer.echo(f"{m['method']} on {m.get('dataset')}{shots}{seed}: accuracy {100 * m['accuracy']:.2f}%  "
+    classes = f" ({m['classes']} classes)" if m.get("classes", "all") != "all" else ""
+    source = f" (trained on {m['source_dataset']})" if m.get("source_dataset") else ""
+    typer.echo(f"{m['method']} on {m.get('dataset')}{classes}{source}{shots}{seed}: accuracy {100 * m['accuracy']:.2f}%  "
                f"macro-F1 {100 * m['macro_f1']:.2f}%  (n={m['n']})")
     worst = sorted((v, k) for k, v in m["per_class_accuracy"].items() if v is not None)[:3]
     if worst:

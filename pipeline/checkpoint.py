@@ -14,7 +14,8 @@ CLIP's logit scale, so inference and evaluation need no text encoder.
 Why this way: safetensors holds only tensors (no pickle, safe to load) and the JSON is readable by people and
 DVC. Every file is written to a temporary name in the same folder and moved into place with ``os.replace``, and
 the JSON (written last) records the tensor file's hash, so a reader never sees a half-written or mismatched
-pair. A checkpoint remembers the model, weights and class list it was trained for; using it with features from
+pair; while a checkpoint is overwritten, the previous tensor file is kept as ``prompt.safetensors.prev`` so a run
+killed between the two writes still resumes from the last consistent state. A checkpoint remembers the model, weights and class list it was trained for; using it with features from
 another model, other weights or another class list raises :class:`~coopipe.errors.CheckpointError` instead
 of silently producing garbage.
 """
@@ -24,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -43,11 +45,29 @@ from coopipe.train import EpochRecord, TrainConfig, TrainResult, TrainState, tex
 
 logger = logging.getLogger(__name__)
 
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CLASSIFIER_FILE",
+    "CLASSIFIER_FORMAT",
+    "META_FILE",
+    "TENSORS_FILE",
+    "Checkpoint",
+    "Classifier",
+    "check_compatible",
+    "export_classifier",
+    "load_checkpoint",
+    "load_classifier",
+    "save_checkpoint",
+    "save_result",
+    "store_ref",
+]
+
 CHECKPOINT_FORMAT = "coopipe.prompt/1"
 CLASSIFIER_FORMAT = "coopipe.classifier/1"
 TENSORS_FILE = "prompt.safetensors"
 META_FILE = "prompt.json"
 CLASSIFIER_FILE = "classifier.safetensors"
+PREVIOUS_SUFFIX = ".prev"  # the last consistent tensor file, kept while a new pair is being written
 
 
 # ---------------------------------------------------------------- atomic writes
@@ -61,6 +81,7 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
         write(tmp)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -212,7 +233,11 @@ class Checkpoint:
     def check_store(self, store: FeatureStore) -> None:
         """Raise unless ``store`` holds features of this checkpoint's model, weights and class list."""
         check_compatible(
-            what=f"checkpoint {self.path}", model=self.model, weights=self.weights, classnames=self.classnames, store=store
+            what=f"checkpoint {self.path}",
+            model=self.model,
+            weights=self.weights,
+            classnames=self.classnames,
+            store=store,
         )
 
     def check_resumable(self, config: TrainConfig) -> None:
@@ -254,12 +279,18 @@ def save_checkpoint(
     the pipeline's params.yaml section). ``include_resume`` also saves the momentum buffer and generator state.
     """
     directory = Path(directory)
+    tensor_file = directory / TENSORS_FILE
+    previous = tensor_file.with_name(TENSORS_FILE + PREVIOUS_SUFFIX)
+    if tensor_file.is_file() and (directory / META_FILE).is_file():
+        # keep the tensors the current prompt.json describes until the new JSON is in place: a run killed between
+        # the two writes then still loads (see load_checkpoint)
+        _atomic_write(previous, lambda tmp: shutil.copyfile(tensor_file, tmp))
     tensors: dict[str, torch.Tensor] = {"ctx": state.ctx}
     if include_resume:
         tensors["generator_state"] = state.generator_state
         if state.momentum_buffer is not None:
             tensors["momentum_buffer"] = state.momentum_buffer
-    tensor_path = _write_tensors(directory / TENSORS_FILE, tensors, {"format": CHECKPOINT_FORMAT})
+    tensor_path = _write_tensors(tensor_file, tensors, {"format": CHECKPOINT_FORMAT})
     meta = {
         "format": CHECKPOINT_FORMAT,
         "model": clip.name,
@@ -281,6 +312,7 @@ def save_checkpoint(
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     _write_json(directory / META_FILE, meta)
+    previous.unlink(missing_ok=True)
     logger.info("saved checkpoint %s (epoch %d/%d)", directory, state.epoch, config.max_epoch)
     return directory
 
@@ -324,17 +356,25 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         raise CheckpointError(f"checkpoint metadata {meta_path} is not readable JSON ({exc}); re-train") from exc
     fmt = meta.get("format") if isinstance(meta, dict) else None
     if fmt != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{meta_path} is not a coopipe prompt checkpoint (format {fmt!r}, expected {CHECKPOINT_FORMAT!r})")
+        raise CheckpointError(
+            f"{meta_path} is not a coopipe prompt checkpoint (format {fmt!r}, expected {CHECKPOINT_FORMAT!r})"
+        )
     missing = [k for k in ("model", "weights", "classnames", "variant", "config", "epoch", "tensors") if k not in meta]
     if missing:
         raise CheckpointError(f"checkpoint metadata {meta_path} misses {', '.join(missing)}; re-train")
     tensor_path = directory / str(meta["tensors"].get("file", TENSORS_FILE))
-    tensors = _read_tensors(tensor_path, "checkpoint tensors")
     want = meta["tensors"].get("sha256")
-    if want and sha256_file(tensor_path) != want:
-        raise CheckpointError(
-            f"{tensor_path} does not match {meta_path} (sha256 differs: written by another run or modified); re-train"
-        )
+    if want and tensor_path.is_file() and sha256_file(tensor_path) != want:
+        previous = tensor_path.with_name(tensor_path.name + PREVIOUS_SUFFIX)
+        if previous.is_file() and sha256_file(previous) == want:  # killed between writing tensors and JSON
+            logger.warning("checkpoint %s: using %s (the last save was interrupted)", directory, previous.name)
+            tensor_path = previous
+        else:
+            raise CheckpointError(
+                f"{tensor_path} does not match {meta_path} (sha256 differs: written by another run or modified); "
+                f"delete the folder and re-train"
+            )
+    tensors = _read_tensors(tensor_path, "checkpoint tensors")
     if "ctx" not in tensors:
         raise CheckpointError(f"{tensor_path} holds no 'ctx' tensor; re-train")
     return Checkpoint(path=directory, meta=meta, tensors=tensors)
@@ -355,7 +395,11 @@ class Classifier:
 
     def check_store(self, store: FeatureStore) -> None:
         check_compatible(
-            what=f"classifier {self.path}", model=self.model, weights=self.weights, classnames=self.classnames, store=store
+            what=f"classifier {self.path}",
+            model=self.model,
+            weights=self.weights,
+            classnames=self.classnames,
+            store=store,
         )
 
 
@@ -372,7 +416,9 @@ def export_classifier(
     """Write the (K, D) normalised class text features and the logit scale as safetensors (identity in metadata)."""
     feats = torch.nn.functional.normalize(text_features.detach().float().cpu(), dim=-1)  # (K, D)
     if feats.ndim != 2 or feats.shape[0] != len(classnames):
-        raise CheckpointError(f"classifier of shape {tuple(feats.shape)} does not have one row per class ({len(classnames)})")
+        raise CheckpointError(
+            f"classifier of shape {tuple(feats.shape)} does not have one row per class ({len(classnames)})"
+        )
     metadata = {
         "format": CLASSIFIER_FORMAT,
         "model": model,

@@ -21,6 +21,17 @@ from coopipe.errors import DatasetError
 
 logger = logging.getLogger(__name__)
 
+__all__ = [
+    "Evaluation",
+    "accuracy",
+    "classifier_logits",
+    "confusion_matrix",
+    "evaluate_classifier",
+    "evaluate_predictions",
+    "macro_f1",
+    "per_class_accuracy",
+]
+
 
 def _as_labels(x: torch.Tensor | np.ndarray | Sequence[int]) -> np.ndarray:
     arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
@@ -41,7 +52,9 @@ def confusion_matrix(
     return np.bincount(y * n_classes + p, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
 
 
-def accuracy(labels: torch.Tensor | np.ndarray | Sequence[int], predictions: torch.Tensor | np.ndarray | Sequence[int]) -> float:
+def accuracy(
+    labels: torch.Tensor | np.ndarray | Sequence[int], predictions: torch.Tensor | np.ndarray | Sequence[int]
+) -> float:
     """Fraction of correct predictions (0.0 for no samples)."""
     y, p = _as_labels(labels), _as_labels(predictions)
     return float((y == p).mean()) if y.size else 0.0
@@ -137,7 +150,10 @@ def classifier_logits(
     if images.ndim != 2 or images.shape[1] != text.shape[1]:
         raise ValueError(f"image features {tuple(images.shape)} do not match text features {tuple(text.shape)}")
     scale = float(torch.as_tensor(logit_scale).float().exp())
-    parts = [scale * F.normalize(images[i : i + batch_size], dim=-1) @ text.t() for i in range(0, images.shape[0], batch_size)]
+    parts = [
+        scale * F.normalize(images[i : i + batch_size], dim=-1) @ text.t()  # (b, K)
+        for i in range(0, images.shape[0], batch_size)
+    ]
     return torch.cat(parts) if parts else torch.zeros(0, text.shape[0])  # (N, K)
 
 

@@ -22,6 +22,13 @@ from coopipe.store import FeatureStore, find_stores
 
 logger = logging.getLogger(__name__)
 
+__all__ = [
+    "SplitFeatures",
+    "check_store_model",
+    "read_split",
+    "select_store",
+]
+
 
 @dataclass
 class SplitFeatures:
@@ -48,7 +55,7 @@ def select_store(
     positions: Sequence[int] | np.ndarray | None = None,
     need_views: bool = False,
 ) -> FeatureStore:
-    """The store of ``dataset``/``split`` encoded with ``model``/``weights`` that holds ``positions`` (all rows if None).
+    """The store of ``dataset``/``split`` from ``model``/``weights`` that holds ``positions`` (all rows if None).
 
     Prefers stores with augmented views (``find_stores`` sorts them first). With ``need_views`` a centre-only store
     is still accepted, with a warning, since CoOp can train on the centre view. Raises :class:`StoreError` naming

@@ -239,8 +239,8 @@ def _lookup(mapping: Mapping[str, Any], dotted: str) -> Any:
 @contextmanager
 def store_lock(path: Path) -> Iterator[None]:
     """Exclusive advisory lock for writing ``path`` (two encodes of one store never interleave)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock_file = path.with_name(path.name + ".lock")
+    lock_file = path.parent / ".locks" / (path.name + ".lock")  # kept out of the way of `ls cache/<dataset>`
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_file, "w") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -40,6 +40,23 @@ from coopipe.text_tower import resolve_text_tower
 
 logger = logging.getLogger(__name__)
 
+__all__ = [
+    "EPOCHS_BY_SHOTS",
+    "IMAGENET_EPOCHS",
+    "VIEW_POLICIES",
+    "EpochRecord",
+    "TrainConfig",
+    "TrainResult",
+    "TrainState",
+    "batch_slices",
+    "check_features",
+    "derive_seed",
+    "draw_views",
+    "epochs_for",
+    "text_features_for",
+    "train_coop",
+]
+
 EPOCHS_BY_SHOTS: dict[int, int] = {1: 50, 2: 100, 4: 100, 8: 200, 16: 200}  # CoOp's configs
 IMAGENET_EPOCHS = 50  # CoOp trains ImageNet for 50 epochs at every number of shots
 VIEW_POLICIES = ("augmented", "center", "all")
@@ -94,7 +111,9 @@ class TrainConfig:
         if self.lr <= 0 or self.warmup_lr < 0:
             problems.append(f"lr must be > 0 and warmup_lr >= 0 (got {self.lr}, {self.warmup_lr})")
         if not 0 <= self.momentum < 1 or self.weight_decay < 0:
-            problems.append(f"momentum must lie in [0, 1) and weight_decay be >= 0 (got {self.momentum}, {self.weight_decay})")
+            problems.append(
+                f"momentum must lie in [0, 1) and weight_decay be >= 0 (got {self.momentum}, {self.weight_decay})"
+            )
         if self.batch_size < 1:
             problems.append(f"batch_size must be >= 1 (got {self.batch_size})")
         if not 0 <= self.warmup_epoch <= self.max_epoch:
@@ -102,7 +121,9 @@ class TrainConfig:
         if self.n_ctx < 1:
             problems.append(f"n_ctx must be >= 1 (got {self.n_ctx})")
         if self.class_token_position not in CLASS_TOKEN_POSITIONS:
-            problems.append(f"class_token_position must be one of {CLASS_TOKEN_POSITIONS} (got {self.class_token_position!r})")
+            problems.append(
+                f"class_token_position must be one of {CLASS_TOKEN_POSITIONS} (got {self.class_token_position!r})"
+            )
         if self.views not in VIEW_POLICIES:
             problems.append(f"views must be one of {VIEW_POLICIES} (got {self.views!r})")
         if self.class_chunk is not None and self.class_chunk < 1:
@@ -152,7 +173,9 @@ class TrainConfig:
             autocast_bf16=self.autocast_bf16,
         )
 
-    def prompt_learner(self, clip: LoadedClip, classnames: Sequence[str], *, generator: torch.Generator | None = None) -> PromptLearner:
+    def prompt_learner(
+        self, clip: LoadedClip, classnames: Sequence[str], *, generator: torch.Generator | None = None
+    ) -> PromptLearner:
         """A fresh prompt learner for this config's variant (context drawn with ``generator``)."""
         return PromptLearner(
             clip,
@@ -231,7 +254,7 @@ def draw_views(n_images: int, n_views: int, policy: str, generator: torch.Genera
     """One stored view per image for this epoch: (N,) int64 view indices.
 
     ``augmented``: uniform over views 1..V-1 (view 0 when V == 1); ``center``: all 0; ``all``: uniform over 0..V-1.
-    Draws from ``generator`` whenever there is a choice, so the epoch's batch order depends on the view count.
+    ``generator`` advances only when there is a choice (V > 1 and not ``center``).
     """
     if policy == "center" or n_views == 1:
         return torch.zeros(n_images, dtype=torch.long)
@@ -308,7 +331,13 @@ def _variant(learner: PromptLearner) -> dict[str, Any]:
     return {k: v for k, v in learner.config().items() if k != "classnames"}
 
 
-def _restore(state: TrainState, learner: PromptLearner, optimizer: torch.optim.Optimizer, generator: torch.Generator, max_epoch: int) -> None:
+def _restore(
+    state: TrainState,
+    learner: PromptLearner,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    max_epoch: int,
+) -> None:
     variant = _variant(learner)
     if state.variant and state.variant != variant:
         raise CheckpointError(
@@ -325,12 +354,19 @@ def _restore(state: TrainState, learner: PromptLearner, optimizer: torch.optim.O
     with torch.no_grad():
         learner.ctx.copy_(state.ctx.to(learner.ctx.device, learner.ctx.dtype))
     if state.momentum_buffer is not None:
-        optimizer.state[learner.ctx]["momentum_buffer"] = state.momentum_buffer.to(learner.ctx.device, learner.ctx.dtype).clone()
+        buffer = state.momentum_buffer.to(learner.ctx.device, learner.ctx.dtype).clone()
+        optimizer.state[learner.ctx]["momentum_buffer"] = buffer
     generator.set_state(state.generator_state.clone())
 
 
 @torch.no_grad()
-def _accuracy(encoder: PromptTextEncoder, learner: PromptLearner, feats: torch.Tensor, labels: torch.Tensor, logit_scale: torch.Tensor) -> float:
+def _accuracy(
+    encoder: PromptTextEncoder,
+    learner: PromptLearner,
+    feats: torch.Tensor,
+    labels: torch.Tensor,
+    logit_scale: torch.Tensor,
+) -> float:
     text = encoder(learner)  # (n_cls, D)
     pred = coop_logits(feats, text, logit_scale).argmax(dim=-1)  # (M,)
     return float((pred == labels).float().mean())
@@ -381,7 +417,12 @@ def train_coop(
     encoder = config.text_encoder(clip)
     logit_scale = clip.model.logit_scale.detach()  # scalar, log scale
     optimizer = torch.optim.SGD(
-        [learner.ctx], lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, dampening=0.0, nesterov=False
+        [learner.ctx],
+        lr=config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        dampening=0.0,
+        nesterov=False,
     )
     history: list[EpochRecord] = []
     start_epoch = 0
@@ -404,7 +445,9 @@ def train_coop(
             group["lr"] = lr
         views = draw_views(n_images, n_views, config.views, data_gen).to(learner_device)  # (N,)
         order = torch.randperm(n_images, generator=data_gen).to(learner_device)  # (N,)
-        loss_sum, correct, seen = 0.0, 0, 0
+        loss_sum = torch.zeros((), device=learner_device)  # accumulated on the device: no sync per step
+        correct = torch.zeros((), dtype=torch.long, device=learner_device)
+        seen = 0
         for part in batches:
             idx = order[part]  # (B,)
             image = feats[idx, views[idx]]  # (B, D)
@@ -415,15 +458,15 @@ def train_coop(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_sum += float(loss.detach()) * len(idx)
-            correct += int((logits.detach().argmax(dim=-1) == target).sum())
+            loss_sum += loss.detach() * len(idx)
+            correct += (logits.detach().argmax(dim=-1) == target).sum()
             seen += len(idx)
         val_acc = _accuracy(encoder, learner, val[0], val[1], logit_scale) if val is not None else None
         record = EpochRecord(
             epoch=epoch + 1,
             lr=lr,
-            loss=loss_sum / max(seen, 1),
-            train_acc=correct / max(seen, 1),
+            loss=float(loss_sum) / max(seen, 1),
+            train_acc=int(correct) / max(seen, 1),
             val_acc=val_acc,
             seconds=time.perf_counter() - t0,
         )
@@ -446,7 +489,9 @@ def train_coop(
     )
 
 
-def text_features_for(ctx: torch.Tensor, clip: LoadedClip, classnames: Sequence[str], config: TrainConfig) -> torch.Tensor:
+def text_features_for(
+    ctx: torch.Tensor, clip: LoadedClip, classnames: Sequence[str], config: TrainConfig
+) -> torch.Tensor:
     """L2-normalised class text features (K, D), CPU float32, of a learned context for ``classnames``."""
     learner = config.prompt_learner(clip, classnames, generator=torch.Generator())  # its draw is overwritten
     if tuple(ctx.shape) != tuple(learner.ctx.shape):

@@ -244,13 +244,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from coopipe.stages.logs import setup_logging
+    from coopipe.stages.logs import run_stage
 
-    setup_logging()
-    from coopipe.errors import CoopipeError
-
-    try:
-        main()
-    except CoopipeError as exc:
-        logging.getLogger("coopipe").error("%s", exc)
-        raise SystemExit(1) from None
+    run_stage(main)

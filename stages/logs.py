@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 import os
 
 
@@ -29,3 +30,16 @@ def setup_logging(level: str | None = None) -> None:
     root.setLevel(level)
     for noisy in ("distributed", "asyncio", "numcodecs", "PIL", "urllib3", "filelock", "matplotlib", "faiss"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
+def run_stage(main: Callable[[], None]) -> None:
+    """Entry point of a stage script: configure logging, run ``main``, and turn coopipe's errors into one
+    line on stderr and exit code 1 (DVC then reports the stage as failed without a traceback)."""
+    from coopipe.errors import CoopipeError
+
+    setup_logging()
+    try:
+        main()
+    except CoopipeError as exc:
+        logging.getLogger("coopipe").error("%s", exc)
+        raise SystemExit(1) from None

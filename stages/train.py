@@ -5,7 +5,8 @@ full-split store when absent), the train store with augmented views and the val 
 reference protocol (``TrainConfig``), checkpoints atomically every few epochs (a killed run resumes from its
 last checkpoint when re-run), and writes ``prompt.safetensors`` + ``prompt.json``, the exported
 ``classifier.safetensors``, ``history.tsv`` (for ``dvc plots``) and ``train.json`` into the run folder.
-A finished run with the same config is not trained again.
+A finished run with the same config is not trained again. ``classes='base'`` (or ``'new'``) trains on that half
+of the classes only (CoCoOp's base-to-new protocol, see :mod:`coopipe.transfer`).
 
 Run by DVC as ``python stages/train.py --shots K --seed S`` (reads params.yaml) and by ``coopipe train``.
 """
@@ -24,12 +25,13 @@ from tqdm.auto import tqdm
 
 from coopipe.checkpoint import META_FILE, load_checkpoint, save_checkpoint, save_result
 from coopipe.datasets.fewshot import FewShotIndex, sample_few_shot, sample_val
-from coopipe.errors import ParamsError, StoreError
+from coopipe.errors import CheckpointError, ParamsError, StoreError
 from coopipe.features import read_split, select_store
 from coopipe.models import LoadedClip, load_clip
 from coopipe.stages.common import FEWSHOT_DIR, infer_model, method_label, pretrained_for, write_json
 from coopipe.store import FeatureStore, find_stores
 from coopipe.train import EpochRecord, TrainConfig, TrainState, train_coop
+from coopipe.transfer import ClassSubset, check_store_classes
 
 logger = logging.getLogger(__name__)
 
@@ -98,8 +100,12 @@ def run_train(
     progress: bool = True,
     params_record: Mapping[str, Any] | None = None,
     clip: LoadedClip | None = None,
+    classes: str = "all",
 ) -> dict[str, Any]:
-    """Train (or resume, or skip when finished) one CoOp run; returns the run summary written to train.json."""
+    """Train (or resume, or skip when finished) one CoOp run; returns the run summary written to train.json.
+
+    ``classes``: ``all``, or ``base``/``new`` to train on that half of the (sorted) classes only.
+    """
     cache_dir, out_dir = Path(cache_dir), Path(out_dir)
     clip = clip or resolve_model(cache_dir, dataset, model, pretrained, device)
     opts = {k: v for k, v in dict(overrides or {}).items() if v is not None}
@@ -111,13 +117,15 @@ def run_train(
     train_store = select_store(cache_dir, dataset, "train", model=clip.name, weights=clip.weights_id,
                                positions=index.train_indices, need_views=config.views != "center")
     train = read_split(train_store, index.train_indices)
+    subset = ClassSubset.of(train.classnames, classes)
+    train = subset.apply(train)
     stores = {"train": train_store}
     val_feats = val_labels = None
     if index.val_indices:
         try:
             val_store = select_store(cache_dir, dataset, "val", model=clip.name, weights=clip.weights_id,
                                      positions=index.val_indices)
-            val = read_split(val_store, index.val_indices, all_views=False)
+            val = subset.apply(read_split(val_store, index.val_indices, all_views=False))
             val_feats, val_labels, stores["val"] = val.features, val.labels, val_store
         except StoreError as exc:
             logger.warning("training without validation: %s", exc)
@@ -126,14 +134,22 @@ def run_train(
     if (out_dir / META_FILE).is_file():
         ckpt = load_checkpoint(out_dir)
         ckpt.check_resumable(config)
-        ckpt.check_store(train_store)
+        trained_classes = (ckpt.meta.get("params") or {}).get("classes", "all")
+        if trained_classes != classes:
+            raise CheckpointError(
+                f"run {out_dir} was trained on {trained_classes} classes, not {classes}; use another output folder"
+            )
+        if classes == "all":
+            ckpt.check_store(train_store)
+        else:
+            check_store_classes(ckpt, train_store, classes)
         if ckpt.complete:
             logger.info("run %s is already complete: nothing to do", out_dir)
             return _summary(out_dir, ckpt.meta, skipped=True)
         resume = ckpt.train_state()
         logger.info("resuming %s from epoch %d", out_dir, resume.epoch)
 
-    record = {"dataset": dataset, "shots": shots, "seed": seed, **dict(params_record or {})}
+    record = {"dataset": dataset, "shots": shots, "seed": seed, "classes": classes, **dict(params_record or {})}
     last_save = [time.monotonic()]
     bar = tqdm(total=config.max_epoch, initial=resume.epoch if resume else 0, unit="epoch", disable=not progress,
                desc=f"CoOp {dataset} {shots}-shot seed {seed}", dynamic_ncols=True)
@@ -169,6 +185,7 @@ def _summary(out_dir: Path, meta: Mapping[str, Any], *, skipped: bool, seconds: 
         "dataset": params.get("dataset"),
         "shots": params.get("shots"),
         "seed": params.get("seed"),
+        "classes": params.get("classes", "all"),
         "model": meta["model"],
         "weights": meta["weights"],
         "variant": meta["variant"],
@@ -192,6 +209,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--shots", type=int, required=True)
     parser.add_argument("--seed", type=int, required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--classes", default="all", choices=["all", "base", "new"], help="base-to-new protocol")
     args = parser.parse_args(argv)
     p = load_params(args.params)
     section = dict(p.extra.get("train") or {})
@@ -203,11 +221,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         section["max_epoch"] = int(epochs)
     run_train(cache_dir=p.paths.cache, dataset=p.data.dataset, shots=args.shots, seed=args.seed, out_dir=args.out,
               model=p.model.name, pretrained=p.model.pretrained, overrides=section, device=p.encode.device,
-              params_record={"model": dataclasses.asdict(p.model), "train": section})
+              params_record={"model": dataclasses.asdict(p.model), "train": section}, classes=args.classes)
 
 
 if __name__ == "__main__":
-    from coopipe.stages.logs import setup_logging
+    from coopipe.stages.logs import run_stage
 
-    setup_logging()
-    main()
+    run_stage(main)

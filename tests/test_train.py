@@ -57,6 +57,19 @@ from coopipe.train import (
 CLASSES = ["cat", "dog", "sea or lake"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch and one BLAS thread: on the 2 shared cores more threads are many times slower (they spin-wait
+    on each other while other processes hold a core), and determinism checks need a fixed thread count anyway."""
+    from threadpoolctl import threadpool_limits
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(limits=1):
+        yield
+    torch.set_num_threads(threads)
+
+
 def _toy(n_per_class: int = 4, n_views: int = 3, dim: int = 1024, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Random raw features (N, V, D) with a class-dependent mean, and labels (N,)."""
     g = torch.Generator().manual_seed(seed)
@@ -101,7 +114,8 @@ def test_epochs_follow_coop():
     assert TrainConfig.for_shots(1).max_epoch == 50
     cfg = TrainConfig()
     assert (cfg.lr, cfg.momentum, cfg.weight_decay, cfg.batch_size) == (0.002, 0.9, 5e-4, 32)
-    assert (cfg.warmup_epoch, cfg.warmup_lr, cfg.n_ctx, cfg.csc, cfg.class_token_position) == (1, 1e-5, 16, False, "end")
+    assert (cfg.warmup_epoch, cfg.warmup_lr, cfg.n_ctx, cfg.csc) == (1, 1e-5, 16, False)
+    assert (cfg.class_token_position, cfg.ctx_init, cfg.views) == ("end", None, "augmented")
     with pytest.raises(ParamsError):
         epochs_for(0)
     with pytest.raises(ParamsError, match="views"):
@@ -234,6 +248,8 @@ def test_checkpoint_round_trip_and_classifier_export(rn50, toy, tmp_path):
 
     ckpt = load_checkpoint(out)
     assert torch.equal(ckpt.ctx, result.ctx) and ckpt.config == cfg and ckpt.history == result.history
+    save_checkpoint(out, clip=rn50, classnames=CLASSES, config=cfg, state=result.state)  # overwrite in place
+    assert {p.name for p in out.iterdir()} == {TENSORS_FILE, META_FILE, CLASSIFIER_FILE}
     # the exported classifier equals the text features recomputed from the saved context, by the plain
     # 77-token path (no cut, no prefix sharing)
     clf = load_classifier(out)
@@ -248,8 +264,20 @@ def test_checkpoint_round_trip_and_classifier_export(rn50, toy, tmp_path):
     ev = evaluate_classifier(clf.text_features, feats[:, 0], labels, clf.logit_scale)
     assert ev.accuracy == pytest.approx(result.history[-1].val_acc)
 
-    # a mismatched tensor file is detected through the recorded hash
-    export_classifier(out / TENSORS_FILE, clf.text_features, classnames=CLASSES, model="RN50", weights="x", logit_scale=1.0)
+    # another variant (context from words, class token in the middle) rebuilds the same classifier
+    cfg2 = _tiny_config(max_epoch=1, ctx_init="a photo of a", class_token_position="middle")
+    other = train_coop(feats, labels, rn50, CLASSES, cfg2)
+    ckpt2 = load_checkpoint(save_result(tmp_path / "run2", other, clip=rn50, classnames=CLASSES, config=cfg2))
+    assert ckpt2.variant == {"n_ctx": 4, "ctx_init": "a photo of a", "csc": False, "class_token_position": "middle"}
+    assert torch.allclose(ckpt2.text_features(rn50), other.text_features, atol=1e-6)
+
+    # a save killed between the tensor file and the JSON still loads the previous consistent pair
+    (out / (TENSORS_FILE + ".prev")).write_bytes((out / TENSORS_FILE).read_bytes())
+    export_classifier(out / TENSORS_FILE, clf.text_features, classnames=CLASSES, model="RN50", weights="x",
+                      logit_scale=1.0)
+    assert torch.equal(load_checkpoint(out).ctx, result.ctx)
+    # otherwise a mismatched tensor file is detected through the recorded hash
+    (out / (TENSORS_FILE + ".prev")).unlink()
     with pytest.raises(CheckpointError, match="sha256"):
         load_checkpoint(out)
 
@@ -262,14 +290,16 @@ def test_checkpoint_refuses_store_of_other_model_weights_or_classes(rn50, toy, t
     ckpt, clf = load_checkpoint(out), load_classifier(out)
     f, y = feats[:, :1].numpy(), labels.numpy()
 
-    good = open_store(_make_store(tmp_path / "c1", model="RN50", weights=rn50.weights_id, classnames=CLASSES, feats=f, labels=y))
+    good = open_store(_make_store(tmp_path / "c1", model="RN50", weights=rn50.weights_id, classnames=CLASSES,
+                                  feats=f, labels=y))
     ckpt.check_store(good)
     clf.check_store(good)
     check_store_model(good, rn50)
     cases = {
         "model RN50 vs ViT-B-32": dict(model="ViT-B-32", weights=rn50.weights_id, classnames=CLASSES),
         "weights": dict(model="RN50", weights="open_clip:RN50/openai", classnames=CLASSES),
-        "class 2 is 'sea or lake' vs 'river'": dict(model="RN50", weights=rn50.weights_id, classnames=["cat", "dog", "river"]),
+        "class 2 is 'sea or lake' vs 'river'": dict(model="RN50", weights=rn50.weights_id,
+                                                     classnames=["cat", "dog", "river"]),
         "3 classes vs 4": dict(model="RN50", weights=rn50.weights_id, classnames=[*CLASSES, "x"]),
     }
     for i, (message, kw) in enumerate(cases.items()):
@@ -304,7 +334,7 @@ def test_bad_inputs_give_clear_errors(rn50, toy, tmp_path):
     part = read_split(store, [0, 5])
     assert part.features.shape == (2, 3, 1024) and part.labels.tolist() == [0, 1]
     assert torch.allclose(part.features, feats[[0, 5]])
-    with pytest.raises(StoreError, match="does not hold"):
+    with pytest.raises(StoreError, match="holds all 2 requested images"):
         select_store(cache, "toy", "train", model="RN50", weights=rn50.weights_id, positions=[0, 99])
     # NaN / inf features: from a store, and handed in directly
     bad = f.copy()
@@ -367,17 +397,19 @@ def test_zero_shot_and_prompt_ensembling(rn50, toy):
 
 
 def test_linear_probe_picks_c_on_validation():
+    # 256-d, few and imbalanced training images: a small C predicts the majority class (25% on balanced val),
+    # a very large C overfits the noise; the best C lies in between
     rng = np.random.default_rng(0)
-    k, d = 4, 32
-    means = rng.normal(size=(k, d))
-    y_tr, y_val = np.repeat(np.arange(k), 8), np.repeat(np.arange(k), 10)
-    x_tr = means[y_tr] + 1.5 * rng.normal(size=(len(y_tr), d))
-    x_val = means[y_val] + 1.5 * rng.normal(size=(len(y_val), d))
+    k, d = 4, 256
+    means = 3 * rng.normal(size=(k, d))
+    y_tr, y_val = np.repeat(np.arange(k), [24, 6, 6, 6]), np.repeat(np.arange(k), 25)
+    x_tr = means[y_tr] + 8 * rng.normal(size=(len(y_tr), d)) + 5
+    x_val = means[y_val] + 8 * rng.normal(size=(len(y_val), d)) + 5
     probe = fit_linear_probe(x_tr, y_tr, x_val, y_val, c_grid=[1e-4, 1e-2, 1, 1e2, 1e4], refine_steps=4)
     accs = dict(probe.search)
     assert probe.C in accs and probe.val_accuracy == max(accs.values())
-    assert probe.val_accuracy > 0.5 and accs[1e-4] < probe.val_accuracy  # over-regularised is worse
-    assert len(accs) > 5  # the grid was refined around the best value
+    assert accs[1e-4] == 0.25 and probe.val_accuracy > 0.8  # over-regularised: the majority class only
+    assert 1e2 < probe.C <= 1e4 and len(accs) > 5  # refined between the grid's best neighbours
     again = fit_linear_probe(x_tr, y_tr, x_val, y_val, c_grid=[1e-4, 1e-2, 1, 1e2, 1e4], refine_steps=4)
     assert again.C == probe.C and np.array_equal(again.classifier.coef_, probe.classifier.coef_)
     # the returned classifier is plain lbfgs logistic regression on L2-normalised train features with that C
@@ -385,3 +417,67 @@ def test_linear_probe_picks_c_on_validation():
     ref = LogisticRegression(C=probe.C, solver="lbfgs", max_iter=1000).fit(norm(x_tr), y_tr)
     assert np.array_equal(ref.predict(norm(x_val)), probe.predict(x_val))
     assert probe.evaluate(x_val, y_val).accuracy == pytest.approx(probe.val_accuracy)
+
+
+# ---------------------------------------------------------------- learning on real features
+SHOTS, N_AUG, TEST_PER_CLASS = 16, 2, 20
+
+
+@pytest.fixture(scope="module")
+def eurosat_stores(request, eurosat, rn50, tmp_path_factory):
+    """Few-shot train (16 x 10 images, centre + 2 augmented views), val (4 x 10) and test (20 x 10) stores.
+
+    Encoding ~700 images costs about a minute on 2 shared cores, so the stores live in pytest's cache folder
+    (``.pytest_cache``) and later sessions reuse them (encode_split is a no-op for an existing store).
+    """
+    from coopipe.datasets import make_few_shot_index, sample_few_shot
+    from coopipe.encode import EncodeOptions, encode_split
+    from coopipe.views import ViewSpec
+
+    try:
+        cache = request.config.cache.mkdir("coopipe-train-stores")
+    except AttributeError:  # cache provider disabled (-p no:cacheprovider)
+        cache = tmp_path_factory.mktemp("train-stores")
+    index = make_few_shot_index(eurosat, SHOTS, seed=1)
+    test_pos = sample_few_shot(eurosat.split("test").labels, eurosat.num_classes, TEST_PER_CLASS, seed=0)
+    opts = EncodeOptions(precision="fp32", progress=False, num_workers=0)
+    plan = {"train": (index.train_array(), ViewSpec(n_aug=N_AUG)), "val": (index.val_array(), ViewSpec()),
+            "test": (test_pos, ViewSpec())}
+    for split, (positions, views) in plan.items():
+        encode_split(eurosat, split, cache_dir=cache, positions=positions, views=views, options=opts, clip=rn50)
+    return cache, {split: positions for split, (positions, _) in plan.items()}
+
+
+@pytest.mark.data
+@pytest.mark.slow
+def test_coop_learns_on_eurosat_features(eurosat_stores, eurosat, rn50, capsys):
+    """With random weights the image features are nearly collinear (mean cosine ~0.999) and zero-shot sends every
+    image to one class (10%). CoOp must clearly beat that on held-out test images.
+
+    The class-specific-context variant (CSC) is trained: through a random text tower a shared context moves the 10
+    class features apart very slowly (unified context reached ~15-18% in 30 epochs at any lr tried), while class
+    contexts reach 25-30%. lr 0.05 and 30 epochs (instead of 0.002 and 200) keep the test around a minute.
+    """
+    cache, positions = eurosat_stores
+    split = {}
+    for name in ("train", "val", "test"):
+        store = select_store(cache, "eurosat", name, model="RN50", weights=rn50.weights_id,
+                             positions=positions[name], need_views=name == "train")
+        check_store_model(store, rn50)
+        split[name] = read_split(store, positions[name], all_views=name == "train")
+    train, val, test = split["train"], split["val"], split["test"]
+    assert train.features.shape == (10 * SHOTS, 1 + N_AUG, rn50.embed_dim) and test.features.shape[0] == 200
+    classnames = train.classnames
+
+    zs = zero_shot(rn50, classnames, dataset_template("eurosat"), test.center, test.labels)
+    cfg = TrainConfig(max_epoch=30, lr=0.05, csc=True, n_ctx=4, seed=1)
+    result = train_coop(train.features, train.labels, rn50, classnames, cfg)  # val: only for the probe's C
+    coop = evaluate_classifier(result.text_features, test.center, test.labels, result.logit_scale)
+    probe = fit_linear_probe(train.center, train.labels, val.center, val.labels, n_classes=10)
+    lp = probe.evaluate(test.center, test.labels)
+    with capsys.disabled():
+        print(f"\nEuroSAT, random-weights RN50, {SHOTS}-shot x 10 classes, 200 test images: zero-shot "
+              f"{zs.accuracy:.1%}, CoOp (CSC, 30 ep) {coop.accuracy:.1%}, linear probe {lp.accuracy:.1%} "
+              f"(C={probe.C:.3g}); CoOp train acc {result.history[-1].train_acc:.1%}, {result.seconds:.0f}s")
+    assert coop.accuracy >= zs.accuracy + 0.08
+    assert coop.accuracy >= 0.18 and lp.accuracy > zs.accuracy

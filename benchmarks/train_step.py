@@ -1,0 +1,158 @@
+"""Benchmark: one CoOp training step, reference-style against coopipe, side by side in one run.
+
+(a) reference-style step (what CoOp's trainer does every step): encode 32 freshly augmented images with the
+    frozen image encoder (fp32, no grad), then the plain 77-token text pass over all K classes, backward to
+    the context, SGD step. At K = 1000 the text pass runs in class chunks (the same work, bounded memory).
+(b) coopipe's step: 32 cached image features from the EuroSAT store, the text pass cut to the longest prompt
+    with the shared [SOS][V]1..[V]M prefix computed once, backward, SGD step.
+Each (side, K) runs in its own subprocess so its peak RSS is its own. Then a 16-shot EuroSAT CoOp training
+run (200 epochs, paper setting) from the warm cache is timed end to end (subprocess: `coopipe train`).
+Needs the EuroSAT cache: `coopipe encode --dataset eurosat --data-root ../shared/data --pretrained none
+--views 16 --shots 16 --seeds 1` (or the pipeline's encode stage). Last line: one JSON object.
+
+    python benchmarks/train_step.py [--cache cache] [--ks 10,100,1000] [--skip-e2e]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _classnames(k: int, eurosat_names: list[str]) -> list[str]:
+    if k <= len(eurosat_names):
+        return eurosat_names[:k]
+    from coopipe.compat import import_open_clip
+
+    import_open_clip()
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+    return list(IMAGENET_CLASSNAMES[:k])
+
+
+def _one_side(side: str, k: int, steps: int, cache: str) -> dict:
+    """Run in a subprocess: time ``steps`` steps of one side after one warm-up step; report peak RSS."""
+    import torch
+    import torch.nn.functional as F
+
+    from coopipe.features import select_store
+    from coopipe.models import load_clip
+    from coopipe.prompt import PromptLearner
+    from coopipe.text_encoder import PromptTextEncoder, coop_logits
+    from coopipe.views import ViewSpec, make_views, normalize_batch
+    from coopipe.imageio import load_rgb
+
+    clip = load_clip("RN50", "none")
+    store = select_store(cache, "eurosat", "train", model="RN50", weights=clip.weights_id)
+    names = _classnames(k, store.classnames())
+    labels = torch.randint(0, k, (32,), generator=torch.Generator().manual_seed(0))
+    learner = PromptLearner(clip, names, n_ctx=16, generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.SGD([learner.ctx], lr=0.002, momentum=0.9, weight_decay=5e-4)
+    logit_scale = clip.model.logit_scale.detach()
+    chunk = 100 if k > 100 else None
+    if side == "reference":
+        encoder = PromptTextEncoder(clip, cut=False, share_prefix=False, class_chunk=chunk)
+        data_root = ROOT.parent / "shared" / "data" / "eurosat" / "2750"
+        paths = [data_root / p for p in store.paths()[:32]]
+        images = [load_rgb(p) for p in paths]
+        spec = ViewSpec(n_aug=1, seed=0)
+        step_no = [0]
+
+        def image_features() -> torch.Tensor:
+            # a fresh random crop + flip of each image every step, as the reference's data loader gives
+            step_no[0] += 1
+            views = torch.stack([make_views(img, 1000 * step_no[0] + i, clip.preprocess, spec)[1] for i, img in enumerate(images)])
+            with torch.no_grad():
+                return clip.model.encode_image(normalize_batch(views, clip.preprocess))
+    else:
+        encoder = PromptTextEncoder(clip, cut=True, share_prefix=True, class_chunk=chunk)
+        rows = list(range(min(32, store.n_rows)))
+        cached = torch.from_numpy(store.read(rows, view=1 if store.n_views > 1 else 0))
+
+        def image_features() -> torch.Tensor:
+            return cached
+
+    def step() -> float:
+        feats = image_features()
+        text = encoder(learner)
+        loss = F.cross_entropy(coop_logits(feats, text, logit_scale), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return float(loss)
+
+    step()  # warm-up
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    seconds = (time.perf_counter() - start) / steps
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"side": side, "k": k, "step_s": seconds, "peak_rss_mb": peak_mb, "steps": steps}
+
+
+def _run_side(side: str, k: int, steps: int, cache: str) -> dict:
+    code = (
+        "import json,sys; sys.path.insert(0, %r); import train_step as b; "
+        "print('RESULT', json.dumps(b._one_side(%r, %d, %d, %r)))" % (str(Path(__file__).parent), side, k, steps, cache)
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if line is None:
+        raise SystemExit(f"{side} K={k} failed:\n{out.stderr[-3000:]}")
+    return json.loads(line[len("RESULT "):])
+
+
+def _e2e(cache: str) -> float:
+    with tempfile.TemporaryDirectory() as out:
+        start = time.perf_counter()
+        res = subprocess.run(
+            [sys.executable, "-m", "coopipe.cli", "train", "--features", cache, "--dataset", "eurosat", "--shots", "16",
+             "--seed", "1", "--out", out, "--no-progress"], capture_output=True, text=True, cwd=ROOT)
+        seconds = time.perf_counter() - start
+        if res.returncode != 0:
+            raise SystemExit(f"end-to-end training failed:\n{res.stdout[-2000:]}{res.stderr[-3000:]}")
+        print(res.stdout.strip().splitlines()[-1], flush=True)
+        return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", default=str(ROOT / "cache"))
+    parser.add_argument("--ks", default="10,100,1000")
+    parser.add_argument("--skip-e2e", action="store_true")
+    args = parser.parse_args()
+    steps = {10: (3, 20), 100: (2, 5), 1000: (1, 2)}
+    figures: dict[str, float | int | None] = {}
+    for k in [int(x) for x in args.ks.split(",")]:
+        n_ref, n_ours = steps.get(k, (1, 3))
+        ref = _run_side("reference", k, n_ref, args.cache)
+        ours = _run_side("coopipe", k, n_ours, args.cache)
+        ratio = ref["step_s"] / ours["step_s"]
+        print(f"K={k:5d}  reference {ref['step_s']:.3f} s/step ({ref['peak_rss_mb']:.0f} MB peak)   "
+              f"coopipe {ours['step_s']:.4f} s/step ({ours['peak_rss_mb']:.0f} MB peak)   ratio {ratio:.1f}x", flush=True)
+        figures[f"ratio_k{k}"] = round(ratio, 2)
+        figures[f"reference_step_s_k{k}"] = round(ref["step_s"], 4)
+        figures[f"coopipe_step_s_k{k}"] = round(ours["step_s"], 4)
+        figures[f"reference_peak_mb_k{k}"] = round(ref["peak_rss_mb"])
+        figures[f"coopipe_peak_mb_k{k}"] = round(ours["peak_rss_mb"])
+    figures["coop16_eurosat_s"] = None if args.skip_e2e else round(_e2e(args.cache), 1)
+    if figures["coop16_eurosat_s"] is not None:
+        print(f"16-shot EuroSAT CoOp, 200 epochs, warm cache: {figures['coop16_eurosat_s']:.1f} s end to end", flush=True)
+    import torch
+
+    figures["threads"] = torch.get_num_threads()
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Linear-probe CLIP baseline: logistic regression on the few-shot features, C searched on the few-shot val split.
+#
+# Usage: bash scripts/linear_probe.sh --dataset eurosat --data-root ../shared/data [options]
+#
+# Encodes each dataset once for all shots and seeds (the same stores as the CoOp grid) and writes
+# RUNS/<dataset>/linear_probe/shots<K>_seed<S>/metrics.json.
+#
+#   --dataset LIST     dataset name(s), comma-separated or repeated                     [required]
+#   --data-root DIR    CoOp-style $DATA folder (not needed with --no-encode)
+#   --shots LIST       shots per class (1,2,4,8,16)
+#   --seeds LIST       seeds (1,2,3)
+#   --model NAME       open_clip model (RN50)
+#   --pretrained TAG   open_clip tag, local checkpoint file, or none (openai)
+#   --views N          augmented views per train image in the cache, for sharing the CoOp store (16)
+#   --cache DIR        feature cache (cache)
+#   --runs DIR         runs folder (runs)
+#   --jobs N           runs in parallel (1)
+#   --device DEV       cpu or cuda, for encoding (cpu)
+#   --no-encode        do not call `coopipe encode`
+#   --report           also write the report (RUNS/report)
+#
+# Finished runs are skipped, each run is locked (flock -n <run>.lock), failures are summarised at the end.
+set -euo pipefail
+source "$(dirname "$0")/lib/grid.sh"
+
+CP_REPORT=0
+cp_parse_common "$@"
+for arg in "${CP_REST[@]}"; do
+  case $arg in
+    -h|--help) cp_usage "$0"; exit 0 ;;
+    --report) CP_REPORT=1 ;;
+    *) cp_die "unknown option '$arg' (see --help)" ;;
+  esac
+done
+((${#CP_DATASETS[@]})) || cp_die "--dataset is required (see --help)"
+cp_require_data_root
+
+cp_start
+cp_run_plan cp_linear_probe_jobs cp_encode_fewshot
+status=0
+cp_summary || status=1
+cp_report || status=1
+exit $status

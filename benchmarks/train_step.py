@@ -45,7 +45,7 @@ def _one_side(side: str, k: int, steps: int, cache: str) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from coopipe.features import select_store
+    from coopipe.store import find_stores
     from coopipe.models import load_clip
     from coopipe.prompt import PromptLearner
     from coopipe.text_encoder import PromptTextEncoder, coop_logits
@@ -53,7 +53,10 @@ def _one_side(side: str, k: int, steps: int, cache: str) -> dict:
     from coopipe.imageio import load_rgb
 
     clip = load_clip("RN50", "none")
-    store = select_store(cache, "eurosat", "train", model="RN50", weights=clip.weights_id)
+    stores = find_stores(cache, "eurosat", "train", model="RN50", weights=clip.weights_id)
+    if not stores:
+        raise SystemExit(f"no EuroSAT train store under {cache}: run the encode command in this file's docstring")
+    store = stores[0]  # the one with the most views
     names = _classnames(k, store.classnames())
     labels = torch.randint(0, k, (32,), generator=torch.Generator().manual_seed(0))
     learner = PromptLearner(clip, names, n_ctx=16, generator=torch.Generator().manual_seed(0))
@@ -61,7 +64,9 @@ def _one_side(side: str, k: int, steps: int, cache: str) -> dict:
     logit_scale = clip.model.logit_scale.detach()
     chunk = 100 if k > 100 else None
     if side == "reference":
-        encoder = PromptTextEncoder(clip, cut=False, share_prefix=False, class_chunk=chunk)
+        # 77 tokens for every class; at K = 1000 in chunks of 100 classes, each chunk's activations recomputed
+        # in backward (the graph of all 1000 x 77-token sequences does not fit in 24 GB)
+        encoder = PromptTextEncoder(clip, cut=False, share_prefix=False, class_chunk=chunk, checkpoint_chunks=k > 100)
         data_root = ROOT.parent / "shared" / "data" / "eurosat" / "2750"
         paths = [data_root / p for p in store.paths()[:32]]
         images = [load_rgb(p) for p in paths]
@@ -91,7 +96,8 @@ def _one_side(side: str, k: int, steps: int, cache: str) -> dict:
         optimizer.step()
         return float(loss)
 
-    step()  # warm-up
+    if not (side == "reference" and k >= 1000):  # one reference step at K = 1000 takes minutes: no warm-up
+        step()
     start = time.perf_counter()
     for _ in range(steps):
         step()

@@ -24,21 +24,4 @@
 set -euo pipefail
 source "$(dirname "$0")/lib/grid.sh"
 
-CP_REPORT=0
-cp_parse_common "$@"
-for arg in "${CP_REST[@]}"; do
-  case $arg in
-    -h|--help) cp_usage "$0"; exit 0 ;;
-    --report) CP_REPORT=1 ;;
-    *) cp_die "unknown option '$arg' (see --help)" ;;
-  esac
-done
-((${#CP_DATASETS[@]})) || cp_die "--dataset is required (see --help)"
-cp_require_data_root
-
-cp_start
-cp_run_plan cp_linear_probe_jobs cp_encode_fewshot
-status=0
-cp_summary || status=1
-cp_report || status=1
-exit $status
+cp_main_grid cp_linear_probe_jobs "$@"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -48,3 +49,12 @@ def eurosat(eurosat_root: Path):
     from coopipe.datasets import load_dataset
 
     return load_dataset("eurosat", eurosat_root)
+
+
+def copy_eurosat_folder(eurosat_root: Path, dest: Path, classes: tuple[str, ...], per_class: int) -> Path:
+    """A small image-folder dataset (one sub-folder per class) of the first real EuroSAT images of ``classes``."""
+    for cls in classes:
+        (dest / cls).mkdir(parents=True)
+        for src in sorted((eurosat_root / "eurosat" / "2750" / cls).glob("*.jpg"))[:per_class]:
+            shutil.copy(src, dest / cls / src.name)
+    return dest

@@ -4,7 +4,6 @@ encode (few-shot subset with augmented views) -> train -> eval -> zeroshot -> li
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -12,18 +11,15 @@ from typer.testing import CliRunner
 
 from coopipe.cli import app
 
+from conftest import copy_eurosat_folder
+
 CLASSES = ("Forest", "SeaLake", "Highway", "Residential")
 PER_CLASS = 14
 
 
 @pytest.fixture(scope="module")
 def folder(eurosat_root: Path, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("eurosat_small") / "eurosat4"
-    for cls in CLASSES:
-        (root / cls).mkdir(parents=True)
-        for src in sorted((eurosat_root / "eurosat" / "2750" / cls).glob("*.jpg"))[:PER_CLASS]:
-            shutil.copy(src, root / cls / src.name)
-    return root
+    return copy_eurosat_folder(eurosat_root, tmp_path_factory.mktemp("eurosat_small") / "eurosat4", CLASSES, PER_CLASS)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ cross-dataset transfer (`coopipe eval --transfer`), on tiny stores encoded from 
 from __future__ import annotations
 
 import json
-import shutil
+
 from pathlib import Path
 
 import numpy as np
@@ -21,18 +21,12 @@ from coopipe.stages.evaluate import run_eval, run_zeroshot
 from coopipe.stages.train import run_train
 from coopipe.transfer import ClassSubset, context_text_features, subset_ids
 
+from conftest import copy_eurosat_folder
+
 SOURCE = ("Forest", "SeaLake", "Highway", "Residential")  # imagefolder sorts: Forest, Highway, Residential, SeaLake
 TARGET = ("AnnualCrop", "Pasture", "River")
 SRC, TGT = "imagefolder-src4", "imagefolder-tgt3"
 TRAIN = {"max_epoch": 2, "n_ctx": 4}
-
-
-def _folder(root: Path, eurosat_root: Path, classes: tuple[str, ...], per_class: int) -> Path:
-    for cls in classes:
-        (root / cls).mkdir(parents=True)
-        for src in sorted((eurosat_root / "eurosat" / "2750" / cls).glob("*.jpg"))[:per_class]:
-            shutil.copy(src, root / cls / src.name)
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +36,7 @@ def cache(eurosat_root: Path, tmp_path_factory) -> Path:
     runner = CliRunner()
     for name, classes, per_class, extra in (("src4", SOURCE, 10, ["--views", "1", "--shots", "2", "--seeds", "1"]),
                                             ("tgt3", TARGET, 6, ["--split", "test"])):
-        folder = _folder(data / name, eurosat_root, classes, per_class)
+        folder = copy_eurosat_folder(eurosat_root, data / name, classes, per_class)
         res = runner.invoke(app, ["encode", "--dataset", "imagefolder", "--data-root", str(folder), "--cache",
                                   str(cache), "--no-progress", "--batch-size", "32", *extra])
         assert res.exit_code == 0, res.output

@@ -414,3 +414,25 @@ cp_run_plan() {
   for ds in "${ready[@]}"; do "$plan" "$ds"; done
   cp_wait
 }
+
+cp_main_grid() {  # cp_main_grid JOBS_FN "$@": parse options, encode once, run the jobs, summarise, report
+  local jobs_fn=$1; shift
+  CP_REPORT=0
+  cp_parse_common "$@"
+  local arg
+  for arg in "${CP_REST[@]}"; do
+    case $arg in
+      -h|--help) cp_usage "$0"; exit 0 ;;
+      --report) CP_REPORT=1 ;;
+      *) cp_die "unknown option '$arg' (see --help)" ;;
+    esac
+  done
+  ((${#CP_DATASETS[@]})) || cp_die "--dataset is required (see --help)"
+  cp_require_data_root
+  cp_start
+  cp_run_plan "$jobs_fn" cp_encode_fewshot
+  local status=0
+  cp_summary || status=1
+  cp_report || status=1
+  return $status
+}

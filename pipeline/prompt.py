@@ -215,6 +215,35 @@ class PromptLearner(nn.Module):
         order = self.order[classes, :length]  # (n, length)
         return torch.gather(bank, 1, order.unsqueeze(-1).expand(-1, -1, bank.shape[-1]))  # (n, length, width)
 
+    def packed_embeddings(self, classes: slice, start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Prompt positions ``start .. eos`` of every class of ``classes``, packed class after class, no padding.
+
+        Why: a causal tower pooled at [EOS] never needs a position after [EOS], and the positions before ``start``
+        (the shared prefix) are computed once, so the text encoder runs exactly these rows through its GEMMs.
+        Each row is read straight from the frozen suffix bank or from ``ctx`` (per the layout's ``order``), so no
+        (n, length, width) prompt tensor is built and ``ctx``'s gradient is a small scatter-add.
+
+        Returns the embeddings (N, width) (no positional embedding), each row's position in its own prompt (N,),
+        and the number of rows of each class (n,) = ``eos_index - start + 1``; N is their sum.
+        """
+        if not 1 <= start <= self.shared_length:
+            raise ParamsError(f"packing must start after [SOS] and within the shared prefix, got start={start}")
+        device = self.eos_index.device
+        index = torch.arange(self.n_cls, device=device)[classes]  # (n,)
+        eos = self.eos_index[classes]  # (n,)
+        positions = torch.arange(start, int(eos.max()) + 1, device=device)  # (T,)
+        rows, cols = (positions.unsqueeze(0) <= eos.unsqueeze(1)).nonzero(as_tuple=True)  # (N,) each, class-major
+        cls, pos = index[rows], positions[cols]  # (N,)
+        source = self.order[cls, pos]  # (N,) index into the end-layout bank [prefix (1), ctx (n_ctx), suffix]
+        width = self.token_suffix.shape[-1]
+        suffix_index = cls * self.token_suffix.shape[1] + (source - 1 - self.n_ctx).clamp(min=0)  # (N,)
+        packed = self.token_suffix.reshape(-1, width).index_select(0, suffix_index)  # (N, width)
+        if self.class_token_position != "end" or start <= self.n_ctx:  # some packed rows may be context
+            ctx_index = (source - 1).clamp(max=self.n_ctx - 1) + (cls * self.n_ctx if self.csc else 0)  # (N,)
+            ctx_rows = self.ctx.reshape(-1, width).index_select(0, ctx_index)  # (N, width)
+            packed = torch.where((source <= self.n_ctx).unsqueeze(1), ctx_rows, packed)  # (N, width)
+        return packed, pos, eos - start + 1
+
     def shared_prefix_embeddings(self) -> torch.Tensor:
         """The first :attr:`shared_length` prompt embeddings, the same for every class: (1, P, width)."""
         n_shared_ctx = self.shared_length - 1

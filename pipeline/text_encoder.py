@@ -1,18 +1,27 @@
 """The frozen CLIP text tower, run on tokenised prompts or on a :class:`PromptLearner`'s prompts, exactly and fast.
 
-Why the shortcuts are exact (see the project's CoOp notes): the text transformer is causal, so the output at
-the [EOS] position never depends on later positions.
+Why the shortcuts are exact (see the project's CoOp notes): the text transformer is causal and pooled at [EOS], so
+the output at [EOS] never depends on later positions, and the first positions of every prompt never depend on
+what follows them.
 
-- ``cut``: run each class chunk only up to its longest real prompt (largest [EOS] index + 1) instead of all 77
-  positions; the positional embedding and the causal mask are sliced to match.
-- ``share_prefix``: with unified context, the first positions ``[SOS] [V]1..[V]M`` (class token at the end) or
-  ``[SOS] [V]1..[V]M/2`` (middle) are the same for every class and, being causal, never see the class tokens.
-  They are computed once (batch 1) through every layer; each layer's keys/values of that prefix are kept and
-  the K class suffixes attend to them plus their own (causally). The blocks are re-implemented by hand from
-  open_clip's ``ResidualAttentionBlock`` (``ln_1`` -> packed in-projection -> attention -> ``out_proj`` ->
-  ``ls_1`` residual; ``ln_2`` -> ``mlp`` -> ``ls_2`` residual) with ``scaled_dot_product_attention``.
-- ``class_chunk``: classes are processed in chunks (1000-class datasets fit); with ``checkpoint_chunks`` each
-  chunk's activations are recomputed in the backward pass instead of stored.
+- ``share_prefix`` (the packed path, the default for prompt learners): the first P positions are the same for
+  every class (``[SOS] [V]1..[V]M`` with the class token at the end, ``[SOS] [V]1..[V]M/2`` in the middle, only
+  ``[SOS]`` with class-specific context or the class token at the front). Each class chunk becomes ONE flat
+  sequence: the P prefix rows, then every class's own positions P..[EOS] back to back (nothing after [EOS], no
+  padding), each with the positional embedding of its position inside its own prompt. Every layer runs ``ln_1``,
+  the packed q/k/v in-projection, ``out_proj`` and the MLP once over all rows (the GEMMs are ~80% of the time,
+  so rows saved are time saved); prefix rows attend causally among themselves, a class's rows attend to the
+  prefix and to their own earlier rows. The last layer computes keys/values for all rows but queries,
+  ``out_proj`` and the MLP only for the K [EOS] rows, the only ones pooled. The blocks are re-implemented by
+  hand from open_clip's ``ResidualAttentionBlock`` (``ln_1`` -> packed in-projection -> attention ->
+  ``out_proj`` -> ``ls_1`` residual; ``ln_2`` -> ``mlp`` -> ``ls_2`` residual) with
+  ``scaled_dot_product_attention``; ``cut`` does not apply (the packed path never computes a padded position).
+- ``cut``: for token ids, ``share_prefix=False`` or towers with custom blocks, open_clip's own transformer runs
+  each chunk only up to its longest real prompt (largest [EOS] index + 1) instead of all 77 positions; the
+  positional embedding and the causal mask are sliced to match.
+- ``class_chunk``: classes are processed in chunks (1000-class datasets fit); each packed chunk recomputes the P
+  prefix rows (small next to its suffix rows). With ``checkpoint_chunks`` each chunk's activations are
+  recomputed in the backward pass instead of stored.
 
 The plain path (``cut=False, share_prefix=False``) runs the full sequence through open_clip's own transformer
 with the model's ``attn_mask`` passed at call time, like ``encode_text``; it is the reference the shortcuts are
@@ -22,13 +31,14 @@ tested against.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from coopipe.errors import ParamsError
@@ -38,8 +48,6 @@ from coopipe.text_tower import TextTower, resolve_text_tower
 
 logger = logging.getLogger(__name__)
 
-KeysValues = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (1, heads, P, head_dim) keys and values
-
 
 def _chunks(n: int, size: int | None) -> Iterator[slice]:
     step = n if size is None else size
@@ -47,30 +55,140 @@ def _chunks(n: int, size: int | None) -> Iterator[slice]:
         yield slice(start, min(start + step, n))
 
 
-def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    batch, length, width = x.shape
-    return x.view(batch, length, heads, width // heads).transpose(1, 2)  # (B, heads, T, head_dim)
+BIN_ROWS = 64  # class rows per attention bin: big enough for efficient SDPA tiles, small enough to waste little
 
 
-def _merge_heads(x: torch.Tensor) -> torch.Tensor:
-    batch, heads, length, head_dim = x.shape
-    return x.transpose(1, 2).reshape(batch, length, heads * head_dim)  # (B, T, width)
+@dataclass(frozen=True)
+class _Packing:
+    """Where the rows of one packed chunk sit: P prefix rows, then each class's rows up to its [EOS] (N in all).
 
-
-def _block_qkv(block: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``ln_1`` then the packed q/k/v in-projection of ``nn.MultiheadAttention``, split into heads.
-
-    ``block`` is an open_clip ``ResidualAttentionBlock`` (checked by ``TextTower.supports_manual_blocks``).
+    Why attention runs on "bins" while the GEMMs run on the flat rows: the GEMMs (in-projection, out_proj, MLP:
+    ~all the work) see only the N real rows. Attention is block-diagonal (a class's rows see the prefix and their
+    own earlier rows); one dense (N, N) mask would grow quadratically with the number of classes, and one padded
+    row per class wastes most of the attention on padding (ImageNet: longest class 13 rows, mean 4) and copies
+    the prefix keys per class. So runs of consecutive classes are packed into bins of about ``BIN_ROWS`` rows;
+    each bin is laid out as [the P prefix rows, its classes' rows, padding] (S = P + B slots), one SDPA call
+    attends all bins under a mask (causal among the prefix; a class row sees the prefix and its own class
+    causally), and the real rows are gathered back (the prefix rows from bin 0). Padding slots repeat a real row
+    (never NaN), are never visible as keys to a real row, and their outputs are never read.
     """
-    attn: nn.MultiheadAttention = block.attn
-    qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)  # (B, T, 3 * width)
-    q, k, v = qkv.chunk(3, dim=-1)  # each (B, T, width), packed in that order as in torch
-    return _split_heads(q, attn.num_heads), _split_heads(k, attn.num_heads), _split_heads(v, attn.num_heads)
+
+    positions: torch.Tensor  # (N,) each row's position inside its own prompt
+    to_padded: torch.Tensor  # (bins * S,) row of x read into each bin slot
+    from_padded: torch.Tensor  # (N,) bin slot whose output is each row's output
+    mask: torch.Tensor  # (bins, 1, S, S) bool: which slots (keys) each slot (query) sees
+    eos: torch.Tensor  # (n,) row of each class's [EOS]
+    eos_to_padded: torch.Tensor  # (bins * E,) [EOS] row used as each last-layer query slot (E: most classes in a bin)
+    eos_from_padded: torch.Tensor  # (n,) query slot of each class's [EOS]
+    eos_mask: torch.Tensor  # (bins, 1, E, S) bool: a class's [EOS] sees the prefix and all its own rows
+
+    @property
+    def bins(self) -> int:
+        return int(self.mask.shape[0])
+
+    @staticmethod
+    def build(n_prefix: int, positions: torch.Tensor, lengths: torch.Tensor, bin_rows: int) -> _Packing:
+        """From the suffix rows' positions (N - P,) and each class's row count (n,), as the learner packs them.
+
+        Classes are binned greedily in order (a class longer than ``bin_rows`` gets a bin of its own), so each bin
+        is a contiguous run of rows and the output keeps the class order.
+        """
+        device = lengths.device
+        sizes: list[int] = []  # rows per bin
+        counts: list[int] = []  # classes per bin
+        for length in lengths.tolist():
+            if counts and sizes[-1] + length <= bin_rows:
+                sizes[-1] += length
+                counts[-1] += 1
+            else:
+                sizes.append(length)
+                counts.append(1)
+        size = torch.tensor(sizes, device=device).unsqueeze(1)  # (bins, 1)
+        count = torch.tensor(counts, device=device).unsqueeze(1)  # (bins, 1)
+        n_slots = n_prefix + max(sizes)  # S
+        slot = torch.arange(n_slots, device=device)  # (S,)
+        is_prefix = slot < n_prefix  # (S,)
+        offset = slot - n_prefix  # (S,) slot's offset among its bin's rows
+        bin_start = n_prefix + size.cumsum(0) - size  # (bins, 1) first row of each bin
+        to_padded = torch.where(is_prefix, slot, bin_start + offset.clamp(min=0).minimum(size - 1))  # (bins, S)
+        real_row = (offset >= 0) & (offset < size)  # (bins, S)
+        classes = torch.arange(len(lengths), device=device)  # (n,)
+        prefix_class = torch.full((n_prefix,), -2, device=device)  # (P,)
+        row_class = torch.cat([prefix_class, classes.repeat_interleave(lengths)])  # (N,) class of each row
+        slot_class = torch.where(real_row | is_prefix, row_class[to_padded], -1)  # (bins, S), -1 for padding
+        own_class = (slot_class.unsqueeze(2) == slot_class.unsqueeze(1)) & (slot_class.unsqueeze(2) >= 0)
+        causal = torch.ones(n_slots, n_slots, dtype=torch.bool, device=device).tril()  # (S, S)
+        mask = (is_prefix | own_class) & causal  # (bins, S, S): [bin, query slot, key slot]
+
+        eos = n_prefix + lengths.cumsum(0) - 1  # (n,)
+        first_class = count.cumsum(0) - count  # (bins, 1)
+        query = torch.arange(max(counts), device=device)  # (E,)
+        eos_class = first_class + query.minimum(count - 1)  # (bins, E); padding repeats the bin's last class
+        eos_mask = is_prefix | (slot_class.unsqueeze(1) == eos_class.unsqueeze(2))  # (bins, E, S)
+        return _Packing(
+            positions=torch.cat([torch.arange(n_prefix, device=device), positions]),
+            to_padded=to_padded.flatten(),
+            from_padded=torch.cat(
+                [torch.arange(n_prefix, device=device), real_row.flatten().nonzero().squeeze(1)]
+            ),
+            mask=mask.unsqueeze(1),
+            eos=eos,
+            eos_to_padded=eos[eos_class].flatten(),
+            eos_from_padded=(query < count).flatten().nonzero().squeeze(1),
+            eos_mask=eos_mask.unsqueeze(1),
+        )
 
 
-def _block_finish(block: Any, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
-    """The rest of ``ResidualAttentionBlock.forward`` after attention: both residual branches."""
-    x = x + block.ls_1(block.attn.out_proj(_merge_heads(attended)))  # (B, T, width)
+def _heads(rows: torch.Tensor, batch: int, parts: int, heads: int) -> torch.Tensor:
+    """Rows (batch * T, parts * width), e.g. packed q|k|v, -> (parts, batch, heads, T, head_dim)."""
+    head_dim = rows.shape[-1] // (parts * heads)
+    return rows.view(batch, -1, parts, heads, head_dim).permute(2, 0, 3, 1, 4)
+
+
+def _merge(x: torch.Tensor) -> torch.Tensor:
+    """(batch, heads, T, head_dim) -> rows (batch * T, heads * head_dim)."""
+    batch, heads, length, head_dim = x.shape
+    return x.transpose(1, 2).reshape(batch * length, heads * head_dim)
+
+
+def _in_projection(block: Any, x: torch.Tensor, first: int, count: int) -> torch.Tensor:
+    """``count`` parts from part ``first`` (q=0, k=1, v=2) of ``nn.MultiheadAttention``'s packed in-projection.
+
+    x (T, width) -> (T, count * width); slicing the weight rows gives the same dot products as the full GEMM.
+    """
+    attn = block.attn
+    rows = slice(first * x.shape[-1], (first + count) * x.shape[-1])
+    bias = None if attn.in_proj_bias is None else attn.in_proj_bias[rows]
+    return F.linear(x, attn.in_proj_weight[rows], bias)
+
+
+def _packed_block(block: Any, x: torch.Tensor, packing: _Packing) -> torch.Tensor:
+    """One open_clip ``ResidualAttentionBlock`` on the packed rows x (N, width) -> (N, width).
+
+    ``block`` is a plain ``ResidualAttentionBlock`` (checked by ``TextTower.supports_manual_blocks``).
+    """
+    qkv = _in_projection(block, block.ln_1(x), 0, 3)  # (N, 3 * width), packed q|k|v as in torch
+    padded = qkv.index_select(0, packing.to_padded)  # (bins * S, 3 * width)
+    q, k, v = _heads(padded, packing.bins, 3, block.attn.num_heads)  # (bins, heads, S, head_dim) each
+    attended = F.scaled_dot_product_attention(q, k, v, attn_mask=packing.mask)  # (bins, heads, S, head_dim)
+    x = x + block.ls_1(block.attn.out_proj(_merge(attended).index_select(0, packing.from_padded)))  # (N, width)
+    return x + block.ls_2(block.mlp(block.ln_2(x)))  # type: ignore[no-any-return]
+
+
+def _packed_last_block(block: Any, x: torch.Tensor, packing: _Packing) -> torch.Tensor:
+    """The last block, output only at the [EOS] rows: x (N, width) -> (n, width).
+
+    Keys/values are needed for every row, but queries, ``out_proj`` and the MLP only for the n pooled rows.
+    """
+    heads = block.attn.num_heads
+    normed = block.ln_1(x)  # (N, width)
+    kv = _in_projection(block, normed, 1, 2)  # (N, 2 * width), packed k|v
+    k, v = _heads(kv.index_select(0, packing.to_padded), packing.bins, 2, heads)  # (bins, heads, S, head_dim)
+    q = _in_projection(block, normed.index_select(0, packing.eos_to_padded), 0, 1)  # (bins * E, width)
+    (q,) = _heads(q, packing.bins, 1, heads)  # (bins, heads, E, head_dim)
+    attended = F.scaled_dot_product_attention(q, k, v, attn_mask=packing.eos_mask)  # (bins, heads, E, head_dim)
+    x = x.index_select(0, packing.eos)  # (n, width)
+    x = x + block.ls_1(block.attn.out_proj(_merge(attended).index_select(0, packing.eos_from_padded)))
     return x + block.ls_2(block.mlp(block.ln_2(x)))  # type: ignore[no-any-return]
 
 
@@ -134,35 +252,14 @@ class PromptTextEncoder:
         x = tower.transformer(x, attn_mask=tower.attn_mask[:length, :length])  # (n, T, width)
         return self._head(x[torch.arange(x.shape[0], device=x.device), eos])  # (n, embed_dim)
 
-    def _prefix_keys_values(self, prefix: torch.Tensor) -> KeysValues:
-        """Run the shared prefix (1, P, width) through every block, keeping each block's keys and values."""
-        x = prefix + self.tower.positional_embedding[: prefix.shape[1]].to(prefix.dtype)  # (1, P, width)
-        blocks = self.tower.blocks
-        keys_values: KeysValues = []
-        for i, block in enumerate(blocks):
-            q, k, v = _block_qkv(block, x)  # (1, heads, P, head_dim)
-            keys_values.append((k, v))
-            if i + 1 < len(blocks):  # the last block's output is never read: only its keys/values are
-                x = _block_finish(block, x, F.scaled_dot_product_attention(q, k, v, is_causal=True))
-        return keys_values
-
-    def _forward_suffix(self, x: torch.Tensor, eos: torch.Tensor, *flat_kv: torch.Tensor) -> torch.Tensor:
-        """Run class suffixes (n, R, width) after a shared prefix whose per-block keys/values are ``flat_kv``.
-
-        ``eos`` indexes into the suffix. Suffix position r (absolute P + r) attends to all P prefix positions and
-        to suffix positions <= r: the causal mask restricted to these rows.
-        """
-        n, length, _ = x.shape
-        n_prefix = flat_kv[0].shape[2]
-        x = x + self.tower.positional_embedding[n_prefix : n_prefix + length].to(x.dtype)  # (n, R, width)
-        allowed = torch.ones(length, n_prefix + length, dtype=torch.bool, device=x.device).tril(n_prefix)  # (R, P+R)
-        for layer, block in enumerate(self.tower.blocks):
-            k_prefix, v_prefix = flat_kv[2 * layer], flat_kv[2 * layer + 1]  # (1, heads, P, head_dim)
-            q, k, v = _block_qkv(block, x)  # (n, heads, R, head_dim)
-            k = torch.cat([k_prefix.expand(n, -1, -1, -1).to(k.dtype), k], dim=2)  # (n, heads, P + R, head_dim)
-            v = torch.cat([v_prefix.expand(n, -1, -1, -1).to(v.dtype), v], dim=2)
-            x = _block_finish(block, x, F.scaled_dot_product_attention(q, k, v, attn_mask=allowed))
-        return self._head(x[torch.arange(n, device=x.device), eos])  # (n, embed_dim)
+    def _forward_packed(self, packing: _Packing, prefix: torch.Tensor, suffix: torch.Tensor) -> torch.Tensor:
+        """The packed rows of one chunk, prefix (P, width) and suffix (N_s, width) embeddings -> (n, embed_dim)."""
+        x = torch.cat([prefix, suffix])  # (N, width)
+        x = x + self.tower.positional_embedding[packing.positions].to(x.dtype)  # (N, width)
+        *blocks, last = self.tower.blocks
+        for block in blocks:
+            x = _packed_block(block, x, packing)  # (N, width)
+        return self._head(_packed_last_block(last, x, packing))  # (n, embed_dim)
 
     # ---------------------------------------------------------------- public API
     def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -198,21 +295,21 @@ class PromptTextEncoder:
             )
         if learner.context_length != self.tower.context_length:
             raise ParamsError("prompt learner was built for another model (context lengths differ)")
-        n_prefix = learner.shared_length
-        share = self.share_prefix and self._manual_blocks and n_prefix > 1
         outputs = []
         with self._autocast():
-            flat_kv: list[torch.Tensor] = []
-            if share:
-                for k, v in self._prefix_keys_values(learner.shared_prefix_embeddings().to(self.tower.dtype)):
-                    flat_kv += [k, v]
-            for classes in _chunks(learner.n_cls, self.class_chunk):
-                eos = learner.eos_index[classes]  # (n,)
-                length = int(eos.max()) + 1 if self.cut else learner.context_length
-                x = learner.prompt_embeddings(classes, length=length).to(self.tower.dtype)  # (n, T, width)
-                if share:
-                    outputs.append(self._run_chunk(self._forward_suffix, x[:, n_prefix:], eos - n_prefix, *flat_kv))
-                else:
+            if self.share_prefix and self._manual_blocks:
+                n_prefix = learner.shared_length
+                prefix = learner.shared_prefix_embeddings()[0].to(self.tower.dtype)  # (P, width)
+                for classes in _chunks(learner.n_cls, self.class_chunk):
+                    # (N_s, width) rows, (N_s,) their positions, (n,) rows per class
+                    suffix, positions, lengths = learner.packed_embeddings(classes, n_prefix)
+                    forward = functools.partial(self._forward_packed, _Packing.build(n_prefix, positions, lengths, BIN_ROWS))
+                    outputs.append(self._run_chunk(forward, prefix, suffix.to(self.tower.dtype)))
+            else:
+                for classes in _chunks(learner.n_cls, self.class_chunk):
+                    eos = learner.eos_index[classes]  # (n,)
+                    length = int(eos.max()) + 1 if self.cut else learner.context_length
+                    x = learner.prompt_embeddings(classes, length=length).to(self.tower.dtype)  # (n, T, width)
                     outputs.append(self._run_chunk(self._forward_full, x, eos))
         return torch.cat(outputs).to(self.tower.dtype)  # (n_cls, embed_dim)
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from coopipe.errors import ParamsError
 from coopipe.models import LoadedClip, load_clip
 from coopipe.prompt import PromptLearner
+from coopipe import text_encoder
 from coopipe.text_encoder import PromptTextEncoder, coop_logits
 
 MODELS = ("RN50", "ViT-B-32")
@@ -138,6 +139,64 @@ def test_fast_path_matches_plain(clips: tuple[LoadedClip, LoadedClip], csc: bool
         logits, grad = run(PromptTextEncoder(clip, **config))
         assert torch.allclose(logits, ref_logits, rtol=0, atol=TIGHT), config
         assert torch.allclose(grad, ref_grad, rtol=0, atol=TIGHT), config
+
+
+UNEVEN_NAMES = ["a", "b c d e f g h", "forest", "st. bernard", "x"]  # very different lengths, 5 classes
+
+
+@pytest.mark.parametrize(("csc", "pos"), VARIANTS)
+def test_packed_rows_are_the_prompt_rows(clips: tuple[LoadedClip, LoadedClip], csc: bool, pos: str) -> None:
+    """``packed_embeddings`` is exactly the prompt rows start..[EOS] of each class, class after class."""
+    _, clip = clips
+    learner = PromptLearner(clip, UNEVEN_NAMES, n_ctx=N_CTX, csc=csc, class_token_position=pos)
+    full = learner.prompt_embeddings()  # (n_cls, L, width)
+    for classes in (slice(None), slice(1, 4), slice(4, 5)):
+        for start in sorted({1, learner.shared_length}):
+            rows, positions, lengths = learner.packed_embeddings(classes, start)
+            eos = learner.eos_index[classes]
+            expected = torch.cat([full[classes][i, start : int(e) + 1] for i, e in enumerate(eos)])
+            assert torch.equal(rows, expected)
+            assert torch.equal(lengths, eos - start + 1)
+            assert torch.equal(positions, torch.cat([torch.arange(start, int(e) + 1) for e in eos]))
+
+
+@pytest.mark.parametrize(("csc", "pos"), VARIANTS)
+def test_packed_path_uneven_names_and_chunks(
+    clips: tuple[LoadedClip, LoadedClip], csc: bool, pos: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Names of very different lengths (lots of padding in a padded batch), in uneven chunks, with checkpointing,
+    and attention bins of one class each, of several classes, and of classes longer than a bin."""
+    _, clip = clips
+    learner = PromptLearner(
+        clip, UNEVEN_NAMES, n_ctx=N_CTX, csc=csc, class_token_position=pos, generator=torch.Generator().manual_seed(4)
+    )
+    # rows per class: end [3, 9, 3, 5, 3], middle [6, 12, 6, 8, 6], front or csc [8, 14, 8, 10, 8]
+    assert int(learner.eos_index.max() - learner.eos_index.min()) == 6
+    gen = torch.Generator().manual_seed(5)
+    images = torch.randn(8, clip.embed_dim, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, len(UNEVEN_NAMES), (8,), generator=gen)
+
+    def run(encoder: PromptTextEncoder) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = coop_logits(images, encoder(learner), clip.model.logit_scale)
+        (grad,) = torch.autograd.grad(F.cross_entropy(logits, labels), learner.ctx)
+        return logits.detach(), grad
+
+    ref_logits, ref_grad = run(PromptTextEncoder(clip, cut=False, share_prefix=False))
+    default_bins = text_encoder.BIN_ROWS
+    for config, bin_rows in (
+        ({}, default_bins),  # one bin
+        ({}, 1),  # one class per bin
+        ({}, 8),  # end: bins [3], [9] (a class longer than a bin), [3, 5], [3]
+        ({}, 16),  # middle: [6], [12], [6, 8], [6]
+        ({}, 20),  # middle: [6, 12], [6, 8, 6]; front: [8], [14], [8, 10], [8]
+        ({"class_chunk": 2}, default_bins),  # chunks of 2, 2, 1 classes, each packed with its own prefix rows
+        ({"class_chunk": 3, "checkpoint_chunks": True}, 8),
+        ({"class_chunk": 1}, default_bins),
+    ):
+        monkeypatch.setattr(text_encoder, "BIN_ROWS", bin_rows)
+        logits, grad = run(PromptTextEncoder(clip, **config))
+        assert torch.allclose(logits, ref_logits, rtol=0, atol=TIGHT), (config, bin_rows)
+        assert torch.allclose(grad, ref_grad, rtol=0, atol=TIGHT), (config, bin_rows)
 
 
 def test_fast_path_matches_plain_full_depth_float32(clips: tuple[LoadedClip, LoadedClip]) -> None:

@@ -11,7 +11,9 @@ what follows them.
   padding), each with the positional embedding of its position inside its own prompt. Every layer runs ``ln_1``,
   the packed q/k/v in-projection, ``out_proj`` and the MLP once over all rows (the GEMMs are ~80% of the time,
   so rows saved are time saved); prefix rows attend causally among themselves, a class's rows attend to the
-  prefix and to their own earlier rows. The last layer computes keys/values for all rows but queries,
+  prefix and to their own earlier rows (one SDPA call over bins of consecutive classes, see :class:`_Packing`).
+  With P = 1 (class-specific context, class token at the front) this still removes all padding and is ~25-35%
+  faster than ``cut`` alone, so every layout uses it. The last layer computes keys/values for all rows but queries,
   ``out_proj`` and the MLP only for the K [EOS] rows, the only ones pooled. The blocks are re-implemented by
   hand from open_clip's ``ResidualAttentionBlock`` (``ln_1`` -> packed in-projection -> attention ->
   ``out_proj`` -> ``ls_1`` residual; ``ln_2`` -> ``mlp`` -> ``ls_2`` residual) with
@@ -48,14 +50,13 @@ from coopipe.text_tower import TextTower, resolve_text_tower
 
 logger = logging.getLogger(__name__)
 
+BIN_ROWS = 64  # class rows per attention bin: big enough for efficient SDPA tiles, small enough to waste little
+
 
 def _chunks(n: int, size: int | None) -> Iterator[slice]:
     step = n if size is None else size
     for start in range(0, n, max(step, 1)):
         yield slice(start, min(start + step, n))
-
-
-BIN_ROWS = 64  # class rows per attention bin: big enough for efficient SDPA tiles, small enough to waste little
 
 
 @dataclass(frozen=True)

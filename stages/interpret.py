@@ -37,6 +37,7 @@ from coopipe.interpret import (
 )
 from coopipe.models import LoadedClip, load_clip
 from coopipe.prompt import PromptLearner
+from coopipe.stages.common import pretrained_for
 from coopipe.store import FeatureStore, open_store
 
 logger = logging.getLogger(__name__)
@@ -61,11 +62,8 @@ def checkpoint_pretrained(ckpt: Checkpoint) -> str:
     ``open_clip:<model>/<tag>`` -> the tag; ``random-init:...`` -> ``none``; ``sha256:...`` (a local file) -> the
     file recorded in the checkpoint's params, if it still exists. The identity is checked after loading.
     """
-    kind, _, rest = ckpt.weights.partition(":")
-    if kind == "open_clip" and "/" in rest:
-        return rest.split("/", 1)[1]
-    if kind == "random-init":
-        return "none"
+    if not ckpt.weights.startswith("sha256:"):
+        return pretrained_for(ckpt.weights)  # an open_clip tag, or none for random init
     for candidate in _recorded_pretrained(ckpt.meta.get("params")):
         if Path(candidate).expanduser().is_file():
             return candidate

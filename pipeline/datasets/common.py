@@ -21,6 +21,7 @@ IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".jfif"}
 )
 SPLIT_FILE_FORMAT = '{"train": [[relpath, label, classname], ...], "val": [...], "test": [...]}'
+DEFAULT_TEMPLATE = "a photo of a {}."  # prompt of user datasets (CoOp's generic ImageNet prompt)
 _MAX_SHOWN = 3  # how many offending items an error message names
 
 

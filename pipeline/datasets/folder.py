@@ -7,6 +7,7 @@ from pathlib import Path
 
 from coopipe.datasets.base import Dataset
 from coopipe.datasets.common import (
+    DEFAULT_TEMPLATE,
     check_files_exist,
     check_template,
     list_images,
@@ -21,7 +22,6 @@ from coopipe.errors import DatasetError, MissingFileError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TEMPLATE = "a photo of a {}."
 
 
 def build_image_folder(

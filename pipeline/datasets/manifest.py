@@ -25,6 +25,7 @@ from typing import Any
 
 from coopipe.datasets.base import SPLITS, Dataset, Split
 from coopipe.datasets.common import (
+    DEFAULT_TEMPLATE,
     check_files_exist,
     check_template,
     readable_classname,
@@ -36,7 +37,6 @@ from coopipe.errors import DatasetError, MissingFileError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TEMPLATE = "a photo of a {}."
 _SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
 

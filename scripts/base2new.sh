@@ -76,9 +76,4 @@ zeroshot_halves() {
   done
 }
 
-cp_start
-cp_run_plan plan cp_encode_fewshot
-status=0
-cp_summary || status=1
-cp_report || status=1
-exit $status
+cp_run_all plan cp_encode_fewshot

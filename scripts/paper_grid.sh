@@ -55,9 +55,4 @@ plan() {  # cheap runs first: a partial grid already gives a useful report
   cp_fewshot_jobs "$1"
 }
 
-cp_start
-cp_run_plan plan cp_encode_fewshot
-status=0
-cp_summary || status=1
-cp_report || status=1
-exit $status
+cp_run_all plan cp_encode_fewshot

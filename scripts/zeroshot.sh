@@ -38,9 +38,4 @@ cp_require_data_root
 plan() { cp_zeroshot_jobs "$1" $ENSEMBLE; }
 encode_test() { cp_encode "$1" --split test; }
 
-cp_start
-cp_run_plan plan encode_test
-status=0
-cp_summary || status=1
-cp_report || status=1
-exit $status
+cp_run_all plan encode_test

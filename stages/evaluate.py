@@ -28,8 +28,8 @@ from coopipe.evaluate import evaluate_classifier
 from coopipe.features import read_split, select_store
 from coopipe.models import LoadedClip, load_clip
 from coopipe.stages.common import method_label, pretrained_for, write_json
-from coopipe.stages.train import fewshot_index, resolve_model
-from coopipe.store import find_stores, open_store
+from coopipe.stages.train import fewshot_index_for, resolve_model
+from coopipe.store import open_store
 from coopipe.transfer import ClassSubset, check_same_encoder, context_text_features
 
 logger = logging.getLogger(__name__)
@@ -162,8 +162,7 @@ def run_linear_probe(
     cache_dir = Path(cache_dir)
     clip = resolve_model(cache_dir, dataset, model, pretrained, device)
     kw = {"model": clip.name, "weights": clip.weights_id}
-    full = [s for s in find_stores(cache_dir, dataset, "train", **kw) if s.provenance.get("rows", "all") == "all"]
-    index = fewshot_index(cache_dir, dataset, shots, seed, full[0] if full else None)
+    index = fewshot_index_for(cache_dir, dataset, shots, seed, clip)
     train = read_split(select_store(cache_dir, dataset, "train", positions=index.train_indices, **kw),
                        index.train_indices, all_views=False)
     if not index.val_indices:

@@ -65,6 +65,13 @@ def fewshot_index(cache_dir: Path, dataset: str, shots: int, seed: int, train_st
     return index
 
 
+def fewshot_index_for(cache_dir: Path, dataset: str, shots: int, seed: int, clip: LoadedClip) -> FewShotIndex:
+    """:func:`fewshot_index`, drawing (when no index is recorded) from a full train store of ``clip``'s features."""
+    full = [s for s in find_stores(cache_dir, dataset, "train", model=clip.name, weights=clip.weights_id)
+            if s.provenance.get("rows", "all") == "all"]
+    return fewshot_index(cache_dir, dataset, shots, seed, full[0] if full else None)
+
+
 def _history_tsv(records: Sequence[EpochRecord]) -> str:
     lines = ["epoch\tlr\tloss\ttrain_acc\tval_acc\tseconds"]
     for r in records:
@@ -111,9 +118,7 @@ def run_train(
     opts = {k: v for k, v in dict(overrides or {}).items() if v is not None}
     config = TrainConfig.for_shots(shots, dataset, seed=seed, **opts)
 
-    full_train = [s for s in find_stores(cache_dir, dataset, "train", model=clip.name, weights=clip.weights_id)
-                  if s.provenance.get("rows", "all") == "all"]
-    index = fewshot_index(cache_dir, dataset, shots, seed, full_train[0] if full_train else None)
+    index = fewshot_index_for(cache_dir, dataset, shots, seed, clip)
     train_store = select_store(cache_dir, dataset, "train", model=clip.name, weights=clip.weights_id,
                                positions=index.train_indices, need_views=config.views != "center")
     train = read_split(train_store, index.train_indices)

@@ -429,8 +429,12 @@ cp_main_grid() {  # cp_main_grid JOBS_FN "$@": parse options, encode once, run t
   done
   ((${#CP_DATASETS[@]})) || cp_die "--dataset is required (see --help)"
   cp_require_data_root
+  cp_run_all "$jobs_fn" cp_encode_fewshot
+}
+
+cp_run_all() {  # cp_run_all PLAN_FN ENCODE_FN: run every job of the plan, then summarise and report
   cp_start
-  cp_run_plan "$jobs_fn" cp_encode_fewshot
+  cp_run_plan "$1" "$2"
   local status=0
   cp_summary || status=1
   cp_report || status=1

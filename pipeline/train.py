@@ -359,19 +359,6 @@ def _restore(
     generator.set_state(state.generator_state.clone())
 
 
-@torch.no_grad()
-def _accuracy(
-    encoder: PromptTextEncoder,
-    learner: PromptLearner,
-    feats: torch.Tensor,
-    labels: torch.Tensor,
-    logit_scale: torch.Tensor,
-) -> float:
-    text = encoder(learner)  # (n_cls, D)
-    pred = coop_logits(feats, text, logit_scale).argmax(dim=-1)  # (M,)
-    return float((pred == labels).float().mean())
-
-
 def train_coop(
     train_feats: torch.Tensor | np.ndarray,
     train_labels: torch.Tensor | np.ndarray,
@@ -438,8 +425,33 @@ def train_coop(
         n_images, n_views, len(names), len(batches), start_epoch + 1, end_epoch, config.max_epoch,
     )
 
+    # An epoch's record (with its validation accuracy) is completed by the next text forward: the context
+    # does not change between the end of epoch e and the first forward of epoch e+1, so that forward (or the
+    # final one) gives exactly the classifier validation needs, and validation costs no extra text pass.
+    pending: dict[str, Any] | None = None
+
+    def complete(text: torch.Tensor) -> None:
+        nonlocal pending
+        if pending is None:
+            return
+        val_acc = None
+        if val is not None:
+            with torch.no_grad():
+                pred = coop_logits(val[0], text.detach(), logit_scale).argmax(dim=-1)  # (M,)
+                val_acc = float((pred == val[1]).float().mean())
+        record = EpochRecord(val_acc=val_acc, **pending)
+        pending = None
+        history.append(record)
+        logger.debug("epoch %d/%d: %s", record.epoch, config.max_epoch, record)
+        if on_epoch is not None:
+            on_epoch(record, _snapshot(record.epoch, learner, optimizer, data_gen, history))
+
     for epoch in range(start_epoch, end_epoch):
         t0 = time.perf_counter()
+        text = encoder(learner)  # (n_cls, D): the first step's text pass, which also completes the last epoch
+        t1 = time.perf_counter()
+        complete(text)
+        t0 += time.perf_counter() - t1  # the last epoch's validation and checkpoint are not this epoch's time
         lr = config.lr_at(epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -448,11 +460,12 @@ def train_coop(
         loss_sum = torch.zeros((), device=learner_device)  # accumulated on the device: no sync per step
         correct = torch.zeros((), dtype=torch.long, device=learner_device)
         seen = 0
-        for part in batches:
+        for step, part in enumerate(batches):
             idx = order[part]  # (B,)
             image = feats[idx, views[idx]]  # (B, D)
             target = labels[idx]  # (B,)
-            text = encoder(learner)  # (n_cls, D): one text pass per step serves the whole batch
+            if step > 0:
+                text = encoder(learner)  # (n_cls, D): one text pass per step serves the whole batch
             logits = coop_logits(image, text, logit_scale)  # (B, n_cls)
             loss = F.cross_entropy(logits.float(), target)
             optimizer.zero_grad(set_to_none=True)
@@ -461,23 +474,20 @@ def train_coop(
             loss_sum += loss.detach() * len(idx)
             correct += (logits.detach().argmax(dim=-1) == target).sum()
             seen += len(idx)
-        val_acc = _accuracy(encoder, learner, val[0], val[1], logit_scale) if val is not None else None
-        record = EpochRecord(
-            epoch=epoch + 1,
-            lr=lr,
-            loss=float(loss_sum) / max(seen, 1),
-            train_acc=int(correct) / max(seen, 1),
-            val_acc=val_acc,
-            seconds=time.perf_counter() - t0,
-        )
-        history.append(record)
-        logger.debug("epoch %d/%d: %s", epoch + 1, config.max_epoch, record)
-        if on_epoch is not None:
-            on_epoch(record, _snapshot(epoch + 1, learner, optimizer, data_gen, history))
+        del text
+        pending = {
+            "epoch": epoch + 1,
+            "lr": lr,
+            "loss": float(loss_sum) / max(seen, 1),
+            "train_acc": int(correct) / max(seen, 1),
+            "seconds": time.perf_counter() - t0,
+        }
 
-    state = _snapshot(max(end_epoch, start_epoch), learner, optimizer, data_gen, history)
     with torch.no_grad():
-        text_features = encoder(learner).float().cpu()  # (n_cls, D)
+        final_text = encoder(learner)  # (n_cls, D)
+    complete(final_text)
+    state = _snapshot(max(end_epoch, start_epoch), learner, optimizer, data_gen, history)
+    text_features = final_text.float().cpu()
     return TrainResult(
         ctx=state.ctx,
         history=history,

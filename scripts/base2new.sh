@@ -21,7 +21,7 @@
 #   --no-zeroshot        leave out zero-shot CLIP
 #   --cache DIR          feature cache (cache)
 #   --runs DIR           runs folder (runs; runs-ep<N> with --epochs N)
-#   --jobs N             runs in parallel (1)
+#   --jobs N|auto        runs in parallel (auto: one 1-thread run per core, up to 2 per core when that ends the grid in one round)
 #   --epochs N           override the epochs for quick tries
 #   --device DEV         cpu or cuda (cpu)
 #   --train-args "..."   extra `coopipe train` options
@@ -58,7 +58,7 @@ plan() {
   while IFS= read -r -u 7 spec; do
     cp_method_label "$spec"
     label=$CP_LABEL
-    for shots in $(cp_list "$CP_SHOTS"); do
+    for shots in $(cp_shots_longest_first); do
       for seed in $(cp_list "$CP_SEEDS"); do
         run="$CP_RUNS/$ds/base2new/$label/shots${shots}_seed${seed}"
         cp_job "$label $ds base2new ${shots}-shot seed $seed" "$run" "$run/metrics_base.json" "$run/metrics_new.json" -- \

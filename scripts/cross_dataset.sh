@@ -23,7 +23,7 @@
 #   --no-zeroshot        leave out zero-shot CLIP
 #   --cache DIR          feature cache (cache)
 #   --runs DIR           runs folder (runs; runs-ep<N> with --epochs N)
-#   --jobs N             runs in parallel (1)
+#   --jobs N|auto        runs in parallel (auto: one 1-thread run per core, up to 2 per core when that ends the grid in one round)
 #   --epochs N           override the epochs for quick tries (ImageNet: 50 by default)
 #   --device DEV         cpu or cuda (cpu)
 #   --train-args "..."   extra `coopipe train` options

@@ -22,7 +22,7 @@
 #   --shots LIST          shots per class (1,2,4,8,16)
 #   --seeds LIST          seeds (1,2,3)
 #   --runs DIR            runs folder (runs; runs-ep<N> with --epochs N)
-#   --jobs N              runs in parallel (1); OMP_NUM_THREADS is split between them unless set
+#   --jobs N|auto         runs in parallel (auto: one 1-thread run per core, up to 2 per core when that ends the grid in one round)
 #   --epochs N            override CoOp's epochs (50/100/100/200/200 by shots) for quick tries; results go to
 #                         runs-ep<N> unless --runs is given, so they never mix with real runs
 #   --device DEV          cpu or cuda (cpu)

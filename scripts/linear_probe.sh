@@ -15,7 +15,7 @@
 #   --views N          augmented views per train image in the cache, for sharing the CoOp store (16)
 #   --cache DIR        feature cache (cache)
 #   --runs DIR         runs folder (runs)
-#   --jobs N           runs in parallel (1)
+#   --jobs N|auto      runs in parallel (auto: one 1-thread run per core, up to 2 per core when that ends the grid in one round)
 #   --device DEV       cpu or cuda, for encoding (cpu)
 #   --no-encode        do not call `coopipe encode`
 #   --report           also write the report (RUNS/report)

@@ -20,7 +20,7 @@
 #   --no-linear-probe    leave out the linear probe
 #   --cache DIR          feature cache (cache)
 #   --runs DIR           runs folder (runs; runs-ep<N> with --epochs N)
-#   --jobs N             runs in parallel (1)
+#   --jobs N|auto        runs in parallel (auto: one 1-thread run per core, up to 2 per core when that ends the grid in one round)
 #   --epochs N           override CoOp's epochs for quick tries (results go to runs-ep<N>)
 #   --device DEV         cpu or cuda (cpu)
 #   --train-args "..."   extra `coopipe train` options
@@ -49,10 +49,10 @@ done
 ((${#CP_DATASETS[@]})) || cp_die "--dataset is required (see --help)"
 cp_require_data_root
 
-plan() {  # cheap runs first: a partial grid already gives a useful report
-  if ((ZEROSHOT)); then cp_zeroshot_jobs "$1"; fi
-  if ((LINEAR_PROBE)); then cp_linear_probe_jobs "$1"; fi
+plan() {  # longest runs first (CoOp, most shots first), so the cheap ones fill the cores at the end
   cp_fewshot_jobs "$1"
+  if ((LINEAR_PROBE)); then cp_linear_probe_jobs "$1"; fi
+  if ((ZEROSHOT)); then cp_zeroshot_jobs "$1"; fi
 }
 
 cp_run_all plan cp_encode_fewshot

@@ -13,7 +13,7 @@
 #   --cache DIR        feature cache (cache)
 #   --runs DIR         runs folder (runs)
 #   --ensemble         prompt ensembling over CLIP's 80 ImageNet templates instead of the hand-crafted prompt
-#   --jobs N           datasets in parallel (1)
+#   --jobs N|auto      datasets in parallel (auto)
 #   --device DEV       cpu or cuda, for encoding (cpu)
 #   --no-encode        do not call `coopipe encode`
 #   --report           also write the report (RUNS/report)

@@ -190,8 +190,9 @@ def test_statistics_and_records():
 # ---------------------------------------------------------------- batch scripts with a stub coopipe
 STUB = r"""#!/usr/bin/env bash
 # A stand-in for `coopipe`: logs the call and writes the files the real command would write.
-echo "$*" >>"$STUB_LOG"
+echo "$* [threads=${OMP_NUM_THREADS:-unset}]" >>"$STUB_LOG"
 cmd=$1; shift
+if [[ $cmd == train ]]; then echo begin >>"$STUB_LOG.spans"; trap 'echo end >>"$STUB_LOG.spans"' EXIT; fi
 out="" seed="" classes=all args=("$@")
 for ((i = 0; i < ${#args[@]}; i++)); do
   case ${args[i]} in --out) out=${args[i+1]} ;; --seed) seed=${args[i+1]} ;; --classes) classes=${args[i+1]} ;; esac
@@ -223,8 +224,8 @@ def stub(tmp_path: Path) -> dict[str, str]:
     bin_.write_text(STUB)
     bin_.chmod(0o755)
     (tmp_path / "data").mkdir()
-    return {**os.environ, "COOPIPE_BIN": str(bin_), "COOPIPE_PYTHON": sys.executable,
-            "STUB_LOG": str(tmp_path / "calls.log")}
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    return {**env, "COOPIPE_BIN": str(bin_), "COOPIPE_PYTHON": sys.executable, "STUB_LOG": str(tmp_path / "calls.log")}
 
 
 def _script(name: str, *args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -281,6 +282,42 @@ def test_grid_skips_locked_runs_and_summarises_failures(stub, tmp_path: Path):
     assert retry.returncode == 0, retry.stdout + retry.stderr
     assert len(_calls(stub, "encode")) == 1 and len(_calls(stub, "train")) == 3  # only what was missing
     assert "3 done, 3 already finished" in retry.stdout
+
+
+def _max_concurrent_trains(env: dict[str, str]) -> int:
+    running = peak = 0
+    for line in Path(env["STUB_LOG"] + ".spans").read_text().split():
+        running += 1 if line == "begin" else -1
+        peak = max(peak, running)
+    return peak
+
+
+def test_auto_jobs_run_single_thread_runs_side_by_side(stub, tmp_path: Path):
+    """--jobs auto: every run at once when that is at most 2 per core, 1 thread each; encoding keeps all cores."""
+    cores = len(os.sched_getaffinity(0))
+    env = {**stub, "STUB_SLEEP": "0.5"}
+    res = _script("fewshot_grid.sh", "--dataset", "eurosat", "--data-root", "data", "--shots", "1",
+                  "--seeds", "1,2,3", env=env, cwd=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    jobs = min(3, 2 * cores)
+    threads = max(1, cores // jobs)
+    assert f"3 run(s) to do: {jobs} at a time, {threads} thread(s) each" in res.stdout
+    assert _calls(stub, "encode")[0].endswith("[threads=unset]")
+    assert all(c.endswith(f"[threads={threads}]") for c in _calls(stub, "train") + _calls(stub, "eval"))
+    assert _max_concurrent_trains(stub) == jobs
+
+    for f in (stub["STUB_LOG"], stub["STUB_LOG"] + ".spans"):
+        Path(f).unlink()
+    res = _script("fewshot_grid.sh", "--dataset", "eurosat", "--data-root", "data", "--shots", "2",
+                  "--seeds", "1,2", "--jobs", "1", "--no-encode", env=env, cwd=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert all(c.endswith(f"[threads={cores}]") for c in _calls(stub, "train"))
+    assert _max_concurrent_trains(stub) == 1
+
+    res = _script("fewshot_grid.sh", "--dataset", "eurosat", "--shots", "4", "--seeds", "1,2", "--jobs", "2",
+                  "--no-encode", env={**stub, "OMP_NUM_THREADS": str(cores)}, cwd=tmp_path)
+    assert res.returncode == 0 and "exceed the" in res.stderr  # kept, with a warning
+    assert all(c.endswith(f"[threads={cores}]") for c in _calls(stub, "train"))
 
 
 def test_two_grids_at_once_train_each_run_once(stub, tmp_path: Path):

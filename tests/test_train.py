@@ -45,12 +45,14 @@ from coopipe.evaluate import (
 from coopipe.features import check_store_model, read_split, select_store
 from coopipe.prompt import PromptLearner
 from coopipe.store import StoreWriter, open_store, store_path
-from coopipe.text_encoder import PromptTextEncoder
+from coopipe.text_encoder import PromptTextEncoder, coop_logits
 from coopipe.train import (
     TrainConfig,
+    TrainState,
     batch_slices,
     draw_views,
     epochs_for,
+    text_features_for,
     train_coop,
 )
 
@@ -180,24 +182,46 @@ def test_same_seed_same_ctx_other_seed_differs(rn50, toy):
 def test_resume_equals_uninterrupted(rn50, toy, tmp_path):
     feats, labels = toy
     cfg = _tiny_config(max_epoch=4)
-    full = train_coop(feats, labels, rn50, CLASSES, cfg)
+    val = {"val_feats": feats[:, 0], "val_labels": labels}
+    full = train_coop(feats, labels, rn50, CLASSES, cfg, **val)
     saved = {}
     first = train_coop(feats, labels, rn50, CLASSES, cfg, stop_after=2,
-                       on_epoch=lambda rec, state: saved.setdefault(rec.epoch, state))
+                       on_epoch=lambda rec, state: saved.setdefault(rec.epoch, state), **val)
     assert first.epochs_done == 2 and not torch.equal(first.ctx, full.ctx)
     # through the checkpoint files, as a killed run would resume
     save_checkpoint(tmp_path / "ckpt", clip=rn50, classnames=CLASSES, config=cfg, state=saved[2])
     ckpt = load_checkpoint(tmp_path / "ckpt")
     assert ckpt.epoch == 2 and not ckpt.complete
     ckpt.check_resumable(cfg)
-    resumed = train_coop(feats, labels, rn50, CLASSES, cfg, resume_state=ckpt.train_state())
+    resumed = train_coop(feats, labels, rn50, CLASSES, cfg, resume_state=ckpt.train_state(), **val)
     assert torch.equal(resumed.ctx, full.ctx)
     assert [r.loss for r in resumed.history] == [r.loss for r in full.history]
+    assert [r.val_acc for r in resumed.history] == [r.val_acc for r in full.history]
     assert [r.epoch for r in resumed.history] == [1, 2, 3, 4]
     with pytest.raises(CheckpointError, match="another training config"):
         ckpt.check_resumable(_tiny_config(max_epoch=5))
     with pytest.raises(CheckpointError, match="variant"):
         train_coop(feats, labels, rn50, CLASSES, _tiny_config(max_epoch=4, n_ctx=4), resume_state=ckpt.train_state())
+
+
+def test_val_accuracy_is_that_of_each_epochs_context(rn50):
+    """Validation reuses the next epoch's first text pass; it must equal the accuracy of the epoch's own context."""
+    feats, labels = _toy(n_per_class=6, seed=3)
+    val_feats, val_labels = feats[:, 0] + 0.8 * torch.randn_like(feats[:, 0]), labels
+    cfg = _tiny_config(max_epoch=4, lr=0.5)  # a large lr so the accuracy moves between epochs
+    states: dict[int, TrainState] = {}
+    result = train_coop(feats, labels, rn50, CLASSES, cfg, val_feats=val_feats, val_labels=val_labels,
+                        on_epoch=lambda rec, state: states.setdefault(rec.epoch, state))
+    assert [r.epoch for r in result.history] == [1, 2, 3, 4] and sorted(states) == [1, 2, 3, 4]
+    scale = rn50.model.logit_scale.detach()
+    for rec in result.history:
+        state = states[rec.epoch]
+        assert state.history[-1] == rec  # the snapshot carries the completed record
+        text = text_features_for(state.ctx, rn50, CLASSES, cfg)
+        expected = float((coop_logits(val_feats, text, scale).argmax(-1) == val_labels).float().mean())
+        assert rec.val_acc == pytest.approx(expected, abs=1e-9)
+    assert torch.equal(states[4].ctx, result.ctx)
+    assert len({r.val_acc for r in result.history}) > 1
 
 
 def test_view_sampling_draws_among_augmented_views(rn50, toy, monkeypatch):

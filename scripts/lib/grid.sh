@@ -18,7 +18,7 @@ CP_PAPER_SHOTS=(1 2 4 8 16)
 
 # ---------------------------------------------------------------- options
 CP_DATASETS=() CP_DATA_ROOT="" CP_MODEL=RN50 CP_PRETRAINED=openai CP_VIEWS=16
-CP_SHOTS="1,2,4,8,16" CP_SEEDS="1,2,3" CP_CACHE=cache CP_RUNS="" CP_JOBS=1 CP_EPOCHS="" CP_DEVICE=cpu
+CP_SHOTS="1,2,4,8,16" CP_SEEDS="1,2,3" CP_CACHE=cache CP_RUNS="" CP_JOBS=auto CP_EPOCHS="" CP_DEVICE=cpu
 CP_CSC=0 CP_POSITION=end CP_NCTX=16 CP_CTX_INIT="" CP_VARIANTS="" CP_TRAIN_ARGS="" CP_ENCODE=1
 CP_ENCODE_SHOTS="" CP_ENCODE_ARGS="" CP_REPORT=1 CP_REST=()
 
@@ -30,6 +30,10 @@ cp_usage() {  # print the leading comment block of the script (its usage text)
 
 cp_list() {  # "1,2, 3" -> "1 2 3"
   echo "${1//,/ }"
+}
+
+cp_shots_longest_first() {  # the grid's shots, most first: long runs start first, short ones fill the gaps
+  cp_list "$CP_SHOTS" | tr ' ' '\n' | sort -n -r -u | paste -sd' ' -
 }
 
 cp_need() { [[ $# -ge 2 && -n $2 ]] || cp_die "option $1 needs a value (see --help)"; }
@@ -63,7 +67,7 @@ cp_parse_common() {  # parse the shared options; anything else is left in CP_RES
       *) CP_REST+=("$1"); shift ;;
     esac
   done
-  [[ $CP_JOBS =~ ^[1-9][0-9]*$ ]] || cp_die "--jobs must be a positive integer, got '$CP_JOBS'"
+  [[ $CP_JOBS == auto || $CP_JOBS =~ ^[1-9][0-9]*$ ]] || cp_die "--jobs must be a positive integer or auto, got '$CP_JOBS'"
   [[ -z $CP_EPOCHS || $CP_EPOCHS =~ ^[1-9][0-9]*$ ]] || cp_die "--epochs must be a positive integer"
   [[ $CP_POSITION =~ ^(end|middle|front)$ ]] || cp_die "--position must be end, middle or front"
   [[ $CP_NCTX =~ ^[1-9][0-9]*$ ]] || cp_die "--n-ctx must be a positive integer"
@@ -78,13 +82,46 @@ cp_parse_common() {  # parse the shared options; anything else is left in CP_RES
     CP_RUNS=runs
     if [[ -n $CP_EPOCHS ]]; then CP_RUNS=runs-ep$CP_EPOCHS; fi
   fi
-  if ((CP_JOBS > 1)) && [[ -z ${OMP_NUM_THREADS:-} ]]; then
-    local cores
-    cores=$(nproc 2>/dev/null || echo 1)
-    OMP_NUM_THREADS=$((cores / CP_JOBS > 0 ? cores / CP_JOBS : 1))
-    export OMP_NUM_THREADS MKL_NUM_THREADS=$OMP_NUM_THREADS
-  fi
   return 0
+}
+
+# cp_plan_jobs PENDING: set CP_NJOBS (runs at once) and CP_THREADS (torch/BLAS threads of each run) for a
+# grid with PENDING runs to do. Measured on 2 cores (CoOp step, K=10): one thread per run is the most work per
+# core (2 runs x 1 thread: 62 ms per step each way, against 88 ms for 1 run x 2 threads), a few more
+# single-thread runs than cores cost only ~5% (3 runs: 67 ms, 4 runs: 64 ms) and spare the grid a tail where
+# the last run trains alone on one core, while runs whose thread counts add up to more than the cores are
+# 20-40x slower (OpenMP threads spin-wait on each other). So `--jobs auto` (the default) on the CPU runs
+# min(PENDING, 2 x cores) runs of 1 thread each, bounded by memory (2 GiB a run); on cuda one run at a time.
+# With --jobs N the cores are split between the N runs. OMP_NUM_THREADS set by the caller is kept as it is.
+cp_plan_jobs() {
+  local pending=$1 cores mem_kb cap
+  cores=$(nproc 2>/dev/null || echo 1)
+  if [[ $CP_JOBS == auto ]]; then
+    if [[ $CP_DEVICE == cpu ]]; then
+      CP_NJOBS=$((pending < 2 * cores ? pending : 2 * cores))
+      mem_kb=$(awk '/^MemAvailable:/ {print $2}' /proc/meminfo 2>/dev/null || true)
+      if [[ -n $mem_kb ]]; then
+        cap=$((mem_kb / (2 * 1024 * 1024)))
+        if ((cap < CP_NJOBS)); then CP_NJOBS=$cap; fi
+      fi
+    else
+      CP_NJOBS=1
+    fi
+    if ((CP_NJOBS < 1)); then CP_NJOBS=1; fi
+  else
+    CP_NJOBS=$CP_JOBS
+  fi
+  CP_THREADS=$((cores / CP_NJOBS > 0 ? cores / CP_NJOBS : 1))
+  if [[ -n ${OMP_NUM_THREADS:-} ]]; then
+    CP_THREADS=$OMP_NUM_THREADS
+    if ((CP_NJOBS * CP_THREADS > cores)); then
+      echo "$CP_NAME: warning: $CP_NJOBS runs x OMP_NUM_THREADS=$CP_THREADS threads exceed the $cores cores; runs" \
+        "will be many times slower (unset OMP_NUM_THREADS to let the script split the cores)" >&2
+    fi
+  fi
+  if ((pending)); then
+    echo "== $pending run(s) to do: $CP_NJOBS at a time, $CP_THREADS thread(s) each ($cores cores)"
+  fi
 }
 
 cp_require_data_root() {
@@ -212,7 +249,7 @@ cp_encode_fewshot() {
 }
 
 # ---------------------------------------------------------------- jobs
-CP_MODE=run CP_PENDING=0 CP_STATUS="" CP_T0=$SECONDS
+CP_MODE=run CP_PENDING=0 CP_STATUS="" CP_T0=$SECONDS CP_NJOBS=1 CP_THREADS=1
 
 cp_start() {  # set up the status file and the interrupt handler; call once before submitting jobs
   CP_STATUS=$(mktemp "${TMPDIR:-/tmp}/coopipe-grid.XXXXXX")
@@ -260,9 +297,9 @@ cp_job() {
     [[ $CP_MODE == probe ]] || cp_note skipped "$label" "finished: ${done_files[0]}"
     return 0
   fi
-  if [[ $CP_MODE == probe ]]; then CP_PENDING=1; return 0; fi
+  if [[ $CP_MODE == probe ]]; then CP_PENDING=$((CP_PENDING + 1)); return 0; fi
   # Always in the background (--jobs 1 included) so that Ctrl-C / SIGTERM reach the script's handler at once.
-  while (($(jobs -pr | wc -l) >= CP_JOBS)); do wait -n 2>/dev/null || true; done
+  while (($(jobs -pr | wc -l) >= CP_NJOBS)); do wait -n 2>/dev/null || true; done
   cp_run_locked "$label" "$run" "${done_files[@]}" -- "$@" </dev/null &
 }
 
@@ -285,6 +322,7 @@ cp_run_locked() {
       exit 0
     fi
     mkdir -p -- "$run"
+    export OMP_NUM_THREADS=$CP_THREADS MKL_NUM_THREADS=$CP_THREADS  # this run's share of the cores
     local log="$run/log.txt" t0=$SECONDS
     printf '== %s %s\n' "$(date '+%F %T')" "$label" >>"$log"
     if "$@" >>"$log" 2>&1 && cp_all_exist "${done_files[@]}"; then
@@ -350,7 +388,7 @@ cp_fewshot_jobs() {
   while IFS= read -r -u 7 spec; do
     cp_method_label "$spec"
     label=$CP_LABEL
-    for shots in $(cp_list "$CP_SHOTS"); do
+    for shots in $(cp_shots_longest_first); do
       for seed in $(cp_list "$CP_SEEDS"); do
         run="$CP_RUNS/$ds/$label/shots${shots}_seed${seed}"
         cp_job "$label $ds ${shots}-shot seed $seed" "$run" "$run/metrics.json" -- \
@@ -397,19 +435,21 @@ cp_report() {
 # cp_run_plan PLAN_FUNCTION ENCODE_FUNCTION: probe each dataset, encode those with missing runs, then run.
 # Datasets whose encoding fails are reported as failed and their runs left out.
 cp_run_plan() {
-  local plan=$1 encode=$2 ds
+  local plan=$1 encode=$2 ds pending=0
   local ready=()
   for ds in "${CP_DATASETS[@]}"; do
     CP_MODE=probe CP_PENDING=0
     "$plan" "$ds"
     if ((CP_PENDING)) && ((CP_ENCODE)); then
-      if ! "$encode" "$ds"; then
+      if ! "$encode" "$ds"; then  # encoding runs alone, with every core
         cp_note failed "encode $ds" "see the error above"
         continue
       fi
     fi
+    pending=$((pending + CP_PENDING))
     ready+=("$ds")
   done
+  cp_plan_jobs "$pending"
   CP_MODE=run
   for ds in "${ready[@]}"; do "$plan" "$ds"; done
   cp_wait

@@ -50,22 +50,19 @@ done < <(cp_variant_specs)
 cp_require_data_root
 
 plan() {
-  local ds=$1 spec label shots seed run
+  local ds=$1 run
   if ((ZEROSHOT)); then
     run="$CP_RUNS/$ds/base2new/zeroshot"
     cp_job "zeroshot $ds base/new" "$run" "$run/metrics_base.json" "$run/metrics_new.json" -- zeroshot_halves "$ds" "$run"
   fi
-  while IFS= read -r -u 7 spec; do
-    cp_method_label "$spec"
-    label=$CP_LABEL
-    for shots in $(cp_shots_longest_first); do
-      for seed in $(cp_list "$CP_SEEDS"); do
-        run="$CP_RUNS/$ds/base2new/$label/shots${shots}_seed${seed}"
-        cp_job "$label $ds base2new ${shots}-shot seed $seed" "$run" "$run/metrics_base.json" "$run/metrics_new.json" -- \
-          cp_coop_run "$ds" "$shots" "$seed" "$run" "$spec" base
-      done
-    done
-  done 7< <(cp_variant_specs)
+  cp_each_coop_run base2new_job "$ds"
+}
+
+base2new_job() {  # base2new_job DATASET SPEC LABEL SHOTS SEED: train on base, test on base and on new
+  local ds=$1 spec=$2 label=$3 shots=$4 seed=$5
+  local run="$CP_RUNS/$ds/base2new/$label/shots${shots}_seed${seed}"
+  cp_job "$label $ds base2new ${shots}-shot seed $seed" "$run" "$run/metrics_base.json" "$run/metrics_new.json" -- \
+    cp_coop_run "$ds" "$shots" "$seed" "$run" "$spec" base
 }
 
 zeroshot_halves() {

@@ -93,21 +93,17 @@ source_plan() {  # the source runs (train + eval) and zero-shot CLIP everywhere
 }
 
 transfer_plan() {  # every finished source run on every target
-  local spec label shots seed run target out
-  while IFS= read -r -u 7 spec; do
-    cp_method_label "$spec"
-    label=$CP_LABEL
-    for shots in $(cp_list "$CP_SHOTS"); do
-      for seed in $(cp_list "$CP_SEEDS"); do
-        run="$CP_RUNS/$SOURCE/$label/shots${shots}_seed${seed}"
-        for target in "${TARGET_LIST[@]}"; do
-          out="$run/transfer/$target"
-          cp_job "$label $SOURCE->$target ${shots}-shot seed $seed" "$out" "$out/metrics.json" -- \
-            transfer_eval "$run" "$target" "$out"
-        done
-      done
-    done
-  done 7< <(cp_variant_specs)
+  cp_each_coop_run transfer_jobs
+}
+
+transfer_jobs() {  # transfer_jobs SPEC LABEL SHOTS SEED: one source run on every target
+  local label=$2 shots=$3 seed=$4 target out
+  local run="$CP_RUNS/$SOURCE/$label/shots${shots}_seed${seed}"
+  for target in "${TARGET_LIST[@]}"; do
+    out="$run/transfer/$target"
+    cp_job "$label $SOURCE->$target ${shots}-shot seed $seed" "$out" "$out/metrics.json" -- \
+      transfer_eval "$run" "$target" "$out"
+  done
 }
 
 transfer_eval() {

@@ -382,20 +382,30 @@ cp_coop_run() {
   fi
 }
 
-# cp_fewshot_jobs DATASET: CoOp runs of every variant x shots x seed of the grid.
-cp_fewshot_jobs() {
-  local ds=$1 spec label shots seed run
+# cp_each_coop_run FN [ARG...]: call `FN ARG... SPEC LABEL SHOTS SEED` for every variant x shots (most first)
+# x seed of the grid (LABEL: the variant's method label, its runs folder name).
+cp_each_coop_run() {
+  local spec shots seed
   while IFS= read -r -u 7 spec; do
     cp_method_label "$spec"
-    label=$CP_LABEL
     for shots in $(cp_shots_longest_first); do
       for seed in $(cp_list "$CP_SEEDS"); do
-        run="$CP_RUNS/$ds/$label/shots${shots}_seed${seed}"
-        cp_job "$label $ds ${shots}-shot seed $seed" "$run" "$run/metrics.json" -- \
-          cp_coop_run "$ds" "$shots" "$seed" "$run" "$spec"
+        "$@" "$spec" "$CP_LABEL" "$shots" "$seed"
       done
     done
   done 7< <(cp_variant_specs)
+}
+
+# cp_fewshot_jobs DATASET: CoOp runs of every variant x shots x seed of the grid.
+cp_fewshot_jobs() {
+  cp_each_coop_run cp_fewshot_job "$1"
+}
+
+cp_fewshot_job() {  # cp_fewshot_job DATASET SPEC LABEL SHOTS SEED
+  local ds=$1 spec=$2 label=$3 shots=$4 seed=$5
+  local run="$CP_RUNS/$ds/$label/shots${shots}_seed${seed}"
+  cp_job "$label $ds ${shots}-shot seed $seed" "$run" "$run/metrics.json" -- \
+    cp_coop_run "$ds" "$shots" "$seed" "$run" "$spec"
 }
 
 cp_zeroshot_jobs() {  # cp_zeroshot_jobs DATASET [--ensemble]

@@ -1,190 +1,21 @@
-"""Stage `evaluate` and the baselines: accuracy, macro-F1 and per-class accuracy on cached test features.
+"""DVC stage `evaluate`: a trained run, zero-shot CLIP or the linear probe on the cached test features.
 
-- ``run_eval``: a trained run (its exported classifier, so no text encoder is needed) on the test store of
-  its dataset, model and weights (or any compatible store given explicitly);
-- ``run_zeroshot``: zero-shot CLIP with the dataset's hand-crafted prompt, or prompt ensembling;
-- ``run_linear_probe``: logistic regression on the few-shot train features, C searched on the few-shot val split.
-Each writes ``metrics.json`` (method, dataset, shots, seed + metrics) into its run folder.
-
-Class lists other than the training one (see :mod:`coopipe.transfer`): ``classes='base'|'new'`` evaluates on
-that half of the sorted classes (CoCoOp's base-to-new protocol; written to ``metrics_<classes>.json``), and
-``transfer=True`` evaluates a prompt trained on one dataset on another dataset's store (written to
-``<run>/transfer/<dataset>/metrics.json``). Whenever the evaluated class list differs from the trained one, the
-classifier is built from the learned context with the evaluated class names through the text encoder.
+Reads params.yaml (paths, data, model) and calls :mod:`coopipe.jobs.evaluate`.
+Run by DVC as ``python stages/evaluate.py {coop|zeroshot|linear_probe} ...``.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 
-from coopipe.baselines import IMAGENET_TEMPLATES, dataset_template, fit_linear_probe, zero_shot
-from coopipe.checkpoint import CLASSIFIER_FILE, load_checkpoint, load_classifier
-from coopipe.errors import CheckpointError, StoreError
-from coopipe.evaluate import evaluate_classifier
-from coopipe.features import read_split, select_store
-from coopipe.models import LoadedClip, load_clip
-from coopipe.stages.common import method_label, pretrained_for, write_json
-from coopipe.stages.train import fewshot_index_for, resolve_model
-from coopipe.store import open_store
-from coopipe.transfer import ClassSubset, check_same_encoder, context_text_features
+from params import load_params
 
-logger = logging.getLogger(__name__)
-
-
-def _metrics(evaluation: Any, classnames: Sequence[str], **info: Any) -> dict[str, Any]:
-    data = evaluation.to_dict(classnames)
-    if len(classnames) > 100:  # a 1000 x 1000 confusion matrix does not belong in a metrics file
-        data.pop("confusion", None)
-    return {**info, **data}
-
-
-def metrics_filename(classes: str) -> str:
-    """``metrics.json`` for all classes, ``metrics_base.json`` / ``metrics_new.json`` for a class subset."""
-    return "metrics.json" if classes == "all" else f"metrics_{classes}.json"
-
-
-def run_eval(
-    run: str | Path,
-    *,
-    cache_dir: str | Path = "cache",
-    dataset: str | None = None,
-    store: str | Path | None = None,
-    split: str = "test",
-    out: str | Path | None = None,
-    classes: str | None = None,
-    transfer: bool = False,
-    pretrained: str | None = None,
-    device: str = "cpu",
-    clip: LoadedClip | None = None,
-) -> dict[str, Any]:
-    """Evaluate a run folder (or checkpoint) on the ``split`` store; writes ``<run>/metrics.json`` by default.
-
-    ``classes``: ``all``, ``base`` or ``new`` (default: the classes the run was trained on, ``all`` on another
-    dataset). ``transfer``: allow a store of another dataset (another class list). ``pretrained`` says where to
-    load the weights from when the text encoder is needed and the checkpoint's weights came from a local file
-    (or pass the loaded ``clip``).
-    """
-    ckpt = load_checkpoint(run)
-    params = ckpt.meta.get("params") or {}
-    source = params.get("dataset") or next((ref.get("dataset") for ref in ckpt.meta.get("stores", {}).values()), None)
-    dataset = dataset or source
-    trained_classes = str(params.get("classes", "all"))
-    if store is not None:
-        feature_store = open_store(store)
-        if transfer or dataset is None:
-            dataset = feature_store.provenance.get("dataset")
-    else:
-        if dataset is None:
-            raise StoreError(f"checkpoint {ckpt.path} records no dataset; pass --dataset")
-        feature_store = select_store(cache_dir, dataset, split, model=ckpt.model, weights=ckpt.weights)
-    other_dataset = dataset != source
-    if classes is None:
-        classes = "all" if other_dataset else trained_classes
-    check_same_encoder(ckpt, feature_store)
-    test = ClassSubset.of(feature_store.classnames(), classes).apply(read_split(feature_store, all_views=False))
-    if test.classnames == ckpt.classnames:
-        if classes == "all":
-            ckpt.check_store(feature_store)
-        classifier = load_classifier(ckpt.path / CLASSIFIER_FILE)
-        text, scale = classifier.text_features, classifier.logit_scale
-    else:
-        if not transfer and (other_dataset or classes == "all"):
-            raise CheckpointError(
-                f"checkpoint {ckpt.path} was trained for {len(ckpt.classnames)} classes of {source}, store "
-                f"{feature_store.path} holds {len(test.classnames)} other classes of {dataset}; pass --transfer to "
-                f"evaluate the learned context with the store's class names, or use a store of the checkpoint's dataset"
-            )
-        clip = clip or load_clip(ckpt.model, pretrained_for(ckpt.weights, pretrained), device=device)
-        text, scale = context_text_features(ckpt, clip, test.classnames), float(ckpt.meta["logit_scale"])
-    evaluation = evaluate_classifier(text, test.center, test.labels, scale)
-    info: dict[str, Any] = {"classes": classes, "train_classes": trained_classes}
-    if dataset != source:
-        info["source_dataset"] = source
-    metrics = _metrics(
-        evaluation, test.classnames, method=method_label(ckpt.variant), dataset=dataset, shots=params.get("shots"),
-        seed=params.get("seed"), model=ckpt.model, weights=ckpt.weights, variant=ckpt.variant,
-        split=split, store=str(feature_store.path), **info,
-    )
-    if out is None:
-        folder = ckpt.path / "transfer" / str(dataset) if dataset != source else ckpt.path
-        out = folder / metrics_filename(classes)
-    write_json(Path(out), metrics)
-    return metrics
-
-
-def run_zeroshot(
-    *,
-    cache_dir: str | Path,
-    dataset: str,
-    out_dir: str | Path,
-    model: str | None = None,
-    pretrained: str | None = None,
-    ensemble: bool = False,
-    templates: Sequence[str] | None = None,
-    device: str = "cpu",
-    clip: LoadedClip | None = None,
-    classes: str = "all",
-) -> dict[str, Any]:
-    """Zero-shot CLIP (the dataset's hand-crafted prompt) or prompt ensembling on the test store.
-
-    ``classes='base'|'new'`` evaluates on that half of the classes (written to ``metrics_<classes>.json``).
-    """
-    clip = clip or resolve_model(Path(cache_dir), dataset, model, pretrained, device)
-    store = select_store(cache_dir, dataset, "test", model=clip.name, weights=clip.weights_id)
-    test = ClassSubset.of(store.classnames(), classes).apply(read_split(store, all_views=False))
-    chosen = list(templates) if templates else (list(IMAGENET_TEMPLATES) if ensemble else [dataset_template(dataset)])
-    evaluation = zero_shot(clip, test.classnames, chosen, test.center, test.labels)
-    metrics = _metrics(
-        evaluation, test.classnames, method="zeroshot_ensemble" if len(chosen) > 1 else "zeroshot", dataset=dataset,
-        shots=0, seed=None, model=clip.name, weights=clip.weights_id, templates=chosen, store=str(store.path),
-        classes=classes,
-    )
-    write_json(Path(out_dir) / metrics_filename(classes), metrics)
-    return metrics
-
-
-def run_linear_probe(
-    *,
-    cache_dir: str | Path,
-    dataset: str,
-    shots: int,
-    seed: int,
-    out_dir: str | Path,
-    model: str | None = None,
-    pretrained: str | None = None,
-    device: str = "cpu",
-) -> dict[str, Any]:
-    """CLIP's linear probe on the K-shot centre-view features; C chosen on the few-shot validation split."""
-    cache_dir = Path(cache_dir)
-    clip = resolve_model(cache_dir, dataset, model, pretrained, device)
-    kw = {"model": clip.name, "weights": clip.weights_id}
-    index = fewshot_index_for(cache_dir, dataset, shots, seed, clip)
-    train = read_split(select_store(cache_dir, dataset, "train", positions=index.train_indices, **kw),
-                       index.train_indices, all_views=False)
-    if not index.val_indices:
-        raise StoreError(f"the linear probe needs a validation split to choose C; {dataset} has none recorded")
-    val = read_split(select_store(cache_dir, dataset, "val", positions=index.val_indices, **kw),
-                     index.val_indices, all_views=False)
-    test_store = select_store(cache_dir, dataset, "test", **kw)
-    test = read_split(test_store, all_views=False)
-    probe = fit_linear_probe(train.center, train.labels, val.center, val.labels, n_classes=len(train.classnames))
-    evaluation = probe.evaluate(test.center, test.labels)
-    metrics = _metrics(
-        evaluation, train.classnames, method="linear_probe", dataset=dataset, shots=shots, seed=seed,
-        model=clip.name, weights=clip.weights_id, C=probe.C, val_accuracy=probe.val_accuracy,
-        store=str(test_store.path),
-    )
-    write_json(Path(out_dir) / "metrics.json", metrics)
-    return metrics
+from coopipe.jobs.evaluate import run_eval, run_linear_probe, run_zeroshot
+from coopipe.logs import run_stage
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from coopipe.stages.params import load_params
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=["coop", "zeroshot", "linear_probe"])
     parser.add_argument("--params", default="params.yaml")
@@ -196,7 +27,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     p = load_params(args.params)
     common = {"cache_dir": p.paths.cache, "dataset": p.data.dataset}
-    model = {"model": p.model.name, "pretrained": p.model.pretrained, "device": p.encode.device}
+    model = {"model": p.model.name, "pretrained": p.model.pretrained, "device": p.encode_options.device}
     if args.what == "coop":
         run_eval(args.run, classes=args.classes, **common)
     elif args.what == "zeroshot":
@@ -206,6 +37,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from coopipe.stages.logs import run_stage
-
     run_stage(main)

@@ -1,7 +1,9 @@
-"""params.yaml, loaded once into typed dataclasses (the only place that knows the file's layout).
+"""params.yaml, loaded once into the library's config dataclasses (the only place that knows the file's layout).
 
-Stage scripts call :func:`load_params` and pass plain values to library functions; the library never sees
-this module.
+Every section maps onto a dataclass whose defaults are the library's (:mod:`coopipe.config`,
+:class:`coopipe.encode.EncodeOptions`, :class:`coopipe.train.TrainConfig`), so a key left out of params.yaml
+takes the same value as the command line would; an unknown key is an error naming the known ones.
+Stage scripts import this module as ``params`` (it sits beside them) and pass typed values to the library.
 """
 
 from __future__ import annotations
@@ -13,15 +15,15 @@ from typing import Any, TypeVar
 
 import yaml
 
+from coopipe.config import EncodeConfig, FewShotConfig, InterpretConfig, ModelSpec, PathsConfig, ReportConfig
+from coopipe.encode import EncodeOptions
 from coopipe.errors import ParamsError
+from coopipe.train import TrainConfig
 
 T = TypeVar("T")
 
-
-@dataclass(frozen=True)
-class PathsParams:
-    cache: str = "cache"
-    runs: str = "runs"
+# TrainConfig fields that params.yaml does not set: the seed comes from the stage's matrix item.
+TRAIN_NOT_PARAMS = ("seed",)
 
 
 @dataclass(frozen=True)
@@ -31,60 +33,57 @@ class DataParams:
 
 
 @dataclass(frozen=True)
-class ModelParams:
-    name: str = "RN50"
-    pretrained: str = "openai"
-
-
-@dataclass(frozen=True)
-class EncodeParams:
-    views: int = 16
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    aug_seed: int = 0
-    dtype: str = "float16"
-    precision: str = "bf16"
-    batch_size: int = 64
-    num_workers: int = 1
-    chunk_rows: int = 256
-    on_bad_image: str = "fail"
-    device: str = "cpu"
-    scheduler: str | None = None
-
-
-@dataclass(frozen=True)
-class FewShotParams:
-    shots: tuple[int, ...] = (1, 2, 4, 8, 16)
-    seeds: tuple[int, ...] = (1, 2, 3)
-
-
-@dataclass(frozen=True)
 class Params:
-    paths: PathsParams = field(default_factory=PathsParams)
+    paths: PathsConfig = field(default_factory=PathsConfig)
     data: DataParams = field(default_factory=DataParams)
-    model: ModelParams = field(default_factory=ModelParams)
-    encode: EncodeParams = field(default_factory=EncodeParams)
-    fewshot: FewShotParams = field(default_factory=FewShotParams)
-    extra: dict[str, Any] = field(default_factory=dict)  # sections owned by later stages (train, evaluate, ...)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    encode: EncodeConfig = field(default_factory=EncodeConfig)
+    encode_options: EncodeOptions = field(default_factory=EncodeOptions)
+    fewshot: FewShotConfig = field(default_factory=FewShotConfig)
+    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides (max_epoch None: by shots)
+    interpret: InterpretConfig = field(default_factory=InterpretConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+
+    def encode_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`coopipe.jobs.encode.run_encode` from the ``encode`` section."""
+        return {**dataclasses.asdict(self.encode), "options": self.encode_options}
+
+    def train_overrides(self) -> dict[str, Any]:
+        """The ``train`` section as :class:`TrainConfig` overrides (``None`` values keep the protocol's)."""
+        return {k: v for k, v in self.train.items() if v is not None}
 
 
-def _build(cls: type[T], section: str, raw: Any) -> T:
+def _fields(cls: type) -> dict[str, dataclasses.Field[Any]]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _values(section: str, raw: Any, known: dict[str, dataclasses.Field[Any]]) -> dict[str, Any]:
     if raw is None:
-        return cls()
+        return {}
     if not isinstance(raw, dict):
         raise ParamsError(f"params.yaml: section '{section}' must be a mapping, got {type(raw).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = set(raw) - set(fields)
+    unknown = set(raw) - set(known)
     if unknown:
         raise ParamsError(
-            f"params.yaml: unknown key(s) {', '.join(sorted(unknown))} in '{section}'; known: {', '.join(fields)}"
+            f"params.yaml: unknown key(s) {', '.join(sorted(unknown))} in '{section}'; known: {', '.join(known)}"
         )
     values = {}
     for key, value in raw.items():
-        default = fields[key].default
-        if isinstance(default, tuple) and isinstance(value, list):
-            value = tuple(value)
-        values[key] = value
-    return cls(**values)
+        default = known[key].default
+        values[key] = tuple(value) if isinstance(default, tuple) and isinstance(value, list) else value
+    return values
+
+
+def _build(cls: type[T], section: str, raw: Any) -> T:
+    try:
+        return cls(**_values(section, raw, _fields(cls)))
+    except (TypeError, ValueError) as exc:
+        raise ParamsError(f"params.yaml: section '{section}': {exc}") from exc
+
+
+def train_keys() -> dict[str, dataclasses.Field[Any]]:
+    """The keys of params.yaml's ``train`` section: TrainConfig's fields less those set per stage."""
+    return {k: f for k, f in _fields(TrainConfig).items() if k not in TRAIN_NOT_PARAMS}
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
@@ -92,7 +91,22 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     if not path.is_file():
         raise ParamsError(f"no params file at {path}; run from the project root or pass --params")
     raw = yaml.safe_load(path.read_text()) or {}
-    known = {"paths": PathsParams, "data": DataParams, "model": ModelParams, "encode": EncodeParams, "fewshot": FewShotParams}
-    sections = {name: _build(cls, name, raw.get(name)) for name, cls in known.items()}
-    extra = {k: v for k, v in raw.items() if k not in known}
-    return Params(**sections, extra=extra)  # type: ignore[arg-type]
+    sections = {"paths", "data", "model", "encode", "fewshot", "train", "interpret", "report"}
+    unknown = set(raw) - sections
+    if unknown:
+        raise ParamsError(f"params.yaml: unknown section(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(sections))}")
+    encode_raw = dict(raw.get("encode") or {})
+    option_keys = set(_fields(EncodeOptions))
+    options = {k: encode_raw.pop(k) for k in list(encode_raw) if k in option_keys}
+    train = _values("train", raw.get("train"), train_keys())
+    return Params(
+        paths=_build(PathsConfig, "paths", raw.get("paths")),
+        data=_build(DataParams, "data", raw.get("data")),
+        model=_build(ModelSpec, "model", raw.get("model")),
+        encode=_build(EncodeConfig, "encode", encode_raw),
+        encode_options=_build(EncodeOptions, "encode", options),
+        fewshot=_build(FewShotConfig, "fewshot", raw.get("fewshot")),
+        train=train,
+        interpret=_build(InterpretConfig, "interpret", raw.get("interpret")),
+        report=_build(ReportConfig, "report", raw.get("report")),
+    )

@@ -1,182 +1,30 @@
-"""Stage `report`: the paper's tables and figures from every finished run below a runs folder.
+"""DVC stage `report`: the paper's tables and figures from every finished run below the runs folder.
 
-Reads each ``metrics*.json`` below ``RUNS_DIR`` (the report folder itself excluded; unreadable or foreign files
-are skipped with a warning), aggregates with :mod:`coopipe.report` and writes into the output folder
-(default ``RUNS_DIR/report``):
-
-- ``report.md``: few-shot table (method x shots rows, dataset columns + Average; mean ± population std over
-  seeds, as CoOp's parse_test_res.py), gain over zero-shot, base-to-new and transfer tables, figure links;
-- ``report.csv``: the same numbers in long format (one row per cell);
-- ``fig3_accuracy_vs_shots.png`` (the paper's Figure 3) and ``fig4_gain_over_zeroshot.png`` (Figure 4);
-- ``summary.json``: everything above as JSON;
-- ``scores.json``: only numbers, nested ``{dataset: {method: {shotsK: mean}}}`` plus gains and base-to-new, the
-  file to declare as DVC metrics (``dvc metrics show``, ``dvc exp show`` columns).
-
-Run by DVC as ``python stages/report.py`` (reads params.yaml: ``paths.runs`` and an optional ``report`` section
-with ``gain_method``/``gain_shots``) and by ``coopipe report RUNS_DIR``.
+Reads params.yaml (paths.runs, report) and calls :func:`coopipe.jobs.report.run_report`.
+Run by DVC as ``python stages/report.py``.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import io
-import json
-import logging
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 
-from coopipe.report import (
-    CSV_FIELDS,
-    STD_NOTE,
-    ReportError,
-    RunRecord,
-    average_cells,
-    base2new_rows,
-    csv_rows,
-    dedupe,
-    fewshot_cells,
-    gain_shots_for,
-    gains_over_zeroshot,
-    markdown_report,
-    plot_accuracy_vs_shots,
-    plot_gains,
-    record_from_metrics,
-    transfer_cells,
-)
-from coopipe.stages.common import write_json
+from params import load_params
 
-logger = logging.getLogger(__name__)
-
-FILES = {
-    "markdown": "report.md",
-    "csv": "report.csv",
-    "fig3": "fig3_accuracy_vs_shots.png",
-    "fig4": "fig4_gain_over_zeroshot.png",
-    "summary": "summary.json",
-    "scores": "scores.json",
-}
-
-
-def collect_records(runs_dir: Path, *, exclude: Path | None = None) -> tuple[list[RunRecord], list[str]]:
-    """Every readable run result below ``runs_dir`` (paths relative to it), and the files skipped (with why)."""
-    records, skipped = [], []
-    excluded = exclude.resolve() if exclude is not None else None
-    for path in sorted(runs_dir.rglob("metrics*.json")):
-        if excluded is not None and excluded in path.resolve().parents:
-            continue
-        rel = str(path.relative_to(runs_dir))
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(data, dict):
-                raise ReportError(f"{rel} does not hold a JSON object")
-            records.append(record_from_metrics(data, rel))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, ReportError) as exc:
-            logger.warning("skipping %s: %s", rel, exc)
-            skipped.append(f"{rel}: {exc}")
-    return dedupe(records), skipped
-
-
-def _csv_text(rows: Sequence[dict[str, Any]]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(CSV_FIELDS), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
-
-
-def _method_key(method: str, model: str, several_models: bool) -> str:
-    return f"{method}@{model}" if several_models and model else method
-
-
-def _accuracy_map(cells: Sequence[Any]) -> dict[str, Any]:
-    """{dataset: {method: {"shots<K>": mean}}} (percent): flat enough for `dvc metrics show`/`dvc exp show`.
-    Methods carry ``@<model>`` only when the runs hold several models."""
-    several = len({c.model for c in cells}) > 1
-    out: dict[str, Any] = {}
-    for c in cells:
-        method = _method_key(c.method, c.model, several)
-        out.setdefault(c.dataset, {}).setdefault(method, {})[f"shots{c.shots}"] = round(c.accuracy.mean, 4)
-    return out
-
-
-def _base2new_map(rows: Sequence[Any]) -> dict[str, Any]:
-    several = len({r.model for r in rows}) > 1
-    out: dict[str, Any] = {}
-    for r in rows:
-        if r.base.n and r.new.n:
-            out.setdefault(r.dataset, {})[_method_key(r.method, r.model, several)] = {
-                "base": round(r.base.mean, 4), "new": round(r.new.mean, 4), "hm": round(r.hm, 4)}
-    return out
-
-
-def run_report(
-    runs_dir: str | Path,
-    *,
-    out_dir: str | Path | None = None,
-    gain_method: str = "coop",
-    gain_shots: int | None = None,
-) -> dict[str, Any]:
-    """Aggregate the runs below ``runs_dir`` and write the report files; returns the summary (summary.json)."""
-    runs_dir = Path(runs_dir)
-    out = Path(out_dir) if out_dir is not None else runs_dir / "report"
-    records, skipped = collect_records(runs_dir, exclude=out)
-    cells = fewshot_cells(records)
-    averages = average_cells(cells) if len({c.dataset for c in cells}) > 1 else []
-    b2n = base2new_rows(records)
-    transfer = transfer_cells(records)
-    shots = gain_shots if gain_shots is not None else gain_shots_for(cells, gain_method)
-    gains = gains_over_zeroshot(cells, method=gain_method, shots=shots)
-    logger.info("report over %d result(s) from %s (%d skipped)", len(records), runs_dir, len(skipped))
-
-    out.mkdir(parents=True, exist_ok=True)
-    plot_accuracy_vs_shots(cells, averages, out / FILES["fig3"])
-    plot_gains(gains, out / FILES["fig4"], method=gain_method, shots=shots)
-    figures = {"Figure 3: accuracy vs shots": FILES["fig3"], "Figure 4: gain over zero-shot CLIP": FILES["fig4"]}
-    md = markdown_report(cells, averages, b2n, transfer, gains, title=f"coopipe report: {runs_dir}", figures=figures)
-    (out / FILES["markdown"]).write_text(md, encoding="utf-8")
-    (out / FILES["csv"]).write_text(_csv_text(csv_rows(cells, averages, b2n, transfer)), encoding="utf-8")
-    summary = {
-        "runs_dir": str(runs_dir),
-        "std": STD_NOTE,
-        "n_records": len(records),
-        "skipped": skipped,
-        "accuracy": _accuracy_map([*cells, *averages]),
-        "fewshot": [c.to_dict() for c in [*cells, *averages]],
-        "gain": {"method": gain_method, "shots": shots, "datasets": [g.to_dict() for g in gains]},
-        "base2new": [r.to_dict() for r in b2n],
-        "transfer": [t.to_dict() for t in transfer],
-        "files": {k: str(out / v) for k, v in FILES.items()},
-    }
-    write_json(out / FILES["summary"], summary)
-    scores = {
-        "accuracy": summary["accuracy"],
-        "gain_over_zeroshot": {g.dataset: round(g.points, 4) for g in gains},
-        "base2new": _base2new_map(b2n),
-    }
-    write_json(out / FILES["scores"], scores)
-    return summary
+from coopipe.jobs.report import run_report
+from coopipe.logs import run_stage
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from coopipe.stages.params import load_params
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--runs", help="runs folder (default: paths.runs)")
     parser.add_argument("--out", help="output folder (default: <runs>/report)")
     args = parser.parse_args(argv)
     p = load_params(args.params)
-    section = dict(p.extra.get("report") or {})
-    unknown = sorted(set(section) - {"gain_method", "gain_shots"})
-    if unknown:
-        raise ReportError(f"params.yaml: unknown report key(s) {', '.join(unknown)}; known: gain_method, gain_shots")
-    run_report(args.runs or p.paths.runs, out_dir=args.out, gain_method=section.get("gain_method", "coop"),
-               gain_shots=section.get("gain_shots"))
+    run_report(args.runs or p.paths.runs, out_dir=args.out, gain_method=p.report.gain_method,
+               gain_shots=p.report.gain_shots)
 
 
 if __name__ == "__main__":
-    from coopipe.stages.logs import run_stage
-
     run_stage(main)

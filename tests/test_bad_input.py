@@ -80,7 +80,8 @@ def test_cli_encode_info_and_bad_image_exit_code(tmp_path):
             Image.new("RGB", (32 + i, 32), color).save(folder / cls / f"{i}.png")
     runner = CliRunner()
     args = ["encode", "--dataset", "imagefolder", "--data-root", str(folder), "--split", "test",
-            "--cache", str(tmp_path / "cache"), "--precision", "fp32", "--no-progress"]
+            "--cache", str(tmp_path / "cache"), "--precision", "fp32", "--no-progress", "--pretrained", "none",
+            "--views", "0", "--shots", "all"]
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     assert "encoded" in res.output

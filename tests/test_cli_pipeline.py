@@ -27,7 +27,7 @@ def cache(folder: Path, tmp_path_factory) -> Path:
     cache = tmp_path_factory.mktemp("cache")
     res = CliRunner().invoke(app, [
         "encode", "--dataset", "imagefolder", "--data-root", str(folder), "--cache", str(cache),
-        "--views", "2", "--shots", "2,4", "--seeds", "1", "--no-progress", "--batch-size", "32",
+        "--views", "2", "--shots", "2,4", "--seeds", "1", "--no-progress", "--batch-size", "32", "--pretrained", "none",
     ])
     assert res.exit_code == 0, res.output
     assert res.output.count(" views] ") == 3  # train (few-shot subset), val (subset), test

@@ -231,7 +231,7 @@ def _toy_checkpoint(tmp_path, clip, cache, **variant):
 
 
 def test_stage_writes_outputs_and_reuses_the_index(rn50, tmp_path):
-    from coopipe.stages.interpret import run_interpret
+    from coopipe.jobs.interpret import run_interpret
 
     cache = tmp_path / "cache"
     ckpt = _toy_checkpoint(tmp_path, rn50, cache, ctx_init="a photo of a")
@@ -254,7 +254,7 @@ def test_stage_writes_outputs_and_reuses_the_index(rn50, tmp_path):
 def test_cli_interpret(rn50, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    import coopipe.stages.interpret as stage
+    import coopipe.jobs.interpret as stage
     from coopipe.cli import app
 
     monkeypatch.setattr(stage, "load_clip", lambda *a, **k: rn50)  # the same random-init RN50, loaded once
@@ -278,7 +278,7 @@ def test_cli_interpret(rn50, tmp_path, monkeypatch):
 def test_checkpoint_weights_map_back_to_load_arguments(tmp_path):
     from coopipe.checkpoint import Checkpoint
     from coopipe.errors import CheckpointError
-    from coopipe.stages.interpret import checkpoint_pretrained
+    from coopipe.jobs.interpret import checkpoint_pretrained
 
     def ckpt(weights, params=None):
         return Checkpoint(path=tmp_path, meta={"weights": weights, "params": params or {}}, tensors={})

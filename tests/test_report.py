@@ -36,7 +36,7 @@ from coopipe.report import (
     shot_position,
     summarize,
 )
-from coopipe.stages.report import FILES, run_report
+from coopipe.jobs.report import FILES, run_report
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"

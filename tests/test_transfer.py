@@ -17,8 +17,8 @@ from coopipe.cli import app
 from coopipe.errors import CheckpointError, DatasetError, ParamsError
 from coopipe.evaluate import evaluate_classifier
 from coopipe.features import read_split, select_store
-from coopipe.stages.evaluate import run_eval, run_zeroshot
-from coopipe.stages.train import run_train
+from coopipe.jobs.evaluate import run_eval, run_zeroshot
+from coopipe.jobs.train import run_train
 from coopipe.transfer import ClassSubset, context_text_features, subset_ids
 
 from conftest import copy_eurosat_folder
@@ -38,7 +38,7 @@ def cache(eurosat_root: Path, tmp_path_factory) -> Path:
                                             ("tgt3", TARGET, 6, ["--split", "test"])):
         folder = copy_eurosat_folder(eurosat_root, data / name, classes, per_class)
         res = runner.invoke(app, ["encode", "--dataset", "imagefolder", "--data-root", str(folder), "--cache",
-                                  str(cache), "--no-progress", "--batch-size", "32", *extra])
+                                  str(cache), "--no-progress", "--batch-size", "32", "--pretrained", "none", *extra])
         assert res.exit_code == 0, res.output
     return cache
 

@@ -197,12 +197,12 @@ cp_variant_args() {  # fill CP_VARGS with the `coopipe train` options of SPEC
 }
 
 declare -A CP_LABELS=()
-cp_method_label() {  # CP_LABEL = the method label coopipe gives SPEC (coopipe.stages.common.method_label)
+cp_method_label() {  # CP_LABEL = the method label coopipe gives SPEC (coopipe.lookup.method_label)
   local spec=$1
   if [[ -z ${CP_LABELS[$spec]:-} ]]; then
     CP_LABELS[$spec]=$("$CP_PY" -c '
 import sys
-from coopipe.stages.common import method_label
+from coopipe.lookup import method_label
 csc, pos, nctx, init = sys.argv[1:5]
 print(method_label({"csc": csc == "1", "class_token_position": pos, "n_ctx": int(nctx), "ctx_init": init or None}))
 ' "$(cp_spec_get "$spec" csc)" "$(cp_spec_get "$spec" pos)" "$(cp_spec_get "$spec" nctx)" "$(cp_spec_get "$spec" init)") \

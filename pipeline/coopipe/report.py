@@ -1,7 +1,7 @@
 """The paper's tables and figures from finished runs: mean ± std over seeds per dataset x shots x method.
 
 Why pure functions over :class:`RunRecord` values: the numbers a report prints must be checkable by hand, so
-reading files (the stage ``coopipe.stages.report``) is kept apart from the arithmetic and the layout here, which
+reading files (the stage ``coopipe.jobs.report``) is kept apart from the arithmetic and the layout here, which
 tests feed with hand-made records.
 
 Conventions, as CoOp's reference ``tools/parse_test_res.py``:

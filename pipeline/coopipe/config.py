@@ -1,0 +1,68 @@
+"""The user-facing settings of each command, with their defaults written once.
+
+``coopipe``'s command line, ``params.yaml`` and the DVC stage scripts all take their defaults from these
+dataclasses (and from :class:`coopipe.encode.EncodeOptions` and :class:`coopipe.train.TrainConfig`);
+``tests/test_defaults.py`` fails when any of them disagrees. Why one place: a default written twice drifts,
+and a drifted default (e.g. random weights where the paper uses OpenAI's) silently changes every number.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["EncodeConfig", "FewShotConfig", "InterpretConfig", "ModelSpec", "PathsConfig", "ReportConfig"]
+
+
+@dataclass(frozen=True)
+class PathsConfig:
+    """Where feature stores and run folders live (relative to the working directory)."""
+
+    cache: str = "cache"
+    runs: str = "runs"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The frozen CLIP model: an open_clip name and its weights.
+
+    ``pretrained`` is an open_clip tag (downloaded by open_clip), a local checkpoint file, or ``none`` for
+    random weights; random weights are never a default (the paper uses OpenAI's RN50).
+    """
+
+    name: str = "RN50"
+    pretrained: str = "openai"
+
+
+@dataclass(frozen=True)
+class EncodeConfig:
+    """What is encoded beside the centre view (these change the stored features, and so the store's key)."""
+
+    views: int = 16  # augmented views (random resized crop + flip) per few-shot train image
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    aug_seed: int = 0
+    scheduler: str | None = None  # dask.distributed address; None encodes in-process
+
+
+@dataclass(frozen=True)
+class FewShotConfig:
+    """CoOp's few-shot protocol: K images per class, three seeds."""
+
+    shots: tuple[int, ...] = (1, 2, 4, 8, 16)
+    seeds: tuple[int, ...] = (1, 2, 3)
+
+
+@dataclass(frozen=True)
+class InterpretConfig:
+    """Nearest-token lookup of a learned context (CoOp reads its contexts with Euclidean distance)."""
+
+    topk: int = 5
+    metric: str = "l2"
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """Which method the gain-over-zero-shot figure shows (None shots: the most available)."""
+
+    gain_method: str = "coop"
+    gain_shots: int | None = None

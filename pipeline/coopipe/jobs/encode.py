@@ -1,0 +1,154 @@
+"""Stage `encode`: every image that later stages read goes through the image encoder exactly once.
+
+What gets encoded (encoder time is spent only where it is used):
+- ``test``: every image, centre view;
+- ``train``: with few-shot ``shots``/``seeds`` given, only the union of the images those draws select, with
+  ``views`` augmented views each beside the centre view (training draws one per epoch); without shots, the
+  whole split;
+- ``val``: with shots, the union of the few-shot validation subsets (min(K, 4) per class); else all; centre view.
+The few-shot draws are written as small index files under ``<cache>/<dataset>/fewshot/``.
+
+Run by DVC as ``python stages/encode.py`` (reads params.yaml) and by ``coopipe encode``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from coopipe.config import EncodeConfig, ModelSpec, PathsConfig
+from coopipe.datasets import load_dataset
+from coopipe.datasets.base import Dataset
+from coopipe.datasets.fewshot import FewShotIndex, make_few_shot_index
+from coopipe.encode import EncodeOptions, EncodeResult, encode_split
+from coopipe.models import load_clip
+from coopipe.views import ViewSpec
+
+logger = logging.getLogger(__name__)
+
+ALL_SPLITS = ("train", "val", "test")
+
+
+def fewshot_dir(cache_dir: str | Path, dataset: str) -> Path:
+    return Path(cache_dir) / dataset / "fewshot"
+
+
+def write_fewshot_indices(dataset: Dataset, shots: Sequence[int], seeds: Sequence[int], cache_dir: str | Path) -> list[FewShotIndex]:
+    """Draw and save every (shots, seed) index; raises DatasetError before any encoding if a class is too small."""
+    indices = [make_few_shot_index(dataset, k, s) for k in shots for s in seeds]
+    folder = fewshot_dir(cache_dir, dataset.name)
+    for index in indices:
+        index.save(folder / index.default_filename())
+    return indices
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    split: str
+    positions: list[int] | None
+    views: ViewSpec
+    note: dict | None = None
+
+
+def plan_splits(
+    dataset: Dataset,
+    splits: Sequence[str],
+    *,
+    views: ViewSpec,
+    indices: Sequence[FewShotIndex],
+    shots: Sequence[int],
+    seeds: Sequence[int],
+) -> list[SplitPlan]:
+    """Which rows and views each split gets (see the module docstring)."""
+    note = {"shots": sorted(set(shots)), "seeds": sorted(set(seeds))} if indices else None
+    plans = []
+    for split in splits:
+        if split == "test":
+            plans.append(SplitPlan(split, None, ViewSpec()))
+            continue
+        if split not in dataset.splits or len(dataset.splits[split]) == 0:
+            logger.warning("dataset %s has no %s split: skipped", dataset.name, split)
+            continue
+        if split == "train":
+            pos = sorted({int(i) for ix in indices for i in ix.train_indices}) if indices else None
+            plans.append(SplitPlan(split, pos, views, note))
+        else:
+            pos = sorted({int(i) for ix in indices for i in ix.val_indices}) if indices else None
+            plans.append(SplitPlan(split, pos, ViewSpec(), note))
+    return plans
+
+
+def run_encode(
+    *,
+    dataset: str,
+    data_root: str | Path,
+    splits: Sequence[str] = ALL_SPLITS,
+    cache_dir: str | Path = PathsConfig.cache,
+    model: str = ModelSpec.name,
+    pretrained: str = ModelSpec.pretrained,
+    views: int = EncodeConfig.views,
+    crop_scale: tuple[float, float] = EncodeConfig.crop_scale,
+    aug_seed: int = EncodeConfig.aug_seed,
+    shots: Sequence[int] = (),
+    seeds: Sequence[int] = (),
+    options: EncodeOptions = EncodeOptions(),
+    scheduler: str | None = EncodeConfig.scheduler,
+) -> list[EncodeResult]:
+    """Encode the requested splits of ``dataset``; returns one result per store (reused ones included)."""
+    data = load_dataset(dataset, data_root)
+    if bool(shots) != bool(seeds):
+        raise ValueError("give both --shots and --seeds (or neither)")
+    # A test-only encode needs no few-shot draw (and must not fail on a split too small for the shots).
+    needs_draws = bool(shots) and any(s in ("train", "val") for s in splits)
+    indices = write_fewshot_indices(data, shots, seeds, cache_dir) if needs_draws else []
+    clip = load_clip(model, pretrained, device=options.device)
+    spec = ViewSpec(n_aug=views, scale=tuple(crop_scale), seed=aug_seed)  # type: ignore[arg-type]
+    results = []
+    for plan in plan_splits(data, splits, views=spec, indices=indices, shots=shots, seeds=seeds):
+        results.append(
+            encode_split(
+                data, plan.split, cache_dir=cache_dir, views=plan.views, positions=plan.positions,
+                subset_note=plan.note, options=options, scheduler=scheduler, clip=clip,
+            )
+        )
+    summary = Path(cache_dir) / data.name / "encode_summary.json"
+    summary.parent.mkdir(parents=True, exist_ok=True)
+    summary.write_text(json.dumps([_result_dict(r) for r in results], indent=1))
+    return results
+
+
+def _result_dict(result: EncodeResult) -> dict:
+    return {
+        "store": str(result.path),
+        "rows": result.n_rows,
+        "views": result.n_views,
+        "encoded_rows": result.encoded_rows,
+        "reused": result.reused,
+        "seconds": round(result.seconds, 2),
+        "images_per_second": round(result.images_per_second, 2),
+        "skipped": len(result.skipped),
+    }
+
+
+def preflight(dataset: str, data_root: str, model: str, pretrained: str) -> None:
+    """Check data and weights before any work, and say in one message everything that must be set."""
+    from coopipe.errors import CoopipeError, ParamsError
+    from coopipe.models import check_weights_available
+
+    problems = []
+    try:
+        load_dataset(dataset, data_root)
+    except CoopipeError as exc:
+        problems.append(f"data: {exc} -> set data.root in params.yaml to your local dataset root")
+    try:
+        check_weights_available(model, pretrained)
+    except CoopipeError as exc:
+        problems.append(f"model: {exc}")
+    if problems:
+        raise ParamsError("cannot run the pipeline as configured:\n  " + "\n  ".join(problems))

@@ -63,7 +63,7 @@ def test_base_to_new(cache: Path, tmp_path: Path, rn50):
                                    "--no-progress"])
     assert res.exit_code == 0, res.output
     ckpt = load_checkpoint(run)
-    assert ckpt.classnames == ["Forest", "Highway"] and ckpt.meta["params"]["classes"] == "base"
+    assert ckpt.classnames == ["Forest", "Highway"] and ckpt.run.classes == "base"
     assert json.loads((run / "train.json").read_text())["classes"] == "base"
 
     base = run_eval(run, cache_dir=cache)  # default: the classes it was trained on

@@ -22,6 +22,7 @@ of silently producing garbage.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -38,10 +39,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import coopipe
-from coopipe.errors import CheckpointError, MissingFileError
+from coopipe.errors import CheckpointError, MissingFileError, ParamsError
+from coopipe.method import MethodSpec
 from coopipe.models import LoadedClip, open_clip_version, sha256_file
 from coopipe.store import FeatureStore, provenance_key
-from coopipe.train import EpochRecord, TrainConfig, TrainResult, TrainState, text_features_for
+from coopipe.prompt import PromptLearner
+from coopipe.train import EpochRecord, TrainConfig, TrainResult, TrainState
 
 logger = logging.getLogger(__name__)
 
@@ -53,10 +56,13 @@ __all__ = [
     "TENSORS_FILE",
     "Checkpoint",
     "Classifier",
+    "RunRecord",
     "check_compatible",
     "export_classifier",
     "load_checkpoint",
     "load_classifier",
+    "load_learner",
+    "method_of",
     "save_checkpoint",
     "save_result",
     "store_ref",
@@ -165,6 +171,41 @@ def check_compatible(
 
 
 # ---------------------------------------------------------------- checkpoints
+@dataclass(frozen=True)
+class RunRecord:
+    """What a run was trained for, typed (``prompt.json`` key ``run``); the model, weights, method, class list and
+    stores are recorded beside it. ``pretrained`` is how the weights were loaded (an open_clip tag, a local file,
+    ``none``), so a reader can load them again; ``fewshot_index`` is the draw's index file."""
+
+    dataset: str | None = None
+    shots: int | None = None
+    seed: int | None = None
+    classes: str = "all"
+    pretrained: str | None = None
+    fewshot_index: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, where: str = "run record") -> RunRecord:
+        if not isinstance(data, Mapping):
+            raise CheckpointError(f"{where}: 'run' must be an object, got {type(data).__name__}; re-train")
+        known = {f.name for f in dataclasses.fields(cls)}
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except TypeError as exc:
+            raise CheckpointError(f"{where}: malformed 'run' record ({exc}); re-train") from exc
+
+
+def method_of(config: TrainConfig) -> MethodSpec:
+    """The method record of a training config (its variant fields)."""
+    return MethodSpec.from_options(
+        getattr(config, "method", "coop"), n_ctx=config.n_ctx, ctx_init=config.ctx_init, csc=config.csc,
+        class_token_position=config.class_token_position,
+    )
+
+
 @dataclass
 class Checkpoint:
     """A loaded prompt checkpoint."""
@@ -192,6 +233,39 @@ class Checkpoint:
     @property
     def variant(self) -> dict[str, Any]:
         return dict(self.meta["variant"])
+
+    @property
+    def method(self) -> MethodSpec:
+        """The method and variant (a pre-seam checkpoint's ``variant`` reads as CoOp)."""
+        raw = self.meta.get("method") or self.meta.get("variant") or {}
+        try:
+            return MethodSpec.from_dict(raw)
+        except ParamsError as exc:
+            raise CheckpointError(f"checkpoint {self.path}: unreadable method record {raw!r} ({exc}); re-train") from exc
+
+    @property
+    def run(self) -> RunRecord:
+        """What the run was trained for (a pre-seam checkpoint's free-form ``params`` where no ``run`` exists)."""
+        where = f"checkpoint {self.path / META_FILE}"
+        if "run" in self.meta:
+            return RunRecord.from_dict(self.meta["run"], where=where)
+        params = self.meta.get("params") or {}
+        model = params.get("model") if isinstance(params, Mapping) else None
+        legacy = {k: params.get(k) for k in ("dataset", "shots", "seed") if isinstance(params, Mapping)}
+        legacy["classes"] = params.get("classes", "all") if isinstance(params, Mapping) else "all"
+        if isinstance(model, Mapping):
+            legacy["pretrained"] = model.get("pretrained")
+        return RunRecord.from_dict(legacy, where=where)
+
+    @property
+    def dataset(self) -> str | None:
+        """The dataset the prompt was trained on (its run record, else the stores it records)."""
+        if self.run.dataset:
+            return self.run.dataset
+        for ref in (self.meta.get("stores") or {}).values():
+            if isinstance(ref, Mapping) and ref.get("dataset"):
+                return str(ref["dataset"])
+        return None
 
     @property
     def epoch(self) -> int:
@@ -251,15 +325,46 @@ class Checkpoint:
                 f"config or start a new run in another output folder"
             )
 
-    def text_features(self, clip: LoadedClip) -> torch.Tensor:
-        """The class text features (K, D) of the saved context, computed with ``clip``'s text tower."""
-        self.check_clip(clip)
-        config = TrainConfig.from_dict({**self.meta["config"], **_variant_config(self.variant)})
-        return text_features_for(self.ctx, clip, self.classnames, config)
+    def text_features(self, clip: LoadedClip, classnames: Sequence[str] | None = None) -> torch.Tensor:
+        """The class text features (K, D), CPU float32, of the saved prompt for ``classnames`` (default: its own),
+        computed with ``clip``'s text tower and the checkpoint's text-path options."""
+        learner = load_learner(self, clip, classnames)
+        with torch.no_grad():
+            return self.config.text_encoder(clip)(learner).float().cpu()
 
 
-def _variant_config(variant: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: variant[k] for k in ("n_ctx", "ctx_init", "csc", "class_token_position") if k in variant}
+def load_learner(ckpt: Checkpoint, clip: LoadedClip, classnames: Sequence[str] | None = None) -> PromptLearner:
+    """The one way to rebuild a trained prompt: ``ckpt``'s method and variant, for ``classnames`` (default: the
+    trained classes), on ``clip`` (checked to be the checkpoint's model and weights), holding the learned context.
+
+    Other class names need a prompt that does not belong to its classes (:attr:`MethodSpec.transferable`).
+    """
+    ckpt.check_clip(clip)
+    spec = ckpt.method
+    names = list(ckpt.classnames if classnames is None else classnames)
+    if names != ckpt.classnames and not spec.transferable:
+        raise CheckpointError(
+            f"checkpoint {ckpt.path} has a class-specific context (CSC): one context per training class, which "
+            f"cannot be used for other classes; train a unified context (without --csc) for base-to-new or "
+            f"cross-dataset evaluation"
+        )
+    try:
+        learner = PromptLearner(
+            clip, names, n_ctx=spec.n_ctx, ctx_init=spec.ctx_init, csc=spec.csc,
+            class_token_position=spec.class_token_position,
+            generator=torch.Generator().manual_seed(0),  # its draw is overwritten by the checkpoint's context
+        )
+    except ParamsError as exc:
+        raise CheckpointError(f"checkpoint {ckpt.path}: its prompt {spec.label()} cannot be rebuilt ({exc})") from exc
+    ctx = ckpt.ctx
+    if tuple(learner.ctx.shape) != tuple(ctx.shape):
+        raise CheckpointError(
+            f"checkpoint {ckpt.path}: context of shape {tuple(ctx.shape)} does not fit its own prompt {spec.label()} "
+            f"for {len(names)} classes (needs {tuple(learner.ctx.shape)}); the checkpoint is corrupt, re-train"
+        )
+    with torch.no_grad():
+        learner.ctx.copy_(ctx.to(learner.ctx.device, learner.ctx.dtype))
+    return learner
 
 
 def save_checkpoint(
@@ -271,6 +376,7 @@ def save_checkpoint(
     state: TrainState,
     stores: Mapping[str, FeatureStore] | None = None,
     params: Mapping[str, Any] | None = None,
+    run: RunRecord | None = None,
     include_resume: bool = True,
 ) -> Path:
     """Write ``prompt.safetensors`` then ``prompt.json`` into ``directory``; returns the directory.
@@ -298,6 +404,8 @@ def save_checkpoint(
         "embed_dim": clip.embed_dim,
         "logit_scale": float(clip.model.logit_scale.detach()),
         "classnames": list(classnames),
+        "method": method_of(config).to_dict(),
+        "run": (run or RunRecord()).to_dict(),
         "variant": dict(state.variant),
         "stores": {role: store_ref(store) for role, store in (stores or {}).items()},
         "config": config.to_dict(),
@@ -326,10 +434,12 @@ def save_result(
     config: TrainConfig,
     stores: Mapping[str, FeatureStore] | None = None,
     params: Mapping[str, Any] | None = None,
+    run: RunRecord | None = None,
 ) -> Path:
     """Save a finished run: the checkpoint plus its exported ``classifier.safetensors``."""
     directory = save_checkpoint(
-        directory, clip=clip, classnames=classnames, config=config, state=result.state, stores=stores, params=params
+        directory, clip=clip, classnames=classnames, config=config, state=result.state, stores=stores, params=params,
+        run=run,
     )
     export_classifier(
         directory / CLASSIFIER_FILE,

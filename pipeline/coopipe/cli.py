@@ -10,8 +10,7 @@ with exit code 1, and leaves the work to the stage scripts (which do the file I/
 from __future__ import annotations
 
 import json
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -164,11 +163,12 @@ def train(
         }
         summary = run_train(cache_dir=features, dataset=dataset, shots=shots, seed=seed, out_dir=out, model=model,
                             pretrained=pretrained, overrides=overrides, device=device, progress=progress,
-                            params_record={"cli": "coopipe train"}, classes=classes)
+                            classes=classes)
         state = "already complete (skipped)" if summary["skipped"] else f"trained in {summary['train_seconds']:.1f}s"
         val = summary.get("final_val_acc")
         typer.echo(f"{out}: {summary['method']} {shots}-shot seed {seed} {state}; final loss {summary['final_loss']:.4f}"
                    + (f", val acc {100 * val:.2f}%" if val is not None else ""))
+        _note_random_weights(summary.get("weights"))
 
 
 @app.command("eval")
@@ -269,6 +269,12 @@ def report(
             typer.echo(f"  wrote {name}")
 
 
+def _note_random_weights(weights: object) -> None:
+    """Say so whenever a result comes from random-weight features (they carry no class signal)."""
+    if str(weights or "").startswith("random-init"):
+        typer.echo("  note: random weights (pretrained=none): these numbers only check that the pipeline runs")
+
+
 def _print_metrics(m: dict[str, Any]) -> None:
     shots = f" {m['shots']}-shot" if m.get("shots") else ""
     seed = f" seed {m['seed']}" if m.get("seed") is not None else ""
@@ -276,6 +282,7 @@ def _print_metrics(m: dict[str, Any]) -> None:
     source = f" (trained on {m['source_dataset']})" if m.get("source_dataset") else ""
     typer.echo(f"{m['method']} on {m.get('dataset')}{classes}{source}{shots}{seed}: accuracy {100 * m['accuracy']:.2f}%  "
                f"macro-F1 {100 * m['macro_f1']:.2f}%  (n={m['n']})")
+    _note_random_weights(m.get("weights"))
     worst = sorted((v, k) for k, v in m["per_class_accuracy"].items() if v is not None)[:3]
     if worst:
         typer.echo("  lowest per-class accuracy: " + ", ".join(f"{k} {100 * v:.1f}%" for v, k in worst))

@@ -1,4 +1,9 @@
-"""Helpers shared by the stage scripts: run directories, metrics files, model lookup from the cache."""
+"""Every lookup a job needs from the cache, in one place: the model and weights of cached features, the
+few-shot index of (dataset, shots, seed), the stores that hold a draw, and what a checkpoint was trained on.
+
+Why one module: the command line, the DVC stages and the sweep all ask these questions; answered in several
+places they drift (a stage once re-drew few-shot indices with its own literal ``min(shots, 4)``).
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from coopipe.errors import StoreError
-from coopipe.store import find_stores
+from coopipe.checkpoint import Checkpoint
+from coopipe.datasets.fewshot import VAL_MAX_SHOTS, FewShotIndex, sample_few_shot, sample_val
+from coopipe.errors import CheckpointError, StoreError
+from coopipe.method import MethodSpec
+from coopipe.models import LoadedClip, load_clip
+from coopipe.store import FeatureStore, find_stores
 
 FEWSHOT_DIR = "fewshot"
 
@@ -56,14 +65,79 @@ def run_name(shots: int, seed: int) -> str:
 
 
 def method_label(variant: Mapping[str, Any]) -> str:
-    """``coop`` for the paper's default variant (unified, end, M=16, random init); otherwise a descriptive label."""
-    parts = ["coop"]
-    if variant.get("csc"):
-        parts.append("csc")
-    if variant.get("class_token_position", "end") != "end":
-        parts.append(str(variant["class_token_position"]))
-    if variant.get("ctx_init"):
-        parts.append("init-" + "-".join(str(variant["ctx_init"]).split()))
-    elif int(variant.get("n_ctx", 16)) != 16:
-        parts.append(f"m{variant['n_ctx']}")
-    return "_".join(parts)
+    """The run label of a recorded prompt variant (see :meth:`coopipe.method.MethodSpec.label`)."""
+    return MethodSpec.from_dict(variant).label()
+
+
+# ---------------------------------------------------------------- few-shot draws
+def fewshot_index_path(cache_dir: str | os.PathLike[str], dataset: str, shots: int, seed: int) -> Path:
+    """Where the draw of (dataset, shots, seed) is recorded: ``<cache>/<dataset>/fewshot/<dataset>-shotsK-seedS.json``."""
+    return Path(cache_dir) / dataset / FEWSHOT_DIR / f"{dataset}-shots{shots}-seed{seed}.json"
+
+
+def fewshot_index(cache_dir: Path, dataset: str, shots: int, seed: int, train_store: FeatureStore | None) -> FewShotIndex:
+    """The recorded draw for (shots, seed); drawn from a full train store (and saved) when none is recorded."""
+    path = fewshot_index_path(cache_dir, dataset, shots, seed)
+    if path.is_file():
+        return FewShotIndex.load(path)
+    if train_store is None or train_store.provenance.get("rows", "all") != "all":
+        raise StoreError(
+            f"no few-shot index {path} and no full train store to draw it from; encode with "
+            f"`coopipe encode --dataset {dataset} --shots {shots} --seeds {seed} ...`"
+        )
+    labels = train_store.labels()
+    positions = train_store.index()
+    n_classes = len(train_store.classnames())
+    train = positions[sample_few_shot(labels, n_classes, shots, seed=seed, classnames=train_store.classnames(),
+                                      source=str(train_store.path))]
+    val_idx: tuple[int, ...] = ()
+    val_stores = [s for s in find_stores(cache_dir, dataset, "val", model=train_store.provenance["model"],
+                                         weights=train_store.provenance["weights"]) if s.provenance.get("rows") == "all"]
+    if val_stores:
+        v = val_stores[0]
+        val_idx = tuple(int(i) for i in v.index()[sample_val(v.labels(), n_classes, shots, seed=seed)])
+    index = FewShotIndex(dataset=dataset, shots=shots, seed=seed, train_indices=tuple(int(i) for i in train),
+                         val_indices=val_idx, val_shots=min(shots, VAL_MAX_SHOTS))
+    index.save(path)
+    return index
+
+
+def fewshot_index_for(cache_dir: Path, dataset: str, shots: int, seed: int, clip: LoadedClip) -> FewShotIndex:
+    """:func:`fewshot_index`, drawing (when no index is recorded) from a full train store of ``clip``'s features."""
+    full = [s for s in find_stores(cache_dir, dataset, "train", model=clip.name, weights=clip.weights_id)
+            if s.provenance.get("rows", "all") == "all"]
+    return fewshot_index(cache_dir, dataset, shots, seed, full[0] if full else None)
+
+
+
+# ---------------------------------------------------------------- models
+def resolve_model(cache_dir: Path, dataset: str, model: str | None, pretrained: str | None, device: str) -> LoadedClip:
+    """The model whose features are cached for ``dataset`` (inferred when not given), loaded."""
+    if model is None:
+        model, weights = infer_model(cache_dir, dataset)
+        pretrained = pretrained_for(weights, pretrained)
+    elif pretrained is None:
+        stores = [s for s in find_stores(cache_dir, dataset, "train", model=model)]
+        if not stores:
+            raise StoreError(f"no {model} train features for {dataset} under {cache_dir}; run `coopipe encode` first")
+        pretrained = pretrained_for(stores[0].provenance["weights"])
+    return load_clip(model, pretrained, device=device)
+
+
+
+# ---------------------------------------------------------------- checkpoints
+def checkpoint_pretrained(ckpt: Checkpoint) -> str:
+    """The ``pretrained`` argument that loads the weights ``ckpt`` was trained with (from its weights identity).
+
+    ``open_clip:<model>/<tag>`` -> the tag; ``random-init:...`` -> ``none``; ``sha256:...`` (a local file) -> the
+    file recorded in the checkpoint's run record, if it still exists. The identity is checked after loading.
+    """
+    if not ckpt.weights.startswith("sha256:"):
+        return pretrained_for(ckpt.weights)  # an open_clip tag, or none for random init
+    candidate = ckpt.run.pretrained
+    if candidate and Path(candidate).expanduser().is_file():
+        return candidate
+    raise CheckpointError(
+        f"checkpoint {ckpt.path} was trained with weights from a local file ({ckpt.weights}) that it cannot locate; "
+        f"pass the file's path (coopipe interpret --pretrained PATH)"
+    )

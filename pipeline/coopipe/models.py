@@ -175,6 +175,11 @@ def load_clip(model_name: str = "RN50", pretrained: str | None = "none", *, devi
     for param in model.parameters():
         param.requires_grad_(False)
     tokenizer = open_clip.get_tokenizer(model_name)
+    if ref.kind == "none":
+        logger.warning(
+            "%s has RANDOM weights (pretrained=none): its features carry no class signal, so accuracies only check "
+            "that the pipeline runs; use --pretrained openai (or a checkpoint file) for real numbers", model_name
+        )
     logger.info("loaded %s (%s)", model_name, ref.identity)
     return LoadedClip(model=model, name=model_name, weights=ref, preprocess=_preprocess_config(model), tokenizer=tokenizer)
 

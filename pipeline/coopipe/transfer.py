@@ -27,12 +27,10 @@ from coopipe.errors import CheckpointError, DatasetError, ParamsError
 from coopipe.features import SplitFeatures
 from coopipe.models import LoadedClip
 from coopipe.store import FeatureStore
-from coopipe.train import text_features_for
 
 logger = logging.getLogger(__name__)
 
 CLASS_SUBSETS = ("all", "base", "new")
-_VARIANT_KEYS = ("n_ctx", "ctx_init", "csc", "class_token_position")
 
 
 def subset_ids(n_classes: int, which: str) -> tuple[int, ...]:
@@ -120,21 +118,11 @@ def check_same_encoder(ckpt: Checkpoint, store: FeatureStore) -> None:
 
 
 def context_text_features(ckpt: Checkpoint, clip: LoadedClip, classnames: Sequence[str]) -> torch.Tensor:
-    """The L2-normalised class text features (K', D) of ``ckpt``'s learned context for ``classnames``.
+    """The L2-normalised class text features (K', D) of ``ckpt``'s learned prompt for ``classnames``.
 
-    Needs a unified context (the same context for every class); a class-specific context is tied to the
-    classes it was trained for and raises :class:`CheckpointError`.
+    Needs a prompt that does not belong to its classes (a unified context); a class-specific context is tied to
+    the classes it was trained for and raises :class:`CheckpointError` (see :func:`coopipe.checkpoint.load_learner`).
     """
-    ckpt.check_clip(clip)
-    variant = ckpt.variant
-    if variant.get("csc"):
-        if list(classnames) == ckpt.classnames:
-            return ckpt.text_features(clip)
-        raise CheckpointError(
-            f"checkpoint {ckpt.path} has a class-specific context (CSC): one context per training class, which "
-            f"cannot be used for other classes; train a unified context (without --csc) for base-to-new or "
-            f"cross-dataset evaluation"
-        )
-    config = dataclasses.replace(ckpt.config, **{k: variant[k] for k in _VARIANT_KEYS if k in variant})
-    logger.info("building a %d-class classifier from the context of %s", len(classnames), ckpt.path)
-    return text_features_for(ckpt.ctx, clip, list(classnames), config)
+    if list(classnames) != ckpt.classnames:
+        logger.info("building a %d-class classifier from the context of %s", len(classnames), ckpt.path)
+    return ckpt.text_features(clip, classnames)

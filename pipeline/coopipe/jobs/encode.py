@@ -13,20 +13,19 @@ Run by DVC as ``python stages/encode.py`` (reads params.yaml) and by ``coopipe e
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 
 from coopipe.config import EncodeConfig, ModelSpec, PathsConfig
 from coopipe.datasets import load_dataset
 from coopipe.datasets.base import Dataset
 from coopipe.datasets.fewshot import FewShotIndex, make_few_shot_index
 from coopipe.encode import EncodeOptions, EncodeResult, encode_split
+from coopipe.lookup import fewshot_index_path
 from coopipe.models import load_clip
 from coopipe.views import ViewSpec
 
@@ -35,16 +34,11 @@ logger = logging.getLogger(__name__)
 ALL_SPLITS = ("train", "val", "test")
 
 
-def fewshot_dir(cache_dir: str | Path, dataset: str) -> Path:
-    return Path(cache_dir) / dataset / "fewshot"
-
-
 def write_fewshot_indices(dataset: Dataset, shots: Sequence[int], seeds: Sequence[int], cache_dir: str | Path) -> list[FewShotIndex]:
     """Draw and save every (shots, seed) index; raises DatasetError before any encoding if a class is too small."""
     indices = [make_few_shot_index(dataset, k, s) for k in shots for s in seeds]
-    folder = fewshot_dir(cache_dir, dataset.name)
     for index in indices:
-        index.save(folder / index.default_filename())
+        index.save(fewshot_index_path(cache_dir, dataset.name, index.shots, index.seed))
     return indices
 
 

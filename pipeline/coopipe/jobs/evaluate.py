@@ -15,7 +15,6 @@ classifier is built from the learned context with the evaluated class names thro
 
 from __future__ import annotations
 
-import argparse
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,8 +26,7 @@ from coopipe.errors import CheckpointError, StoreError
 from coopipe.evaluate import evaluate_classifier
 from coopipe.features import read_split, select_store
 from coopipe.models import LoadedClip, load_clip
-from coopipe.lookup import method_label, pretrained_for, write_json
-from coopipe.jobs.train import fewshot_index_for, resolve_model
+from coopipe.lookup import checkpoint_pretrained, fewshot_index_for, resolve_model, write_json
 from coopipe.store import open_store
 from coopipe.transfer import ClassSubset, check_same_encoder, context_text_features
 
@@ -69,10 +67,10 @@ def run_eval(
     (or pass the loaded ``clip``).
     """
     ckpt = load_checkpoint(run)
-    params = ckpt.meta.get("params") or {}
-    source = params.get("dataset") or next((ref.get("dataset") for ref in ckpt.meta.get("stores", {}).values()), None)
+    record = ckpt.run
+    source = ckpt.dataset
     dataset = dataset or source
-    trained_classes = str(params.get("classes", "all"))
+    trained_classes = record.classes
     if store is not None:
         feature_store = open_store(store)
         if transfer or dataset is None:
@@ -98,15 +96,15 @@ def run_eval(
                 f"{feature_store.path} holds {len(test.classnames)} other classes of {dataset}; pass --transfer to "
                 f"evaluate the learned context with the store's class names, or use a store of the checkpoint's dataset"
             )
-        clip = clip or load_clip(ckpt.model, pretrained_for(ckpt.weights, pretrained), device=device)
+        clip = clip or load_clip(ckpt.model, pretrained or checkpoint_pretrained(ckpt), device=device)
         text, scale = context_text_features(ckpt, clip, test.classnames), float(ckpt.meta["logit_scale"])
     evaluation = evaluate_classifier(text, test.center, test.labels, scale)
     info: dict[str, Any] = {"classes": classes, "train_classes": trained_classes}
     if dataset != source:
         info["source_dataset"] = source
     metrics = _metrics(
-        evaluation, test.classnames, method=method_label(ckpt.variant), dataset=dataset, shots=params.get("shots"),
-        seed=params.get("seed"), model=ckpt.model, weights=ckpt.weights, variant=ckpt.variant,
+        evaluation, test.classnames, method=ckpt.method.label(), dataset=dataset, shots=record.shots,
+        seed=record.seed, model=ckpt.model, weights=ckpt.weights, variant=ckpt.variant, method_spec=ckpt.method.to_dict(),
         split=split, store=str(feature_store.path), **info,
     )
     if out is None:

@@ -12,20 +12,15 @@ Run by DVC as ``python stages/interpret.py --checkpoint ... --json ... --tsv ...
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import uuid
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import torch
 
-from coopipe.checkpoint import Checkpoint, load_checkpoint
-from coopipe.errors import CheckpointError, ParamsError, StoreError
+from coopipe.checkpoint import Checkpoint, load_checkpoint, load_learner
+from coopipe.errors import ParamsError, StoreError
 from coopipe.features import read_split, select_store
 from coopipe.interpret import (
     METRICS,
@@ -37,87 +32,22 @@ from coopipe.interpret import (
 )
 from coopipe.models import LoadedClip, load_clip
 from coopipe.prompt import PromptLearner
-from coopipe.lookup import pretrained_for
+from coopipe.lookup import checkpoint_pretrained
 from coopipe.store import FeatureStore, open_store
 
 logger = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------- checkpoint -> model
-def _recorded_pretrained(params: Any) -> list[str]:
-    """Every ``pretrained`` value recorded in a checkpoint's ``params`` (nested mappings searched)."""
-    found: list[str] = []
-    if isinstance(params, Mapping):
-        for key, value in params.items():
-            if key == "pretrained" and isinstance(value, str):
-                found.append(value)
-            else:
-                found += _recorded_pretrained(value)
-    return found
-
-
-def checkpoint_pretrained(ckpt: Checkpoint) -> str:
-    """The ``pretrained`` argument that loads the weights ``ckpt`` was trained with (from its weights identity).
-
-    ``open_clip:<model>/<tag>`` -> the tag; ``random-init:...`` -> ``none``; ``sha256:...`` (a local file) -> the
-    file recorded in the checkpoint's params, if it still exists. The identity is checked after loading.
-    """
-    if not ckpt.weights.startswith("sha256:"):
-        return pretrained_for(ckpt.weights)  # an open_clip tag, or none for random init
-    for candidate in _recorded_pretrained(ckpt.meta.get("params")):
-        if Path(candidate).expanduser().is_file():
-            return candidate
-    raise CheckpointError(
-        f"checkpoint {ckpt.path} was trained with weights from a local file ({ckpt.weights}) that it cannot locate; "
-        f"pass the file's path (coopipe interpret --pretrained PATH)"
-    )
-
-
 def load_for_interpretation(
     ckpt: Checkpoint, *, device: str = "cpu", pretrained: str | None = None
 ) -> tuple[LoadedClip, PromptLearner]:
     """The checkpoint's own model (weights identity checked) and a prompt learner holding the learned context."""
     clip = load_clip(ckpt.model, pretrained or checkpoint_pretrained(ckpt), device=device)
-    ckpt.check_clip(clip)
-    variant = ckpt.variant
-    try:
-        learner = PromptLearner(
-            clip,
-            ckpt.classnames,
-            n_ctx=int(variant.get("n_ctx", 16)),
-            ctx_init=variant.get("ctx_init"),
-            csc=bool(variant.get("csc", False)),
-            class_token_position=str(variant.get("class_token_position", "end")),
-            generator=torch.Generator().manual_seed(0),  # its draw is overwritten by the checkpoint's context
-        )
-    except ParamsError as exc:
-        raise CheckpointError(f"checkpoint {ckpt.path}: its prompt variant {variant} cannot be rebuilt ({exc})") from exc
-    ctx = ckpt.ctx
-    if tuple(learner.ctx.shape) != tuple(ctx.shape):
-        raise CheckpointError(
-            f"checkpoint {ckpt.path}: context of shape {tuple(ctx.shape)} does not fit its own variant {variant} "
-            f"(needs {tuple(learner.ctx.shape)}); the checkpoint is corrupt, re-train"
-        )
-    with torch.no_grad():
-        learner.ctx.copy_(ctx.to(learner.ctx.device, learner.ctx.dtype))
-    return clip, learner
+    return clip, load_learner(ckpt, clip)
 
 
 # ---------------------------------------------------------------------------------------------- test features
-def checkpoint_dataset(ckpt: Checkpoint) -> str | None:
-    """The dataset the prompt was trained on (from the stores it records, else its params)."""
-    for ref in (ckpt.meta.get("stores") or {}).values():
-        if isinstance(ref, Mapping) and ref.get("dataset"):
-            return str(ref["dataset"])
-    params = ckpt.meta.get("params") or {}
-    data = params.get("data") if isinstance(params, Mapping) else None
-    if isinstance(data, Mapping) and data.get("dataset"):
-        return str(data["dataset"])
-    if isinstance(params, Mapping) and isinstance(params.get("dataset"), str):
-        return str(params["dataset"])
-    return None
-
-
 def find_test_store(
     ckpt: Checkpoint, cache_dir: str | os.PathLike[str], test_store: str | os.PathLike[str] | None = None
 ) -> FeatureStore | None:
@@ -126,7 +56,7 @@ def find_test_store(
     if test_store is not None:
         store = open_store(test_store)
     else:
-        dataset = checkpoint_dataset(ckpt)
+        dataset = ckpt.dataset
         if dataset is None:
             logger.warning("checkpoint %s records no dataset: cannot look for its test store", ckpt.path)
             return None
@@ -175,7 +105,7 @@ def run_interpret(
         store = find_test_store(ckpt, cache_dir, test_store)
         if store is None and accuracy:
             raise StoreError(
-                f"no test store of {checkpoint_dataset(ckpt)} for {ckpt.model} ({ckpt.weights}) under {cache_dir}; "
+                f"no test store of {ckpt.dataset} for {ckpt.model} ({ckpt.weights}) under {cache_dir}; "
                 f"run `coopipe encode --split test` with the checkpoint's model and weights, or pass a test store"
             )
         if store is None:

@@ -18,7 +18,6 @@ with ``gain_method``/``gain_shots``) and by ``coopipe report RUNS_DIR``.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json

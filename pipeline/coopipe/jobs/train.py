@@ -13,8 +13,6 @@ Run by DVC as ``python stages/train.py --shots K --seed S`` (reads params.yaml) 
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -23,13 +21,11 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from coopipe.checkpoint import META_FILE, load_checkpoint, save_checkpoint, save_result
-from coopipe.datasets.fewshot import FewShotIndex, sample_few_shot, sample_val
-from coopipe.errors import CheckpointError, ParamsError, StoreError
+from coopipe.checkpoint import META_FILE, RunRecord, load_checkpoint, save_checkpoint, save_result
+from coopipe.errors import CheckpointError, StoreError
 from coopipe.features import read_split, select_store
-from coopipe.models import LoadedClip, load_clip
-from coopipe.lookup import FEWSHOT_DIR, infer_model, method_label, pretrained_for, write_json
-from coopipe.store import FeatureStore, find_stores
+from coopipe.models import LoadedClip
+from coopipe.lookup import fewshot_index_for, fewshot_index_path, resolve_model, write_json
 from coopipe.train import EpochRecord, TrainConfig, TrainState, train_coop
 from coopipe.transfer import ClassSubset, check_store_classes
 
@@ -38,59 +34,12 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_EVERY_S = 30.0  # save resume state at most this often (and at the end)
 
 
-def fewshot_index(cache_dir: Path, dataset: str, shots: int, seed: int, train_store: FeatureStore | None) -> FewShotIndex:
-    """The recorded draw for (shots, seed); drawn from a full train store (and saved) when none is recorded."""
-    path = cache_dir / dataset / FEWSHOT_DIR / f"{dataset}-shots{shots}-seed{seed}.json"
-    if path.is_file():
-        return FewShotIndex.load(path)
-    if train_store is None or train_store.provenance.get("rows", "all") != "all":
-        raise StoreError(
-            f"no few-shot index {path} and no full train store to draw it from; encode with "
-            f"`coopipe encode --dataset {dataset} --shots {shots} --seeds {seed} ...`"
-        )
-    labels = train_store.labels()
-    positions = train_store.index()
-    n_classes = len(train_store.classnames())
-    train = positions[sample_few_shot(labels, n_classes, shots, seed=seed, classnames=train_store.classnames(),
-                                      source=str(train_store.path))]
-    val_idx: tuple[int, ...] = ()
-    val_stores = [s for s in find_stores(cache_dir, dataset, "val", model=train_store.provenance["model"],
-                                         weights=train_store.provenance["weights"]) if s.provenance.get("rows") == "all"]
-    if val_stores:
-        v = val_stores[0]
-        val_idx = tuple(int(i) for i in v.index()[sample_val(v.labels(), n_classes, shots, seed=seed)])
-    index = FewShotIndex(dataset=dataset, shots=shots, seed=seed, train_indices=tuple(int(i) for i in train),
-                         val_indices=val_idx, val_shots=min(shots, 4))
-    index.save(path)
-    return index
-
-
-def fewshot_index_for(cache_dir: Path, dataset: str, shots: int, seed: int, clip: LoadedClip) -> FewShotIndex:
-    """:func:`fewshot_index`, drawing (when no index is recorded) from a full train store of ``clip``'s features."""
-    full = [s for s in find_stores(cache_dir, dataset, "train", model=clip.name, weights=clip.weights_id)
-            if s.provenance.get("rows", "all") == "all"]
-    return fewshot_index(cache_dir, dataset, shots, seed, full[0] if full else None)
-
-
 def _history_tsv(records: Sequence[EpochRecord]) -> str:
     lines = ["epoch\tlr\tloss\ttrain_acc\tval_acc\tseconds"]
     for r in records:
         val = "" if r.val_acc is None else f"{r.val_acc:.6f}"
         lines.append(f"{r.epoch}\t{r.lr:.8g}\t{r.loss:.6f}\t{r.train_acc:.6f}\t{val}\t{r.seconds:.4f}")
     return "\n".join(lines) + "\n"
-
-
-def resolve_model(cache_dir: Path, dataset: str, model: str | None, pretrained: str | None, device: str) -> LoadedClip:
-    """The model whose features are cached for ``dataset`` (inferred when not given), loaded."""
-    if model is None:
-        model, weights = infer_model(cache_dir, dataset)
-        pretrained = pretrained_for(weights, pretrained)
-    elif pretrained is None:
-        stores = [s for s in find_stores(cache_dir, dataset, "train", model=model)]
-        if not stores:
-            raise StoreError(f"no {model} train features for {dataset} under {cache_dir}; run `coopipe encode` first")
-        pretrained = pretrained_for(stores[0].provenance["weights"])
-    return load_clip(model, pretrained, device=device)
 
 
 def run_train(
@@ -139,7 +88,7 @@ def run_train(
     if (out_dir / META_FILE).is_file():
         ckpt = load_checkpoint(out_dir)
         ckpt.check_resumable(config)
-        trained_classes = (ckpt.meta.get("params") or {}).get("classes", "all")
+        trained_classes = ckpt.run.classes
         if trained_classes != classes:
             raise CheckpointError(
                 f"run {out_dir} was trained on {trained_classes} classes, not {classes}; use another output folder"
@@ -154,7 +103,9 @@ def run_train(
         resume = ckpt.train_state()
         logger.info("resuming %s from epoch %d", out_dir, resume.epoch)
 
-    record = {"dataset": dataset, "shots": shots, "seed": seed, "classes": classes, **dict(params_record or {})}
+    record = dict(params_record or {})
+    run = RunRecord(dataset=dataset, shots=shots, seed=seed, classes=classes, pretrained="none" if clip.weights.kind == "none" else clip.weights.value,
+                    fewshot_index=str(fewshot_index_path(cache_dir, dataset, shots, seed)))
     last_save = [time.monotonic()]
     bar = tqdm(total=config.max_epoch, initial=resume.epoch if resume else 0, unit="epoch", disable=not progress,
                desc=f"CoOp {dataset} {shots}-shot seed {seed}", dynamic_ncols=True)
@@ -167,13 +118,13 @@ def run_train(
         bar.update(1)
         if time.monotonic() - last_save[0] >= CHECKPOINT_EVERY_S and rec.epoch < config.max_epoch:
             save_checkpoint(out_dir, clip=clip, classnames=train.classnames, config=config, state=state,
-                            stores=stores, params=record)
+                            stores=stores, params=record, run=run)
             last_save[0] = time.monotonic()
 
     with bar:
         result = train_coop(train.features, train.labels, clip, train.classnames, config, val_feats=val_feats,
                             val_labels=val_labels, on_epoch=on_epoch, resume_state=resume)
-    save_result(out_dir, result, clip=clip, classnames=train.classnames, config=config, stores=stores, params=record)
+    save_result(out_dir, result, clip=clip, classnames=train.classnames, config=config, stores=stores, params=record, run=run)
     (out_dir / "history.tsv").write_text(_history_tsv(result.history))
     meta = load_checkpoint(out_dir).meta
     summary = _summary(out_dir, meta, skipped=False, seconds=result.seconds)
@@ -183,14 +134,16 @@ def run_train(
 
 def _summary(out_dir: Path, meta: Mapping[str, Any], *, skipped: bool, seconds: float | None = None) -> dict[str, Any]:
     history = meta.get("history") or [{}]
-    params = meta.get("params") or {}
+    ckpt = load_checkpoint(out_dir)
+    run = ckpt.run
     return {
         "run": str(out_dir),
-        "method": method_label(meta["variant"]),
-        "dataset": params.get("dataset"),
-        "shots": params.get("shots"),
-        "seed": params.get("seed"),
-        "classes": params.get("classes", "all"),
+        "method": ckpt.method.label(),
+        "method_spec": ckpt.method.to_dict(),
+        "dataset": run.dataset,
+        "shots": run.shots,
+        "seed": run.seed,
+        "classes": run.classes,
         "model": meta["model"],
         "weights": meta["weights"],
         "variant": meta["variant"],
@@ -201,6 +154,3 @@ def _summary(out_dir: Path, meta: Mapping[str, Any], *, skipped: bool, seconds: 
         "train_seconds": seconds,
         "skipped": skipped,
     }
-
-
-TRAIN_PARAM_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name != "seed")

@@ -6,6 +6,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -58,3 +59,21 @@ def copy_eurosat_folder(eurosat_root: Path, dest: Path, classes: tuple[str, ...]
         for src in sorted((eurosat_root / "eurosat" / "2750" / cls).glob("*.jpg"))[:per_class]:
             shutil.copy(src, dest / cls / src.name)
     return dest
+
+
+def make_store(cache_dir: Path, *, model: str, weights: str, classnames: list[str], feats: np.ndarray,
+                labels: np.ndarray, dataset: str = "toy", split: str = "test", rows="all") -> Path:
+    """Write a complete store directly (no encoding): for provenance, bad-input and run-folder tests."""
+    from coopipe.store import StoreWriter, store_path
+
+    prov = {"dataset": dataset, "split": split, "model": model, "weights": weights, "classnames": classnames,
+            "views": {"n_aug": feats.shape[1] - 1}, "rows": rows}
+    path = store_path(cache_dir, prov)
+    n = len(labels)
+    writer = StoreWriter.create(path, prov, labels=labels.tolist(), index=list(range(n)),
+                                paths=[f"img{i}.jpg" for i in range(n)], n_views=feats.shape[1], dim=feats.shape[2],
+                                dtype="float32")
+    for chunk in writer.pending_chunks():
+        span = writer.chunk_rows_range(chunk)
+        writer.write_chunk(chunk, feats[span.start:span.stop])
+    return writer.finalize()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -44,8 +43,10 @@ from coopipe.evaluate import (
 )
 from coopipe.features import check_store_model, read_split, select_store
 from coopipe.prompt import PromptLearner
-from coopipe.store import StoreWriter, open_store, store_path
+from coopipe.store import open_store
 from coopipe.text_encoder import PromptTextEncoder, coop_logits
+from conftest import make_store
+
 from coopipe.train import (
     TrainConfig,
     TrainState,
@@ -90,22 +91,6 @@ def _tiny_config(**overrides) -> TrainConfig:
 @pytest.fixture(scope="module")
 def toy() -> tuple[torch.Tensor, torch.Tensor]:
     return _toy()
-
-
-def _make_store(cache_dir: Path, *, model: str, weights: str, classnames: list[str], feats: np.ndarray,
-                labels: np.ndarray, dataset: str = "toy", split: str = "test", rows="all") -> Path:
-    """Write a complete store directly (no encoding): for provenance and bad-input tests."""
-    prov = {"dataset": dataset, "split": split, "model": model, "weights": weights, "classnames": classnames,
-            "views": {"n_aug": feats.shape[1] - 1}, "rows": rows}
-    path = store_path(cache_dir, prov)
-    n = len(labels)
-    writer = StoreWriter.create(path, prov, labels=labels.tolist(), index=list(range(n)),
-                                paths=[f"img{i}.jpg" for i in range(n)], n_views=feats.shape[1], dim=feats.shape[2],
-                                dtype="float32")
-    for chunk in writer.pending_chunks():
-        span = writer.chunk_rows_range(chunk)
-        writer.write_chunk(chunk, feats[span.start:span.stop])
-    return writer.finalize()
 
 
 # ---------------------------------------------------------------- protocol
@@ -314,7 +299,7 @@ def test_checkpoint_refuses_store_of_other_model_weights_or_classes(rn50, toy, t
     ckpt, clf = load_checkpoint(out), load_classifier(out)
     f, y = feats[:, :1].numpy(), labels.numpy()
 
-    good = open_store(_make_store(tmp_path / "c1", model="RN50", weights=rn50.weights_id, classnames=CLASSES,
+    good = open_store(make_store(tmp_path / "c1", model="RN50", weights=rn50.weights_id, classnames=CLASSES,
                                   feats=f, labels=y))
     ckpt.check_store(good)
     clf.check_store(good)
@@ -327,14 +312,14 @@ def test_checkpoint_refuses_store_of_other_model_weights_or_classes(rn50, toy, t
         "3 classes vs 4": dict(model="RN50", weights=rn50.weights_id, classnames=[*CLASSES, "x"]),
     }
     for i, (message, kw) in enumerate(cases.items()):
-        store = open_store(_make_store(tmp_path / f"m{i}", feats=f, labels=y, **kw))
+        store = open_store(make_store(tmp_path / f"m{i}", feats=f, labels=y, **kw))
         for obj in (ckpt, clf):
             with pytest.raises(CheckpointError) as info:
                 obj.check_store(store)
             text = str(info.value)
             assert message in text and str(store.path) in text and "\n" not in text and "coopipe encode" in text
     with pytest.raises(ProvenanceMismatchError, match="ViT-B-32"):
-        check_store_model(open_store(_make_store(tmp_path / "v", model="ViT-B-32", weights="w", classnames=CLASSES,
+        check_store_model(open_store(make_store(tmp_path / "v", model="ViT-B-32", weights="w", classnames=CLASSES,
                                                  feats=f, labels=y)), rn50)
     with pytest.raises(CheckpointError, match="trained with RN50"):
         ckpt.check_clip(type(rn50)(model=rn50.model, name="ViT-B-32", weights=rn50.weights,
@@ -346,7 +331,7 @@ def test_bad_inputs_give_clear_errors(rn50, toy, tmp_path):
     feats, labels = toy
     f, y = feats.numpy(), labels.numpy()
     cache = tmp_path / "cache"
-    _make_store(cache, model="RN50", weights=rn50.weights_id, classnames=CLASSES, feats=f, labels=y, split="train",
+    make_store(cache, model="RN50", weights=rn50.weights_id, classnames=CLASSES, feats=f, labels=y, split="train",
                 rows={"count": len(y)})
     # a split that was never encoded
     with pytest.raises(StoreError, match="no feature store for toy/val.*coopipe encode"):
@@ -363,7 +348,7 @@ def test_bad_inputs_give_clear_errors(rn50, toy, tmp_path):
     # NaN / inf features: from a store, and handed in directly
     bad = f.copy()
     bad[1, 2, 3] = np.inf
-    nan_store = open_store(_make_store(tmp_path / "nan", model="RN50", weights=rn50.weights_id, classnames=CLASSES,
+    nan_store = open_store(make_store(tmp_path / "nan", model="RN50", weights=rn50.weights_id, classnames=CLASSES,
                                        feats=bad, labels=y))
     with pytest.raises(StoreError, match="NaN/inf"):
         read_split(nan_store)

@@ -341,5 +341,12 @@ def _search_probe(
             hi, acc_hi = mid, score(mid)
     best_c = min(fitted, key=lambda c: (-fitted[c][0], c))
     best_acc, best_clf = fitted[best_c]
+    chance = float(np.bincount(y_val, minlength=k).max()) / max(y_val.size, 1)  # majority-class accuracy
+    if len({round(a, 9) for a in accs}) == 1 and best_acc <= chance + 1e-9:
+        logger.warning(
+            "linear probe is degenerate: every C scores %.2f%% on validation, the majority-class rate (%.2f%%); "
+            "the features do not separate the classes (random weights?), so C=%.3g is arbitrary and the probe "
+            "likely predicts one class", 100 * best_acc, 100 * chance, best_c,
+        )
     logger.info("linear probe: C=%.4g (val acc %.4f, %d fits)", best_c, best_acc, len(fitted))
     return LinearProbe(C=best_c, val_accuracy=best_acc, classifier=best_clf, n_classes=k, search=search)

@@ -296,6 +296,26 @@ class Checkpoint:
             variant=self.variant,
         )
 
+    def classifier(self) -> Classifier:
+        """The run's exported classifier, checked to be the one this checkpoint recorded (same file hash), for its
+        classes, model and weights, and finite."""
+        path = self.path / CLASSIFIER_FILE
+        record = self.meta.get("classifier") or {}
+        want = record.get("sha256") if isinstance(record, Mapping) else None
+        if want and path.is_file() and sha256_file(path) != want:
+            raise CheckpointError(
+                f"{path} is not the classifier of run {self.path} (sha256 differs from prompt.json: copied from "
+                f"another run or modified); re-run `coopipe train` with the same options to regenerate it"
+            )
+        clf = load_classifier(path)
+        if (clf.model, clf.weights, clf.classnames) != (self.model, self.weights, self.classnames):
+            raise CheckpointError(
+                f"{path} was exported for {clf.model} ({clf.weights}) and {len(clf.classnames)} classes, run "
+                f"{self.path} is {self.model} ({self.weights}) with {len(self.classnames)} classes; re-run "
+                f"`coopipe train` with the same options to regenerate it"
+            )
+        return clf
+
     def check_clip(self, clip: LoadedClip) -> None:
         """Raise unless ``clip`` is the model and weights the prompt was trained with."""
         if (clip.name, clip.weights_id) != (self.model, self.weights):
@@ -377,6 +397,7 @@ def save_checkpoint(
     stores: Mapping[str, FeatureStore] | None = None,
     params: Mapping[str, Any] | None = None,
     run: RunRecord | None = None,
+    classifier_sha256: str | None = None,
     include_resume: bool = True,
 ) -> Path:
     """Write ``prompt.safetensors`` then ``prompt.json`` into ``directory``; returns the directory.
@@ -415,6 +436,7 @@ def save_checkpoint(
         "complete": state.epoch >= config.max_epoch,
         "history": [r.to_dict() for r in state.history],
         "tensors": {"file": TENSORS_FILE, "sha256": sha256_file(tensor_path), "resume": include_resume},
+        "classifier": {"file": CLASSIFIER_FILE, "sha256": classifier_sha256} if classifier_sha256 else None,
         "coopipe_version": coopipe.__version__,
         "open_clip_version": open_clip_version(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -436,13 +458,11 @@ def save_result(
     params: Mapping[str, Any] | None = None,
     run: RunRecord | None = None,
 ) -> Path:
-    """Save a finished run: the checkpoint plus its exported ``classifier.safetensors``."""
-    directory = save_checkpoint(
-        directory, clip=clip, classnames=classnames, config=config, state=result.state, stores=stores, params=params,
-        run=run,
-    )
-    export_classifier(
-        directory / CLASSIFIER_FILE,
+    """Save a finished run: its exported ``classifier.safetensors``, then the checkpoint that records the
+    classifier's hash (so a classifier is bound to its run, and a kill between the two leaves an incomplete
+    checkpoint that resumes, never a complete one without its classifier)."""
+    clf = export_classifier(
+        Path(directory) / CLASSIFIER_FILE,
         result.text_features,
         classnames=classnames,
         model=clip.name,
@@ -450,7 +470,10 @@ def save_result(
         logit_scale=result.logit_scale,
         source={"checkpoint": str(directory), "epoch": result.state.epoch, "variant": result.variant},
     )
-    return directory
+    return save_checkpoint(
+        directory, clip=clip, classnames=classnames, config=config, state=result.state, stores=stores, params=params,
+        run=run, classifier_sha256=sha256_file(clf),
+    )
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
@@ -555,6 +578,10 @@ def load_classifier(path: str | os.PathLike[str]) -> Classifier:
         source = dict(json.loads(meta.get("source", "{}")))
     except (KeyError, json.JSONDecodeError, TypeError, ValueError) as exc:
         raise CheckpointError(f"classifier {path} has unreadable metadata ({exc}); re-export it") from exc
+    if not bool(torch.isfinite(tensors["text_features"]).all()) or not bool(torch.isfinite(tensors["logit_scale"]).all()):
+        raise CheckpointError(
+            f"classifier {path} holds non-finite values (NaN/inf: its training diverged); re-train with a lower --lr"
+        )
     return Classifier(
         path=path,
         text_features=tensors["text_features"],

@@ -206,7 +206,7 @@ def zeroshot(
     ensemble: Annotated[bool, typer.Option("--ensemble", help="Prompt ensembling over CLIP's 80 ImageNet templates.")] = False,
     template: Annotated[Optional[list[str]], typer.Option(help="Custom template(s) with {} for the class name; repeatable.")] = None,
     classes: Annotated[str, typer.Option(help="all, base or new (base-to-new protocol; writes metrics_<classes>.json).")] = "all",
-    out: Annotated[Path, typer.Option(help="Output folder for metrics.json.")] = Path("runs/zeroshot"),
+    out: Annotated[Optional[Path], typer.Option(help="Output folder for metrics.json (default: runs/<dataset>/zeroshot).")] = None,
     model: Annotated[Optional[str], typer.Option(help="Model (default: inferred from the features).")] = None,
     pretrained: Annotated[Optional[str], typer.Option(help="Weights (default: inferred).")] = None,
 ) -> None:
@@ -215,7 +215,8 @@ def zeroshot(
 
     with _errors():
         _check_classes(classes)
-        _print_metrics(run_zeroshot(cache_dir=features, dataset=dataset, out_dir=out, model=model,
+        folder = out or Path(PathsConfig.runs) / dataset / ("zeroshot_ensemble" if ensemble else "zeroshot")
+        _print_metrics(run_zeroshot(cache_dir=features, dataset=dataset, out_dir=folder, model=model,
                                     pretrained=pretrained, ensemble=ensemble, templates=template, classes=classes))
 
 
@@ -234,7 +235,7 @@ def linear_probe(
     from coopipe.jobs.evaluate import run_linear_probe
 
     with _errors():
-        folder = out or Path("runs") / dataset / "linear_probe" / run_name(shots, seed)
+        folder = out or Path(PathsConfig.runs) / dataset / "linear_probe" / run_name(shots, seed)
         _print_metrics(run_linear_probe(cache_dir=features, dataset=dataset, shots=shots, seed=seed,
                                         out_dir=folder, model=model, pretrained=pretrained))
 

@@ -53,3 +53,11 @@ class CheckpointError(CoopipeError, ValueError):
 
 class ParamsError(CoopipeError, ValueError):
     """params.yaml (or a CLI option) holds a value that cannot work."""
+
+
+class TrainingDivergedError(CoopipeError, ArithmeticError):
+    """A non-finite loss or parameter: training stopped, the run was not marked complete."""
+
+
+class LockedError(CoopipeError, RuntimeError):
+    """Another process holds the lock of a store or run folder."""

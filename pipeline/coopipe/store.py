@@ -23,14 +23,13 @@ Why it is safe:
 
 from __future__ import annotations
 
-import fcntl
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from coopipe.errors import IncompleteStoreError, ProvenanceMismatchError, StoreError
+from coopipe.locks import exclusive_lock
 
 logger = logging.getLogger(__name__)
 
@@ -236,20 +236,9 @@ def _lookup(mapping: Mapping[str, Any], dotted: str) -> Any:
     return value
 
 
-@contextmanager
-def store_lock(path: Path) -> Iterator[None]:
+def store_lock(path: Path) -> contextlib.AbstractContextManager[None]:
     """Exclusive advisory lock for writing ``path`` (two encodes of one store never interleave)."""
-    lock_file = path.parent / ".locks" / (path.name + ".lock")  # kept out of the way of `ls cache/<dataset>`
-    lock_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_file, "w") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            raise StoreError(f"store {path} is being written by another process (lock {lock_file})") from exc
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    return exclusive_lock(path.parent / ".locks" / (path.name + ".lock"), f"store {path}")  # out of `ls cache/<ds>`'s way
 
 
 class StoreWriter:

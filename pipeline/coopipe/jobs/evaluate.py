@@ -20,8 +20,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from coopipe.baselines import IMAGENET_TEMPLATES, dataset_template, fit_linear_probe, zero_shot
-from coopipe.checkpoint import CLASSIFIER_FILE, load_checkpoint, load_classifier
+from coopipe.checkpoint import load_checkpoint
 from coopipe.errors import CheckpointError, StoreError
 from coopipe.evaluate import evaluate_classifier
 from coopipe.features import read_split, select_store
@@ -87,7 +89,7 @@ def run_eval(
     if test.classnames == ckpt.classnames:
         if classes == "all":
             ckpt.check_store(feature_store)
-        classifier = load_classifier(ckpt.path / CLASSIFIER_FILE)
+        classifier = ckpt.classifier()
         text, scale = classifier.text_features, classifier.logit_scale
     else:
         if not transfer and (other_dataset or classes == "all"):
@@ -98,6 +100,9 @@ def run_eval(
             )
         clip = clip or load_clip(ckpt.model, pretrained or checkpoint_pretrained(ckpt), device=device)
         text, scale = context_text_features(ckpt, clip, test.classnames), float(ckpt.meta["logit_scale"])
+    if not bool(torch.isfinite(text).all()):
+        raise CheckpointError(f"the prompt of {ckpt.path} gives non-finite text features (its training diverged); "
+                              f"re-train with a lower --lr")
     evaluation = evaluate_classifier(text, test.center, test.labels, scale)
     info: dict[str, Any] = {"classes": classes, "train_classes": trained_classes}
     if dataset != source:

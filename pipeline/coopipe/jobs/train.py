@@ -14,23 +14,36 @@ Run by DVC as ``python stages/train.py --shots K --seed S`` (reads params.yaml) 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
-from coopipe.checkpoint import META_FILE, RunRecord, load_checkpoint, save_checkpoint, save_result
-from coopipe.errors import CheckpointError, StoreError
+from coopipe.checkpoint import (
+    CLASSIFIER_FILE,
+    META_FILE,
+    Checkpoint,
+    RunRecord,
+    export_classifier,
+    load_checkpoint,
+    save_checkpoint,
+    save_result,
+)
+from coopipe.errors import CheckpointError, MissingFileError, StoreError, TrainingDivergedError
+from coopipe.locks import exclusive_lock
 from coopipe.features import read_split, select_store
-from coopipe.models import LoadedClip
+from coopipe.models import LoadedClip, sha256_file
 from coopipe.lookup import fewshot_index_for, fewshot_index_path, resolve_model, write_json
 from coopipe.train import EpochRecord, TrainConfig, TrainState, train_coop
 from coopipe.transfer import ClassSubset, check_store_classes
 
 logger = logging.getLogger(__name__)
 
+RUN_LOCK = ".lock"  # in the run folder: one writer at a time
 CHECKPOINT_EVERY_S = 30.0  # save resume state at most this often (and at the end)
 
 
@@ -63,6 +76,29 @@ def run_train(
     ``classes``: ``all``, or ``base``/``new`` to train on that half of the (sorted) classes only.
     """
     cache_dir, out_dir = Path(cache_dir), Path(out_dir)
+    # one writer per run folder: a second `coopipe train --out` on the same folder stops at once
+    with exclusive_lock(out_dir / RUN_LOCK, f"run {out_dir}"):
+        return _train_locked(cache_dir=cache_dir, dataset=dataset, shots=shots, seed=seed, out_dir=out_dir, model=model,
+                             pretrained=pretrained, overrides=overrides, device=device, progress=progress,
+                             params_record=params_record, clip=clip, classes=classes)
+
+
+def _train_locked(
+    *,
+    cache_dir: Path,
+    dataset: str,
+    shots: int,
+    seed: int,
+    out_dir: Path,
+    model: str | None,
+    pretrained: str | None,
+    overrides: Mapping[str, Any] | None,
+    device: str,
+    progress: bool,
+    params_record: Mapping[str, Any] | None,
+    clip: LoadedClip | None,
+    classes: str,
+) -> dict[str, Any]:
     clip = clip or resolve_model(cache_dir, dataset, model, pretrained, device)
     opts = {k: v for k, v in dict(overrides or {}).items() if v is not None}
     config = TrainConfig.for_shots(shots, dataset, seed=seed, **opts)
@@ -99,7 +135,7 @@ def run_train(
             check_store_classes(ckpt, train_store, classes)
         if ckpt.complete:
             logger.info("run %s is already complete: nothing to do", out_dir)
-            return _summary(out_dir, ckpt.meta, skipped=True)
+            return _complete_outputs(ckpt, clip)
         resume = ckpt.train_state()
         logger.info("resuming %s from epoch %d", out_dir, resume.epoch)
 
@@ -111,6 +147,7 @@ def run_train(
                desc=f"CoOp {dataset} {shots}-shot seed {seed}", dynamic_ncols=True)
 
     def on_epoch(rec: EpochRecord, state: TrainState) -> None:
+        check_finite(rec, state, config, out_dir)
         post = {"loss": f"{rec.loss:.3f}", "acc": f"{rec.train_acc:.3f}", "lr": f"{rec.lr:.2e}"}
         if rec.val_acc is not None:
             post["val"] = f"{rec.val_acc:.3f}"
@@ -124,11 +161,50 @@ def run_train(
     with bar:
         result = train_coop(train.features, train.labels, clip, train.classnames, config, val_feats=val_feats,
                             val_labels=val_labels, on_epoch=on_epoch, resume_state=resume)
+    if not bool(torch.isfinite(result.text_features).all()):
+        raise TrainingDivergedError(
+            f"run {out_dir}: training diverged (the final prompt gives non-finite text features, lr {config.lr:g}); "
+            f"the learning rate is likely too high: re-run with a lower --lr in a new output folder"
+        )
+    # the order is the crash-consistency argument: classifier, then the complete prompt.json that records its
+    # hash, then history.tsv and train.json; a kill before prompt.json resumes, a kill after it is completed by
+    # _complete_outputs on the next run
     save_result(out_dir, result, clip=clip, classnames=train.classnames, config=config, stores=stores, params=record, run=run)
-    (out_dir / "history.tsv").write_text(_history_tsv(result.history))
-    meta = load_checkpoint(out_dir).meta
-    summary = _summary(out_dir, meta, skipped=False, seconds=result.seconds)
-    write_json(out_dir / "train.json", summary)
+    return _complete_outputs(load_checkpoint(out_dir), clip, seconds=result.seconds, skipped=False)
+
+
+def check_finite(rec: EpochRecord, state: TrainState, config: TrainConfig, out_dir: Path) -> None:
+    """Stop a diverged run before anything of it is saved (the last finite checkpoint stays, never marked complete)."""
+    if math.isfinite(rec.loss) and bool(torch.isfinite(state.ctx).all()):
+        return
+    what = f"loss {rec.loss}" if not math.isfinite(rec.loss) else "non-finite context values"
+    raise TrainingDivergedError(
+        f"run {out_dir}: training diverged at epoch {rec.epoch} ({what}, lr {rec.lr:.3g}); the learning rate is "
+        f"likely too high (--lr {config.lr:g}): re-run with a lower --lr in a new output folder"
+    )
+
+
+def _complete_outputs(ckpt: Checkpoint, clip: LoadedClip, *, seconds: float | None = None,
+                      skipped: bool = True) -> dict[str, Any]:
+    """Make every output of a complete run exist: a missing or foreign classifier is re-exported from the saved
+    context, ``history.tsv`` and ``train.json`` are (re)written. Returns the run summary."""
+    out_dir = ckpt.path
+    try:
+        ckpt.classifier()
+    except (CheckpointError, MissingFileError) as exc:
+        logger.warning("run %s: %s; re-exporting the classifier from the saved context", out_dir, exc)
+        clf = export_classifier(out_dir / CLASSIFIER_FILE, ckpt.text_features(clip), classnames=ckpt.classnames,
+                                model=ckpt.model, weights=ckpt.weights, logit_scale=float(ckpt.meta["logit_scale"]),
+                                source={"checkpoint": str(out_dir), "epoch": ckpt.epoch, "variant": ckpt.variant})
+        meta = {**ckpt.meta, "classifier": {"file": CLASSIFIER_FILE, "sha256": sha256_file(clf)}}
+        write_json(out_dir / META_FILE, meta)
+        ckpt = load_checkpoint(out_dir)
+    history = out_dir / "history.tsv"
+    if not skipped or not history.is_file():
+        history.write_text(_history_tsv(ckpt.history))
+    summary = _summary(out_dir, ckpt.meta, skipped=skipped, seconds=seconds)
+    if not skipped or not (out_dir / "train.json").is_file():
+        write_json(out_dir / "train.json", summary)
     return summary
 
 

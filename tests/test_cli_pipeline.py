@@ -88,3 +88,23 @@ def test_bad_requests_fail_with_one_line(cache: Path, tmp_path: Path):
     assert res.exit_code == 1 and "run `coopipe encode" in res.output
     res = runner.invoke(app, ["eval", str(tmp_path / "nothing"), "--features", str(cache)])
     assert res.exit_code == 1 and "no checkpoint" in res.output
+
+
+def test_fewer_shots_train_from_the_cache_without_encoding(cache: Path, folder: Path, tmp_path: Path):
+    """After a 4-shot encode, a 1-shot run needs no encode: its draw is derived from the recorded 4-shot draw (the
+    draws are nested) and equals drawing it from the dataset; its rows come from the stores already there."""
+    from coopipe.datasets import load_dataset
+    from coopipe.datasets.fewshot import FewShotIndex, make_few_shot_index
+
+    name = "imagefolder-eurosat4"
+    stores = sorted(p.name for p in cache.rglob("*.zarr"))
+    index_file = cache / name / "fewshot" / f"{name}-shots1-seed1.json"
+    assert not index_file.exists()
+    res = CliRunner().invoke(app, ["train", "--features", str(cache), "--dataset", name, "--shots", "1", "--seed", "1",
+                                   "--out", str(tmp_path / "one"), "--epochs", "1", "--n-ctx", "2", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in cache.rglob("*.zarr")) == stores  # nothing encoded
+    derived = FewShotIndex.load(index_file)
+    drawn = make_few_shot_index(load_dataset("imagefolder", folder), 1, 1)
+    assert (derived.train_indices, derived.val_indices) == (drawn.train_indices, drawn.val_indices)
+    assert derived.train_order == drawn.train_order and derived.val_order == drawn.val_order

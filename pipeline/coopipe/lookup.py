@@ -8,6 +8,7 @@ places they drift (a stage once re-drew few-shot indices with its own literal ``
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,6 +20,8 @@ from coopipe.errors import CheckpointError, StoreError
 from coopipe.method import MethodSpec
 from coopipe.models import LoadedClip, load_clip
 from coopipe.store import FeatureStore, find_stores
+
+logger = logging.getLogger(__name__)
 
 FEWSHOT_DIR = "fewshot"
 
@@ -80,6 +83,12 @@ def fewshot_index(cache_dir: Path, dataset: str, shots: int, seed: int, train_st
     path = fewshot_index_path(cache_dir, dataset, shots, seed)
     if path.is_file():
         return FewShotIndex.load(path)
+    larger = _larger_draw(cache_dir, dataset, shots, seed)
+    if larger is not None:  # the draws are nested: fewer shots of a recorded draw need no images and no encoding
+        index = larger.nested(shots)
+        index.save(path)
+        logger.info("derived the %d-shot draw of %s (seed %d) from its %d-shot draw", shots, dataset, seed, larger.shots)
+        return index
     if train_store is None or train_store.provenance.get("rows", "all") != "all":
         raise StoreError(
             f"no few-shot index {path} and no full train store to draw it from; encode with "
@@ -100,6 +109,17 @@ def fewshot_index(cache_dir: Path, dataset: str, shots: int, seed: int, train_st
                          val_indices=val_idx, val_shots=min(shots, VAL_MAX_SHOTS))
     index.save(path)
     return index
+
+
+def _larger_draw(cache_dir: str | os.PathLike[str], dataset: str, shots: int, seed: int) -> FewShotIndex | None:
+    """The smallest recorded draw of (dataset, seed) with more than ``shots`` shots and a recorded draw order."""
+    folder = Path(cache_dir) / dataset / FEWSHOT_DIR
+    candidates = []
+    for file in folder.glob(f"{dataset}-shots*-seed{seed}.json"):
+        index = FewShotIndex.load(file)
+        if index.dataset == dataset and index.seed == seed and index.shots > shots and index.train_order is not None:
+            candidates.append(index)
+    return min(candidates, key=lambda ix: ix.shots, default=None)
 
 
 def fewshot_index_for(cache_dir: Path, dataset: str, shots: int, seed: int, clip: LoadedClip) -> FewShotIndex:

@@ -74,6 +74,30 @@ class FewShotIndex:
     val_indices: tuple[int, ...]
     split_hashes: dict[str, str] = field(default_factory=dict)  # split -> Dataset.file_list_hash(split)
     val_shots: int = 0
+    # Each class's draw in draw order (one permutation per class, cut to K): the K'-shot draw of the same seed
+    # is the first K' of each, so fewer shots are derived from this index without the images (see nested()).
+    train_order: tuple[tuple[int, ...], ...] | None = None
+    val_order: tuple[tuple[int, ...], ...] | None = None
+
+    def nested(self, shots: int) -> FewShotIndex:
+        """The draw of ``shots`` <= this index's shots for the same seed, derived from the recorded draw order
+        (equal to drawing it from the dataset: the draws are nested)."""
+        _check_shots(shots)
+        if shots > self.shots or self.train_order is None or (self.val_indices and self.val_order is None):
+            raise DatasetError(
+                f"the {self.shots}-shot index of {self.dataset} (seed {self.seed}) cannot give a {shots}-shot draw"
+                + ("" if shots > self.shots else " (it records no draw order: written by an older coopipe)")
+                + f"; encode with `coopipe encode --dataset {self.dataset} --shots {shots} --seeds {self.seed} ...`"
+            )
+        val_shots = min(shots, VAL_MAX_SHOTS)
+        val_order = tuple(c[:val_shots] for c in self.val_order) if self.val_order is not None else None
+        train_order = tuple(c[:shots] for c in self.train_order)
+        return FewShotIndex(
+            dataset=self.dataset, shots=shots, seed=self.seed,
+            train_indices=tuple(sorted(i for c in train_order for i in c)),
+            val_indices=tuple(sorted(i for c in val_order for i in c)) if val_order is not None else (),
+            split_hashes=dict(self.split_hashes), val_shots=val_shots, train_order=train_order, val_order=val_order,
+        )
 
     def train_array(self) -> np.ndarray:
         return np.asarray(self.train_indices, dtype=np.int64)
@@ -95,6 +119,8 @@ class FewShotIndex:
             "split_hashes": dict(self.split_hashes),
             "train_indices": list(self.train_indices),
             "val_indices": list(self.val_indices),
+            "train_order": [list(c) for c in self.train_order] if self.train_order is not None else None,
+            "val_order": [list(c) for c in self.val_order] if self.val_order is not None else None,
         }
 
     def save(self, path: str | Path) -> Path:
@@ -135,6 +161,8 @@ class FewShotIndex:
                 val_indices=tuple(_typed(i, int) for i in raw["val_indices"]),
                 split_hashes={_typed(k, str): _typed(v, str) for k, v in raw["split_hashes"].items()},
                 val_shots=_typed(raw.get("val_shots", 0), int),
+                train_order=_order(raw.get("train_order")),
+                val_order=_order(raw.get("val_order")),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise DatasetError(
@@ -162,25 +190,28 @@ class FewShotIndex:
 def make_few_shot_index(dataset: Dataset, shots: int, seed: int) -> FewShotIndex:
     """Draw the train (K per class) and val (min(K, 4) per class) subsets of ``dataset`` for one seed."""
     train = dataset.split("train")
-    train_idx = sample_few_shot(
-        train.labels, dataset.num_classes, shots, seed=seed, classnames=dataset.classnames,
-        source=f"the train split of {dataset.name} ({dataset.source or dataset.image_root})",
+    _check_shots(shots)
+    train_order = _draw(
+        train.labels, dataset.num_classes, shots, seed=seed, stream=_TRAIN_STREAM, strict=True,
+        classnames=dataset.classnames, source=f"the train split of {dataset.name} ({dataset.source or dataset.image_root})",
     )
     hashes = {"train": dataset.file_list_hash("train")}
     val = dataset.splits.get("val")
+    val_order: list[np.ndarray] | None = None
     if val is not None and len(val):
-        val_idx = sample_val(val.labels, dataset.num_classes, shots, seed=seed)
+        val_order = _draw(val.labels, dataset.num_classes, min(shots, VAL_MAX_SHOTS), seed=seed, stream=_VAL_STREAM,
+                          strict=False, classnames=None, source="")
         hashes["val"] = dataset.file_list_hash("val")
-    else:
-        val_idx = np.zeros(0, dtype=np.int64)
     return FewShotIndex(
         dataset=dataset.name,
         shots=shots,
         seed=seed,
-        train_indices=tuple(int(i) for i in train_idx),
-        val_indices=tuple(int(i) for i in val_idx),
+        train_indices=tuple(int(i) for i in _sorted(train_order)),
+        val_indices=tuple(int(i) for i in _sorted(val_order or [])),
         split_hashes=hashes,
         val_shots=min(shots, VAL_MAX_SHOTS),
+        train_order=tuple(tuple(int(i) for i in c) for c in train_order),
+        val_order=tuple(tuple(int(i) for i in c) for c in val_order) if val_order is not None else None,
     )
 
 
@@ -210,6 +241,35 @@ def _sample(
     classnames: Sequence[str] | None,
     source: str,
 ) -> np.ndarray:
+    return _sorted(_draw(labels, num_classes, per_class, seed=seed, stream=stream, strict=strict,
+                         classnames=classnames, source=source))
+
+
+def _sorted(order: Sequence[np.ndarray]) -> np.ndarray:
+    """All positions of a per-class draw, sorted ascending (int64)."""
+    if not len(order):
+        return np.zeros(0, dtype=np.int64)
+    return np.sort(np.concatenate([np.asarray(c, dtype=np.int64) for c in order])).astype(np.int64)
+
+
+def _order(raw: Any) -> tuple[tuple[int, ...], ...] | None:
+    if raw is None:
+        return None
+    return tuple(tuple(_typed(i, int) for i in c) for c in raw)
+
+
+def _draw(
+    labels: Sequence[int] | np.ndarray,
+    num_classes: int,
+    per_class: int,
+    *,
+    seed: int,
+    stream: int,
+    strict: bool,
+    classnames: Sequence[str] | None,
+    source: str,
+) -> list[np.ndarray]:
+    """Each class's draw, in draw order (a list of one array per class)."""
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise DatasetError(f"few-shot seed must be a non-negative integer, got {seed!r}")
     y = np.asarray(labels, dtype=np.int64).reshape(-1)
@@ -238,10 +298,10 @@ def _sample(
             # 16-shot draw of the same seed, so the images needing augmented views over all shots of a
             # seed are just its largest draw (a third of the encoding of independent draws).
             rng = np.random.default_rng([stream, int(seed), c])
-            chosen.append(rng.permutation(pool)[:take])
-    if not chosen:
-        return np.zeros(0, dtype=np.int64)
-    return np.sort(np.concatenate(chosen)).astype(np.int64)
+            chosen.append(rng.permutation(pool)[:take].astype(np.int64))
+        else:
+            chosen.append(np.zeros(0, dtype=np.int64))
+    return chosen
 
 
 def _check_shots(shots: int) -> None:

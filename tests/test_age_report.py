@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from coopipe.age_report import (
     PROTOCOL_NOTE,
     age_cells,

@@ -6,18 +6,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
+from conftest import require_data
 from coopipe.datasets import (
     load_dataset,
     make_age_few_shot_index,
     rank_values,
     read_age_split_file,
     sample_age_few_shot,
-    write_age_split_file,
 )
 from coopipe.errors import DatasetError
-
-from conftest import require_data
 
 
 def _utk(root: Path, ages: list[int]) -> Path:
@@ -33,7 +30,7 @@ def test_utkface_ages_from_names_and_seeded_stratified_split(tmp_path: Path) -> 
     ds = load_dataset("utkface", root)
     assert ds.classnames[0] == "0" and ds.classnames[-1] == "100" and ds.num_classes == 101
     assert ds.prompts()[20] == "a photo of a 20 year old person."
-    ages = {name: sorted(set(int(rank_values(ds.classnames)[y]) for y in s.labels)) for name, s in ds.splits.items()}
+    ages = {name: sorted({int(rank_values(ds.classnames)[y]) for y in s.labels}) for name, s in ds.splits.items()}
     assert ages["train"] == ages["test"] == [20, 40, 75] and ages["val"] == [20, 40]  # per age, by the ratios
     assert sum(len(s) for s in ds.splits.values()) == 22
     again = load_dataset("utkface", root)

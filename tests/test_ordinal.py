@@ -7,10 +7,10 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from coopipe.errors import DatasetError
 from coopipe.ordinal import (
     cumulative_scores,
+    evaluate_age_classifier,
     evaluate_ages,
     median_predictor_mae,
     ordinal_kl_loss,
@@ -81,3 +81,11 @@ def test_kl_term_matches_a_hand_loop() -> None:
     assert float(ordinal_kl_loss(logits, labels)) == pytest.approx(expected, rel=1e-12)
     ce = float(torch.nn.functional.cross_entropy(logits, labels))
     assert float(rank_loss(logits, labels)) == pytest.approx(ce + expected, rel=1e-12)
+
+
+def test_age_classifier_uses_clip_logits() -> None:
+    text = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    images = torch.tensor([[2.0, 0.0], [1.0, 1.0]])  # cosines (1, 0) and (0.707, 0.707)
+    ev = evaluate_age_classifier(text, images, [0, 1], [30.0, 40.0], math.log(2.0))
+    p = math.exp(2.0) / (math.exp(2.0) + 1.0)  # scale 2: logits (2, 0)
+    assert ev.pred_exp[0] == pytest.approx(30 * p + 40 * (1 - p)) and ev.pred_exp[1] == pytest.approx(35.0)

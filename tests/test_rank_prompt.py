@@ -11,13 +11,16 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-
 from coopipe.errors import ParamsError
 from coopipe.method import MethodSpec
 from coopipe.models import LoadedClip
 from coopipe.ordinal import evaluate_ages, median_predictor_mae
-from coopipe.rank_prompt import RankPromptLearner, build_rank_learner, fit_rank_prompt, interpolation_weights
+from coopipe.rank_prompt import (
+    RankPromptLearner,
+    build_rank_learner,
+    fit_rank_prompt,
+    interpolation_weights,
+)
 from coopipe.text_encoder import PromptTextEncoder
 
 AGE_INIT = "age estimation: the age of the person is"  # OrdinalCLIP's MORPH context init

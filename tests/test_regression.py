@@ -6,8 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from sklearn.linear_model import Ridge
-
 from coopipe.datasets.ages import rank_classnames
 from coopipe.models import LoadedClip
 from coopipe.ordinal import median_predictor_mae
@@ -18,6 +16,7 @@ from coopipe.regression import (
     fit_ridge_probe,
     zero_shot_ages,
 )
+from sklearn.linear_model import Ridge
 
 
 def _normalized(x: np.ndarray) -> np.ndarray:

@@ -88,8 +88,8 @@ def age_markdown(cells: Sequence[AgeCell], *, constant_mae: float | None = None,
     methods = sorted({c.method for c in cells}, key=method_order)
     by_key = {(c.method, c.shots): c for c in cells}
     header = ["method", *[("zero-shot" if k == 0 else f"{k} shots") for k in shots]]
-    lines = [f"MAE (years, {'expectation' if decoding == 'exp' else 'arg-max'} decoding{', ' + dataset if dataset else ''}; "
-             "mean ± std over seeds)", "", "| " + " | ".join(header) + " |",
+    lines = [(f"MAE (years, {'expectation' if decoding == 'exp' else 'arg-max'} decoding{', ' + dataset if dataset else ''}; "
+             "mean ± std over seeds)"), "", "| " + " | ".join(header) + " |",
              "|" + "---|" + "---:|" * len(shots)]
     for method in methods:
         row = [method, *[by_key[(method, k)].text() if (method, k) in by_key else "–" for k in shots]]

@@ -9,7 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from coopipe.datasets.age_fewshot import age_few_shot_union, make_age_few_shot_index, sample_age_few_shot
+from coopipe.datasets.age_fewshot import (
+    age_few_shot_union,
+    make_age_few_shot_index,
+    sample_age_few_shot,
+)
 from coopipe.datasets.ages import (
     AGE_TEMPLATE,
     build_age_manifest,
@@ -37,12 +41,12 @@ __all__ = [
     "AGE_TEMPLATE",
     "SPLITS",
     "VAL_MAX_SHOTS",
-    "age_few_shot_union",
     "Dataset",
     "DatasetInfo",
     "DatasetRegistry",
     "FewShotIndex",
     "Split",
+    "age_few_shot_union",
     "default_registry",
     "few_shot_union",
     "load_dataset",

@@ -30,7 +30,13 @@ from typing import Any
 import numpy as np
 
 from coopipe.datasets.base import SPLITS, Dataset, Split
-from coopipe.datasets.common import check_files_exist, check_template, list_images, safe_name, split_stratified
+from coopipe.datasets.common import (
+    check_files_exist,
+    check_template,
+    list_images,
+    safe_name,
+    split_stratified,
+)
 from coopipe.errors import DatasetError, MissingFileError
 
 logger = logging.getLogger(__name__)
@@ -286,7 +292,10 @@ def build_age_manifest(
 
     With a ``split`` column the rows keep their split; without one, a seeded split stratified by age is drawn.
     """
-    from coopipe.datasets.manifest import _SPLIT_ALIASES, _read_rows  # the manifest reader, shared
+    from coopipe.datasets.manifest import (  # the manifest reader, shared
+        _SPLIT_ALIASES,
+        _read_rows,
+    )
 
     _check_range(min_age, max_age)
     manifest = Path(data_root)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from conftest import require_data
 from coopipe.datasets import (
+    is_age_dataset,
     load_dataset,
     make_age_few_shot_index,
     rank_values,
@@ -33,6 +34,7 @@ def test_utkface_ages_from_names_and_seeded_stratified_split(tmp_path: Path) -> 
     ages = {name: sorted({int(rank_values(ds.classnames)[y]) for y in s.labels}) for name, s in ds.splits.items()}
     assert ages["train"] == ages["test"] == [20, 40, 75] and ages["val"] == [20, 40]  # per age, by the ratios
     assert sum(len(s) for s in ds.splits.values()) == 22
+    assert is_age_dataset(ds)
     again = load_dataset("utkface", root)
     assert again.splits == ds.splits  # seeded
     assert load_dataset("utkface", root, seed=1).splits != ds.splits
@@ -106,6 +108,7 @@ def test_age_manifest_numeric_label_column(tmp_path: Path) -> None:
     manifest = tmp_path / "faces.csv"
     manifest.write_text("path,age,split\na.jpg,20,train\nb.jpg,21.0,val\nc.jpg,99,test\n")
     ds = load_dataset("agemanifest", manifest)
+    assert is_age_dataset(ds)
     assert ds.name == "agemanifest-faces" and ds.splits["val"].labels == (21,) and ds.splits["test"].labels == (99,)
     manifest.write_text("path,age\na.jpg,20\nb.jpg,20.5\n")
     with pytest.raises(DatasetError, match=r"faces.csv, line 3: age '20.5' is not a whole number"):

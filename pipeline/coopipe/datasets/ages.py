@@ -48,6 +48,7 @@ __all__ = [
     "build_age_manifest",
     "build_morph",
     "build_utkface",
+    "is_age_dataset",
     "parse_age",
     "rank_classnames",
     "rank_values",
@@ -66,6 +67,12 @@ def rank_classnames(min_age: int = MIN_AGE, max_age: int = MAX_AGE) -> tuple[str
     """The class names of the ranks: the ages as numbers (``"0" .. "100"``)."""
     _check_range(min_age, max_age)
     return tuple(str(age) for age in range(min_age, max_age + 1))
+
+
+def is_age_dataset(dataset: Dataset) -> bool:
+    """Whether ``dataset`` came from an age adapter (``utkface``, ``morph``, ``agemanifest-*``): such datasets take
+    :func:`coopipe.datasets.age_fewshot.make_age_few_shot_index` and the age metrics."""
+    return dataset.name in ("utkface", "morph") or dataset.name.startswith("agemanifest-")
 
 
 def rank_values(classnames: Sequence[str]) -> np.ndarray:

@@ -190,7 +190,7 @@ def test_registry_names_aliases_and_unknown() -> None:
     assert registry.names() == [
         "imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101", "fgvc_aircraft",
         "sun397", "dtd", "eurosat", "ucf101", "imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r",
-        "imagefolder", "manifest",
+        "imagefolder", "manifest", "utkface", "morph", "agemanifest",
     ]  # fmt: skip
     for alias, name in [
         ("EuroSAT", "eurosat"), ("OxfordPets", "oxford_pets"), ("oxfordpets", "oxford_pets"),

@@ -9,6 +9,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from coopipe.datasets.age_fewshot import (
+    age_few_shot_union,
+    make_age_few_shot_index,
+    sample_age_few_shot,
+)
+from coopipe.datasets.ages import (
+    AGE_TEMPLATE,
+    build_age_manifest,
+    build_morph,
+    build_utkface,
+    is_age_dataset,
+    rank_values,
+    read_age_split_file,
+    write_age_split_file,
+)
 from coopipe.datasets.base import SPLITS, Dataset, DatasetInfo, DatasetRegistry, Split
 from coopipe.datasets.common import read_split_file
 from coopipe.datasets.coop import COOP_SPECS, coop_builder
@@ -24,6 +39,7 @@ from coopipe.datasets.folder import build_image_folder
 from coopipe.datasets.manifest import build_manifest
 
 __all__ = [
+    "AGE_TEMPLATE",
     "SPLITS",
     "VAL_MAX_SHOTS",
     "Dataset",
@@ -31,18 +47,25 @@ __all__ = [
     "DatasetRegistry",
     "FewShotIndex",
     "Split",
+    "age_few_shot_union",
     "default_registry",
     "few_shot_union",
+    "is_age_dataset",
     "load_dataset",
+    "make_age_few_shot_index",
     "make_few_shot_index",
+    "rank_values",
+    "read_age_split_file",
     "read_split_file",
+    "sample_age_few_shot",
     "sample_few_shot",
     "sample_val",
+    "write_age_split_file",
 ]
 
 
 def default_registry() -> DatasetRegistry:
-    """A registry with CoOp's 15 datasets, ``imagefolder`` and ``manifest`` (CoOp's class names as aliases)."""
+    """CoOp's 15 datasets, ``imagefolder``, ``manifest`` and the age datasets ``utkface``, ``morph``, ``agemanifest``."""
     registry = DatasetRegistry()
     for spec in COOP_SPECS:
         registry.register(
@@ -61,6 +84,23 @@ def default_registry() -> DatasetRegistry:
         "manifest",
         build_manifest,
         "CSV/JSON manifest with path, label[, split] columns (data root = the manifest file)",
+    )
+    registry.register(
+        "utkface",
+        build_utkface,
+        "UTKFace faces, age from the file name (ranks 0..100); $DATA/utkface/images/; seeded age-stratified split",
+    )
+    registry.register(
+        "morph",
+        build_morph,
+        "MORPH Album2 in OrdinalCLIP's lists: $DATA/MORPH/data_list/ET_proto_{train,val}.txt (val doubles as test)",
+        aliases=("morph2", "morph_album2"),
+    )
+    registry.register(
+        "agemanifest",
+        build_age_manifest,
+        "CSV/JSON manifest with path, age[, split] columns (data root = the manifest file); ranks 0..100",
+        aliases=("age_manifest", "age-manifest"),
     )
     return registry
 

@@ -1,0 +1,63 @@
+"""Few-shot draws for age datasets: K images per age value from train; an age with fewer than K keeps them all.
+
+Why not :func:`coopipe.datasets.fewshot.make_few_shot_index`: CoOp's rule refuses a class with fewer than K
+images, while OrdinalCLIP's (``generate_fewshot_dataset``) keeps every image of a sparse age, and ranks without
+images are normal for ages. The draws use the same generator streams as CoOp's (one permutation per
+(stream, seed, rank), cut to K), so they are explicit, reproducible and nested: the K-shot draw of a seed is a
+subset of its 2K-shot draw. The result is an ordinary :class:`FewShotIndex`, so lookups and stores work unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+from coopipe.datasets.base import Dataset
+from coopipe.datasets.fewshot import (
+    _TRAIN_STREAM,
+    VAL_MAX_SHOTS,
+    FewShotIndex,
+    _check_shots,
+    _sample,
+    sample_val,
+)
+
+__all__ = ["age_few_shot_union", "make_age_few_shot_index", "sample_age_few_shot"]
+
+
+def sample_age_few_shot(labels: Sequence[int] | np.ndarray, num_ranks: int, shots: int, *, seed: int) -> np.ndarray:
+    """Positions of ``min(shots, n_r)`` images of every rank r (n_r: its images), sorted ascending (int64)."""
+    _check_shots(shots)
+    return _sample(labels, num_ranks, shots, seed=seed, stream=_TRAIN_STREAM, strict=False, classnames=None,
+                   source="")
+
+
+def make_age_few_shot_index(dataset: Dataset, shots: int, seed: int) -> FewShotIndex:
+    """The train draw (K per age, sparse ages keep all) and val draw (min(K, 4) per age) of ``dataset``."""
+    train = dataset.split("train")
+    train_idx = sample_age_few_shot(train.labels, dataset.num_classes, shots, seed=seed)
+    hashes = {"train": dataset.file_list_hash("train")}
+    val = dataset.splits.get("val")
+    if val is not None and len(val):
+        val_idx = sample_val(val.labels, dataset.num_classes, shots, seed=seed)
+        hashes["val"] = dataset.file_list_hash("val")
+    else:
+        val_idx = np.zeros(0, dtype=np.int64)
+    return FewShotIndex(
+        dataset=dataset.name,
+        shots=shots,
+        seed=seed,
+        train_indices=tuple(int(i) for i in train_idx),
+        val_indices=tuple(int(i) for i in val_idx),
+        split_hashes=hashes,
+        val_shots=min(shots, VAL_MAX_SHOTS),
+    )
+
+
+def age_few_shot_union(dataset: Dataset, shots_list: Iterable[int], seeds: Iterable[int]) -> np.ndarray:
+    """Sorted, distinct train positions used by any (shots, seed) pair (the images needing augmented views)."""
+    labels = dataset.split("train").labels
+    seeds = list(seeds)
+    parts = [sample_age_few_shot(labels, dataset.num_classes, k, seed=s) for k in shots_list for s in seeds]
+    return np.unique(np.concatenate(parts)).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)

@@ -19,6 +19,7 @@ import typer
 
 from coopipe.config import EncodeConfig, FewShotConfig, InterpretConfig, ModelSpec, PathsConfig, ReportConfig
 from coopipe.encode import EncodeOptions
+from coopipe.jobs.train import CHECKPOINT_EVERY_S
 from coopipe.train import TrainConfig
 
 _ENC_OPTS = EncodeOptions()
@@ -147,6 +148,7 @@ def train(
     model: Annotated[Optional[str], typer.Option(help="Model (default: the one the features were encoded with).")] = None,
     pretrained: Annotated[Optional[str], typer.Option(help="Weights (default: inferred from the features; a path for local files).")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    checkpoint_every: Annotated[float, typer.Option(help="Seconds between resume checkpoints (0: every epoch).")] = CHECKPOINT_EVERY_S,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Train a CoOp prompt on cached features (only the context moves; the image encoder never runs)."""
@@ -163,7 +165,7 @@ def train(
         }
         summary = run_train(cache_dir=features, dataset=dataset, shots=shots, seed=seed, out_dir=out, model=model,
                             pretrained=pretrained, overrides=overrides, device=device, progress=progress,
-                            classes=classes)
+                            classes=classes, checkpoint_every=checkpoint_every)
         state = "already complete (skipped)" if summary["skipped"] else f"trained in {summary['train_seconds']:.1f}s"
         val = summary.get("final_val_acc")
         typer.echo(f"{out}: {summary['method']} {shots}-shot seed {seed} {state}; final loss {summary['final_loss']:.4f}"

@@ -44,7 +44,7 @@ from coopipe.transfer import ClassSubset, check_store_classes
 logger = logging.getLogger(__name__)
 
 RUN_LOCK = ".lock"  # in the run folder: one writer at a time
-CHECKPOINT_EVERY_S = 30.0  # save resume state at most this often (and at the end)
+CHECKPOINT_EVERY_S = 30.0  # default: save resume state at most this often (and at the end)
 
 
 def _history_tsv(records: Sequence[EpochRecord]) -> str:
@@ -70,17 +70,20 @@ def run_train(
     params_record: Mapping[str, Any] | None = None,
     clip: LoadedClip | None = None,
     classes: str = "all",
+    checkpoint_every: float = CHECKPOINT_EVERY_S,
 ) -> dict[str, Any]:
     """Train (or resume, or skip when finished) one CoOp run; returns the run summary written to train.json.
 
     ``classes``: ``all``, or ``base``/``new`` to train on that half of the (sorted) classes only.
+    ``checkpoint_every``: seconds between resume checkpoints (0: after every epoch).
     """
     cache_dir, out_dir = Path(cache_dir), Path(out_dir)
     # one writer per run folder: a second `coopipe train --out` on the same folder stops at once
     with exclusive_lock(out_dir / RUN_LOCK, f"run {out_dir}"):
         return _train_locked(cache_dir=cache_dir, dataset=dataset, shots=shots, seed=seed, out_dir=out_dir, model=model,
                              pretrained=pretrained, overrides=overrides, device=device, progress=progress,
-                             params_record=params_record, clip=clip, classes=classes)
+                             params_record=params_record, clip=clip, classes=classes,
+                             checkpoint_every=checkpoint_every)
 
 
 def _train_locked(
@@ -98,6 +101,7 @@ def _train_locked(
     params_record: Mapping[str, Any] | None,
     clip: LoadedClip | None,
     classes: str,
+    checkpoint_every: float,
 ) -> dict[str, Any]:
     clip = clip or resolve_model(cache_dir, dataset, model, pretrained, device)
     opts = {k: v for k, v in dict(overrides or {}).items() if v is not None}
@@ -153,7 +157,7 @@ def _train_locked(
             post["val"] = f"{rec.val_acc:.3f}"
         bar.set_postfix(post, refresh=False)
         bar.update(1)
-        if time.monotonic() - last_save[0] >= CHECKPOINT_EVERY_S and rec.epoch < config.max_epoch:
+        if time.monotonic() - last_save[0] >= checkpoint_every and rec.epoch < config.max_epoch:
             save_checkpoint(out_dir, clip=clip, classnames=train.classnames, config=config, state=state,
                             stores=stores, params=record, run=run)
             last_save[0] = time.monotonic()

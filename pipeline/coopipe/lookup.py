@@ -1,27 +1,15 @@
-"""Helpers shared by the stage scripts: run directories, metrics files, model lookup from the cache."""
+"""Helpers shared by the stage scripts: run directories, model lookup from the cache (atomic files: coopipe.atomic)."""
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from coopipe.errors import StoreError
 from coopipe.store import find_stores
 
 FEWSHOT_DIR = "fewshot"
-
-
-def write_json(path: str | os.PathLike[str], data: Any) -> Path:
-    """Atomic JSON write (temporary file + rename): a killed run never leaves half a metrics file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=float) + "\n")
-    os.replace(tmp, path)
-    return path
 
 
 def pretrained_for(weights_id: str, hint: str | None = None) -> str:

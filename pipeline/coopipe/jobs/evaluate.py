@@ -21,13 +21,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from coopipe.atomic import write_json
 from coopipe.baselines import IMAGENET_TEMPLATES, dataset_template, fit_linear_probe, zero_shot
 from coopipe.checkpoint import CLASSIFIER_FILE, load_checkpoint, load_classifier
 from coopipe.errors import CheckpointError, StoreError
 from coopipe.evaluate import evaluate_classifier
 from coopipe.features import read_split, select_store
 from coopipe.models import LoadedClip, load_clip
-from coopipe.lookup import method_label, pretrained_for, write_json
+from coopipe.lookup import method_label, pretrained_for
 from coopipe.jobs.train import fewshot_index_for, resolve_model
 from coopipe.store import open_store
 from coopipe.transfer import ClassSubset, check_same_encoder, context_text_features

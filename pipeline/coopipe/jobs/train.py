@@ -23,12 +23,13 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from coopipe.atomic import write_json, write_text
 from coopipe.checkpoint import META_FILE, load_checkpoint, save_checkpoint, save_result
 from coopipe.datasets.fewshot import FewShotIndex, sample_few_shot, sample_val
 from coopipe.errors import CheckpointError, ParamsError, StoreError
 from coopipe.features import read_split, select_store
 from coopipe.models import LoadedClip, load_clip
-from coopipe.lookup import FEWSHOT_DIR, infer_model, method_label, pretrained_for, write_json
+from coopipe.lookup import FEWSHOT_DIR, infer_model, method_label, pretrained_for
 from coopipe.store import FeatureStore, find_stores
 from coopipe.train import EpochRecord, TrainConfig, TrainState, train_coop
 from coopipe.transfer import ClassSubset, check_store_classes
@@ -174,7 +175,7 @@ def run_train(
         result = train_coop(train.features, train.labels, clip, train.classnames, config, val_feats=val_feats,
                             val_labels=val_labels, on_epoch=on_epoch, resume_state=resume)
     save_result(out_dir, result, clip=clip, classnames=train.classnames, config=config, stores=stores, params=record)
-    (out_dir / "history.tsv").write_text(_history_tsv(result.history))
+    write_text(out_dir / "history.tsv", _history_tsv(result.history))
     meta = load_checkpoint(out_dir).meta
     summary = _summary(out_dir, meta, skipped=False, seconds=result.seconds)
     write_json(out_dir / "train.json", summary)

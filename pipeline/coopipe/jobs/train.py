@@ -4,7 +4,8 @@ Reads the few-shot draw (``<cache>/<dataset>/fewshot/...json``, written by the e
 full-split store when absent), the train store with augmented views and the val store, trains with the
 reference protocol (``TrainConfig``), checkpoints atomically every few epochs (a killed run resumes from its
 last checkpoint when re-run), and writes ``prompt.safetensors`` + ``prompt.json``, the exported
-``classifier.safetensors``, ``history.tsv`` (for ``dvc plots``) and ``train.json`` into the run folder.
+``classifier.safetensors``, ``history.tsv``, the dvclive metrics (``dvclive/``, one step per epoch, for ``dvc plots``;
+see :mod:`coopipe.metrics_log`) and ``train.json`` into the run folder.
 A finished run with the same config is not trained again. ``classes='base'`` (or ``'new'``) trains on that half
 of the classes only (CoCoOp's base-to-new protocol, see :mod:`coopipe.transfer`).
 
@@ -30,6 +31,7 @@ from coopipe.errors import CheckpointError, ParamsError, StoreError
 from coopipe.features import read_split, select_store
 from coopipe.models import LoadedClip, load_clip
 from coopipe.lookup import FEWSHOT_DIR, infer_model, method_label, pretrained_for
+from coopipe.metrics_log import EpochMetricsLog
 from coopipe.store import FeatureStore, find_stores
 from coopipe.train import EpochRecord, TrainConfig, TrainState, train_coop
 from coopipe.transfer import ClassSubset, check_store_classes
@@ -159,6 +161,7 @@ def run_train(
     last_save = [time.monotonic()]
     bar = tqdm(total=config.max_epoch, initial=resume.epoch if resume else 0, unit="epoch", disable=not progress,
                desc=f"CoOp {dataset} {shots}-shot seed {seed}", dynamic_ncols=True)
+    metrics = EpochMetricsLog(out_dir, start_epoch=resume.epoch if resume else 0)  # dvclive, one step per epoch
 
     def on_epoch(rec: EpochRecord, state: TrainState) -> None:
         post = {"loss": f"{rec.loss:.3f}", "acc": f"{rec.train_acc:.3f}", "lr": f"{rec.lr:.2e}"}
@@ -166,12 +169,13 @@ def run_train(
             post["val"] = f"{rec.val_acc:.3f}"
         bar.set_postfix(post, refresh=False)
         bar.update(1)
+        metrics.log(rec)
         if time.monotonic() - last_save[0] >= CHECKPOINT_EVERY_S and rec.epoch < config.max_epoch:
             save_checkpoint(out_dir, clip=clip, classnames=train.classnames, config=config, state=state,
                             stores=stores, params=record)
             last_save[0] = time.monotonic()
 
-    with bar:
+    with bar, metrics:
         result = train_coop(train.features, train.labels, clip, train.classnames, config, val_feats=val_feats,
                             val_labels=val_labels, on_epoch=on_epoch, resume_state=resume)
     save_result(out_dir, result, clip=clip, classnames=train.classnames, config=config, stores=stores, params=record)

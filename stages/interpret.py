@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from params import load_params
 
-from coopipe.interpret import format_table
+from coopipe.interpret.render import format_table
 from coopipe.jobs.interpret import run_interpret
 from coopipe.logs import run_stage
 

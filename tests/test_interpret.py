@@ -9,19 +9,11 @@ import pytest
 import torch
 
 from coopipe.errors import ParamsError, ProvenanceMismatchError
-from coopipe.interpret import (
-    CONTINUES,
-    decode_token,
-    evaluate_projection,
-    format_table,
-    format_tsv,
-    interpret_prompt,
-    join_tokens,
-    load_vocab_index,
-    nearest_prompt_tokens,
-    vocab_embeddings,
-    vocab_index_path,
-)
+from coopipe.interpret.projection import evaluate_projection, nearest_prompt_tokens
+from coopipe.interpret.reading import interpret_prompt
+from coopipe.interpret.render import format_table, format_tsv
+from coopipe.interpret.tokens import CONTINUES, decode_token, join_tokens
+from coopipe.interpret.vocab_index import load_vocab_index, vocab_embeddings, vocab_index_path
 from coopipe.prompt import PromptLearner
 
 CLASSES = ["forest", "sea lake", "annual crop land"]
@@ -176,7 +168,7 @@ def test_index_cache_is_reused_validated_and_keyed(rn50, tmp_path, monkeypatch):
     assert vocab_index_path(tmp_path, "RN50", rn50.weights_id, "cosine") != path
     assert vocab_index_path(tmp_path, "RN50", "random-init:seed=1", "l2") != path
     # GPU only when faiss-gpu and CUDA are both there
-    import coopipe.interpret as interpret_mod
+    import coopipe.interpret.vocab_index as interpret_mod
 
     monkeypatch.setattr(interpret_mod, "gpu_available", lambda: False)
     assert not load_vocab_index(rn50, metric="l2").on_gpu

@@ -21,21 +21,18 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from coopipe.cli import app
-from coopipe.report import (
-    ReportError,
-    RunRecord,
+from coopipe.report.aggregate import (
     Stat,
     average_cells,
     base2new_rows,
-    dedupe,
     fewshot_cells,
     gains_over_zeroshot,
     harmonic_mean,
-    method_label,
-    record_from_metrics,
-    shot_position,
     summarize,
 )
+from coopipe.report.figures import shot_position
+from coopipe.report.names import method_label
+from coopipe.report.records import ReportError, RunRecord, dedupe, record_from_metrics
 from coopipe.jobs.report import FILES, run_report
 
 ROOT = Path(__file__).resolve().parents[1]

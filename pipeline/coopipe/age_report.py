@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 
 from coopipe.errors import ParamsError
-from coopipe.report import _figure, _Palette, _save, method_order, shot_position
+from coopipe.report.figures import Palette, new_figure, save_figure, shot_position
+from coopipe.report.names import method_order
 
 __all__ = [
     "PAPER_COOP_MORPH",
@@ -106,7 +107,7 @@ def plot_predicted_vs_true(true: Sequence[float] | np.ndarray, predicted: Sequen
     t, p = np.asarray(true, dtype=np.float64), np.asarray(predicted, dtype=np.float64)
     if t.shape != p.shape or t.size == 0:
         raise ParamsError(f"need as many predictions as true ages (got {p.size} and {t.size})")
-    fig = _figure(10.0, 4.2)
+    fig = new_figure(10.0, 4.2)
     left, right = fig.subplots(1, 2)
     left.scatter(t, p, s=6, alpha=0.4)
     lo, hi = float(min(t.min(), p.min())), float(max(t.max(), p.max()))
@@ -122,16 +123,16 @@ def plot_predicted_vs_true(true: Sequence[float] | np.ndarray, predicted: Sequen
     right.set_ylabel("mean absolute error (years)")
     right.legend()
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_cs_curves(curves: Mapping[str, Mapping[int, float]], path: str | Path, *, title: str = "") -> Path:
     """CS(t) against t (years) for each labelled curve (e.g. method and shots), as a percentage."""
     if not curves:
         raise ParamsError("no CS curves to plot")
-    fig = _figure(5.5, 4.2)
+    fig = new_figure(5.5, 4.2)
     ax = fig.subplots()
-    palette = _Palette()
+    palette = Palette()
     for label, cs in curves.items():
         ts = sorted(int(t) for t in cs)
         ax.plot(ts, [100.0 * cs[t] for t in ts], marker="o", markersize=3, color=palette(label), label=label)
@@ -141,14 +142,14 @@ def plot_cs_curves(curves: Mapping[str, Mapping[int, float]], path: str | Path, 
     ax.set_title(title or "cumulative score")
     ax.legend(fontsize="small")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_mae_vs_shots(cells: Sequence[AgeCell], path: str | Path, *, constant_mae: float | None = None) -> Path:
     """MAE against shots (log2 spacing), one line per method with std bands; zero-shot at 0."""
-    fig = _figure(5.5, 4.2)
+    fig = new_figure(5.5, 4.2)
     ax = fig.subplots()
-    palette = _Palette()
+    palette = Palette()
     for method in sorted({c.method for c in cells}, key=method_order):
         own = sorted((c for c in cells if c.method == method), key=lambda c: c.shots)
         x = [shot_position(c.shots) for c in own]
@@ -163,4 +164,4 @@ def plot_mae_vs_shots(cells: Sequence[AgeCell], path: str | Path, *, constant_ma
     ax.set_ylabel("MAE (years)")
     ax.legend(fontsize="small")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)

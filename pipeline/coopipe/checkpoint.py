@@ -12,7 +12,7 @@ and, once exported, ``classifier.safetensors``: the class text features (K, D) o
 CLIP's logit scale, so inference and evaluation need no text encoder.
 
 Why this way: safetensors holds only tensors (no pickle, safe to load) and the JSON is readable by people and
-DVC. Every file is written to a temporary name in the same folder and moved into place with ``os.replace``, and
+DVC. Every file is written atomically (:func:`coopipe.atomic.atomic_write`: a temporary file, then ``os.replace``), and
 the JSON (written last) records the tensor file's hash, so a reader never sees a half-written or mismatched
 pair; while a checkpoint is overwritten, the previous tensor file is kept as ``prompt.safetensors.prev`` so a run
 killed between the two writes still resumes from the last consistent state. A checkpoint remembers the model, weights and class list it was trained for; using it with features from
@@ -27,9 +27,8 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import coopipe
+from coopipe.atomic import atomic_write, write_json
 from coopipe.errors import CheckpointError, MissingFileError, ParamsError
 from coopipe.method import MethodSpec
 from coopipe.models import LoadedClip, open_clip_version, sha256_file
@@ -76,34 +76,10 @@ CLASSIFIER_FILE = "classifier.safetensors"
 PREVIOUS_SUFFIX = ".prev"  # the last consistent tensor file, kept while a new pair is being written
 
 
-# ---------------------------------------------------------------- atomic writes
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary file next to ``path``, fsync it, then ``os.replace`` it onto ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def _write_json(path: Path, data: Mapping[str, Any]) -> Path:
-    def write(tmp: Path) -> None:
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=False, default=str) + "\n", encoding="utf-8")
-
-    return _atomic_write(path, write)
-
-
+# ---------------------------------------------------------------- tensor files
 def _write_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> Path:
     clean = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
-    return _atomic_write(path, lambda tmp: save_file(clean, str(tmp), metadata=dict(metadata)))
+    return atomic_write(path, lambda tmp: save_file(clean, str(tmp), metadata=dict(metadata)))
 
 
 def _read_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
@@ -411,7 +387,7 @@ def save_checkpoint(
     if tensor_file.is_file() and (directory / META_FILE).is_file():
         # keep the tensors the current prompt.json describes until the new JSON is in place: a run killed between
         # the two writes then still loads (see load_checkpoint)
-        _atomic_write(previous, lambda tmp: shutil.copyfile(tensor_file, tmp))
+        atomic_write(previous, lambda tmp: shutil.copyfile(tensor_file, tmp))
     tensors: dict[str, torch.Tensor] = {"ctx": state.ctx}
     if include_resume:
         tensors["generator_state"] = state.generator_state
@@ -441,7 +417,7 @@ def save_checkpoint(
         "open_clip_version": open_clip_version(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    _write_json(directory / META_FILE, meta)
+    write_json(directory / META_FILE, meta, default=str)
     previous.unlink(missing_ok=True)
     logger.info("saved checkpoint %s (epoch %d/%d)", directory, state.epoch, config.max_epoch)
     return directory

@@ -13,7 +13,6 @@ The image encoder is the expensive part, so everything else is arranged around k
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -28,6 +27,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 import coopipe
+from coopipe.atomic import write_json
 from coopipe.datasets.base import Dataset
 from coopipe.errors import BadImageError, CoopipeError, MissingFileError, StoreError
 from coopipe.imageio import load_rgb
@@ -332,7 +332,7 @@ def encode_split(
         skipped_all = _skipped_report(writer, skipped)
         if skipped_all:
             report = path.with_name(path.name + ".skipped.json")
-            report.write_text(json.dumps(skipped_all, indent=1))
+            write_json(report, skipped_all)
             logger.warning("%d unreadable image(s) skipped; report: %s", len(skipped_all), report)
         writer.finalize({"skipped": skipped_all, "encode_seconds": round(time.perf_counter() - started, 3)})
     seconds = time.perf_counter() - started

@@ -14,6 +14,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from coopipe.atomic import atomic_write
 from coopipe.errors import StoreError
 from coopipe.store import STORE_FORMAT, FeatureStore, StoreWriter, open_store, store_lock, store_path
 
@@ -25,7 +26,11 @@ def export_hdf5(store: FeatureStore, out: str | os.PathLike[str], *, overwrite: 
     out = Path(out)
     if out.exists() and not overwrite:
         raise StoreError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
-    tmp = out.with_name(out.name + ".tmp")
+    atomic_write(out, lambda tmp: _write_hdf5(store, tmp))
+    return out
+
+
+def _write_hdf5(store: FeatureStore, tmp: Path) -> None:
     with h5py.File(tmp, "w") as h5:
         feats = h5.create_dataset(
             "features", shape=store.features.shape, dtype=store.features.dtype,
@@ -41,8 +46,6 @@ def export_hdf5(store: FeatureStore, out: str | os.PathLike[str], *, overwrite: 
         h5.attrs[_ATTR] = json.dumps(store.attrs, default=str)
         for key in ("dataset", "split", "model", "weights"):
             h5.attrs[key] = str(store.provenance.get(key, ""))
-    os.replace(tmp, out)
-    return out
 
 
 def import_hdf5(src: str | os.PathLike[str], cache_dir: str | os.PathLike[str]) -> Path:

@@ -7,7 +7,6 @@ places they drift (a stage once re-drew few-shot indices with its own literal ``
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Mapping
@@ -24,16 +23,6 @@ from coopipe.store import FeatureStore, find_stores
 logger = logging.getLogger(__name__)
 
 FEWSHOT_DIR = "fewshot"
-
-
-def write_json(path: str | os.PathLike[str], data: Any) -> Path:
-    """Atomic JSON write (temporary file + rename): a killed run never leaves half a metrics file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=float) + "\n")
-    os.replace(tmp, path)
-    return path
 
 
 def pretrained_for(weights_id: str, hint: str | None = None) -> str:

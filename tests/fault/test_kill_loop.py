@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 from conftest import copy_eurosat_folder, make_store
 
 from coopipe.checkpoint import load_checkpoint, load_classifier

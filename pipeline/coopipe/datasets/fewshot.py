@@ -10,7 +10,6 @@ with the split file-list hashes it was drawn from, as a small JSON file.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from coopipe.atomic import write_json
 from coopipe.datasets.base import Dataset
 from coopipe.datasets.common import shown
 from coopipe.errors import DatasetError, MissingFileError
@@ -124,20 +124,8 @@ class FewShotIndex:
         }
 
     def save(self, path: str | Path) -> Path:
-        """Write the index as JSON atomically (temporary file, then ``os.replace``); returns the path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(self.to_dict(), f, separators=(",", ":"))
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return path
+        """Write the index as compact JSON atomically (:func:`coopipe.atomic.write_json`); returns the path."""
+        return write_json(path, self.to_dict(), indent=None, separators=(",", ":"))
 
     @classmethod
     def load(cls, path: str | Path) -> FewShotIndex:

@@ -13,13 +13,13 @@ Run by DVC as ``python stages/encode.py`` (reads params.yaml) and by ``coopipe e
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 
+from coopipe.atomic import write_json
 from coopipe.config import EncodeConfig, ModelSpec, PathsConfig
 from coopipe.datasets import load_dataset
 from coopipe.datasets.base import Dataset
@@ -111,9 +111,7 @@ def run_encode(
                 subset_note=plan.note, options=options, scheduler=scheduler, clip=clip,
             )
         )
-    summary = Path(cache_dir) / data.name / "encode_summary.json"
-    summary.parent.mkdir(parents=True, exist_ok=True)
-    summary.write_text(json.dumps([_result_dict(r) for r in results], indent=1))
+    write_json(Path(cache_dir) / data.name / "encode_summary.json", [_result_dict(r) for r in results])
     return results
 
 

@@ -12,24 +12,19 @@ Run by DVC as ``python stages/interpret.py --checkpoint ... --json ... --tsv ...
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import uuid
 from pathlib import Path
 
 
+from coopipe.atomic import write_json, write_text
 from coopipe.checkpoint import Checkpoint, load_checkpoint, load_learner
 from coopipe.errors import ParamsError, StoreError
 from coopipe.features import read_split, select_store
-from coopipe.interpret import (
-    METRICS,
-    Interpretation,
-    evaluate_projection,
-    format_tsv,
-    interpret_prompt,
-    load_vocab_index,
-)
+from coopipe.interpret.projection import evaluate_projection
+from coopipe.interpret.reading import Interpretation, interpret_prompt
+from coopipe.interpret.render import format_tsv
+from coopipe.interpret.vocab_index import METRICS, load_vocab_index
 from coopipe.models import LoadedClip, load_clip
 from coopipe.prompt import PromptLearner
 from coopipe.lookup import checkpoint_pretrained
@@ -89,7 +84,7 @@ def run_interpret(
     ``accuracy``: None measures it when a test store is found (``test_store``, else the full test store of the
     checkpoint's dataset, model and weights under ``cache_dir``), True requires it, False skips it.
     ``pretrained`` overrides where the weights are loaded from (their identity must still match). ``gpu``: see
-    :func:`coopipe.interpret.load_vocab_index`.
+    :func:`coopipe.interpret.vocab_index.load_vocab_index`.
     Writes ``json_out``/``tsv_out`` when given (atomically).
     """
     if metric not in METRICS:
@@ -115,18 +110,7 @@ def run_interpret(
         result.accuracy = evaluate_projection(result, learner, clip, test.center, test.labels, source=str(store.path))
     if json_out is not None:
         data = {"checkpoint": str(Path(checkpoint)), **result.to_dict()}
-        _write_text(Path(json_out), json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+        write_json(json_out, data, ensure_ascii=False)
     if tsv_out is not None:
-        _write_text(Path(tsv_out), format_tsv(result))
+        write_text(tsv_out, format_tsv(result))
     return result
-
-
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

@@ -1,7 +1,7 @@
 """Stage `report`: the paper's tables and figures from every finished run below a runs folder.
 
 Reads each ``metrics*.json`` below ``RUNS_DIR`` (the report folder itself excluded; unreadable or foreign files
-are skipped with a warning), aggregates with :mod:`coopipe.report` and writes into the output folder
+are skipped with a warning), aggregates with the :mod:`coopipe.report` package and writes into the output folder
 (default ``RUNS_DIR/report``):
 
 - ``report.md``: few-shot table (method x shots rows, dataset columns + Average; mean ± population std over
@@ -18,33 +18,24 @@ with ``gain_method``/``gain_shots``) and by ``coopipe report RUNS_DIR``.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from coopipe.report import (
-    CSV_FIELDS,
-    STD_NOTE,
-    ReportError,
-    RunRecord,
+from coopipe.atomic import write_json, write_text
+from coopipe.report.aggregate import (
     average_cells,
     base2new_rows,
-    csv_rows,
-    dedupe,
     fewshot_cells,
     gain_shots_for,
     gains_over_zeroshot,
-    markdown_report,
-    plot_accuracy_vs_shots,
-    plot_gains,
-    record_from_metrics,
     transfer_cells,
 )
-from coopipe.lookup import write_json
+from coopipe.report.figures import plot_accuracy_vs_shots, plot_gains
+from coopipe.report.records import ReportError, RunRecord, dedupe, record_from_metrics
+from coopipe.report.tables import STD_NOTE, csv_rows, csv_text, markdown_report
 
 logger = logging.getLogger(__name__)
 
@@ -75,14 +66,6 @@ def collect_records(runs_dir: Path, *, exclude: Path | None = None) -> tuple[lis
             logger.warning("skipping %s: %s", rel, exc)
             skipped.append(f"{rel}: {exc}")
     return dedupe(records), skipped
-
-
-def _csv_text(rows: Sequence[dict[str, Any]]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(CSV_FIELDS), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
 
 
 def _method_key(method: str, model: str, several_models: bool) -> str:
@@ -134,8 +117,8 @@ def run_report(
     plot_gains(gains, out / FILES["fig4"], method=gain_method, shots=shots)
     figures = {"Figure 3: accuracy vs shots": FILES["fig3"], "Figure 4: gain over zero-shot CLIP": FILES["fig4"]}
     md = markdown_report(cells, averages, b2n, transfer, gains, title=f"coopipe report: {runs_dir}", figures=figures)
-    (out / FILES["markdown"]).write_text(md, encoding="utf-8")
-    (out / FILES["csv"]).write_text(_csv_text(csv_rows(cells, averages, b2n, transfer)), encoding="utf-8")
+    write_text(out / FILES["markdown"], md)
+    write_text(out / FILES["csv"], csv_text(csv_rows(cells, averages, b2n, transfer)))
     summary = {
         "runs_dir": str(runs_dir),
         "std": STD_NOTE,

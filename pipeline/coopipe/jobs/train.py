@@ -4,7 +4,8 @@ Reads the few-shot draw (``<cache>/<dataset>/fewshot/...json``, written by the e
 full-split store when absent), the train store with augmented views and the val store, trains with the
 reference protocol (``TrainConfig``), checkpoints atomically every few epochs (a killed run resumes from its
 last checkpoint when re-run), and writes ``prompt.safetensors`` + ``prompt.json``, the exported
-``classifier.safetensors``, ``history.tsv`` (for ``dvc plots``) and ``train.json`` into the run folder.
+``classifier.safetensors``, ``history.tsv``, the dvclive metrics (``dvclive/``, one step per epoch, for ``dvc plots``;
+see :mod:`coopipe.metrics_log`) and ``train.json`` into the run folder.
 A finished run with the same config is not trained again. ``classes='base'`` (or ``'new'``) trains on that half
 of the classes only (CoCoOp's base-to-new protocol, see :mod:`coopipe.transfer`).
 
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from coopipe.atomic import write_json, write_text
 from coopipe.checkpoint import (
     CLASSIFIER_FILE,
     META_FILE,
@@ -37,7 +39,8 @@ from coopipe.errors import CheckpointError, MissingFileError, StoreError, Traini
 from coopipe.locks import exclusive_lock
 from coopipe.features import read_split, select_store
 from coopipe.models import LoadedClip, sha256_file
-from coopipe.lookup import fewshot_index_for, fewshot_index_path, resolve_model, write_json
+from coopipe.lookup import fewshot_index_for, fewshot_index_path, resolve_model
+from coopipe.metrics_log import EpochMetricsLog
 from coopipe.train import EpochRecord, TrainConfig, TrainState, train_coop
 from coopipe.transfer import ClassSubset, check_store_classes
 
@@ -149,6 +152,7 @@ def _train_locked(
     last_save = [time.monotonic()]
     bar = tqdm(total=config.max_epoch, initial=resume.epoch if resume else 0, unit="epoch", disable=not progress,
                desc=f"CoOp {dataset} {shots}-shot seed {seed}", dynamic_ncols=True)
+    metrics = EpochMetricsLog(out_dir, start_epoch=resume.epoch if resume else 0)  # dvclive, one step per epoch
 
     def on_epoch(rec: EpochRecord, state: TrainState) -> None:
         check_finite(rec, state, config, out_dir)
@@ -157,12 +161,13 @@ def _train_locked(
             post["val"] = f"{rec.val_acc:.3f}"
         bar.set_postfix(post, refresh=False)
         bar.update(1)
+        metrics.log(rec)
         if time.monotonic() - last_save[0] >= checkpoint_every and rec.epoch < config.max_epoch:
             save_checkpoint(out_dir, clip=clip, classnames=train.classnames, config=config, state=state,
                             stores=stores, params=record, run=run)
             last_save[0] = time.monotonic()
 
-    with bar:
+    with bar, metrics:
         result = train_coop(train.features, train.labels, clip, train.classnames, config, val_feats=val_feats,
                             val_labels=val_labels, on_epoch=on_epoch, resume_state=resume)
     if not bool(torch.isfinite(result.text_features).all()):
@@ -205,7 +210,7 @@ def _complete_outputs(ckpt: Checkpoint, clip: LoadedClip, *, seconds: float | No
         ckpt = load_checkpoint(out_dir)
     history = out_dir / "history.tsv"
     if not skipped or not history.is_file():
-        history.write_text(_history_tsv(ckpt.history))
+        write_text(history, _history_tsv(ckpt.history))
     summary = _summary(out_dir, ckpt.meta, skipped=skipped, seconds=seconds)
     if not skipped or not (out_dir / "train.json").is_file():
         write_json(out_dir / "train.json", summary)

@@ -1,0 +1,109 @@
+"""Training metrics through dvclive, DVC's own logger: one step per epoch, so ``dvc plots`` and ``dvc exp show``
+read them natively.
+
+A run folder gets ``dvclive/metrics.json`` (the latest values and step, for ``dvc metrics``/``dvc exp show``) and
+``dvclive/plots/metrics/{loss,train_acc,val_acc,lr}.tsv`` (one row per epoch, for ``dvc plots``). The same files
+are written under DVC (``dvc repro``/``dvc exp run``) and by ``coopipe train`` outside it; ``history.tsv`` stays
+as the plain record.
+
+Steps are epochs: step N holds epoch N (1 = the first), the numbering of ``history.tsv`` and of the checkpoint.
+A resumed run continues the same count: the logger is opened with ``Live(resume=True)`` and the rows of epochs
+after the checkpoint it resumes from (logged before a kill, trained again now) are dropped first, so no step
+appears twice. No DVC experiment is saved and no ``dvc.yaml`` is written (``save_dvc_exp=False,
+dvcyaml=None``): the project's ``dvc.yaml`` declares these files itself.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from coopipe.atomic import write_text
+from coopipe.train import EpochRecord
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DVCLIVE_DIR", "LOGGED", "EpochMetricsLog"]
+
+DVCLIVE_DIR = "dvclive"
+LOGGED = ("loss", "train_acc", "val_acc", "lr")  # EpochRecord fields logged each epoch (val_acc when measured)
+
+
+class EpochMetricsLog:
+    """A dvclive logger for one training run: :meth:`log` one :class:`EpochRecord` per epoch, then close.
+
+    ``start_epoch`` is the epoch training starts after (0 for a fresh run, the checkpoint's epoch when resuming);
+    rows of later epochs already on disk are dropped. Use as a context manager so dvclive's ``end`` always runs.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike[str], *, start_epoch: int = 0) -> None:
+        from dvclive import Live  # imports DVC: only paid by processes that train
+
+        self.dir = Path(run_dir) / DVCLIVE_DIR
+        dropped = drop_steps_after(self.dir, start_epoch)
+        if dropped:
+            logger.info("dvclive: dropped %d row(s) after epoch %d in %s (trained again)", dropped, start_epoch, self.dir)
+        self._live = Live(dir=str(self.dir), resume=True, save_dvc_exp=False, dvcyaml=None)
+
+    def log(self, record: EpochRecord) -> None:
+        """Log ``record``'s metrics as step ``record.epoch`` and write the step (tsv rows and metrics.json)."""
+        self._live.step = record.epoch
+        for name in LOGGED:
+            value = getattr(record, name)
+            if value is not None:
+                self._live.log_metric(name, float(value))
+        self._live.next_step()
+
+    def close(self) -> None:
+        """End the dvclive run (writes the summary and releases the DVC repository it opened)."""
+        self._live.end()
+
+    def __enter__(self) -> EpochMetricsLog:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def drop_steps_after(live_dir: str | os.PathLike[str], last_step: int) -> int:
+    """Remove the rows with ``step > last_step`` from every dvclive metrics file under ``live_dir``.
+
+    Returns the number of rows removed. Files are rewritten atomically, keeping their header, and only when
+    something changes.
+    """
+    removed = 0
+    for path in sorted((Path(live_dir) / "plots" / "metrics").rglob("*.tsv")):
+        header, rows = _read_tsv(path)
+        if "step" not in header:
+            continue
+        step = header.index("step")
+        kept = [row for row in rows if len(row) > step and _as_int(row[step]) <= last_step]
+        if len(kept) != len(rows):
+            removed += len(rows) - len(kept)
+            write_text(path, _tsv_text([header, *kept]))
+    return removed
+
+
+def _read_tsv(path: Path) -> tuple[list[str], list[list[str]]]:
+    lines = list(csv.reader(io.StringIO(path.read_text(encoding="utf-8")), delimiter="\t"))
+    return (lines[0], lines[1:]) if lines else ([], [])
+
+
+def _tsv_text(rows: list[list[str]]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, delimiter="\t", lineterminator=os.linesep).writerows(rows)  # as dvclive writes them
+    return buf.getvalue()
+
+
+def _as_int(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return -1  # an unreadable step is kept (it cannot be a later epoch's row)

@@ -1,0 +1,243 @@
+"""Mean ± std over seeds per dataset x shots x method: the numbers of the paper's tables and figures.
+
+Why pure functions over :class:`~coopipe.report.records.RunRecord` values: the numbers a report prints must be
+checkable by hand, so reading files (the job ``coopipe.jobs.report``) is kept apart from the arithmetic here,
+which tests feed with hand-made records.
+
+Conventions, as CoOp's reference ``tools/parse_test_res.py``:
+- accuracies are in percent;
+- the spread is the *population* standard deviation over seeds (``np.std``, ddof=0), not the sample one; with
+  three seeds it is sqrt(2/3) ~ 0.82 times the sample std;
+- the average over datasets is the mean of the per-dataset means; its spread is the std over seeds of the
+  per-seed averages (seeds common to all datasets of the row);
+- base-to-new results are reported with the harmonic mean H = 2 B N / (B + N) of the mean base and new
+  accuracies, as CoCoOp does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from coopipe.report.names import AVERAGE, dataset_order, method_order
+from coopipe.report.records import RunRecord
+
+STD_DDOF = 0  # population std, as CoOp's parse_test_res.py (np.std)
+
+
+@dataclass(frozen=True)
+class Stat:
+    """Mean ± population std (ddof=0) of per-seed values in percent, with the seeds and values themselves."""
+
+    mean: float
+    std: float
+    n: int
+    seeds: tuple[int | None, ...] = ()
+    values: tuple[float, ...] = ()
+
+    @property
+    def single(self) -> bool:
+        """One seedless value (zero-shot CLIP): shown without ±."""
+        return self.seeds == (None,)
+
+    def text(self, *, digits: int = 2, expected_n: int | None = None) -> str:
+        """``83.53 ± 1.20``; a seedless value without ±; `` (n=2)`` appended when fewer seeds than expected."""
+        if self.n == 0 or math.isnan(self.mean):
+            return "–"
+        body = f"{self.mean:.{digits}f}"
+        if not self.single and not math.isnan(self.std):
+            body += f" ± {self.std:.{digits}f}"
+        if expected_n is not None and not self.single and self.n < expected_n:
+            body += f" (n={self.n})"
+        return body
+
+
+def summarize(values: Sequence[float], seeds: Sequence[int | None] = ()) -> Stat:
+    """Mean and population std (ddof=0, as CoOp's parser) of ``values`` (already in percent)."""
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.size == 0:
+        return Stat(float("nan"), float("nan"), 0)
+    return Stat(float(arr.mean()), float(arr.std(ddof=STD_DDOF)), int(arr.size), tuple(seeds), tuple(arr.tolist()))
+
+
+def harmonic_mean(a: float, b: float) -> float:
+    """2ab / (a + b): CoCoOp's H of base and new accuracy (0 when both are 0)."""
+    return 0.0 if a + b == 0 else 2.0 * a * b / (a + b)
+
+
+def average_stat(stats: Sequence[Stat]) -> Stat:
+    """The average of several datasets' results: mean = mean of their means; std = population std over seeds of
+    the per-seed averages, on the seeds all of them have (n = the number of those seeds)."""
+    per_seed = [dict(zip(s.seeds, s.values)) for s in stats]
+    common = [seed for seed in per_seed[0] if all(seed in d for d in per_seed[1:])] if per_seed else []
+    spread = summarize([float(np.mean([d[seed] for d in per_seed])) for seed in common], common)
+    mean = float(np.mean([s.mean for s in stats])) if stats else float("nan")
+    return Stat(mean, spread.std, spread.n, spread.seeds, spread.values)
+
+
+def _seed_stat(records: Sequence[RunRecord], value: Callable[[RunRecord], float]) -> Stat:
+    """Mean ± std of ``value`` (a fraction) over the records' seeds, in percent."""
+    ordered = sorted(records, key=lambda r: (r.seed is None, r.seed or 0))
+    return summarize([100.0 * value(r) for r in ordered], [r.seed for r in ordered])
+
+
+# ---------------------------------------------------------------- few-shot table
+@dataclass(frozen=True)
+class Cell:
+    """One dataset x model x method x shots over seeds (accuracy and macro-F1 in percent)."""
+
+    dataset: str
+    method: str
+    shots: int
+    accuracy: Stat
+    model: str = ""
+    macro_f1: Stat | None = None
+    n_datasets: int = 1  # average cells: how many datasets went into it
+    paths: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def fewshot_cells(records: Iterable[RunRecord]) -> list[Cell]:
+    """Cells of the few-shot records (zero-shot CLIP at 0 shots) per dataset x model x method x shots."""
+    groups: dict[tuple[str, str, str, int], list[RunRecord]] = defaultdict(list)
+    for r in records:
+        if r.kind == "fewshot":
+            groups[(r.dataset, r.model, r.method, r.shots)].append(r)
+    cells = []
+    for (dataset, model, method, shots), recs in groups.items():
+        f1 = None
+        if all(r.macro_f1 is not None for r in recs):
+            f1 = _seed_stat(recs, lambda r: r.macro_f1 or 0.0)
+        cells.append(Cell(dataset, method, shots, _seed_stat(recs, lambda r: r.accuracy), model, f1,
+                          paths=tuple(sorted(r.path for r in recs))))
+    return sorted(cells, key=lambda c: (dataset_order(c.dataset), c.shots, method_order(c.method), c.model))
+
+
+def average_cells(cells: Iterable[Cell]) -> list[Cell]:
+    """The "Average" column and panel: per model x method x shots, over the datasets that have the cell.
+
+    See :func:`average_stat`; ``n_datasets`` tells how many datasets were averaged.
+    """
+    groups: dict[tuple[str, str, int], list[Cell]] = defaultdict(list)
+    for c in cells:
+        if c.dataset != AVERAGE:
+            groups[(c.model, c.method, c.shots)].append(c)
+    out = [Cell(AVERAGE, method, shots, average_stat([c.accuracy for c in members]), model, n_datasets=len(members))
+           for (model, method, shots), members in groups.items()]
+    return sorted(out, key=lambda c: (c.shots, method_order(c.method), c.model))
+
+
+# ---------------------------------------------------------------- base-to-new and transfer
+@dataclass(frozen=True)
+class BaseNewRow:
+    """CoCoOp's base-to-new result of one dataset x model x method x shots; H of the mean base and new."""
+
+    dataset: str
+    method: str
+    shots: int
+    base: Stat
+    new: Stat
+    model: str = ""
+
+    @property
+    def hm(self) -> float:
+        if self.base.n == 0 or self.new.n == 0:
+            return float("nan")
+        return harmonic_mean(self.base.mean, self.new.mean)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "hm": self.hm}
+
+
+def base2new_rows(records: Iterable[RunRecord]) -> list[BaseNewRow]:
+    """Base and new accuracy per dataset x model x method x shots, plus an average row per method."""
+    groups: dict[tuple[str, str, str, int], dict[str, list[RunRecord]]] = defaultdict(lambda: {"base": [], "new": []})
+    for r in records:
+        if r.kind == "base2new":
+            groups[(r.dataset, r.model, r.method, r.shots)][r.classes].append(r)
+    rows = [
+        BaseNewRow(ds, method, shots, _seed_stat(parts["base"], lambda r: r.accuracy),
+                   _seed_stat(parts["new"], lambda r: r.accuracy), model)
+        for (ds, model, method, shots), parts in groups.items()
+    ]
+    rows.sort(key=lambda r: (dataset_order(r.dataset), method_order(r.method), r.shots, r.model))
+    by_method: dict[tuple[str, str, int], list[BaseNewRow]] = defaultdict(list)
+    for row in rows:
+        if row.base.n and row.new.n:
+            by_method[(row.model, row.method, row.shots)].append(row)
+    datasets = {r.dataset for r in rows}
+    if len(datasets) > 1:
+        for (model, method, shots), members in sorted(by_method.items(), key=lambda kv: (method_order(kv[0][1]), kv[0][2])):
+            rows.append(BaseNewRow(AVERAGE, method, shots, average_stat([m.base for m in members]),
+                                   average_stat([m.new for m in members]), model))
+    return rows
+
+
+@dataclass(frozen=True)
+class TransferCell:
+    """A prompt learned on ``source`` evaluated on ``dataset`` (cross-dataset / domain generalisation)."""
+
+    source: str
+    dataset: str
+    method: str
+    shots: int
+    accuracy: Stat
+    model: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def transfer_cells(records: Iterable[RunRecord]) -> list[TransferCell]:
+    """Per source x target x model x method x shots over seeds."""
+    groups: dict[tuple[str, str, str, str, int], list[RunRecord]] = defaultdict(list)
+    for r in records:
+        if r.kind == "transfer" and r.source is not None:
+            groups[(r.source, r.dataset, r.model, r.method, r.shots)].append(r)
+    cells = [TransferCell(src, ds, method, shots, _seed_stat(recs, lambda r: r.accuracy), model)
+             for (src, ds, model, method, shots), recs in groups.items()]
+    return sorted(cells, key=lambda c: (dataset_order(c.source), method_order(c.method), c.shots,
+                                        dataset_order(c.dataset)))
+
+
+# ---------------------------------------------------------------- gain over zero-shot (Figure 4)
+@dataclass(frozen=True)
+class Gain:
+    dataset: str
+    method: str
+    shots: int
+    method_accuracy: float
+    zeroshot_accuracy: float
+    model: str = ""
+
+    @property
+    def points(self) -> float:
+        return self.method_accuracy - self.zeroshot_accuracy
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "gain": self.points}
+
+
+def gain_shots_for(cells: Iterable[Cell], method: str) -> int | None:
+    """The most shots ``method`` has results for (16 in the full grid), or None."""
+    shots = [c.shots for c in cells if c.method == method and c.dataset != AVERAGE]
+    return max(shots) if shots else None
+
+
+def gains_over_zeroshot(cells: Sequence[Cell], *, method: str = "coop", shots: int | None = None) -> list[Gain]:
+    """``method`` at ``shots`` minus zero-shot CLIP (same model), in points, per dataset that has both."""
+    shots = gain_shots_for(cells, method) if shots is None else shots
+    zero = {(c.dataset, c.model): c for c in cells if c.method == "zeroshot" and c.dataset != AVERAGE}
+    out = [
+        Gain(c.dataset, method, c.shots, c.accuracy.mean, zero[(c.dataset, c.model)].accuracy.mean, c.model)
+        for c in cells
+        if c.method == method and c.shots == shots and c.dataset != AVERAGE and (c.dataset, c.model) in zero
+    ]
+    return sorted(out, key=lambda g: g.points)

@@ -1,0 +1,75 @@
+"""Dataset and method names and their order in the paper's tables and figures."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+AVERAGE = "average"
+
+# CoOp's benchmark order (the paper's tables and Figure 3), then the ImageNet variants.
+DATASET_LABELS: dict[str, str] = {
+    "imagenet": "ImageNet",
+    "caltech101": "Caltech101",
+    "oxford_pets": "OxfordPets",
+    "stanford_cars": "StanfordCars",
+    "oxford_flowers": "Flowers102",
+    "food101": "Food101",
+    "fgvc_aircraft": "FGVCAircraft",
+    "sun397": "SUN397",
+    "dtd": "DTD",
+    "eurosat": "EuroSAT",
+    "ucf101": "UCF101",
+    "imagenetv2": "ImageNetV2",
+    "imagenet_sketch": "ImageNet-Sketch",
+    "imagenet_a": "ImageNet-A",
+    "imagenet_r": "ImageNet-R",
+    AVERAGE: "Average",
+}
+_METHOD_NAMES = {
+    "zeroshot": "Zero-shot CLIP",
+    "zeroshot_ensemble": "Zero-shot CLIP (ensemble)",
+    "linear_probe": "Linear probe CLIP",
+    "coop": "CoOp",
+}
+_METHOD_ORDER = ("zeroshot", "zeroshot_ensemble", "linear_probe", "coop")
+
+
+def dataset_label(name: str) -> str:
+    return DATASET_LABELS.get(name, name)
+
+
+def dataset_order(name: str) -> tuple[int, str]:
+    names = list(DATASET_LABELS)
+    return (names.index(name), name) if name in DATASET_LABELS else (len(names) - 1, name)
+
+
+def method_order(method: str) -> tuple[int, str]:
+    for i, prefix in enumerate(_METHOD_ORDER):
+        if method == prefix:
+            return (i, "")
+    return (len(_METHOD_ORDER), method)
+
+
+def method_label(method: str, model: str = "", *, with_model: bool = False) -> str:
+    """Readable method name: ``coop_csc_middle`` -> ``CoOp (CSC, middle)``; ``coop_m8`` -> ``CoOp (M=8)``."""
+    name = _METHOD_NAMES.get(method)
+    if name is None and method.startswith("coop_"):
+        parts = []
+        for token in method[len("coop_"):].split("_"):
+            if token == "csc":
+                parts.append("CSC")
+            elif token.startswith("init-"):
+                parts.append('init "' + token[len("init-"):].replace("-", " ") + '"')
+            elif token[:1] == "m" and token[1:].isdigit():
+                parts.append(f"M={token[1:]}")
+            else:
+                parts.append(token)
+        name = f"CoOp ({', '.join(parts)})"
+    name = name or method
+    return f"{name} [{model}]" if with_model and model else name
+
+
+def several_models(items: Iterable[Any]) -> bool:
+    """True when the items (cells, rows) come from more than one model: labels then name the model."""
+    return len({getattr(i, "model", "") for i in items}) > 1

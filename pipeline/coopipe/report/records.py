@@ -1,0 +1,100 @@
+"""Run results read from ``metrics.json`` mappings, told apart by kind, one per run.
+
+Records come in four kinds, told apart by fields the evaluation writes into ``metrics.json``:
+``fewshot`` (all classes; zero-shot CLIP counts as 0 shots), ``base2new`` (``classes`` base/new: CoCoOp's
+protocol), ``transfer`` (``source_dataset`` differs from ``dataset``: cross-dataset and domain generalisation),
+and ``other`` (e.g. a base-trained prompt evaluated on all classes).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from coopipe.errors import CoopipeError
+
+logger = logging.getLogger(__name__)
+
+
+class ReportError(CoopipeError, ValueError):
+    """A metrics file that cannot be read as a run result, or a report request that cannot be met."""
+
+
+# ---------------------------------------------------------------- records
+@dataclass(frozen=True)
+class RunRecord:
+    """The result of one evaluated run (accuracy as a fraction, as in ``metrics.json``)."""
+
+    dataset: str
+    method: str
+    shots: int
+    seed: int | None
+    accuracy: float
+    macro_f1: float | None = None
+    model: str = ""
+    classes: str = "all"  # the classes evaluated: all, base or new
+    train_classes: str = "all"  # the classes trained on
+    source: str | None = None  # training dataset, for transfer results
+    path: str = ""
+
+    @property
+    def kind(self) -> str:
+        """``transfer``, ``base2new``, ``fewshot``, or ``other`` (e.g. a base-trained prompt on all classes)."""
+        if self.source is not None and self.source != self.dataset:
+            return "transfer"
+        if self.classes in ("base", "new"):
+            return "base2new"
+        if self.classes == "all" and self.train_classes == "all":
+            return "fewshot"
+        return "other"
+
+    def key(self) -> tuple[Any, ...]:
+        return (self.kind, self.dataset, self.source, self.model, self.method, self.shots, self.classes, self.seed)
+
+
+def record_from_metrics(data: Mapping[str, Any], path: str = "") -> RunRecord:
+    """A :class:`RunRecord` from a ``metrics.json`` mapping; :class:`ReportError` if it is not a run result."""
+    where = f" in {path}" if path else ""
+    missing = [k for k in ("method", "dataset", "accuracy") if data.get(k) is None]
+    if missing:
+        raise ReportError(f"not a coopipe run result{where}: missing {', '.join(missing)}")
+    acc = data["accuracy"]
+    if isinstance(acc, bool) or not isinstance(acc, (int, float)) or not 0.0 <= float(acc) <= 1.0:
+        raise ReportError(f"accuracy{where} must be a fraction in [0, 1], got {acc!r}")
+    shots, seed = data.get("shots"), data.get("seed")
+    if shots is None and str(data["method"]).startswith("zeroshot"):
+        shots = 0
+    if isinstance(shots, bool) or not isinstance(shots, int) or shots < 0:
+        raise ReportError(f"shots{where} must be a non-negative integer, got {shots!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ReportError(f"seed{where} must be an integer or null, got {seed!r}")
+    f1 = data.get("macro_f1")
+    return RunRecord(
+        dataset=str(data["dataset"]),
+        method=str(data["method"]),
+        shots=shots,
+        seed=seed,
+        accuracy=float(acc),
+        macro_f1=float(f1) if isinstance(f1, (int, float)) and not isinstance(f1, bool) else None,
+        model=str(data.get("model") or ""),
+        classes=str(data.get("classes") or "all"),
+        train_classes=str(data.get("train_classes") or "all"),
+        source=str(data["source_dataset"]) if data.get("source_dataset") else None,
+        path=path,
+    )
+
+
+def dedupe(records: Iterable[RunRecord]) -> list[RunRecord]:
+    """One record per (kind, dataset, source, model, method, shots, classes, seed): the first by path wins.
+
+    Two folders holding the same run (a copy, or a quick try beside the real grid) would otherwise count one
+    seed twice and shrink the std; the duplicates are logged.
+    """
+    kept: dict[tuple[Any, ...], RunRecord] = {}
+    for rec in sorted(records, key=lambda r: r.path):
+        first = kept.setdefault(rec.key(), rec)
+        if first is not rec:
+            logger.warning("duplicate result %s (same run as %s): ignored", rec.path, first.path)
+    return list(kept.values())

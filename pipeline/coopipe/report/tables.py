@@ -1,0 +1,185 @@
+"""The report as Markdown tables and long-format CSV (accuracies in percent with two decimals).
+
+Every caption says that the spread is the population standard deviation over seeds (ddof=0), as CoOp's
+``parse_test_res.py``; see :mod:`coopipe.report.aggregate` for how the numbers are made.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from coopipe.report.aggregate import BaseNewRow, Cell, Gain, Stat, TransferCell
+from coopipe.report.names import AVERAGE, dataset_label, dataset_order, method_label, method_order, several_models
+
+STD_NOTE = (
+    "mean ± std over seeds; std is the population standard deviation (ddof=0, numpy's np.std, as CoOp's "
+    "parse_test_res.py)"
+)
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]], align_right_from: int) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join(("---:" if i >= align_right_from else "---") for i in range(len(header))) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return lines
+
+
+def fewshot_markdown(cells: Sequence[Cell], averages: Sequence[Cell]) -> list[str]:
+    """Rows = method x shots (zero-shot first), columns = datasets (+ Average when there are several)."""
+    datasets = sorted({c.dataset for c in cells}, key=dataset_order)
+    if not datasets:
+        return []
+    with_avg = len(datasets) > 1
+    models = several_models(cells)
+    index = {(c.dataset, c.model, c.method, c.shots): c for c in [*cells, *averages]}
+    expected = max((c.accuracy.n for c in cells if not c.accuracy.single), default=None)
+    row_keys = sorted({(c.shots, method_order(c.method), c.method, c.model) for c in cells})
+    cols = [*datasets, *([AVERAGE] if with_avg else [])]
+    rows = []
+    for shots, _, method, model in row_keys:
+        texts = []
+        for ds in cols:
+            cell = index.get((ds, model, method, shots))
+            text = cell.accuracy.text(expected_n=expected) if cell else "–"
+            if cell and ds == AVERAGE and cell.n_datasets < len(datasets):
+                text += f" ({cell.n_datasets}/{len(datasets)} datasets)"
+            texts.append(text)
+        rows.append([method_label(method, model, with_model=models), str(shots), *texts])
+    caption = (
+        f"Test accuracy (%) by number of shots per class: {STD_NOTE}. Zero-shot CLIP is a single run (0 shots)."
+        + (" (n=k): fewer seeds than the other cells." if any("(n=" in text for row in rows for text in row) else "")
+        + (" Average: mean over the datasets of the per-dataset means." if with_avg else "")
+    )
+    return ["## Few-shot accuracy", "", caption, "",
+            *_md_table(["Method", "Shots", *[dataset_label(d) for d in cols]], rows, 1)]
+
+
+def base2new_markdown(rows: Sequence[BaseNewRow]) -> list[str]:
+    if not rows:
+        return []
+    models = several_models(rows)
+    body = [[dataset_label(r.dataset), method_label(r.method, r.model, with_model=models), str(r.shots),
+             r.base.text(), r.new.text(), "–" if math.isnan(r.hm) else f"{r.hm:.2f}"] for r in rows]
+    caption = (f"Base-to-new generalisation (CoCoOp's protocol: sorted labels, the first ceil(K/2) classes are base; "
+               f"trained on base, tested on base and new separately). Accuracy (%): {STD_NOTE}. H is the harmonic "
+               f"mean of the mean base and new accuracy; the average row averages the dataset means.")
+    return ["## Base-to-new generalisation", "", caption, "",
+            *_md_table(["Dataset", "Method", "Shots", "Base", "New", "H"], body, 2)]
+
+
+def transfer_markdown(cells: Sequence[TransferCell], fewshot: Sequence[Cell]) -> list[str]:
+    """Rows = method x source (+ zero-shot CLIP on the same targets), columns = source then targets, Average."""
+    if not cells:
+        return []
+    targets = sorted({c.dataset for c in cells}, key=dataset_order)
+    models = several_models(cells)
+    index = {(c.source, c.dataset, c.model, c.method, c.shots): c for c in cells}
+    own = {(c.dataset, c.model, c.method, c.shots): c for c in fewshot}
+    row_keys = sorted({(dataset_order(c.source), c.source, method_order(c.method), c.method, c.shots, c.model)
+                       for c in cells})
+    body = []
+    for model in sorted({c.model for c in cells}):
+        zero = [own.get((t, model, "zeroshot", 0)) for t in targets]
+        if any(zero):
+            means = [z.accuracy.mean for z in zero if z]
+            body.append([method_label("zeroshot", model, with_model=models), "–", "0", "–",
+                         *[z.accuracy.text() if z else "–" for z in zero],
+                         f"{np.mean(means):.2f}" if len(means) == len(targets) else "–"])
+    for _, source, _, method, shots, model in row_keys:
+        src = own.get((source, model, method, shots))
+        got = [index.get((source, t, model, method, shots)) for t in targets]
+        means = [g.accuracy.mean for g in got if g]
+        body.append([method_label(method, model, with_model=models), dataset_label(source), str(shots),
+                     src.accuracy.text() if src else "–", *[g.accuracy.text() if g else "–" for g in got],
+                     f"{np.mean(means):.2f}" if len(means) == len(targets) else "–"])
+    caption = (f"Transfer of a prompt learned on the source dataset to target datasets (cross-dataset and domain "
+               f"generalisation; the classifier is rebuilt from the learned context with each target's class names). "
+               f"Accuracy (%): {STD_NOTE}. Average: mean over the targets (shown when every target has a result).")
+    header = ["Method", "Source", "Shots", "Source acc.", *[dataset_label(t) for t in targets], "Average"]
+    return ["## Cross-dataset transfer and domain generalisation", "", caption, "", *_md_table(header, body, 2)]
+
+
+def gains_markdown(gains: Sequence[Gain]) -> list[str]:
+    if not gains:
+        return []
+    body = [[dataset_label(g.dataset), f"{g.zeroshot_accuracy:.2f}", f"{g.method_accuracy:.2f}", f"{g.points:+.2f}"]
+            for g in sorted(gains, key=lambda g: -g.points)]
+    name = method_label(gains[0].method)
+    return [f"## {name} ({gains[0].shots} shots) vs zero-shot CLIP", "",
+            "Absolute improvement in points (mean over seeds minus the zero-shot accuracy).", "",
+            *_md_table(["Dataset", "Zero-shot CLIP", name, "Gain"], body, 1)]
+
+
+def markdown_report(
+    cells: Sequence[Cell],
+    averages: Sequence[Cell],
+    b2n: Sequence[BaseNewRow],
+    transfer: Sequence[TransferCell],
+    gains: Sequence[Gain],
+    *,
+    title: str = "coopipe report",
+    figures: Mapping[str, str] | None = None,
+) -> str:
+    """The whole report as Markdown: few-shot table, gains, base-to-new and transfer tables, figure links."""
+    parts: list[str] = [f"# {title}", ""]
+    for section in (fewshot_markdown(cells, averages), gains_markdown(gains), base2new_markdown(b2n),
+                    transfer_markdown(transfer, cells)):
+        if section:
+            parts += [*section, ""]
+    if len(parts) == 2:
+        parts += ["No finished runs found (no metrics.json below the runs folder).", ""]
+    for caption, name in (figures or {}).items():
+        parts += [f"![{caption}]({name})", ""]
+    return "\n".join(parts)
+
+
+CSV_FIELDS = ("table", "dataset", "source", "method", "model", "shots", "classes", "n", "seeds", "mean", "std",
+              "macro_f1_mean", "macro_f1_std", "n_datasets")
+
+
+def csv_rows(
+    cells: Sequence[Cell], averages: Sequence[Cell], b2n: Sequence[BaseNewRow], transfer: Sequence[TransferCell]
+) -> list[dict[str, Any]]:
+    """Long-format rows (one per table cell; percent values; std = population std) for report.csv."""
+
+    def row(table: str, dataset: str, method: str, model: str, shots: int, stat: Stat, **extra: Any) -> dict[str, Any]:
+        base = {k: "" for k in CSV_FIELDS}
+        base.update(table=table, dataset=dataset, method=method, model=model, shots=shots, classes="all", n=stat.n,
+                    seeds=";".join("" if s is None else str(s) for s in stat.seeds),
+                    mean=_num(stat.mean), std="" if stat.single else _num(stat.std))
+        base.update(extra)
+        return base
+
+    out = []
+    for c in cells:
+        f1 = c.macro_f1
+        out.append(row("fewshot", c.dataset, c.method, c.model, c.shots, c.accuracy,
+                       macro_f1_mean=_num(f1.mean) if f1 else "",
+                       macro_f1_std=_num(f1.std) if f1 and not f1.single else ""))
+    out += [row("fewshot", AVERAGE, c.method, c.model, c.shots, c.accuracy, n_datasets=c.n_datasets) for c in averages]
+    for r in b2n:
+        out.append(row("base2new", r.dataset, r.method, r.model, r.shots, r.base, classes="base"))
+        out.append(row("base2new", r.dataset, r.method, r.model, r.shots, r.new, classes="new"))
+        out.append(row("base2new", r.dataset, r.method, r.model, r.shots, Stat(r.hm, float("nan"), 0), classes="hm",
+                       std=""))
+    out += [row("transfer", t.dataset, t.method, t.model, t.shots, t.accuracy, source=t.source) for t in transfer]
+    return out
+
+
+def _num(x: float) -> str:
+    return "" if math.isnan(x) else f"{x:.4f}"
+
+
+def csv_text(rows: Sequence[Mapping[str, Any]]) -> str:
+    """``rows`` (from :func:`csv_rows`) as CSV text with a header of :data:`CSV_FIELDS`."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(CSV_FIELDS), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()

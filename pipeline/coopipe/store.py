@@ -154,7 +154,7 @@ class FeatureStore:
     def classnames(self) -> list[str]:
         return list(self.provenance["classnames"])
 
-    def rows_for(self, split_positions: Sequence[int]) -> np.ndarray:
+    def rows_for(self, split_positions: Sequence[int] | np.ndarray) -> np.ndarray:
         """Store rows holding the given split positions (e.g. few-shot indices); error if any is absent."""
         index = self.index()
         order = np.argsort(index)

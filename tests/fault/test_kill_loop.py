@@ -1,18 +1,20 @@
 """Kill loops: `coopipe encode` and `coopipe train` are killed with SIGKILL at random points, re-run each time, and
 must end bitwise equal to an uninterrupted run with no stuck state (no `.partial` store, no lock, no half file).
 
-Each run is a real `python -m coopipe.cli` process. The kill points are drawn from a seeded generator between the
-process start and the measured length of an uninterrupted run, so they land in start-up, mid-work and the final
-writes; after the loop one more run (never killed) must finish from whatever state the last kill left.
+Each run is a real `coopipe` process (forked from a server that imported coopipe, see ``_context``). The kill points
+are drawn from a seeded generator between the process start and the measured length of an uninterrupted run, so
+they land in start-up, mid-work and the final writes; after the loop one more run (never killed) must finish from
+whatever state the last kill left.
 """
 
 from __future__ import annotations
 
+import multiprocessing
+import multiprocessing.context
 import os
 import random
+import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -26,34 +28,54 @@ KILLS = 10
 CLASSES = ("Forest", "SeaLake", "Highway")
 
 
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "coopipe.cli", "--log-level", "WARNING", *args]
+def _cli_main(args: tuple[str, ...]) -> None:
+    """A process running ``coopipe ARGS`` (one thread, as the uninterrupted reference run)."""
+    os.environ.update({"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    import torch
+
+    from coopipe.cli import app
+
+    torch.set_num_threads(1)
+    app(args=["--log-level", "WARNING", *args], standalone_mode=False)
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": "0"}
+def _context() -> multiprocessing.context.BaseContext:
+    """Processes forked from a server that has imported coopipe (and torch) but run nothing: each start costs a
+    fork, not a fresh interpreter, so ten kills fit in a test's time while each process is a real `coopipe`."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["coopipe.cli"])
+    return ctx
 
 
-def _run(cmd: list[str]) -> float:
+def _run(ctx: multiprocessing.context.BaseContext, args: tuple[str, ...]) -> float:
     start = time.monotonic()
-    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout + res.stderr
+    proc = ctx.Process(target=_cli_main, args=(args,))
+    proc.start()
+    proc.join(600)
+    assert proc.exitcode == 0, f"coopipe {' '.join(args)} exited with {proc.exitcode}"
     return time.monotonic() - start
 
 
-def _kill_loop(cmd: list[str], length: float, rng: random.Random) -> int:
-    """Start ``cmd`` KILLS times, each SIGKILLed after a random delay in (0.2, 1.1) x ``length`` (a run that ends
-    first simply finishes); returns how many were really killed."""
+def _kill_loop(ctx: multiprocessing.context.BaseContext, args: tuple[str, ...], length: float, rng: random.Random,
+               output: Path) -> None:
+    """SIGKILL ``coopipe ARGS`` KILLS times, each after a random delay in (0.05, 0.8) x ``length`` (the time of an
+    uninterrupted run); a run that finishes before its kill point has its output removed, so every kill lands in
+    real work (start-up, mid-work or the final writes) and the state that the last kill left is what is resumed."""
     killed = 0
-    for _ in range(KILLS):
-        proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            proc.wait(timeout=rng.uniform(0.2, 1.1) * length)
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
+    for _ in range(6 * KILLS):
+        proc = ctx.Process(target=_cli_main, args=(args,))
+        proc.start()
+        proc.join(rng.uniform(0.05, 0.8) * length)
+        if proc.exitcode is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.join()
             killed += 1
-    return killed
+            if killed == KILLS:
+                return
+        else:
+            assert proc.exitcode == 0, f"coopipe {' '.join(args)} exited with {proc.exitcode}"
+            shutil.rmtree(output)  # finished before its kill point: start over
+    raise AssertionError(f"only {killed} of {KILLS} kills landed in {6 * KILLS} runs")
 
 
 def _no_stuck_state(root: Path) -> None:
@@ -66,10 +88,10 @@ def test_encode_killed_at_random_points_resumes_to_the_same_store(eurosat_root: 
     args = ("encode", "--dataset", "imagefolder", "--data-root", str(folder), "--pretrained", "none", "--views", "1",
             "--shots", "2", "--seeds", "1", "--precision", "fp32", "--chunk-rows", "4", "--batch-size", "4",
             "--no-progress")
-    length = _run(_cli(*args, "--cache", str(tmp_path / "clean")))
-    killed = _kill_loop(_cli(*args, "--cache", str(tmp_path / "killed")), length, random.Random(1))
-    _run(_cli(*args, "--cache", str(tmp_path / "killed")))
-    assert killed >= KILLS // 2, f"only {killed} of {KILLS} runs were killed: the kill points missed the work"
+    ctx = _context()
+    length = _run(ctx, (*args, "--cache", str(tmp_path / "clean")))
+    _kill_loop(ctx, (*args, "--cache", str(tmp_path / "killed")), length, random.Random(1), tmp_path / "killed")
+    _run(ctx, (*args, "--cache", str(tmp_path / "killed")))
     clean = sorted((tmp_path / "clean").rglob("*.zarr"))
     again = sorted((tmp_path / "killed").rglob("*.zarr"))
     assert [p.name for p in clean] == [p.name for p in again] and len(clean) == 3
@@ -88,10 +110,10 @@ def test_train_killed_at_random_points_resumes_bitwise(rn50, tmp_path: Path):
                labels=labels, split="train")
     args = ("train", "--features", str(cache), "--dataset", "toy", "--shots", "4", "--seed", "1", "--epochs", "30",
             "--n-ctx", "2", "--batch-size", "4", "--checkpoint-every", "0", "--no-progress")
-    length = _run(_cli(*args, "--out", str(tmp_path / "clean")))
-    killed = _kill_loop(_cli(*args, "--out", str(tmp_path / "killed")), length, random.Random(2))
-    _run(_cli(*args, "--out", str(tmp_path / "killed")))
-    assert killed >= KILLS // 2, f"only {killed} of {KILLS} runs were killed: the kill points missed the work"
+    ctx = _context()
+    length = _run(ctx, (*args, "--out", str(tmp_path / "clean")))
+    _kill_loop(ctx, (*args, "--out", str(tmp_path / "killed")), length, random.Random(2), tmp_path / "killed")
+    _run(ctx, (*args, "--out", str(tmp_path / "killed")))
     clean, again = load_checkpoint(tmp_path / "clean"), load_checkpoint(tmp_path / "killed")
     assert again.complete and again.epoch == 30
     assert np.array_equal(clean.ctx.numpy(), again.ctx.numpy())

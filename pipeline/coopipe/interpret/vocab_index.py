@@ -230,9 +230,9 @@ def load_vocab_index(
             built = False
             logger.info("vocabulary index: %s (cached)", path)
     if index is None:
-        index = build_flat_index(vectors, metric)
+        index = built_index = build_flat_index(vectors, metric)
         if path is not None:
-            atomic_write(path, lambda tmp: faiss.write_index(index, str(tmp)))
+            atomic_write(path, lambda tmp: faiss.write_index(built_index, str(tmp)))
             write_json(_sidecar_path(path), expected)
             logger.info("vocabulary index: built %s (%d tokens x %d)", path, *vectors.shape)
     resources = None

@@ -165,7 +165,7 @@ def run_linear_probe(
     """CLIP's linear probe on the K-shot centre-view features; C chosen on the few-shot validation split."""
     cache_dir = Path(cache_dir)
     clip = resolve_model(cache_dir, dataset, model, pretrained, device)
-    kw = {"model": clip.name, "weights": clip.weights_id}
+    kw: dict[str, Any] = {"model": clip.name, "weights": clip.weights_id}
     index = fewshot_index_for(cache_dir, dataset, shots, seed, clip)
     train = read_split(select_store(cache_dir, dataset, "train", positions=index.train_indices, **kw),
                        index.train_indices, all_views=False)

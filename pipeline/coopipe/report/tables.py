@@ -149,7 +149,7 @@ def csv_rows(
     """Long-format rows (one per table cell; percent values; std = population std) for report.csv."""
 
     def row(table: str, dataset: str, method: str, model: str, shots: int, stat: Stat, **extra: Any) -> dict[str, Any]:
-        base = {k: "" for k in CSV_FIELDS}
+        base: dict[str, Any] = {k: "" for k in CSV_FIELDS}
         base.update(table=table, dataset=dataset, method=method, model=model, shots=shots, classes="all", n=stat.n,
                     seeds=";".join("" if s is None else str(s) for s in stat.seeds),
                     mean=_num(stat.mean), std="" if stat.single else _num(stat.std))

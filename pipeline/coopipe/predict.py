@@ -30,14 +30,16 @@ from tqdm.auto import tqdm
 from coopipe.checkpoint import CLASSIFIER_FILE, Checkpoint, Classifier, load_checkpoint, load_classifier
 from coopipe.datasets.common import list_images
 from coopipe.datasets.manifest import read_manifest_paths
-from coopipe.encode import BAD_IMAGE_POLICIES, EncodeOptions, encode_batch, prepare_visual
+# the decoding of `coopipe encode` itself (package-internal helpers), so that a predicted image is decoded, cropped
+# and encoded exactly as a store row is
+from coopipe.encode import BAD_IMAGE_POLICIES, EncodeJob, EncodeOptions, _collate, _ViewDataset, _worker_init
+from coopipe.encode import encode_batch, prepare_visual
 from coopipe.errors import BadImageError, CheckpointError, DatasetError, MissingFileError, StoreError
 from coopipe.evaluate import classifier_logits
-from coopipe.imageio import load_rgb
 from coopipe.lookup import checkpoint_pretrained
-from coopipe.models import LoadedClip, PreprocessConfig, load_clip
+from coopipe.models import LoadedClip, load_clip
 from coopipe.store import open_store
-from coopipe.views import ViewSpec, make_views
+from coopipe.views import ViewSpec
 
 logger = logging.getLogger(__name__)
 
@@ -95,32 +97,6 @@ def resolve_inputs(inputs: Sequence[str | os.PathLike[str]]) -> list[Path]:
     return paths
 
 
-class _CentreViews(torch.utils.data.Dataset):
-    """Decodes one image into its centre view (uint8), as ``coopipe encode`` does for the test split; errors are
-    returned, not raised, so that a worker process hands them to the main process."""
-
-    def __init__(self, paths: Sequence[Path], preprocess: PreprocessConfig) -> None:
-        self.paths = list(paths)
-        self.preprocess = preprocess
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
-        try:
-            return i, make_views(load_rgb(self.paths[i]), i, self.preprocess, _CENTRE), ""
-        except (BadImageError, MissingFileError) as exc:
-            return i, None, str(exc)
-
-
-def _collate(items: list[tuple[int, torch.Tensor | None, str]]) -> list[tuple[int, torch.Tensor | None, str]]:
-    return items
-
-
-def _worker_init(_: int) -> None:
-    torch.set_num_threads(1)  # decoding is single-threaded PIL work; leave the cores to the model
-
-
 # ---------------------------------------------------------------- features
 def run_encoding(ckpt: Checkpoint) -> tuple[str, str]:
     """(precision, dtype) of the features the run was trained on (its recorded train store), so that new images
@@ -153,8 +129,12 @@ def encode_images(
     """
     device = prepare_visual(clip, options)
     workers = options.num_workers
+    job = EncodeJob(  # absolute paths under the root "/": the encoder's row decoding, centre view only
+        image_root="/", paths=tuple(str(Path(p).absolute()) for p in paths), positions=tuple(range(len(paths))),
+        preprocess=clip.preprocess, views=_CENTRE, model=clip.name, pretrained=clip.weights.value, options=options,
+    )
     loader = DataLoader(
-        _CentreViews(paths, clip.preprocess),
+        _ViewDataset(job),
         batch_size=options.batch_size,
         num_workers=workers,
         collate_fn=_collate,

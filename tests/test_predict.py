@@ -9,13 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
-
+from conftest import copy_eurosat_folder
 from coopipe.cli import app
 from coopipe.features import select_store
 from coopipe.predict import predict, resolve_inputs
-
-from conftest import copy_eurosat_folder
+from typer.testing import CliRunner
 
 CLASSES = ("Forest", "SeaLake", "Highway", "Residential")
 PER_CLASS = 10

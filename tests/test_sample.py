@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from coopipe.datasets import load_dataset
 from coopipe.errors import ParamsError
 

@@ -27,14 +27,35 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from coopipe.checkpoint import CLASSIFIER_FILE, Checkpoint, Classifier, load_checkpoint, load_classifier
+from coopipe.checkpoint import (
+    CLASSIFIER_FILE,
+    Checkpoint,
+    Classifier,
+    load_checkpoint,
+    load_classifier,
+)
 from coopipe.datasets.common import list_images
 from coopipe.datasets.manifest import read_manifest_paths
+
 # the decoding of `coopipe encode` itself (package-internal helpers), so that a predicted image is decoded, cropped
 # and encoded exactly as a store row is
-from coopipe.encode import BAD_IMAGE_POLICIES, EncodeJob, EncodeOptions, _collate, _ViewDataset, _worker_init
-from coopipe.encode import encode_batch, prepare_visual
-from coopipe.errors import BadImageError, CheckpointError, DatasetError, MissingFileError, StoreError
+from coopipe.encode import (
+    BAD_IMAGE_POLICIES,
+    EncodeJob,
+    EncodeOptions,
+    _collate,
+    _ViewDataset,
+    _worker_init,
+    encode_batch,
+    prepare_visual,
+)
+from coopipe.errors import (
+    BadImageError,
+    CheckpointError,
+    DatasetError,
+    MissingFileError,
+    StoreError,
+)
 from coopipe.evaluate import classifier_logits
 from coopipe.lookup import checkpoint_pretrained
 from coopipe.models import LoadedClip, load_clip

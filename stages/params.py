@@ -29,7 +29,7 @@ TRAIN_NOT_PARAMS = ("seed",)
 @dataclass(frozen=True)
 class DataParams:
     dataset: str = "eurosat"
-    root: str = "data"
+    root: str = "data/sample"  # the EuroSAT sample shipped in the repository (data/sample/README.md)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TOP = ("pipeline/", "stages/", "scripts/", "tests/", "benchmarks/", "docs/", ".ci/", "cache/")
+TOP = ("pipeline/", "stages/", "scripts/", "tests/", "benchmarks/", "docs/", ".ci/", "cache/", "data/")
 TOP_FILES = {"dvc.yaml", "params.yaml", "pyproject.toml", "cli.py", "constraints.txt", "README.md"}
 PLACEHOLDER = re.compile(r"NAME|<|\*|\.\.\.|\{")
 

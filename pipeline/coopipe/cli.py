@@ -242,6 +242,43 @@ def linear_probe(
                                         out_dir=folder, model=model, pretrained=pretrained))
 
 
+@app.command()
+def predict(
+    run: Annotated[Path, typer.Argument(help="Run folder written by `coopipe train` (holds classifier.safetensors).")],
+    images: Annotated[Optional[list[Path]], typer.Argument(help="Image files, folders (recursive) or CSV/JSON manifests with a 'path' column.", show_default=False)] = None,
+    topk: Annotated[int, typer.Option(help="Classes shown per image.")] = 5,
+    out: Annotated[Optional[Path], typer.Option(help="Write the predictions to a .csv or .json file instead of printing them.")] = None,
+    store: Annotated[Optional[Path], typer.Option(help="Predict the images of this cache store (*.zarr) from its features; no model is loaded.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Model batch size.")] = _ENC_OPTS.batch_size,
+    workers: Annotated[int, typer.Option(help="Decoding worker processes (0: in the main process).")] = 0,
+    precision: Annotated[Optional[str], typer.Option(help="bf16, fp16 or fp32 (default: the precision of the run's features).")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = _ENC_OPTS.device,
+    on_bad_image: Annotated[str, typer.Option(help="fail: stop at an unreadable image; skip: warn and leave it out.")] = _ENC_OPTS.on_bad_image,
+    pretrained: Annotated[Optional[str], typer.Option(help="Where to load the weights from, if the run's local weights file moved (identity must match).")] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar (for more images than one batch).")] = True,
+) -> None:
+    """Classify images with a trained prompt: top-k classes with probabilities (softmax of CLIP's logits)."""
+    from coopipe.predict import predict as run_predict
+    from coopipe.predict import write_predictions
+
+    with _errors():
+        if topk < 1:
+            raise typer.BadParameter(f"--topk must be >= 1, got {topk}")
+        if not images and store is None:
+            raise typer.BadParameter("give image files, folders or a manifest, or --store PATH")
+        if out is not None and out.suffix.lower() not in (".csv", ".json"):
+            raise typer.BadParameter(f"--out must end in .csv or .json, got {out}")
+        predictions = run_predict(run, images or [], topk=topk, store=store, batch_size=batch_size,
+                                  num_workers=workers, precision=precision, device=device,
+                                  on_bad_image=on_bad_image, pretrained=pretrained, progress=progress)
+        if out is not None:
+            write_predictions(predictions, out, run=run)
+            typer.echo(f"wrote {len(predictions)} prediction(s) to {out}", err=True)
+            return
+        for p in predictions:
+            typer.echo(f"{p.path}\t" + "\t".join(f"{label} {100 * prob:.1f}%" for label, prob in zip(p.labels, p.probs)))
+
+
 def _check_classes(classes: str) -> None:
     from coopipe.transfer import CLASS_SUBSETS
 

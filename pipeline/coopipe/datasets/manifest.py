@@ -126,6 +126,23 @@ def build_manifest(
     )
 
 
+def read_manifest_paths(manifest: Path, *, path_column: str = "path") -> list[Path]:
+    """The image paths a manifest lists (no labels needed: `coopipe predict` reads unlabelled manifests).
+
+    Same formats as :func:`build_manifest`; relative paths are resolved against the manifest's folder.
+    """
+    if not manifest.is_file():
+        raise MissingFileError(f"manifest {manifest} not found; pass a .csv, .tsv, .json or .jsonl manifest file")
+    rows, _ = _read_rows(manifest, path_column, path_column)  # the label column is optional here
+    paths = []
+    for where, row in rows:
+        path = row.get(path_column)
+        if not isinstance(path, str) or not path.strip():
+            raise DatasetError(f"manifest {manifest}, {where}: missing or empty {path_column!r}; every row needs a path")
+        paths.append(manifest.parent / path.strip())
+    return paths
+
+
 def _read_rows(
     manifest: Path, path_column: str, label_column: str
 ) -> tuple[list[tuple[str, dict[str, Any]]], list[str] | None]:

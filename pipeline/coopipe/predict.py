@@ -28,11 +28,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from coopipe.checkpoint import (
-    CLASSIFIER_FILE,
     Checkpoint,
     Classifier,
     load_checkpoint,
-    load_classifier,
 )
 from coopipe.datasets.common import list_images
 from coopipe.datasets.manifest import read_manifest_paths
@@ -200,19 +198,6 @@ def _store_features(path: str | os.PathLike[str], ckpt: Checkpoint) -> tuple[lis
     return [str(p) for p in store.paths()[rows]], store.read(rows, view=0)
 
 
-def _run_classifier(ckpt: Checkpoint) -> Classifier:
-    """The run's exported classifier, checked against its checkpoint (model, weights, classes, finite values)."""
-    classifier = load_classifier(ckpt.path / CLASSIFIER_FILE)
-    if (classifier.model, classifier.weights, classifier.classnames) != (ckpt.model, ckpt.weights, ckpt.classnames):
-        raise CheckpointError(
-            f"{classifier.path} was not exported from the prompt in {ckpt.path} (model, weights or classes differ); "
-            f"re-run `coopipe train` on that folder to export it again"
-        )
-    if not torch.isfinite(classifier.text_features).all() or not np.isfinite(classifier.logit_scale):
-        raise CheckpointError(f"{classifier.path} holds NaN/inf values; the run diverged: retrain with a lower --lr")
-    return classifier
-
-
 # ---------------------------------------------------------------- prediction
 def top_k(
     classifier: Classifier, features: np.ndarray | torch.Tensor, paths: Sequence[str], k: int
@@ -256,7 +241,7 @@ def predict(
     if on_bad_image not in BAD_IMAGE_POLICIES:
         raise ValueError(f"on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}")
     ckpt = load_checkpoint(run)
-    classifier = _run_classifier(ckpt)
+    classifier = ckpt.classifier()  # bound to its run by hash; model, weights, classes and finite values checked
     if store is not None:
         if inputs:
             raise ValueError("give either images or a store, not both")

@@ -53,3 +53,11 @@ class CheckpointError(CoopipeError, ValueError):
 
 class ParamsError(CoopipeError, ValueError):
     """params.yaml (or a CLI option) holds a value that cannot work."""
+
+
+class CorruptStoreError(StoreError):
+    """A complete store with a missing, truncated or altered chunk (re-encoding repairs only the damage)."""
+
+
+class UnsafePathError(CoopipeError, ValueError):
+    """A path built from data (provenance, manifest, split file) would leave the folder it must stay in."""

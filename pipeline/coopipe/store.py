@@ -23,6 +23,7 @@ Why it is safe:
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -39,7 +40,14 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from coopipe.errors import IncompleteStoreError, ProvenanceMismatchError, StoreError
+from coopipe.errors import (
+    CorruptStoreError,
+    IncompleteStoreError,
+    ProvenanceMismatchError,
+    StoreError,
+    UnsafePathError,
+)
+from coopipe.integrity import INTEGRITY_FORMAT, REPAIR_HINT, digest, digest_hex, find_damage
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +56,12 @@ PARTIAL_SUFFIX = ".partial"
 # Provenance fields that identify the *content* of a store. Versions are recorded but not keyed, so upgrading
 # coopipe or open_clip does not silently invalidate every cache (the reader still sees them in `cache info`).
 _UNKEYED = {"coopipe_version", "open_clip_version", "created", "complete", "n_rows", "skipped"}
+_EVERY_CHUNK = {"write_empty_chunks": True}  # every chunk gets a file, so a missing file is always damage
+
+
+def _writable(group: zarr.Group, name: str) -> zarr.Array:
+    """Array ``name`` of ``group`` set to store every chunk (the setting is per opened array, not persisted)."""
+    return group[name].with_config(_EVERY_CHUNK)  # type: ignore[union-attr]
 
 
 def canonical_json(obj: Any) -> str:
@@ -60,9 +74,19 @@ def provenance_key(provenance: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical_json(keyed).encode()).hexdigest()[:12]
 
 
-def _slug(text: str) -> str:
-    keep = [c if c.isalnum() or c in "-." else "-" for c in text]
-    return "".join(keep).strip("-") or "x"
+def _slug(text: object) -> str:
+    """A safe file-name component: ASCII letters, digits, ``-``, ``+`` and inner ``.`` only (never ``.``/``..``)."""
+    keep = [c if (c.isascii() and c.isalnum()) or c in "-.+" else "-" for c in str(text)]
+    return "".join(keep).strip("-.") or "x"
+
+
+def confined(root: str | os.PathLike[str], path: Path) -> Path:
+    """``path`` if it lies inside ``root`` (after resolving ``..`` and links), else :class:`UnsafePathError`."""
+    base = Path(root).resolve()
+    resolved = path.resolve()
+    if resolved != base and base not in resolved.parents:
+        raise UnsafePathError(f"refusing path {path}: it resolves outside {root}")
+    return path
 
 
 def weights_slug(weights_id: str) -> str:
@@ -82,14 +106,15 @@ def store_path(cache_dir: str | os.PathLike[str], provenance: Mapping[str, Any])
     subset = "" if provenance.get("rows", "all") == "all" else "_subset"
     name = "_".join(
         [
-            provenance["split"],
+            _slug(provenance["split"]),
             _slug(provenance["model"]),
             weights_slug(provenance["weights"]),
-            label + subset,
+            _slug(label + subset),
             provenance_key(provenance),
         ]
     )
-    return Path(cache_dir) / _slug(provenance["dataset"]) / f"{name}.zarr"
+    # Provenance may come from an imported file: every component is slugged and the result confined.
+    return confined(cache_dir, Path(cache_dir) / _slug(provenance["dataset"]) / f"{name}.zarr")
 
 
 def partial_path(path: Path) -> Path:
@@ -139,17 +164,28 @@ class FeatureStore:
     def dim(self) -> int:
         return int(self.features.shape[2])
 
+    def _small(self, name: str) -> np.ndarray:
+        """A whole row array, checked against the digest recorded at write time (it is small: cheap)."""
+        try:
+            data = np.asarray(self.group[name][:])
+        except Exception as exc:  # blosc/zstd raise RuntimeError on garbage bytes
+            raise CorruptStoreError(f"store {self.path}: {name} is unreadable ({exc}); {REPAIR_HINT}") from exc
+        want = self.attrs.get("checksums", {}).get(name)
+        if want is not None and digest_hex(data) != want:
+            raise CorruptStoreError(f"store {self.path}: {name} does not match its checksum; {REPAIR_HINT}")
+        return data
+
     def labels(self) -> np.ndarray:
-        return np.asarray(self.group["labels"][:], dtype=np.int64)
+        return self._small("labels").astype(np.int64)
 
     def index(self) -> np.ndarray:
-        return np.asarray(self.group["index"][:], dtype=np.int64)
+        return self._small("index").astype(np.int64)
 
     def paths(self) -> np.ndarray:
-        return np.asarray(self.group["paths"][:])
+        return self._small("paths")
 
     def valid(self) -> np.ndarray:
-        return np.asarray(self.group["valid"][:], dtype=bool)
+        return self._small("valid").astype(bool)
 
     def classnames(self) -> list[str]:
         return list(self.provenance["classnames"])
@@ -178,26 +214,45 @@ class FeatureStore:
         return rows
 
     def read(self, rows: Sequence[int] | np.ndarray | None = None, *, view: int | None = 0) -> np.ndarray:
-        """Features as float32: (n, D) for one view, or (n, V, D) with ``view=None``. Checks NaN/inf."""
+        """Features as float32: (n, D) for one view, or (n, V, D) with ``view=None``. Checks NaN/inf.
+
+        Reads whole chunks (zarr decodes whole chunks anyway) and checks each against the digest recorded
+        when it was written, so a truncated or altered chunk is an error, never wrong numbers.
+        """
         arr = self.features
-        if rows is None:
-            data = arr[:, view, :] if view is not None else arr[:]
-        else:
-            rows = np.asarray(rows, dtype=np.int64)
-            order = np.argsort(rows)
-            sel = arr.get_orthogonal_selection((rows[order], slice(None), slice(None)))
-            data = np.empty_like(sel)
-            data[order] = sel
-            if view is not None:
-                data = data[:, view, :]
-        out = np.asarray(data, dtype=np.float32)
+        step = int(arr.chunks[0])
+        wanted = np.arange(self.n_rows) if rows is None else np.asarray(rows, dtype=np.int64)
+        sums = np.asarray(self.group["checksums"][:], dtype=np.uint64) if "checksums" in self.group else None
+        out = np.empty((len(wanted), *(arr.shape[1:] if view is None else arr.shape[2:])), dtype=np.float32)
+        chunk_of = wanted // step
+        for chunk in np.unique(chunk_of):
+            start = int(chunk) * step
+            try:
+                block = np.asarray(arr[start : start + step])
+            except Exception as exc:  # blosc/zstd raise RuntimeError on truncated or garbage bytes
+                raise CorruptStoreError(
+                    f"store {self.path}: features chunk {int(chunk)} is unreadable ({exc}); {REPAIR_HINT}"
+                ) from exc
+            if sums is not None and digest(block) != int(sums[chunk]):
+                raise CorruptStoreError(
+                    f"store {self.path}: features chunk {int(chunk)} does not match its checksum; {REPAIR_HINT}"
+                )
+            sel = chunk_of == chunk
+            picked = block[wanted[sel] - start]
+            out[sel] = picked if view is None else picked[:, view, :]
         if not np.isfinite(out).all():
             raise StoreError(f"store {self.path} holds NaN/inf features; delete it and re-encode (fp32 precision)")
         return out
 
 
-def open_store(path: str | os.PathLike[str], *, expect: Mapping[str, Any] | None = None) -> FeatureStore:
-    """Open a complete store; raise if it is partial, not a coopipe store, or built from other inputs."""
+def open_store(
+    path: str | os.PathLike[str], *, expect: Mapping[str, Any] | None = None, checksums: bool = False
+) -> FeatureStore:
+    """Open a complete store; raise if it is partial, damaged, not a coopipe store, or built from other inputs.
+
+    Chunk presence is always checked (a missing chunk would read as zeros); ``checksums`` also decodes every
+    chunk and compares it with its recorded digest (``coopipe cache verify``, and before an encode reuses it).
+    """
     path = Path(path)
     if not path.exists():
         if partial_path(path).exists():
@@ -226,6 +281,9 @@ def open_store(path: str | os.PathLike[str], *, expect: Mapping[str, Any] | None
                 f"store {path} was built from other inputs ({details}); re-encode with the current settings "
                 f"(coopipe encode) or point to the matching store"
             )
+    damage = find_damage(path, attrs, checksums=checksums)
+    if damage:
+        raise CorruptStoreError(f"store {path} is damaged: {damage.summary()}; {REPAIR_HINT}")
     return store
 
 
@@ -263,7 +321,7 @@ class StoreWriter:
         self.path = path
         self.partial = partial_path(path)
         self.group = zarr.open_group(str(self.partial), mode="r+")
-        self.features: zarr.Array = self.group["features"]  # type: ignore[assignment]
+        self.features: zarr.Array = _writable(self.group, "features")
         self.chunk_rows = int(self.features.chunks[0])
         self.n_rows = int(self.features.shape[0])
         self.n_chunks = -(-self.n_rows // self.chunk_rows)
@@ -282,40 +340,78 @@ class StoreWriter:
         dtype: str = "float16",
         chunk_rows: int = 256,
     ) -> StoreWriter:
-        partial = partial_path(path)
-        if partial.exists():
-            shutil.rmtree(partial)
+        """Create ``<path>.partial``: provenance first, arrays next, ``initialized`` last.
+
+        A kill (or full disk) at any point leaves a partial store that :meth:`resume` either resumes or,
+        when its creation had not finished, recognises as restartable: never a stuck folder.
+        """
         n = len(labels)
         if n == 0:
             raise StoreError(f"refusing to create an empty store at {path}: the split has no images")
-        group = zarr.open_group(str(partial), mode="w")
-        chunk_rows = max(1, min(chunk_rows, n))
-        compressor = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
-        group.create_array(
-            "features", shape=(n, n_views, dim), chunks=(chunk_rows, n_views, dim), dtype=dtype,
-            compressors=compressor, fill_value=0,
-        )
-        group.create_array("labels", shape=(n,), chunks=(max(n, 1),), dtype="int32")[:] = np.asarray(labels)
-        group.create_array("index", shape=(n,), chunks=(max(n, 1),), dtype="int64")[:] = np.asarray(index)
-        group.create_array("paths", shape=(n,), chunks=(max(n, 1),), dtype=str)[:] = np.asarray(list(paths), dtype=object)
-        group.create_array("valid", shape=(n,), chunks=(chunk_rows,), dtype=bool, fill_value=True)
-        n_chunks = -(-n // chunk_rows)
-        group.create_array("done", shape=(n_chunks,), chunks=(1,), dtype=bool, fill_value=False)
-        group.attrs.update(
-            {"format": STORE_FORMAT, "provenance": dict(provenance), "complete": False, "n_rows": n}
-        )
+        if n_views < 1:
+            raise StoreError(f"a store needs at least one view per image, got {n_views}")
+        partial = partial_path(path)
+        try:
+            if partial.exists():
+                shutil.rmtree(partial)
+            group = zarr.open_group(str(partial), mode="w")
+            group.attrs.update(
+                {"format": STORE_FORMAT, "provenance": dict(provenance), "complete": False, "n_rows": n,
+                 "initialized": False}
+            )
+            chunk_rows = max(1, min(chunk_rows, n))
+            n_chunks = -(-n // chunk_rows)
+            compressor = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+            group.create_array(
+                "features", shape=(n, n_views, dim), chunks=(chunk_rows, n_views, dim), dtype=dtype,
+                compressors=compressor, fill_value=0, config=_EVERY_CHUNK,
+            )
+            group.create_array("valid", shape=(n,), chunks=(chunk_rows,), dtype=bool, fill_value=True, config=_EVERY_CHUNK)
+            group.create_array("checksums", shape=(n_chunks,), chunks=(1,), dtype="uint64", fill_value=0, config=_EVERY_CHUNK)
+            group.create_array("done", shape=(n_chunks,), chunks=(1,), dtype=bool, fill_value=False, config=_EVERY_CHUNK)
+            for name, dt in (("labels", "int32"), ("index", "int64"), ("paths", str)):
+                group.create_array(name, shape=(n,), chunks=(n,), dtype=dt, config=_EVERY_CHUNK)
+            sums = _write_rows(group, labels, index, paths)
+            array_meta = {
+                name: json.loads((partial / name / "zarr.json").read_text())
+                for name in ("features", "valid", "checksums", "done", "labels", "index", "paths")
+            }
+            group.attrs.update(
+                {"initialized": True, "integrity": INTEGRITY_FORMAT, "checksums": sums, "array_meta": array_meta}
+            )
+        except OSError as exc:
+            raise StoreError(_write_error(partial, "create the store", exc)) from exc
         return cls(path)
 
     @classmethod
-    def resume(cls, path: Path, provenance: Mapping[str, Any]) -> StoreWriter:
+    def resume(cls, path: Path, provenance: Mapping[str, Any]) -> StoreWriter | None:
+        """Open ``<path>.partial`` to finish it, or ``None`` when its creation never finished (start afresh)."""
+        partial = partial_path(path)
+        try:
+            attrs = dict(zarr.open_group(str(partial), mode="r").attrs)
+        except Exception:  # no or unreadable group metadata: killed right at the start
+            attrs = {}
+        if not attrs.get("initialized") or attrs.get("integrity") != INTEGRITY_FORMAT:
+            logger.info("partial store %s was interrupted while being created (or predates checksums): restarting it", partial)
+            return None
         writer = cls(path)
-        stored = dict(writer.group.attrs.get("provenance", {}))
+        stored = dict(attrs.get("provenance", {}))
         diffs = diff_provenance({k: v for k, v in provenance.items() if k not in _UNKEYED}, stored)
         if diffs:
             raise ProvenanceMismatchError(
                 f"partial store {writer.partial} was started from other inputs ({', '.join(diffs)}); delete it"
             )
         return writer
+
+    def rewrite_rows(self, labels: Sequence[int], index: Sequence[int], paths: Sequence[str]) -> None:
+        """Rewrite the row arrays (from the dataset) when a repair found them damaged."""
+        if not self.group.attrs.get("repair_arrays"):
+            return
+        try:
+            sums = _write_rows(self.group, labels, index, paths)
+            self.group.attrs.update({"checksums": {**self.group.attrs.get("checksums", {}), **sums}, "repair_arrays": []})
+        except OSError as exc:
+            raise StoreError(_write_error(self.partial, "rewrite the row arrays", exc)) from exc
 
     def pending_chunks(self) -> list[int]:
         done = np.asarray(self.group["done"][:], dtype=bool)
@@ -325,14 +421,18 @@ class StoreWriter:
         return range(chunk * self.chunk_rows, min((chunk + 1) * self.chunk_rows, self.n_rows))
 
     def write_chunk(self, chunk: int, features: np.ndarray, valid: np.ndarray | None = None) -> None:
-        """Write one whole row chunk (V views) and then mark it done."""
+        """Write one whole row chunk (V views), its validity and digest, and then mark it done."""
         rows = self.chunk_rows_range(chunk)
         if features.shape[0] != len(rows):
             raise StoreError(f"chunk {chunk} needs {len(rows)} rows, got {features.shape[0]}")
-        self.features[rows.start : rows.stop] = features.astype(self.features.dtype, copy=False)
-        if valid is not None and not valid.all():
-            self.group["valid"][rows.start : rows.stop] = valid
-        self.group["done"][chunk] = True
+        data = np.ascontiguousarray(features.astype(self.features.dtype, copy=False))
+        try:
+            self.features[rows.start : rows.stop] = data
+            _writable(self.group, "valid")[rows.start : rows.stop] = np.ones(len(rows), bool) if valid is None else valid
+            _writable(self.group, "checksums")[chunk] = np.uint64(digest(data))
+            _writable(self.group, "done")[chunk] = True
+        except OSError as exc:
+            raise StoreError(_write_error(self.partial, f"write chunk {chunk}", exc)) from exc
 
     def finalize(self, extra_attrs: Mapping[str, Any] | None = None) -> Path:
         """Check every chunk is done, mark complete and atomically publish under the final name."""
@@ -341,9 +441,47 @@ class StoreWriter:
             raise IncompleteStoreError(f"store {self.partial} still misses {len(pending)} chunk(s); resume it")
         attrs = dict(extra_attrs or {})
         attrs["complete"] = True
-        self.group.attrs.update(attrs)
-        os.replace(self.partial, self.path)  # atomic on one filesystem: readers see all or nothing
+        attrs["checksums"] = {**self.group.attrs.get("checksums", {}), "valid": digest_hex(self.group["valid"][:])}
+        try:
+            self.group.attrs.update(attrs)
+            os.replace(self.partial, self.path)  # atomic on one filesystem: readers see all or nothing
+        except OSError as exc:
+            raise StoreError(_write_error(self.partial, "finish the store", exc)) from exc
         return self.path
+
+
+def _write_rows(group: zarr.Group, labels: Sequence[int], index: Sequence[int], paths: Sequence[str]) -> dict[str, str]:
+    """Write labels/index/paths and return their digests (paths as shown: undecodable bytes escaped)."""
+    arrays = {
+        "labels": np.asarray(labels, dtype=np.int32),
+        "index": np.asarray(index, dtype=np.int64),
+        "paths": np.asarray([display_path(p) for p in paths], dtype=object),
+    }
+    for name, data in arrays.items():
+        _writable(group, name)[:] = data
+    return {name: digest_hex(np.asarray(group[name][:])) for name in arrays}
+
+
+def display_path(path: str | os.PathLike[str]) -> str:
+    """A printable, UTF-8-safe form of a file name: bytes that are not UTF-8 become ``\\xNN`` escapes."""
+    return os.fsdecode(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _write_error(partial: Path, what: str, exc: OSError) -> str:
+    reason = "disk full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+    return (f"cannot {what} of {partial} ({reason}); free space or fix the folder, then re-run the same command "
+            f"(finished chunks are kept)")
+
+
+def reopen_damaged(path: Path) -> bool:
+    """Verify a complete store fully; if damaged, reopen it as ``.partial`` with only the damage pending."""
+    from coopipe.integrity import reopen_for_repair
+
+    attrs = dict(zarr.open_group(str(path), mode="r").attrs)
+    damage = find_damage(path, attrs, checksums=True)
+    if damage:
+        reopen_for_repair(path, partial_path(path), attrs, damage)
+    return bool(damage)
 
 
 def find_stores(

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 import coopipe
 from coopipe.datasets.base import Dataset
 from coopipe.errors import BadImageError, CoopipeError, CorruptStoreError, MissingFileError, StoreError
-from coopipe.imageio import load_rgb
+from coopipe.imageio import load_rgb, shown_path
 from coopipe.models import LoadedClip, PreprocessConfig, load_clip, open_clip_version
 from coopipe.store import (
     FeatureStore,
@@ -237,7 +237,7 @@ def encode_chunks(
                 if options.on_bad_image == "fail":
                     raise BadImageError(err)
                 logger.warning("skipping unreadable image: %s", err)
-                skipped.append({"path": job.paths[row], "error": err})
+                skipped.append({"path": shown_path(job.paths[row]), "error": err})
         feats = None
         if good:
             batch = torch.cat([views for _, views in good])  # (b * V, 3, S, S)

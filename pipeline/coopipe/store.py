@@ -484,6 +484,11 @@ def reopen_damaged(path: Path) -> bool:
     return bool(damage)
 
 
+def find_partials(cache_dir: str | os.PathLike[str]) -> list[Path]:
+    """Partial stores (``*.zarr.partial``) under ``cache_dir``: interrupted encodes or imports."""
+    return sorted(p for p in Path(cache_dir).rglob(f"*.zarr{PARTIAL_SUFFIX}") if p.is_dir())
+
+
 def find_stores(
     cache_dir: str | os.PathLike[str],
     dataset: str,

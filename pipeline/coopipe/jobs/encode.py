@@ -117,9 +117,10 @@ def run_encode(
                 subset_note=plan.note, options=options, scheduler=scheduler, clip=clip,
             )
         )
-    summary = Path(cache_dir) / data.name / "encode_summary.json"
-    summary.parent.mkdir(parents=True, exist_ok=True)
-    summary.write_text(json.dumps([_result_dict(r) for r in results], indent=1))
+    if any(not r.reused for r in results):  # a no-op re-run keeps the summary of the run that did the work
+        summary = Path(cache_dir) / data.name / "encode_summary.json"
+        summary.parent.mkdir(parents=True, exist_ok=True)
+        summary.write_text(json.dumps([_result_dict(r) for r in results], indent=1))
     return results
 
 

@@ -170,10 +170,11 @@ def load_clip(model_name: str = "RN50", pretrained: str | None = "none", *, devi
             model = open_clip.create_model(model_name, pretrained=ref.value, device=device)
     except Exception as exc:  # noqa: BLE001 - torch.load of a non-checkpoint raises anything (IndexError, ...)
         reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-        what = "file" if ref.kind == "file" else "weights"
+        if reason.startswith("Weights only load failed"):
+            reason = "the file holds objects other than tensors"
         raise WeightsError(
-            f"could not load {what} {ref.value!r} into {model_name} ({reason[:160]}); pass an open_clip {model_name} "
-            f"checkpoint (a state dict), a pretrained tag, or none"
+            f"could not load weights {ref.value!r} into {model_name}: not a usable checkpoint ({reason[:120]}); "
+            f"pass an open_clip {model_name} checkpoint (a state dict), a pretrained tag, or none"
         ) from exc
     model.eval()
     for param in model.parameters():

@@ -17,9 +17,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from PIL import Image
-from typer.testing import CliRunner
-
 from coopipe.cli import app
 from coopipe.datasets import load_dataset
 from coopipe.datasets.base import Dataset, Split
@@ -27,6 +24,8 @@ from coopipe.encode import EncodeOptions, encode_split
 from coopipe.errors import BadImageError, CorruptStoreError, StoreError, UnsafePathError
 from coopipe.imageio import load_rgb
 from coopipe.store import open_store, partial_path
+from PIL import Image
+from typer.testing import CliRunner
 
 OPTS = dict(precision="fp32", chunk_rows=2, batch_size=6, num_workers=0, progress=False)
 
@@ -174,7 +173,6 @@ def test_16bit_grayscale_is_scaled_not_white(tmp_path):
 
 def test_crafted_hdf5_import_cannot_escape_the_cache(encoded, tmp_path):
     import h5py
-
     from coopipe.hdf5io import export_hdf5, import_hdf5
 
     _, path, _ = encoded
@@ -256,7 +254,7 @@ def test_bad_options_are_named_and_leave_no_store(tmp_path):
 
 
 def test_partial_stores_are_listed_and_cleaned_and_noop_keeps_summary(tmp_path, encoded, rn50):
-    data, path, _ = encoded
+    _, path, _ = encoded
     from coopipe.jobs.encode import run_encode
 
     cache = tmp_path / "cli_cache"
@@ -281,3 +279,27 @@ def test_partial_stores_are_listed_and_cleaned_and_noop_keeps_summary(tmp_path, 
     assert res.exit_code == 1 and stuck.exists()
     res = runner.invoke(app, ["cache", "clean", str(tmp_path / "c"), "--yes"])
     assert res.exit_code == 0 and not stuck.exists()
+
+
+def test_manifest_paths_outside_the_root_allowed_by_default_refused_with_confine(tmp_path):
+    from coopipe.jobs.encode import run_encode
+
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    Image.new("RGB", (20, 20)).save(outside / "x.png")
+    root = tmp_path / "data"
+    root.mkdir()
+    rows = ["path,label,split"]
+    for i, label in enumerate(("cat", "dog") * 2):
+        Image.new("RGB", (20, 20), (i, 0, 0)).save(root / f"{i}.png")
+        rows.append(f"{i}.png,{label},{'train' if i < 2 else 'test'}")
+    rows.append("../elsewhere/x.png,cat,test")
+    rows.append(f"{outside / 'x.png'},dog,test")
+    (root / "m.csv").write_text("\n".join(rows) + "\n")
+    data = load_dataset("manifest", root / "m.csv")  # allowed by default (documented in the README)
+    assert "../elsewhere/x.png" in data.split("test").paths
+    with pytest.raises(UnsafePathError, match=r"2 image path\(s\) listed in .*m\.csv lie outside"):
+        run_encode(dataset="manifest", data_root=root / "m.csv", cache_dir=tmp_path / "c", confine_paths=True)
+    res = CliRunner().invoke(app, ["encode", "--dataset", "manifest", "--data-root", str(root / "m.csv"),
+                                   "--cache", str(tmp_path / "c"), "--confine-paths", "--shots", "all"])
+    assert res.exit_code == 1 and "outside" in res.output and not (tmp_path / "c").exists()

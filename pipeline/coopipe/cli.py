@@ -100,6 +100,7 @@ def encode(
     on_bad_image: Annotated[str, typer.Option(help="fail: stop at an unreadable image; skip: skip it and write a report.")] = _ENC_OPTS.on_bad_image,
     scheduler: Annotated[Optional[str], typer.Option(help="dask.distributed scheduler address (default: in-process).")] = EncodeConfig.scheduler,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    confine_paths: Annotated[bool, typer.Option("--confine-paths", help="Refuse image paths in split files/manifests that resolve outside the data root (for untrusted lists).")] = False,
 ) -> None:
     """Encode a dataset's images once into chunked zarr feature stores under --cache."""
     from coopipe.encode import EncodeOptions
@@ -114,7 +115,7 @@ def encode(
             raise typer.BadParameter(f"must be >= 0 (augmented views per image), got {views}", param_hint="--views")
         results = run_encode(
             dataset=dataset, data_root=data_root, splits=splits, cache_dir=cache, model=model,
-            pretrained=pretrained, views=views, crop_scale=(lo, hi), aug_seed=aug_seed,
+            pretrained=pretrained, views=views, crop_scale=(lo, hi), aug_seed=aug_seed, confine_paths=confine_paths,
             shots=(few := _int_list(shots)), seeds=_int_list(seeds) if few else [], scheduler=scheduler,
             options=EncodeOptions(
                 batch_size=batch_size, num_workers=workers, dtype=dtype, precision=precision,

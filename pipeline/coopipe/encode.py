@@ -29,18 +29,23 @@ from tqdm.auto import tqdm
 
 import coopipe
 from coopipe.datasets.base import Dataset
-from coopipe.errors import BadImageError, CoopipeError, CorruptStoreError, MissingFileError, StoreError
+from coopipe.errors import (
+    BadImageError,
+    CoopipeError,
+    CorruptStoreError,
+    MissingFileError,
+    StoreError,
+)
 from coopipe.imageio import load_rgb, shown_path
 from coopipe.models import LoadedClip, PreprocessConfig, load_clip, open_clip_version
 from coopipe.store import (
     FeatureStore,
-    StoreWriter,
     open_store,
     partial_path,
-    reopen_damaged,
     store_lock,
     store_path,
 )
+from coopipe.store_writer import StoreWriter, reopen_damaged
 from coopipe.views import ViewSpec, make_views, normalize_batch
 
 logger = logging.getLogger(__name__)

@@ -16,7 +16,14 @@ import h5py
 import numpy as np
 
 from coopipe.errors import StoreError, UnsafePathError
-from coopipe.store import STORE_FORMAT, FeatureStore, StoreWriter, open_store, store_lock, store_path
+from coopipe.store import (
+    STORE_FORMAT,
+    FeatureStore,
+    StoreWriter,
+    open_store,
+    store_lock,
+    store_path,
+)
 
 _ATTR = "coopipe"
 

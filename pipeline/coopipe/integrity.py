@@ -121,7 +121,7 @@ def _check_digests(root: Path, attrs: dict[str, Any], damage: Damage, n_rows: in
             continue
         try:
             ok = digest_hex(group[name][:]) == sums.get(name)
-        except Exception:  # corrupt bytes: blosc/zstd raise RuntimeError, others ValueError
+        except Exception:  # noqa: BLE001 - corrupt bytes: blosc/zstd raise RuntimeError, others ValueError
             ok = False
         if not ok:
             damage.arrays.add(name)
@@ -130,7 +130,7 @@ def _check_digests(root: Path, attrs: dict[str, Any], damage: Damage, n_rows: in
         return
     try:
         recorded = np.asarray(group["checksums"][:], dtype=np.uint64)
-    except Exception:
+    except Exception:  # noqa: BLE001 - any decode failure is damage
         damage.feature_chunks.update(range(len(range(0, n_rows, rows_per_chunk))))
         damage.notes.append("the checksums array is unreadable")
         return
@@ -140,7 +140,7 @@ def _check_digests(root: Path, attrs: dict[str, Any], damage: Damage, n_rows: in
             continue
         try:
             ok = digest(features[start : start + rows_per_chunk]) == int(recorded[chunk])
-        except Exception:
+        except Exception:  # noqa: BLE001 - any decode failure is damage
             ok = False
         if not ok:
             damage.feature_chunks.add(chunk)
@@ -148,7 +148,7 @@ def _check_digests(root: Path, attrs: dict[str, Any], damage: Damage, n_rows: in
     if "valid" not in damage.metadata:
         try:
             ok = digest_hex(group["valid"][:]) == sums.get("valid", digest_hex(group["valid"][:]))
-        except Exception:
+        except Exception:  # noqa: BLE001 - any decode failure is damage
             ok = False
         if not ok:
             damage.feature_chunks.update(range(len(range(0, n_rows, rows_per_chunk))))

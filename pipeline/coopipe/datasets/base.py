@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from coopipe.errors import MissingFileError, DatasetError, UnknownDatasetError
+from coopipe.errors import DatasetError, MissingFileError, UnknownDatasetError
 
 SPLITS = ("train", "val", "test")
 

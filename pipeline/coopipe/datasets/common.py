@@ -82,6 +82,26 @@ def check_files_exist(root: Path, splits: dict[str, Split], *, source: str, fix:
         )
 
 
+def check_confined(root: Path, splits: dict[str, Split], *, source: str) -> None:
+    """Refuse paths (absolute, ``..``, or through links) that resolve outside ``root``: for untrusted lists.
+
+    By default split files and manifests may point anywhere (a local tool reading the user's own lists);
+    with ``confine_paths`` an encode reads only files inside the dataset's image folder.
+    """
+    base = os.path.realpath(root)
+    outside = [
+        path for split in splits.values() for path in split.paths
+        if os.path.commonpath([base, os.path.realpath(os.path.join(base, path))]) != base
+    ]
+    if outside:
+        from coopipe.errors import UnsafePathError
+
+        raise UnsafePathError(
+            f"{len(outside)} image path(s) listed in {source} lie outside {root}, e.g. {shown(outside)}; "
+            f"fix the list, or encode without confine_paths if you trust it"
+        )
+
+
 def list_images(folder: Path, *, recursive: bool = True) -> list[str]:
     """Image files under ``folder`` as sorted POSIX paths relative to it (hidden files and folders skipped)."""
     found: list[str] = []

@@ -25,6 +25,7 @@ import numpy as np
 from coopipe.config import EncodeConfig, ModelSpec, PathsConfig
 from coopipe.datasets import load_dataset
 from coopipe.datasets.base import Dataset
+from coopipe.datasets.common import check_confined
 from coopipe.datasets.fewshot import FewShotIndex, make_few_shot_index
 from coopipe.encode import EncodeOptions, EncodeResult, encode_split
 from coopipe.models import load_clip
@@ -99,9 +100,16 @@ def run_encode(
     seeds: Sequence[int] = (),
     options: EncodeOptions = EncodeOptions(),
     scheduler: str | None = EncodeConfig.scheduler,
+    confine_paths: bool = False,
 ) -> list[EncodeResult]:
-    """Encode the requested splits of ``dataset``; returns one result per store (reused ones included)."""
+    """Encode the requested splits of ``dataset``; returns one result per store (reused ones included).
+
+    ``confine_paths`` refuses image paths that resolve outside the dataset's image folder (for split files
+    and manifests from untrusted sources); by default they may point anywhere.
+    """
     data = load_dataset(dataset, data_root)
+    if confine_paths:
+        check_confined(Path(data.image_root), data.splits, source=data.source or str(data_root))
     if bool(shots) != bool(seeds):
         raise ValueError("give both --shots and --seeds (or neither)")
     # A test-only encode needs no few-shot draw (and must not fail on a split too small for the shots).

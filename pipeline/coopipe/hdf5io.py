@@ -40,8 +40,8 @@ def export_hdf5(store: FeatureStore, out: str | os.PathLike[str], *, overwrite: 
             chunks=tuple(int(c) for c in store.features.chunks), compression="gzip", compression_opts=4,
         )
         step = int(store.features.chunks[0])
-        for start in range(0, store.n_rows, step):
-            feats[start : start + step] = store.features[start : start + step]
+        for chunk, start in enumerate(range(0, store.n_rows, step)):
+            feats[start : start + step] = store.chunk(chunk)  # checked: a damaged store is never exported
         h5.create_dataset("labels", data=store.labels().astype(np.int32))
         h5.create_dataset("index", data=store.index())
         h5.create_dataset("paths", data=np.asarray(store.paths(), dtype=object), dtype=h5py.string_dtype())

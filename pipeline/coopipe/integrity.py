@@ -2,7 +2,7 @@
 
 Why: zarr reads a missing chunk file as its fill value (zeros), so a store that lost a file would silently
 hand zeros to training or evaluation (labels all 0, features all 0). A store therefore records, at write
-time, one 64-bit digest per feature chunk (the ``checksums`` array, written before the chunk is marked done)
+time, one 64-bit digest (truncated sha256) per feature chunk (the ``checksums`` array, written before the chunk is marked done)
 and whole-array digests of the small arrays (``labels``, ``index``, ``paths``, ``valid``) in its attributes.
 Every array is created with ``write_empty_chunks`` so that *every* chunk has a file: a missing file is always
 damage, never a legitimate all-fill chunk.
@@ -35,13 +35,17 @@ REPAIR_HINT = "re-run the same `coopipe encode` command to re-encode the damaged
 
 
 def digest(array: np.ndarray) -> int:
-    """64-bit blake2b digest of an array's contents (strings hashed as UTF-8, NUL-separated)."""
+    """First 64 bits of the sha256 of an array's contents (strings hashed as UTF-8, NUL-separated).
+
+    sha256 (hardware-accelerated in OpenSSL) is ~2x faster than blake2b here; 64 bits are plenty to detect
+    damage (integrity, not authentication: provenance checks are separate).
+    """
     arr = np.asarray(array)
     if arr.dtype.kind in "OUT":
         data = "\0".join(str(x) for x in arr.ravel()).encode("utf-8", "backslashreplace")
     else:
         data = np.ascontiguousarray(arr).tobytes()
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+    return int.from_bytes(hashlib.sha256(data).digest()[:8], "little")
 
 
 def digest_hex(array: np.ndarray) -> str:

@@ -221,8 +221,10 @@ def test_symlink_loops_in_an_image_folder(tmp_path, rn50):
         for i in range(2):
             Image.new("RGB", (20, 20), (0, 60 * i, 0)).save(root / cls / f"{i}.png")
     (root / "cat" / "loop").symlink_to(root / "cat")  # a folder loop: not followed
+    (root / "knot").symlink_to(root / "knot")  # a class-level link to itself: skipped, not a traceback
     (root / "dog" / "self.png").symlink_to(root / "dog" / "self.png")  # a file that is a loop
     data = load_dataset("imagefolder", root, val_ratio=0, test_ratio=0.5)
+    assert data.classnames == ("cat", "dog")
     opts = EncodeOptions(**{**OPTS, "on_bad_image": "skip"})
     for split in ("train", "test"):
         result = encode_split(data, split, cache_dir=tmp_path / "c", options=opts, clip=rn50)

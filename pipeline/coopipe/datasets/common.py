@@ -14,6 +14,7 @@ import numpy as np
 
 from coopipe.datasets.base import SPLITS, Split
 from coopipe.errors import DatasetError, MissingFileError
+from coopipe.imageio import shown_path
 
 logger = logging.getLogger(__name__)
 
@@ -119,9 +120,20 @@ def list_images(folder: Path, *, recursive: bool = True) -> list[str]:
 
 
 def list_subfolders(folder: Path) -> list[str]:
-    """Sorted names of the non-hidden sub-folders of ``folder``."""
+    """Sorted names of the non-hidden sub-folders of ``folder`` (a looping or broken link is skipped, logged)."""
+    names = []
     with os.scandir(folder) as entries:
-        return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                is_dir = entry.is_dir()
+            except OSError as exc:  # e.g. ELOOP: a symlink loop would otherwise end the listing with a traceback
+                logger.warning("skipping %s: %s", shown_path(entry.path), exc.strerror)
+                continue
+            if is_dir:
+                names.append(entry.name)
+    return sorted(names)
 
 
 def _is_image(filename: str) -> bool:

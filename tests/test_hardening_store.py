@@ -305,3 +305,13 @@ def test_manifest_paths_outside_the_root_allowed_by_default_refused_with_confine
     res = CliRunner().invoke(app, ["encode", "--dataset", "manifest", "--data-root", str(root / "m.csv"),
                                    "--cache", str(tmp_path / "c"), "--confine-paths", "--shots", "all"])
     assert res.exit_code == 1 and "outside" in res.output and not (tmp_path / "c").exists()
+
+
+def test_bad_view_options_from_params_are_refused_before_any_file(tmp_path):
+    from coopipe.errors import ParamsError
+    from coopipe.jobs.encode import run_encode
+
+    for views, scale in ((-1, (0.08, 1.0)), (2, (0.9, 0.1))):
+        with pytest.raises(ParamsError):
+            run_encode(dataset="eurosat", data_root=tmp_path, cache_dir=tmp_path / "c", views=views, crop_scale=scale)
+    assert not (tmp_path / "c").exists()

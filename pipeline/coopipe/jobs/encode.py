@@ -107,6 +107,7 @@ def run_encode(
     ``confine_paths`` refuses image paths that resolve outside the dataset's image folder (for split files
     and manifests from untrusted sources); by default they may point anywhere.
     """
+    spec = ViewSpec(n_aug=views, scale=tuple(crop_scale), seed=aug_seed)  # type: ignore[arg-type]  # checked first
     data = load_dataset(dataset, data_root)
     if confine_paths:
         check_confined(Path(data.image_root), data.splits, source=data.source or str(data_root))
@@ -116,7 +117,6 @@ def run_encode(
     needs_draws = bool(shots) and any(s in ("train", "val") for s in splits)
     indices = write_fewshot_indices(data, shots, seeds, cache_dir) if needs_draws else []
     clip = load_clip(model, pretrained, device=options.device)
-    spec = ViewSpec(n_aug=views, scale=tuple(crop_scale), seed=aug_seed)  # type: ignore[arg-type]
     results = []
     for plan in plan_splits(data, splits, views=spec, indices=indices, shots=shots, seeds=seeds):
         results.append(

@@ -100,7 +100,7 @@ def encode(
     on_bad_image: Annotated[str, typer.Option(help="fail: stop at an unreadable image; skip: skip it and write a report.")] = _ENC_OPTS.on_bad_image,
     scheduler: Annotated[Optional[str], typer.Option(help="dask.distributed scheduler address (default: in-process).")] = EncodeConfig.scheduler,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
-    confine_paths: Annotated[bool, typer.Option("--confine-paths", help="Refuse image paths in split files/manifests that resolve outside the data root (for untrusted lists).")] = False,
+    confine_paths: Annotated[bool, typer.Option("--confine-paths", help="Refuse image paths in split files/manifests that resolve outside the data root (for untrusted lists).")] = EncodeConfig.confine_paths,
 ) -> None:
     """Encode a dataset's images once into chunked zarr feature stores under --cache."""
     from coopipe.encode import EncodeOptions

@@ -100,7 +100,7 @@ def run_encode(
     seeds: Sequence[int] = (),
     options: EncodeOptions = EncodeOptions(),
     scheduler: str | None = EncodeConfig.scheduler,
-    confine_paths: bool = False,
+    confine_paths: bool = EncodeConfig.confine_paths,
 ) -> list[EncodeResult]:
     """Encode the requested splits of ``dataset``; returns one result per store (reused ones included).
 

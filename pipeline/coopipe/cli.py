@@ -100,19 +100,22 @@ def encode(
     on_bad_image: Annotated[str, typer.Option(help="fail: stop at an unreadable image; skip: skip it and write a report.")] = _ENC_OPTS.on_bad_image,
     scheduler: Annotated[Optional[str], typer.Option(help="dask.distributed scheduler address (default: in-process).")] = EncodeConfig.scheduler,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    confine_paths: Annotated[bool, typer.Option("--confine-paths", help="Refuse image paths in split files/manifests that resolve outside the data root (for untrusted lists).")] = EncodeConfig.confine_paths,
 ) -> None:
     """Encode a dataset's images once into chunked zarr feature stores under --cache."""
     from coopipe.encode import EncodeOptions
     from coopipe.jobs.encode import ALL_SPLITS, run_encode
 
-    with _errors():
+    with _errors(), _os_errors():
         splits = ALL_SPLITS if split == "all" else (split,)
         if any(s not in ALL_SPLITS for s in splits):
             raise typer.BadParameter(f"--split must be train, val, test or all, got {split!r}")
-        lo, hi = (float(x) for x in crop_scale.split(","))
+        lo, hi = _crop_scale(crop_scale)
+        if views < 0:  # refused before any store is created
+            raise typer.BadParameter(f"must be >= 0 (augmented views per image), got {views}", param_hint="--views")
         results = run_encode(
             dataset=dataset, data_root=data_root, splits=splits, cache_dir=cache, model=model,
-            pretrained=pretrained, views=views, crop_scale=(lo, hi), aug_seed=aug_seed,
+            pretrained=pretrained, views=views, crop_scale=(lo, hi), aug_seed=aug_seed, confine_paths=confine_paths,
             shots=(few := _int_list(shots)), seeds=_int_list(seeds) if few else [], scheduler=scheduler,
             options=EncodeOptions(
                 batch_size=batch_size, num_workers=workers, dtype=dtype, precision=precision,
@@ -124,6 +127,30 @@ def encode(
             typer.echo(f"{r.path}  [{r.n_rows} rows x {r.n_views} views] {state}")
             if r.skipped:
                 typer.echo(f"  skipped {len(r.skipped)} unreadable image(s): see {r.path}.skipped.json", err=True)
+
+
+def _crop_scale(text: str) -> tuple[float, float]:
+    """``--crop-scale 'lo,hi'`` with 0 < lo <= hi <= 1, or a usage error naming the option."""
+    try:
+        lo, hi = (float(x) for x in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"expected two numbers 'lo,hi' such as {_CROP}, got {text!r}", param_hint="--crop-scale") from None
+    if not 0 < lo <= hi <= 1:
+        raise typer.BadParameter(f"needs 0 < lo <= hi <= 1, got {text!r}", param_hint="--crop-scale")
+    return lo, hi
+
+
+@contextmanager
+def _os_errors() -> Iterator[None]:
+    """File-system errors the library did not anticipate (loops, permissions) -> one line naming the file."""
+    try:
+        yield
+    except OSError as exc:
+        from coopipe.imageio import shown_path
+
+        where = f" ({shown_path(exc.filename)})" if exc.filename else ""
+        typer.echo(f"error: {exc.strerror or exc}{where}; finished chunks are kept, fix it and re-run", err=True)
+        raise typer.Exit(code=1) from exc
 
 
 @app.command()
@@ -342,17 +369,21 @@ def cache_info(
     path: Annotated[Path, typer.Argument(help="A store directory (*.zarr) or a cache folder to list.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Print a store's provenance and shape (or list the stores under a folder)."""
+    """Print a store's provenance and shape (or list the stores under a folder, and any partial ones)."""
     from coopipe.encode import describe_store
-    from coopipe.store import open_store
+    from coopipe.store import find_partials, open_store
 
     with _errors():
         stores = [path] if path.suffix == ".zarr" else sorted(path.rglob("*.zarr"))
-        if not stores:
+        partials = [] if path.suffix == ".zarr" else find_partials(path)
+        if not stores and not partials:
             raise FileNotFoundError(f"no *.zarr store at or under {path}; run `coopipe encode` first")
         infos = [describe_store(open_store(p)) for p in stores]
         if as_json:
-            typer.echo(json.dumps(infos if len(infos) > 1 else infos[0], indent=1))
+            payload: Any = infos if len(infos) > 1 or partials else (infos[0] if infos else [])
+            if partials:
+                payload = {"stores": infos, "partial": [str(p) for p in partials]}
+            typer.echo(json.dumps(payload, indent=1))
             return
         for info in infos:
             prov = info["provenance"]
@@ -363,6 +394,58 @@ def cache_info(
             typer.echo(f"  views {json.dumps(prov['views'])}")
             typer.echo(f"  preprocess {json.dumps(prov['preprocess'])}")
             typer.echo(f"  file list sha256 {prov['file_list_sha256'][:16]}…  coopipe {prov['coopipe_version']}  open_clip {prov['open_clip_version']}")
+        for partial in partials:
+            typer.echo(f"{partial}  [partial: an interrupted encode; re-run it to resume, or `coopipe cache clean {path}`]")
+
+
+@cache_app.command("clean")
+def cache_clean(
+    path: Annotated[Path, typer.Argument(help="Cache folder whose partial (*.zarr.partial) stores to remove.")],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Remove without asking.")] = False,
+) -> None:
+    """Remove the partial stores that interrupted encodes left under a cache folder (complete ones are kept)."""
+    import shutil
+
+    from coopipe.store import find_partials, store_lock
+
+    with _errors():
+        partials = find_partials(path)
+        if not partials:
+            typer.echo(f"no partial stores under {path}")
+            return
+        for partial in partials:
+            typer.echo(f"  {partial}")
+        if not yes and not typer.confirm(f"remove these {len(partials)} partial store(s)?", default=False):
+            raise typer.Exit(code=1)
+        for partial in partials:
+            with store_lock(partial.with_name(partial.name.removesuffix(".partial"))):  # never under a running encode
+                shutil.rmtree(partial)
+        typer.echo(f"removed {len(partials)} partial store(s)")
+
+
+@cache_app.command("verify")
+def cache_verify(
+    path: Annotated[Path, typer.Argument(help="A store directory (*.zarr) or a cache folder.")],
+) -> None:
+    """Check every chunk of every store against the checksums recorded when it was written."""
+    from coopipe.errors import StoreError
+    from coopipe.store import open_store
+
+    with _errors():
+        stores = [path] if path.suffix == ".zarr" else sorted(path.rglob("*.zarr"))
+        if not stores:
+            raise FileNotFoundError(f"no *.zarr store at or under {path}; run `coopipe encode` first")
+        bad = 0
+        for store in stores:
+            try:
+                open_store(store, checksums=True)
+                typer.echo(f"ok       {store}")
+            except StoreError as exc:
+                bad += 1
+                typer.echo(f"DAMAGED  {exc}")
+        if bad:
+            typer.echo(f"error: {bad} of {len(stores)} store(s) damaged", err=True)
+            raise typer.Exit(code=1)
 
 
 @cache_app.command("export")

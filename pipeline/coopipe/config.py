@@ -41,6 +41,7 @@ class EncodeConfig:
     crop_scale: tuple[float, float] = (0.08, 1.0)
     aug_seed: int = 0
     scheduler: str | None = None  # dask.distributed address; None encodes in-process
+    confine_paths: bool = False  # refuse split-file/manifest image paths outside the data root (untrusted lists)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from distributed import Client, WorkerPlugin, as_completed, get_worker
 
 from coopipe.encode import EncodeJob, encode_chunks
 from coopipe.models import LoadedClip, load_clip
-from coopipe.store import StoreWriter
+from coopipe.store_writer import StoreWriter
 
 logger = logging.getLogger(__name__)
 

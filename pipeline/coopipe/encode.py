@@ -29,17 +29,23 @@ from tqdm.auto import tqdm
 import coopipe
 from coopipe.atomic import write_json
 from coopipe.datasets.base import Dataset
-from coopipe.errors import BadImageError, CoopipeError, MissingFileError, StoreError
-from coopipe.imageio import load_rgb
+from coopipe.errors import (
+    BadImageError,
+    CoopipeError,
+    CorruptStoreError,
+    MissingFileError,
+    StoreError,
+)
+from coopipe.imageio import load_rgb, shown_path
 from coopipe.models import LoadedClip, PreprocessConfig, load_clip, open_clip_version
 from coopipe.store import (
     FeatureStore,
-    StoreWriter,
     open_store,
     partial_path,
     store_lock,
     store_path,
 )
+from coopipe.store_writer import StoreWriter, reopen_damaged
 from coopipe.views import ViewSpec, make_views, normalize_batch
 
 logger = logging.getLogger(__name__)
@@ -236,7 +242,7 @@ def encode_chunks(
                 if options.on_bad_image == "fail":
                     raise BadImageError(err)
                 logger.warning("skipping unreadable image: %s", err)
-                skipped.append({"path": job.paths[row], "error": err})
+                skipped.append({"path": shown_path(job.paths[row]), "error": err})
         feats = None
         if good:
             batch = torch.cat([views for _, views in good])  # (b * V, 3, S, S)
@@ -297,9 +303,13 @@ def encode_split(
     provenance = build_provenance(dataset, split, clip, views, positions=positions, options=options, subset_note=subset_note)
     path = store_path(cache_dir, provenance)
     if path.exists():
-        store = open_store(path, expect={k: v for k, v in provenance.items() if not k.endswith("_version")})
-        logger.info("store %s already complete: nothing to do", path)
-        return EncodeResult(path, store.n_rows, store.n_views, 0, time.perf_counter() - started, reused=True)
+        try:  # full verification: a reused store must be intact, and a damaged one is repaired below
+            store = open_store(path, expect={k: v for k, v in provenance.items() if not k.endswith("_version")},
+                               checksums=True)
+            logger.info("store %s already complete: nothing to do", path)
+            return EncodeResult(path, store.n_rows, store.n_views, 0, time.perf_counter() - started, reused=True)
+        except CorruptStoreError as exc:
+            logger.warning("%s", exc)
     job = EncodeJob(
         image_root=str(dataset.image_root),
         paths=tuple(data.paths[p] for p in pos),
@@ -310,13 +320,17 @@ def encode_split(
         pretrained=clip.weights.value,
         options=options,
     )
+    labels = [data.labels[p] for p in pos]
     with store_lock(path):
-        if partial_path(path).exists():
-            writer = StoreWriter.resume(path, provenance)
+        if path.exists():
+            reopen_damaged(path)  # under the lock: the store becomes a .partial with only the damage pending
+        writer = StoreWriter.resume(path, provenance) if partial_path(path).exists() else None
+        if writer is not None:
+            writer.rewrite_rows(labels, pos, job.paths)
             logger.info("resuming %s: %d of %d chunks left", path.name, len(writer.pending_chunks()), writer.n_chunks)
         else:
             writer = StoreWriter.create(
-                path, provenance, labels=[data.labels[p] for p in pos], index=pos, paths=job.paths,
+                path, provenance, labels=labels, index=pos, paths=job.paths,
                 n_views=views.n_views, dim=clip.embed_dim, dtype=options.dtype, chunk_rows=options.chunk_rows,
             )
         pending = writer.pending_chunks()

@@ -61,3 +61,11 @@ class TrainingDivergedError(CoopipeError, ArithmeticError):
 
 class LockedError(CoopipeError, RuntimeError):
     """Another process holds the lock of a store or run folder."""
+
+
+class CorruptStoreError(StoreError):
+    """A complete store with a missing, truncated or altered chunk (re-encoding repairs only the damage)."""
+
+
+class UnsafePathError(CoopipeError, ValueError):
+    """A path built from data (provenance, manifest, split file) would leave the folder it must stay in."""

@@ -10,13 +10,21 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
 
 from coopipe.atomic import atomic_write
-from coopipe.errors import StoreError
-from coopipe.store import STORE_FORMAT, FeatureStore, StoreWriter, open_store, store_lock, store_path
+from coopipe.errors import StoreError, UnsafePathError
+from coopipe.store import (
+    STORE_FORMAT,
+    FeatureStore,
+    StoreWriter,
+    open_store,
+    store_lock,
+    store_path,
+)
 
 _ATTR = "coopipe"
 
@@ -37,8 +45,8 @@ def _write_hdf5(store: FeatureStore, tmp: Path) -> None:
             chunks=tuple(int(c) for c in store.features.chunks), compression="gzip", compression_opts=4,
         )
         step = int(store.features.chunks[0])
-        for start in range(0, store.n_rows, step):
-            feats[start : start + step] = store.features[start : start + step]
+        for chunk, start in enumerate(range(0, store.n_rows, step)):
+            feats[start : start + step] = store.chunk(chunk)  # checked: a damaged store is never exported
         h5.create_dataset("labels", data=store.labels().astype(np.int32))
         h5.create_dataset("index", data=store.index())
         h5.create_dataset("paths", data=np.asarray(store.paths(), dtype=object), dtype=h5py.string_dtype())
@@ -59,8 +67,8 @@ def import_hdf5(src: str | os.PathLike[str], cache_dir: str | os.PathLike[str]) 
         attrs = json.loads(h5.attrs[_ATTR])
         if attrs.get("format") != STORE_FORMAT:
             raise StoreError(f"{src} holds store format {attrs.get('format')!r}, expected {STORE_FORMAT}")
-        provenance = attrs["provenance"]
-        path = store_path(cache_dir, provenance)
+        provenance = _checked_provenance(attrs.get("provenance"), src)
+        path = store_path(cache_dir, provenance)  # every component slugged and confined to cache_dir
         if path.exists():
             open_store(path, expect=provenance)
             return path
@@ -79,3 +87,28 @@ def import_hdf5(src: str | os.PathLike[str], cache_dir: str | os.PathLike[str]) 
             extra = {k: v for k, v in attrs.items() if k not in {"format", "provenance", "complete", "n_rows"}}
             writer.finalize(extra)
     return path
+
+
+def _checked_provenance(provenance: Any, src: Path) -> dict[str, Any]:
+    """The imported provenance, refused unless the fields that name the store are plain, safe values.
+
+    An HDF5 file may come from anyone: its ``dataset``/``split`` become folder and file names, so a value
+    such as ``../../x`` must never reach the file system (the store path is slugged and confined as well).
+    """
+    if not isinstance(provenance, dict):
+        raise StoreError(f"{src}: the 'provenance' attribute is not an object; the file is damaged or not coopipe's")
+    for key in ("dataset", "split", "model", "weights"):
+        value = provenance.get(key)
+        if not isinstance(value, str) or not value:
+            raise StoreError(f"{src}: provenance field {key!r} is missing or not a string; cannot import it")
+    for key in ("dataset", "split"):
+        value = provenance[key]
+        if value in (".", "..") or any(c in value for c in "/\\\0") or value != value.strip():
+            raise UnsafePathError(
+                f"{src}: provenance {key} {value!r} is not a plain name (it would build a path outside the "
+                f"cache); refusing to import it"
+            )
+    views = provenance.get("views")
+    if not isinstance(views, dict) or type(views.get("n_aug")) is not int or views["n_aug"] < 0:
+        raise StoreError(f"{src}: provenance field 'views' is missing or malformed; cannot import it")
+    return provenance

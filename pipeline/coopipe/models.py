@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import pickle
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,8 +168,14 @@ def load_clip(model_name: str = "RN50", pretrained: str | None = "none", *, devi
                 model = open_clip.create_model(model_name, pretrained=None, device=device)
         else:
             model = open_clip.create_model(model_name, pretrained=ref.value, device=device)
-    except (RuntimeError, OSError, ValueError, KeyError, pickle.UnpicklingError, EOFError) as exc:
-        raise WeightsError(f"could not load weights {ref.value!r} into {model_name}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - torch.load of a non-checkpoint raises anything (IndexError, ...)
+        reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        if reason.startswith("Weights only load failed"):
+            reason = "the file holds objects other than tensors"
+        raise WeightsError(
+            f"could not load weights {ref.value!r} into {model_name}: not a usable checkpoint ({reason[:120]}); "
+            f"pass an open_clip {model_name} checkpoint (a state dict), a pretrained tag, or none"
+        ) from exc
     model.eval()
     for param in model.parameters():
         param.requires_grad_(False)

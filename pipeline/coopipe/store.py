@@ -8,6 +8,7 @@ Layout of a store (a zarr v3 group, directory ``<name>.zarr``)::
     paths     (N,)       str                  image path relative to the dataset's image root
     valid     (N,)       bool                 False for images skipped under ``on_bad_image=skip``
     done      (n_chunks,) bool                which row chunks are written (resume bookkeeping)
+    checksums (n_chunks,) uint64              digest of each features chunk, written before its done mark
     attrs     provenance (model, weights, preprocessing, views, dataset file-list hash, ...) + "complete"
 
 Why it is safe:
@@ -17,6 +18,9 @@ Why it is safe:
   marked done only after its features are written.
 - The store name ends with a hash of its provenance (the inputs that determine the features), so different
   inputs write a different store and identical inputs find the existing one (a no-op).
+- Every chunk has a file and a digest (:mod:`coopipe.integrity`): :func:`open_store` refuses a store with a
+  missing chunk or array metadata (zarr would read zeros), :meth:`FeatureStore.read` checks each chunk's
+  digest, and a re-run of the same encode re-encodes only the damaged chunks (:mod:`coopipe.store_writer`).
 - :func:`open_store` compares the provenance a reader expects with the stored one and raises
   :class:`~coopipe.errors.ProvenanceMismatchError` naming the fields that differ.
 """
@@ -28,7 +32,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,9 +39,20 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
 
-from coopipe.errors import IncompleteStoreError, ProvenanceMismatchError, StoreError
+from coopipe.errors import (
+    CorruptStoreError,
+    IncompleteStoreError,
+    ProvenanceMismatchError,
+    StoreError,
+    UnsafePathError,
+)
+from coopipe.integrity import (
+    REPAIR_HINT,
+    digest,
+    digest_hex,
+    find_damage,
+)
 from coopipe.locks import exclusive_lock
 
 logger = logging.getLogger(__name__)
@@ -48,6 +62,7 @@ PARTIAL_SUFFIX = ".partial"
 # Provenance fields that identify the *content* of a store. Versions are recorded but not keyed, so upgrading
 # coopipe or open_clip does not silently invalidate every cache (the reader still sees them in `cache info`).
 _UNKEYED = {"coopipe_version", "open_clip_version", "created", "complete", "n_rows", "skipped"}
+
 
 
 def canonical_json(obj: Any) -> str:
@@ -60,9 +75,19 @@ def provenance_key(provenance: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical_json(keyed).encode()).hexdigest()[:12]
 
 
-def _slug(text: str) -> str:
-    keep = [c if c.isalnum() or c in "-." else "-" for c in text]
-    return "".join(keep).strip("-") or "x"
+def _slug(text: object) -> str:
+    """A safe file-name component: ASCII letters, digits, ``-``, ``+`` and inner ``.`` only (never ``.``/``..``)."""
+    keep = [c if (c.isascii() and c.isalnum()) or c in "-.+" else "-" for c in str(text)]
+    return "".join(keep).strip("-.") or "x"
+
+
+def confined(root: str | os.PathLike[str], path: Path) -> Path:
+    """``path`` if it lies inside ``root`` (after resolving ``..`` and links), else :class:`UnsafePathError`."""
+    base = Path(root).resolve()
+    resolved = path.resolve()
+    if resolved != base and base not in resolved.parents:
+        raise UnsafePathError(f"refusing path {path}: it resolves outside {root}")
+    return path
 
 
 def weights_slug(weights_id: str) -> str:
@@ -82,14 +107,15 @@ def store_path(cache_dir: str | os.PathLike[str], provenance: Mapping[str, Any])
     subset = "" if provenance.get("rows", "all") == "all" else "_subset"
     name = "_".join(
         [
-            provenance["split"],
+            _slug(provenance["split"]),
             _slug(provenance["model"]),
             weights_slug(provenance["weights"]),
-            label + subset,
+            _slug(label + subset),
             provenance_key(provenance),
         ]
     )
-    return Path(cache_dir) / _slug(provenance["dataset"]) / f"{name}.zarr"
+    # Provenance may come from an imported file: every component is slugged and the result confined.
+    return confined(cache_dir, Path(cache_dir) / _slug(provenance["dataset"]) / f"{name}.zarr")
 
 
 def partial_path(path: Path) -> Path:
@@ -139,17 +165,28 @@ class FeatureStore:
     def dim(self) -> int:
         return int(self.features.shape[2])
 
+    def _small(self, name: str) -> np.ndarray:
+        """A whole row array, checked against the digest recorded at write time (it is small: cheap)."""
+        try:
+            data = np.asarray(self.group[name][:])
+        except Exception as exc:  # blosc/zstd raise RuntimeError on garbage bytes
+            raise CorruptStoreError(f"store {self.path}: {name} is unreadable ({exc}); {REPAIR_HINT}") from exc
+        want = self.attrs.get("checksums", {}).get(name)
+        if want is not None and digest_hex(data) != want:
+            raise CorruptStoreError(f"store {self.path}: {name} does not match its checksum; {REPAIR_HINT}")
+        return data
+
     def labels(self) -> np.ndarray:
-        return np.asarray(self.group["labels"][:], dtype=np.int64)
+        return self._small("labels").astype(np.int64)
 
     def index(self) -> np.ndarray:
-        return np.asarray(self.group["index"][:], dtype=np.int64)
+        return self._small("index").astype(np.int64)
 
     def paths(self) -> np.ndarray:
-        return np.asarray(self.group["paths"][:])
+        return self._small("paths")
 
     def valid(self) -> np.ndarray:
-        return np.asarray(self.group["valid"][:], dtype=bool)
+        return self._small("valid").astype(bool)
 
     def classnames(self) -> list[str]:
         return list(self.provenance["classnames"])
@@ -177,27 +214,83 @@ class FeatureStore:
             )
         return rows
 
+    def _checksums(self) -> np.ndarray | None:
+        return np.asarray(self.group["checksums"][:], dtype=np.uint64) if "checksums" in self.group else None
+
+    def chunk(self, chunk: int, sums: np.ndarray | None = None) -> np.ndarray:
+        """Row chunk ``chunk`` of the features as stored (all views), checked against its recorded digest."""
+        step = int(self.features.chunks[0])
+        sums = self._checksums() if sums is None else sums
+        try:
+            block = np.asarray(self.features[chunk * step : (chunk + 1) * step])
+        except Exception as exc:
+            raise CorruptStoreError(f"store {self.path}: features chunk {chunk} is unreadable ({exc}); {REPAIR_HINT}") from exc
+        if sums is not None and digest(block) != int(sums[chunk]):
+            raise CorruptStoreError(f"store {self.path}: features chunk {chunk} does not match its checksum; {REPAIR_HINT}")
+        return block
+
+    def _chunk_run(self, first: int, last: int, sums: np.ndarray | None) -> np.ndarray:
+        """Chunks ``first..last`` (inclusive) as stored, each checked; per chunk on a decode error, to name it."""
+        step = int(self.features.chunks[0])
+        try:
+            block = np.asarray(self.features[first * step : (last + 1) * step])
+        except Exception:  # noqa: BLE001 - find and name the undecodable chunk
+            return np.concatenate([self.chunk(c, sums) for c in range(first, last + 1)])
+        if sums is not None:
+            for c in range(first, last + 1):
+                if digest(block[(c - first) * step : (c - first + 1) * step]) != int(sums[c]):
+                    raise CorruptStoreError(
+                        f"store {self.path}: features chunk {c} does not match its checksum; {REPAIR_HINT}"
+                    )
+        return block
+
     def read(self, rows: Sequence[int] | np.ndarray | None = None, *, view: int | None = 0) -> np.ndarray:
-        """Features as float32: (n, D) for one view, or (n, V, D) with ``view=None``. Checks NaN/inf."""
+        """Features as float32: (n, D) for one view, or (n, V, D) with ``view=None``. Checks NaN/inf.
+
+        Reads whole chunks (zarr decodes whole chunks anyway) and checks each against the digest recorded
+        when it was written, so a truncated or altered chunk is an error, never wrong numbers.
+        """
         arr = self.features
-        if rows is None:
-            data = arr[:, view, :] if view is not None else arr[:]
-        else:
-            rows = np.asarray(rows, dtype=np.int64)
-            order = np.argsort(rows)
-            sel = arr.get_orthogonal_selection((rows[order], slice(None), slice(None)))
-            data = np.empty_like(sel)
-            data[order] = sel
-            if view is not None:
-                data = data[:, view, :]
-        out = np.asarray(data, dtype=np.float32)
+        step = int(arr.chunks[0])
+        wanted = np.arange(self.n_rows) if rows is None else np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(wanted), *(arr.shape[1:] if view is None else arr.shape[2:])), dtype=np.float32)
+        chunk_of = wanted // step
+        sums = self._checksums()
+        if rows is None:  # the common case (evaluation, training sets): one call, no fancy indexing
+            block = self._chunk_run(0, -(-self.n_rows // step) - 1, sums)
+            out = np.asarray(block if view is None else block[:, view, :], dtype=np.float32)
+            if not np.isfinite(out).all():
+                raise StoreError(f"store {self.path} holds NaN/inf features; delete it and re-encode (fp32 precision)")
+            return out
+        for first, last in _runs(np.unique(chunk_of)):
+            block = self._chunk_run(first, last, sums)  # one zarr call per run of touched chunks: fast
+            sel = (chunk_of >= first) & (chunk_of <= last)
+            picked = block[wanted[sel] - first * step]
+            out[sel] = picked if view is None else picked[:, view, :]
         if not np.isfinite(out).all():
             raise StoreError(f"store {self.path} holds NaN/inf features; delete it and re-encode (fp32 precision)")
         return out
 
 
-def open_store(path: str | os.PathLike[str], *, expect: Mapping[str, Any] | None = None) -> FeatureStore:
-    """Open a complete store; raise if it is partial, not a coopipe store, or built from other inputs."""
+def _runs(chunks: np.ndarray) -> list[tuple[int, int]]:
+    """Sorted chunk numbers -> inclusive (first, last) runs of consecutive chunks."""
+    runs: list[tuple[int, int]] = []
+    for c in (int(x) for x in chunks):
+        if runs and runs[-1][1] == c - 1:
+            runs[-1] = (runs[-1][0], c)
+        else:
+            runs.append((c, c))
+    return runs
+
+
+def open_store(
+    path: str | os.PathLike[str], *, expect: Mapping[str, Any] | None = None, checksums: bool = False
+) -> FeatureStore:
+    """Open a complete store; raise if it is partial, damaged, not a coopipe store, or built from other inputs.
+
+    Chunk presence is always checked (a missing chunk would read as zeros); ``checksums`` also decodes every
+    chunk and compares it with its recorded digest (``coopipe cache verify``, and before an encode reuses it).
+    """
     path = Path(path)
     if not path.exists():
         if partial_path(path).exists():
@@ -226,6 +319,9 @@ def open_store(path: str | os.PathLike[str], *, expect: Mapping[str, Any] | None
                 f"store {path} was built from other inputs ({details}); re-encode with the current settings "
                 f"(coopipe encode) or point to the matching store"
             )
+    damage = find_damage(path, attrs, checksums=checksums)
+    if damage:
+        raise CorruptStoreError(f"store {path} is damaged: {damage.summary()}; {REPAIR_HINT}")
     return store
 
 
@@ -241,98 +337,9 @@ def store_lock(path: Path) -> contextlib.AbstractContextManager[None]:
     return exclusive_lock(path.parent / ".locks" / (path.name + ".lock"), f"store {path}")  # out of `ls cache/<ds>`'s way
 
 
-class StoreWriter:
-    """Writes one store chunk by chunk into ``<path>.partial`` and publishes it atomically when complete.
-
-    Chunk writes are independent (disjoint files), so several processes (dask workers) may write different
-    chunks of the same partial store at once; only :meth:`finalize` must run in a single process.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.partial = partial_path(path)
-        self.group = zarr.open_group(str(self.partial), mode="r+")
-        self.features: zarr.Array = self.group["features"]  # type: ignore[assignment]
-        self.chunk_rows = int(self.features.chunks[0])
-        self.n_rows = int(self.features.shape[0])
-        self.n_chunks = -(-self.n_rows // self.chunk_rows)
-
-    @classmethod
-    def create(
-        cls,
-        path: Path,
-        provenance: Mapping[str, Any],
-        *,
-        labels: Sequence[int],
-        index: Sequence[int],
-        paths: Sequence[str],
-        n_views: int,
-        dim: int,
-        dtype: str = "float16",
-        chunk_rows: int = 256,
-    ) -> StoreWriter:
-        partial = partial_path(path)
-        if partial.exists():
-            shutil.rmtree(partial)
-        n = len(labels)
-        if n == 0:
-            raise StoreError(f"refusing to create an empty store at {path}: the split has no images")
-        group = zarr.open_group(str(partial), mode="w")
-        chunk_rows = max(1, min(chunk_rows, n))
-        compressor = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
-        group.create_array(
-            "features", shape=(n, n_views, dim), chunks=(chunk_rows, n_views, dim), dtype=dtype,
-            compressors=compressor, fill_value=0,
-        )
-        group.create_array("labels", shape=(n,), chunks=(max(n, 1),), dtype="int32")[:] = np.asarray(labels)
-        group.create_array("index", shape=(n,), chunks=(max(n, 1),), dtype="int64")[:] = np.asarray(index)
-        group.create_array("paths", shape=(n,), chunks=(max(n, 1),), dtype=str)[:] = np.asarray(list(paths), dtype=object)
-        group.create_array("valid", shape=(n,), chunks=(chunk_rows,), dtype=bool, fill_value=True)
-        n_chunks = -(-n // chunk_rows)
-        group.create_array("done", shape=(n_chunks,), chunks=(1,), dtype=bool, fill_value=False)
-        group.attrs.update(
-            {"format": STORE_FORMAT, "provenance": dict(provenance), "complete": False, "n_rows": n}
-        )
-        return cls(path)
-
-    @classmethod
-    def resume(cls, path: Path, provenance: Mapping[str, Any]) -> StoreWriter:
-        writer = cls(path)
-        stored = dict(writer.group.attrs.get("provenance", {}))
-        diffs = diff_provenance({k: v for k, v in provenance.items() if k not in _UNKEYED}, stored)
-        if diffs:
-            raise ProvenanceMismatchError(
-                f"partial store {writer.partial} was started from other inputs ({', '.join(diffs)}); delete it"
-            )
-        return writer
-
-    def pending_chunks(self) -> list[int]:
-        done = np.asarray(self.group["done"][:], dtype=bool)
-        return [int(i) for i in np.flatnonzero(~done)]
-
-    def chunk_rows_range(self, chunk: int) -> range:
-        return range(chunk * self.chunk_rows, min((chunk + 1) * self.chunk_rows, self.n_rows))
-
-    def write_chunk(self, chunk: int, features: np.ndarray, valid: np.ndarray | None = None) -> None:
-        """Write one whole row chunk (V views) and then mark it done."""
-        rows = self.chunk_rows_range(chunk)
-        if features.shape[0] != len(rows):
-            raise StoreError(f"chunk {chunk} needs {len(rows)} rows, got {features.shape[0]}")
-        self.features[rows.start : rows.stop] = features.astype(self.features.dtype, copy=False)
-        if valid is not None and not valid.all():
-            self.group["valid"][rows.start : rows.stop] = valid
-        self.group["done"][chunk] = True
-
-    def finalize(self, extra_attrs: Mapping[str, Any] | None = None) -> Path:
-        """Check every chunk is done, mark complete and atomically publish under the final name."""
-        pending = self.pending_chunks()
-        if pending:
-            raise IncompleteStoreError(f"store {self.partial} still misses {len(pending)} chunk(s); resume it")
-        attrs = dict(extra_attrs or {})
-        attrs["complete"] = True
-        self.group.attrs.update(attrs)
-        os.replace(self.partial, self.path)  # atomic on one filesystem: readers see all or nothing
-        return self.path
+def find_partials(cache_dir: str | os.PathLike[str]) -> list[Path]:
+    """Partial stores (``*.zarr.partial``) under ``cache_dir``: interrupted encodes or imports."""
+    return sorted(p for p in Path(cache_dir).rglob(f"*.zarr{PARTIAL_SUFFIX}") if p.is_dir())
 
 
 def find_stores(
@@ -364,3 +371,12 @@ def find_stores(
         found.append(store)
     found.sort(key=lambda s: (-s.n_views, -s.n_rows, s.path.name))
     return found
+
+
+def __getattr__(name: str) -> Any:
+    """``StoreWriter`` and ``reopen_damaged`` live in :mod:`coopipe.store_writer`; still importable from here."""
+    if name in ("StoreWriter", "reopen_damaged"):
+        from coopipe import store_writer
+
+        return getattr(store_writer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

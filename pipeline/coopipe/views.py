@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from coopipe.errors import ParamsError
 from coopipe.models import PreprocessConfig
 
 _INTERPOLATION = {
@@ -39,6 +40,16 @@ class ViewSpec:
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip: bool = True
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        # Checked here, before any store exists: a bad value must not leave a half-created store behind.
+        if type(self.n_aug) is not int or self.n_aug < 0:
+            raise ParamsError(f"views (augmented views per image) must be an integer >= 0, got {self.n_aug!r}")
+        lo, hi = self.scale
+        if not (0 < lo <= hi <= 1):
+            raise ParamsError(f"crop scale must satisfy 0 < lo <= hi <= 1, got {lo},{hi}")
+        if not (0 < self.ratio[0] <= self.ratio[1]):
+            raise ParamsError(f"crop ratio must satisfy 0 < lo <= hi, got {self.ratio}")
 
     @property
     def n_views(self) -> int:

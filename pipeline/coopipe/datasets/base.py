@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from coopipe.errors import DatasetError, UnknownDatasetError
+from coopipe.errors import DatasetError, MissingFileError, UnknownDatasetError
 
 SPLITS = ("train", "val", "test")
 
@@ -61,10 +61,10 @@ class Dataset:
         """sha256 over the split's (path, label) list and the class names: the dataset's identity in stores."""
         digest = hashlib.sha256()
         for name in self.classnames:
-            digest.update(f"class\t{name}\n".encode())
+            digest.update(f"class\t{name}\n".encode("utf-8", "surrogateescape"))
         data = self.split(split)
         for path, label in zip(data.paths, data.labels):
-            digest.update(f"{path}\t{label}\n".encode())
+            digest.update(f"{path}\t{label}\n".encode("utf-8", "surrogateescape"))  # non-UTF-8 names too
         return digest.hexdigest()
 
     def prompts(self) -> list[str]:
@@ -138,7 +138,10 @@ class DatasetRegistry:
     def build(self, name: str, data_root: str | Path, **options: Any) -> Dataset:
         info = self.info(name)
         _check_options(info, options)
-        return info.builder(Path(data_root).expanduser(), **options)
+        root = Path(data_root).expanduser()
+        if not root.exists():  # say so, rather than "split file missing" somewhere below it
+            raise MissingFileError(f"data root {root} does not exist (dataset {info.name} expects: {info.description})")
+        return info.builder(root, **options)
 
 
 def _check_options(info: DatasetInfo, options: dict[str, Any]) -> None:

@@ -14,6 +14,7 @@ import numpy as np
 
 from coopipe.datasets.base import SPLITS, Split
 from coopipe.errors import DatasetError, MissingFileError
+from coopipe.imageio import shown_path
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +83,26 @@ def check_files_exist(root: Path, splits: dict[str, Split], *, source: str, fix:
         )
 
 
+def check_confined(root: Path, splits: dict[str, Split], *, source: str) -> None:
+    """Refuse paths (absolute, ``..``, or through links) that resolve outside ``root``: for untrusted lists.
+
+    By default split files and manifests may point anywhere (a local tool reading the user's own lists);
+    with ``confine_paths`` an encode reads only files inside the dataset's image folder.
+    """
+    base = os.path.realpath(root)
+    outside = [
+        path for split in splits.values() for path in split.paths
+        if os.path.commonpath([base, os.path.realpath(os.path.join(base, path))]) != base
+    ]
+    if outside:
+        from coopipe.errors import UnsafePathError
+
+        raise UnsafePathError(
+            f"{len(outside)} image path(s) listed in {source} lie outside {root}, e.g. {shown(outside)}; "
+            f"fix the list, or encode without confine_paths if you trust it"
+        )
+
+
 def list_images(folder: Path, *, recursive: bool = True) -> list[str]:
     """Image files under ``folder`` as sorted POSIX paths relative to it (hidden files and folders skipped)."""
     found: list[str] = []
@@ -99,9 +120,20 @@ def list_images(folder: Path, *, recursive: bool = True) -> list[str]:
 
 
 def list_subfolders(folder: Path) -> list[str]:
-    """Sorted names of the non-hidden sub-folders of ``folder``."""
+    """Sorted names of the non-hidden sub-folders of ``folder`` (a looping or broken link is skipped, logged)."""
+    names = []
     with os.scandir(folder) as entries:
-        return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                is_dir = entry.is_dir()
+            except OSError as exc:  # e.g. ELOOP: a symlink loop would otherwise end the listing with a traceback
+                logger.warning("skipping %s: %s", shown_path(entry.path), exc.strerror)
+                continue
+            if is_dir:
+                names.append(entry.name)
+    return sorted(names)
 
 
 def _is_image(filename: str) -> bool:

@@ -125,7 +125,7 @@ def build_split_file_dataset(
         path,
         missing_fix=(
             f"put CoOp's {spec.split_file} into {folder} (the data root should hold {spec.folder}/; "
-            f"{_COOP_DATA_DOC}) or pass split_file="
+            f"{_COOP_DATA_DOC})"
         ),
     )
     if check_files:

@@ -23,6 +23,7 @@ from coopipe.atomic import write_json
 from coopipe.config import EncodeConfig, ModelSpec, PathsConfig
 from coopipe.datasets import load_dataset
 from coopipe.datasets.base import Dataset
+from coopipe.datasets.common import check_confined
 from coopipe.datasets.fewshot import FewShotIndex, make_few_shot_index
 from coopipe.encode import EncodeOptions, EncodeResult, encode_split
 from coopipe.lookup import fewshot_index_path
@@ -93,16 +94,23 @@ def run_encode(
     seeds: Sequence[int] = (),
     options: EncodeOptions = EncodeOptions(),
     scheduler: str | None = EncodeConfig.scheduler,
+    confine_paths: bool = EncodeConfig.confine_paths,
 ) -> list[EncodeResult]:
-    """Encode the requested splits of ``dataset``; returns one result per store (reused ones included)."""
+    """Encode the requested splits of ``dataset``; returns one result per store (reused ones included).
+
+    ``confine_paths`` refuses image paths that resolve outside the dataset's image folder (for split files
+    and manifests from untrusted sources); by default they may point anywhere.
+    """
+    spec = ViewSpec(n_aug=views, scale=tuple(crop_scale), seed=aug_seed)  # type: ignore[arg-type]  # checked first
     data = load_dataset(dataset, data_root)
+    if confine_paths:
+        check_confined(Path(data.image_root), data.splits, source=data.source or str(data_root))
     if bool(shots) != bool(seeds):
         raise ValueError("give both --shots and --seeds (or neither)")
     # A test-only encode needs no few-shot draw (and must not fail on a split too small for the shots).
     needs_draws = bool(shots) and any(s in ("train", "val") for s in splits)
     indices = write_fewshot_indices(data, shots, seeds, cache_dir) if needs_draws else []
     clip = load_clip(model, pretrained, device=options.device)
-    spec = ViewSpec(n_aug=views, scale=tuple(crop_scale), seed=aug_seed)  # type: ignore[arg-type]
     results = []
     for plan in plan_splits(data, splits, views=spec, indices=indices, shots=shots, seeds=seeds):
         results.append(
@@ -111,7 +119,8 @@ def run_encode(
                 subset_note=plan.note, options=options, scheduler=scheduler, clip=clip,
             )
         )
-    write_json(Path(cache_dir) / data.name / "encode_summary.json", [_result_dict(r) for r in results])
+    if any(not r.reused for r in results):  # a no-op re-run keeps the summary of the run that did the work
+        write_json(Path(cache_dir) / data.name / "encode_summary.json", [_result_dict(r) for r in results])
     return results
 
 

@@ -32,6 +32,7 @@ CLASS_TOKEN_POSITIONS = ("end", "middle", "front")
 PAPER_N_CTX = 16  # CoOp's default M; labels leave it out
 COCOOP_CTX_INIT = "a photo of a"  # CoCoOp's reference setting (vit_b16_c4_ep10_batch1_ctxv1)
 RANK_BASE_RANKS = 3  # OrdinalCLIP's config
+PAPER_EPOCHS = {"cocoop": 10, "rank": 100}  # CoCoOp's vit_b16_c4_ep10 config; OrdinalCLIP's configs
 _INIT_SEP = "-"
 
 
@@ -96,6 +97,15 @@ class MethodSpec:
     def transferable(self) -> bool:
         """Whether the learned prompt can serve other class names (CSC contexts belong to their classes)."""
         return not self.csc and self.method != "rank"
+
+    def paper_epochs(self, shots: int, dataset: str | None = None) -> int:
+        """The epochs of the method's paper setting: CoOp's 50/100/100/200/200 by shots (ImageNet 50), CoCoOp's 10,
+        OrdinalCLIP's 100."""
+        if self.method in PAPER_EPOCHS:
+            return PAPER_EPOCHS[self.method]
+        from coopipe.train import epochs_for  # the CoOp schedule lives with the training loop
+
+        return epochs_for(shots, dataset)
 
     def normalized_init(self) -> str | None:
         return " ".join(self.ctx_init.replace("_", " ").split()) if self.ctx_init else None

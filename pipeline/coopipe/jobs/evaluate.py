@@ -28,6 +28,7 @@ from coopipe.checkpoint import load_checkpoint
 from coopipe.errors import CheckpointError, StoreError
 from coopipe.evaluate import evaluate_classifier
 from coopipe.features import read_split, select_store
+from coopipe.report.records import departures
 from coopipe.models import LoadedClip, load_clip
 from coopipe.lookup import checkpoint_pretrained, fewshot_index_for, resolve_model
 from coopipe.store import open_store
@@ -37,10 +38,14 @@ logger = logging.getLogger(__name__)
 
 
 def _metrics(evaluation: Any, classnames: Sequence[str], **info: Any) -> dict[str, Any]:
+    """A metrics file's content; it always says how the result departs from the paper's setting (random weights,
+    other epochs), so that no reader takes a pipeline check for a result."""
     data = evaluation.to_dict(classnames)
     if len(classnames) > 100:  # a 1000 x 1000 confusion matrix does not belong in a metrics file
         data.pop("confusion", None)
-    return {**info, **data}
+    out = {**info, **data}
+    out["departures"] = departures(out)
+    return out
 
 
 def metrics_filename(classes: str) -> str:
@@ -111,6 +116,7 @@ def run_eval(
     metrics = _metrics(
         evaluation, test.classnames, method=ckpt.method.label(), dataset=dataset, shots=record.shots,
         seed=record.seed, model=ckpt.model, weights=ckpt.weights, variant=ckpt.variant, method_spec=ckpt.method.to_dict(),
+        epochs=ckpt.epoch, paper_epochs=ckpt.method.paper_epochs(record.shots or 16, record.dataset),
         split=split, store=str(feature_store.path), **info,
     )
     if out is None:

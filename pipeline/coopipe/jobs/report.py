@@ -116,7 +116,8 @@ def run_report(
     plot_accuracy_vs_shots(cells, averages, out / FILES["fig3"])
     plot_gains(gains, out / FILES["fig4"], method=gain_method, shots=shots)
     figures = {"Figure 3: accuracy vs shots": FILES["fig3"], "Figure 4: gain over zero-shot CLIP": FILES["fig4"]}
-    md = markdown_report(cells, averages, b2n, transfer, gains, title=f"coopipe report: {runs_dir}", figures=figures)
+    md = markdown_report(cells, averages, b2n, transfer, gains, title=f"coopipe report: {runs_dir}", figures=figures,
+                         records=records)
     write_text(out / FILES["markdown"], md)
     write_text(out / FILES["csv"], csv_text(csv_rows(cells, averages, b2n, transfer)))
     summary = {
@@ -124,6 +125,8 @@ def run_report(
         "std": STD_NOTE,
         "n_records": len(records),
         "skipped": skipped,
+        "runs": [{"path": r.path, "method": r.method, "setting": r.model, "shots": r.shots, "seed": r.seed}
+                 for r in sorted(records, key=lambda r: r.path)],
         "accuracy": _accuracy_map([*cells, *averages]),
         "fewshot": [c.to_dict() for c in [*cells, *averages]],
         "gain": {"method": gain_method, "shots": shots, "datasets": [g.to_dict() for g in gains]},

@@ -42,8 +42,8 @@ class Stat:
 
     @property
     def single(self) -> bool:
-        """One seedless value (zero-shot CLIP): shown without ±."""
-        return self.seeds == (None,)
+        """One value (zero-shot CLIP, or a single seed): shown without ±."""
+        return self.n == 1
 
     def text(self, *, digits: int = 2, expected_n: int | None = None) -> str:
         """``83.53 ± 1.20``; a seedless value without ±; `` (n=2)`` appended when fewer seeds than expected."""

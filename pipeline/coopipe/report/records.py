@@ -78,12 +78,31 @@ def record_from_metrics(data: Mapping[str, Any], path: str = "") -> RunRecord:
         seed=seed,
         accuracy=float(acc),
         macro_f1=float(f1) if isinstance(f1, (int, float)) and not isinstance(f1, bool) else None,
-        model=str(data.get("model") or ""),
+        model=model_setting(data),
         classes=str(data.get("classes") or "all"),
         train_classes=str(data.get("train_classes") or "all"),
         source=str(data["source_dataset"]) if data.get("source_dataset") else None,
         path=path,
     )
+
+
+def departures(data: Mapping[str, Any]) -> list[str]:
+    """How a result departs from the paper's setting: random weights, other epochs (as ``metrics.json`` records)."""
+    found = []
+    if str(data.get("weights") or "").startswith("random-init"):
+        found.append("random weights")
+    epochs, paper = data.get("epochs"), data.get("paper_epochs")
+    if isinstance(epochs, int) and isinstance(paper, int) and epochs != paper:
+        found.append(f"{epochs} epochs (paper {paper})")
+    return found
+
+
+def model_setting(data: Mapping[str, Any]) -> str:
+    """The model and every departure from the paper's setting, e.g. ``RN50 [random weights, 30 epochs (paper
+    200)]``: results are grouped by it, so runs that differ in weights or epochs are never averaged together."""
+    model = str(data.get("model") or "")
+    tags = departures(data)
+    return f"{model} [{', '.join(tags)}]" if tags else model
 
 
 def dedupe(records: Iterable[RunRecord]) -> list[RunRecord]:

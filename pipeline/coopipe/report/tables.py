@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from coopipe.report.records import RunRecord
 from coopipe.report.aggregate import BaseNewRow, Cell, Gain, Stat, TransferCell
 from coopipe.report.names import AVERAGE, dataset_label, dataset_order, method_label, method_order, several_models
 
@@ -125,9 +126,11 @@ def markdown_report(
     *,
     title: str = "coopipe report",
     figures: Mapping[str, str] | None = None,
+    records: Sequence[RunRecord] = (),
 ) -> str:
-    """The whole report as Markdown: few-shot table, gains, base-to-new and transfer tables, figure links."""
-    parts: list[str] = [f"# {title}", ""]
+    """The whole report as Markdown: the settings of the runs it used, the few-shot table, gains, base-to-new and
+    transfer tables, figure links, and the list of runs."""
+    parts: list[str] = [f"# {title}", "", *settings_markdown(records)]
     for section in (fewshot_markdown(cells, averages), gains_markdown(gains), base2new_markdown(b2n),
                     transfer_markdown(transfer, cells)):
         if section:
@@ -136,7 +139,27 @@ def markdown_report(
         parts += ["No finished runs found (no metrics.json below the runs folder).", ""]
     for caption, name in (figures or {}).items():
         parts += [f"![{caption}]({name})", ""]
+    if records:
+        parts += ["## Runs used", "", *[f"- `{r.path}`: {r.method}, {r.model}, {r.shots} shots, seed {r.seed}"
+                                        for r in sorted(records, key=lambda r: r.path)], ""]
     return "\n".join(parts)
+
+
+def settings_markdown(records: Sequence[RunRecord]) -> list[str]:
+    """Which model settings the results come from, and a warning when they depart from the paper's protocol."""
+    if not records:
+        return []
+    counts: dict[str, int] = {}
+    for r in records:
+        counts[r.model] = counts.get(r.model, 0) + 1
+    lines = ["Results by model setting (never averaged across settings): "
+             + "; ".join(f"{m or 'unknown model'}: {n} result(s)" for m, n in sorted(counts.items())), ""]
+    if any("random weights" in m for m in counts):
+        lines += ["> **Random weights**: some results come from randomly initialised CLIP models (`pretrained=none`); "
+                  "they only check that the pipeline runs and say nothing about the method.", ""]
+    if any("epochs (paper" in m for m in counts):
+        lines += ["> **Not the paper's protocol**: some runs trained for other epochs than the paper's.", ""]
+    return lines
 
 
 CSV_FIELDS = ("table", "dataset", "source", "method", "model", "shots", "classes", "n", "seeds", "mean", "std",

@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from coopipe.errors import ParamsError
+from coopipe.method import MethodSpec
+
 AVERAGE = "average"
 
 # CoOp's benchmark order (the paper's tables and Figure 3), then the ImageNet variants.
@@ -32,7 +35,8 @@ _METHOD_NAMES = {
     "linear_probe": "Linear probe CLIP",
     "coop": "CoOp",
 }
-_METHOD_ORDER = ("zeroshot", "zeroshot_ensemble", "linear_probe", "coop")
+_PROMPT_NAMES = {"coop": "CoOp", "cocoop": "CoCoOp", "rank": "Rank prompts (OrdinalCLIP)"}
+_METHOD_ORDER = ("zeroshot", "zeroshot_ensemble", "linear_probe", "coop", "cocoop", "rank")
 
 
 def dataset_label(name: str) -> str:
@@ -52,20 +56,28 @@ def method_order(method: str) -> tuple[int, str]:
 
 
 def method_label(method: str, model: str = "", *, with_model: bool = False) -> str:
-    """Readable method name: ``coop_csc_middle`` -> ``CoOp (CSC, middle)``; ``coop_m8`` -> ``CoOp (M=8)``."""
+    """Readable method name: ``coop_csc_middle`` -> ``CoOp (CSC, middle)``; ``coop_m8`` -> ``CoOp (M=8)``;
+    ``cocoop`` -> ``CoCoOp``; ``rank`` -> ``Rank prompts (OrdinalCLIP)``. Labels are read by the method seam."""
     name = _METHOD_NAMES.get(method)
-    if name is None and method.startswith("coop_"):
-        parts = []
-        for token in method[len("coop_"):].split("_"):
-            if token == "csc":
+    if name is None:
+        try:
+            spec = MethodSpec.parse(method)
+        except ParamsError:
+            spec = None
+        if spec is not None:
+            base, default = _PROMPT_NAMES[spec.method], MethodSpec.default(spec.method)
+            parts = []
+            if spec.csc:
                 parts.append("CSC")
-            elif token.startswith("init-"):
-                parts.append('init "' + token[len("init-"):].replace("-", " ") + '"')
-            elif token[:1] == "m" and token[1:].isdigit():
-                parts.append(f"M={token[1:]}")
-            else:
-                parts.append(token)
-        name = f"CoOp ({', '.join(parts)})"
+            if spec.class_token_position != "end":
+                parts.append(spec.class_token_position)
+            if spec.ctx_init and spec.ctx_init != default.ctx_init:
+                parts.append(f'init "{spec.ctx_init}"')
+            elif not spec.ctx_init and (spec.n_ctx != default.n_ctx or default.ctx_init):
+                parts.append(f"M={spec.n_ctx}")
+            if spec.method == "rank" and spec.n_base_ranks != default.n_base_ranks:
+                parts.append(f"{spec.n_base_ranks} base ranks")
+            name = f"{base} ({', '.join(parts)})" if parts else base
     name = name or method
     return f"{name} [{model}]" if with_model and model else name
 

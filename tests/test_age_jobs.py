@@ -15,9 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
-
 from coopipe.cli import app
+from typer.testing import CliRunner
 
 AGES = range(20, 32)  # 12 ages x 4 faces: per age 2 train, 1 val, 1 test (the age-stratified split)
 PER_AGE = 4
@@ -73,10 +72,17 @@ def _check_age_metrics(folder: Path, n_test: int) -> dict:
 def test_age_jobs_end_to_end(cache: Path, faces: Path, tmp_path: Path, rn50) -> None:
     from coopipe.datasets import load_dataset, make_age_few_shot_index, rank_values
     from coopipe.datasets.fewshot import FewShotIndex
+    from coopipe.jobs.age_eval import age_templates
     from coopipe.jobs.age_report import run_age_report
-    from coopipe.jobs.evaluate import run_eval, run_linear_probe, run_ridge_probe, run_zeroshot
+    from coopipe.jobs.evaluate import (
+        run_eval,
+        run_linear_probe,
+        run_ridge_probe,
+        run_zeroshot,
+    )
     from coopipe.jobs.train import run_train
     from coopipe.lookup import fewshot_index_path
+    from coopipe.regression import AGE_TEMPLATES
 
     data = load_dataset("utkface", faces)
     n_test = len(data.split("test"))
@@ -90,8 +96,10 @@ def test_age_jobs_end_to_end(cache: Path, faces: Path, tmp_path: Path, rn50) -> 
     zs = run_zeroshot(cache_dir=cache, dataset="utkface", out_dir=runs / "zeroshot", clip=rn50)
     assert zs["templates"] == ["a photo of a {} year old person."] and zs["shots"] == 0
     _check_age_metrics(runs / "zeroshot", n_test)
-    ens = run_zeroshot(cache_dir=cache, dataset="utkface", out_dir=runs / "zeroshot_ensemble", clip=rn50, ensemble=True)
-    assert ens["method"] == "zeroshot_ensemble" and len(ens["templates"]) > 1
+    assert age_templates(None, ensemble=True) == list(AGE_TEMPLATES)  # --ensemble: every age prompt
+    ens = run_zeroshot(cache_dir=cache, dataset="utkface", out_dir=runs / "zeroshot_ensemble", clip=rn50,
+                       ensemble=True, templates=AGE_TEMPLATES[:2])  # two prompts keep the text pass short
+    assert ens["method"] == "zeroshot_ensemble" and ens["templates"] == list(AGE_TEMPLATES[:2])
 
     ridge = run_ridge_probe(cache_dir=cache, dataset="utkface", shots=2, seed=1, out_dir=runs / "ridge" / "shots2_seed1")
     assert ridge["method"] == "ridge" and ridge["alpha"] > 0
@@ -118,3 +126,38 @@ def test_age_jobs_end_to_end(cache: Path, faces: Path, tmp_path: Path, rn50) -> 
     assert (out / "cs_curves.png").stat().st_size > 1000 and (out / "mae_vs_shots.png").is_file()
     assert (out / "predicted_vs_true_ridge_shots2.png").is_file()
     assert summary["runs"] == 5 and (tmp_path / "report" / "age_report.md").is_file()
+
+
+def test_lookup_draws_the_age_rule_from_a_full_store(tmp_path: Path) -> None:
+    """Without a recorded index, the lookup draws from full train/val stores: the age rule for an age dataset
+    (sparse ages keep all, empty ranks are fine), equal to the dataset's draw and with its draw order (so fewer
+    shots derive from it); CoOp's strict rule for any other dataset."""
+    from conftest import make_store
+    from coopipe.datasets import make_age_few_shot_index
+    from coopipe.datasets.ages import rank_classnames
+    from coopipe.datasets.base import Dataset, Split
+    from coopipe.errors import DatasetError
+    from coopipe.lookup import fewshot_index, fewshot_index_path
+    from coopipe.store import open_store
+
+    train_labels = np.array([20] * 5 + [21] + [40] * 3 + [20, 40])  # age 21: one face; ranks 0..19 etc.: none
+    val_labels = np.array([20, 21, 40, 40])
+    names = list(rank_classnames())
+    stores = {}
+    for split, labels in (("train", train_labels), ("val", val_labels)):
+        feats = np.random.default_rng(0).normal(size=(labels.size, 1, 8)).astype(np.float32)
+        for dataset in ("utkface", "toy"):
+            stores[dataset, split] = open_store(make_store(tmp_path, model="RN50", weights="w", classnames=names,
+                                                           feats=feats, labels=labels, dataset=dataset, split=split))
+    index = fewshot_index(tmp_path, "utkface", 4, 1, stores["utkface", "train"])
+    splits = {"train": Split(tuple(f"img{i}.jpg" for i in range(train_labels.size)), tuple(train_labels.tolist())),
+              "val": Split(tuple(f"img{i}.jpg" for i in range(val_labels.size)), tuple(val_labels.tolist()))}
+    drawn = make_age_few_shot_index(Dataset("utkface", tmp_path, tuple(names), "{}", splits), 4, 1)
+    assert len(index.train_indices) == 4 + 1 + 4  # K = 4 of age 20, the single face of 21, all 4 of age 40
+    assert (index.train_indices, index.val_indices, index.train_order, index.val_order) == \
+        (drawn.train_indices, drawn.val_indices, drawn.train_order, drawn.val_order)
+    assert fewshot_index_path(tmp_path, "utkface", 4, 1).is_file()
+    one = fewshot_index(tmp_path, "utkface", 1, 1, None)  # derived from the recorded 4-shot draw
+    assert one.train_indices == make_age_few_shot_index(Dataset("utkface", tmp_path, tuple(names), "{}", splits), 1, 1).train_indices
+    with pytest.raises(DatasetError, match="has 0 images but 4 shots"):
+        fewshot_index(tmp_path, "toy", 4, 1, stores["toy", "train"])

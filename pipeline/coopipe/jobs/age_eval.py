@@ -203,17 +203,18 @@ def _probe_data(cache_dir: Path, dataset: str, shots: int, seed: int, model: str
     if model is None or weights is None:
         inferred_model, inferred_weights = infer_model(cache_dir, dataset)
         model, weights = model or inferred_model, weights or inferred_weights
-    kw = {"model": model, "weights": weights}
-    full = [s for s in find_stores(cache_dir, dataset, "train", **kw) if s.provenance.get("rows", "all") == "all"]
+    def store(split: str, positions: tuple[int, ...] | None = None) -> FeatureStore:
+        return select_store(cache_dir, dataset, split, model=model, weights=weights, positions=positions)
+
+    full = [s for s in find_stores(cache_dir, dataset, "train", model=model, weights=weights)
+            if s.provenance.get("rows", "all") == "all"]
     index = fewshot_index(cache_dir, dataset, shots, seed, full[0] if full else None)
-    train = read_split(select_store(cache_dir, dataset, "train", positions=index.train_indices, **kw),
-                       index.train_indices, all_views=False)
+    train = read_split(store("train", index.train_indices), index.train_indices, all_views=False)
     if not index.val_indices:
         raise StoreError(f"the age probes choose their regularisation on validation; {dataset} has no validation "
                          f"images in the {shots}-shot draw (seed {seed}): give the dataset a val split")
-    val = read_split(select_store(cache_dir, dataset, "val", positions=index.val_indices, **kw),
-                     index.val_indices, all_views=False)
-    test = read_split(select_store(cache_dir, dataset, "test", **kw), all_views=False)
+    val = read_split(store("val", index.val_indices), index.val_indices, all_views=False)
+    test = read_split(store("test"), all_views=False)
     return model, weights, train, val, test, index
 
 

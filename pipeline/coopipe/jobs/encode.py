@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from coopipe.config import EncodeConfig, ModelSpec, PathsConfig
 from coopipe.datasets import load_dataset
 from coopipe.datasets.age_fewshot import make_age_few_shot_index

@@ -27,15 +27,25 @@ from typing import Any
 
 import torch
 
-from coopipe.baselines import IMAGENET_TEMPLATES, dataset_template, fit_linear_probe, zero_shot
+from coopipe.baselines import (
+    IMAGENET_TEMPLATES,
+    dataset_template,
+    fit_linear_probe,
+    zero_shot,
+)
 from coopipe.checkpoint import load_checkpoint
 from coopipe.datasets.ages import is_age_dataset
 from coopipe.errors import CheckpointError, StoreError
 from coopipe.evaluate import evaluate_classifier
 from coopipe.features import read_split, select_store
 from coopipe.jobs import age_eval
+from coopipe.lookup import (
+    checkpoint_pretrained,
+    fewshot_index_for,
+    resolve_model,
+    write_json,
+)
 from coopipe.models import LoadedClip, load_clip
-from coopipe.lookup import checkpoint_pretrained, fewshot_index_for, resolve_model, write_json
 from coopipe.store import open_store
 from coopipe.transfer import ClassSubset, check_same_encoder, context_text_features
 

@@ -72,7 +72,7 @@ def _check_age_metrics(folder: Path, n_test: int) -> dict:
 def test_age_jobs_end_to_end(cache: Path, faces: Path, tmp_path: Path, rn50) -> None:
     from coopipe.datasets import load_dataset, make_age_few_shot_index, rank_values
     from coopipe.datasets.fewshot import FewShotIndex
-    from coopipe.jobs.age_eval import age_templates
+    from coopipe.jobs.age_eval import age_templates, describe_age_metrics
     from coopipe.jobs.age_report import run_age_report
     from coopipe.jobs.evaluate import (
         run_eval,
@@ -116,6 +116,8 @@ def test_age_jobs_end_to_end(cache: Path, faces: Path, tmp_path: Path, rn50) -> 
     run_eval(run, cache_dir=cache)
     metrics = _check_age_metrics(run, n_test)
     assert metrics["method"] == "coop_m2" and metrics["shots"] == 1 and "1-shot train draw" in metrics["constant_from"]
+    assert len(metrics["per_class_accuracy"]) == 101 and "confusion" not in metrics  # the CLI's printer reads it
+    assert describe_age_metrics(metrics)[0].startswith(f"  MAE {metrics['mae_exp']:.2f} years")
 
     summary = run_age_report(tmp_path / "runs", tmp_path / "report")["utkface"]
     out = tmp_path / "report" / "utkface"

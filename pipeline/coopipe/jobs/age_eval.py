@@ -42,6 +42,7 @@ __all__ = [
     "age_fields",
     "age_templates",
     "constant_fields",
+    "describe_age_metrics",
     "run_age_linear_probe",
     "run_age_zeroshot",
     "run_ridge_probe",
@@ -134,11 +135,23 @@ def _write(out_dir: Path, metrics: dict[str, Any], paths: Sequence[str], evaluat
     return metrics
 
 
-def _class_metrics(evaluation: Evaluation) -> dict[str, Any]:
-    data = evaluation.to_dict()
+def _class_metrics(evaluation: Evaluation, classnames: Sequence[str]) -> dict[str, Any]:
+    data = evaluation.to_dict(classnames)
     data.pop("confusion", None)  # 101 x 101 ranks: not for a metrics file
-    data.pop("per_class_accuracy", None)
     return data
+
+
+def describe_age_metrics(metrics: dict[str, Any]) -> list[str]:
+    """Lines a command prints for age metrics (none for other metrics): MAE both ways, CS(5), constant."""
+    if "mae_exp" not in metrics:
+        return []
+    within = ", ".join(f"{100 * metrics[f'within_{y}_exp']:.1f}%" for y in (1, 3, 5))
+    lines = [f"  MAE {metrics['mae_exp']:.2f} years (expectation) / {metrics['mae_max']:.2f} (arg-max); within "
+             + f"±1/3/5 years {within}"]
+    if metrics.get("constant_mae") is not None:
+        lines.append(f"  constant predictor (median {metrics['constant_median']:g} of {metrics['constant_from']}): "
+                     f"MAE {metrics['constant_mae']:.2f} years")
+    return lines
 
 
 # ---------------------------------------------------------------- run_eval's age branch
@@ -190,7 +203,7 @@ def run_age_zeroshot(
     metrics = {
         "method": "zeroshot_ensemble" if len(chosen) > 1 else "zeroshot", "dataset": dataset, "shots": 0,
         "seed": None, "model": clip.name, "weights": clip.weights_id, "templates": chosen, "store": str(store.path),
-        "classes": "all", **_class_metrics(_classification(logits, test.labels, len(test.classnames))),
+        "classes": "all", **_class_metrics(_classification(logits, test.labels, len(test.classnames)), test.classnames),
         **age_fields(evaluation), **constant_fields(train_ages, evaluation.true, source),
     }
     return _write(Path(out_dir), metrics, split_paths(test), evaluation)
@@ -200,9 +213,15 @@ def run_age_zeroshot(
 def _probe_data(cache_dir: Path, dataset: str, shots: int, seed: int, model: str | None,
                 weights: str | None) -> tuple[str, str, SplitFeatures, SplitFeatures, SplitFeatures, FewShotIndex]:
     """(model, weights, train, val, test) centre-view features of the (shots, seed) draw; no model is loaded."""
-    if model is None or weights is None:
-        inferred_model, inferred_weights = infer_model(cache_dir, dataset)
-        model, weights = model or inferred_model, weights or inferred_weights
+    if model is None:
+        model, weights = infer_model(cache_dir, dataset)
+    elif weights is None:  # the weights of this model's cached features (one set, or say which to pick)
+        found = sorted({s.provenance["weights"] for s in find_stores(cache_dir, dataset, "train", model=model)})
+        if len(found) != 1:
+            raise StoreError(f"{cache_dir} holds {len(found)} sets of {model} train features for {dataset} "
+                             f"({', '.join(found) or 'none'}); " + ("pick one with --pretrained" if found else
+                             f"run `coopipe encode --dataset {dataset} --model {model} ...` first"))
+        weights = found[0]
     def store(split: str, positions: tuple[int, ...] | None = None) -> FeatureStore:
         return select_store(cache_dir, dataset, split, model=model, weights=weights, positions=positions)
 
@@ -247,7 +266,7 @@ def run_age_linear_probe(
     metrics = {
         **_probe_info("linear_probe", dataset, shots, seed, model, weights, test, values[train.labels.numpy()],
                       evaluation),
-        **_class_metrics(_classification(log_probs, test.labels, values.size)),
+        **_class_metrics(_classification(log_probs, test.labels, values.size), train.classnames),
         "C": probe.C, "val_mae": probe.val_mae,
     }
     return _write(Path(out_dir), metrics, split_paths(test), evaluation)
@@ -278,7 +297,7 @@ def run_ridge_probe(
     rounded = np.clip(np.searchsorted(values, evaluation.pred_max), 0, values.size - 1)
     metrics = {
         **_probe_info("ridge", dataset, shots, seed, model, weights, test, values[y], evaluation),
-        **_class_metrics(evaluate_predictions(test.labels, rounded, values.size)),
+        **_class_metrics(evaluate_predictions(test.labels, rounded, values.size), train.classnames),
         "alpha": probe.alpha, "val_mae": probe.val_mae,
     }
     return _write(Path(out_dir), metrics, split_paths(test), evaluation)

@@ -137,7 +137,6 @@ def run_eval(
             cache_dir=cache_dir, dataset=str(dataset), shots=record.shots, seed=record.seed, text=text, scale=scale,
             test=test, model=ckpt.model, weights=ckpt.weights)
         metrics.update(fields)
-        metrics.pop("per_class_accuracy", None)
         age_eval.write_predictions(Path(out).parent / age_eval.PREDICTIONS_FILE, paths, ages)
     write_json(Path(out), metrics)
     return metrics
@@ -191,7 +190,10 @@ def run_linear_probe(
     """CLIP's linear probe on the K-shot centre-view features; C chosen on the few-shot validation split."""
     cache_dir = Path(cache_dir)
     if is_age_dataset(dataset):  # the rank probe, decoded by expectation; needs no model
-        weights = None if model is None else resolve_model(cache_dir, dataset, model, pretrained, device).weights_id
+        weights = None
+        if pretrained is not None:  # a weights file or tag: its identity needs the model loaded
+            loaded = resolve_model(cache_dir, dataset, model, pretrained, device)
+            model, weights = loaded.name, loaded.weights_id
         return age_eval.run_age_linear_probe(cache_dir=cache_dir, dataset=dataset, shots=shots, seed=seed,
                                              out_dir=out_dir, model=model, weights=weights)
     clip = resolve_model(cache_dir, dataset, model, pretrained, device)

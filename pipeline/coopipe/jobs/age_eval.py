@@ -130,8 +130,8 @@ def _write(out_dir: Path, metrics: dict[str, Any], paths: Sequence[str], evaluat
            filename: str = "metrics.json") -> dict[str, Any]:
     write_predictions(out_dir / PREDICTIONS_FILE, paths, evaluation)
     write_json(out_dir / filename, metrics)
-    logger.info("%s: MAE %.2f (exp) / %.2f (max) years, constant predictor %.2f", out_dir, metrics["mae_exp"],
-                metrics["mae_max"], metrics["constant_mae"])
+    logger.info("%s: MAE %.2f (exp) / %.2f (max) years, constant predictor %s", out_dir, metrics["mae_exp"],
+                metrics["mae_max"], metrics.get("constant_mae"))
     return metrics
 
 
@@ -159,8 +159,8 @@ def trained_run_age_metrics(
     *,
     cache_dir: str | os.PathLike[str],
     dataset: str,
-    shots: int,
-    seed: int,
+    shots: int | None,
+    seed: int | None,
     text: torch.Tensor,
     scale: float | torch.Tensor,
     test: SplitFeatures,
@@ -170,13 +170,20 @@ def trained_run_age_metrics(
     """Age metrics of a trained prompt's classifier on ``test``; the constant from the run's few-shot draw."""
     evaluation = evaluate_ages(classifier_logits(text, test.center, scale), test.labels, rank_values(test.classnames))
     try:
+        if shots is None or seed is None:
+            raise StoreError("the run records no few-shot draw")
         index = fewshot_index(Path(cache_dir), dataset, shots, seed, None)
         train_ages = train_draw_ages(cache_dir, index, model=model, weights=weights, classnames=test.classnames)
         source = f"the {shots}-shot train draw, seed {seed} ({train_ages.size} images)"
     except StoreError as exc:  # the draw is not cached here: fall back on every cached train image
         logger.warning("constant predictor: %s; using the cached train images", exc)
-        train_ages, source = cached_train_ages(cache_dir, dataset, model=model, weights=weights,
-                                               classnames=test.classnames)
+        try:
+            train_ages, source = cached_train_ages(cache_dir, dataset, model=model, weights=weights,
+                                                   classnames=test.classnames)
+        except StoreError as again:  # e.g. a store given explicitly, no cache: the metrics stand without it
+            logger.warning("no constant predictor beside the metrics: %s", again)
+            return ({**age_fields(evaluation), "constant_mae": None, "constant_median": None, "constant_from": None},
+                    evaluation, split_paths(test))
     fields = {**age_fields(evaluation), **constant_fields(train_ages, evaluation.true, source)}
     return fields, evaluation, split_paths(test)
 

@@ -89,7 +89,7 @@ def age_markdown(cells: Sequence[AgeCell], *, constant_mae: float | Mapping[int,
     shots = sorted({c.shots for c in cells})
     methods = sorted({c.method for c in cells}, key=method_order)
     by_key = {(c.method, c.shots): c for c in cells}
-    header = ["method", *[("zero-shot" if k == 0 else f"{k} shots") for k in shots]]
+    header = ["method", *[("zero-shot" if k == 0 else f"{k} shot{'s' if k > 1 else ''}") for k in shots]]
     lines = [(f"MAE (years, {'expectation' if decoding == 'exp' else 'arg-max'} decoding{', ' + dataset if dataset else ''}; "
              "mean ± std over seeds)"), "", "| " + " | ".join(header) + " |",
              "|" + "---|" + "---:|" * len(shots)]

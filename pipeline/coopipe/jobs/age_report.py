@@ -56,7 +56,8 @@ AGE_FILES = {
 }
 RANDOM_WEIGHTS_NOTE = (
     "Weights: RANDOM (pretrained=none). Random-weight features carry no age signal: these numbers only show that "
-    "the pipeline runs; expect every method near the constant predictor."
+    "the pipeline runs and are no result (prompts spread over all ranks land far from the constant predictor, "
+    "probes that learn the train ages near it)."
 )
 
 

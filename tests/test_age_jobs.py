@@ -76,7 +76,6 @@ def test_age_jobs_end_to_end(cache: Path, faces: Path, tmp_path: Path, rn50) -> 
     from coopipe.jobs.age_report import run_age_report
     from coopipe.jobs.evaluate import (
         run_eval,
-        run_linear_probe,
         run_ridge_probe,
         run_zeroshot,
     )

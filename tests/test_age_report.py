@@ -47,3 +47,11 @@ def test_figures_are_written(tmp_path: Path) -> None:
     curves = {"coop 16": {t: min(1.0, t / 10) for t in range(1, 11)}, "rank 16": {t: min(1.0, t / 8) for t in range(1, 11)}}
     assert plot_cs_curves(curves, tmp_path / "cs.png").stat().st_size > 1000
     assert plot_mae_vs_shots(age_cells(_records()), tmp_path / "mae.png", constant_mae=10.0).exists()
+
+
+def test_constant_row_per_shots() -> None:
+    """Each shots column shows the constant predictor of its own train draws (a missing column shows –)."""
+    lines = age_markdown(age_cells(_records()), constant_mae={0: 11.0, 2: 9.5})
+    assert "| constant (train median) | 11.00 | 9.50 |" in lines
+    lines = age_markdown(age_cells(_records()), constant_mae={2: 9.5})
+    assert "| constant (train median) | – | 9.50 |" in lines

@@ -82,13 +82,15 @@ def age_cells(records: Iterable[Mapping[str, Any]], *, decoding: str = "exp") ->
     return sorted(cells, key=lambda c: (method_order(c.method), c.shots))
 
 
-def age_markdown(cells: Sequence[AgeCell], *, constant_mae: float | None = None, dataset: str = "",
-                 decoding: str = "exp") -> list[str]:
-    """The MORPH-style table as markdown lines: MAE by method x shots, then the constant predictor and the note."""
+def age_markdown(cells: Sequence[AgeCell], *, constant_mae: float | Mapping[int, float] | None = None,
+                 dataset: str = "", decoding: str = "exp") -> list[str]:
+    """The MORPH-style table as markdown lines: MAE by method x shots, then the constant predictor and the note.
+
+    ``constant_mae``: one value for every column, or one per shots (the median of each column's train draw)."""
     shots = sorted({c.shots for c in cells})
     methods = sorted({c.method for c in cells}, key=method_order)
     by_key = {(c.method, c.shots): c for c in cells}
-    header = ["method", *[("zero-shot" if k == 0 else f"{k} shots") for k in shots]]
+    header = ["method", *[("zero-shot" if k == 0 else f"{k} shot{'s' if k > 1 else ''}") for k in shots]]
     lines = [(f"MAE (years, {'expectation' if decoding == 'exp' else 'arg-max'} decoding{', ' + dataset if dataset else ''}; "
              "mean ± std over seeds)"), "", "| " + " | ".join(header) + " |",
              "|" + "---|" + "---:|" * len(shots)]
@@ -96,7 +98,9 @@ def age_markdown(cells: Sequence[AgeCell], *, constant_mae: float | None = None,
         row = [method, *[by_key[(method, k)].text() if (method, k) in by_key else "–" for k in shots]]
         lines.append("| " + " | ".join(row) + " |")
     if constant_mae is not None:
-        lines.append("| constant (train median) | " + " | ".join(f"{constant_mae:.2f}" for _ in shots) + " |")
+        per_shot = constant_mae if isinstance(constant_mae, Mapping) else {k: constant_mae for k in shots}
+        lines.append("| constant (train median) | "
+                     + " | ".join(f"{per_shot[k]:.2f}" if k in per_shot else "–" for k in shots) + " |")
     lines += ["", PROTOCOL_NOTE]
     return lines
 

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from coopipe.checkpoint import Checkpoint
-from coopipe.datasets.fewshot import VAL_MAX_SHOTS, FewShotIndex, sample_few_shot, sample_val
+from coopipe.datasets.ages import is_age_dataset
+from coopipe.datasets.fewshot import FewShotIndex, draw_index
 from coopipe.errors import CheckpointError, StoreError
 from coopipe.method import MethodSpec
 from coopipe.models import LoadedClip, load_clip
@@ -83,21 +84,26 @@ def fewshot_index(cache_dir: Path, dataset: str, shots: int, seed: int, train_st
             f"no few-shot index {path} and no full train store to draw it from; encode with "
             f"`coopipe encode --dataset {dataset} --shots {shots} --seeds {seed} ...`"
         )
-    labels = train_store.labels()
-    positions = train_store.index()
-    n_classes = len(train_store.classnames())
-    train = positions[sample_few_shot(labels, n_classes, shots, seed=seed, classnames=train_store.classnames(),
-                                      source=str(train_store.path))]
-    val_idx: tuple[int, ...] = ()
-    val_stores = [s for s in find_stores(cache_dir, dataset, "val", model=train_store.provenance["model"],
-                                         weights=train_store.provenance["weights"]) if s.provenance.get("rows") == "all"]
-    if val_stores:
-        v = val_stores[0]
-        val_idx = tuple(int(i) for i in v.index()[sample_val(v.labels(), n_classes, shots, seed=seed)])
-    index = FewShotIndex(dataset=dataset, shots=shots, seed=seed, train_indices=tuple(int(i) for i in train),
-                         val_indices=val_idx, val_shots=min(shots, VAL_MAX_SHOTS))
+    index = _draw_from_stores(cache_dir, dataset, shots, seed, train_store)
     index.save(path)
     return index
+
+
+def _draw_from_stores(cache_dir: Path, dataset: str, shots: int, seed: int, train_store: FeatureStore) -> FewShotIndex:
+    """The draw of (shots, seed) from a full train store (and a full val store if cached): the same index as
+    drawing from the dataset (CoOp's rule, or the age rule for age datasets: sparse ages keep all their images)."""
+    prov = train_store.provenance
+    val_stores = [s for s in find_stores(cache_dir, dataset, "val", model=prov["model"], weights=prov["weights"])
+                  if s.provenance.get("rows") == "all"]
+    val = val_stores[0] if val_stores else None
+    hashes = {name: s.provenance["file_list_sha256"] for name, s in (("train", train_store), ("val", val))
+              if s is not None and "file_list_sha256" in s.provenance}
+    return draw_index(
+        dataset, train_store.labels(), val.labels() if val is not None else None, len(train_store.classnames()),
+        shots, seed, strict=not is_age_dataset(dataset), split_hashes=hashes, train_positions=train_store.index(),
+        val_positions=val.index() if val is not None else None, classnames=train_store.classnames(),
+        source=str(train_store.path),
+    )
 
 
 def _larger_draw(cache_dir: str | os.PathLike[str], dataset: str, shots: int, seed: int) -> FewShotIndex | None:

@@ -16,11 +16,10 @@ import numpy as np
 from coopipe.datasets.base import Dataset
 from coopipe.datasets.fewshot import (
     _TRAIN_STREAM,
-    VAL_MAX_SHOTS,
     FewShotIndex,
     _check_shots,
     _sample,
-    sample_val,
+    draw_index,
 )
 
 __all__ = ["age_few_shot_union", "make_age_few_shot_index", "sample_age_few_shot"]
@@ -34,25 +33,15 @@ def sample_age_few_shot(labels: Sequence[int] | np.ndarray, num_ranks: int, shot
 
 
 def make_age_few_shot_index(dataset: Dataset, shots: int, seed: int) -> FewShotIndex:
-    """The train draw (K per age, sparse ages keep all) and val draw (min(K, 4) per age) of ``dataset``."""
+    """The train draw (K per age, sparse ages keep all) and val draw (min(K, 4) per age) of ``dataset``, with each
+    age's draw order (so fewer shots of the same seed derive from it: :meth:`FewShotIndex.nested`)."""
     train = dataset.split("train")
-    train_idx = sample_age_few_shot(train.labels, dataset.num_classes, shots, seed=seed)
-    hashes = {"train": dataset.file_list_hash("train")}
     val = dataset.splits.get("val")
+    hashes = {"train": dataset.file_list_hash("train")}
     if val is not None and len(val):
-        val_idx = sample_val(val.labels, dataset.num_classes, shots, seed=seed)
         hashes["val"] = dataset.file_list_hash("val")
-    else:
-        val_idx = np.zeros(0, dtype=np.int64)
-    return FewShotIndex(
-        dataset=dataset.name,
-        shots=shots,
-        seed=seed,
-        train_indices=tuple(int(i) for i in train_idx),
-        val_indices=tuple(int(i) for i in val_idx),
-        split_hashes=hashes,
-        val_shots=min(shots, VAL_MAX_SHOTS),
-    )
+    return draw_index(dataset.name, train.labels, val.labels if val is not None and len(val) else None,
+                      dataset.num_classes, shots, seed, strict=False, split_hashes=hashes)
 
 
 def age_few_shot_union(dataset: Dataset, shots_list: Iterable[int], seeds: Iterable[int]) -> np.ndarray:

@@ -69,10 +69,16 @@ def rank_classnames(min_age: int = MIN_AGE, max_age: int = MAX_AGE) -> tuple[str
     return tuple(str(age) for age in range(min_age, max_age + 1))
 
 
-def is_age_dataset(dataset: Dataset) -> bool:
-    """Whether ``dataset`` came from an age adapter (``utkface``, ``morph``, ``agemanifest-*``): such datasets take
-    :func:`coopipe.datasets.age_fewshot.make_age_few_shot_index` and the age metrics."""
-    return dataset.name in ("utkface", "morph") or dataset.name.startswith("agemanifest-")
+def is_age_dataset(dataset: Dataset | str) -> bool:
+    """Whether ``dataset`` (a :class:`Dataset`, or the dataset name a store or checkpoint records) came from an age
+    adapter (``utkface``, ``morph``, ``agemanifest-*``): such datasets take
+    :func:`coopipe.datasets.age_fewshot.make_age_few_shot_index` and the age metrics.
+
+    Why the name: the built dataset's name is what every store's provenance and every run record carries, and the
+    age adapters own these names, so a job that only holds a store knows its label kind without the images.
+    """
+    name = dataset if isinstance(dataset, str) else dataset.name
+    return name in ("utkface", "morph") or name.startswith("agemanifest-")
 
 
 def rank_values(classnames: Sequence[str]) -> np.ndarray:

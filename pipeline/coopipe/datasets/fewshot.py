@@ -178,28 +178,61 @@ class FewShotIndex:
 def make_few_shot_index(dataset: Dataset, shots: int, seed: int) -> FewShotIndex:
     """Draw the train (K per class) and val (min(K, 4) per class) subsets of ``dataset`` for one seed."""
     train = dataset.split("train")
-    _check_shots(shots)
-    train_order = _draw(
-        train.labels, dataset.num_classes, shots, seed=seed, stream=_TRAIN_STREAM, strict=True,
-        classnames=dataset.classnames, source=f"the train split of {dataset.name} ({dataset.source or dataset.image_root})",
-    )
-    hashes = {"train": dataset.file_list_hash("train")}
     val = dataset.splits.get("val")
-    val_order: list[np.ndarray] | None = None
+    hashes = {"train": dataset.file_list_hash("train")}
     if val is not None and len(val):
-        val_order = _draw(val.labels, dataset.num_classes, min(shots, VAL_MAX_SHOTS), seed=seed, stream=_VAL_STREAM,
-                          strict=False, classnames=None, source="")
         hashes["val"] = dataset.file_list_hash("val")
+    return draw_index(
+        dataset.name, train.labels, val.labels if val is not None and len(val) else None, dataset.num_classes,
+        shots, seed, strict=True, split_hashes=hashes, classnames=dataset.classnames,
+        source=f"the train split of {dataset.name} ({dataset.source or dataset.image_root})",
+    )
+
+
+def draw_index(
+    dataset: str,
+    train_labels: Sequence[int] | np.ndarray,
+    val_labels: Sequence[int] | np.ndarray | None,
+    num_classes: int,
+    shots: int,
+    seed: int,
+    *,
+    strict: bool,
+    split_hashes: dict[str, str] | None = None,
+    train_positions: Sequence[int] | np.ndarray | None = None,
+    val_positions: Sequence[int] | np.ndarray | None = None,
+    classnames: Sequence[str] | None = None,
+    source: str = "",
+) -> FewShotIndex:
+    """The :class:`FewShotIndex` of one (shots, seed) draw from label lists, with each class's draw order.
+
+    Why one function: the dataset draw (CoOp's strict rule, or the age rule with ``strict=False``: a class with
+    fewer than K images keeps them all) and the lookup's draw from a full-split store must give the same index.
+    ``train_positions``/``val_positions`` map label rows to split positions (a store's ``index()``; identity
+    when None). ``val_labels`` None or empty: no validation draw.
+    """
+    _check_shots(shots)
+
+    def mapped(order: list[np.ndarray], positions: Sequence[int] | np.ndarray | None) -> tuple[tuple[int, ...], ...]:
+        pos = None if positions is None else np.asarray(positions, dtype=np.int64)
+        return tuple(tuple(int(i) for i in (c if pos is None else pos[c])) for c in order)
+
+    train_order = mapped(_draw(train_labels, num_classes, shots, seed=seed, stream=_TRAIN_STREAM, strict=strict,
+                               classnames=classnames, source=source), train_positions)
+    val_order = None
+    if val_labels is not None and len(val_labels):
+        val_order = mapped(_draw(val_labels, num_classes, min(shots, VAL_MAX_SHOTS), seed=seed, stream=_VAL_STREAM,
+                                 strict=False, classnames=None, source=""), val_positions)
     return FewShotIndex(
-        dataset=dataset.name,
+        dataset=dataset,
         shots=shots,
         seed=seed,
-        train_indices=tuple(int(i) for i in _sorted(train_order)),
-        val_indices=tuple(int(i) for i in _sorted(val_order or [])),
-        split_hashes=hashes,
+        train_indices=tuple(sorted(i for c in train_order for i in c)),
+        val_indices=tuple(sorted(i for c in val_order for i in c)) if val_order is not None else (),
+        split_hashes=dict(split_hashes or {}),
         val_shots=min(shots, VAL_MAX_SHOTS),
-        train_order=tuple(tuple(int(i) for i in c) for c in train_order),
-        val_order=tuple(tuple(int(i) for i in c) for c in val_order) if val_order is not None else None,
+        train_order=train_order,
+        val_order=val_order,
     )
 
 

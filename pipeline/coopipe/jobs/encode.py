@@ -18,10 +18,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from coopipe.atomic import write_json
 from coopipe.config import EncodeConfig, ModelSpec, PathsConfig
 from coopipe.datasets import load_dataset
+from coopipe.datasets.age_fewshot import make_age_few_shot_index
+from coopipe.datasets.ages import is_age_dataset
 from coopipe.datasets.base import Dataset
 from coopipe.datasets.common import check_confined
 from coopipe.datasets.fewshot import FewShotIndex, make_few_shot_index
@@ -36,8 +37,12 @@ ALL_SPLITS = ("train", "val", "test")
 
 
 def write_fewshot_indices(dataset: Dataset, shots: Sequence[int], seeds: Sequence[int], cache_dir: str | Path) -> list[FewShotIndex]:
-    """Draw and save every (shots, seed) index; raises DatasetError before any encoding if a class is too small."""
-    indices = [make_few_shot_index(dataset, k, s) for k in shots for s in seeds]
+    """Draw and save every (shots, seed) index; raises DatasetError before any encoding if a class is too small.
+
+    Age datasets take the age rule (K per age, an age with fewer keeps them all, ranks without images are normal).
+    """
+    make = make_age_few_shot_index if is_age_dataset(dataset) else make_few_shot_index
+    indices = [make(dataset, k, s) for k in shots for s in seeds]
     for index in indices:
         index.save(fewshot_index_path(cache_dir, dataset.name, index.shots, index.seed))
     return indices

@@ -6,6 +6,11 @@
 - ``run_linear_probe``: logistic regression on the few-shot train features, C searched on the few-shot val split.
 Each writes ``metrics.json`` (method, dataset, shots, seed + metrics) into its run folder.
 
+Age datasets (:func:`coopipe.datasets.ages.is_age_dataset`) branch into :mod:`coopipe.jobs.age_eval`: the same
+files gain MAE (both decodings), CS(1..10), within +-1/3/5 years and the constant predictor's MAE, plus a
+``predictions.csv``; zero-shot defaults to the age prompt (ensembling: the age prompts); the linear probe is the
+rank probe decoded by expectation; ``run_ridge_probe`` is the ridge-regression baseline.
+
 Class lists other than the training one (see :mod:`coopipe.transfer`): ``classes='base'|'new'`` evaluates on
 that half of the sorted classes (CoCoOp's base-to-new protocol; written to ``metrics_<classes>.json``), and
 ``transfer=True`` evaluates a prompt trained on one dataset on another dataset's store (written to
@@ -25,12 +30,14 @@ import torch
 from coopipe.atomic import write_json
 from coopipe.baselines import IMAGENET_TEMPLATES, dataset_template, fit_linear_probe, zero_shot
 from coopipe.checkpoint import load_checkpoint
+from coopipe.datasets.ages import is_age_dataset
 from coopipe.errors import CheckpointError, StoreError
 from coopipe.evaluate import evaluate_classifier
 from coopipe.features import read_split, select_store
-from coopipe.report.records import departures
-from coopipe.models import LoadedClip, load_clip
+from coopipe.jobs import age_eval
 from coopipe.lookup import checkpoint_pretrained, fewshot_index_for, resolve_model
+from coopipe.models import LoadedClip, load_clip
+from coopipe.report.records import departures
 from coopipe.store import open_store
 from coopipe.transfer import ClassSubset, check_same_encoder, context_text_features
 
@@ -122,6 +129,12 @@ def run_eval(
     if out is None:
         folder = ckpt.path / "transfer" / str(dataset) if dataset != source else ckpt.path
         out = folder / metrics_filename(classes)
+    if is_age_dataset(str(dataset)) and classes == "all":
+        fields, ages, paths = age_eval.trained_run_age_metrics(
+            cache_dir=cache_dir, dataset=str(dataset), shots=record.shots, seed=record.seed, text=text, scale=scale,
+            test=test, model=ckpt.model, weights=ckpt.weights)
+        metrics.update(fields)
+        age_eval.write_predictions(Path(out).parent / age_eval.PREDICTIONS_FILE, paths, ages)
     write_json(Path(out), metrics)
     return metrics
 
@@ -144,6 +157,9 @@ def run_zeroshot(
     ``classes='base'|'new'`` evaluates on that half of the classes (written to ``metrics_<classes>.json``).
     """
     clip = clip or resolve_model(Path(cache_dir), dataset, model, pretrained, device)
+    if is_age_dataset(dataset) and classes == "all":
+        return age_eval.run_age_zeroshot(cache_dir=cache_dir, dataset=dataset, out_dir=out_dir, clip=clip,
+                                         ensemble=ensemble, templates=templates)
     store = select_store(cache_dir, dataset, "test", model=clip.name, weights=clip.weights_id)
     test = ClassSubset.of(store.classnames(), classes).apply(read_split(store, all_views=False))
     chosen = list(templates) if templates else (list(IMAGENET_TEMPLATES) if ensemble else [dataset_template(dataset)])
@@ -170,6 +186,13 @@ def run_linear_probe(
 ) -> dict[str, Any]:
     """CLIP's linear probe on the K-shot centre-view features; C chosen on the few-shot validation split."""
     cache_dir = Path(cache_dir)
+    if is_age_dataset(dataset):  # the rank probe, decoded by expectation; needs no model
+        weights = None
+        if pretrained is not None:  # a weights file or tag: its identity needs the model loaded
+            loaded = resolve_model(cache_dir, dataset, model, pretrained, device)
+            model, weights = loaded.name, loaded.weights_id
+        return age_eval.run_age_linear_probe(cache_dir=cache_dir, dataset=dataset, shots=shots, seed=seed,
+                                             out_dir=out_dir, model=model, weights=weights)
     clip = resolve_model(cache_dir, dataset, model, pretrained, device)
     kw: dict[str, Any] = {"model": clip.name, "weights": clip.weights_id}
     index = fewshot_index_for(cache_dir, dataset, shots, seed, clip)
@@ -190,3 +213,4 @@ def run_linear_probe(
     )
     write_json(Path(out_dir) / "metrics.json", metrics)
     return metrics
+from coopipe.jobs.age_eval import run_ridge_probe  # noqa: F401  (the age baselines beside the others)

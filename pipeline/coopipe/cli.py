@@ -324,6 +324,7 @@ def report(
 
     Writes report.md, report.csv, fig3_accuracy_vs_shots.png, fig4_gain_over_zeroshot.png and summary.json.
     """
+    from coopipe.jobs.age_report import find_age_metrics, run_age_report
     from coopipe.jobs.report import run_report
 
     with _errors():
@@ -334,6 +335,25 @@ def report(
                    f"{len(summary['base2new'])} base-to-new row(s), {len(summary['transfer'])} transfer cell(s)")
         for name in summary["files"].values():
             typer.echo(f"  wrote {name}")
+        if find_age_metrics(runs, exclude=[out or runs / "report"]):  # age runs: the MAE table and figures too
+            for dataset, age in run_age_report(runs).items():
+                typer.echo(f"  age estimation ({dataset}, {age['runs']} runs): wrote {runs / 'age_report'}")
+
+
+@app.command()
+def ridge(
+    features: Annotated[Path, typer.Option(help="Cache directory.")],
+    dataset: Annotated[str, typer.Option(help="An age dataset (utkface, morph, agemanifest).")],
+    shots: Annotated[int, typer.Option(help="K images per age.")],
+    seed: Annotated[int, typer.Option(help="Few-shot seed.")],
+    out: Annotated[Optional[Path], typer.Option(help="Output folder (default runs/<dataset>/ridge/shotsK_seedS).")] = None,
+) -> None:
+    """Ridge regression of age on the cached features (alpha chosen on validation): the plain age baseline."""
+    from coopipe.jobs.age_eval import run_ridge_probe
+
+    with _errors():
+        folder = out or Path(PathsConfig.runs) / dataset / "ridge" / run_name(shots, seed)
+        _print_metrics(run_ridge_probe(cache_dir=features, dataset=dataset, shots=shots, seed=seed, out_dir=folder))
 
 
 def _note_random_weights(weights: object) -> None:
@@ -349,6 +369,10 @@ def _print_metrics(m: dict[str, Any]) -> None:
     source = f" (trained on {m['source_dataset']})" if m.get("source_dataset") else ""
     typer.echo(f"{m['method']} on {m.get('dataset')}{classes}{source}{shots}{seed}: accuracy {100 * m['accuracy']:.2f}%  "
                f"macro-F1 {100 * m['macro_f1']:.2f}%  (n={m['n']})")
+    from coopipe.jobs.age_eval import describe_age_metrics
+
+    for line in describe_age_metrics(m):
+        typer.echo(line)
     _note_random_weights(m.get("weights"))
     worst = sorted((v, k) for k, v in m["per_class_accuracy"].items() if v is not None)[:3]
     if worst:

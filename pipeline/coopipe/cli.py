@@ -350,6 +350,7 @@ def ridge(
 ) -> None:
     """Ridge regression of age on the cached features (alpha chosen on validation): the plain age baseline."""
     from coopipe.jobs.age_eval import run_ridge_probe
+    from coopipe.lookup import run_name
 
     with _errors():
         folder = out or Path(PathsConfig.runs) / dataset / "ridge" / run_name(shots, seed)

@@ -157,10 +157,11 @@ def run_linear_probe(
     model: str | None = None,
     pretrained: str | None = None,
     device: str = "cpu",
+    clip: LoadedClip | None = None,
 ) -> dict[str, Any]:
     """CLIP's linear probe on the K-shot centre-view features; C chosen on the few-shot validation split."""
     cache_dir = Path(cache_dir)
-    clip = resolve_model(cache_dir, dataset, model, pretrained, device)
+    clip = clip or resolve_model(cache_dir, dataset, model, pretrained, device)
     kw = {"model": clip.name, "weights": clip.weights_id}
     index = fewshot_index_for(cache_dir, dataset, shots, seed, clip)
     train = read_split(select_store(cache_dir, dataset, "train", positions=index.train_indices, **kw),

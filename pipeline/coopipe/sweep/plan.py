@@ -107,7 +107,7 @@ class SweepSpec:
     shots: tuple[int, ...] = FewShotConfig.shots
     seeds: tuple[int, ...] = FewShotConfig.seeds
     fewshot: bool = True
-    zeroshot: bool = False
+    zeroshot: bool = False  # with base2new alone: zero-shot CLIP on the base and new halves
     linear_probe: bool = False
     base2new: bool = False
     targets: tuple[str, ...] = ()
@@ -235,6 +235,7 @@ def plan_sweep(spec: SweepSpec) -> SweepPlan:
             tasks += [coop_task("coop", ds, m, k, s) for m, k, s in grid]
         if spec.base2new:
             tasks += [coop_task("base2new", ds, m, k, s) for m, k, s in grid]
+        if spec.base2new and spec.zeroshot:
             run = runs / ds / "base2new" / "zeroshot"
             tasks.append(RunTask("zeroshot_halves", ds, str(run), f"zeroshot {ds} base/new",
                                  (str(run / "metrics_base.json"), str(run / "metrics_new.json")), 2.0))
@@ -244,7 +245,8 @@ def plan_sweep(spec: SweepSpec) -> SweepPlan:
                     run = runs / ds / "linear_probe" / run_name(k, s)
                     tasks.append(RunTask("linear_probe", ds, str(run), f"linear_probe {ds} {k}-shot seed {s}",
                                          (str(run / "metrics.json"),), 5.0 + math.log2(k), shots=k, seed=s))
-        zeroshot_sets = [ds, *(names[t] for t in targets)] if spec.zeroshot else []
+        full_zeroshot = spec.zeroshot and (spec.fewshot or spec.linear_probe or not spec.base2new)
+        zeroshot_sets = [ds, *(names[t] for t in targets)] if full_zeroshot else []
         for name in zeroshot_sets:
             method = "zeroshot_ensemble" if spec.settings.ensemble else "zeroshot"
             run = runs / name / method

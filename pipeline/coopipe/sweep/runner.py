@@ -281,7 +281,7 @@ class _client:
         else:
             env = {k: str(self.threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
             self.cluster = LocalCluster(n_workers=self.n, threads_per_worker=1, processes=True, memory_limit=0,
-                                        dashboard_address=None, env=env, silence_logs=logging.ERROR)
+                                        dashboard_address=":0", env=env, silence_logs=logging.ERROR)
             self.client = Client(self.cluster)
         return self.client
 

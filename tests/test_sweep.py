@@ -13,14 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
-
+from conftest import copy_eurosat_folder
 from coopipe.errors import ParamsError
 from coopipe.method import MethodSpec
 from coopipe.sweep import SweepSpec, auto_jobs, parse_variant, plan_sweep, run_sweep
 from coopipe.sweep.options import train_args
 from coopipe.sweep.plan import RunSettings
-
-from conftest import copy_eurosat_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ("Forest", "SeaLake", "Highway")
@@ -95,7 +93,7 @@ def _metrics(runs: Path) -> dict[str, dict]:
 
 def test_local_cluster_of_two_workers_matches_one_by_one(small, tmp_path: Path):
     _, cache = small
-    spec = dict(shots=(1, 2), seeds=(1,), zeroshot=True)
+    spec: dict = {"shots": (1, 2), "seeds": (1,), "zeroshot": True}
     inline = run_sweep(plan_sweep(_spec(cache, tmp_path / "a", **spec)), scheduler="inline", progress=False)
     cluster = run_sweep(plan_sweep(_spec(cache, tmp_path / "b", **spec)), jobs=2, progress=False)
     assert inline.count("done") == cluster.count("done") == 3 and cluster.jobs == 2 and cluster.threads >= 1
@@ -122,7 +120,7 @@ def test_killed_sweep_reruns_only_missing_runs(small, tmp_path: Path):
     finished = {p: p.stat().st_mtime_ns for p in runs.glob("*/metrics.json")}
     assert 1 <= len(finished) < 4, "the sweep was not killed mid-grid"
 
-    res = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(cmd, check=False, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     missing = 4 - len(finished)
     assert f"{missing} done, {len(finished)} already finished, 0 held by another process, 0 failed" in res.stdout

@@ -13,7 +13,14 @@ files exist is skipped) and of locking (``flock`` on ``<run>.lock``), so a kille
 missing and two sweeps never run one run at once.
 """
 
-from coopipe.sweep.plan import EncodeTask, RunTask, SweepPlan, SweepSpec, plan_sweep, parse_variant
+from coopipe.sweep.plan import (
+    EncodeTask,
+    RunTask,
+    SweepPlan,
+    SweepSpec,
+    parse_variant,
+    plan_sweep,
+)
 from coopipe.sweep.runner import SweepOutcome, auto_jobs, run_sweep
 from coopipe.sweep.tasks import RunResult, execute_task
 

@@ -19,7 +19,7 @@ ENCODE_ALIASES: dict[str, Any] = {"workers": "num_workers"}
 
 def _convert(text: str, default: Any) -> Any:
     if isinstance(default, bool):
-        raise ValueError("a flag takes no value")
+        raise TypeError("a flag takes no value")
     if isinstance(default, int):
         return int(text)
     if isinstance(default, float):
@@ -61,7 +61,7 @@ def parse_extra_args(text: str | None, target: type, aliases: dict[str, Any], wh
             raise ParamsError(f"{what}: option {token!r} needs a value")
         try:
             out[field] = _convert(tokens[i + 1], defaults[field])
-        except ValueError as exc:
+        except (TypeError, ValueError) as exc:
             raise ParamsError(f"{what}: bad value {tokens[i + 1]!r} for {token}: {exc}") from None
         i += 2
     return out

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from distributed import WorkerPlugin
-from tqdm.auto import tqdm
+from tqdm.auto import tqdm  # type: ignore[import-untyped]
 
 from coopipe.sweep.plan import EncodeTask, RunSettings, RunTask, SweepPlan
 from coopipe.sweep.tasks import ModelPool, RunResult, execute_task, set_threads
@@ -137,7 +137,7 @@ def run_on_worker(task: RunTask, settings: RunSettings) -> RunResult:
     """The function each dask task calls (on a worker with the :class:`SweepWorker` plugin)."""
     from distributed import get_worker
 
-    plugin = get_worker().plugins[PLUGIN_NAME]
+    plugin: SweepWorker = get_worker().plugins[PLUGIN_NAME]  # type: ignore[assignment]
     set_threads(plugin.threads)
     return execute_task(task, settings, plugin.pool)
 
@@ -195,7 +195,7 @@ def _encode(plan: SweepPlan, pending: list[RunTask], record: Callable[[RunResult
                     client.submit(encode_dataset, enc, plan.settings, pure=False).result()
             else:
                 encode_dataset(enc, plan.settings)
-        except Exception as exc:  # the other datasets go on
+        except Exception as exc:  # noqa: BLE001 (any failure of one dataset: the other datasets go on)
             logger.error("encoding %s failed: %s", enc.name, exc)
             broken[enc.name] = f"encode {enc.name} failed: {type(exc).__name__}: {exc}"
     kept = []
@@ -256,7 +256,7 @@ def _run_phase(client: Any, tasks: Sequence[RunTask], settings: RunSettings,
         task = futures.pop(future)
         try:
             result = future.result()
-        except Exception as exc:  # the worker died (killed, out of memory): the run failed, the sweep goes on
+        except Exception as exc:  # noqa: BLE001 (the worker died, killed or out of memory: the sweep goes on)
             result = RunResult(task.label, task.run_dir, "failed", error=f"worker lost: {type(exc).__name__}: {exc}")
         again = finish(result, task, tries)
         if again is not None:

@@ -123,7 +123,7 @@ def execute_task(task: RunTask, settings: RunSettings, pool: ModelPool | None = 
             logger.info("== %s (pid %d)", task.label, os.getpid())
             try:
                 metrics = _run(task, settings, pool or ModelPool())
-            except Exception as exc:  # a failed run is reported, and the sweep goes on
+            except Exception as exc:  # noqa: BLE001 (a failed run is reported, and the sweep goes on)
                 logger.error("%s failed:\n%s", task.label, traceback.format_exc())
                 return RunResult(task.label, task.run_dir, "failed", time.monotonic() - t0,
                                  error=f"{type(exc).__name__}: {exc}")

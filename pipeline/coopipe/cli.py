@@ -367,7 +367,7 @@ def sweep(
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
-    logging.getLogger("distributed").setLevel(max(logging.WARNING, logging.getLogger().getEffectiveLevel()))
+    logging.getLogger("distributed").setLevel(max(logging.ERROR, logging.getLogger().getEffectiveLevel()))
     outcome = run_sweep(plan, jobs=jobs if jobs == "auto" else int(jobs), scheduler=scheduler, retries=retry_failed,
                         progress=progress, on_result=show)
     if outcome.jobs:

@@ -386,7 +386,8 @@ def sweep(
         for r in outcome.failed:
             typer.echo(f"     {r.label}  ({r.detail()})")
     if outcome.interrupted:
-        typer.echo("interrupted: finished runs are kept, interrupted ones resume on re-run", err=True)
+        typer.echo(f"interrupted: {outcome.planned - len(outcome.results)} run(s) stopped or not started; finished runs "
+                   "are kept, interrupted ones resume from their checkpoint on re-run", err=True)
         raise typer.Exit(code=130)
     status = 1 if outcome.failed else 0
     if report and Path(plan.runs_dir).is_dir():

@@ -51,6 +51,7 @@ class SweepOutcome:
     jobs: int = 0
     threads: int = 0
     interrupted: bool = False
+    planned: int = 0  # tasks in the plan (more than the results when interrupted)
 
     def count(self, status: str) -> int:
         return sum(r.status == status for r in self.results)
@@ -153,7 +154,7 @@ def run_sweep(
 ) -> SweepOutcome:
     """Run every missing task of ``plan``; returns the results (the caller prints and summarises them)."""
     t0 = time.monotonic()
-    outcome = SweepOutcome()
+    outcome = SweepOutcome(planned=len(plan.tasks))
 
     def record(result: RunResult) -> None:
         outcome.results.append(result)

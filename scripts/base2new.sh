@@ -21,7 +21,7 @@
 #   --no-zeroshot        leave out zero-shot CLIP
 #   --cache DIR          feature cache (cache)
 #   --runs DIR           runs folder (runs; runs-ep<N> with --epochs N)
-#   --jobs N|auto        runs in parallel (auto: one 1-thread run per core, up to 2 per core when that ends the grid in one round)
+#   --jobs N|auto        runs in parallel (auto: 1-thread runs, up to 2 per core, 1 per 2 GiB of memory)
 #   --epochs N           override the epochs for quick tries
 #   --device DEV         cpu or cuda (cpu)
 #   --train-args "..."   extra `coopipe train` options
@@ -30,47 +30,6 @@
 #
 # Finished runs are skipped, each run is locked (flock -n <run>.lock), failures are summarised at the end.
 set -euo pipefail
-source "$(dirname "$0")/lib/grid.sh"
-
-ZEROSHOT=1 shots_given=0
-for arg in "$@"; do if [[ $arg == --shots ]]; then shots_given=1; fi; done
-cp_parse_common "$@"
-((shots_given)) || CP_SHOTS=16
-for arg in "${CP_REST[@]}"; do
-  case $arg in
-    -h|--help) cp_usage "$0"; exit 0 ;;
-    --no-zeroshot) ZEROSHOT=0 ;;
-    *) cp_die "unknown option '$arg' (see --help)" ;;
-  esac
-done
-((${#CP_DATASETS[@]})) || cp_die "--dataset is required (see --help)"
-while IFS= read -r spec; do
-  [[ $(cp_spec_get "$spec" csc) == 0 ]] || cp_die "base-to-new needs a unified context: drop --csc / csc variants"
-done < <(cp_variant_specs)
-cp_require_data_root
-
-plan() {
-  local ds=$1 run
-  if ((ZEROSHOT)); then
-    run="$CP_RUNS/$ds/base2new/zeroshot"
-    cp_job "zeroshot $ds base/new" "$run" "$run/metrics_base.json" "$run/metrics_new.json" -- zeroshot_halves "$ds" "$run"
-  fi
-  cp_each_coop_run base2new_job "$ds"
-}
-
-base2new_job() {  # base2new_job DATASET SPEC LABEL SHOTS SEED: train on base, test on base and on new
-  local ds=$1 spec=$2 label=$3 shots=$4 seed=$5
-  local run="$CP_RUNS/$ds/base2new/$label/shots${shots}_seed${seed}"
-  cp_job "$label $ds base2new ${shots}-shot seed $seed" "$run" "$run/metrics_base.json" "$run/metrics_new.json" -- \
-    cp_coop_run "$ds" "$shots" "$seed" "$run" "$spec" base
-}
-
-zeroshot_halves() {
-  local ds=$1 run=$2 classes
-  for classes in base new; do
-    "$COOPIPE" zeroshot --features "$CP_CACHE" --dataset "$ds" --out "$run" --model "$CP_MODEL" \
-      --pretrained "$CP_PRETRAINED" --classes "$classes" || return
-  done
-}
-
-cp_run_all plan cp_encode_fewshot
+source "$(dirname "$0")/lib/sweep.sh"
+cp_help "$0" "$@"
+exec "$COOPIPE" sweep --no-fewshot --base2new --zeroshot --shots 16 "$@"

@@ -16,6 +16,5 @@ for arg in "$@"; do
     exit 0
   fi
 done
-export CP_SCRIPT_NAME=domain_generalization.sh
 exec bash "$(dirname "$0")/cross_dataset.sh" --source imagenet \
   --targets imagenetv2,imagenet_sketch,imagenet_a,imagenet_r "$@"

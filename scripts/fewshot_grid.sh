@@ -22,7 +22,7 @@
 #   --shots LIST          shots per class (1,2,4,8,16)
 #   --seeds LIST          seeds (1,2,3)
 #   --runs DIR            runs folder (runs; runs-ep<N> with --epochs N)
-#   --jobs N|auto         runs in parallel (auto: one 1-thread run per core, up to 2 per core when that ends the grid in one round)
+#   --jobs N|auto         runs in parallel (auto: 1-thread runs, up to 2 per core, 1 per 2 GiB of memory)
 #   --epochs N            override CoOp's epochs (50/100/100/200/200 by shots) for quick tries; results go to
 #                         runs-ep<N> unless --runs is given, so they never mix with real runs
 #   --device DEV          cpu or cuda (cpu)
@@ -41,6 +41,6 @@
 # logged (<run>/log.txt) and the grid goes on; a summary lists failures at the end (exit code 1 if any).
 # Interrupted runs resume from their last checkpoint when the command is run again.
 set -euo pipefail
-source "$(dirname "$0")/lib/grid.sh"
-
-cp_main_grid cp_fewshot_jobs "$@"
+source "$(dirname "$0")/lib/sweep.sh"
+cp_help "$0" "$@"
+exec "$COOPIPE" sweep --no-report "$@"

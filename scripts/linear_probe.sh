@@ -15,13 +15,13 @@
 #   --views N          augmented views per train image in the cache, for sharing the CoOp store (16)
 #   --cache DIR        feature cache (cache)
 #   --runs DIR         runs folder (runs)
-#   --jobs N|auto      runs in parallel (auto: one 1-thread run per core, up to 2 per core when that ends the grid in one round)
+#   --jobs N|auto      runs in parallel (auto: 1-thread runs, up to 2 per core, 1 per 2 GiB of memory)
 #   --device DEV       cpu or cuda, for encoding (cpu)
 #   --no-encode        do not call `coopipe encode`
 #   --report           also write the report (RUNS/report)
 #
 # Finished runs are skipped, each run is locked (flock -n <run>.lock), failures are summarised at the end.
 set -euo pipefail
-source "$(dirname "$0")/lib/grid.sh"
-
-cp_main_grid cp_linear_probe_jobs "$@"
+source "$(dirname "$0")/lib/sweep.sh"
+cp_help "$0" "$@"
+exec "$COOPIPE" sweep --no-fewshot --linear-probe --no-report "$@"

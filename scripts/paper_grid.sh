@@ -20,7 +20,7 @@
 #   --no-linear-probe    leave out the linear probe
 #   --cache DIR          feature cache (cache)
 #   --runs DIR           runs folder (runs; runs-ep<N> with --epochs N)
-#   --jobs N|auto        runs in parallel (auto: one 1-thread run per core, up to 2 per core when that ends the grid in one round)
+#   --jobs N|auto        runs in parallel (auto: 1-thread runs, up to 2 per core, 1 per 2 GiB of memory)
 #   --epochs N           override CoOp's epochs for quick tries (results go to runs-ep<N>)
 #   --device DEV         cpu or cuda (cpu)
 #   --train-args "..."   extra `coopipe train` options
@@ -34,25 +34,6 @@
 # resume from their checkpoint). Runs are locked (flock -n <run>.lock), so two copies can share the grid;
 # a failed run does not stop the others and is listed at the end (exit code 1).
 set -euo pipefail
-source "$(dirname "$0")/lib/grid.sh"
-
-ZEROSHOT=1 LINEAR_PROBE=1
-cp_parse_common "$@"
-for arg in "${CP_REST[@]}"; do
-  case $arg in
-    -h|--help) cp_usage "$0"; exit 0 ;;
-    --no-zeroshot) ZEROSHOT=0 ;;
-    --no-linear-probe) LINEAR_PROBE=0 ;;
-    *) cp_die "unknown option '$arg' (see --help)" ;;
-  esac
-done
-((${#CP_DATASETS[@]})) || cp_die "--dataset is required (see --help)"
-cp_require_data_root
-
-plan() {  # longest runs first (CoOp, most shots first), so the cheap ones fill the cores at the end
-  cp_fewshot_jobs "$1"
-  if ((LINEAR_PROBE)); then cp_linear_probe_jobs "$1"; fi
-  if ((ZEROSHOT)); then cp_zeroshot_jobs "$1"; fi
-}
-
-cp_run_all plan cp_encode_fewshot
+source "$(dirname "$0")/lib/sweep.sh"
+cp_help "$0" "$@"
+exec "$COOPIPE" sweep --zeroshot --linear-probe "$@"

@@ -20,22 +20,6 @@
 #
 # Finished datasets are skipped, each run is locked (flock -n <run>.lock), failures are summarised at the end.
 set -euo pipefail
-source "$(dirname "$0")/lib/grid.sh"
-
-CP_REPORT=0 ENSEMBLE=""
-cp_parse_common "$@"
-for arg in "${CP_REST[@]}"; do
-  case $arg in
-    -h|--help) cp_usage "$0"; exit 0 ;;
-    --ensemble) ENSEMBLE=--ensemble ;;
-    --report) CP_REPORT=1 ;;
-    *) cp_die "unknown option '$arg' (see --help)" ;;
-  esac
-done
-((${#CP_DATASETS[@]})) || cp_die "--dataset is required (see --help)"
-cp_require_data_root
-
-plan() { cp_zeroshot_jobs "$1" $ENSEMBLE; }
-encode_test() { cp_encode "$1" --split test; }
-
-cp_run_all plan encode_test
+source "$(dirname "$0")/lib/sweep.sh"
+cp_help "$0" "$@"
+exec "$COOPIPE" sweep --no-fewshot --zeroshot --no-report "$@"

@@ -1,5 +1,5 @@
-"""The report (mean ± std over seeds, tables, figures) on hand-made run folders, and the batch scripts' skip,
-lock, failure and encode-once logic with a stub `coopipe` command (COOPIPE_BIN) standing in for the real one.
+"""The report (mean ± std over seeds, tables, figures) on hand-made run folders, and the batch scripts as presets
+of `coopipe sweep` (a `coopipe` that logs its arguments stands in for the real one, COOPIPE_BIN).
 
 The numbers are checked exactly: seeds at 50/60/70 % give 60.00 ± 8.16, the *population* std (ddof=0) that
 CoOp's parse_test_res.py computes with np.std (the sample std would be 10.00).
@@ -8,7 +8,6 @@ CoOp's parse_test_res.py computes with np.std (the sample std would be 10.00).
 from __future__ import annotations
 
 import csv
-import fcntl
 import json
 import math
 import os
@@ -184,45 +183,21 @@ def test_statistics_and_records():
     assert avg.hm == pytest.approx(60.0)
 
 
-# ---------------------------------------------------------------- batch scripts with a stub coopipe
-STUB = r"""#!/usr/bin/env bash
-# A stand-in for `coopipe`: logs the call and writes the files the real command would write.
-echo "$* [threads=${OMP_NUM_THREADS:-unset}]" >>"$STUB_LOG"
-cmd=$1; shift
-if [[ $cmd == train ]]; then echo begin >>"$STUB_LOG.spans"; trap 'echo end >>"$STUB_LOG.spans"' EXIT; fi
-out="" seed="" classes=all args=("$@")
-for ((i = 0; i < ${#args[@]}; i++)); do
-  case ${args[i]} in --out) out=${args[i+1]} ;; --seed) seed=${args[i+1]} ;; --classes) classes=${args[i+1]} ;; esac
-done
-sleep "${STUB_SLEEP:-0}"
-metrics='{"method": "m", "dataset": "d", "shots": 1, "seed": 1, "accuracy": 0.5}'
-case $cmd in
-  encode) ;;
-  train)
-    if [[ -n ${STUB_FAIL_SEED:-} && $seed == "$STUB_FAIL_SEED" ]]; then echo "error: boom" >&2; exit 1; fi
-    mkdir -p "$out" && echo '{}' >"$out/prompt.json" ;;
-  eval)
-    target=${out:-$1/metrics.json}; mkdir -p "$(dirname "$target")"; echo "$metrics" >"$target"
-    echo "coop on d: accuracy 50.00%" ;;
-  zeroshot)
-    name=metrics.json; [[ $classes == all ]] || name=metrics_$classes.json
-    mkdir -p "$out" && echo "$metrics" >"$out/$name" ;;
-  linear-probe) mkdir -p "$out" && echo "$metrics" >"$out/metrics.json" ;;
-  report) mkdir -p "${args[-1]}" && echo '{}' >"${args[-1]}/summary.json" ;;
-  *) echo "stub: unknown command $cmd" >&2; exit 2 ;;
-esac
+# ---------------------------------------------------------------- batch scripts over `coopipe sweep`
+# What a sweep does (only missing runs, locks, failures, encode once, threads, a LocalCluster against one by one,
+# a killed sweep re-run) is tested with real small runs in tests/test_sweep.py; here: each script's preset.
+ECHO = """#!/usr/bin/env bash
+echo "$*" >>"$STUB_LOG"
 """
 
 
 @pytest.fixture
 def stub(tmp_path: Path) -> dict[str, str]:
-    """Environment running the scripts against the stub; the calls land in STUB_LOG."""
-    bin_ = tmp_path / "coopipe-stub"
-    bin_.write_text(STUB)
+    """Environment running the scripts against a `coopipe` that only logs its arguments."""
+    bin_ = tmp_path / "coopipe-echo"
+    bin_.write_text(ECHO)
     bin_.chmod(0o755)
-    (tmp_path / "data").mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    return {**env, "COOPIPE_BIN": str(bin_), "COOPIPE_PYTHON": sys.executable, "STUB_LOG": str(tmp_path / "calls.log")}
+    return {**os.environ, "COOPIPE_BIN": str(bin_), "STUB_LOG": str(tmp_path / "calls.log")}
 
 
 def _script(name: str, *args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -230,128 +205,41 @@ def _script(name: str, *args: str, env: dict[str, str], cwd: Path) -> subprocess
                           timeout=120)
 
 
-def _calls(env: dict[str, str], command: str) -> list[str]:
-    log = Path(env["STUB_LOG"])
-    return [line for line in (log.read_text().splitlines() if log.exists() else []) if line.split()[0] == command]
+@pytest.mark.parametrize("script, preset", [
+    ("paper_grid.sh", "sweep --zeroshot --linear-probe"),
+    ("fewshot_grid.sh", "sweep --no-report"),
+    ("zeroshot.sh", "sweep --no-fewshot --zeroshot --no-report"),
+    ("linear_probe.sh", "sweep --no-fewshot --linear-probe --no-report"),
+    ("base2new.sh", "sweep --no-fewshot --base2new --zeroshot --shots 16"),
+])
+def test_scripts_are_presets_of_coopipe_sweep(script: str, preset: str, stub, tmp_path: Path):
+    res = _script(script, "--dataset", "eurosat", "--jobs", "2", env=stub, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert Path(stub["STUB_LOG"]).read_text() == f"{preset} --dataset eurosat --jobs 2\n"
 
 
-GRID = ("--dataset", "eurosat,dtd", "--data-root", "data", "--pretrained", "none", "--shots", "1,16", "--seeds", "1,2")
+def test_cross_dataset_maps_source_and_targets(stub, tmp_path: Path):
+    res = _script("domain_generalization.sh", "--data-root", "d", "--seeds", "1", env=stub, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert Path(stub["STUB_LOG"]).read_text() == (
+        "sweep --dataset imagenet --targets imagenetv2,imagenet_sketch,imagenet_a,imagenet_r --zeroshot --shots 16 "
+        "--data-root d --seeds 1\n")
+    bad = _script("cross_dataset.sh", "--dataset", "eurosat", env=stub, cwd=tmp_path)
+    assert bad.returncode == 2 and "--source and --targets" in bad.stderr
 
 
-def test_paper_grid_encodes_once_runs_everything_then_nothing(stub, tmp_path: Path):
-    res = _script("paper_grid.sh", *GRID, env=stub, cwd=tmp_path)
-    assert res.returncode == 0, res.stdout + res.stderr
-    encodes = _calls(stub, "encode")
-    assert len(encodes) == 2  # one per dataset, with every shot (the paper's up to the largest) and seed
-    assert all("--shots 1,2,4,8,16 --seeds 1,2" in call for call in encodes)
-    assert len(_calls(stub, "train")) == len(_calls(stub, "eval")) == 2 * 2 * 2
-    assert len(_calls(stub, "zeroshot")) == 2 and len(_calls(stub, "linear-probe")) == 8
-    assert (tmp_path / "runs/eurosat/coop/shots16_seed2/metrics.json").is_file()
-    assert (tmp_path / "runs/dtd/linear_probe/shots1_seed1/metrics.json").is_file()
-    assert (tmp_path / "runs/eurosat/zeroshot/metrics.json").is_file() and len(_calls(stub, "report")) == 1
-    assert "18 done, 0 already finished" in res.stdout
-
-    Path(stub["STUB_LOG"]).unlink()
-    again = _script("paper_grid.sh", *GRID, env=stub, cwd=tmp_path)
-    assert again.returncode == 0 and not Path(stub["STUB_LOG"]).exists()  # no encode, no run, no report
-    assert "0 done, 18 already finished" in again.stdout and "up to date" in again.stdout
-
-
-def test_grid_skips_locked_runs_and_summarises_failures(stub, tmp_path: Path):
-    held = tmp_path / "runs/eurosat/coop_csc_middle/shots1_seed1"
-    held.parent.mkdir(parents=True)
-    with open(f"{held}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another process is training this run
-        res = _script("fewshot_grid.sh", "--dataset", "eurosat", "--data-root", "data", "--shots", "1,2",
-                      "--seeds", "1,2,3", "--csc", "--position", "middle", "--jobs", "2",
-                      env={**stub, "STUB_FAIL_SEED": "3"}, cwd=tmp_path)
-    assert res.returncode == 1, res.stdout + res.stderr
-    trained = [c for c in _calls(stub, "train") if "--csc" in c and "--class-token-position middle" in c]
-    assert len(trained) == 5 and not any(f"--out {held} " in c for c in trained)
-    assert "[held] coop_csc_middle eurosat 1-shot seed 1" in res.stdout
-    assert "3 done, 0 already finished, 1 held by another process, 2 failed" in res.stdout
-    assert "coop_csc_middle eurosat 2-shot seed 3  (see runs/eurosat/coop_csc_middle/shots2_seed3/log.txt)" in res.stdout
-    assert "error: boom" in (tmp_path / "runs/eurosat/coop_csc_middle/shots2_seed3/log.txt").read_text()
-
-    Path(stub["STUB_LOG"]).unlink()
-    retry = _script("fewshot_grid.sh", "--dataset", "eurosat", "--data-root", "data", "--shots", "1,2",
-                    "--seeds", "1,2,3", "--variants", "csc_middle", env=stub, cwd=tmp_path)
-    assert retry.returncode == 0, retry.stdout + retry.stderr
-    assert len(_calls(stub, "encode")) == 1 and len(_calls(stub, "train")) == 3  # only what was missing
-    assert "3 done, 3 already finished" in retry.stdout
-
-
-def _max_concurrent_trains(env: dict[str, str]) -> int:
-    running = peak = 0
-    for line in Path(env["STUB_LOG"] + ".spans").read_text().split():
-        running += 1 if line == "begin" else -1
-        peak = max(peak, running)
-    return peak
-
-
-def test_auto_jobs_run_single_thread_runs_side_by_side(stub, tmp_path: Path):
-    """--jobs auto: every run at once when that is at most 2 per core, 1 thread each; encoding keeps all cores."""
-    cores = len(os.sched_getaffinity(0))
-    env = {**stub, "STUB_SLEEP": "0.5"}
-    res = _script("fewshot_grid.sh", "--dataset", "eurosat", "--data-root", "data", "--shots", "1",
-                  "--seeds", "1,2,3", env=env, cwd=tmp_path)
-    assert res.returncode == 0, res.stdout + res.stderr
-    jobs = min(3, 2 * cores)
-    threads = max(1, cores // jobs)
-    assert f"3 run(s) to do: {jobs} at a time, {threads} thread(s) each" in res.stdout
-    assert _calls(stub, "encode")[0].endswith("[threads=unset]")
-    assert all(c.endswith(f"[threads={threads}]") for c in _calls(stub, "train") + _calls(stub, "eval"))
-    assert _max_concurrent_trains(stub) == jobs
-
-    for f in (stub["STUB_LOG"], stub["STUB_LOG"] + ".spans"):
-        Path(f).unlink()
-    res = _script("fewshot_grid.sh", "--dataset", "eurosat", "--data-root", "data", "--shots", "2",
-                  "--seeds", "1,2", "--jobs", "1", "--no-encode", env=env, cwd=tmp_path)
-    assert res.returncode == 0, res.stdout + res.stderr
-    assert all(c.endswith(f"[threads={cores}]") for c in _calls(stub, "train"))
-    assert _max_concurrent_trains(stub) == 1
-
-    res = _script("fewshot_grid.sh", "--dataset", "eurosat", "--shots", "4", "--seeds", "1,2", "--jobs", "2",
-                  "--no-encode", env={**stub, "OMP_NUM_THREADS": str(cores)}, cwd=tmp_path)
-    assert res.returncode == 0 and "exceed the" in res.stderr  # kept, with a warning
-    assert all(c.endswith(f"[threads={cores}]") for c in _calls(stub, "train"))
-
-
-def test_two_grids_at_once_train_each_run_once(stub, tmp_path: Path):
-    env = {**stub, "STUB_SLEEP": "0.3"}
-    args = ["bash", str(SCRIPTS / "fewshot_grid.sh"), "--dataset", "eurosat", "--data-root", "data",
-            "--shots", "1,2", "--seeds", "1,2,3", "--epochs", "2", "--jobs", "2"]
-    procs = [subprocess.Popen(args, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for _ in range(2)]
-    outputs = [p.communicate(timeout=120)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), outputs
-    outs = [c.split("--out ")[1].split()[0] for c in _calls(stub, "train")]
-    assert len(outs) == 6 and len(set(outs)) == 6  # each run trained by exactly one of the two
-    assert all(o.startswith("runs-ep2/eurosat/coop/") and "--epochs 2" in c for o, c in zip(outs, _calls(stub, "train")))
-    assert len(list((tmp_path / "runs-ep2/eurosat/coop").glob("*/metrics.json"))) == 6
-
-
-def test_base2new_and_transfer_scripts(stub, tmp_path: Path):
-    res = _script("base2new.sh", "--dataset", "eurosat", "--data-root", "data", "--seeds", "1", env=stub, cwd=tmp_path)
-    assert res.returncode == 0, res.stdout + res.stderr
-    run = tmp_path / "runs/eurosat/base2new/coop/shots16_seed1"
-    assert (run / "metrics_base.json").is_file() and (run / "metrics_new.json").is_file()
-    assert "--classes base" in _calls(stub, "train")[0]
-    assert {c.split("--classes ")[1].split()[0] for c in _calls(stub, "eval")} == {"base", "new"}
-    assert (tmp_path / "runs/eurosat/base2new/zeroshot/metrics_new.json").is_file()
-    bad = _script("base2new.sh", "--dataset", "eurosat", "--no-encode", "--csc", env=stub, cwd=tmp_path)
-    assert bad.returncode == 2 and "unified context" in bad.stderr
-
-    res = _script("cross_dataset.sh", "--source", "eurosat", "--targets", "dtd,ucf101", "--no-encode",
-                  "--seeds", "1,2", env=stub, cwd=tmp_path)
-    assert res.returncode == 0, res.stdout + res.stderr
-    transfers = [c for c in _calls(stub, "eval") if "--transfer" in c]
-    assert len(transfers) == 4
-    assert (tmp_path / "runs/eurosat/coop/shots16_seed2/transfer/ucf101/metrics.json").is_file()
+def test_sweep_refuses_bad_options_with_code_2(tmp_path: Path):
+    res = CliRunner().invoke(app, ["sweep", "--dataset", "eurosat", "--no-encode", "--base2new", "--csc"])
+    assert res.exit_code == 2 and "unified context" in res.output
+    res = CliRunner().invoke(app, ["sweep", "--dataset", "eurosat", "--no-encode", "--variants", "coop_wide"])
+    assert res.exit_code == 2 and "variant token" in res.output
 
 
 def test_domain_generalization_names_missing_data(tmp_path: Path):
-    env = {**os.environ, "COOPIPE_PYTHON": sys.executable}
+    coopipe = tmp_path / "coopipe"
+    coopipe.write_text(f'#!/usr/bin/env bash\nexec "{sys.executable}" -m coopipe.cli "$@"\n')
+    coopipe.chmod(0o755)
+    env = {**os.environ, "COOPIPE_BIN": str(coopipe), "PYTHONPATH": str(ROOT / "pipeline")}
     (tmp_path / "empty").mkdir()
     res = _script("domain_generalization.sh", "--data-root", "empty", env=env, cwd=tmp_path)
     assert res.returncode == 2

@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from coopipe.checkpoint import Checkpoint
 from coopipe.datasets.ages import is_age_dataset
 from coopipe.datasets.fewshot import FewShotIndex, draw_index
 from coopipe.errors import CheckpointError, StoreError
-from coopipe.method import MethodSpec
 from coopipe.models import LoadedClip, load_clip
 from coopipe.store import FeatureStore, find_stores
 
@@ -55,11 +52,6 @@ def infer_model(cache_dir: str | os.PathLike[str], dataset: str, split: str = "t
 
 def run_name(shots: int, seed: int) -> str:
     return f"shots{shots}_seed{seed}"
-
-
-def method_label(variant: Mapping[str, Any]) -> str:
-    """The run label of a recorded prompt variant (see :meth:`coopipe.method.MethodSpec.label`)."""
-    return MethodSpec.from_dict(variant).label()
 
 
 # ---------------------------------------------------------------- few-shot draws

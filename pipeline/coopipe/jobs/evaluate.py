@@ -183,6 +183,7 @@ def run_linear_probe(
     model: str | None = None,
     pretrained: str | None = None,
     device: str = "cpu",
+    clip: LoadedClip | None = None,
 ) -> dict[str, Any]:
     """CLIP's linear probe on the K-shot centre-view features; C chosen on the few-shot validation split."""
     cache_dir = Path(cache_dir)
@@ -193,7 +194,7 @@ def run_linear_probe(
             model, weights = loaded.name, loaded.weights_id
         return age_eval.run_age_linear_probe(cache_dir=cache_dir, dataset=dataset, shots=shots, seed=seed,
                                              out_dir=out_dir, model=model, weights=weights)
-    clip = resolve_model(cache_dir, dataset, model, pretrained, device)
+    clip = clip or resolve_model(cache_dir, dataset, model, pretrained, device)
     kw: dict[str, Any] = {"model": clip.name, "weights": clip.weights_id}
     index = fewshot_index_for(cache_dir, dataset, shots, seed, clip)
     train = read_split(select_store(cache_dir, dataset, "train", positions=index.train_indices, **kw),

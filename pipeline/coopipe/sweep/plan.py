@@ -1,0 +1,273 @@
+"""The sweep plan: every run of a grid as a typed task with its run folder, result files and a cost estimate.
+
+A run folder is the unit of idempotence and locking: a task is finished when all its ``done_files`` exist, and
+while it runs it holds ``flock`` on ``<run_dir>.lock`` (see :mod:`coopipe.sweep.tasks`). Folders are the ones the
+shell scripts always used, so finished grids of earlier versions are recognised:
+
+- CoOp: ``<runs>/<dataset>/<method label>/shots<K>_seed<S>/metrics.json``;
+- base-to-new: ``<runs>/<dataset>/base2new/<method label>/shots<K>_seed<S>/metrics_{base,new}.json`` and
+  ``<runs>/<dataset>/base2new/zeroshot/metrics_{base,new}.json``;
+- baselines: ``<runs>/<dataset>/zeroshot[_ensemble]/metrics.json``,
+  ``<runs>/<dataset>/linear_probe/shots<K>_seed<S>/metrics.json``;
+- transfer: ``<source run>/transfer/<target>/metrics.json`` (phase 1: after the source runs).
+
+Tasks are ordered longest first (CoOp, most shots first), so the cheap ones fill the workers at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from coopipe.config import EncodeConfig, FewShotConfig, ModelSpec, PathsConfig
+from coopipe.errors import CoopipeError, DatasetError, ParamsError
+from coopipe.lookup import run_name
+from coopipe.method import CLASS_TOKEN_POSITIONS, MethodSpec
+from coopipe.train import TrainConfig, epochs_for
+
+logger = logging.getLogger(__name__)
+
+PAPER_SHOTS = (1, 2, 4, 8, 16)
+INIT_WORDS = "a photo of a"  # the ``init`` variant token
+FEWSHOT_KINDS = ("coop", "base2new", "linear_probe")  # tasks that need the few-shot train/val stores
+_METHOD_FIELDS = {f.name for f in fields(MethodSpec)}
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What every task of one sweep shares: where the stores are and which model and training options."""
+
+    cache: str = PathsConfig.cache
+    model: str = ModelSpec.name
+    pretrained: str = ModelSpec.pretrained
+    device: str = "cpu"
+    epochs: int | None = None
+    train_options: Mapping[str, Any] = field(default_factory=dict)
+    ensemble: bool = False
+
+
+@dataclass(frozen=True)
+class RunTask:
+    """One run: a run folder, the files that mark it finished, and what to compute there."""
+
+    kind: str  # coop | base2new | zeroshot | zeroshot_halves | linear_probe | transfer
+    dataset: str  # the dataset's cache name (for transfer: the source)
+    run_dir: str
+    label: str
+    done_files: tuple[str, ...]
+    cost: float
+    method: MethodSpec | None = None
+    shots: int = 0
+    seed: int | None = None
+    target: str | None = None  # transfer: the dataset evaluated on
+    phase: int = 0  # 1: needs a phase-0 run's result (transfer)
+
+    @property
+    def needs(self) -> str:
+        """The dataset whose stores this task reads (encoded before it runs)."""
+        return self.target if self.kind == "transfer" and self.target else self.dataset
+
+    def finished(self) -> bool:
+        return all(Path(f).exists() for f in self.done_files)
+
+
+@dataclass(frozen=True)
+class EncodeTask:
+    """One ``run_encode`` call for a dataset: every split, shot and seed of the grid at once."""
+
+    dataset: str  # the registry name (``eurosat``, ``imagefolder``)
+    name: str  # the cache name (``imagefolder-<folder>``)
+    data_root: str
+    splits: tuple[str, ...]
+    shots: tuple[int, ...]
+    seeds: tuple[int, ...]
+    views: int
+    options: Mapping[str, Any] = field(default_factory=dict)  # EncodeOptions fields (batch_size, num_workers...)
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    settings: RunSettings
+    runs_dir: str
+    encodes: tuple[EncodeTask, ...]
+    tasks: tuple[RunTask, ...]
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """What to sweep (defaults: CoOp's few-shot grid with the paper's default variant)."""
+
+    datasets: tuple[str, ...]
+    data_root: str | None = None
+    methods: tuple[MethodSpec, ...] = (MethodSpec(),)
+    shots: tuple[int, ...] = FewShotConfig.shots
+    seeds: tuple[int, ...] = FewShotConfig.seeds
+    fewshot: bool = True
+    zeroshot: bool = False  # with base2new alone: zero-shot CLIP on the base and new halves
+    linear_probe: bool = False
+    base2new: bool = False
+    targets: tuple[str, ...] = ()
+    skip_missing: bool = False
+    views: int = EncodeConfig.views
+    encode_shots: tuple[int, ...] = ()
+    encode: bool = True
+    encode_options: Mapping[str, Any] = field(default_factory=dict)
+    runs: str | None = None
+    settings: RunSettings = field(default_factory=RunSettings)
+
+
+def parse_variant(name: str) -> MethodSpec:
+    """A method label (``coop_csc_middle``, see :meth:`MethodSpec.label`) or a script variant name made of tokens
+    joined by ``_``: ``coop``, ``csc``, ``end|middle|front``, ``m<N>``, ``init`` (context from "a photo of a")."""
+    try:
+        return MethodSpec.parse(name)
+    except ParamsError:
+        pass
+    options: dict[str, Any] = {}
+    for token in name.split("_"):
+        if token in ("", "coop"):
+            continue
+        if token == "csc":
+            options["csc"] = True
+        elif token in CLASS_TOKEN_POSITIONS:
+            options["class_token_position"] = token
+        elif token == "init":
+            options["ctx_init"] = INIT_WORDS
+        elif token[:1] == "m" and token[1:].isdigit() and int(token[1:]) > 0:
+            options["n_ctx"] = int(token[1:])
+        else:
+            raise ParamsError(f"unknown variant token {token!r} in {name!r} (use coop, csc, end, middle, front, "
+                              f"m<N>, init, or a method label such as coop_csc_middle)")
+    return MethodSpec.from_options("coop", **options)
+
+
+def encode_shots_for(shots: Sequence[int]) -> tuple[int, ...]:
+    """The grid's shots plus the paper's up to the largest: draws are nested, so every script shares one store."""
+    top = max(shots, default=0)
+    return tuple(sorted(set(shots) | {k for k in PAPER_SHOTS if k <= top}))
+
+
+def _cache_names(spec: SweepSpec, names: Sequence[str], sources: set[str]) -> dict[str, str]:
+    """Registry name -> cache name; every dataset's files are checked first (one error naming each missing one)."""
+    if spec.data_root is None or not spec.encode:
+        return {n: n for n in names}
+    from coopipe.datasets import load_dataset
+
+    found: dict[str, str] = {}
+    missing: list[tuple[str, str]] = []
+    for name in names:
+        try:
+            found[name] = load_dataset(name, spec.data_root).name
+        except CoopipeError as exc:
+            missing.append((name, str(exc)))
+    fatal = [(n, why) for n, why in missing if n in sources or not spec.skip_missing]
+    for n, why in missing:
+        if (n, why) not in fatal:
+            logger.warning("leaving out target %s, its data is missing: %s", n, why)
+    if fatal:
+        lines = [f"  {n}{' (source)' if n in sources and spec.targets else ''}: {why}" for n, why in fatal]
+        hint = ", or leave missing targets out with --skip-missing or --targets" if spec.targets else ""
+        raise DatasetError(
+            f"data missing under {spec.data_root} for {len(fatal)} dataset(s):\n" + "\n".join(lines)
+            + f"\nPut each into CoOp's $DATA layout under {spec.data_root} (`coopipe datasets` lists the folder each "
+            f"one expects){hint}."
+        )
+    return found
+
+
+def _check(spec: SweepSpec) -> None:
+    problems = []
+    if not spec.datasets:
+        problems.append("no dataset given (--dataset)")
+    if not spec.methods and (spec.fewshot or spec.base2new or spec.targets):
+        problems.append("no method given (--methods)")
+    for m in spec.methods:
+        if m.method != "coop":
+            problems.append(f"method {m.label()!r}: sweeps run coop variants only so far")
+        if (spec.base2new or spec.targets) and not m.transferable:
+            problems.append(f"base-to-new and transfer need a unified context: drop --csc / csc variants ({m.label()})")
+    if any(k < 1 for k in spec.shots) or not spec.seeds:
+        problems.append("--shots must be positive integers and --seeds non-empty")
+    if spec.settings.epochs is not None and spec.settings.epochs < 1:
+        problems.append("--epochs must be a positive integer")
+    bad = set(spec.settings.train_options) - {f.name for f in fields(TrainConfig)}
+    if bad or set(spec.settings.train_options) & _METHOD_FIELDS:
+        problems.append(f"unknown or method training option(s) {sorted(bad | (set(spec.settings.train_options) & _METHOD_FIELDS))}")
+    if spec.encode and spec.data_root is None:
+        problems.append("--data-root is required to encode (or pass --no-encode when the cache is ready)")
+    if problems:
+        raise ParamsError("; ".join(problems))
+
+
+def _epochs(spec: SweepSpec, shots: int, dataset: str) -> int:
+    return spec.settings.epochs or int(spec.settings.train_options.get("max_epoch") or epochs_for(shots, dataset))
+
+
+def plan_sweep(spec: SweepSpec) -> SweepPlan:
+    """Every run of ``spec`` (finished ones included: the runner skips them) and the encodes they need."""
+    _check(spec)
+    runs_dir = spec.runs or (f"{PathsConfig.runs}-ep{spec.settings.epochs}" if spec.settings.epochs else PathsConfig.runs)
+    targets = tuple(t for t in spec.targets if t not in spec.datasets)
+    names = _cache_names(spec, [*spec.datasets, *targets], set(spec.datasets))
+    targets = tuple(t for t in targets if t in names)
+    if spec.targets and not targets:
+        raise DatasetError("no target dataset left to evaluate on")
+    runs = Path(runs_dir)
+    tasks: list[RunTask] = []
+
+    def coop_task(kind: str, ds: str, m: MethodSpec, k: int, s: int) -> RunTask:
+        folder = runs / ds / "base2new" / m.label() if kind == "base2new" else runs / ds / m.label()
+        run = folder / run_name(k, s)
+        done = ("metrics_base.json", "metrics_new.json") if kind == "base2new" else ("metrics.json",)
+        what = f"{m.label()} {ds} base2new" if kind == "base2new" else f"{m.label()} {ds}"
+        cost = _epochs(spec, k, ds) * k * (0.5 if kind == "base2new" else 1.0) + 20
+        return RunTask(kind, ds, str(run), f"{what} {k}-shot seed {s}", tuple(str(run / f) for f in done), cost,
+                       method=m, shots=k, seed=s)
+
+    for registry_name in spec.datasets:
+        ds = names[registry_name]
+        grid = [(m, k, s) for m in spec.methods for k in sorted(set(spec.shots), reverse=True) for s in spec.seeds]
+        if spec.fewshot:
+            tasks += [coop_task("coop", ds, m, k, s) for m, k, s in grid]
+        if spec.base2new:
+            tasks += [coop_task("base2new", ds, m, k, s) for m, k, s in grid]
+        if spec.base2new and spec.zeroshot:
+            run = runs / ds / "base2new" / "zeroshot"
+            tasks.append(RunTask("zeroshot_halves", ds, str(run), f"zeroshot {ds} base/new",
+                                 (str(run / "metrics_base.json"), str(run / "metrics_new.json")), 2.0))
+        if spec.linear_probe:
+            for k in sorted(set(spec.shots), reverse=True):
+                for s in spec.seeds:
+                    run = runs / ds / "linear_probe" / run_name(k, s)
+                    tasks.append(RunTask("linear_probe", ds, str(run), f"linear_probe {ds} {k}-shot seed {s}",
+                                         (str(run / "metrics.json"),), 5.0 + math.log2(k), shots=k, seed=s))
+        full_zeroshot = spec.zeroshot and (spec.fewshot or spec.linear_probe or not spec.base2new)
+        zeroshot_sets = [ds, *(names[t] for t in targets)] if full_zeroshot else []
+        for name in zeroshot_sets:
+            method = "zeroshot_ensemble" if spec.settings.ensemble else "zeroshot"
+            run = runs / name / method
+            tasks.append(RunTask("zeroshot", name, str(run), f"{method} {name}", (str(run / "metrics.json"),), 1.0))
+        for m, k, s in grid if targets and spec.fewshot else []:
+            source = runs / ds / m.label() / run_name(k, s)
+            for t in targets:
+                out = source / "transfer" / names[t]
+                tasks.append(RunTask("transfer", ds, str(out), f"{m.label()} {ds}->{names[t]} {k}-shot seed {s}",
+                                     (str(out / "metrics.json"),), 1.0, method=m, shots=k, seed=s,
+                                     target=names[t], phase=1))
+    tasks.sort(key=lambda t: (t.phase, -t.cost))  # stable: longest first within a phase
+    encodes = []
+    for registry_name in [*spec.datasets, *targets]:
+        name = names[registry_name]
+        fewshot = any(t.dataset == name and t.kind in FEWSHOT_KINDS for t in tasks)
+        encodes.append(EncodeTask(
+            dataset=registry_name, name=name, data_root=str(spec.data_root), splits=("train", "val", "test") if fewshot else ("test",),
+            shots=(spec.encode_shots or encode_shots_for(spec.shots)) if fewshot else (),
+            seeds=tuple(spec.seeds) if fewshot else (), views=spec.views, options=dict(spec.encode_options),
+        ))
+    return SweepPlan(settings=spec.settings, runs_dir=runs_dir, encodes=tuple(encodes) if spec.encode else (),
+                     tasks=tuple(tasks))
+

@@ -1,0 +1,177 @@
+"""What one sweep task does where it runs (a dask worker, or this process): one run folder, start to end.
+
+:func:`execute_task` skips a finished run, takes ``flock`` on ``<run>.lock`` without waiting (a run another process
+holds is reported ``held``, never run twice), checks again under the lock, then trains and evaluates (or runs a
+baseline) through the job functions, logging into ``<run>/log.txt``. Errors never escape: the result says
+``failed`` with the message, so one bad run does not stop the sweep. Interrupted training resumes from its last
+checkpoint the next time the task runs (``run_train`` does that).
+"""
+
+from __future__ import annotations
+
+
+import logging
+import os
+import time
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from coopipe.errors import LockedError
+from coopipe.locks import exclusive_lock
+from coopipe.sweep.plan import RunSettings, RunTask
+
+logger = logging.getLogger(__name__)
+
+STATUSES = ("done", "skipped", "held", "failed")
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """The outcome of one task: ``done``, ``skipped`` (already finished), ``held`` (another process) or ``failed``."""
+
+    label: str
+    run_dir: str
+    status: str
+    seconds: float = 0.0
+    metrics: dict[str, Any] = field(default_factory=dict)  # accuracy (or base/new accuracy), fractions
+    error: str | None = None
+
+    def detail(self) -> str:
+        if self.status == "failed":
+            return f"{self.error}; see {self.run_dir}/log.txt"
+        if self.status == "held":
+            return f"another process holds {self.run_dir}.lock"
+        if self.status == "skipped":
+            return "finished"
+        accs = ", ".join(f"{k} {100 * v:.2f}%" for k, v in self.metrics.items() if isinstance(v, float))
+        return f"{self.seconds:.0f}s" + (f", {accs}" if accs else "")
+
+
+class ModelPool:
+    """The last loaded CLIP model, kept between the runs of one worker (loading it again costs seconds a run)."""
+
+    def __init__(self) -> None:
+        self._key: tuple[str, str, str] | None = None
+        self._clip: Any = None
+
+    def get(self, model: str, pretrained: str, device: str) -> Any:
+        from coopipe.models import load_clip
+
+        key = (model, pretrained, device)
+        if key != self._key:
+            self._clip, self._key = load_clip(model, pretrained, device=device), key
+        return self._clip
+
+
+def set_threads(threads: int) -> None:
+    """One run's share of the cores (1 by default: single-thread runs side by side are the most work per core)."""
+    import torch
+
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[bool]:
+    """``flock -n <run>.lock``: yields whether this process got it (released when the process dies, too)."""
+    lock = exclusive_lock(Path(f"{run_dir}.lock"), f"run {run_dir}")
+    try:
+        lock.__enter__()
+    except LockedError:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        lock.__exit__(None, None, None)
+
+
+@contextmanager
+def _log_to(path: Path) -> Iterator[None]:
+    """coopipe's log records of this task appended to ``path`` (the run's log.txt)."""
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("coopipe")
+    level = root.level
+    if root.getEffectiveLevel() > logging.INFO:
+        root.setLevel(logging.INFO)
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+        handler.close()
+
+
+def execute_task(task: RunTask, settings: RunSettings, pool: ModelPool | None = None) -> RunResult:
+    """Run ``task`` unless it is finished or held; never raises for a failure of the run itself."""
+    run = Path(task.run_dir)
+    if task.finished():
+        return RunResult(task.label, task.run_dir, "skipped")
+    with run_lock(run) as mine:
+        if not mine:
+            return RunResult(task.label, task.run_dir, "held")
+        if task.finished():  # finished by another process since we looked
+            return RunResult(task.label, task.run_dir, "skipped")
+        run.mkdir(parents=True, exist_ok=True)
+        t0 = time.monotonic()
+        with _log_to(run / "log.txt"):
+            logger.info("== %s (pid %d)", task.label, os.getpid())
+            try:
+                metrics = _run(task, settings, pool or ModelPool())
+            except Exception as exc:  # noqa: BLE001 (a failed run is reported, and the sweep goes on)
+                logger.error("%s failed:\n%s", task.label, traceback.format_exc())
+                return RunResult(task.label, task.run_dir, "failed", time.monotonic() - t0,
+                                 error=f"{type(exc).__name__}: {exc}")
+        if not task.finished():
+            return RunResult(task.label, task.run_dir, "failed", time.monotonic() - t0,
+                             error=f"finished without writing {', '.join(task.done_files)}")
+        return RunResult(task.label, task.run_dir, "done", time.monotonic() - t0, metrics)
+
+
+def _run(task: RunTask, s: RunSettings, pool: ModelPool) -> dict[str, Any]:
+    from coopipe.jobs.evaluate import run_eval, run_linear_probe, run_zeroshot
+    from coopipe.jobs.train import run_train
+
+    clip = pool.get(s.model, s.pretrained, s.device)
+    run = Path(task.run_dir)
+    if task.kind in ("coop", "base2new"):
+        assert task.method is not None and task.seed is not None
+        m = task.method
+        overrides = {**dict(s.train_options), "n_ctx": m.n_ctx, "csc": m.csc, "ctx_init": m.ctx_init,
+                     "class_token_position": m.class_token_position}
+        if s.epochs:
+            overrides["max_epoch"] = s.epochs
+        classes = "base" if task.kind == "base2new" else "all"
+        run_train(cache_dir=s.cache, dataset=task.dataset, shots=task.shots, seed=task.seed, out_dir=run,
+                  overrides=overrides, device=s.device, progress=False, params_record={"cli": "coopipe sweep"},
+                  clip=clip, classes=classes)
+        if classes == "all":
+            return {"accuracy": run_eval(run, cache_dir=s.cache, clip=clip)["accuracy"]}
+        return {half: run_eval(run, cache_dir=s.cache, classes=half, out=run / f"metrics_{half}.json",
+                               pretrained=s.pretrained, device=s.device, clip=clip)["accuracy"]
+                for half in ("base", "new")}
+    if task.kind == "zeroshot":
+        return {"accuracy": run_zeroshot(cache_dir=s.cache, dataset=task.dataset, out_dir=run, ensemble=s.ensemble,
+                                         device=s.device, clip=clip)["accuracy"]}
+    if task.kind == "zeroshot_halves":
+        return {half: run_zeroshot(cache_dir=s.cache, dataset=task.dataset, out_dir=run, classes=half,
+                                   device=s.device, clip=clip)["accuracy"] for half in ("base", "new")}
+    if task.kind == "linear_probe":
+        assert task.seed is not None
+        return {"accuracy": run_linear_probe(cache_dir=s.cache, dataset=task.dataset, shots=task.shots,
+                                             seed=task.seed, out_dir=run, clip=clip)["accuracy"]}
+    if task.kind == "transfer":
+        source = run.parent.parent
+        if not (source / "metrics.json").is_file():
+            raise RuntimeError(f"source run {source} is not finished (failed, or held by another process); "
+                               "re-run when it is")
+        return {"accuracy": run_eval(source, cache_dir=s.cache, dataset=task.target, transfer=True,
+                                     out=run / "metrics.json", pretrained=s.pretrained, device=s.device,
+                                     clip=clip)["accuracy"]}
+    raise ValueError(f"unknown task kind {task.kind!r}")

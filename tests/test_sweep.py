@@ -1,0 +1,129 @@
+"""`coopipe sweep` with real small runs (real EuroSAT images, RN50 random weights, 2 epochs, M = 4, 3 classes):
+the plan, a LocalCluster of 2 workers against the same runs one by one, and a sweep killed mid-grid then re-run."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import copy_eurosat_folder
+from coopipe.errors import ParamsError
+from coopipe.method import MethodSpec
+from coopipe.sweep import SweepSpec, auto_jobs, parse_variant, plan_sweep, run_sweep
+from coopipe.sweep.options import train_args
+from coopipe.sweep.plan import RunSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ("Forest", "SeaLake", "Highway")
+NAME = "imagefolder-eurosat3"
+
+
+def test_plan_folders_order_and_encodes(tmp_path: Path):
+    spec = SweepSpec(datasets=("eurosat",), methods=(MethodSpec(), parse_variant("middle")), shots=(1, 16),
+                     seeds=(1, 2), zeroshot=True, linear_probe=True, targets=("dtd",), encode=False,
+                     runs=str(tmp_path / "runs"))
+    plan = plan_sweep(spec)
+    labels = [t.label for t in plan.tasks]
+    assert labels[0] == "coop eurosat 16-shot seed 1"  # longest first: most shots, CoOp before baselines
+    assert labels.index("coop_middle eurosat 1-shot seed 2") < labels.index("linear_probe eurosat 16-shot seed 1")
+    assert labels.index("linear_probe eurosat 1-shot seed 2") < labels.index("zeroshot eurosat")
+    kinds = [t.kind for t in plan.tasks]
+    assert kinds.count("coop") == 8 and kinds.count("linear_probe") == 4 and kinds.count("zeroshot") == 2
+    assert kinds.count("transfer") == 8 and kinds[-8:] == ["transfer"] * 8  # phase 1, after the source runs
+    run = next(t for t in plan.tasks if t.label == "coop_middle eurosat 16-shot seed 2")
+    assert run.run_dir == str(tmp_path / "runs/eurosat/coop_middle/shots16_seed2")
+    assert run.done_files == (run.run_dir + "/metrics.json",)
+    assert plan.encodes == ()  # --no-encode
+    assert [parse_variant(v).label() for v in ("coop", "csc", "m8", "init", "coop_init-a-photo-of-a")] == [
+        "coop", "coop_csc", "coop_m8", "coop_init-a-photo-of-a", "coop_init-a-photo-of-a"]
+    assert plan_sweep(SweepSpec(datasets=("d",), shots=(16,), encode=False, settings=RunSettings(epochs=2))).runs_dir == "runs-ep2"
+    with pytest.raises(ParamsError, match="unified context"):
+        plan_sweep(SweepSpec(datasets=("d",), methods=(parse_variant("csc"),), base2new=True, encode=False))
+    with pytest.raises(ParamsError, match="variant token"):
+        parse_variant("coop_wide")
+    assert train_args("--bf16 --batch-size 32 --epochs 3") == {"autocast_bf16": True, "batch_size": 32, "max_epoch": 3}
+    assert auto_jobs(3, cores=2, available_gib=64) == 3 and auto_jobs(9, cores=2, available_gib=64) == 4
+    assert auto_jobs(9, cores=2, available_gib=5) == 2 and auto_jobs(9, "cuda") == 1
+
+
+def test_held_runs_are_left_alone_and_failures_do_not_stop_the_sweep(tmp_path: Path):
+    plan = plan_sweep(_spec(tmp_path / "no-cache", tmp_path / "runs", shots=(1,), seeds=(1, 2)))
+    held = Path(plan.tasks[0].run_dir)
+    held.parent.mkdir(parents=True)
+    with open(f"{held}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another process is running this run
+        out = run_sweep(plan, scheduler="inline", progress=False, retries=1)
+    assert [r.status for r in out.results] == ["held", "failed"]
+    (failed,) = out.failed
+    log = (Path(failed.run_dir) / "log.txt").read_text()
+    assert "StoreError" in failed.error and log.count("StoreError") >= 2 and log.count(" failed:\n") == 2  # retried once
+
+
+@pytest.fixture(scope="module")
+def small(eurosat_root: Path, tmp_path_factory) -> tuple[Path, Path]:
+    """(data folder, cache) with the few-shot stores of shots 1,2 x seeds 1,2 encoded once."""
+    from coopipe.encode import EncodeOptions
+    from coopipe.jobs.encode import run_encode
+
+    base = tmp_path_factory.mktemp("sweep")
+    folder = copy_eurosat_folder(eurosat_root, base / "eurosat3", CLASSES, 8)
+    cache = base / "cache"
+    run_encode(dataset="imagefolder", data_root=folder, cache_dir=cache, model="RN50", pretrained="none", views=2,
+               shots=(1, 2), seeds=(1, 2), options=EncodeOptions(progress=False, batch_size=32))
+    return folder, cache
+
+
+def _spec(cache: Path, runs: Path, **kw) -> SweepSpec:
+    settings = RunSettings(cache=str(cache), pretrained="none", epochs=2)
+    return SweepSpec(datasets=(NAME,), methods=(MethodSpec(n_ctx=4),), encode=False, runs=str(runs),
+                     settings=settings, **kw)
+
+
+def _metrics(runs: Path) -> dict[str, dict]:
+    keep = ("accuracy", "macro_f1", "per_class_accuracy", "method", "shots", "seed")
+    return {str(p.relative_to(runs)): {k: v for k, v in json.loads(p.read_text()).items() if k in keep}
+            for p in sorted(runs.rglob("metrics.json"))}
+
+
+def test_local_cluster_of_two_workers_matches_one_by_one(small, tmp_path: Path):
+    _, cache = small
+    spec: dict = {"shots": (1, 2), "seeds": (1,), "zeroshot": True}
+    inline = run_sweep(plan_sweep(_spec(cache, tmp_path / "a", **spec)), scheduler="inline", progress=False)
+    cluster = run_sweep(plan_sweep(_spec(cache, tmp_path / "b", **spec)), jobs=2, progress=False)
+    assert inline.count("done") == cluster.count("done") == 3 and cluster.jobs == 2 and cluster.threads >= 1
+    a, b = _metrics(tmp_path / "a"), _metrics(tmp_path / "b")
+    assert len(a) == 3 and a == b  # bit-identical metrics, per class included
+    again = run_sweep(plan_sweep(_spec(cache, tmp_path / "b", **spec)), jobs=2, progress=False)
+    assert again.count("skipped") == 3 and again.jobs == 0  # nothing to do: no cluster started
+
+
+@pytest.mark.slow  # two `coopipe sweep` processes with a LocalCluster each (~40 s of CPU on 2 cores)
+def test_killed_sweep_reruns_only_missing_runs(small, tmp_path: Path):
+    folder, cache = small
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "pipeline"), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "coopipe.cli", "sweep", "--dataset", "imagefolder", "--data-root", str(folder),
+           "--cache", str(cache), "--pretrained", "none", "--views", "2", "--shots", "1,2", "--seeds", "1,2",
+           "--epochs", "2", "--n-ctx", "4", "--runs", "runs", "--jobs", "1", "--no-progress", "--no-report"]
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    runs = tmp_path / "runs" / NAME / "coop_m4"
+    deadline = time.monotonic() + 240
+    while not list(runs.glob("*/metrics.json")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # the whole sweep process, mid-grid
+    proc.communicate(timeout=60)
+    finished = {p: p.stat().st_mtime_ns for p in runs.glob("*/metrics.json")}
+    assert 1 <= len(finished) < 4, "the sweep was not killed mid-grid"
+
+    res = subprocess.run(cmd, check=False, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    missing = 4 - len(finished)
+    assert f"{missing} done, {len(finished)} already finished, 0 held by another process, 0 failed" in res.stdout
+    assert len(list(runs.glob("*/metrics.json"))) == 4
+    assert all(p.stat().st_mtime_ns == t for p, t in finished.items())  # finished runs untouched

@@ -2,8 +2,9 @@
 
 A checkpoint is a directory::
 
-    prompt.safetensors   ctx (n_ctx, width) or (n_cls, n_ctx, width); for resuming also the SGD momentum
-                         buffer and the data generator's state
+    prompt.safetensors   ctx (n_ctx, width) or (n_cls, n_ctx, width), the learner's other parameters as
+                         ``param.<name>`` (CoCoOp's Meta-Net); for resuming also the SGD momentum buffers
+                         (``momentum_buffer`` for ctx, ``momentum.<name>``) and the data generator's state
     prompt.json          how it was made: model name, weights identity, class names, prompt variant, the cache
                          stores it was trained on (paths + provenance keys), training config and extra params,
                          epoch, history, coopipe / open_clip versions, sha256 of prompt.safetensors
@@ -67,6 +68,8 @@ CLASSIFIER_FORMAT = "coopipe.classifier/1"
 TENSORS_FILE = "prompt.safetensors"
 META_FILE = "prompt.json"
 CLASSIFIER_FILE = "classifier.safetensors"
+PARAM_PREFIX = "param."  # the learner's parameters other than ctx (CoCoOp: param.meta_net.linear1.weight, ...)
+MOMENTUM_PREFIX = "momentum."  # their SGD momentum buffers (resume only)
 PREVIOUS_SUFFIX = ".prev"  # the last consistent tensor file, kept while a new pair is being written
 
 
@@ -178,6 +181,11 @@ class Checkpoint:
         return self.tensors["ctx"]
 
     @property
+    def learner_tensors(self) -> dict[str, torch.Tensor]:
+        """``ctx`` and the learner's other trained tensors by name (CoCoOp's Meta-Net), for ``restore_learner``."""
+        return {"ctx": self.ctx, **_prefixed(self.tensors, PARAM_PREFIX)}
+
+    @property
     def model(self) -> str:
         return str(self.meta["model"])
 
@@ -220,6 +228,8 @@ class Checkpoint:
             generator_state=self.tensors["generator_state"],
             history=self.history,
             variant=self.variant,
+            params=_prefixed(self.tensors, PARAM_PREFIX),
+            momentum=_prefixed(self.tensors, MOMENTUM_PREFIX),
         )
 
     def check_clip(self, clip: LoadedClip) -> None:
@@ -258,6 +268,10 @@ class Checkpoint:
         return text_features_for(self.ctx, clip, self.classnames, config)
 
 
+def _prefixed(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {name[len(prefix) :]: t for name, t in tensors.items() if name.startswith(prefix)}
+
+
 def _variant_config(variant: Mapping[str, Any]) -> dict[str, Any]:
     return {k: variant[k] for k in ("n_ctx", "ctx_init", "csc", "class_token_position") if k in variant}
 
@@ -286,10 +300,12 @@ def save_checkpoint(
         # the two writes then still loads (see load_checkpoint)
         _atomic_write(previous, lambda tmp: shutil.copyfile(tensor_file, tmp))
     tensors: dict[str, torch.Tensor] = {"ctx": state.ctx}
+    tensors.update({PARAM_PREFIX + name: t for name, t in state.params.items()})  # CoCoOp's Meta-Net
     if include_resume:
         tensors["generator_state"] = state.generator_state
         if state.momentum_buffer is not None:
             tensors["momentum_buffer"] = state.momentum_buffer
+        tensors.update({MOMENTUM_PREFIX + name: t for name, t in state.momentum.items()})
     tensor_path = _write_tensors(tensor_file, tensors, {"format": CHECKPOINT_FORMAT})
     meta = {
         "format": CHECKPOINT_FORMAT,
@@ -331,6 +347,8 @@ def save_result(
     directory = save_checkpoint(
         directory, clip=clip, classnames=classnames, config=config, state=result.state, stores=stores, params=params
     )
+    if result.text_features is None:  # image-conditional (CoCoOp): no single classifier to export
+        return directory
     export_classifier(
         directory / CLASSIFIER_FILE,
         result.text_features,

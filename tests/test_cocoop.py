@@ -159,3 +159,32 @@ def test_text_features_and_predict(clip64: LoadedClip) -> None:
                          progress=seen.append)
     assert seen == [3, 3, 1] and got.dtype == torch.float32 and not got.requires_grad
     assert torch.allclose(got, expected, rtol=0, atol=1e-5)
+
+
+def test_cocoop_training_resumes_exactly_from_a_checkpoint(clip64: LoadedClip, tmp_path) -> None:
+    """A CoCoOp run stopped after epoch 1, saved, loaded and resumed equals the uninterrupted run bit for bit:
+    the checkpoint holds the Meta-Net's parameters and every momentum buffer (ctx's and the Meta-Net's)."""
+    from coopipe.checkpoint import load_checkpoint, save_checkpoint
+    from coopipe.learners import predict_logits, restore_learner
+    from coopipe.train import TrainConfig, train_prompt
+
+    gen = torch.Generator().manual_seed(3)
+    labels = torch.arange(len(NAMES)).repeat(2)  # (8,)
+    feats = torch.randn(len(labels), 2, clip64.embed_dim, generator=gen)  # (N, V, D)
+    config = TrainConfig.for_method("cocoop", 16, max_epoch=3, batch_size=3, class_chunk=3, image_chunk=2)
+    assert (config.n_ctx, config.ctx_init, config.method) == (4, "a photo of a", "cocoop")
+    val = {"val_feats": feats[:, 0], "val_labels": labels}
+    full = train_prompt(feats, labels, clip64, NAMES, config, **val)
+    part = train_prompt(feats, labels, clip64, NAMES, config, stop_after=1, **val)
+    assert set(part.state.momentum) == set(part.state.params) == set(full.params)  # every buffer is saved
+    save_checkpoint(tmp_path / "ckpt", clip=clip64, classnames=NAMES, config=config, state=part.state)
+    state = load_checkpoint(tmp_path / "ckpt").train_state()
+    resumed = train_prompt(feats, labels, clip64, NAMES, config, resume_state=state, **val)
+    assert torch.equal(resumed.ctx, full.ctx) and not torch.equal(part.ctx, full.ctx)
+    for name, value in full.params.items():
+        assert torch.equal(resumed.params[name], value), name
+    assert [(r.loss, r.val_acc) for r in resumed.history] == [(r.loss, r.val_acc) for r in full.history]
+    assert all(r.val_acc is not None for r in full.history)
+    learner = restore_learner(config.method_spec(), clip64, NAMES, load_checkpoint(tmp_path / "ckpt").learner_tensors)
+    logits = predict_logits(learner, PromptTextEncoder(clip64), feats[:, 0], clip64.model.logit_scale, batch_size=5)
+    assert logits.shape == (len(labels), len(NAMES))

@@ -26,16 +26,16 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+import torch
+import torch.nn.functional as F
+from coopipe.cocoop import CoCoOpLearner
+from coopipe.cocoop_text import cocoop_logits, cocoop_predict
+from coopipe.models import LoadedClip, load_clip
+from coopipe.text_encoder import PromptTextEncoder
+from coopipe.views import ViewSpec, augmented_view, normalize_batch
+from PIL import Image
 
-from coopipe.cocoop import CoCoOpLearner  # noqa: E402
-from coopipe.cocoop_text import cocoop_logits, cocoop_predict  # noqa: E402
-from coopipe.models import LoadedClip, load_clip  # noqa: E402
-from coopipe.text_encoder import PromptTextEncoder  # noqa: E402
-from coopipe.views import ViewSpec, augmented_view, normalize_batch  # noqa: E402
 
 def _names(k: int) -> list[str]:
     words = ["forest", "river", "sea or lake", "annual crop", "highway", "pasture", "residential", "industrial"]

@@ -18,7 +18,6 @@ from collections.abc import Iterator
 import pytest
 import torch
 import torch.nn.functional as F
-
 from coopipe import text_encoder
 from coopipe.cocoop import CoCoOpLearner, build_meta_net
 from coopipe.cocoop_text import cocoop_logits, cocoop_predict, cocoop_text_features
@@ -188,3 +187,9 @@ def test_cocoop_training_resumes_exactly_from_a_checkpoint(clip64: LoadedClip, t
     learner = restore_learner(config.method_spec(), clip64, NAMES, load_checkpoint(tmp_path / "ckpt").learner_tensors)
     logits = predict_logits(learner, PromptTextEncoder(clip64), feats[:, 0], clip64.model.logit_scale, batch_size=5)
     assert logits.shape == (len(labels), len(NAMES))
+
+
+def test_building_a_learner_leaves_the_global_rng_alone(clip64: LoadedClip) -> None:
+    before = torch.get_rng_state()
+    CoCoOpLearner(clip64, NAMES, MethodSpec.from_options("cocoop", n_ctx=2), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(torch.get_rng_state(), before)

@@ -27,7 +27,6 @@ from collections.abc import Iterator
 import pytest
 import torch
 import torch.nn.functional as F
-
 from coopipe.learners import CoOpLearner
 from coopipe.models import LoadedClip, load_clip
 from coopipe.text_encoder import PromptTextEncoder, coop_logits

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import skip_init
 
 from coopipe.errors import ParamsError
 from coopipe.method import MethodSpec
@@ -65,17 +66,12 @@ def build_meta_net(
     hidden = embed_dim // META_NET_REDUCTION
     if hidden < 1:
         raise ParamsError(f"image embedding dimension {embed_dim} is too small for a Meta-Net (needs >= 16)")
-    net = nn.Sequential(
-        OrderedDict(
-            [
-                ("linear1", nn.Linear(embed_dim, hidden)),
-                ("relu", nn.ReLU()),
-                ("linear2", nn.Linear(hidden, ctx_dim)),
-            ]
-        )
-    )
-    _init_linear(net.linear1, generator)
-    _init_linear(net.linear2, generator)
+    # skip_init: nn.Linear's own init would draw from (and advance) the global RNG
+    linear1 = skip_init(nn.Linear, embed_dim, hidden)
+    linear2 = skip_init(nn.Linear, hidden, ctx_dim)
+    _init_linear(linear1, generator)
+    _init_linear(linear2, generator)
+    net = nn.Sequential(OrderedDict([("linear1", linear1), ("relu", nn.ReLU()), ("linear2", linear2)]))
     return net.to(device=device, dtype=dtype)
 
 

@@ -23,14 +23,22 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from coopipe import text_encoder
 from coopipe.cocoop import CoCoOpLearner
 from coopipe.errors import ParamsError
-from coopipe import text_encoder
-from coopipe.text_encoder import PromptTextEncoder, _chunks, _heads, _in_projection, _merge, _Packing
+from coopipe.text_encoder import (
+    PromptTextEncoder,
+    _chunks,
+    _heads,
+    _in_projection,
+    _merge,
+    _Packing,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -39,16 +47,16 @@ __all__ = ["DEFAULT_IMAGE_CHUNK", "cocoop_logits", "cocoop_predict", "cocoop_tex
 DEFAULT_IMAGE_CHUNK = 32  # images per chunk in training and evaluation
 
 
-def _attend(block: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _attend(block: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """SDPA over (b * bins) bins with the packing's (bins, 1, Q, S) mask repeated for each image."""
     batch = q.shape[0] // mask.shape[0]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(batch, 1, 1, 1))
 
 
-def _batched_block(block: torch.nn.Module, x: torch.Tensor, packing: _Packing) -> torch.Tensor:
+def _batched_block(block: Any, x: torch.Tensor, packing: _Packing) -> torch.Tensor:
     """One ``ResidualAttentionBlock`` on b packed sequences of the same layout: x (b, N, width) -> (b, N, width)."""
     b, _, width = x.shape
-    heads = block.attn.num_heads  # type: ignore[union-attr]
+    heads = block.attn.num_heads
     qkv = _in_projection(block, block.ln_1(x), 0, 3)  # (b, N, 3 * width)
     padded = qkv.index_select(1, packing.to_padded).reshape(-1, 3 * width)  # (b * bins * S, 3 * width)
     q, k, v = _heads(padded, b * packing.bins, 3, heads)  # (b * bins, heads, S, head_dim) each
@@ -57,10 +65,10 @@ def _batched_block(block: torch.nn.Module, x: torch.Tensor, packing: _Packing) -
     return x + block.ls_2(block.mlp(block.ln_2(x)))  # type: ignore[no-any-return]
 
 
-def _batched_last_block(block: torch.nn.Module, x: torch.Tensor, packing: _Packing) -> torch.Tensor:
+def _batched_last_block(block: Any, x: torch.Tensor, packing: _Packing) -> torch.Tensor:
     """The last block, output only at each class's [EOS]: x (b, N, width) -> (b, n, width)."""
     b, _, width = x.shape
-    heads = block.attn.num_heads  # type: ignore[union-attr]
+    heads = block.attn.num_heads
     normed = block.ln_1(x)  # (b, N, width)
     kv = _in_projection(block, normed, 1, 2)  # (b, N, 2 * width)
     k, v = _heads(kv.index_select(1, packing.to_padded).reshape(-1, 2 * width), b * packing.bins, 2, heads)

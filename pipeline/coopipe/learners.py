@@ -19,8 +19,8 @@ A new method adds a branch to :func:`build_learner` and a class with these membe
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -35,7 +35,27 @@ from coopipe.text_encoder import PromptTextEncoder, coop_logits
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CoOpLearner", "build_learner", "is_image_conditional", "learner_state", "predict_logits", "restore_learner"]
+__all__ = ["CoOpLearner", "Learner", "build_learner", "is_image_conditional", "learner_state", "predict_logits", "restore_learner"]
+
+
+class Learner(Protocol):
+    """What training and evaluation use of a learner (an ``nn.Module``; see the module docstring)."""
+
+    image_conditional: bool
+    ctx: nn.Parameter
+    n_cls: int
+
+    def logits(
+        self, encoder: PromptTextEncoder, image_features: torch.Tensor, logit_scale: torch.Tensor, **options: Any
+    ) -> torch.Tensor: ...
+
+    def class_text_features(self, encoder: PromptTextEncoder) -> torch.Tensor: ...
+
+    def config(self) -> dict[str, Any]: ...
+
+    def named_parameters(
+        self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
+    ) -> Iterator[tuple[str, nn.Parameter]]: ...
 
 
 class CoOpLearner(PromptLearner):
@@ -58,7 +78,7 @@ class CoOpLearner(PromptLearner):
 
 def build_learner(
     spec: MethodSpec, clip: LoadedClip, classnames: Sequence[str], *, generator: torch.Generator | None = None
-) -> nn.Module:
+) -> Learner:
     """A fresh learner for ``spec`` on ``clip``'s text tower device, initialised from ``generator``."""
     if spec.method == "coop":
         return CoOpLearner(
@@ -75,18 +95,18 @@ def build_learner(
     raise ParamsError(f"method {spec.method!r} has no learner in this build of coopipe (available: coop, cocoop)")
 
 
-def is_image_conditional(learner: nn.Module) -> bool:
+def is_image_conditional(learner: Learner | nn.Module) -> bool:
     return bool(getattr(learner, "image_conditional", False))
 
 
-def learner_state(learner: nn.Module) -> dict[str, torch.Tensor]:
+def learner_state(learner: Learner) -> dict[str, torch.Tensor]:
     """Every trainable tensor of ``learner`` by name (``ctx``, ``meta_net.linear1.weight``, ...), CPU copies."""
     return {name: p.detach().cpu().clone() for name, p in learner.named_parameters()}
 
 
 def restore_learner(
     spec: MethodSpec, clip: LoadedClip, classnames: Sequence[str], tensors: Mapping[str, torch.Tensor]
-) -> nn.Module:
+) -> Learner:
     """Rebuild ``spec``'s learner for ``classnames`` and load its trained tensors (``ctx`` and the others by name).
 
     The class names may differ from the training ones (transfer) for methods whose prompt is not tied to its
@@ -110,7 +130,7 @@ def restore_learner(
 
 
 def predict_logits(
-    learner: nn.Module,
+    learner: Learner,
     encoder: PromptTextEncoder,
     image_features: torch.Tensor,
     logit_scale: torch.Tensor,
@@ -133,7 +153,7 @@ def predict_logits(
             encoder, learner, feats, logit_scale, batch_size=batch_size, image_chunk=image_chunk, progress=progress
         )
     with torch.no_grad():
-        text = learner.class_text_features(encoder)  # type: ignore[operator]
+        text = learner.class_text_features(encoder)
         logits = coop_logits(feats.to(text.device), text, logit_scale).float().cpu()
     if progress is not None:
         progress(feats.shape[0])

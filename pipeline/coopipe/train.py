@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from coopipe.errors import CheckpointError, DatasetError, ParamsError, ProvenanceMismatchError, StoreError
-from coopipe.learners import build_learner, is_image_conditional, predict_logits
+from coopipe.learners import Learner, build_learner, is_image_conditional, predict_logits
 from coopipe.method import METHODS, MethodSpec
 from coopipe.models import LoadedClip
 from coopipe.prompt import CLASS_TOKEN_POSITIONS, PromptLearner
@@ -367,14 +367,14 @@ def _momentum_buffer(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> t
     return None if buf is None else buf.detach().cpu().clone()
 
 
-def _other_params(learner: nn.Module) -> dict[str, torch.nn.Parameter]:
+def _other_params(learner: Learner) -> dict[str, nn.Parameter]:
     """The learner's trainable parameters other than ``ctx``, by name (CoCoOp: the Meta-Net's; CoOp: none)."""
     return {name: p for name, p in learner.named_parameters() if name != "ctx"}
 
 
 def _snapshot(
     epoch: int,
-    learner: nn.Module,
+    learner: Learner,
     optimizer: torch.optim.Optimizer,
     generator: torch.Generator,
     history: list[EpochRecord],
@@ -393,13 +393,13 @@ def _snapshot(
     )
 
 
-def _variant(learner: nn.Module) -> dict[str, Any]:
+def _variant(learner: Learner) -> dict[str, Any]:
     return {k: v for k, v in learner.config().items() if k != "classnames"}
 
 
 def _restore(
     state: TrainState,
-    learner: nn.Module,
+    learner: Learner,
     optimizer: torch.optim.Optimizer,
     generator: torch.Generator,
     max_epoch: int,
@@ -482,7 +482,7 @@ def train_prompt(
 
     init_gen = torch.Generator().manual_seed(derive_seed(config.seed, "ctx-init"))
     data_gen = torch.Generator().manual_seed(derive_seed(config.seed, "data"))
-    learner = build_learner(config.method_spec(), clip, names, generator=init_gen).to(learner_device)
+    learner = build_learner(config.method_spec(), clip, names, generator=init_gen)  # on the tower's device
     conditional = is_image_conditional(learner)
     encoder = config.text_encoder(clip)
     logit_scale = clip.model.logit_scale.detach()  # scalar, log scale
@@ -561,7 +561,7 @@ def train_prompt(
             else:
                 if step > 0:
                     text = learner.class_text_features(encoder)  # (n_cls, D): one text pass serves the batch
-                logits = coop_logits(image, text, logit_scale)  # (B, n_cls)
+                logits = coop_logits(image, text, logit_scale)  # type: ignore[arg-type]  # (B, n_cls)
             loss = F.cross_entropy(logits.float(), target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -3,7 +3,8 @@
 reference-style = per-image Python loop, batch 1: a freshly augmented 224px image (random resized crop + flip of a
 random picture) through the frozen image encoder, the Meta-Net, the K x 77-token text pass of that image's prompts
 through open_clip's transformer, cross-entropy, backward, SGD step (as ``trainers/cocoop.py``);
-coopipe = cached features, the batched packed path (:mod:`coopipe.cocoop_text`), backward, SGD step, at each
+coopipe = cached features, the batched packed path (:mod:`coopipe.cocoop_text`; chunks of ``--image-chunk``
+images x K/2 classes, each recomputed in the backward pass to bound memory), backward, SGD step, at each
 ``--batches`` size. Both for every K in ``--classes``. Reported: seconds per training image (median of
 ``--repeats`` steps after one warm-up), the ratio reference / coopipe, the peak resident memory each step adds
 over the loaded model (each configuration runs in a forked child so peaks do not mix), and inference images/s of

@@ -17,6 +17,7 @@ from coopipe.encode import EncodeOptions
 from coopipe.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
+METHOD_SETTING = ("max_epoch", "n_ctx", "ctx_init", "batch_size")  # null in params.yaml: the method's paper setting
 
 
 def _params_module():
@@ -54,8 +55,8 @@ def test_params_yaml_equals_the_dataclass_defaults():
             continue  # the user's dataset and root: no library default
         for key, value in (values or {}).items():
             want = expected[section][key]
-            if section == "train" and key == "max_epoch":
-                assert value is None, "train.max_epoch: null means CoOp's epochs by shots (TrainConfig.for_shots)"
+            if section == "train" and key in METHOD_SETTING:
+                assert value is None, f"train.{key}: null means the method's paper setting (TrainConfig.for_method)"
                 continue
             if isinstance(want, tuple):
                 value = tuple(value)
@@ -64,7 +65,8 @@ def test_params_yaml_equals_the_dataclass_defaults():
     p = _params_module().load_params(ROOT / "params.yaml")
     assert p.model == ModelSpec() and p.encode == EncodeConfig() and p.fewshot == FewShotConfig()
     assert p.encode_options == dataclasses.replace(EncodeOptions(), progress=p.encode_options.progress)
-    assert TrainConfig.for_shots(16, **p.train_overrides()) == TrainConfig()
+    overrides = p.train_overrides()
+    assert TrainConfig.for_method(overrides.pop("method"), 16, **overrides) == TrainConfig()
 
 
 def test_encode_cli_defaults_are_the_library_defaults():
@@ -83,11 +85,13 @@ def test_encode_cli_defaults_are_the_library_defaults():
 def test_train_and_other_cli_defaults_are_the_library_defaults():
     d = _cli_defaults("train")
     cfg = TrainConfig()
-    assert (d["n_ctx"], d["class_token_position"], d["ctx_init"], d["csc"]) == (
-        cfg.n_ctx, cfg.class_token_position, cfg.ctx_init, cfg.csc)
-    assert (d["lr"], d["batch_size"], d["views"], d["class_chunk"], d["bf16"]) == (
-        cfg.lr, cfg.batch_size, cfg.views, cfg.class_chunk, cfg.autocast_bf16)
-    assert d["epochs"] is None  # CoOp's epochs by shots
+    assert (d["method"], d["class_token_position"], d["csc"]) == (cfg.method, cfg.class_token_position, cfg.csc)
+    assert (d["lr"], d["views"], d["class_chunk"], d["bf16"]) == (cfg.lr, cfg.views, cfg.class_chunk, cfg.autocast_bf16)
+    # left out: the method's paper setting, from TrainConfig.for_method (CoOp M=16 batch 32; CoCoOp M=4 batch 1)
+    assert d["epochs"] is None and d["n_ctx"] is None and d["ctx_init"] is None and d["batch_size"] is None
+    assert TrainConfig.for_method("coop", 16) == cfg
+    cocoop = TrainConfig.for_method("cocoop", 16)
+    assert (cocoop.n_ctx, cocoop.ctx_init, cocoop.batch_size, cocoop.max_epoch) == (4, "a photo of a", 1, 10)
     i = _cli_defaults("interpret")
     assert (i["topk"], i["metric"]) == (InterpretConfig.topk, InterpretConfig.metric)
     r = _cli_defaults("report")

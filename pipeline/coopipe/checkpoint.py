@@ -2,8 +2,9 @@
 
 A checkpoint is a directory::
 
-    prompt.safetensors   ctx (n_ctx, width) or (n_cls, n_ctx, width); for resuming also the SGD momentum
-                         buffer and the data generator's state
+    prompt.safetensors   ctx (n_ctx, width) or (n_cls, n_ctx, width), the learner's other parameters as
+                         ``param.<name>`` (CoCoOp's Meta-Net); for resuming also the SGD momentum buffers
+                         (``momentum_buffer`` for ctx, ``momentum.<name>``) and the data generator's state
     prompt.json          how it was made: model name, weights identity, class names, prompt variant, the cache
                          stores it was trained on (paths + provenance keys), training config and extra params,
                          epoch, history, coopipe / open_clip versions, sha256 of prompt.safetensors
@@ -43,7 +44,7 @@ from coopipe.errors import CheckpointError, MissingFileError, ParamsError
 from coopipe.method import MethodSpec
 from coopipe.models import LoadedClip, open_clip_version, sha256_file
 from coopipe.store import FeatureStore, provenance_key
-from coopipe.prompt import PromptLearner
+from coopipe.learners import Learner, restore_learner
 from coopipe.train import EpochRecord, TrainConfig, TrainResult, TrainState
 
 logger = logging.getLogger(__name__)
@@ -62,7 +63,6 @@ __all__ = [
     "load_checkpoint",
     "load_classifier",
     "load_learner",
-    "method_of",
     "save_checkpoint",
     "save_result",
     "store_ref",
@@ -73,6 +73,8 @@ CLASSIFIER_FORMAT = "coopipe.classifier/1"
 TENSORS_FILE = "prompt.safetensors"
 META_FILE = "prompt.json"
 CLASSIFIER_FILE = "classifier.safetensors"
+PARAM_PREFIX = "param."  # the learner's parameters other than ctx (CoCoOp: param.meta_net.linear1.weight, ...)
+MOMENTUM_PREFIX = "momentum."  # their SGD momentum buffers (resume only)
 PREVIOUS_SUFFIX = ".prev"  # the last consistent tensor file, kept while a new pair is being written
 
 
@@ -174,14 +176,6 @@ class RunRecord:
             raise CheckpointError(f"{where}: malformed 'run' record ({exc}); re-train") from exc
 
 
-def method_of(config: TrainConfig) -> MethodSpec:
-    """The method record of a training config (its variant fields)."""
-    return MethodSpec.from_options(
-        getattr(config, "method", "coop"), n_ctx=config.n_ctx, ctx_init=config.ctx_init, csc=config.csc,
-        class_token_position=config.class_token_position,
-    )
-
-
 @dataclass
 class Checkpoint:
     """A loaded prompt checkpoint."""
@@ -193,6 +187,11 @@ class Checkpoint:
     @property
     def ctx(self) -> torch.Tensor:
         return self.tensors["ctx"]
+
+    @property
+    def learner_tensors(self) -> dict[str, torch.Tensor]:
+        """``ctx`` and the learner's other trained tensors by name (CoCoOp's Meta-Net), for ``restore_learner``."""
+        return {"ctx": self.ctx, **_prefixed(self.tensors, PARAM_PREFIX)}
 
     @property
     def model(self) -> str:
@@ -270,6 +269,8 @@ class Checkpoint:
             generator_state=self.tensors["generator_state"],
             history=self.history,
             variant=self.variant,
+            params=_prefixed(self.tensors, PARAM_PREFIX),
+            momentum=_prefixed(self.tensors, MOMENTUM_PREFIX),
         )
 
     def classifier(self) -> Classifier:
@@ -326,12 +327,13 @@ class Checkpoint:
         computed with ``clip``'s text tower and the checkpoint's text-path options."""
         learner = load_learner(self, clip, classnames)
         with torch.no_grad():
-            return self.config.text_encoder(clip)(learner).float().cpu()
+            return learner.class_text_features(self.config.text_encoder(clip)).float().cpu()
 
 
-def load_learner(ckpt: Checkpoint, clip: LoadedClip, classnames: Sequence[str] | None = None) -> PromptLearner:
+def load_learner(ckpt: Checkpoint, clip: LoadedClip, classnames: Sequence[str] | None = None) -> Learner:
     """The one way to rebuild a trained prompt: ``ckpt``'s method and variant, for ``classnames`` (default: the
-    trained classes), on ``clip`` (checked to be the checkpoint's model and weights), holding the learned context.
+    trained classes), on ``clip`` (checked to be the checkpoint's model and weights), holding the learned tensors
+    (the context, and CoCoOp's Meta-Net).
 
     Other class names need a prompt that does not belong to its classes (:attr:`MethodSpec.transferable`).
     """
@@ -340,27 +342,19 @@ def load_learner(ckpt: Checkpoint, clip: LoadedClip, classnames: Sequence[str] |
     names = list(ckpt.classnames if classnames is None else classnames)
     if names != ckpt.classnames and not spec.transferable:
         raise CheckpointError(
-            f"checkpoint {ckpt.path} has a class-specific context (CSC): one context per training class, which "
-            f"cannot be used for other classes; train a unified context (without --csc) for base-to-new or "
+            f"checkpoint {ckpt.path} holds a {spec.label()} prompt tied to its {len(ckpt.classnames)} training classes "
+            f"({'class-specific context (CSC)' if spec.csc else 'learned rank embeddings'}), which cannot serve other "
+            f"classes; train a unified-context method (coop without --csc, or cocoop) for base-to-new or "
             f"cross-dataset evaluation"
         )
     try:
-        learner = PromptLearner(
-            clip, names, n_ctx=spec.n_ctx, ctx_init=spec.ctx_init, csc=spec.csc,
-            class_token_position=spec.class_token_position,
-            generator=torch.Generator().manual_seed(0),  # its draw is overwritten by the checkpoint's context
-        )
+        return restore_learner(spec, clip, names, ckpt.learner_tensors)
     except ParamsError as exc:
         raise CheckpointError(f"checkpoint {ckpt.path}: its prompt {spec.label()} cannot be rebuilt ({exc})") from exc
-    ctx = ckpt.ctx
-    if tuple(learner.ctx.shape) != tuple(ctx.shape):
-        raise CheckpointError(
-            f"checkpoint {ckpt.path}: context of shape {tuple(ctx.shape)} does not fit its own prompt {spec.label()} "
-            f"for {len(names)} classes (needs {tuple(learner.ctx.shape)}); the checkpoint is corrupt, re-train"
-        )
-    with torch.no_grad():
-        learner.ctx.copy_(ctx.to(learner.ctx.device, learner.ctx.dtype))
-    return learner
+
+
+def _prefixed(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {name[len(prefix) :]: t for name, t in tensors.items() if name.startswith(prefix)}
 
 
 def save_checkpoint(
@@ -389,10 +383,12 @@ def save_checkpoint(
         # the two writes then still loads (see load_checkpoint)
         atomic_write(previous, lambda tmp: shutil.copyfile(tensor_file, tmp))
     tensors: dict[str, torch.Tensor] = {"ctx": state.ctx}
+    tensors.update({PARAM_PREFIX + name: t for name, t in state.params.items()})  # CoCoOp's Meta-Net
     if include_resume:
         tensors["generator_state"] = state.generator_state
         if state.momentum_buffer is not None:
             tensors["momentum_buffer"] = state.momentum_buffer
+        tensors.update({MOMENTUM_PREFIX + name: t for name, t in state.momentum.items()})
     tensor_path = _write_tensors(tensor_file, tensors, {"format": CHECKPOINT_FORMAT})
     meta = {
         "format": CHECKPOINT_FORMAT,
@@ -401,7 +397,7 @@ def save_checkpoint(
         "embed_dim": clip.embed_dim,
         "logit_scale": float(clip.model.logit_scale.detach()),
         "classnames": list(classnames),
-        "method": method_of(config).to_dict(),
+        "method": config.method_spec().to_dict(),
         "run": (run or RunRecord()).to_dict(),
         "variant": dict(state.variant),
         "stores": {role: store_ref(store) for role, store in (stores or {}).items()},
@@ -436,7 +432,11 @@ def save_result(
 ) -> Path:
     """Save a finished run: its exported ``classifier.safetensors``, then the checkpoint that records the
     classifier's hash (so a classifier is bound to its run, and a kill between the two leaves an incomplete
-    checkpoint that resumes, never a complete one without its classifier)."""
+    checkpoint that resumes, never a complete one without its classifier). An image-conditional prompt (CoCoOp)
+    has no single classifier: only the checkpoint is written."""
+    if result.text_features is None:
+        return save_checkpoint(directory, clip=clip, classnames=classnames, config=config, state=result.state,
+                               stores=stores, params=params, run=run)
     clf = export_classifier(
         Path(directory) / CLASSIFIER_FILE,
         result.text_features,

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from coopipe.method import METHODS
 from coopipe.config import EncodeConfig, FewShotConfig, InterpretConfig, ModelSpec, PathsConfig, ReportConfig
 from coopipe.encode import EncodeOptions
 from coopipe.jobs.train import CHECKPOINT_EVERY_S
@@ -160,14 +161,14 @@ def train(
     shots: Annotated[int, typer.Option(help="K images per class (1, 2, 4, 8, 16 in the paper).")],
     seed: Annotated[int, typer.Option(help="Few-shot draw and training seed (1, 2, 3 in the paper).")],
     out: Annotated[Path, typer.Option(help="Run folder for the checkpoint, classifier and history.")],
-    method: Annotated[str, typer.Option(help="Prompt-learning method (coop).")] = "coop",
-    n_ctx: Annotated[int, typer.Option(help="Number of context tokens M.")] = _TRAIN.n_ctx,
+    method: Annotated[str, typer.Option(help="coop, cocoop (Meta-Net, image-conditional; its paper setting: M=4 from 'a photo of a', 10 epochs, batch 1) or rank (OrdinalCLIP rank prompts, age datasets).")] = _TRAIN.method,
+    n_ctx: Annotated[Optional[int], typer.Option(help="Number of context tokens M (default: the method's paper setting, CoOp 16, CoCoOp 4 from words).")] = None,
     csc: Annotated[bool, typer.Option("--csc", help="Class-specific context (one context per class).")] = False,
     class_token_position: Annotated[str, typer.Option(help="end, middle or front.")] = _TRAIN.class_token_position,
-    ctx_init: Annotated[Optional[str], typer.Option(help="Initialise the context from words, e.g. 'a photo of a' (sets M).")] = _TRAIN.ctx_init,
-    epochs: Annotated[Optional[int], typer.Option("--max-epoch", "--epochs", help="Epochs (default: CoOp's 50/100/100/200/200 by shots; ImageNet 50).")] = None,
+    ctx_init: Annotated[Optional[str], typer.Option(help="Initialise the context from words, e.g. 'a photo of a' (sets M; default: the method's paper setting).")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--max-epoch", "--epochs", help="Epochs (default: the paper's; CoOp 50/100/100/200/200 by shots, ImageNet 50; CoCoOp 10).")] = None,
     lr: Annotated[float, typer.Option(help="SGD learning rate (cosine decay per epoch, first epoch at 1e-5).")] = _TRAIN.lr,
-    batch_size: Annotated[int, typer.Option(help="Batch size.")] = _TRAIN.batch_size,
+    batch_size: Annotated[Optional[int], typer.Option(help="Batch size (default: the method's paper setting, CoOp 32, CoCoOp 1; CoCoOp above 1 departs from the paper).")] = None,
     views: Annotated[str, typer.Option(help="augmented: one cached augmented view per image per epoch; center; all.")] = _TRAIN.views,
     bf16: Annotated[bool, typer.Option("--bf16", help="Run the text transformer under bf16 autocast.")] = False,
     class_chunk: Annotated[Optional[int], typer.Option(help="Encode classes in chunks of this size (large K).")] = _TRAIN.class_chunk,
@@ -182,13 +183,13 @@ def train(
     from coopipe.jobs.train import run_train
 
     with _errors():
-        if method != "coop":
-            raise typer.BadParameter(f"unknown --method {method!r}; available: coop")
+        if method not in METHODS:
+            raise typer.BadParameter(f"unknown --method {method!r}; available: {', '.join(METHODS)}")
         _check_classes(classes)
         overrides = {
             "n_ctx": n_ctx, "csc": csc, "class_token_position": class_token_position, "ctx_init": ctx_init,
             "max_epoch": epochs, "lr": lr, "batch_size": batch_size, "views": views, "autocast_bf16": bf16,
-            "class_chunk": class_chunk,
+            "class_chunk": class_chunk, "method": method,
         }
         summary = run_train(cache_dir=features, dataset=dataset, shots=shots, seed=seed, out_dir=out, model=model,
                             pretrained=pretrained, overrides=overrides, device=device, progress=progress,

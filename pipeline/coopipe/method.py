@@ -94,6 +94,11 @@ class MethodSpec:
         return not self.csc
 
     @property
+    def image_conditional(self) -> bool:
+        """Whether the prompt depends on the image (CoCoOp): then no single K x D classifier exists."""
+        return self.method == "cocoop"
+
+    @property
     def transferable(self) -> bool:
         """Whether the learned prompt can serve other class names (CSC contexts belong to their classes)."""
         return not self.csc and self.method != "rank"

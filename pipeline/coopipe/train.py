@@ -1,4 +1,4 @@
-"""CoOp training against cached image features: only the prompt context moves, through the frozen text tower.
+"""Prompt training against cached image features (CoOp, CoCoOp): only the prompt moves, through the frozen text tower.
 
 Why it can work from a cache: the image encoder is frozen, so each image's feature for a given view is a
 constant. Training therefore reads ``(N, V, D)`` stored features (view 0 = centre crop, views 1.. = cached
@@ -11,10 +11,18 @@ lr of 1e-5, then cosine decay per epoch. The schedule is a pure function of the 
 reproducing Dassl's ``ConstantWarmupScheduler`` wrapped around ``CosineAnnealingLR(T_max=max_epoch)`` stepped
 once per epoch, so resuming needs no scheduler object, only the epoch number.
 
+One loop trains every method (:func:`train_prompt`; ``train_coop`` is the same function): the learner comes from
+:func:`coopipe.learners.build_learner` for :meth:`TrainConfig.method_spec` and the optimiser moves all its
+parameters. Image-independent learners (CoOp) run one text pass per step that serves the whole batch;
+image-conditional ones (CoCoOp) run the batched B x K text path of :mod:`coopipe.cocoop_text` on each step's
+images, the Meta-Net seeing the feature of the view drawn for that image this epoch. CoCoOp's reference setting
+(:meth:`TrainConfig.for_method`): M = 4 from "a photo of a", 10 epochs, batch 1, the same SGD and schedule; a
+batch above 1 is a departure from the paper (fewer, averaged steps), offered for speed.
+
 Determinism: all randomness comes from two explicit ``torch.Generator`` objects derived from ``config.seed``
 (one initialises the context, one draws views and batch order), so the same seed gives the identical context on
-the CPU. Resuming from a :class:`TrainState` (context, momentum buffer, generator state, epoch) gives the same
-result as an uninterrupted run.
+the CPU. Resuming from a :class:`TrainState` (context and the learner's other parameters, every momentum buffer,
+generator state, epoch) gives the same result as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -31,8 +39,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from coopipe.errors import CheckpointError, DatasetError, ParamsError, ProvenanceMismatchError, StoreError
+from coopipe.learners import Learner, build_learner, is_image_conditional, predict_logits
+from coopipe.method import METHODS, MethodSpec
 from coopipe.models import LoadedClip
 from coopipe.prompt import CLASS_TOKEN_POSITIONS, PromptLearner
 from coopipe.text_encoder import PromptTextEncoder, coop_logits
@@ -41,6 +52,8 @@ from coopipe.text_tower import resolve_text_tower
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "COCOOP_BATCH_SIZE",
+    "COCOOP_EPOCHS",
     "EPOCHS_BY_SHOTS",
     "IMAGENET_EPOCHS",
     "VIEW_POLICIES",
@@ -55,11 +68,14 @@ __all__ = [
     "epochs_for",
     "text_features_for",
     "train_coop",
+    "train_prompt",
 ]
 
 EPOCHS_BY_SHOTS: dict[int, int] = {1: 50, 2: 100, 4: 100, 8: 200, 16: 200}  # CoOp's configs
 IMAGENET_EPOCHS = 50  # CoOp trains ImageNet for 50 epochs at every number of shots
 VIEW_POLICIES = ("augmented", "center", "all")
+COCOOP_EPOCHS = 10  # CoCoOp's vit_b16_c4_ep10_batch1_ctxv1, at every number of shots
+COCOOP_BATCH_SIZE = 1
 
 
 def epochs_for(shots: int, dataset: str | None = None) -> int:
@@ -80,8 +96,10 @@ class TrainConfig:
 
     ``views``: ``augmented`` draws one of the cached augmented views (1..V-1) per image per epoch (the centre
     view when the store has none), ``center`` always uses view 0, ``all`` draws among every view.
-    Text-path options (``cut``, ``share_prefix``, ``class_chunk``, ``checkpoint_chunks``, ``autocast_bf16``) only
-    change speed and memory, never the result beyond float rounding (bf16 excepted).
+    ``method`` picks the learner (``coop``, ``cocoop``); with the variant fields it forms :meth:`method_spec`.
+    Text-path options (``cut``, ``share_prefix``, ``class_chunk``, ``checkpoint_chunks``, ``autocast_bf16`` and,
+    for CoCoOp, ``image_chunk``: images per text-tower chunk) only change speed and memory, never the result
+    beyond float rounding (bf16 excepted).
     """
 
     max_epoch: int = 200
@@ -103,9 +121,17 @@ class TrainConfig:
     class_chunk: int | None = None
     checkpoint_chunks: bool = False
     autocast_bf16: bool = False
+    method: str = "coop"
+    image_chunk: int | None = 32
 
     def __post_init__(self) -> None:
         problems = []
+        if self.method not in METHODS:
+            problems.append(f"method must be one of {METHODS} (got {self.method!r})")
+        elif self.method != "coop" and (self.csc or self.class_token_position != "end"):
+            problems.append(f"{self.method} supports only a unified context with the class token at the end")
+        if self.image_chunk is not None and self.image_chunk < 1:
+            problems.append(f"image_chunk must be >= 1 or None (got {self.image_chunk})")
         if self.max_epoch < 1:
             problems.append(f"max_epoch must be >= 1 (got {self.max_epoch})")
         if self.lr <= 0 or self.warmup_lr < 0:
@@ -138,6 +164,28 @@ class TrainConfig:
         """The reference config for ``shots`` (epochs from :func:`epochs_for`), with ``overrides`` applied."""
         overrides.setdefault("max_epoch", epochs_for(shots, dataset))
         return cls(**overrides)
+
+    @classmethod
+    def for_method(cls, method: str, shots: int, dataset: str | None = None, **overrides: Any) -> TrainConfig:
+        """The reference config of ``method`` for ``shots``: CoOp as :meth:`for_shots`; CoCoOp M = 4 from
+        "a photo of a", 10 epochs, batch 1 (``overrides`` win)."""
+        if method == "cocoop":
+            spec = MethodSpec.default("cocoop")
+            epochs_for(shots, dataset)  # validates shots
+            defaults = {"max_epoch": COCOOP_EPOCHS, "batch_size": COCOOP_BATCH_SIZE, "n_ctx": spec.n_ctx,
+                        "ctx_init": None if "n_ctx" in overrides else spec.ctx_init}  # an explicit M: random init
+            return cls(**{**defaults, **overrides, "method": "cocoop"})
+        return cls.for_shots(shots, dataset, **{**overrides, "method": method})
+
+    def method_spec(self) -> MethodSpec:
+        """The prompt method and variant this config trains."""
+        return MethodSpec(
+            method=self.method,
+            n_ctx=self.n_ctx,
+            ctx_init=self.ctx_init,
+            csc=self.csc,
+            class_token_position=self.class_token_position,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -211,8 +259,10 @@ class EpochRecord:
 class TrainState:
     """Everything needed to continue training after ``epoch`` completed epochs (CPU tensors).
 
-    ``variant`` is the prompt learner's configuration (n_ctx, ctx_init, csc, class_token_position) so a state
-    can be checked against the learner it is loaded into.
+    ``variant`` is the prompt learner's configuration (n_ctx, ctx_init, csc, class_token_position; ``method``
+    for methods other than CoOp) so a state can be checked against the learner it is loaded into. ``params``
+    holds the learner's parameters other than ``ctx`` by name (CoCoOp: the Meta-Net's), ``momentum`` their SGD
+    momentum buffers (empty for CoOp).
     """
 
     epoch: int
@@ -221,6 +271,8 @@ class TrainState:
     generator_state: torch.Tensor  # uint8, torch.Generator.get_state() of the data generator
     history: list[EpochRecord] = field(default_factory=list)
     variant: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, torch.Tensor] = field(default_factory=dict)
+    momentum: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -230,10 +282,15 @@ class TrainResult:
     ctx: torch.Tensor  # (n_ctx, width) or (n_cls, n_ctx, width), CPU
     history: list[EpochRecord]
     state: TrainState
-    text_features: torch.Tensor  # (n_cls, embed_dim) L2-normalised classifier of the final context, CPU float32
+    text_features: torch.Tensor | None  # (n_cls, embed_dim) final classifier, CPU float32; None for CoCoOp
     logit_scale: float  # CLIP's log scale (logits = exp(logit_scale) * cosine)
     variant: dict[str, Any]
     seconds: float
+    params: dict[str, torch.Tensor] = field(default_factory=dict)  # the learner's other parameters (Meta-Net)
+
+    def learner_tensors(self) -> dict[str, torch.Tensor]:
+        """``ctx`` and every other trained tensor by name: what :func:`coopipe.learners.restore_learner` loads."""
+        return {"ctx": self.ctx, **self.params}
 
     @property
     def epochs_done(self) -> int:
@@ -310,13 +367,20 @@ def _momentum_buffer(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> t
     return None if buf is None else buf.detach().cpu().clone()
 
 
+def _other_params(learner: Learner) -> dict[str, nn.Parameter]:
+    """The learner's trainable parameters other than ``ctx``, by name (CoCoOp: the Meta-Net's; CoOp: none)."""
+    return {name: p for name, p in learner.named_parameters() if name != "ctx"}
+
+
 def _snapshot(
     epoch: int,
-    learner: PromptLearner,
+    learner: Learner,
     optimizer: torch.optim.Optimizer,
     generator: torch.Generator,
     history: list[EpochRecord],
 ) -> TrainState:
+    others = _other_params(learner)
+    momentum = {name: _momentum_buffer(optimizer, p) for name, p in others.items()}
     return TrainState(
         epoch=epoch,
         ctx=learner.ctx.detach().cpu().clone(),
@@ -324,16 +388,18 @@ def _snapshot(
         generator_state=generator.get_state().clone(),
         history=list(history),
         variant=_variant(learner),
+        params={name: p.detach().cpu().clone() for name, p in others.items()},
+        momentum={name: buf for name, buf in momentum.items() if buf is not None},
     )
 
 
-def _variant(learner: PromptLearner) -> dict[str, Any]:
+def _variant(learner: Learner) -> dict[str, Any]:
     return {k: v for k, v in learner.config().items() if k != "classnames"}
 
 
 def _restore(
     state: TrainState,
-    learner: PromptLearner,
+    learner: Learner,
     optimizer: torch.optim.Optimizer,
     generator: torch.Generator,
     max_epoch: int,
@@ -342,24 +408,40 @@ def _restore(
     if state.variant and state.variant != variant:
         raise CheckpointError(
             f"cannot resume: the saved state is for prompt variant {state.variant}, this run builds {variant}; "
-            f"resume with the checkpoint's n_ctx/ctx_init/csc/class_token_position or start a new run"
+            f"resume with the checkpoint's method/n_ctx/ctx_init/csc/class_token_position or start a new run"
         )
     if tuple(state.ctx.shape) != tuple(learner.ctx.shape):
         raise CheckpointError(
             f"cannot resume: saved context has shape {tuple(state.ctx.shape)}, this run needs "
             f"{tuple(learner.ctx.shape)} (another class list or variant); start a new run"
         )
+    others = _other_params(learner)
+    if set(state.params) != set(others):
+        raise CheckpointError(
+            f"cannot resume: the saved state holds parameters {sorted(state.params)}, this learner has "
+            f"{sorted(others)}; resume with the checkpoint's method or start a new run"
+        )
+    for name, param in others.items():
+        if tuple(state.params[name].shape) != tuple(param.shape):
+            raise CheckpointError(
+                f"cannot resume: saved {name} has shape {tuple(state.params[name].shape)}, this run needs "
+                f"{tuple(param.shape)} (another model); start a new run"
+            )
     if not 0 <= state.epoch <= max_epoch:
         raise CheckpointError(f"cannot resume: saved state is at epoch {state.epoch} of a {max_epoch}-epoch run")
     with torch.no_grad():
         learner.ctx.copy_(state.ctx.to(learner.ctx.device, learner.ctx.dtype))
-    if state.momentum_buffer is not None:
-        buffer = state.momentum_buffer.to(learner.ctx.device, learner.ctx.dtype).clone()
-        optimizer.state[learner.ctx]["momentum_buffer"] = buffer
+        for name, param in others.items():
+            param.copy_(state.params[name].to(param.device, param.dtype))
+    buffers = {"ctx": state.momentum_buffer, **state.momentum}
+    for name, param in {"ctx": learner.ctx, **others}.items():
+        buffer = buffers.get(name)
+        if buffer is not None:
+            optimizer.state[param]["momentum_buffer"] = buffer.to(param.device, param.dtype).clone()
     generator.set_state(state.generator_state.clone())
 
 
-def train_coop(
+def train_prompt(
     train_feats: torch.Tensor | np.ndarray,
     train_labels: torch.Tensor | np.ndarray,
     clip: LoadedClip,
@@ -372,12 +454,12 @@ def train_coop(
     resume_state: TrainState | None = None,
     stop_after: int | None = None,
 ) -> TrainResult:
-    """Learn CoOp context for ``classnames`` from cached image features.
+    """Learn the prompt of ``config.method`` (CoOp context; CoCoOp context and Meta-Net) from cached features.
 
     ``train_feats``: raw (un-normalised) features (N, V, D) (or (N, D) = one view); ``train_labels``: (N,).
     ``val_feats``/``val_labels``: optional (M, D) or (M, V, D) (view 0 is used) for a per-epoch validation
-    accuracy; the result is always the last epoch's context, as in CoOp. ``on_epoch(record, state)`` is called
-    after every epoch (progress bars, logging, checkpointing ``state``). ``resume_state`` continues a run;
+    accuracy; the result is always the last epoch's prompt, as in CoOp and CoCoOp. ``on_epoch(record, state)`` is
+    called after every epoch (progress bars, logging, checkpointing ``state``). ``resume_state`` continues a run;
     ``stop_after`` stops once that many epochs are complete (the schedule still spans ``config.max_epoch``).
     Computation runs on the device of ``clip``'s weights.
     """
@@ -400,11 +482,12 @@ def train_coop(
 
     init_gen = torch.Generator().manual_seed(derive_seed(config.seed, "ctx-init"))
     data_gen = torch.Generator().manual_seed(derive_seed(config.seed, "data"))
-    learner = config.prompt_learner(clip, names, generator=init_gen).to(learner_device)
+    learner = build_learner(config.method_spec(), clip, names, generator=init_gen)  # on the tower's device
+    conditional = is_image_conditional(learner)
     encoder = config.text_encoder(clip)
     logit_scale = clip.model.logit_scale.detach()  # scalar, log scale
     optimizer = torch.optim.SGD(
-        [learner.ctx],
+        [learner.ctx, *_other_params(learner).values()],
         lr=config.lr,
         momentum=config.momentum,
         weight_decay=config.weight_decay,
@@ -421,23 +504,30 @@ def train_coop(
     end_epoch = config.max_epoch if stop_after is None else max(start_epoch, min(stop_after, config.max_epoch))
     batches = batch_slices(n_images, config.batch_size, config.drop_last)
     logger.info(
-        "CoOp: %d images x %d views, %d classes, %d batches/epoch, epochs %d..%d of %d",
-        n_images, n_views, len(names), len(batches), start_epoch + 1, end_epoch, config.max_epoch,
+        "%s: %d images x %d views, %d classes, %d batches/epoch, epochs %d..%d of %d",
+        config.method_spec().label(), n_images, n_views, len(names), len(batches), start_epoch + 1, end_epoch,
+        config.max_epoch,
     )
 
     # An epoch's record (with its validation accuracy) is completed by the next text forward: the context
     # does not change between the end of epoch e and the first forward of epoch e+1, so that forward (or the
     # final one) gives exactly the classifier validation needs, and validation costs no extra text pass.
+    # Image-conditional learners have no such classifier: their epoch is completed at its end, validation
+    # scoring every validation image through the batched text path.
     pending: dict[str, Any] | None = None
 
-    def complete(text: torch.Tensor) -> None:
+    def complete(text: torch.Tensor | None) -> None:
         nonlocal pending
         if pending is None:
             return
         val_acc = None
         if val is not None:
             with torch.no_grad():
-                pred = coop_logits(val[0], text.detach(), logit_scale).argmax(dim=-1)  # (M,)
+                if text is None:
+                    logits = predict_logits(learner, encoder, val[0], logit_scale, image_chunk=config.image_chunk)
+                    pred = logits.argmax(dim=-1).to(learner_device)  # (M,)
+                else:
+                    pred = coop_logits(val[0], text.detach(), logit_scale).argmax(dim=-1)  # (M,)
                 val_acc = float((pred == val[1]).float().mean())
         record = EpochRecord(val_acc=val_acc, **pending)
         pending = None
@@ -448,10 +538,12 @@ def train_coop(
 
     for epoch in range(start_epoch, end_epoch):
         t0 = time.perf_counter()
-        text = encoder(learner)  # (n_cls, D): the first step's text pass, which also completes the last epoch
-        t1 = time.perf_counter()
-        complete(text)
-        t0 += time.perf_counter() - t1  # the last epoch's validation and checkpoint are not this epoch's time
+        text: torch.Tensor | None = None
+        if not conditional:
+            text = learner.class_text_features(encoder)  # (n_cls, D): the first step's text pass, also completes
+            t1 = time.perf_counter()  # the last epoch
+            complete(text)
+            t0 += time.perf_counter() - t1  # the last epoch's validation and checkpoint are not this epoch's time
         lr = config.lr_at(epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -464,10 +556,14 @@ def train_coop(
             idx = order[part]  # (B,)
             image = feats[idx, views[idx]]  # (B, D)
             target = labels[idx]  # (B,)
-            if step > 0:
-                text = encoder(learner)  # (n_cls, D): one text pass per step serves the whole batch
-            logits = coop_logits(image, text, logit_scale)  # (B, n_cls)
-            loss = F.cross_entropy(logits.float(), target)
+            if conditional:
+                logits = learner.logits(encoder, image, logit_scale, image_chunk=config.image_chunk)  # (B, n_cls)
+            else:
+                if step > 0:
+                    text = learner.class_text_features(encoder)  # (n_cls, D): one text pass serves the batch
+                logits = coop_logits(image, text, logit_scale)  # type: ignore[arg-type]  # (B, n_cls)
+            # a learner may bring its own loss (rank prompts: cross-entropy + OrdinalCLIP's KL term)
+            loss = learner.loss(logits.float(), target) if hasattr(learner, "loss") else F.cross_entropy(logits.float(), target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -482,12 +578,18 @@ def train_coop(
             "train_acc": int(correct) / max(seen, 1),
             "seconds": time.perf_counter() - t0,
         }
+        if conditional:
+            complete(None)
 
-    with torch.no_grad():
-        final_text = encoder(learner)  # (n_cls, D)
-    complete(final_text)
+    text_features = None
+    if conditional:
+        complete(None)
+    else:
+        with torch.no_grad():
+            final_text = learner.class_text_features(encoder)  # (n_cls, D)
+        complete(final_text)
+        text_features = final_text.float().cpu()
     state = _snapshot(max(end_epoch, start_epoch), learner, optimizer, data_gen, history)
-    text_features = final_text.float().cpu()
     return TrainResult(
         ctx=state.ctx,
         history=history,
@@ -496,13 +598,24 @@ def train_coop(
         logit_scale=float(logit_scale),
         variant=_variant(learner),
         seconds=time.perf_counter() - started,
+        params=dict(state.params),
     )
 
+
+train_coop = train_prompt  # the name CoOp's callers know; one loop for every method
 
 def text_features_for(
     ctx: torch.Tensor, clip: LoadedClip, classnames: Sequence[str], config: TrainConfig
 ) -> torch.Tensor:
-    """L2-normalised class text features (K, D), CPU float32, of a learned context for ``classnames``."""
+    """L2-normalised class text features (K, D), CPU float32, of a learned context for ``classnames``.
+
+    Image-independent methods only: CoCoOp has no single classifier (use :func:`coopipe.learners.predict_logits`).
+    """
+    if config.method == "cocoop":
+        raise ParamsError(
+            "CoCoOp prompts depend on the image: there are no class text features to export; evaluate with "
+            "coopipe.learners.predict_logits on a learner from coopipe.learners.restore_learner"
+        )
     learner = config.prompt_learner(clip, classnames, generator=torch.Generator())  # its draw is overwritten
     if tuple(ctx.shape) != tuple(learner.ctx.shape):
         raise CheckpointError(

@@ -160,14 +160,13 @@ def trained_run_age_metrics(
     dataset: str,
     shots: int | None,
     seed: int | None,
-    text: torch.Tensor,
-    scale: float | torch.Tensor,
+    logits: torch.Tensor,
     test: SplitFeatures,
     model: str,
     weights: str,
 ) -> tuple[dict[str, Any], AgeEvaluation, list[str]]:
-    """Age metrics of a trained prompt's classifier on ``test``; the constant from the run's few-shot draw."""
-    evaluation = evaluate_ages(classifier_logits(text, test.center, scale), test.labels, rank_values(test.classnames))
+    """Age metrics of a trained prompt's logits (N, K) on ``test``; the constant from the run's few-shot draw."""
+    evaluation = evaluate_ages(logits, test.labels, rank_values(test.classnames))
     try:
         if shots is None or seed is None:
             raise StoreError("the run records no few-shot draw")

@@ -26,20 +26,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from coopipe.atomic import write_json
 from coopipe.baselines import IMAGENET_TEMPLATES, dataset_template, fit_linear_probe, zero_shot
-from coopipe.checkpoint import load_checkpoint
+from coopipe.checkpoint import Checkpoint, load_checkpoint, load_learner
 from coopipe.datasets.ages import is_age_dataset
 from coopipe.errors import CheckpointError, StoreError
-from coopipe.evaluate import evaluate_classifier
-from coopipe.features import read_split, select_store
+from coopipe.evaluate import classifier_logits, evaluate_predictions
+from coopipe.features import SplitFeatures, read_split, select_store
+from coopipe.learners import predict_logits
 from coopipe.jobs import age_eval
 from coopipe.lookup import checkpoint_pretrained, fewshot_index_for, resolve_model
 from coopipe.models import LoadedClip, load_clip
 from coopipe.report.records import departures
 from coopipe.store import open_store
-from coopipe.transfer import ClassSubset, check_same_encoder, context_text_features
+from coopipe.transfer import ClassSubset, check_same_encoder
 
 logger = logging.getLogger(__name__)
 
@@ -99,24 +102,18 @@ def run_eval(
         classes = "all" if other_dataset else trained_classes
     check_same_encoder(ckpt, feature_store)
     test = ClassSubset.of(feature_store.classnames(), classes).apply(read_split(feature_store, all_views=False))
-    if test.classnames == ckpt.classnames:
-        if classes == "all":
-            ckpt.check_store(feature_store)
-        classifier = ckpt.classifier()
-        text, scale = classifier.text_features, classifier.logit_scale
-    else:
-        if not transfer and (other_dataset or classes == "all"):
-            raise CheckpointError(
-                f"checkpoint {ckpt.path} was trained for {len(ckpt.classnames)} classes of {source}, store "
-                f"{feature_store.path} holds {len(test.classnames)} other classes of {dataset}; pass --transfer to "
-                f"evaluate the learned context with the store's class names, or use a store of the checkpoint's dataset"
-            )
-        clip = clip or load_clip(ckpt.model, pretrained or checkpoint_pretrained(ckpt), device=device)
-        text, scale = context_text_features(ckpt, clip, test.classnames), float(ckpt.meta["logit_scale"])
-    if not bool(torch.isfinite(text).all()):
-        raise CheckpointError(f"the prompt of {ckpt.path} gives non-finite text features (its training diverged); "
-                              f"re-train with a lower --lr")
-    evaluation = evaluate_classifier(text, test.center, test.labels, scale)
+    if test.classnames == ckpt.classnames and classes == "all":
+        ckpt.check_store(feature_store)
+    if test.classnames != ckpt.classnames and not transfer and (other_dataset or classes == "all"):
+        raise CheckpointError(
+            f"checkpoint {ckpt.path} was trained for {len(ckpt.classnames)} classes of {source}, store "
+            f"{feature_store.path} holds {len(test.classnames)} other classes of {dataset}; pass --transfer to "
+            f"evaluate the learned context with the store's class names, or use a store of the checkpoint's dataset"
+        )
+    logits = _prompt_logits(ckpt, test, clip=clip, pretrained=pretrained, device=device)
+    y = torch.as_tensor(test.labels)
+    evaluation = evaluate_predictions(y, logits.argmax(dim=-1), logits.shape[1],
+                                      loss=float(F.cross_entropy(logits, y)) if len(y) else None)
     info: dict[str, Any] = {"classes": classes, "train_classes": trained_classes}
     if dataset != source:
         info["source_dataset"] = source
@@ -131,12 +128,36 @@ def run_eval(
         out = folder / metrics_filename(classes)
     if is_age_dataset(str(dataset)) and classes == "all":
         fields, ages, paths = age_eval.trained_run_age_metrics(
-            cache_dir=cache_dir, dataset=str(dataset), shots=record.shots, seed=record.seed, text=text, scale=scale,
+            cache_dir=cache_dir, dataset=str(dataset), shots=record.shots, seed=record.seed, logits=logits,
             test=test, model=ckpt.model, weights=ckpt.weights)
         metrics.update(fields)
         age_eval.write_predictions(Path(out).parent / age_eval.PREDICTIONS_FILE, paths, ages)
     write_json(Path(out), metrics)
     return metrics
+
+
+def _prompt_logits(ckpt: Checkpoint, test: SplitFeatures, *, clip: LoadedClip | None, pretrained: str | None,
+                   device: str) -> torch.Tensor:
+    """Logits (N, K) of the run's prompt on ``test`` (its class names): the exported classifier when the classes
+    are the trained ones and the prompt is image-independent (no text encoder needed), else the learner rebuilt
+    from the checkpoint (other class names: base-to-new, transfer; CoCoOp: one K-class text pass per image,
+    batched, with a progress bar)."""
+    if test.classnames == ckpt.classnames and not ckpt.method.image_conditional:
+        classifier = ckpt.classifier()
+        text, scale = classifier.text_features, classifier.logit_scale
+        return classifier_logits(text, test.center, scale)
+    clip = clip or load_clip(ckpt.model, pretrained or checkpoint_pretrained(ckpt), device=device)
+    learner = load_learner(ckpt, clip, test.classnames)
+    if test.classnames != ckpt.classnames:
+        logger.info("building a %d-class prompt from %s", len(test.classnames), ckpt.path)
+    encoder = ckpt.config.text_encoder(clip)
+    n = test.center.shape[0]
+    with tqdm(total=n, unit="img", desc=f"eval {ckpt.method.label()}", disable=n < 64, dynamic_ncols=True) as bar:
+        logits = predict_logits(learner, encoder, test.center, clip.model.logit_scale.detach(), progress=bar.update)
+    if not bool(torch.isfinite(logits).all()):
+        raise CheckpointError(f"the prompt of {ckpt.path} gives non-finite logits (its training diverged); "
+                              f"re-train with a lower --lr")
+    return logits
 
 
 def run_zeroshot(

@@ -39,7 +39,10 @@ def load_for_interpretation(
 ) -> tuple[LoadedClip, PromptLearner]:
     """The checkpoint's own model (weights identity checked) and a prompt learner holding the learned context."""
     clip = load_clip(ckpt.model, pretrained or checkpoint_pretrained(ckpt), device=device)
-    return clip, load_learner(ckpt, clip)
+    learner = load_learner(ckpt, clip)
+    if not isinstance(learner, PromptLearner):
+        raise ParamsError(f"interpretation reads learned contexts of CoOp/CoCoOp prompts, not {ckpt.method.label()}")
+    return clip, learner
 
 
 # ---------------------------------------------------------------------------------------------- test features

@@ -108,7 +108,7 @@ def _train_locked(
 ) -> dict[str, Any]:
     clip = clip or resolve_model(cache_dir, dataset, model, pretrained, device)
     opts = {k: v for k, v in dict(overrides or {}).items() if v is not None}
-    config = TrainConfig.for_shots(shots, dataset, seed=seed, **opts)
+    config = TrainConfig.for_method(str(opts.pop("method", "coop")), shots, dataset, seed=seed, **opts)
 
     index = fewshot_index_for(cache_dir, dataset, shots, seed, clip)
     train_store = select_store(cache_dir, dataset, "train", model=clip.name, weights=clip.weights_id,
@@ -151,7 +151,7 @@ def _train_locked(
                     fewshot_index=str(fewshot_index_path(cache_dir, dataset, shots, seed)))
     last_save = [time.monotonic()]
     bar = tqdm(total=config.max_epoch, initial=resume.epoch if resume else 0, unit="epoch", disable=not progress,
-               desc=f"CoOp {dataset} {shots}-shot seed {seed}", dynamic_ncols=True)
+               desc=f"{config.method_spec().label()} {dataset} {shots}-shot seed {seed}", dynamic_ncols=True)
     metrics = EpochMetricsLog(out_dir, start_epoch=resume.epoch if resume else 0)  # dvclive, one step per epoch
 
     def on_epoch(rec: EpochRecord, state: TrainState) -> None:
@@ -170,7 +170,9 @@ def _train_locked(
     with bar, metrics:
         result = train_coop(train.features, train.labels, clip, train.classnames, config, val_feats=val_feats,
                             val_labels=val_labels, on_epoch=on_epoch, resume_state=resume)
-    if not bool(torch.isfinite(result.text_features).all()):
+    final = result.text_features if result.text_features is not None else torch.cat(
+        [t.flatten() for t in result.learner_tensors().values()])
+    if not bool(torch.isfinite(final).all()):
         raise TrainingDivergedError(
             f"run {out_dir}: training diverged (the final prompt gives non-finite text features, lr {config.lr:g}); "
             f"the learning rate is likely too high: re-run with a lower --lr in a new output folder"
@@ -184,7 +186,7 @@ def _train_locked(
 
 def check_finite(rec: EpochRecord, state: TrainState, config: TrainConfig, out_dir: Path) -> None:
     """Stop a diverged run before anything of it is saved (the last finite checkpoint stays, never marked complete)."""
-    if math.isfinite(rec.loss) and bool(torch.isfinite(state.ctx).all()):
+    if math.isfinite(rec.loss) and all(bool(torch.isfinite(t).all()) for t in (state.ctx, *state.params.values())):
         return
     what = f"loss {rec.loss}" if not math.isfinite(rec.loss) else "non-finite context values"
     raise TrainingDivergedError(
@@ -199,7 +201,8 @@ def _complete_outputs(ckpt: Checkpoint, clip: LoadedClip, *, seconds: float | No
     context, ``history.tsv`` and ``train.json`` are (re)written. Returns the run summary."""
     out_dir = ckpt.path
     try:
-        ckpt.classifier()
+        if not ckpt.method.image_conditional:  # CoCoOp has no single classifier to export
+            ckpt.classifier()
     except (CheckpointError, MissingFileError) as exc:
         logger.warning("run %s: %s; re-exporting the classifier from the saved context", out_dir, exc)
         clf = export_classifier(out_dir / CLASSIFIER_FILE, ckpt.text_features(clip), classnames=ckpt.classnames,

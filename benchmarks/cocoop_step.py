@@ -1,0 +1,178 @@
+"""Benchmark: a CoCoOp training step as the reference runs it against coopipe's step on cached features.
+
+reference-style = per-image Python loop, batch 1: a freshly augmented 224px image (random resized crop + flip of a
+random picture) through the frozen image encoder, the Meta-Net, the K x 77-token text pass of that image's prompts
+through open_clip's transformer, cross-entropy, backward, SGD step (as ``trainers/cocoop.py``);
+coopipe = cached features, the batched packed path (:mod:`coopipe.cocoop_text`; chunks of ``--image-chunk``
+images x K/2 classes, each recomputed in the backward pass to bound memory), backward, SGD step, at each
+``--batches`` size. Both for every K in ``--classes``. Reported: seconds per training image (median of
+``--repeats`` steps after one warm-up), the ratio reference / coopipe, the peak resident memory each step adds
+over the loaded model (each configuration runs in a forked child so peaks do not mix), and inference images/s of
+``cocoop_predict`` on cached test features. Last line: one JSON object.
+
+    python benchmarks/cocoop_step.py [--model RN50] [--classes 10 100] [--batches 1 32] [--repeats 3] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from coopipe.cocoop import CoCoOpLearner
+from coopipe.cocoop_text import cocoop_logits, cocoop_predict
+from coopipe.models import LoadedClip, load_clip
+from coopipe.text_encoder import PromptTextEncoder
+from coopipe.views import ViewSpec, augmented_view, normalize_batch
+from PIL import Image
+
+
+def _names(k: int) -> list[str]:
+    words = ["forest", "river", "sea or lake", "annual crop", "highway", "pasture", "residential", "industrial"]
+    return [f"{words[i % len(words)]} {i}" for i in range(k)]  # uneven lengths, distinct
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _time(step: Callable[[], None], repeats: int) -> float:
+    step()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _reference_step(clip: LoadedClip, k: int, rng: np.random.Generator) -> Callable[[], None]:
+    model = clip.model
+    learner = CoCoOpLearner(clip, _names(k), generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.SGD(learner.parameters(), lr=0.002, momentum=0.9, weight_decay=5e-4)
+    spec, gen = ViewSpec(n_aug=1), torch.Generator().manual_seed(0)
+
+    def augment(img: Image.Image) -> torch.Tensor:  # random resized crop + flip + normalise, as the reference
+        return normalize_batch(augmented_view(img, clip.preprocess, spec, gen).unsqueeze(0), clip.preprocess)[0]
+
+    picture = Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8))
+    eos = learner.tokenized_prompts.argmax(dim=-1)  # (K,)
+    label = torch.tensor([0])
+
+    def step() -> None:
+        with torch.no_grad():
+            image = model.encode_image(augment(picture).unsqueeze(0))  # (1, D), frozen
+        image = image / image.norm(dim=-1, keepdim=True)
+        shift = learner.meta_net(image)  # (1, width)
+        logits = []
+        for feat, h in zip(image, shift):  # the reference's per-image loop
+            ctx = (learner.ctx + h).unsqueeze(0).expand(k, -1, -1)  # (K, M, width)
+            x = torch.cat([learner.token_prefix, ctx, learner.token_suffix], dim=1)  # (K, 77, width)
+            x = model.transformer(x + model.positional_embedding, attn_mask=model.attn_mask)
+            text = model.ln_final(x)[torch.arange(k), eos] @ model.text_projection  # (K, D)
+            text = text / text.norm(dim=-1, keepdim=True)
+            logits.append(model.logit_scale.exp() * feat @ text.t())
+        loss = F.cross_entropy(torch.stack(logits), label)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def _coopipe_step(clip: LoadedClip, k: int, batch: int, image_chunk: int) -> Callable[[], None]:
+    learner = CoCoOpLearner(clip, _names(k), generator=torch.Generator().manual_seed(0))
+    encoder = PromptTextEncoder(clip, checkpoint_chunks=True, class_chunk=max(k // 2, 1))
+    opt = torch.optim.SGD(learner.parameters(), lr=0.002, momentum=0.9, weight_decay=5e-4)
+    feats = torch.randn(batch, clip.embed_dim)
+    labels = torch.randint(0, k, (batch,))
+
+    def step() -> None:
+        logits = cocoop_logits(encoder, learner, feats, clip.model.logit_scale, image_chunk=image_chunk)
+        loss = F.cross_entropy(logits, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def _measure(args: argparse.Namespace, clip: LoadedClip, kind: str, k: int, batch: int, out: Any) -> None:
+    """Run in a forked child: time one configuration, report seconds per image and the peak RSS it adds."""
+    torch.set_num_threads(args.threads)
+    base = _rss_mb()
+    if kind == "reference":
+        step = _reference_step(clip, k, np.random.default_rng(0))
+    else:
+        step = _coopipe_step(clip, k, batch, args.image_chunk)
+    seconds = _time(step, args.repeats)
+    out.put({"kind": kind, "K": k, "batch": batch, "s_per_image": seconds / batch,
+             "peak_mb": round(_peak_mb() - base, 1)})
+
+
+def _inference(clip: LoadedClip, k: int, n: int, image_chunk: int) -> float:
+    learner = CoCoOpLearner(clip, _names(k), generator=torch.Generator().manual_seed(0))
+    encoder = PromptTextEncoder(clip, class_chunk=max(k // 2, 1))
+    feats = torch.randn(n, clip.embed_dim)
+    cocoop_predict(encoder, learner, feats[:image_chunk], clip.model.logit_scale, image_chunk=image_chunk)  # warm-up
+    t0 = time.perf_counter()
+    cocoop_predict(encoder, learner, feats, clip.model.logit_scale, batch_size=n, image_chunk=image_chunk)
+    return n / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="RN50")
+    parser.add_argument("--classes", type=int, nargs="+", default=[10, 100])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--image-chunk", type=int, default=8)
+    parser.add_argument("--test-images", type=int, default=64)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    clip = load_clip(args.model, "none")
+    clip.model.requires_grad_(False)
+    ctx = mp.get_context("fork")
+    rows = []
+    for k in args.classes:
+        for kind, batch in [("reference", 1)] + [("coopipe", b) for b in args.batches]:
+            queue = ctx.Queue()
+            child = ctx.Process(target=_measure, args=(args, clip, kind, k, batch, queue))
+            child.start()
+            row = queue.get()
+            child.join()
+            rows.append(row)
+            print(f"K={k:4d} {kind:9s} batch {batch:3d}: {row['s_per_image'] * 1000:9.1f} ms/image, "
+                  f"peak +{row['peak_mb']:.0f} MB", flush=True)
+    summary: dict[str, Any] = {"model": args.model, "threads": args.threads, "cpu": os.cpu_count(), "rows": rows}
+    for k in args.classes:
+        ref = next(r for r in rows if r["K"] == k and r["kind"] == "reference")
+        for r in rows:
+            if r["K"] == k and r["kind"] == "coopipe":
+                summary[f"speedup_K{k}_b{r['batch']}"] = round(ref["s_per_image"] / r["s_per_image"], 2)
+                summary[f"mem_ratio_K{k}_b{r['batch']}"] = round(r["peak_mb"] / max(ref["peak_mb"], 1e-9), 3)
+        with torch.no_grad():
+            summary[f"inference_img_per_s_K{k}"] = round(_inference(clip, k, args.test_images, args.image_chunk), 2)
+        print(f"K={k}: inference {summary[f'inference_img_per_s_K{k}']} images/s", flush=True)
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

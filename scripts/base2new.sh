@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Base-to-new generalisation (CoCoOp's protocol): sort the labels, the first ceil(K/2) classes are "base",
-# the rest "new"; train CoOp on the base classes only, then test on base and on new separately; the report
-# gives base, new and their harmonic mean H per dataset (and zero-shot CLIP on the same halves).
+# the rest "new"; train the prompt (CoOp, or CoCoOp with --methods coop,cocoop) on the base classes only, then
+# test on base and on new separately; the report gives base, new and their harmonic mean H per dataset (and
+# zero-shot CLIP on the same halves).
 #
 # Usage: bash scripts/base2new.sh --dataset eurosat --data-root ../shared/data [options]
 #
@@ -16,8 +17,8 @@
 #   --model NAME         open_clip model (RN50; CoCoOp used ViT-B-16)
 #   --pretrained TAG     open_clip tag, local checkpoint file, or none (openai)
 #   --views N            augmented views per few-shot train image (16)
-#   --n-ctx M, --position P, --ctx-init WORDS, --variants LIST   the CoOp variant (unified context only:
-#                        a class-specific context cannot be used for new classes)
+#   --methods LIST       coop, cocoop, or CoOp variants (unified context only: a class-specific context cannot be
+#                        used for new classes); also --n-ctx M, --position P, --ctx-init WORDS
 #   --no-zeroshot        leave out zero-shot CLIP
 #   --cache DIR          feature cache (cache)
 #   --runs DIR           runs folder (runs; runs-ep<N> with --epochs N)

@@ -186,8 +186,6 @@ def _check(spec: SweepSpec) -> None:
     if not spec.methods and (spec.fewshot or spec.base2new or spec.targets):
         problems.append("no method given (--methods)")
     for m in spec.methods:
-        if m.method != "coop":
-            problems.append(f"method {m.label()!r}: sweeps run coop variants only so far")
         if (spec.base2new or spec.targets) and not m.transferable:
             problems.append(f"base-to-new and transfer need a unified context: drop --csc / csc variants ({m.label()})")
     if any(k < 1 for k in spec.shots) or not spec.seeds:
@@ -203,8 +201,9 @@ def _check(spec: SweepSpec) -> None:
         raise ParamsError("; ".join(problems))
 
 
-def _epochs(spec: SweepSpec, shots: int, dataset: str) -> int:
-    return spec.settings.epochs or int(spec.settings.train_options.get("max_epoch") or epochs_for(shots, dataset))
+def _epochs(spec: SweepSpec, shots: int, dataset: str, method: MethodSpec | None = None) -> int:
+    paper = method.paper_epochs(shots, dataset) if method is not None else epochs_for(shots, dataset)
+    return spec.settings.epochs or int(spec.settings.train_options.get("max_epoch") or paper)
 
 
 def plan_sweep(spec: SweepSpec) -> SweepPlan:
@@ -224,7 +223,8 @@ def plan_sweep(spec: SweepSpec) -> SweepPlan:
         run = folder / run_name(k, s)
         done = ("metrics_base.json", "metrics_new.json") if kind == "base2new" else ("metrics.json",)
         what = f"{m.label()} {ds} base2new" if kind == "base2new" else f"{m.label()} {ds}"
-        cost = _epochs(spec, k, ds) * k * (0.5 if kind == "base2new" else 1.0) + 20
+        per_step = 8.0 if m.image_conditional else 1.0  # CoCoOp: a K-class text pass per image, not per batch
+        cost = _epochs(spec, k, ds, m) * k * per_step * (0.5 if kind == "base2new" else 1.0) + 20
         return RunTask(kind, ds, str(run), f"{what} {k}-shot seed {s}", tuple(str(run / f) for f in done), cost,
                        method=m, shots=k, seed=s)
 

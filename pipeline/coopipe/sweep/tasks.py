@@ -143,8 +143,8 @@ def _run(task: RunTask, s: RunSettings, pool: ModelPool) -> dict[str, Any]:
     if task.kind in ("coop", "base2new"):
         assert task.method is not None and task.seed is not None
         m = task.method
-        overrides = {**dict(s.train_options), "n_ctx": m.n_ctx, "csc": m.csc, "ctx_init": m.ctx_init,
-                     "class_token_position": m.class_token_position}
+        overrides = {**dict(s.train_options), "method": m.method, "n_ctx": m.n_ctx, "csc": m.csc,
+                     "ctx_init": m.ctx_init, "class_token_position": m.class_token_position}
         if s.epochs:
             overrides["max_epoch"] = s.epochs
         classes = "base" if task.kind == "base2new" else "all"

@@ -36,6 +36,21 @@ def eurosat_root(shared_data: Path) -> Path:
     return shared_data
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch and one BLAS thread for a test module: on the 2 shared cores more threads are many times slower
+    (they spin-wait on each other while other processes hold a core), and determinism checks need a fixed count.
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(limits=1):
+        yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def rn50():
     """RN50 with random weights (the same for every call: fixed init seed), loaded once per test session."""
@@ -77,3 +92,16 @@ def make_store(cache_dir: Path, *, model: str, weights: str, classnames: list[st
         span = writer.chunk_rows_range(chunk)
         writer.write_chunk(chunk, feats[span.start:span.stop])
     return writer.finalize()
+
+
+def make_toy_cache(cache_dir: Path, clip, classnames: list[str], sizes: dict[str, tuple[int, int]]) -> Path:
+    """Full stores of a toy dataset with class-dependent features: ``sizes`` maps a split to (images per class,
+    views), e.g. ``{"train": (6, 2), "val": (4, 1), "test": (5, 1)}``."""
+    g = np.random.default_rng(0)
+    means = g.normal(size=(len(classnames), clip.embed_dim)).astype(np.float32)
+    for split, (n, views) in sizes.items():
+        labels = np.repeat(np.arange(len(classnames)), n)
+        feats = means[labels][:, None] + 0.5 * g.normal(size=(len(labels), views, clip.embed_dim)).astype(np.float32)
+        make_store(cache_dir, model=clip.name, weights=clip.weights_id, classnames=list(classnames), feats=feats,
+                   labels=labels, split=split)
+    return cache_dir

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from conftest import make_store
+from conftest import make_toy_cache
 
 from coopipe.checkpoint import CLASSIFIER_FILE, load_checkpoint
 from coopipe.errors import CheckpointError
@@ -21,15 +20,7 @@ CLASSES = ["cat", "dog", "sea or lake", "forest"]
 @pytest.fixture(scope="module")
 def cache(rn50, tmp_path_factory) -> Path:
     torch.set_num_threads(1)
-    cache = tmp_path_factory.mktemp("cache")
-    g = np.random.default_rng(0)
-    means = g.normal(size=(4, rn50.embed_dim)).astype(np.float32)
-    for split, n, views in (("train", 4, 2), ("val", 2, 1), ("test", 3, 1)):
-        labels = np.repeat(np.arange(4), n)
-        feats = means[labels][:, None] + 0.5 * g.normal(size=(len(labels), views, rn50.embed_dim)).astype(np.float32)
-        make_store(cache, model="RN50", weights=rn50.weights_id, classnames=CLASSES, feats=feats, labels=labels,
-                   split=split)
-    return cache
+    return make_toy_cache(tmp_path_factory.mktemp("cache"), rn50, CLASSES, {"train": (4, 2), "val": (2, 1), "test": (3, 1)})
 
 
 def _train(cache, out, rn50, **kw):

@@ -19,12 +19,7 @@ from coopipe.train import TrainConfig, train_coop
 CLASSES = ["cat", "dog", "sea or lake"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -40,12 +39,7 @@ TRAIN_PER_CLASS, TEST_PER_CLASS = 8, 25
 LEARNED_MIN, MARGIN_MIN = 0.90, 0.25
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

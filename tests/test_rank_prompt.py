@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -26,12 +25,7 @@ from coopipe.text_encoder import PromptTextEncoder
 AGE_INIT = "age estimation: the age of the person is"  # OrdinalCLIP's MORPH context init
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _shallow(clip: LoadedClip, layers: int, dtype: torch.dtype) -> LoadedClip:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_store
+from conftest import make_toy_cache
 
 from coopipe.baselines import fit_linear_probe
 from coopipe.checkpoint import CLASSIFIER_FILE, META_FILE, export_classifier, load_checkpoint, load_classifier
@@ -28,15 +28,7 @@ QUICK = {"max_epoch": 2, "n_ctx": 2, "batch_size": 4}
 def cache(rn50, tmp_path_factory) -> Path:
     """Full train (2 views), val and test stores of a 3-class toy dataset with class-dependent features."""
     torch.set_num_threads(1)
-    cache = tmp_path_factory.mktemp("cache")
-    g = np.random.default_rng(0)
-    means = g.normal(size=(3, rn50.embed_dim)).astype(np.float32)
-    for split, n, views in (("train", 6, 2), ("val", 4, 1), ("test", 5, 1)):
-        labels = np.repeat(np.arange(3), n)
-        feats = means[labels][:, None] + 0.5 * g.normal(size=(len(labels), views, rn50.embed_dim)).astype(np.float32)
-        make_store(cache, model="RN50", weights=rn50.weights_id, classnames=CLASSES, feats=feats, labels=labels,
-                   split=split)
-    return cache
+    return make_toy_cache(tmp_path_factory.mktemp("cache"), rn50, CLASSES, {"train": (6, 2), "val": (4, 1), "test": (5, 1)})
 
 
 def _train(cache: Path, out: Path, rn50, **overrides) -> dict:

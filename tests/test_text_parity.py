@@ -41,13 +41,7 @@ def _shallow_double(clip: LoadedClip, layers: int = SHALLOW_LAYERS) -> LoadedCli
     return dataclasses.replace(clip, model=model.double())
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread: on a small, shared CPU two threads oversubscribe and run these tests ~5x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=MODELS)

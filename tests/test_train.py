@@ -60,17 +60,7 @@ from coopipe.train import (
 CLASSES = ["cat", "dog", "sea or lake"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch and one BLAS thread: on the 2 shared cores more threads are many times slower (they spin-wait
-    on each other while other processes hold a core), and determinism checks need a fixed thread count anyway."""
-    from threadpoolctl import threadpool_limits
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(limits=1):
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _toy(n_per_class: int = 4, n_views: int = 3, dim: int = 1024, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

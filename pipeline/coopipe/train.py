@@ -45,7 +45,7 @@ from coopipe.errors import CheckpointError, DatasetError, ParamsError, Provenanc
 from coopipe.learners import Learner, build_learner, is_image_conditional, predict_logits
 from coopipe.method import METHODS, MethodSpec
 from coopipe.models import LoadedClip
-from coopipe.prompt import CLASS_TOKEN_POSITIONS, PromptLearner
+from coopipe.prompt import CLASS_TOKEN_POSITIONS
 from coopipe.text_encoder import PromptTextEncoder, coop_logits
 from coopipe.text_tower import resolve_text_tower
 
@@ -223,17 +223,9 @@ class TrainConfig:
 
     def prompt_learner(
         self, clip: LoadedClip, classnames: Sequence[str], *, generator: torch.Generator | None = None
-    ) -> PromptLearner:
-        """A fresh prompt learner for this config's variant (context drawn with ``generator``)."""
-        return PromptLearner(
-            clip,
-            classnames,
-            n_ctx=self.n_ctx,
-            ctx_init=self.ctx_init,
-            csc=self.csc,
-            class_token_position=self.class_token_position,
-            generator=generator,
-        )
+    ) -> Learner:
+        """A fresh learner for this config's method and variant (context drawn with ``generator``)."""
+        return build_learner(self.method_spec(), clip, classnames, generator=generator)
 
 
 @dataclass(frozen=True)
@@ -625,4 +617,4 @@ def text_features_for(
     device = learner.ctx.device
     with torch.no_grad():
         learner.ctx.copy_(ctx.to(device, learner.ctx.dtype))
-        return config.text_encoder(clip)(learner).float().cpu()
+        return learner.class_text_features(config.text_encoder(clip)).float().cpu()

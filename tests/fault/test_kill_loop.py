@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from conftest import copy_eurosat_folder, make_store
 
 from coopipe.checkpoint import load_checkpoint, load_classifier
@@ -83,6 +84,7 @@ def _no_stuck_state(root: Path) -> None:
     assert not partial, f"left behind: {partial}"
 
 
+@pytest.mark.timeout(1200)
 def test_encode_killed_at_random_points_resumes_to_the_same_store(eurosat_root: Path, tmp_path: Path):
     folder = copy_eurosat_folder(eurosat_root, tmp_path / "data", CLASSES, 8)
     args = ("encode", "--dataset", "imagefolder", "--data-root", str(folder), "--pretrained", "none", "--views", "1",
@@ -101,6 +103,7 @@ def test_encode_killed_at_random_points_resumes_to_the_same_store(eurosat_root: 
     _no_stuck_state(tmp_path / "killed")
 
 
+@pytest.mark.timeout(1200)
 def test_train_killed_at_random_points_resumes_bitwise(rn50, tmp_path: Path):
     cache = tmp_path / "cache"
     g = np.random.default_rng(0)

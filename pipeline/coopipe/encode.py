@@ -21,8 +21,6 @@ import hashlib
 import json
 import logging
 import os
-import queue
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
@@ -36,6 +34,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 import coopipe
+from coopipe.chunkwriter import ChunkWriterThread
 from coopipe.datasets.base import Dataset
 from coopipe.errors import BadImageError, CoopipeError, MissingFileError, StoreError
 from coopipe.hardware import PRECISIONS, resolve_precision
@@ -226,46 +225,6 @@ def encode_batch(clip: LoadedClip, batch: torch.Tensor, options: EncodeOptions, 
     return feats.float().cpu().numpy()
 
 
-class _ChunkWriterThread:
-    """Writes finished chunks on one background thread, so zstd compression and zarr I/O overlap the model.
-
-    At most ``depth`` chunks wait (bounded memory); a write error is raised in the caller at the next
-    :meth:`put` or at :meth:`close`. Chunks are written (and marked done) in the order they finish.
-    """
-
-    def __init__(self, writer: StoreWriter, depth: int = 2) -> None:
-        self._writer = writer
-        self._queue: queue.Queue[tuple[int, np.ndarray, np.ndarray] | None] = queue.Queue(maxsize=depth)
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="coopipe-chunk-writer", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            if self._error is None:
-                try:
-                    self._writer.write_chunk(*item)
-                except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
-                    self._error = exc
-
-    def _raise(self) -> None:
-        if self._error is not None:
-            raise self._error
-
-    def put(self, chunk: int, features: np.ndarray, valid: np.ndarray) -> None:
-        self._raise()
-        self._queue.put((chunk, features, valid))
-
-    def close(self, *, raise_errors: bool = True) -> None:
-        """Wait until every queued chunk is written."""
-        self._queue.put(None)
-        self._thread.join()
-        if raise_errors:
-            self._raise()
-        elif self._error is not None:
-            logger.error("writing a finished chunk failed too: %s", self._error)
-
-
 def encode_chunks(
     clip: LoadedClip,
     job: EncodeJob,
@@ -283,7 +242,7 @@ def encode_chunks(
     rows = [r for c in chunks for r in writer.chunk_rows_range(c)]
     if not rows:
         return []
-    background = _ChunkWriterThread(writer)
+    background = ChunkWriterThread(writer)
     try:
         skipped = _encode_rows(clip, job, writer, chunks, rows, background, on_rows, num_workers)
     except BaseException:
@@ -299,7 +258,7 @@ def _encode_rows(
     writer: StoreWriter,
     chunks: Sequence[int],
     rows: list[int],
-    background: _ChunkWriterThread,
+    background: ChunkWriterThread,
     on_rows: Callable[[int], None] | None,
     num_workers: int | None,
 ) -> list[dict[str, str]]:

@@ -56,10 +56,15 @@ def ort_runner(visual: torch.nn.Module, example: torch.Tensor, folder: Path) -> 
     import onnxruntime as ort
 
     path = folder / "visual.onnx"
-    torch.onnx.export(
-        visual, (example,), str(path), input_names=["x"], output_names=["y"],
-        dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, opset_version=17, dynamo=False,
-    )
+    # nn.MultiheadAttention's inference fast path (aten::_native_multi_head_attention) has no ONNX export
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        torch.onnx.export(
+            visual, (example,), str(path), input_names=["x"], output_names=["y"],
+            dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, opset_version=17, dynamo=False,
+        )
+    finally:
+        torch.backends.mha.set_fastpath_enabled(True)
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

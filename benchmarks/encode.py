@@ -24,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from coopipe.datasets import load_dataset  # noqa: E402
-from coopipe.encode import EncodeOptions, encode_batch, encode_split, prepare_visual  # noqa: E402
+from coopipe.encode import EncodeOptions, encode_batch, encode_split, is_conv_tower, prepare_visual  # noqa: E402
 from coopipe.hardware import choose_precision, probe  # noqa: E402
 from coopipe.imageio import load_rgb  # noqa: E402
 from coopipe.models import load_clip  # noqa: E402
@@ -51,9 +51,9 @@ def main() -> None:
     clip = load_clip(args.model, "none")
     facts = probe("cpu")
     opts = EncodeOptions(precision=args.precision, batch_size=args.batch_size, num_workers=args.workers, progress=False)
-    opts = opts.resolved()
+    opts = opts.resolved(clip)
     print(f"{facts.describe()}", flush=True)
-    print(f"precision {args.precision} -> {opts.precision} ({choose_precision(facts).reason})", flush=True)
+    print(f"precision {args.precision} -> {opts.precision} ({choose_precision(facts, conv_tower=is_conv_tower(clip)).reason})", flush=True)
     device = prepare_visual(clip, opts)
 
     decoded = torch.stack([center_view(load_rgb(dataset.image_root / test.paths[p]), clip.preprocess) for p in positions])

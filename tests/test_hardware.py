@@ -17,24 +17,28 @@ from coopipe.store import open_store
 
 ROOT = Path(__file__).resolve().parents[1]
 
-CASES = [
-    (HardwareFacts("cuda", cuda_bf16=True, device_name="A100"), "bf16"),
-    (HardwareFacts("cuda", cuda_bf16=False, device_name="V100"), "fp16"),
-    (HardwareFacts("cpu", "AVX512", amx=True, avx512_bf16=True), "bf16"),
-    (HardwareFacts("cpu", "AVX512", amx=False, avx512_bf16=True), "fp32"),
-    (HardwareFacts("cpu", "AVX512", amx=False, avx512_bf16=False), "fp32"),
-    (HardwareFacts("cpu", "AVX2"), "fp32"),
-    (HardwareFacts("cpu", "DEFAULT"), "fp32"),
-    (HardwareFacts("mps"), "fp32"),
+CASES = [  # facts, conv tower (ResNet) or not, expected
+    (HardwareFacts("cuda", cuda_bf16=True, device_name="A100"), False, "bf16"),
+    (HardwareFacts("cuda", cuda_bf16=True, device_name="A100"), True, "bf16"),
+    (HardwareFacts("cuda", cuda_bf16=False, device_name="V100"), True, "fp16"),
+    (HardwareFacts("cpu", "AVX512", amx=True, avx512_bf16=True), False, "bf16"),
+    (HardwareFacts("cpu", "AVX512", amx=True, avx512_bf16=True), True, "bf16"),
+    (HardwareFacts("cpu", "AVX512", amx=False, avx512_bf16=True), True, "bf16"),
+    (HardwareFacts("cpu", "AVX512", amx=False, avx512_bf16=True), False, "fp32"),
+    (HardwareFacts("cpu", "AVX512", amx=False, avx512_bf16=False), True, "fp32"),
+    (HardwareFacts("cpu", "AVX2"), True, "fp32"),
+    (HardwareFacts("cpu", "DEFAULT"), False, "fp32"),
+    (HardwareFacts("mps"), True, "fp32"),
 ]
 
 
-@pytest.mark.parametrize(("facts", "expected"), CASES)
-def test_rule_for_every_kind_of_machine(facts: HardwareFacts, expected: str) -> None:
-    choice = choose_precision(facts)
+@pytest.mark.parametrize(("facts", "conv", "expected"), CASES)
+def test_rule_for_every_kind_of_machine(facts: HardwareFacts, conv: bool, expected: str) -> None:
+    choice = choose_precision(facts, conv_tower=conv)
     assert choice.precision == expected and choice.reason
-    assert resolve_precision("auto", facts=facts) == expected
-    assert text_autocast_bf16(facts=facts) is (expected == "bf16")
+    assert resolve_precision("auto", facts=facts, conv_tower=conv) == expected
+    # the text tower is a transformer: the bf16 text path follows the non-convolutional rule
+    assert text_autocast_bf16(facts=facts) is (choose_precision(facts, conv_tower=False).precision == "bf16")
 
 
 def test_auto_logs_the_choice_and_explicit_is_honoured(caplog: pytest.LogCaptureFixture) -> None:
@@ -85,7 +89,7 @@ def test_store_records_the_resolved_precision_and_engine(eurosat, rn50, tmp_path
     opts = EncodeOptions(chunk_rows=4, batch_size=4, num_workers=0, progress=False)  # precision auto
     result = encode_split(eurosat, "test", cache_dir=tmp_path, positions=[0, 1000, 2000, 3000], options=opts, clip=rn50)
     prov = open_store(result.path).provenance
-    expected = choose_precision(probe("cpu")).precision
+    expected = choose_precision(probe("cpu"), conv_tower=True).precision  # RN50: a convolutional tower
     assert prov["precision"] == expected and prov["engine"] == "eager"
     info = CliRunner().invoke(app, ["cache", "info", str(result.path)])
     assert info.exit_code == 0, info.output

@@ -88,9 +88,15 @@ class EncodeOptions:
         if self.batch_size < 1 or self.chunk_rows < 1 or self.num_workers < 0:
             raise ValueError("batch_size and chunk_rows must be >= 1 and num_workers >= 0")
 
-    def resolved(self) -> EncodeOptions:
-        """These options with ``precision`` resolved for ``device`` (``auto`` -> bf16/fp16/fp32); logs the choice."""
-        return replace(self, precision=resolve_precision(self.precision, self.device))
+    def resolved(self, clip: LoadedClip | None = None) -> EncodeOptions:
+        """These options with ``precision`` resolved for ``device`` and ``clip``'s image tower; logs the choice."""
+        conv = clip is not None and is_conv_tower(clip)
+        return replace(self, precision=resolve_precision(self.precision, self.device, conv_tower=conv))
+
+
+def is_conv_tower(clip: LoadedClip) -> bool:
+    """Whether the image tower is convolutional (open_clip's ModifiedResNet) rather than a transformer."""
+    return not hasattr(clip.model.visual, "transformer")
 
 
 @dataclass(frozen=True)
@@ -340,7 +346,6 @@ def encode_split(
     different store. ``scheduler`` is a dask.distributed address (``None`` = in-process).
     """
     started = time.perf_counter()
-    options = options.resolved()
     data = dataset.split(split)
     if positions is None:
         pos = list(range(len(data)))
@@ -349,6 +354,7 @@ def encode_split(
         if pos and (pos[0] < 0 or pos[-1] >= len(data)):
             raise StoreError(f"row positions out of range for {dataset.name}/{split} ({len(data)} images)")
     clip = clip or load_clip(model, pretrained, device=options.device)
+    options = options.resolved(clip)
     provenance = build_provenance(dataset, split, clip, views, positions=positions, options=options, subset_note=subset_note)
     path = store_path(cache_dir, provenance)
     if path.exists():

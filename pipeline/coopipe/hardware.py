@@ -9,10 +9,11 @@ The rule (``choose_precision``; it takes the probed facts as arguments so every 
 - CUDA with bf16 support (compute capability >= 8.0): ``bf16``;
 - older CUDA: ``fp16``;
 - CPU with AMX tiles: ``bf16`` (oneDNN runs bf16 convolutions and matmuls on AMX);
-- any other CPU, AVX512-BF16 without AMX included: ``fp32`` (with channels_last). AVX512-BF16 alone only adds
-  bf16 dot-product instructions; measured on a 2-core AMD EPYC with AVX512-BF16 and no AMX, bf16 autocast was
-  not faster than fp32 (RN50 ~0.95x, ViT-B-32 ~0.7x of fp32 throughput, docs/performance.md), and fp32 gives
-  the exact features, so fp32 wins there;
+- CPU with AVX512-BF16 but no AMX: ``bf16`` for a convolutional tower (ResNet), ``fp32`` for a transformer
+  (ViT; and the text tower). Measured on a 2-core AMD EPYC of that kind (docs/performance.md): bf16 autocast ran
+  RN50 up to 2.5x faster than fp32 (oneDNN's AVX512-BF16 convolutions) but ViT-B-32 at 0.66-0.69x (its
+  matmuls do not gain), and fp32 is exact, so the transformer stays in fp32;
+- any other CPU (bf16 emulated): ``fp32`` (with channels_last);
 - any other device: ``fp32``.
 
 ``resolve_precision`` turns a requested precision (``auto`` or explicit) into the one used; the resolved value,
@@ -114,8 +115,8 @@ def probe(device: str | torch.device = "cpu") -> HardwareFacts:
     )
 
 
-def choose_precision(facts: HardwareFacts) -> PrecisionChoice:
-    """The fast precision for ``facts`` (the rule in the module docstring)."""
+def choose_precision(facts: HardwareFacts, *, conv_tower: bool = False) -> PrecisionChoice:
+    """The fast precision for ``facts`` (the rule in the module docstring); ``conv_tower``: a ResNet tower."""
     if facts.device_type == "cuda":
         if facts.cuda_bf16:
             return PrecisionChoice("bf16", "CUDA GPU with native bf16")
@@ -124,8 +125,10 @@ def choose_precision(facts: HardwareFacts) -> PrecisionChoice:
         return PrecisionChoice("fp32", f"{facts.device_type} device: fp32")
     if facts.amx:
         return PrecisionChoice("bf16", "CPU with AMX: native bf16")
+    if facts.avx512_bf16 and conv_tower:
+        return PrecisionChoice("bf16", "CPU with AVX512-BF16 (no AMX) and a convolutional tower: bf16 convolutions are native")
     if facts.avx512_bf16:
-        return PrecisionChoice("fp32", "CPU with AVX512-BF16 but no AMX: bf16 measured no faster than fp32, fp32 is exact")
+        return PrecisionChoice("fp32", "CPU with AVX512-BF16 but no AMX and a transformer: bf16 measured slower than fp32")
     return PrecisionChoice("fp32", "CPU without native bf16 (no AMX, no AVX512-BF16): fp32 + channels_last")
 
 
@@ -147,7 +150,9 @@ def measure_bf16_ratio(size: int = 384, repeats: int = 5) -> float:
     return best(a, b) / max(best(a16, b16), 1e-9)
 
 
-def resolve_precision(requested: str, device: str | torch.device = "cpu", *, facts: HardwareFacts | None = None) -> str:
+def resolve_precision(
+    requested: str, device: str | torch.device = "cpu", *, facts: HardwareFacts | None = None, conv_tower: bool = False
+) -> str:
     """``auto`` -> the rule's choice for ``device``; an explicit precision is kept (with a warning where it is slow).
 
     Logs the resolved choice and why. ``facts`` overrides the probe (tests).
@@ -155,7 +160,7 @@ def resolve_precision(requested: str, device: str | torch.device = "cpu", *, fac
     if requested not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {requested!r}")
     facts = facts if facts is not None else probe(device)
-    choice = choose_precision(facts)
+    choice = choose_precision(facts, conv_tower=conv_tower)
     if requested == "auto":
         logger.info("precision auto -> %s (%s; %s)", choice.precision, choice.reason, facts.describe())
         return choice.precision

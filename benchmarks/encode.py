@@ -2,10 +2,11 @@
 
 pipeline = decode (worker process) + preprocess + model + zarr write, through ``encode_split``;
 bare     = the same model, precision and batch size on pre-decoded, pre-cropped uint8 tensors in memory.
-The ratio pipeline/bare says how close the pipeline keeps the model to being the only cost (target >= 0.9).
+The ratio pipeline/bare says how close the pipeline keeps the model to being the only cost (target >= 0.95).
+The precision defaults to ``auto`` (resolved for this machine by coopipe.hardware, printed with the CPU flags).
 Each side runs ``--repeats`` times alternately; the median is reported. Last line: one JSON object.
 
-    python benchmarks/encode.py --images 512 [--model RN50] [--precision bf16] [--batch-size 64]
+    python benchmarks/encode.py --images 512 [--model RN50] [--precision auto] [--batch-size 64]
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from coopipe.datasets import load_dataset  # noqa: E402
-from coopipe.encode import EncodeOptions, encode_batch, encode_split, prepare_visual  # noqa: E402
+from coopipe.encode import EncodeOptions, encode_batch, encode_split, is_conv_tower, prepare_visual  # noqa: E402
+from coopipe.hardware import choose_precision, probe  # noqa: E402
 from coopipe.imageio import load_rgb  # noqa: E402
 from coopipe.models import load_clip  # noqa: E402
 from coopipe.views import center_view  # noqa: E402
@@ -36,7 +38,7 @@ def main() -> None:
     parser.add_argument("--data-root", default=str(DATA))
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--model", default="RN50")
-    parser.add_argument("--precision", default="bf16")
+    parser.add_argument("--precision", default=EncodeOptions.precision)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2)
@@ -47,7 +49,11 @@ def main() -> None:
     step = max(1, len(test) // args.images)
     positions = list(range(0, len(test), step))[: args.images]
     clip = load_clip(args.model, "none")
+    facts = probe("cpu")
     opts = EncodeOptions(precision=args.precision, batch_size=args.batch_size, num_workers=args.workers, progress=False)
+    opts = opts.resolved(clip)
+    print(f"{facts.describe()}", flush=True)
+    print(f"precision {args.precision} -> {opts.precision} ({choose_precision(facts, conv_tower=is_conv_tower(clip)).reason})", flush=True)
     device = prepare_visual(clip, opts)
 
     decoded = torch.stack([center_view(load_rgb(dataset.image_root / test.paths[p]), clip.preprocess) for p in positions])
@@ -77,7 +83,9 @@ def main() -> None:
         "bare_img_per_s": round(bare_rate, 2),
         "images": len(positions),
         "model": args.model,
-        "precision": args.precision,
+        "precision": opts.precision,
+        "precision_requested": args.precision,
+        "cpu": facts.describe(),
         "batch_size": args.batch_size,
         "threads": torch.get_num_threads(),
     }))

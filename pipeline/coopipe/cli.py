@@ -94,7 +94,7 @@ def encode(
     cache: Annotated[Path, typer.Option(help="Cache directory for feature stores.")] = Path(PathsConfig.cache),
     batch_size: Annotated[int, typer.Option(help="Model batch size (images x views).")] = _ENC_OPTS.batch_size,
     workers: Annotated[int, typer.Option(help="Decoding worker processes.")] = _ENC_OPTS.num_workers,
-    precision: Annotated[str, typer.Option(help="bf16 (autocast), fp16 (CUDA) or fp32.")] = _ENC_OPTS.precision,
+    precision: Annotated[str, typer.Option(help="auto (bf16 where the CPU/GPU computes bf16 natively, fp16 on older CUDA, else fp32; the resolved choice is logged and recorded in the store), bf16, fp16 or fp32.")] = _ENC_OPTS.precision,
     dtype: Annotated[str, typer.Option(help="Stored feature dtype: float16 or float32.")] = _ENC_OPTS.dtype,
     chunk_rows: Annotated[int, typer.Option(help="Rows per zarr chunk (the resume granularity).")] = _ENC_OPTS.chunk_rows,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = _ENC_OPTS.device,

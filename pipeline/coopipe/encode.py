@@ -1,11 +1,16 @@
 """Encode a dataset split once into a feature store: decode in worker processes, encode, write zarr chunks.
 
 The image encoder is the expensive part, so everything else is arranged around keeping it busy:
-- decoding and view generation run in ``num_workers`` DataLoader worker processes and hand uint8 tensors to
-  the main process, which normalises a whole batch at once and runs the model (bf16 autocast + channels_last
-  on CPU, autocast on CUDA);
-- rows are processed chunk by chunk in store order, and a chunk is written (and marked done) as soon as its
-  last row is encoded, so a killed run loses at most the chunk in flight and a re-run resumes;
+- the precision defaults to ``auto``: :mod:`coopipe.hardware` resolves it once per store (bf16 autocast where the
+  hardware computes bf16 natively, fp16 on older CUDA, else fp32), always with channels_last; the *resolved*
+  precision and the encoder engine go into the store's provenance, so machines that resolve differently never
+  share a store;
+- decoding and view generation run in ``num_workers`` DataLoader worker processes (at a lower scheduling
+  priority, so on a small CPU they fill the model's idle moments instead of stalling its threads) and hand
+  uint8 tensors to the main process, which normalises a whole batch at once and runs the model;
+- rows are processed chunk by chunk in store order, and a chunk is handed to a writer thread (compression and
+  zarr I/O off the model's critical path) as soon as its last row is encoded; it is marked done once written,
+  so a killed run loses at most the chunks in flight and a re-run resumes;
 - with a dask.distributed scheduler address, chunk-aligned blocks of rows are encoded by the cluster's
   workers, each loading the model once (a worker plugin caches it), writing into the same partial store.
 """
@@ -14,10 +19,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +43,8 @@ from coopipe.errors import (
     StoreError,
 )
 from coopipe.imageio import load_rgb, shown_path
+from coopipe.chunkwriter import ChunkWriterThread
+from coopipe.hardware import PRECISIONS, resolve_precision
 from coopipe.models import LoadedClip, PreprocessConfig, load_clip, open_clip_version
 from coopipe.store import (
     FeatureStore,
@@ -50,18 +58,25 @@ from coopipe.views import ViewSpec, make_views, normalize_batch
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("bf16", "fp32", "fp16")
 BAD_IMAGE_POLICIES = ("fail", "skip")
+ENGINES = ("eager",)
+_WORKER_NICE = 10  # decode workers yield the cores to the model's threads (see the module docstring)
 
 
 @dataclass(frozen=True)
 class EncodeOptions:
-    """How to run the encoder (none of this changes the features except ``precision`` and ``dtype``)."""
+    """How to run the encoder (none of this changes the features except ``precision``, ``engine`` and ``dtype``).
+
+    ``precision``: ``auto`` (the hardware's fast choice, see :mod:`coopipe.hardware`), ``bf16``, ``fp16`` or
+    ``fp32``. ``engine``: how the frozen image tower runs; only ``eager`` PyTorch (torch.compile and ONNX
+    Runtime were measured and not adopted: docs/performance.md).
+    """
 
     batch_size: int = 64
     num_workers: int = 1
     dtype: str = "float16"
-    precision: str = "bf16"
+    precision: str = "auto"
+    engine: str = "eager"
     chunk_rows: int = 256
     on_bad_image: str = "fail"
     device: str = "cpu"
@@ -72,10 +87,22 @@ class EncodeOptions:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.on_bad_image not in BAD_IMAGE_POLICIES:
             raise ValueError(f"on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {self.on_bad_image!r}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
         if self.dtype not in ("float16", "float32"):
             raise ValueError(f"dtype must be float16 or float32, got {self.dtype!r}")
         if self.batch_size < 1 or self.chunk_rows < 1 or self.num_workers < 0:
             raise ValueError("batch_size and chunk_rows must be >= 1 and num_workers >= 0")
+
+    def resolved(self, clip: LoadedClip | None = None) -> EncodeOptions:
+        """These options with ``precision`` resolved for ``device`` and ``clip``'s image tower; logs the choice."""
+        conv = clip is not None and is_conv_tower(clip)
+        return replace(self, precision=resolve_precision(self.precision, self.device, conv_tower=conv))
+
+
+def is_conv_tower(clip: LoadedClip) -> bool:
+    """Whether the image tower is convolutional (open_clip's ModifiedResNet) rather than a transformer."""
+    return not hasattr(clip.model.visual, "transformer")
 
 
 @dataclass(frozen=True)
@@ -128,7 +155,12 @@ def build_provenance(
     options: EncodeOptions,
     subset_note: Mapping | None = None,
 ) -> dict[str, Any]:
-    """The inputs that determine a store's content (keyed) plus versions (recorded only)."""
+    """The inputs that determine a store's content (keyed) plus versions (recorded only).
+
+    ``options`` must be resolved (:meth:`EncodeOptions.resolved`): the precision recorded is the one used.
+    """
+    if options.precision == "auto":
+        raise ValueError("build_provenance needs resolved options (EncodeOptions.resolved()), got precision 'auto'")
     n_split = len(dataset.split(split))
     return {
         "dataset": dataset.name,
@@ -143,6 +175,7 @@ def build_provenance(
         "views": views.to_dict(),
         "dtype": options.dtype,
         "precision": options.precision,
+        "engine": options.engine,
         "normalized": False,
         "coopipe_version": coopipe.__version__,
         "open_clip_version": open_clip_version(),
@@ -173,9 +206,15 @@ def _collate(items: list[tuple[int, torch.Tensor | None, str]]) -> list[tuple[in
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # decoding is single-threaded PIL work; leave the cores to the model
+    try:
+        os.nice(_WORKER_NICE)  # run in the model's idle moments rather than preempting one of its threads
+    except (AttributeError, OSError):
+        pass
 
 
 def _autocast(options: EncodeOptions, device: torch.device) -> Any:
+    if options.precision == "auto":
+        raise ValueError("encode with resolved options (EncodeOptions.resolved()), got precision 'auto'")
     if options.precision == "fp32":
         return nullcontext()
     dtype = torch.bfloat16 if options.precision == "bf16" else torch.float16
@@ -212,12 +251,33 @@ def encode_chunks(
     Returns the skipped images (``on_bad_image=skip``); raises BadImageError under ``fail`` after the chunks
     finished before the bad image have been written (so a fixed re-run resumes from there).
     """
-    options = job.options
-    device = prepare_visual(clip, options)
-    n_views = job.views.n_views
     rows = [r for c in chunks for r in writer.chunk_rows_range(c)]
     if not rows:
         return []
+    background = ChunkWriterThread(writer)
+    try:
+        skipped = _encode_rows(clip, job, writer, chunks, rows, background, on_rows, num_workers)
+    except BaseException:
+        background.close(raise_errors=False)  # keep the chunks finished before the error (resume point)
+        raise
+    background.close()
+    return skipped
+
+
+def _encode_rows(
+    clip: LoadedClip,
+    job: EncodeJob,
+    writer: StoreWriter,
+    chunks: Sequence[int],
+    rows: list[int],
+    background: ChunkWriterThread,
+    on_rows: Callable[[int], None] | None,
+    num_workers: int | None,
+) -> list[dict[str, str]]:
+    """The loop of :func:`encode_chunks`: decode (workers) -> encode (here) -> hand full chunks to the writer."""
+    options = job.options
+    device = prepare_visual(clip, options)
+    n_views = job.views.n_views
     workers = options.num_workers if num_workers is None else num_workers
     loader = DataLoader(
         _ViewDataset(job),
@@ -262,7 +322,7 @@ def encode_chunks(
                 valid[chunk][row - span.start] = False
             filled[chunk] += 1
             if filled[chunk] == len(span):
-                writer.write_chunk(chunk, buffers.pop(chunk), valid.pop(chunk))
+                background.put(chunk, buffers.pop(chunk), valid.pop(chunk))
         if on_rows is not None:
             on_rows(len(items))
     return skipped
@@ -300,6 +360,7 @@ def encode_split(
         if pos and (pos[0] < 0 or pos[-1] >= len(data)):
             raise StoreError(f"row positions out of range for {dataset.name}/{split} ({len(data)} images)")
     clip = clip or load_clip(model, pretrained, device=options.device)
+    options = options.resolved(clip)
     provenance = build_provenance(dataset, split, clip, views, positions=positions, options=options, subset_note=subset_note)
     path = store_path(cache_dir, provenance)
     if path.exists():

@@ -19,6 +19,7 @@ from coopipe.method import MethodSpec
 from coopipe.sweep import SweepSpec, auto_jobs, parse_variant, plan_sweep, run_sweep
 from coopipe.sweep.options import train_args
 from coopipe.sweep.plan import RunSettings
+from coopipe.report.records import metrics_files
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ("Forest", "SeaLake", "Highway")
@@ -89,7 +90,7 @@ def _spec(cache: Path, runs: Path, **kw) -> SweepSpec:
 def _metrics(runs: Path) -> dict[str, dict]:
     keep = ("accuracy", "macro_f1", "per_class_accuracy", "method", "shots", "seed")
     return {str(p.relative_to(runs)): {k: v for k, v in json.loads(p.read_text()).items() if k in keep}
-            for p in sorted(runs.rglob("metrics.json"))}
+            for p in metrics_files(runs, "metrics.json")}
 
 
 def test_local_cluster_of_two_workers_matches_one_by_one(small, tmp_path: Path):

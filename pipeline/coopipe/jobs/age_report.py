@@ -42,6 +42,7 @@ from coopipe.age_report import (
 from coopipe.errors import ParamsError
 from coopipe.jobs.age_eval import PREDICTIONS_FILE
 from coopipe.atomic import write_json, write_text
+from coopipe.report.records import metrics_files
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ def find_age_metrics(runs_dir: str | Path, *, exclude: Sequence[Path] = ()) -> l
         raise ParamsError(f"runs folder {runs_dir} not found; pass the folder holding the run folders")
     skip = [p.resolve() for p in exclude]
     found = []
-    for path in sorted(runs_dir.rglob("metrics.json")):
+    for path in metrics_files(runs_dir, "metrics.json"):
         if any(parent in skip for parent in path.resolve().parents):
             continue
         try:

@@ -36,6 +36,7 @@ from coopipe.report.aggregate import (
 from coopipe.report.figures import plot_accuracy_vs_shots, plot_gains
 from coopipe.report.records import ReportError, RunRecord, dedupe, record_from_metrics
 from coopipe.report.tables import STD_NOTE, csv_rows, csv_text, markdown_report
+from coopipe.report.records import metrics_files
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ def collect_records(runs_dir: Path, *, exclude: Path | None = None) -> tuple[lis
     """Every readable run result below ``runs_dir`` (paths relative to it), and the files skipped (with why)."""
     records, skipped = [], []
     excluded = exclude.resolve() if exclude is not None else None
-    for path in sorted(runs_dir.rglob("metrics*.json")):
+    for path in metrics_files(runs_dir):
         if excluded is not None and excluded in path.resolve().parents:
             continue
         rel = str(path.relative_to(runs_dir))

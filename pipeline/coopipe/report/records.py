@@ -11,11 +11,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from coopipe.errors import CoopipeError
+from coopipe.metrics_log import DVCLIVE_DIR
 
 logger = logging.getLogger(__name__)
+
 
 
 class ReportError(CoopipeError, ValueError):
@@ -103,6 +106,12 @@ def model_setting(data: Mapping[str, Any]) -> str:
     model = str(data.get("model") or "")
     tags = departures(data)
     return f"{model} [{', '.join(tags)}]" if tags else model
+
+
+def metrics_files(runs_dir: Path, pattern: str = "metrics*.json") -> list[Path]:
+    """The result files below ``runs_dir`` (sorted): evaluation metrics, not dvclive's per-epoch training logs
+    (``<run>/dvclive/metrics.json``), which share the name."""
+    return sorted(p for p in runs_dir.rglob(pattern) if DVCLIVE_DIR not in p.relative_to(runs_dir).parts)
 
 
 def dedupe(records: Iterable[RunRecord]) -> list[RunRecord]:

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm  # type: ignore[import-untyped]
 
 from coopipe.sweep.plan import EncodeTask, RunSettings, RunTask, SweepPlan
 from coopipe.sweep.tasks import ModelPool, RunResult, execute_task, set_threads
+from coopipe.report.records import metrics_files
 
 logger = logging.getLogger(__name__)
 
@@ -300,5 +301,5 @@ def report_is_current(runs_dir: Path) -> bool:
     if not summary.is_file():
         return False
     stamp = summary.stat().st_mtime
-    return not any(p.stat().st_mtime > stamp for p in runs_dir.rglob("metrics*.json")
+    return not any(p.stat().st_mtime > stamp for p in metrics_files(runs_dir)
                    if (runs_dir / "report") not in p.parents)

@@ -123,7 +123,11 @@ def test_kill_and_resume(fp32_store, eurosat, eurosat_root, rn50, tmp_path):
         while time.time() < deadline and proc.poll() is None:
             found = list(tmp_path.glob("eurosat/*.zarr.partial"))
             if found:
-                done = zarr.open_group(str(found[0]), mode="r")["done"][:]
+                try:
+                    done = zarr.open_group(str(found[0]), mode="r")["done"][:]
+                except (KeyError, FileNotFoundError):  # the partial store is still being created
+                    time.sleep(0.2)
+                    continue
                 if done.sum() >= 1:
                     partial = found[0]
                     break

@@ -18,6 +18,8 @@
 #   --seeds LIST         seeds (1,2,3)
 #   --epochs N           override the paper's epochs (CoOp 50-200, CoCoOp 10, rank 100) for quick tries;
 #                        results go to runs-ep<N> and the age table says the training was shortened
+#   --views N            augmented views per few-shot train image in the cache (16); training reads one per
+#                        epoch, so with --epochs N, --views N encodes no view that is never read
 #   --runs DIR           runs folder (runs, or runs-ep<N> with --epochs N)
 #   --cache DIR          feature cache (cache)
 #   --jobs N|auto        runs in parallel (auto: 1-thread runs, up to 2 per core, 1 per 2 GiB of memory)

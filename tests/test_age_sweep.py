@@ -86,3 +86,28 @@ def test_age_sweep_end_to_end(faces: Path, tmp_path: Path) -> None:
         "--zeroshot", "--ridge", "--scheduler", "inline", "--no-progress",
     ])
     assert again.exit_code == 0 and "8 already finished" in again.output and "up to date" in again.output
+
+
+def test_dvc_params_for_ages(tmp_path: Path) -> None:
+    """`dvc exp run -S data.dataset=utkface -S train.method=rank ...` (docs/experiments.md) is a valid params.yaml."""
+    import sys
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "stages"))
+    try:
+        from params import load_params
+    finally:
+        sys.path.remove(str(root / "stages"))
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    raw["data"].update(dataset="utkface", root="../shared/data")
+    raw["model"]["pretrained"] = "none"
+    raw["train"].update(method="rank", max_epoch=2)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    p = load_params(path)
+    assert p.data.dataset == "utkface" and p.train_overrides()["method"] == "rank"
+    raw["train"].update(method="coop", ctx_init=AGE_INIT_WORDS)
+    path.write_text(yaml.safe_dump(raw))
+    assert load_params(path).train_overrides()["ctx_init"] == AGE_INIT_WORDS

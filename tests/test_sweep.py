@@ -89,7 +89,7 @@ def _spec(cache: Path, runs: Path, **kw) -> SweepSpec:
 def _metrics(runs: Path) -> dict[str, dict]:
     keep = ("accuracy", "macro_f1", "per_class_accuracy", "method", "shots", "seed")
     return {str(p.relative_to(runs)): {k: v for k, v in json.loads(p.read_text()).items() if k in keep}
-            for p in sorted(runs.rglob("metrics.json"))}
+            for p in sorted(runs.rglob("metrics.json")) if "dvclive" not in p.parts}  # run results only
 
 
 def test_local_cluster_of_two_workers_matches_one_by_one(small, tmp_path: Path):

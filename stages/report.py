@@ -1,6 +1,8 @@
 """DVC stage `report`: the paper's tables and figures from every finished run below the runs folder.
 
-Reads params.yaml (paths.runs, report) and calls :func:`coopipe.jobs.report.run_report`.
+Reads params.yaml (paths.runs, report) and calls :func:`coopipe.jobs.report.run_report`; when the runs hold age
+results (``data.dataset=utkface|morph|agemanifest``) also :func:`coopipe.jobs.age_report.run_age_report`
+(``<runs>/age_report``: the MAE table by method x shots beside the constant predictor, CS curves, plots).
 Run by DVC as ``python stages/report.py``.
 """
 
@@ -8,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from pathlib import Path
 
 from params import load_params
 
+from coopipe.jobs.age_report import find_age_metrics, run_age_report
 from coopipe.jobs.report import run_report
 from coopipe.logs import run_stage
 
@@ -22,8 +26,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", help="output folder (default: <runs>/report)")
     args = parser.parse_args(argv)
     p = load_params(args.params)
-    run_report(args.runs or p.paths.runs, out_dir=args.out, gain_method=p.report.gain_method,
-               gain_shots=p.report.gain_shots)
+    runs = Path(args.runs or p.paths.runs)
+    out = Path(args.out) if args.out else runs / "report"
+    run_report(runs, out_dir=out, gain_method=p.report.gain_method, gain_shots=p.report.gain_shots)
+    if find_age_metrics(runs, exclude=[out, runs / "age_report"]):
+        run_age_report(runs)
 
 
 if __name__ == "__main__":

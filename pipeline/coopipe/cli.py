@@ -390,7 +390,7 @@ def _name_list(values: list[str] | None) -> list[str]:
 def sweep(
     dataset: Annotated[Optional[list[str]], typer.Option("--dataset", "--datasets", help="Dataset name(s), comma-separated or repeated.")] = None,
     data_root: Annotated[Optional[Path], typer.Option(help="CoOp-style $DATA folder (not needed with --no-encode).")] = None,
-    variants: Annotated[Optional[str], typer.Option("--variants", "--methods", help="Method labels (coop, coop_csc_middle, coop_m8) or variant names of tokens joined by _ (coop, csc, end|middle|front, m<N>, init); default: coop, or the variant flags.")] = None,
+    variants: Annotated[Optional[str], typer.Option("--variants", "--methods", help="Method labels (coop, coop_csc_middle, coop_m8, cocoop, rank) or variant names of tokens joined by _ (coop, csc, end|middle|front, m<N>, init, age); default: coop, or the variant flags (age datasets: coop_age, cocoop, rank).")] = None,
     csc: Annotated[bool, typer.Option("--csc", help="One variant by flags: class-specific context.")] = False,
     position: Annotated[Optional[str], typer.Option("--position", "--class-token-position", help="One variant by flags: class token position end, middle, front.")] = None,
     n_ctx: Annotated[Optional[int], typer.Option(help="One variant by flags: context length M.")] = None,
@@ -401,6 +401,7 @@ def sweep(
     zeroshot: Annotated[bool, typer.Option("--zeroshot/--no-zeroshot", help="Zero-shot CLIP (on every target too).")] = False,
     ensemble: Annotated[bool, typer.Option("--ensemble", help="Zero-shot with CLIP's 80 ImageNet templates.")] = False,
     linear_probe: Annotated[bool, typer.Option("--linear-probe/--no-linear-probe", help="Linear-probe CLIP.")] = False,
+    ridge: Annotated[bool, typer.Option("--ridge/--no-ridge", help="Age datasets: the ridge-regression probe too.")] = False,
     base2new: Annotated[bool, typer.Option("--base2new/--no-base2new", help="CoCoOp's base-to-new runs (train on base, test base and new).")] = False,
     targets: Annotated[Optional[str], typer.Option(help="Transfer targets: every few-shot run is evaluated on their test splits.")] = None,
     skip_missing: Annotated[bool, typer.Option("--skip-missing", help="Leave out targets whose data is missing.")] = False,
@@ -440,9 +441,10 @@ def sweep(
     try:
         if jobs != "auto" and not (jobs.isdigit() and int(jobs) > 0):
             raise typer.BadParameter(f"--jobs must be a positive integer or auto, got {jobs!r}")
+        methods: tuple[MethodSpec, ...] | None = None  # each dataset's default (age datasets: AGE_METHODS)
         if variants:
             methods = tuple(parse_variant(v) for v in _name_list([variants]))
-        else:
+        elif csc or position or n_ctx or ctx_init:
             methods = (MethodSpec.from_options("coop", csc=csc or None, class_token_position=position, n_ctx=n_ctx,
                                                ctx_init=ctx_init),)
         options = parse_train_args(train_args)
@@ -451,7 +453,7 @@ def sweep(
         spec = SweepSpec(
             datasets=tuple(_name_list(dataset)), data_root=str(data_root) if data_root else None, methods=methods,
             shots=tuple(_int_list(shots)), seeds=tuple(_int_list(seeds)), fewshot=fewshot, zeroshot=zeroshot,
-            linear_probe=linear_probe, base2new=base2new, targets=tuple(_name_list([targets] if targets else [])),
+            linear_probe=linear_probe, ridge=ridge, base2new=base2new, targets=tuple(_name_list([targets] if targets else [])),
             skip_missing=skip_missing, views=views, encode_shots=tuple(_int_list(encode_shots)), encode=encode,
             encode_options=parse_encode_args(encode_args), runs=str(runs) if runs else None, settings=settings,
         )
@@ -491,15 +493,14 @@ def sweep(
         raise typer.Exit(code=130)
     status = 1 if outcome.failed else 0
     if report and Path(plan.runs_dir).is_dir():
-        from coopipe.jobs.report import run_report
-        from coopipe.sweep.runner import report_is_current
+        from coopipe.sweep.runner import report_is_current, write_reports
 
         if report_is_current(Path(plan.runs_dir)):
             typer.echo(f"== report {plan.runs_dir}/report is up to date")
         else:
             with _errors():
-                summary = run_report(plan.runs_dir)
-                typer.echo(f"== report: {summary['n_records']} result(s) -> {plan.runs_dir}/report")
+                for line in write_reports(Path(plan.runs_dir)):
+                    typer.echo(f"== {line}")
     raise typer.Exit(code=status)
 
 @app.command()

@@ -6,8 +6,9 @@ unreadable files are skipped with a warning. Per dataset it writes into ``out_di
 
 - ``age_table.md``: MAE by method x shots (mean ± population std over seeds; one seed without ±), expectation
   and arg-max decodings, the constant (train-median) predictor's MAE in each shots column, the protocol note
-  (frozen CLIP on cached features vs OrdinalCLIP's fine-tuned VGG-16) and, when the weights were random, a
-  line saying that the numbers carry no age signal;
+  (frozen CLIP on cached features vs OrdinalCLIP's fine-tuned VGG-16), a line naming every method trained for
+  other epochs than its paper's (``epochs``/``paper_epochs`` of the metrics files) and, when the weights were
+  random, a line saying that the numbers carry no age signal;
 - ``cs_curves.png``: CS(t), t = 1..10, of each method at its largest shots (mean over seeds);
 - ``mae_vs_shots.png``: MAE against shots, one line per method, the constant predictor dashed;
 - ``predicted_vs_true_<method>_shots<K>.png``: predicted against true age with the per-age error, for each
@@ -109,6 +110,23 @@ def _largest_shots(found: Sequence[tuple[Path, Mapping[str, Any]]]) -> dict[str,
     return chosen
 
 
+def _epochs_note(records: Sequence[Mapping[str, Any]]) -> str | None:
+    """One line naming each method trained for other epochs than its paper's (e.g. a quick grid's ``--epochs 2``).
+
+    Why: a shortened schedule changes the numbers as much as the method does; the table must not pass for the
+    paper's protocol."""
+    seen: dict[str, set[tuple[int, int]]] = defaultdict(set)
+    for r in records:
+        epochs, paper = r.get("epochs"), r.get("paper_epochs")
+        if isinstance(epochs, int) and isinstance(paper, int) and epochs != paper:
+            seen[str(r["method"])].add((epochs, paper))
+    if not seen:
+        return None
+    parts = [f"{m} {', '.join(f'{e} (paper {p})' for e, p in sorted(v))}" for m, v in sorted(seen.items())]
+    return ("**Not the paper's protocol: shortened training.** Epochs trained: " + "; ".join(parts)
+            + ". The numbers are not comparable with the paper's.")
+
+
 def _label(method: str, shots: int) -> str:
     return method if shots == 0 else f"{method} {shots}-shot"
 
@@ -133,6 +151,9 @@ def _dataset_report(dataset: str, found: Sequence[tuple[Path, Mapping[str, Any]]
         lines += age_markdown(cells[decoding], constant_mae=constants or None, dataset=dataset, decoding=decoding)[:-1]
         lines.append("")
     lines.append(PROTOCOL_NOTE)  # once, after both tables
+    epochs_note = _epochs_note(records)
+    if epochs_note:
+        lines += ["", epochs_note]
     if random_weights:
         lines += ["", RANDOM_WEIGHTS_NOTE]
     figures: dict[str, str] = {}

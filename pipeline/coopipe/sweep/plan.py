@@ -8,10 +8,16 @@ shell scripts always used, so finished grids of earlier versions are recognised:
 - base-to-new: ``<runs>/<dataset>/base2new/<method label>/shots<K>_seed<S>/metrics_{base,new}.json`` and
   ``<runs>/<dataset>/base2new/zeroshot/metrics_{base,new}.json``;
 - baselines: ``<runs>/<dataset>/zeroshot[_ensemble]/metrics.json``,
-  ``<runs>/<dataset>/linear_probe/shots<K>_seed<S>/metrics.json``;
+  ``<runs>/<dataset>/linear_probe/shots<K>_seed<S>/metrics.json``, and for age datasets
+  ``<runs>/<dataset>/ridge/shotsK_seedS/metrics.json`` (the ridge probe);
 - transfer: ``<source run>/transfer/<target>/metrics.json`` (phase 1: after the source runs).
 
 Tasks are ordered longest first (CoOp, most shots first), so the cheap ones fill the workers at the end.
+
+Age datasets (:func:`~coopipe.datasets.ages.is_age_dataset`: ``utkface``, ``morph``, ``agemanifest-*``) get their
+own defaults: without ``methods`` the grid runs OrdinalCLIP's comparison (:data:`AGE_METHODS`: CoOp with the context
+from "age estimation: the age of the person is", CoCoOp and the rank prompts), zero-shot runs both the age prompt
+and prompt ensembling, and ``ridge`` adds the ridge-regression probe beside the (rank) linear probe.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from coopipe.config import EncodeConfig, FewShotConfig, ModelSpec, PathsConfig
+from coopipe.datasets.ages import is_age_dataset
 from coopipe.errors import CoopipeError, DatasetError, ParamsError
 from coopipe.lookup import run_name
 from coopipe.method import CLASS_TOKEN_POSITIONS, MethodSpec
@@ -33,7 +40,13 @@ logger = logging.getLogger(__name__)
 
 PAPER_SHOTS = (1, 2, 4, 8, 16)
 INIT_WORDS = "a photo of a"  # the ``init`` variant token
-FEWSHOT_KINDS = ("coop", "base2new", "linear_probe")  # tasks that need the few-shot train/val stores
+AGE_INIT_WORDS = "age estimation: the age of the person is"  # the ``age`` variant token: OrdinalCLIP's CoOp baseline
+AGE_METHODS = (  # an age dataset's default methods: OrdinalCLIP's table (CoOp baseline, rank prompts) and CoCoOp
+    MethodSpec(method="coop", ctx_init=AGE_INIT_WORDS),
+    MethodSpec.default("cocoop"),
+    MethodSpec.default("rank"),
+)
+FEWSHOT_KINDS = ("coop", "base2new", "linear_probe", "ridge")  # tasks that need the few-shot train/val stores
 _METHOD_FIELDS = {f.name for f in fields(MethodSpec)}
 
 
@@ -54,7 +67,7 @@ class RunSettings:
 class RunTask:
     """One run: a run folder, the files that mark it finished, and what to compute there."""
 
-    kind: str  # coop | base2new | zeroshot | zeroshot_halves | linear_probe | transfer
+    kind: str  # coop | base2new | zeroshot | zeroshot_halves | linear_probe | ridge | transfer
     dataset: str  # the dataset's cache name (for transfer: the source)
     run_dir: str
     label: str
@@ -65,6 +78,7 @@ class RunTask:
     seed: int | None = None
     target: str | None = None  # transfer: the dataset evaluated on
     phase: int = 0  # 1: needs a phase-0 run's result (transfer)
+    ensemble: bool = False  # zeroshot: prompt ensembling (run folder ``zeroshot_ensemble``)
 
     @property
     def needs(self) -> str:
@@ -99,16 +113,18 @@ class SweepPlan:
 
 @dataclass(frozen=True)
 class SweepSpec:
-    """What to sweep (defaults: CoOp's few-shot grid with the paper's default variant)."""
+    """What to sweep (defaults: CoOp's few-shot grid with the paper's default variant; :data:`AGE_METHODS` for an
+    age dataset when ``methods`` is None)."""
 
     datasets: tuple[str, ...]
     data_root: str | None = None
-    methods: tuple[MethodSpec, ...] = (MethodSpec(),)
+    methods: tuple[MethodSpec, ...] | None = None
     shots: tuple[int, ...] = FewShotConfig.shots
     seeds: tuple[int, ...] = FewShotConfig.seeds
     fewshot: bool = True
     zeroshot: bool = False  # with base2new alone: zero-shot CLIP on the base and new halves
     linear_probe: bool = False
+    ridge: bool = False  # age datasets: the ridge-regression probe on the few-shot features
     base2new: bool = False
     targets: tuple[str, ...] = ()
     skip_missing: bool = False
@@ -122,7 +138,8 @@ class SweepSpec:
 
 def parse_variant(name: str) -> MethodSpec:
     """A method label (``coop_csc_middle``, see :meth:`MethodSpec.label`) or a script variant name made of tokens
-    joined by ``_``: ``coop``, ``csc``, ``end|middle|front``, ``m<N>``, ``init`` (context from "a photo of a")."""
+    joined by ``_``: ``coop``, ``csc``, ``end|middle|front``, ``m<N>``, ``init`` (context from "a photo of a"), ``age`` (context from
+    "age estimation: the age of the person is", OrdinalCLIP's CoOp baseline)."""
     try:
         return MethodSpec.parse(name)
     except ParamsError:
@@ -137,11 +154,13 @@ def parse_variant(name: str) -> MethodSpec:
             options["class_token_position"] = token
         elif token == "init":
             options["ctx_init"] = INIT_WORDS
+        elif token == "age":
+            options["ctx_init"] = AGE_INIT_WORDS
         elif token[:1] == "m" and token[1:].isdigit() and int(token[1:]) > 0:
             options["n_ctx"] = int(token[1:])
         else:
             raise ParamsError(f"unknown variant token {token!r} in {name!r} (use coop, csc, end, middle, front, "
-                              f"m<N>, init, or a method label such as coop_csc_middle)")
+                              f"m<N>, init, age, or a method label such as coop_csc_middle)")
     return MethodSpec.from_options("coop", **options)
 
 
@@ -183,9 +202,9 @@ def _check(spec: SweepSpec) -> None:
     problems = []
     if not spec.datasets:
         problems.append("no dataset given (--dataset)")
-    if not spec.methods and (spec.fewshot or spec.base2new or spec.targets):
+    if spec.methods is not None and not spec.methods and (spec.fewshot or spec.base2new or spec.targets):
         problems.append("no method given (--methods)")
-    for m in spec.methods:
+    for m in spec.methods or ():
         if (spec.base2new or spec.targets) and not m.transferable:
             problems.append(f"base-to-new and transfer need a unified context: drop --csc / csc variants ({m.label()})")
     if any(k < 1 for k in spec.shots) or not spec.seeds:
@@ -230,7 +249,11 @@ def plan_sweep(spec: SweepSpec) -> SweepPlan:
 
     for registry_name in spec.datasets:
         ds = names[registry_name]
-        grid = [(m, k, s) for m in spec.methods for k in sorted(set(spec.shots), reverse=True) for s in spec.seeds]
+        age = is_age_dataset(ds)
+        if spec.ridge and not age:
+            raise ParamsError(f"--ridge needs an age dataset (utkface, morph, agemanifest); {ds} has class labels")
+        methods = spec.methods if spec.methods is not None else (AGE_METHODS if age else (MethodSpec(),))
+        grid = [(m, k, s) for m in methods for k in sorted(set(spec.shots), reverse=True) for s in spec.seeds]
         if spec.fewshot:
             tasks += [coop_task("coop", ds, m, k, s) for m, k, s in grid]
         if spec.base2new:
@@ -239,18 +262,22 @@ def plan_sweep(spec: SweepSpec) -> SweepPlan:
             run = runs / ds / "base2new" / "zeroshot"
             tasks.append(RunTask("zeroshot_halves", ds, str(run), f"zeroshot {ds} base/new",
                                  (str(run / "metrics_base.json"), str(run / "metrics_new.json")), 2.0))
-        if spec.linear_probe:
+        probes = [("linear_probe", spec.linear_probe), ("ridge", spec.ridge)]
+        for kind in [kind for kind, wanted in probes if wanted]:
             for k in sorted(set(spec.shots), reverse=True):
                 for s in spec.seeds:
-                    run = runs / ds / "linear_probe" / run_name(k, s)
-                    tasks.append(RunTask("linear_probe", ds, str(run), f"linear_probe {ds} {k}-shot seed {s}",
+                    run = runs / ds / kind / run_name(k, s)
+                    tasks.append(RunTask(kind, ds, str(run), f"{kind} {ds} {k}-shot seed {s}",
                                          (str(run / "metrics.json"),), 5.0 + math.log2(k), shots=k, seed=s))
-        full_zeroshot = spec.zeroshot and (spec.fewshot or spec.linear_probe or not spec.base2new)
+        full_zeroshot = spec.zeroshot and (spec.fewshot or spec.linear_probe or spec.ridge or not spec.base2new)
         zeroshot_sets = [ds, *(names[t] for t in targets)] if full_zeroshot else []
         for name in zeroshot_sets:
-            method = "zeroshot_ensemble" if spec.settings.ensemble else "zeroshot"
-            run = runs / name / method
-            tasks.append(RunTask("zeroshot", name, str(run), f"{method} {name}", (str(run / "metrics.json"),), 1.0))
+            # an age dataset gets both (the ensemble of age templates costs one more text pass)
+            for ensemble in (False, True) if is_age_dataset(name) else (spec.settings.ensemble,):
+                method = "zeroshot_ensemble" if ensemble else "zeroshot"
+                run = runs / name / method
+                tasks.append(RunTask("zeroshot", name, str(run), f"{method} {name}", (str(run / "metrics.json"),),
+                                     1.0, ensemble=ensemble))
         for m, k, s in grid if targets and spec.fewshot else []:
             source = runs / ds / m.label() / run_name(k, s)
             for t in targets:

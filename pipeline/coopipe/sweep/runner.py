@@ -296,10 +296,31 @@ class _client:
 
 
 def report_is_current(runs_dir: Path) -> bool:
-    """Whether ``<runs>/report/summary.json`` is newer than every result below ``runs_dir``."""
-    summary = runs_dir / "report" / "summary.json"
-    if not summary.is_file():
+    """Whether ``<runs>/report/summary.json`` (and, with age runs, ``<runs>/age_report/age_report.md``) is newer
+    than every result below ``runs_dir``."""
+    from coopipe.jobs.age_report import AGE_FILES, find_age_metrics
+
+    stamps = [runs_dir / "report" / "summary.json"]
+    if find_age_metrics(runs_dir, exclude=[runs_dir / "report", runs_dir / "age_report"]):
+        stamps.append(runs_dir / "age_report" / AGE_FILES["index"])
+    if not all(p.is_file() for p in stamps):
         return False
-    stamp = summary.stat().st_mtime
+    stamp = min(p.stat().st_mtime for p in stamps)
+    outputs = (runs_dir / "report", runs_dir / "age_report")
     return not any(p.stat().st_mtime > stamp for p in metrics_files(runs_dir)
-                   if (runs_dir / "report") not in p.parents)
+                   if not any(o in p.parents for o in outputs))
+
+
+def write_reports(runs_dir: Path) -> list[str]:
+    """The usual report (``<runs>/report``) and, when the runs hold age results, the age report beside it
+    (``<runs>/age_report``: the MAE table by method x shots with the constant predictor, CS curves, plots).
+    Returns one line per report written."""
+    from coopipe.jobs.age_report import find_age_metrics, run_age_report
+    from coopipe.jobs.report import run_report
+
+    summary = run_report(runs_dir)
+    lines = [f"report: {summary['n_records']} result(s) -> {runs_dir / 'report'}"]
+    if find_age_metrics(runs_dir, exclude=[runs_dir / "report", runs_dir / "age_report"]):
+        for dataset, age in run_age_report(runs_dir).items():
+            lines.append(f"age report ({dataset}, {age['runs']} runs) -> {runs_dir / 'age_report'}")
+    return lines

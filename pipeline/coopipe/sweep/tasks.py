@@ -27,6 +27,7 @@ from coopipe.sweep.plan import RunSettings, RunTask
 logger = logging.getLogger(__name__)
 
 STATUSES = ("done", "skipped", "held", "failed")
+YEAR_KEYS = ("mae_exp", "constant_mae")  # age results: errors in years, not fractions
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,8 @@ class RunResult:
             return f"another process holds {self.run_dir}.lock"
         if self.status == "skipped":
             return "finished"
-        accs = ", ".join(f"{k} {100 * v:.2f}%" for k, v in self.metrics.items() if isinstance(v, float))
+        accs = ", ".join(f"{k} {v:.2f} years" if k in YEAR_KEYS else f"{k} {100 * v:.2f}%"
+                         for k, v in self.metrics.items() if isinstance(v, float))
         return f"{self.seconds:.0f}s" + (f", {accs}" if accs else "")
 
 
@@ -135,11 +137,16 @@ def execute_task(task: RunTask, settings: RunSettings, pool: ModelPool | None = 
 
 
 def _run(task: RunTask, s: RunSettings, pool: ModelPool) -> dict[str, Any]:
+    from coopipe.jobs.age_eval import run_ridge_probe
     from coopipe.jobs.evaluate import run_eval, run_linear_probe, run_zeroshot
     from coopipe.jobs.train import run_train
 
-    clip = pool.get(s.model, s.pretrained, s.device)
     run = Path(task.run_dir)
+    if task.kind == "ridge":  # cached features only: no model to load
+        assert task.seed is not None
+        return _age_summary(run_ridge_probe(cache_dir=s.cache, dataset=task.dataset, shots=task.shots,
+                                            seed=task.seed, out_dir=run, model=s.model))
+    clip = pool.get(s.model, s.pretrained, s.device)
     if task.kind in ("coop", "base2new"):
         assert task.method is not None and task.seed is not None
         m = task.method
@@ -152,20 +159,20 @@ def _run(task: RunTask, s: RunSettings, pool: ModelPool) -> dict[str, Any]:
                   overrides=overrides, device=s.device, progress=False, params_record={"cli": "coopipe sweep"},
                   clip=clip, classes=classes)
         if classes == "all":
-            return {"accuracy": run_eval(run, cache_dir=s.cache, clip=clip)["accuracy"]}
+            return _age_summary(run_eval(run, cache_dir=s.cache, clip=clip))
         return {half: run_eval(run, cache_dir=s.cache, classes=half, out=run / f"metrics_{half}.json",
                                pretrained=s.pretrained, device=s.device, clip=clip)["accuracy"]
                 for half in ("base", "new")}
     if task.kind == "zeroshot":
-        return {"accuracy": run_zeroshot(cache_dir=s.cache, dataset=task.dataset, out_dir=run, ensemble=s.ensemble,
-                                         device=s.device, clip=clip)["accuracy"]}
+        return _age_summary(run_zeroshot(cache_dir=s.cache, dataset=task.dataset, out_dir=run,
+                                         ensemble=task.ensemble or s.ensemble, device=s.device, clip=clip))
     if task.kind == "zeroshot_halves":
         return {half: run_zeroshot(cache_dir=s.cache, dataset=task.dataset, out_dir=run, classes=half,
                                    device=s.device, clip=clip)["accuracy"] for half in ("base", "new")}
     if task.kind == "linear_probe":
         assert task.seed is not None
-        return {"accuracy": run_linear_probe(cache_dir=s.cache, dataset=task.dataset, shots=task.shots,
-                                             seed=task.seed, out_dir=run, clip=clip)["accuracy"]}
+        return _age_summary(run_linear_probe(cache_dir=s.cache, dataset=task.dataset, shots=task.shots,
+                                             seed=task.seed, out_dir=run, clip=clip))
     if task.kind == "transfer":
         source = run.parent.parent
         if not (source / "metrics.json").is_file():
@@ -175,3 +182,12 @@ def _run(task: RunTask, s: RunSettings, pool: ModelPool) -> dict[str, Any]:
                                      out=run / "metrics.json", pretrained=s.pretrained, device=s.device,
                                      clip=clip)["accuracy"]}
     raise ValueError(f"unknown task kind {task.kind!r}")
+
+
+def _age_summary(metrics: dict[str, Any]) -> dict[str, Any]:
+    """What the sweep prints of a result: the accuracy, and for an age run its MAE and the constant's (years)."""
+    out: dict[str, Any] = {"accuracy": metrics["accuracy"]}
+    for key in ("mae_exp", "constant_mae"):
+        if metrics.get(key) is not None:
+            out[key] = float(metrics[key])
+    return out

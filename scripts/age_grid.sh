@@ -17,7 +17,9 @@
 #   --shots LIST         shots per age (1,2,4,8,16); an age with fewer images keeps them all
 #   --seeds LIST         seeds (1,2,3)
 #   --epochs N           override the paper's epochs (CoOp 50-200, CoCoOp 10, rank 100) for quick tries;
-#                        results go to runs-ep<N> and the age table says the training was shortened
+#                        results go to runs-ep<N> and the age table says the training was shortened; the
+#                        first epoch is CoOp's warm-up (lr 1e-5): with --epochs 1 add
+#                        --train-args "--warmup-epoch 0", or the prompts barely move
 #   --views N            augmented views per few-shot train image in the cache (16); training reads one per
 #                        epoch, so with --epochs N, --views N encodes no view that is never read
 #   --runs DIR           runs folder (runs, or runs-ep<N> with --epochs N)

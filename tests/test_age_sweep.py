@@ -62,7 +62,7 @@ def test_age_sweep_end_to_end(faces: Path, tmp_path: Path) -> None:
         "sweep", "--dataset", "utkface", "--data-root", str(faces), "--pretrained", "none", "--cache", str(cache),
         "--runs", str(runs), "--methods", "coop_age,rank", "--shots", "1,2", "--seeds", "1", "--epochs", "1",
         "--zeroshot", "--ridge", "--views", "0", "--scheduler", "inline", "--no-progress",
-        "--encode-args", "--workers 0 --batch-size 32",
+        "--encode-args", "--workers 0 --batch-size 32", "--train-args", "--warmup-epoch 0",
     ])
     assert res.exit_code == 0, res.output
     assert "failed" not in res.output.replace("0 failed", "")
@@ -74,6 +74,8 @@ def test_age_sweep_end_to_end(faces: Path, tmp_path: Path) -> None:
             assert (runs / "utkface" / label / f"shots{k}_seed1" / "predictions.csv").is_file()
     trained = json.loads((runs / "utkface" / "rank" / "shots2_seed1" / "metrics.json").read_text())
     assert trained["method"] == "rank" and trained["epochs"] == 1 and trained["paper_epochs"] == 100
+    history = (runs / "utkface" / "rank" / "shots2_seed1" / "history.tsv").read_text().splitlines()
+    assert history[1].split("\t")[1] == "0.002"  # no warm-up epoch: the one epoch trains at the full rate
     assert (runs / "report" / "summary.json").is_file()
     table = (runs / "age_report" / "utkface" / "age_table.md").read_text()
     rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
@@ -83,7 +85,7 @@ def test_age_sweep_end_to_end(faces: Path, tmp_path: Path) -> None:
     again = CliRunner().invoke(app, [
         "sweep", "--dataset", "utkface", "--no-encode", "--pretrained", "none", "--cache", str(cache),
         "--runs", str(runs), "--methods", "coop_age,rank", "--shots", "1,2", "--seeds", "1", "--epochs", "1",
-        "--zeroshot", "--ridge", "--scheduler", "inline", "--no-progress",
+        "--zeroshot", "--ridge", "--scheduler", "inline", "--no-progress", "--train-args", "--warmup-epoch 0",
     ])
     assert again.exit_code == 0 and "8 already finished" in again.output and "up to date" in again.output
 
@@ -111,3 +113,12 @@ def test_dvc_params_for_ages(tmp_path: Path) -> None:
     raw["train"].update(method="coop", ctx_init=AGE_INIT_WORDS)
     path.write_text(yaml.safe_dump(raw))
     assert load_params(path).train_overrides()["ctx_init"] == AGE_INIT_WORDS
+
+
+def test_warmup_only_epochs_are_flagged() -> None:
+    from coopipe.sweep.plan import warmup_only
+
+    assert warmup_only(RunSettings(epochs=1))  # CoOp's first epoch is the warm-up at lr 1e-5
+    assert not warmup_only(RunSettings(epochs=2))
+    assert not warmup_only(RunSettings(epochs=1, train_options={"warmup_epoch": 0}))
+    assert not warmup_only(RunSettings())

@@ -59,14 +59,14 @@ def _run(ctx: multiprocessing.context.BaseContext, args: tuple[str, ...]) -> flo
 
 def _kill_loop(ctx: multiprocessing.context.BaseContext, args: tuple[str, ...], length: float, rng: random.Random,
                output: Path) -> None:
-    """SIGKILL ``coopipe ARGS`` KILLS times, each after a random delay in (0.05, 0.8) x ``length`` (the time of an
+    """SIGKILL ``coopipe ARGS`` KILLS times, each after a random delay in (0.05, 0.5) x ``length`` (the time of an
     uninterrupted run); a run that finishes before its kill point has its output removed, so every kill lands in
     real work (start-up, mid-work or the final writes) and the state that the last kill left is what is resumed."""
     killed = 0
     for _ in range(6 * KILLS):
         proc = ctx.Process(target=_cli_main, args=(args,))
         proc.start()
-        proc.join(rng.uniform(0.05, 0.8) * length)
+        proc.join(rng.uniform(0.05, 0.5) * length)
         if proc.exitcode is None:
             os.kill(proc.pid, signal.SIGKILL)
             proc.join()

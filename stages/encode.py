@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from params import DataParams, load_params
 
-from coopipe.errors import ParamsError
+from coopipe.errors import ParamsError, WeightsError
 from coopipe.jobs.encode import preflight, run_encode
 from coopipe.logs import run_stage
 
@@ -34,15 +34,20 @@ def offline_command(data_root: str) -> str:
     return "bash scripts/repro.sh " + " ".join(f"-S '{s}'" for s in settings)
 
 
+def with_offline_hint(exc: Exception, data_root: str) -> ParamsError:
+    """``exc`` followed by the one command that runs the pipeline offline."""
+    return ParamsError(
+        f"{exc}\n  to run this pipeline offline now (random weights on the bundled EuroSAT sample, a few "
+        f"minutes; accuracies only check that it runs):\n    {offline_command(data_root)}"
+    )
+
+
 def check_inputs(dataset: str, data_root: str, model: str, pretrained: str) -> None:
     """:func:`preflight`, whose error also gives the one command that runs the pipeline offline."""
     try:
         preflight(dataset, data_root, model, pretrained)
     except ParamsError as exc:
-        raise ParamsError(
-            f"{exc}\n  to run this pipeline offline now (random weights on the bundled EuroSAT sample, a few "
-            f"minutes; accuracies only check that it runs):\n    {offline_command(data_root)}"
-        ) from exc
+        raise with_offline_hint(exc, data_root) from exc
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -51,10 +56,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     p = load_params(args.params)
     check_inputs(p.data.dataset, p.data.root, p.model.name, p.model.pretrained)
-    run_encode(
-        dataset=p.data.dataset, data_root=p.data.root, cache_dir=p.paths.cache, model=p.model.name,
-        pretrained=p.model.pretrained, shots=p.fewshot.shots, seeds=p.fewshot.seeds, **p.encode_kwargs(),
-    )
+    try:
+        run_encode(
+            dataset=p.data.dataset, data_root=p.data.root, cache_dir=p.paths.cache, model=p.model.name,
+            pretrained=p.model.pretrained, shots=p.fewshot.shots, seeds=p.fewshot.seeds, **p.encode_kwargs(),
+        )
+    except WeightsError as exc:  # e.g. HF_HUB_OFFLINE=1 and the weights are not in the hub cache
+        raise with_offline_hint(exc, p.data.root) from exc
 
 
 if __name__ == "__main__":

@@ -14,8 +14,7 @@ from pathlib import Path
 
 from params import load_params
 
-from coopipe.jobs.age_report import find_age_metrics, run_age_report
-from coopipe.jobs.report import run_report
+from coopipe.jobs.report import run_reports
 from coopipe.logs import run_stage
 
 
@@ -28,9 +27,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p = load_params(args.params)
     runs = Path(args.runs or p.paths.runs)
     out = Path(args.out) if args.out else runs / "report"
-    run_report(runs, out_dir=out, gain_method=p.report.gain_method, gain_shots=p.report.gain_shots)
-    if find_age_metrics(runs, exclude=[out, runs / "age_report"]):
-        run_age_report(runs)
+    run_reports(runs, out_dir=out, gain_method=p.report.gain_method, gain_shots=p.report.gain_shots)
 
 
 if __name__ == "__main__":

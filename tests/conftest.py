@@ -76,6 +76,17 @@ def copy_eurosat_folder(eurosat_root: Path, dest: Path, classes: tuple[str, ...]
     return dest
 
 
+def copy_utkface(shared_data: Path, dest_root: Path, ages: range, per_age: int) -> Path:
+    """``$DATA`` with ``utkface/images`` holding the first ``per_age`` real faces of each age in ``ages``."""
+    src = require_data(shared_data / "utkface" / "images", "UTKFace images")
+    dest = dest_root / "utkface" / "images"
+    dest.mkdir(parents=True)
+    for age in ages:
+        for path in sorted(src.glob(f"{age}_*.jpg"))[:per_age]:
+            shutil.copy(path, dest / path.name)
+    return dest_root
+
+
 def make_store(cache_dir: Path, *, model: str, weights: str, classnames: list[str], feats: np.ndarray,
                 labels: np.ndarray, dataset: str = "toy", split: str = "test", rows="all") -> Path:
     """Write a complete store directly (no encoding): for provenance, bad-input and run-folder tests."""

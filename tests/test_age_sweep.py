@@ -9,7 +9,6 @@ writes (every method in the age table, the constant predictor beside it, the sho
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -26,16 +25,9 @@ PER_AGE = 4
 @pytest.fixture(scope="module")
 def faces(shared_data: Path, tmp_path_factory) -> Path:
     """``$DATA`` with ``utkface/images`` holding the first 4 real faces of each age 20..34."""
-    from conftest import require_data
+    from conftest import copy_utkface
 
-    src = require_data(shared_data / "utkface" / "images", "UTKFace images")
-    root = tmp_path_factory.mktemp("utk")
-    dest = root / "utkface" / "images"
-    dest.mkdir(parents=True)
-    for age in AGES:
-        for path in sorted(src.glob(f"{age}_*.jpg"))[:PER_AGE]:
-            shutil.copy(path, dest / path.name)
-    return root
+    return copy_utkface(shared_data, tmp_path_factory.mktemp("utk"), AGES, PER_AGE)
 
 
 def test_age_plan_defaults(faces: Path) -> None:

@@ -272,20 +272,18 @@ def report(
 
     Writes report.md, report.csv, fig3_accuracy_vs_shots.png, fig4_gain_over_zeroshot.png and summary.json.
     """
-    from coopipe.jobs.age_report import find_age_metrics, run_age_report
-    from coopipe.jobs.report import run_report
+    from coopipe.jobs.report import run_reports
 
     with errors():
         if not runs.is_dir():
             raise FileNotFoundError(f"no runs folder at {runs}; run `coopipe train`/`eval` or scripts/paper_grid.sh first")
-        summary = run_report(runs, out_dir=out, gain_method=gain_method, gain_shots=gain_shots)
+        summary, ages = run_reports(runs, out_dir=out, gain_method=gain_method, gain_shots=gain_shots)
         typer.echo(f"{summary['n_records']} result(s) from {runs}: {len(summary['fewshot'])} few-shot cell(s), "
                    f"{len(summary['base2new'])} base-to-new row(s), {len(summary['transfer'])} transfer cell(s)")
         for name in summary["files"].values():
             typer.echo(f"  wrote {name}")
-        if find_age_metrics(runs, exclude=[out or runs / "report"]):  # age runs: the MAE table and figures too
-            for dataset, age in run_age_report(runs).items():
-                typer.echo(f"  age estimation ({dataset}, {age['runs']} runs): wrote {runs / 'age_report'}")
+        for dataset, age in ages.items():  # age runs: the MAE table and figures too
+            typer.echo(f"  age estimation ({dataset}, {age['runs']} runs): wrote {runs / 'age_report'}")
 
 
 @app.command()

@@ -94,6 +94,22 @@ class AgeEvaluation:
     loss: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def of(cls, pred_exp: np.ndarray, pred_max: np.ndarray, true: np.ndarray, *, loss: float | None = None) -> AgeEvaluation:
+        """Every metric from the two decodings' predictions and the true ages (N,)."""
+        n = int(true.size)
+        return cls(
+            mae_exp=float(np.abs(pred_exp - true).mean()) if n else 0.0,
+            mae_max=float(np.abs(pred_max - true).mean()) if n else 0.0,
+            cs_exp=cumulative_scores(pred_exp - true),
+            cs_max=cumulative_scores(pred_max - true),
+            pred_exp=pred_exp,
+            pred_max=pred_max,
+            true=true,
+            n=n,
+            loss=loss,
+        )
+
     @property
     def mae(self) -> float:
         """The headline MAE: expectation decoding (OrdinalCLIP's reported "exp")."""
@@ -136,17 +152,7 @@ def evaluate_ages(
     n = int(y.size)
     with np.errstate(divide="ignore"):
         loss = float(-np.log(probs[np.arange(n), y]).mean()) if n else None
-    return AgeEvaluation(
-        mae_exp=float(np.abs(pred_exp - true).mean()) if n else 0.0,
-        mae_max=float(np.abs(pred_max - true).mean()) if n else 0.0,
-        cs_exp=cumulative_scores(pred_exp - true),
-        cs_max=cumulative_scores(pred_max - true),
-        pred_exp=pred_exp,
-        pred_max=pred_max,
-        true=true,
-        n=n,
-        loss=loss,
-    )
+    return AgeEvaluation.of(pred_exp, pred_max, true, loss=loss)
 
 
 def median_predictor_mae(train_ages: Sequence[float] | np.ndarray, test_ages: Sequence[float] | np.ndarray) -> float:

@@ -30,7 +30,7 @@ from coopipe.datasets.ages import AGE_TEMPLATE, rank_values
 from coopipe.errors import DatasetError, ParamsError
 from coopipe.evaluate import classifier_logits
 from coopipe.models import LoadedClip
-from coopipe.ordinal import AgeEvaluation, cumulative_scores, evaluate_ages
+from coopipe.ordinal import AgeEvaluation, evaluate_ages
 from coopipe.text_encoder import PromptTextEncoder
 
 logger = logging.getLogger(__name__)
@@ -74,18 +74,7 @@ def evaluate_age_predictions(pred: Array | Sequence[float], true: Array | Sequen
     p, t = _ages(pred, "predicted"), _ages(true, "true")
     if p.shape != t.shape:
         raise DatasetError(f"{p.size} predictions but {t.size} true ages")
-    r = np.floor(p + 0.5)
-    n = int(t.size)
-    return AgeEvaluation(
-        mae_exp=float(np.abs(p - t).mean()) if n else 0.0,
-        mae_max=float(np.abs(r - t).mean()) if n else 0.0,
-        cs_exp=cumulative_scores(p - t),
-        cs_max=cumulative_scores(r - t),
-        pred_exp=p,
-        pred_max=r,
-        true=t,
-        n=n,
-    )
+    return AgeEvaluation.of(p, np.floor(p + 0.5), t)
 
 
 # ---------------------------------------------------------------- ridge regression

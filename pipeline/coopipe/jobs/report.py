@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from coopipe.atomic import write_json, write_text
+from coopipe.config import ReportConfig
 from coopipe.report.aggregate import (
     average_cells,
     base2new_rows,
@@ -143,3 +144,21 @@ def run_report(
     }
     write_json(out / FILES["scores"], scores)
     return summary
+
+
+def run_reports(
+    runs_dir: str | Path,
+    *,
+    out_dir: str | Path | None = None,
+    gain_method: str = ReportConfig.gain_method,
+    gain_shots: int | None = ReportConfig.gain_shots,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """:func:`run_report`, and when the runs hold age results the age report beside it (``<runs>/age_report``:
+    MAE by method x shots with the constant predictor, CS curves, plots). Returns (summary, {dataset: age summary})."""
+    from coopipe.jobs.age_report import find_age_metrics, run_age_report  # age jobs load only with age runs
+
+    runs_dir = Path(runs_dir)
+    out = Path(out_dir) if out_dir is not None else runs_dir / "report"
+    summary = run_report(runs_dir, out_dir=out, gain_method=gain_method, gain_shots=gain_shots)
+    ages = run_age_report(runs_dir) if find_age_metrics(runs_dir, exclude=[out, runs_dir / "age_report"]) else {}
+    return summary, ages

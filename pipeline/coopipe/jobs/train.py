@@ -214,15 +214,15 @@ def _complete_outputs(ckpt: Checkpoint, clip: LoadedClip, *, seconds: float | No
     history = out_dir / "history.tsv"
     if not skipped or not history.is_file():
         write_text(history, _history_tsv(ckpt.history))
-    summary = _summary(out_dir, ckpt.meta, skipped=skipped, seconds=seconds)
+    summary = _summary(ckpt, skipped=skipped, seconds=seconds)
     if not skipped or not (out_dir / "train.json").is_file():
         write_json(out_dir / "train.json", summary)
     return summary
 
 
-def _summary(out_dir: Path, meta: Mapping[str, Any], *, skipped: bool, seconds: float | None = None) -> dict[str, Any]:
+def _summary(ckpt: Checkpoint, *, skipped: bool, seconds: float | None = None) -> dict[str, Any]:
+    out_dir, meta = ckpt.path, ckpt.meta
     history = meta.get("history") or [{}]
-    ckpt = load_checkpoint(out_dir)
     run = ckpt.run
     return {
         "run": str(out_dir),

@@ -312,15 +312,10 @@ def report_is_current(runs_dir: Path) -> bool:
 
 
 def write_reports(runs_dir: Path) -> list[str]:
-    """The usual report (``<runs>/report``) and, when the runs hold age results, the age report beside it
-    (``<runs>/age_report``: the MAE table by method x shots with the constant predictor, CS curves, plots).
-    Returns one line per report written."""
-    from coopipe.jobs.age_report import find_age_metrics, run_age_report
-    from coopipe.jobs.report import run_report
+    """The usual report (``<runs>/report``) and, with age results, the age report beside it; one line per report."""
+    from coopipe.jobs.report import run_reports
 
-    summary = run_report(runs_dir)
+    summary, ages = run_reports(runs_dir)
     lines = [f"report: {summary['n_records']} result(s) -> {runs_dir / 'report'}"]
-    if find_age_metrics(runs_dir, exclude=[runs_dir / "report", runs_dir / "age_report"]):
-        for dataset, age in run_age_report(runs_dir).items():
-            lines.append(f"age report ({dataset}, {age['runs']} runs) -> {runs_dir / 'age_report'}")
+    lines += [f"age report ({dataset}, {age['runs']} runs) -> {runs_dir / 'age_report'}" for dataset, age in ages.items()]
     return lines

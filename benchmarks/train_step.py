@@ -43,14 +43,10 @@ def _classnames(k: int, eurosat_names: list[str]) -> list[str]:
 def _one_side(side: str, k: int, steps: int, cache: str) -> dict:
     """Run in a subprocess: time ``steps`` steps of one side after one warm-up step; report peak RSS."""
     import torch
-    import torch.nn.functional as F
 
-    from coopipe.store import find_stores
+    from _common import coop_step, reference_image_features, seconds_per_step
     from coopipe.models import load_clip
-    from coopipe.prompt import PromptLearner
-    from coopipe.text_encoder import PromptTextEncoder, coop_logits
-    from coopipe.views import ViewSpec, make_views, normalize_batch
-    from coopipe.imageio import load_rgb
+    from coopipe.store import find_stores
 
     clip = load_clip("RN50", "none")
     stores = find_stores(cache, "eurosat", "train", model="RN50", weights=clip.weights_id)
@@ -58,50 +54,22 @@ def _one_side(side: str, k: int, steps: int, cache: str) -> dict:
         raise SystemExit(f"no EuroSAT train store under {cache}: run the encode command in this file's docstring")
     store = stores[0]  # the one with the most views
     names = _classnames(k, store.classnames())
-    labels = torch.randint(0, k, (32,), generator=torch.Generator().manual_seed(0))
-    learner = PromptLearner(clip, names, n_ctx=16, generator=torch.Generator().manual_seed(0))
-    optimizer = torch.optim.SGD([learner.ctx], lr=0.002, momentum=0.9, weight_decay=5e-4)
-    logit_scale = clip.model.logit_scale.detach()
-    chunk = 100 if k > 100 else None
     if side == "reference":
-        # 77 tokens for every class; at K = 1000 in chunks of 100 classes, each chunk's activations recomputed
-        # in backward (the graph of all 1000 x 77-token sequences does not fit in 24 GB)
-        encoder = PromptTextEncoder(clip, cut=False, share_prefix=False, class_chunk=chunk, checkpoint_chunks=k > 100)
+        # images decoded once up front: this step times augmentation + image encoder + text pass (protocol.py's
+        # reference step decodes from disk every step, as the reference's data loader does)
         data_root = ROOT.parent / "shared" / "data" / "eurosat" / "2750"
         paths = [data_root / p for p in store.paths()[:32]]
-        images = [load_rgb(p) for p in paths]
-        spec = ViewSpec(n_aug=1, seed=0)
-        step_no = [0]
-
-        def image_features() -> torch.Tensor:
-            # a fresh random crop + flip of each image every step, as the reference's data loader gives
-            step_no[0] += 1
-            views = torch.stack([make_views(img, 1000 * step_no[0] + i, clip.preprocess, spec)[1] for i, img in enumerate(images)])
-            with torch.no_grad():
-                return clip.model.encode_image(normalize_batch(views, clip.preprocess))
+        image_features = reference_image_features(clip, paths, decode_each_step=False)
     else:
-        encoder = PromptTextEncoder(clip, cut=True, share_prefix=True, class_chunk=chunk)
         rows = list(range(min(32, store.n_rows)))
         cached = torch.from_numpy(store.read(rows, view=1 if store.n_views > 1 else 0))
 
         def image_features() -> torch.Tensor:
             return cached
 
-    def step() -> float:
-        feats = image_features()
-        text = encoder(learner)
-        loss = F.cross_entropy(coop_logits(feats, text, logit_scale), labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        return float(loss)
-
-    if not (side == "reference" and k >= 1000):  # one reference step at K = 1000 takes minutes: no warm-up
-        step()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    seconds = (time.perf_counter() - start) / steps
+    step = coop_step(clip, names, image_features, reference=side == "reference")
+    # one reference step at K = 1000 takes minutes: no warm-up there
+    seconds = seconds_per_step(step, steps, warmup=0 if side == "reference" and k >= 1000 else 1)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"side": side, "k": k, "step_s": seconds, "peak_rss_mb": peak_mb, "steps": steps}
 

@@ -251,6 +251,7 @@ def main() -> None:
     # 1. reference-style estimate
     step_s = reference_step_s(data, args.model, args.pretrained, args.ref_steps)
     steps = epochs * batches_per_epoch(shots * data.num_classes)
+    loads = {"reference_step": load()}
     say(f"reference-style step: {step_s:.3f} s (mean of {args.ref_steps} after 1 warm-up) x {steps} steps")
     bare: dict[tuple[str, str], float] = {}
 
@@ -258,6 +259,7 @@ def main() -> None:
         if (precision, engine) not in bare:
             bare[precision, engine] = bare_throughput(load_clip(args.model, args.pretrained), precision, engine,
                                                       images=args.bare_images)
+            loads[f"bare_{precision}_{engine}"] = load()
             say(f"bare tower {precision}/{engine}: {bare[precision, engine]:.2f} img/s")
         return bare[precision, engine]
 
@@ -279,8 +281,10 @@ def main() -> None:
         bin_path = coopipe_bin(work)
         cache = work / "cache"
         cold = run_grid(args, cache, work / "runs-cold", work / "cold.log", bin_path)
+        loads["cold"] = load()
         say(f"coopipe cold: {cold.seconds:.1f} s end to end (encode {_fmt(cold.encode_s)} s), {cold.done} runs done")
         warm = run_grid(args, cache, work / "runs-warm", work / "warm.log", bin_path)
+        loads["warm"] = load()
         say(f"coopipe warm: {warm.seconds:.1f} s end to end (encode check {_fmt(warm.encode_s)} s), {warm.done} runs done")
         if cold.done != len(seeds) or warm.done != len(seeds):
             raise SystemExit(f"expected {len(seeds)} runs done in each grid, got cold {cold.done}, warm {warm.done}")
@@ -288,6 +292,8 @@ def main() -> None:
         # 3. encode floor
         weights = load_clip(args.model, args.pretrained).weights_id
         stores = encoded_stores(cache, data.name, args.model, weights)
+        if not stores:
+            raise SystemExit(f"no {data.name} stores of {args.model} ({weights}) under {cache} after the cold grid")
         floor_s = sum(s.images / throughput(s.precision, s.engine) for s in stores)
         n_images = sum(s.images for s in stores)
         summary_file = cache / data.name / "encode_summary.json"
@@ -343,7 +349,7 @@ def main() -> None:
         "cpu": facts.describe(),
         "threads": torch.get_num_threads(),
         "seeds": len(seeds), "shots": shots, "epochs": epochs, "test_images": n_test,
-        "load_end": load(),
+        "load_average_after": loads,  # 1/5/15-minute load averages when each figure was taken
     }))
 
 

@@ -123,8 +123,11 @@ def test_export_cache_is_reused_and_a_damaged_file_exported_again(rn50, images, 
     assert path.stat().st_mtime_ns == stamp  # the second build loaded the file: no new export
     with open(path, "r+b") as fh:  # a half-written file (e.g. copied in by hand, or a disk fault)
         fh.truncate(size // 2)
+    leftover = tmp_path / f".{path.name}.x1y2.tmp.onnx"  # the temporary of an export killed mid-way
+    leftover.write_bytes(b"partial")
     again = build_tower(rn50, "onnxruntime", "fp32", "cpu", export_dir=tmp_path)
     assert path.stat().st_size == size and path.stat().st_mtime_ns != stamp  # detected and exported again
+    assert not leftover.exists()
     cos, diff = _compare(again(images), want)
     assert cos >= 0.9999, f"min cosine {cos:.7f}, max abs diff {diff:.2e}"
 

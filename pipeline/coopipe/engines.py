@@ -201,6 +201,8 @@ def _ensure_export(clip: LoadedClip, export_dir: str | os.PathLike[str] | None) 
     with exclusive_lock(path.with_name(path.name + ".lock"), f"ONNX export {path.name}", wait=True):
         if _is_intact(path):  # another process exported it while this one waited
             return path
+        for stale in path.parent.glob(f".{path.name}.*"):  # temporaries of an export killed mid-way (lock held)
+            stale.unlink(missing_ok=True)
         if path.exists():
             logger.warning("cached ONNX export %s is damaged or incomplete: exporting it again", path)
         logger.info("exporting %s's image tower to ONNX (once per model and weights): %s", clip.name, path)

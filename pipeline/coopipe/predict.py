@@ -146,8 +146,9 @@ def encode_images(
     An unreadable image raises :class:`BadImageError` naming it (``on_bad_image='fail'``) or is left out with a
     warning (``'skip'``).
     """
-    resolved = options.resolved(clip)  # the run's precision; the engine as `coopipe encode` resolves it here
-    tower = build_tower(clip, options.engine, resolved.precision, options.device)
+    # the run's precision as recorded (no second warning about it); the engine as `coopipe encode` resolves it here
+    precision = options.precision if options.precision != "auto" else options.resolved(clip).precision
+    tower = build_tower(clip, options.engine, precision, options.device)
     workers = options.num_workers
     job = EncodeJob(  # absolute paths under the root "/": the encoder's row decoding, centre view only
         image_root="/", paths=tuple(str(Path(p).absolute()) for p in paths), positions=tuple(range(len(paths))),

@@ -1,7 +1,9 @@
 """Benchmark: engines for the frozen image tower on CPU, against eager PyTorch at the same precision.
 
-Engines: ``eager`` (channels_last, the encoder's path), ``compile`` (torch.compile, inductor, with freezing)
-and ``ort`` (ONNX Runtime on an ONNX export; only if the ``onnxruntime`` and ``onnx`` packages import). Each
+Engines: ``eager`` and ``ort`` are the pipeline's own towers (``coopipe.engines.build_tower``: channels_last eager
+PyTorch, and ONNX Runtime on the cached ONNX export, exported afresh here into a temporary folder so the setup
+time includes the export; only if the ``onnxruntime`` and ``onnx`` packages import); ``compile`` (torch.compile,
+inductor, with freezing) is measured only. Each
 engine's throughput is measured interleaved with eager's in one process (the machine is shared: ratios, not
 absolute rates, are what transfers), and its features are compared with eager fp32 per image (min cosine, max
 abs diff). The adoption bar (issue #12): >= 1.3x eager and cosine >= 0.9999 for every image.
@@ -18,28 +20,26 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from coopipe.engines import Tower, build_tower  # noqa: E402
 from coopipe.hardware import probe  # noqa: E402
 from coopipe.models import load_clip  # noqa: E402
 
 Runner = Callable[[torch.Tensor], np.ndarray]
 
 
-def eager_runner(visual: torch.nn.Module) -> Runner:
-    def run(x: torch.Tensor) -> np.ndarray:
-        with torch.inference_mode():
-            return visual(x.contiguous(memory_format=torch.channels_last)).float().numpy()
-
-    return run
+def tower_runner(tower: Tower) -> Runner:
+    """The pipeline's own tower (coopipe.engines.build_tower: eager or ONNX Runtime), returning numpy."""
+    return lambda x: tower(x).numpy()
 
 
 def compile_runner(visual: torch.nn.Module) -> Runner:
+    """torch.compile (inductor, freezing): measured only, not a pipeline engine (docs/performance.md section 3)."""
     import torch._inductor.config as inductor_config
 
     inductor_config.freezing = True  # fold the frozen weights into the graph (constant folding, weight prepacking)
@@ -48,30 +48,6 @@ def compile_runner(visual: torch.nn.Module) -> Runner:
     def run(x: torch.Tensor) -> np.ndarray:
         with torch.no_grad():
             return compiled(x.contiguous(memory_format=torch.channels_last)).float().numpy()
-
-    return run
-
-
-def ort_runner(visual: torch.nn.Module, example: torch.Tensor, folder: Path) -> Runner:
-    import onnxruntime as ort
-
-    path = folder / "visual.onnx"
-    # nn.MultiheadAttention's inference fast path (aten::_native_multi_head_attention) has no ONNX export
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        torch.onnx.export(
-            visual, (example,), str(path), input_names=["x"], output_names=["y"],
-            dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, opset_version=17, dynamo=False,
-        )
-    finally:
-        torch.backends.mha.set_fastpath_enabled(True)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-    def run(x: torch.Tensor) -> np.ndarray:
-        return session.run(["y"], {"x": x.numpy()})[0]
 
     return run
 
@@ -93,17 +69,17 @@ def main() -> None:
     facts = probe("cpu")
     print(facts.describe(), f"threads={torch.get_num_threads()} torch={torch.__version__}", flush=True)
     clip = load_clip(args.model, "none")
-    visual = clip.model.visual.to(memory_format=torch.channels_last).eval()
     size = clip.preprocess.image_size
     x = torch.randn(args.batch_size, 3, size, size, generator=torch.Generator().manual_seed(0))
-    eager = eager_runner(visual)
+    eager = tower_runner(build_tower(clip, "eager", "fp32", "cpu"))  # channels_last, as the encoder runs it
     _, reference = timed(eager, x)  # also the warm-up
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for engine in [e for e in args.engines.split(",") if e != "eager"]:
             start = time.perf_counter()
             try:
-                run = compile_runner(visual) if engine == "compile" else ort_runner(visual, x[:2], Path(tmp))
+                run = (compile_runner(clip.model.visual) if engine == "compile"
+                       else tower_runner(build_tower(clip, "onnxruntime", "fp32", "cpu", export_dir=tmp)))
                 _, out = timed(run, x)  # first call: compilation / session warm-up
             except Exception as exc:  # noqa: BLE001 - an engine that cannot run here is a result too
                 print(f"{engine}: unavailable ({type(exc).__name__}: {exc})".splitlines()[0], flush=True)

@@ -36,8 +36,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +48,7 @@ from coopipe.config import ModelSpec  # noqa: E402
 from coopipe.datasets import load_dataset  # noqa: E402
 from coopipe.datasets.base import Dataset  # noqa: E402
 from coopipe.encode import EncodeOptions  # noqa: E402
+from coopipe.engines import build_tower  # noqa: E402
 from coopipe.errors import CoopipeError  # noqa: E402
 from coopipe.hardware import probe  # noqa: E402
 from coopipe.logs import setup_logging  # noqa: E402
@@ -77,29 +76,11 @@ def say(text: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------- bare throughput
-def _eager_tower(clip: LoadedClip, precision: str, engine: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The encoder's eager path: channels_last, inference mode, autocast for bf16/fp16 (what coopipe.encode runs)."""
-    if engine != "eager":
-        raise SystemExit(f"the stores were encoded with engine {engine!r}: switch bare_throughput to "
-                         "coopipe.engines.build_tower (the marked line) to measure it")
-    visual = clip.model.visual.to(memory_format=torch.channels_last)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-
-    def tower(x: torch.Tensor) -> torch.Tensor:
-        ctx = torch.autocast("cpu", dtype=dtype) if dtype is not None else nullcontext()
-        with torch.inference_mode(), ctx:
-            return visual(x.contiguous(memory_format=torch.channels_last)).float()
-
-    return tower
-
-
 def bare_throughput(clip: LoadedClip, precision: str, engine: str, *, images: int,
                     batch_size: int = EncodeOptions.batch_size) -> float:
     """Images/s of the frozen image tower alone (normalised float32 batches already in memory; no decode, no
     store) at ``precision`` on ``engine``, after one warm-up batch: the limit any encode pipeline can reach."""
-    # ENGINE SWITCH (at merge of coopipe.engines): replace the next line with
-    #   from coopipe.engines import build_tower; tower = build_tower(clip, engine, precision, "cpu")
-    tower = _eager_tower(clip, precision, engine)
+    tower = build_tower(clip, engine, precision, "cpu")  # the pipeline's own tower (eager or ONNX Runtime)
     size = clip.preprocess.image_size
     x = torch.randn(batch_size, 3, size, size, generator=torch.Generator().manual_seed(0))
     tower(x)
@@ -152,6 +133,8 @@ def run_grid(args: argparse.Namespace, cache: Path, runs: Path, log: Path, bin_p
            args.shots, "--seeds", args.seeds, "--cache", str(cache), "--runs", str(runs), "--no-progress"]
     if args.epochs:
         cmd += ["--epochs", str(args.epochs)]
+    if args.encode_args:
+        cmd += ["--encode-args", args.encode_args]
     env = {**os.environ, "COOPIPE_BIN": bin_path, "COOPIPE_LOG": "INFO", "PYTHONUNBUFFERED": "1"}
     say("$ " + " ".join(cmd))
     marks: dict[str, float] = {}
@@ -211,6 +194,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seeds", default="1,2,3")
     parser.add_argument("--shots", default=None, help="shots per class (default 16; --quick: 1)")
     parser.add_argument("--epochs", type=int, default=None, help="override the grid's epochs (quick tries only)")
+    parser.add_argument("--encode-args", default=None,
+                        help='extra encode options for the grid, e.g. "--precision fp32" (the path of a CPU without native bf16)')
     parser.add_argument("--ref-steps", type=int, default=None, help="timed reference-style steps (default 5; --quick: 2)")
     parser.add_argument("--bare-images", type=int, default=None, help="images per bare-throughput measurement (default 192; --quick: 64)")
     parser.add_argument("--keep", type=Path, default=None, help="work in DIR (must be empty or absent) and keep it")

@@ -79,6 +79,7 @@ def test_encode_cli_defaults_are_the_library_defaults():
     assert (d["batch_size"], d["workers"], d["precision"], d["dtype"]) == (
         opts.batch_size, opts.num_workers, opts.precision, opts.dtype)
     assert (d["chunk_rows"], d["device"], d["on_bad_image"]) == (opts.chunk_rows, opts.device, opts.on_bad_image)
+    assert d["engine"] == opts.engine == "auto"
     assert str(d["cache"]) == PathsConfig.cache
 
 

@@ -83,6 +83,15 @@ def test_auto_is_the_one_default() -> None:
     assert params["encode"]["precision"] == EncodeOptions().precision
 
 
+def _imports(*names: str) -> bool:
+    try:
+        for name in names:
+            __import__(name)
+    except ImportError:
+        return False
+    return True
+
+
 def test_store_records_the_resolved_precision_and_engine(eurosat, rn50, tmp_path: Path) -> None:
     from coopipe.cli import app
 
@@ -90,10 +99,12 @@ def test_store_records_the_resolved_precision_and_engine(eurosat, rn50, tmp_path
     result = encode_split(eurosat, "test", cache_dir=tmp_path, positions=[0, 1000, 2000, 3000], options=opts, clip=rn50)
     prov = open_store(result.path).provenance
     expected = choose_precision(probe("cpu"), conv_tower=True).precision  # RN50: a convolutional tower
-    assert prov["precision"] == expected and prov["engine"] == "eager"
+    # the engine rule: ONNX Runtime only for fp32 on the CPU with its packages installed
+    engine = "onnxruntime" if expected == "fp32" and _imports("onnxruntime", "onnx") else "eager"
+    assert prov["precision"] == expected and prov["engine"] == engine
     info = CliRunner().invoke(app, ["cache", "info", str(result.path)])
     assert info.exit_code == 0, info.output
-    assert f"precision {expected}" in info.output
+    assert f"precision {expected}  engine {engine}" in info.output
     # asking for the resolved precision explicitly finds the same store (auto is never part of the key)
     again = encode_split(
         eurosat, "test", cache_dir=tmp_path, positions=[0, 1000, 2000, 3000], clip=rn50,

@@ -17,7 +17,7 @@ from conftest import copy_eurosat_folder
 from coopipe.errors import ParamsError
 from coopipe.method import MethodSpec
 from coopipe.sweep import SweepSpec, auto_jobs, parse_variant, plan_sweep, run_sweep
-from coopipe.sweep.options import train_args
+from coopipe.sweep.options import encode_args, train_args
 from coopipe.sweep.plan import RunSettings
 from coopipe.report.records import metrics_files
 
@@ -50,6 +50,8 @@ def test_plan_folders_order_and_encodes(tmp_path: Path):
     with pytest.raises(ParamsError, match="variant token"):
         parse_variant("coop_wide")
     assert train_args("--bf16 --batch-size 32 --epochs 3") == {"autocast_bf16": True, "batch_size": 32, "max_epoch": 3}
+    assert encode_args("--precision fp32 --engine eager --workers 2") == {
+        "precision": "fp32", "engine": "eager", "num_workers": 2}  # the sweep forwards the engine like precision
     assert auto_jobs(3, cores=2, available_gib=64) == 3 and auto_jobs(9, cores=2, available_gib=64) == 4
     assert auto_jobs(9, cores=2, available_gib=5) == 2 and auto_jobs(9, "cuda") == 1
 

@@ -40,7 +40,7 @@ def cache_info(
             typer.echo(f"{info['path']}")
             typer.echo(f"  shape {tuple(info['shape'])} {info['dtype']}, chunks {tuple(info['chunks'])}, valid rows {info['n_valid']}")
             typer.echo(f"  dataset {prov['dataset']}/{prov['split']} ({len(prov['classnames'])} classes), rows {json.dumps(prov['rows'])}")
-            typer.echo(f"  model {prov['model']}  weights {prov['weights']}  precision {prov['precision']}")
+            typer.echo(f"  model {prov['model']}  weights {prov['weights']}  precision {prov['precision']}  engine {prov.get('engine', 'eager')}")
             typer.echo(f"  views {json.dumps(prov['views'])}")
             typer.echo(f"  preprocess {json.dumps(prov['preprocess'])}")
             typer.echo(f"  file list sha256 {prov['file_list_sha256'][:16]}…  coopipe {prov['coopipe_version']}  open_clip {prov['open_clip_version']}")

@@ -2,9 +2,10 @@
 
 The image encoder is the expensive part, so everything else is arranged around keeping it busy:
 - the precision defaults to ``auto``: :mod:`coopipe.hardware` resolves it once per store (bf16 autocast where the
-  hardware computes bf16 natively, fp16 on older CUDA, else fp32), always with channels_last; the *resolved*
-  precision and the encoder engine go into the store's provenance, so machines that resolve differently never
-  share a store;
+  hardware computes bf16 natively, fp16 on older CUDA, else fp32), always with channels_last; the engine defaults
+  to ``auto``: :mod:`coopipe.engines` runs fp32 CPU encoding on ONNX Runtime where it is installed, else eager
+  PyTorch; the *resolved* precision and the engine that actually ran go into the store's provenance, so machines
+  that resolve differently never share (or extend) a store;
 - decoding and view generation run in ``num_workers`` DataLoader worker processes (at a lower scheduling
   priority, so on a small CPU they fill the model's idle moments instead of stalling its threads) and hand
   uint8 tensors to the main process, which normalises a whole batch at once and runs the model;
@@ -22,7 +23,6 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,7 @@ from coopipe.errors import (
 )
 from coopipe.imageio import load_rgb, shown_path
 from coopipe.chunkwriter import ChunkWriterThread
+from coopipe.engines import ENGINES, Tower, build_tower, resolve_engine
 from coopipe.hardware import PRECISIONS, resolve_precision
 from coopipe.models import LoadedClip, PreprocessConfig, load_clip, open_clip_version
 from coopipe.store import (
@@ -59,7 +60,6 @@ from coopipe.views import ViewSpec, make_views, normalize_batch
 logger = logging.getLogger(__name__)
 
 BAD_IMAGE_POLICIES = ("fail", "skip")
-ENGINES = ("eager",)
 _WORKER_NICE = 10  # decode workers yield the cores to the model's threads (see the module docstring)
 
 
@@ -68,15 +68,15 @@ class EncodeOptions:
     """How to run the encoder (none of this changes the features except ``precision``, ``engine`` and ``dtype``).
 
     ``precision``: ``auto`` (the hardware's fast choice, see :mod:`coopipe.hardware`), ``bf16``, ``fp16`` or
-    ``fp32``. ``engine``: how the frozen image tower runs; only ``eager`` PyTorch (torch.compile and ONNX
-    Runtime were measured and not adopted: docs/performance.md).
+    ``fp32``. ``engine``: how the frozen image tower runs: ``auto`` (ONNX Runtime for fp32 on the CPU where it is
+    installed, else eager; see :mod:`coopipe.engines`), ``eager`` or ``onnxruntime``.
     """
 
     batch_size: int = 64
     num_workers: int = 1
     dtype: str = "float16"
     precision: str = "auto"
-    engine: str = "eager"
+    engine: str = "auto"
     chunk_rows: int = 256
     on_bad_image: str = "fail"
     device: str = "cpu"
@@ -95,9 +95,12 @@ class EncodeOptions:
             raise ValueError("batch_size and chunk_rows must be >= 1 and num_workers >= 0")
 
     def resolved(self, clip: LoadedClip | None = None) -> EncodeOptions:
-        """These options with ``precision`` resolved for ``device`` and ``clip``'s image tower; logs the choice."""
+        """These options with ``precision`` resolved for ``device`` and ``clip``'s image tower, then ``engine`` for
+        that precision (never ``auto`` afterwards); logs the choices. An explicit ``onnxruntime`` that cannot run
+        here raises :class:`~coopipe.errors.EngineError`."""
         conv = clip is not None and is_conv_tower(clip)
-        return replace(self, precision=resolve_precision(self.precision, self.device, conv_tower=conv))
+        precision = resolve_precision(self.precision, self.device, conv_tower=conv)
+        return replace(self, precision=precision, engine=resolve_engine(self.engine, precision, self.device))
 
 
 def is_conv_tower(clip: LoadedClip) -> bool:
@@ -159,8 +162,8 @@ def build_provenance(
 
     ``options`` must be resolved (:meth:`EncodeOptions.resolved`): the precision recorded is the one used.
     """
-    if options.precision == "auto":
-        raise ValueError("build_provenance needs resolved options (EncodeOptions.resolved()), got precision 'auto'")
+    if "auto" in (options.precision, options.engine):
+        raise ValueError("build_provenance needs resolved options (EncodeOptions.resolved()), got 'auto'")
     n_split = len(dataset.split(split))
     return {
         "dataset": dataset.name,
@@ -212,29 +215,17 @@ def _worker_init(_: int) -> None:
         pass
 
 
-def _autocast(options: EncodeOptions, device: torch.device) -> Any:
-    if options.precision == "auto":
-        raise ValueError("encode with resolved options (EncodeOptions.resolved()), got precision 'auto'")
-    if options.precision == "fp32":
-        return nullcontext()
-    dtype = torch.bfloat16 if options.precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+def make_tower(clip: LoadedClip, options: EncodeOptions) -> Tower:
+    """The image tower for resolved ``options`` (an explicit engine: a worker runs what the store records)."""
+    if "auto" in (options.precision, options.engine):
+        raise ValueError("encode with resolved options (EncodeOptions.resolved()), got 'auto'")
+    return build_tower(clip, options.engine, options.precision, options.device)
 
 
-def prepare_visual(clip: LoadedClip, options: EncodeOptions) -> torch.device:
-    """Move the image tower to the device; channels_last helps CPU and CUDA convolutions."""
-    device = torch.device(options.device)
-    clip.model.visual.to(device=device, memory_format=torch.channels_last)
-    return device
-
-
-def encode_batch(clip: LoadedClip, batch: torch.Tensor, options: EncodeOptions, device: torch.device) -> np.ndarray:
-    """uint8 (B, 3, S, S) -> raw image features (B, D) float32, under the configured precision."""
-    x = normalize_batch(batch.to(device, non_blocking=True), clip.preprocess)
-    x = x.contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode(), _autocast(options, device):
-        feats = clip.model.encode_image(x)
-    return feats.float().cpu().numpy()
+def encode_batch(tower: Tower, batch: torch.Tensor, preprocess: PreprocessConfig) -> np.ndarray:
+    """uint8 (B, 3, S, S) -> raw image features (B, D) float32, through ``tower`` (its engine and precision)."""
+    x = normalize_batch(batch.to(tower.device, non_blocking=True), preprocess)
+    return tower(x).cpu().numpy()
 
 
 def encode_chunks(
@@ -245,8 +236,11 @@ def encode_chunks(
     *,
     on_rows: Callable[[int], None] | None = None,
     num_workers: int | None = None,
+    tower: Tower | None = None,
 ) -> list[dict[str, str]]:
     """Encode the given chunks of ``writer``'s store, writing each as soon as it is complete.
+
+    ``tower``: the built image tower (default: built from ``job.options``, whose engine must be the store's).
 
     Returns the skipped images (``on_bad_image=skip``); raises BadImageError under ``fail`` after the chunks
     finished before the bad image have been written (so a fixed re-run resumes from there).
@@ -254,9 +248,10 @@ def encode_chunks(
     rows = [r for c in chunks for r in writer.chunk_rows_range(c)]
     if not rows:
         return []
+    tower = tower or make_tower(clip, job.options)
     background = ChunkWriterThread(writer)
     try:
-        skipped = _encode_rows(clip, job, writer, chunks, rows, background, on_rows, num_workers)
+        skipped = _encode_rows(tower, job, writer, chunks, rows, background, on_rows, num_workers)
     except BaseException:
         background.close(raise_errors=False)  # keep the chunks finished before the error (resume point)
         raise
@@ -265,7 +260,7 @@ def encode_chunks(
 
 
 def _encode_rows(
-    clip: LoadedClip,
+    tower: Tower,
     job: EncodeJob,
     writer: StoreWriter,
     chunks: Sequence[int],
@@ -276,7 +271,6 @@ def _encode_rows(
 ) -> list[dict[str, str]]:
     """The loop of :func:`encode_chunks`: decode (workers) -> encode (here) -> hand full chunks to the writer."""
     options = job.options
-    device = prepare_visual(clip, options)
     n_views = job.views.n_views
     workers = options.num_workers if num_workers is None else num_workers
     loader = DataLoader(
@@ -306,7 +300,7 @@ def _encode_rows(
         feats = None
         if good:
             batch = torch.cat([views for _, views in good])  # (b * V, 3, S, S)
-            feats = encode_batch(clip, batch, options, device).reshape(len(good), n_views, -1)
+            feats = encode_batch(tower, batch, job.preprocess).reshape(len(good), n_views, -1)
             dim = feats.shape[-1]
         feat_of = {row: feats[i] for i, (row, _) in enumerate(good)} if feats is not None else {}
         for row, _, _ in items:
@@ -360,17 +354,24 @@ def encode_split(
         if pos and (pos[0] < 0 or pos[-1] >= len(data)):
             raise StoreError(f"row positions out of range for {dataset.name}/{split} ({len(data)} images)")
     clip = clip or load_clip(model, pretrained, device=options.device)
+    requested_engine = options.engine
     options = options.resolved(clip)
-    provenance = build_provenance(dataset, split, clip, views, positions=positions, options=options, subset_note=subset_note)
+
+    def provenance_of(opts: EncodeOptions) -> dict[str, Any]:
+        return build_provenance(dataset, split, clip, views, positions=positions, options=opts, subset_note=subset_note)
+
+    provenance = provenance_of(options)
     path = store_path(cache_dir, provenance)
-    if path.exists():
-        try:  # full verification: a reused store must be intact, and a damaged one is repaired below
-            store = open_store(path, expect={k: v for k, v in provenance.items() if not k.endswith("_version")},
-                               checksums=True)
-            logger.info("store %s already complete: nothing to do", path)
-            return EncodeResult(path, store.n_rows, store.n_views, 0, time.perf_counter() - started, reused=True)
-        except CorruptStoreError as exc:
-            logger.warning("%s", exc)
+    if (done := _complete_store(path, provenance, started)) is not None:
+        return done
+    # Built only when there is work; an ``auto`` engine that fails falls back to eager, which is another store.
+    tower = build_tower(clip, requested_engine, options.precision, options.device)
+    if tower.engine != options.engine:
+        options = replace(options, engine=tower.engine)
+        provenance = provenance_of(options)
+        path = store_path(cache_dir, provenance)
+        if (done := _complete_store(path, provenance, started)) is not None:
+            return done
     job = EncodeJob(
         image_root=str(dataset.image_root),
         paths=tuple(data.paths[p] for p in pos),
@@ -403,7 +404,7 @@ def encode_split(
 
                 skipped = encode_chunks_distributed(scheduler, job, writer, pending, on_rows=bar.update)
             else:
-                skipped = encode_chunks(clip, job, writer, pending, on_rows=bar.update)
+                skipped = encode_chunks(clip, job, writer, pending, on_rows=bar.update, tower=tower)
         skipped_all = _skipped_report(writer, skipped)
         if skipped_all:
             report = path.with_name(path.name + ".skipped.json")
@@ -413,6 +414,21 @@ def encode_split(
     seconds = time.perf_counter() - started
     logger.info("wrote %s (%d rows x %d views) in %.1fs", path, len(pos), views.n_views, seconds)
     return EncodeResult(path, len(pos), views.n_views, todo, seconds, reused=False, skipped=skipped_all)
+
+
+def _complete_store(path: Path, provenance: Mapping[str, Any], started: float) -> EncodeResult | None:
+    """The result for a complete, intact store at ``path`` (nothing to encode), else None (a damaged one is
+    repaired by the caller)."""
+    if not path.exists():
+        return None
+    try:  # full verification: a reused store must be intact, and a damaged one is repaired below
+        store = open_store(path, expect={k: v for k, v in provenance.items() if not k.endswith("_version")},
+                           checksums=True)
+    except CorruptStoreError as exc:
+        logger.warning("%s", exc)
+        return None
+    logger.info("store %s already complete: nothing to do", path)
+    return EncodeResult(path, store.n_rows, store.n_views, 0, time.perf_counter() - started, reused=True)
 
 
 def _skipped_report(writer: StoreWriter, skipped: list[dict[str, str]]) -> list[dict[str, str]]:
@@ -443,7 +459,9 @@ __all__ = [
     "EncodeOptions",
     "EncodeResult",
     "build_provenance",
+    "encode_batch",
     "encode_chunks",
+    "make_tower",
     "encode_split",
     "describe_store",
     "CoopipeError",

@@ -63,6 +63,10 @@ class LockedError(CoopipeError, RuntimeError):
     """Another process holds the lock of a store or run folder."""
 
 
+class EngineError(CoopipeError, RuntimeError):
+    """The requested image-tower engine cannot run here (package missing, wrong precision or device)."""
+
+
 class CorruptStoreError(StoreError):
     """A complete store with a missing, truncated or altered chunk (re-encoding repairs only the damage)."""
 

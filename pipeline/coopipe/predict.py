@@ -45,8 +45,8 @@ from coopipe.encode import (
     _ViewDataset,
     _worker_init,
     encode_batch,
-    prepare_visual,
 )
+from coopipe.engines import build_tower
 from coopipe.errors import (
     BadImageError,
     CheckpointError,
@@ -146,7 +146,9 @@ def encode_images(
     An unreadable image raises :class:`BadImageError` naming it (``on_bad_image='fail'``) or is left out with a
     warning (``'skip'``).
     """
-    device = prepare_visual(clip, options)
+    # the run's precision as recorded (no second warning about it); the engine as `coopipe encode` resolves it here
+    precision = options.precision if options.precision != "auto" else options.resolved(clip).precision
+    tower = build_tower(clip, options.engine, precision, options.device)
     workers = options.num_workers
     job = EncodeJob(  # absolute paths under the root "/": the encoder's row decoding, centre view only
         image_root="/", paths=tuple(str(Path(p).absolute()) for p in paths), positions=tuple(range(len(paths))),
@@ -173,7 +175,7 @@ def encode_images(
                     logger.warning("skipping unreadable image: %s", err)
             if good:
                 batch = torch.cat([views for _, views in good])  # (b, 3, S, S) uint8
-                parts.append(encode_batch(clip, batch, options, device))
+                parts.append(encode_batch(tower, batch, clip.preprocess))
                 kept.extend(i for i, _ in good)
             bar.update(len(items))
     feats = np.concatenate(parts) if parts else np.zeros((0, clip.embed_dim), dtype=np.float32)

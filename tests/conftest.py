@@ -22,6 +22,24 @@ def require_data(path: Path, what: str) -> Path:
     pytest.skip(f"{reason}; set COOPIPE_REQUIRE_DATA=1 to make this a failure")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def engine_export_dir(request, tmp_path_factory):
+    """ONNX Runtime exports of the test towers go to pytest's cache folder (reused by later sessions, like the
+    EuroSAT stores), never into the user's ~/.cache; subprocesses (CLI, kill loops) inherit the variable."""
+    from coopipe.engines import CACHE_ENV
+
+    if os.environ.get(CACHE_ENV):
+        yield Path(os.environ[CACHE_ENV])
+        return
+    try:
+        path = request.config.cache.mkdir("coopipe-engines")
+    except AttributeError:  # cache provider disabled (-p no:cacheprovider)
+        path = tmp_path_factory.mktemp("engines")
+    os.environ[CACHE_ENV] = str(path)
+    yield path
+    os.environ.pop(CACHE_ENV, None)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The ``../shared/data`` folder (CoOp's ``$DATA`` layout for EuroSAT, plus ``splits/``)."""

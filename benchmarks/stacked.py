@@ -105,22 +105,34 @@ def main() -> None:
     side = _mode("sequential", [[s] for s in seeds], args.epochs, 1, args.device)
     stacked = _mode("stacked", [seeds], args.epochs, args.threads, args.device)
     sequential = _mode("sequential", [seeds], args.epochs, args.threads, args.device)
+    stacked_1t = _mode("stacked", [seeds], args.epochs, 1, args.device)  # the work saved per core, no threading
+    sequential_1t = _mode("sequential", [seeds], args.epochs, 1, args.device)
+    parts = [seeds[i::args.threads] for i in range(min(args.threads, len(seeds)))]  # as the sweep splits a group
+    stacks = _mode("stacked", parts, args.epochs, 1, args.device)  # one one-thread stack per core, side by side
     diff = max(float((stacked["ctx"][s] - sequential["ctx"][s]).abs().max()) for s in seeds)
     figures: dict[str, object] = {"runs": args.runs, "steps_per_run": steps // args.runs, "device": args.device,
                                   "threads": args.threads, "load_avg_1min": round(os.getloadavg()[0], 2)}
-    for name, m in (("side_by_side", side), ("stacked", stacked), ("sequential", sequential)):
+    for name, m in (("side_by_side", side), ("stacked", stacked), ("sequential", sequential),
+                    ("stacked_1thread", stacked_1t), ("sequential_1thread", sequential_1t),
+                    ("stacks_side_by_side", stacks)):
         figures[f"{name}_s"] = round(m["wall_s"], 3)
         figures[f"{name}_steps_per_s"] = round(steps / m["wall_s"], 2)
         figures[f"{name}_peak_rss_mb"] = round(m["peak_rss_mb"])
         if args.device.startswith("cuda"):
             figures[f"{name}_gpu_peak_mb"] = round(m["gpu_peak_mb"])
-        print(f"{name:13s} {m['wall_s']:7.2f} s  {steps / m['wall_s']:7.2f} steps/s  peak RSS {m['peak_rss_mb']:.0f} MB",
+        print(f"{name:19s} {m['wall_s']:7.2f} s  {steps / m['wall_s']:7.2f} steps/s  peak RSS {m['peak_rss_mb']:.0f} MB",
               flush=True)
     figures["stacked_vs_side_by_side"] = round(side["wall_s"] / stacked["wall_s"], 3)
     figures["stacked_vs_sequential"] = round(sequential["wall_s"] / stacked["wall_s"], 3)
+    figures["stacks_side_by_side_vs_side_by_side"] = round(side["wall_s"] / stacks["wall_s"], 3)
+    figures["stacked_1thread_vs_side_by_side"] = round(side["wall_s"] / stacked_1t["wall_s"], 3)
+    figures["stacked_1thread_vs_sequential_1thread"] = round(sequential_1t["wall_s"] / stacked_1t["wall_s"], 3)
     figures["max_abs_ctx_diff_stacked_vs_sequential"] = diff
-    print(f"stacked / side by side: {figures['stacked_vs_side_by_side']:.2f}x faster; stacked / sequential: "
-          f"{figures['stacked_vs_sequential']:.2f}x faster; stacked contexts = sequential ones to {diff:.1e}", flush=True)
+    print(f"one-thread stacks per core / side by side: {figures['stacks_side_by_side_vs_side_by_side']:.2f}x faster; "
+          f"stacked / side by side: {figures['stacked_vs_side_by_side']:.2f}x faster; stacked / sequential: "
+          f"{figures['stacked_vs_sequential']:.2f}x faster; stacked on 1 thread / side by side: "
+          f"{figures['stacked_1thread_vs_side_by_side']:.2f}x; stacked / sequential on 1 thread: "
+          f"{figures['stacked_1thread_vs_sequential_1thread']:.2f}x; stacked contexts = sequential ones to {diff:.1e}", flush=True)
     print(json.dumps(figures))
 
 

@@ -44,10 +44,13 @@ RUNS_PER_CORE = 2
 PLUGIN_NAME = "coopipe-sweep"
 INLINE = "inline"
 STACK_MODES = ("auto", "on", "off")
-# Measured with benchmarks/stacked.py (3 x 16-shot K = 10 CoOp runs, RN50 text tower, fp32) on the 2-core Xeon
-# without AVX512-BF16/AMX: stacked in one process with both threads ran at 0.67x the throughput of three one-thread
-# runs side by side, so on the CPU ``auto`` keeps runs side by side (see docs/performance.md).
-CPU_STACK_WINS = False
+# Measured with benchmarks/stacked.py (16-shot K = 10 CoOp runs, RN50 text tower, fp32, 2 epochs = 10 steps a run) on
+# the shared 2-core AMD EPYC (load average 4-7 from other work): ONE process stacking every run with both threads
+# ran at 0.22-0.42x the throughput of one-thread runs side by side (two OpenMP threads spin-wait on a loaded
+# machine), but a one-thread stack did 1.47-1.68x less work per core than the same runs one after another, and one
+# one-thread stack per core, side by side, was 1.24x faster than the runs side by side (R = 4). So on the CPU
+# ``auto`` stacks in one-thread groups, one per core (:func:`stack_units` ``parts``); see docs/performance.md.
+CPU_STACK_WINS = True
 STACKABLE_KINDS = ("coop", "base2new")
 Unit = tuple[RunTask, ...]  # tasks executed together: one run, or runs trained stacked
 
@@ -110,7 +113,7 @@ def threads_per_run(jobs: int, cores: int | None = None) -> int:
 
 def resolve_stack(stack: str, device: str = "cpu") -> bool:
     """Whether the sweep stacks runs: ``on``/``off`` as said; ``auto`` on CUDA (a K = 10 text pass leaves the GPU
-    idle) and on the CPU only where measured faster (:data:`CPU_STACK_WINS`)."""
+    idle) and on the CPU as measured (:data:`CPU_STACK_WINS`: one-thread stacks, one per core)."""
     if stack not in STACK_MODES:
         raise ParamsError(f"--stack must be one of {', '.join(STACK_MODES)}, got {stack!r}")
     if stack != "auto":
@@ -118,10 +121,12 @@ def resolve_stack(stack: str, device: str = "cpu") -> bool:
     return CPU_STACK_WINS if device == "cpu" else device.startswith("cuda")
 
 
-def stack_units(tasks: Sequence[RunTask], stack: bool) -> list[Unit]:
+def stack_units(tasks: Sequence[RunTask], stack: bool, parts: int = 1) -> list[Unit]:
     """The tasks as units of work, in order: with ``stack``, the training runs of one kind, dataset, method and
-    phase (so one class list, model and device) form one unit, trained in one text pass; image-conditional methods
-    (CoCoOp: a text pass per image) and every other task stay alone."""
+    phase (so one class list, model and device) form a stack trained in one text pass, split round-robin into
+    ``parts`` units (on the CPU one per core, each trained by a one-thread worker; the tasks come longest first, so
+    the parts get similar work); image-conditional methods (CoCoOp: a text pass per image) and every other task
+    stay alone."""
     units: list[list[RunTask]] = []
     groups: dict[tuple[Any, ...], list[RunTask]] = {}
     for task in tasks:
@@ -135,7 +140,11 @@ def stack_units(tasks: Sequence[RunTask], stack: bool) -> list[Unit]:
             units.append(groups[key])
         else:
             units.append([task])
-    return [tuple(unit) for unit in units]
+    split: list[Unit] = []
+    for unit in units:
+        n = max(1, min(parts, len(unit)))
+        split += [tuple(unit[i::n]) for i in range(n)]
+    return split
 
 
 def encode_dataset(task: EncodeTask, settings: RunSettings) -> None:
@@ -258,7 +267,9 @@ def _run_tasks(plan: SweepPlan, pending: Sequence[RunTask], outcome: SweepOutcom
     if not pending:
         return
     phases = sorted({t.phase for t in pending})
-    units = {phase: stack_units([t for t in pending if t.phase == phase], stack) for phase in phases}
+    # the CPU: one one-thread stack per core (one by one in this process: the whole stack at once)
+    parts = _cores() if plan.settings.device == "cpu" and scheduler != INLINE else 1
+    units = {phase: stack_units([t for t in pending if t.phase == phase], stack, parts) for phase in phases}
     most = max(len(u) for u in units.values())
     n = auto_jobs(most, plan.settings.device) if jobs == "auto" else int(jobs)
     if scheduler == INLINE:

@@ -128,3 +128,12 @@ def test_what_cannot_stack_is_refused(rn50):
     assert stack_key(mixed[0]) != stack_key(mixed[1])
     with pytest.raises(ParamsError, match="share the class list"):
         train_stacked(mixed, rn50)
+
+
+def test_group_bound_follows_the_memory_estimate(rn50):
+    from coopipe.stacked import default_max_stack, run_bytes
+
+    one = run_bytes(rn50, 10)
+    assert run_bytes(rn50, 20) == 2 * one  # R x K x L x width x layers: linear in the classes
+    assert run_bytes(rn50, 1000, TrainConfig(class_chunk=100, checkpoint_chunks=True)) == run_bytes(rn50, 100)
+    assert default_max_stack(rn50, 10) >= 1

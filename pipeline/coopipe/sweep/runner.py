@@ -46,9 +46,9 @@ INLINE = "inline"
 STACK_MODES = ("auto", "on", "off")
 # Measured with benchmarks/stacked.py (16-shot K = 10 CoOp runs, RN50 text tower, fp32, 2 epochs = 10 steps a run) on
 # the shared 2-core AMD EPYC (load average 4-7 from other work): ONE process stacking every run with both threads
-# ran at 0.22-0.42x the throughput of one-thread runs side by side (two OpenMP threads spin-wait on a loaded
-# machine), but a one-thread stack did 1.47-1.68x less work per core than the same runs one after another, and one
-# one-thread stack per core, side by side, was 1.24x faster than the runs side by side (R = 4). So on the CPU
+# ran at 0.22-0.52x the throughput of one-thread runs side by side (two OpenMP threads spin-wait on a loaded
+# machine), but a one-thread stack did 1.25-1.68x less work per core than the same runs one after another, and one
+# one-thread stack per core, side by side, was 1.24x and 1.40x faster than the runs side by side (R = 4). So on the CPU
 # ``auto`` stacks in one-thread groups, one per core (:func:`stack_units` ``parts``); see docs/performance.md.
 CPU_STACK_WINS = True
 STACKABLE_KINDS = ("coop", "base2new")

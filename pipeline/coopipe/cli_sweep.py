@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from coopipe.cli_common import csv_list, errors, int_list, name_list
-from coopipe.config import EncodeConfig, FewShotConfig, ModelSpec, PathsConfig
+from coopipe.config import EncodeConfig, FewShotConfig, ModelSpec, PathsConfig, SweepConfig
 
 
 def sweep(
@@ -45,6 +45,7 @@ def sweep(
     encode: Annotated[bool, typer.Option("--encode/--no-encode", help="Encode the datasets with missing runs first.")] = True,
     report: Annotated[bool, typer.Option("--report/--no-report", help="Write RUNS/report when a result changed.")] = True,
     jobs: Annotated[str, typer.Option("--jobs", "-j", help="Runs at once: auto (1-thread runs, up to 2 per core, 1 per 2 GiB) or N.")] = "auto",
+    stack: Annotated[str, typer.Option("--stack", help="Train runs of one dataset and method (seeds, shots) stacked in one text pass: auto (on CUDA, and on the CPU as one-thread stacks, one per core: measured faster), on, off.")] = SweepConfig.stack,
     scheduler: Annotated[Optional[str], typer.Option(help="dask.distributed scheduler address (default: a LocalCluster); 'inline' runs one by one in this process.")] = None,
     retry_failed: Annotated[int, typer.Option("--retry-failed", help="Retry a failed run this many times within the sweep (a re-run retries too).")] = 0,
     progress: Annotated[bool, typer.Option(help="Show a progress bar over runs.")] = True,
@@ -68,6 +69,9 @@ def sweep(
     try:
         if jobs != "auto" and not (jobs.isdigit() and int(jobs) > 0):
             raise typer.BadParameter(f"--jobs must be a positive integer or auto, got {jobs!r}")
+        from coopipe.sweep.runner import resolve_stack
+
+        resolve_stack(stack, device)  # a bad --stack fails here, before any work
         methods: tuple[MethodSpec, ...] | None = None  # each dataset's default (age datasets: AGE_METHODS)
         if variants:
             methods = tuple(parse_variant(v) for v in name_list([variants]))
@@ -98,7 +102,7 @@ def sweep(
     signal.signal(signal.SIGTERM, stop)
     logging.getLogger("distributed").setLevel(max(logging.ERROR, logging.getLogger().getEffectiveLevel()))
     outcome = run_sweep(plan, jobs=jobs if jobs == "auto" else int(jobs), scheduler=scheduler, retries=retry_failed,
-                        progress=progress, on_result=show)
+                        progress=progress, on_result=show, stack=stack)
     if outcome.jobs:
         typer.echo(f"== {sum(r.status != 'skipped' for r in outcome.results)} run(s) ran "
                    f"{outcome.jobs} at a time, {outcome.threads} thread(s) each")

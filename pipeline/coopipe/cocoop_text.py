@@ -83,9 +83,12 @@ def _batched_last_block(block: Any, x: torch.Tensor, packing: _Packing) -> torch
 def _forward_packed(
     encoder: PromptTextEncoder, packing: _Packing, prefix: torch.Tensor, suffix: torch.Tensor
 ) -> torch.Tensor:
-    """Per-image prefixes (b, P, width) and shared class rows (N_s, width) -> (b, n, embed_dim) normalised."""
+    """Per-sequence prefixes (b, P, width) and class rows (N_s, width) shared by all b, or (b, N_s, width) each its
+    own (stacked runs, :mod:`coopipe.stacked_text`) -> (b, n, embed_dim) normalised."""
     tower = encoder.tower
-    x = torch.cat([prefix, suffix.unsqueeze(0).expand(prefix.shape[0], -1, -1)], dim=1)  # (b, N, width)
+    if suffix.ndim == 2:
+        suffix = suffix.unsqueeze(0).expand(prefix.shape[0], -1, -1)  # (b, N_s, width)
+    x = torch.cat([prefix, suffix], dim=1)  # (b, N, width)
     x = x + tower.positional_embedding[packing.positions].to(x.dtype)  # (b, N, width)
     *blocks, last = tower.blocks
     for block in blocks:

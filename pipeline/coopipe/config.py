@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["EncodeConfig", "FewShotConfig", "InterpretConfig", "ModelSpec", "PathsConfig", "ReportConfig"]
+__all__ = ["EncodeConfig", "FewShotConfig", "InterpretConfig", "ModelSpec", "PathsConfig", "ReportConfig", "SweepConfig"]
 
 
 @dataclass(frozen=True)
@@ -67,3 +67,15 @@ class ReportConfig:
 
     gain_method: str = "coop"
     gain_shots: int | None = None
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """How ``coopipe sweep`` runs its training runs.
+
+    ``stack``: ``auto`` trains runs of one dataset, method and class list (seeds, shots) stacked in one text pass where
+    that wins (on CUDA; on the CPU as one-thread stacks, one per core, measured faster than one-thread runs side by
+    side, see :func:`coopipe.sweep.runner.resolve_stack`), ``on`` always, ``off`` never.
+    """
+
+    stack: str = "auto"

@@ -17,7 +17,9 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +43,8 @@ from coopipe.features import read_split, select_store
 from coopipe.models import LoadedClip, sha256_file
 from coopipe.lookup import fewshot_index_for, fewshot_index_path, resolve_model
 from coopipe.metrics_log import EpochMetricsLog
-from coopipe.train import EpochRecord, TrainConfig, TrainState, train_coop
+from coopipe.stacked import StackedRun, train_stacked
+from coopipe.train import EpochRecord, TrainConfig, TrainResult, TrainState, train_coop
 from coopipe.transfer import ClassSubset, check_store_classes
 
 logger = logging.getLogger(__name__)
@@ -89,7 +92,91 @@ def run_train(
                              checkpoint_every=checkpoint_every)
 
 
-def _train_locked(
+def run_train_stacked(
+    *,
+    cache_dir: str | Path,
+    dataset: str,
+    runs: Sequence[tuple[int, int, str | Path]],
+    model: str | None = None,
+    pretrained: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+    params_record: Mapping[str, Any] | None = None,
+    clip: LoadedClip | None = None,
+    classes: str = "all",
+    checkpoint_every: float = CHECKPOINT_EVERY_S,
+    max_stack: int | None = None,
+) -> list[dict[str, Any]]:
+    """:func:`run_train` for several ``(shots, seed, out_dir)`` runs of one dataset, method and class list, trained
+    stacked in one text pass (:func:`coopipe.stacked.train_stacked`, groups of at most ``max_stack``).
+
+    Each run folder is locked, resumed from its own checkpoint, checkpointed and written exactly as by
+    :func:`run_train` (the same preparing and saving code); finished runs are skipped. Returns the summaries in order.
+    """
+    cache_dir = Path(cache_dir)
+    clip = clip or resolve_model(cache_dir, dataset, model, pretrained, device)
+    common = dict(cache_dir=cache_dir, dataset=dataset, model=model, pretrained=pretrained, overrides=overrides,
+                  device=device, progress=progress, params_record=params_record, clip=clip, classes=classes,
+                  checkpoint_every=checkpoint_every)
+    with ExitStack() as stack:
+        prepared: list[_Prepared | dict[str, Any]] = []
+        for shots, seed, out_dir in runs:
+            stack.enter_context(exclusive_lock(Path(out_dir) / RUN_LOCK, f"run {out_dir}"))
+            prepared.append(_prepare(shots=shots, seed=seed, out_dir=Path(out_dir), **common))  # type: ignore[arg-type]
+        todo = [item for item in prepared if isinstance(item, _Prepared)]
+        for run in todo:
+            stack.enter_context(run.bar)
+            stack.enter_context(run.metrics)
+        results = iter(train_stacked([run.stacked_run() for run in todo], clip, max_stack=max_stack))
+        summaries: list[dict[str, Any]] = []
+        diverged: list[TrainingDivergedError] = []
+        for item in prepared:  # every sound run is saved before a diverged one's error is raised
+            try:
+                summaries.append(item if isinstance(item, dict) else _finish(item, next(results)))
+            except TrainingDivergedError as exc:
+                diverged.append(exc)
+        if diverged:
+            raise diverged[0]
+        return summaries
+
+
+@dataclass
+class _Prepared:
+    """One run folder ready to train: what :func:`coopipe.train.train_prompt` takes and what saving its result needs."""
+
+    out_dir: Path
+    clip: LoadedClip
+    config: TrainConfig
+    train: Any  # the few-shot train split (features, labels, classnames)
+    val_feats: Any
+    val_labels: Any
+    resume: TrainState | None
+    stores: dict[str, Any]
+    record: dict[str, Any]
+    run: RunRecord
+    bar: Any
+    metrics: EpochMetricsLog
+    on_epoch: Callable[[EpochRecord, TrainState], None]
+
+    def stacked_run(self) -> StackedRun:
+        return StackedRun(self.train.features, self.train.labels, self.train.classnames, self.config,
+                          val_feats=self.val_feats, val_labels=self.val_labels, on_epoch=self.on_epoch,
+                          resume_state=self.resume)
+
+
+def _train_locked(**kwargs: Any) -> dict[str, Any]:
+    prepared = _prepare(**kwargs)
+    if isinstance(prepared, dict):
+        return prepared
+    with prepared.bar, prepared.metrics:
+        result = train_coop(prepared.train.features, prepared.train.labels, prepared.clip, prepared.train.classnames,
+                            prepared.config, val_feats=prepared.val_feats, val_labels=prepared.val_labels,
+                            on_epoch=prepared.on_epoch, resume_state=prepared.resume)
+    return _finish(prepared, result)
+
+
+def _prepare(
     *,
     cache_dir: Path,
     dataset: str,
@@ -105,7 +192,8 @@ def _train_locked(
     clip: LoadedClip | None,
     classes: str,
     checkpoint_every: float,
-) -> dict[str, Any]:
+) -> _Prepared | dict[str, Any]:
+    """Everything before training one run folder; a finished run's summary instead when there is nothing to do."""
     clip = clip or resolve_model(cache_dir, dataset, model, pretrained, device)
     opts = {k: v for k, v in dict(overrides or {}).items() if v is not None}
     config = TrainConfig.for_method(str(opts.pop("method", "coop")), shots, dataset, seed=seed, **opts)
@@ -167,9 +255,14 @@ def _train_locked(
                             stores=stores, params=record, run=run)
             last_save[0] = time.monotonic()
 
-    with bar, metrics:
-        result = train_coop(train.features, train.labels, clip, train.classnames, config, val_feats=val_feats,
-                            val_labels=val_labels, on_epoch=on_epoch, resume_state=resume)
+    return _Prepared(out_dir=out_dir, clip=clip, config=config, train=train, val_feats=val_feats,
+                     val_labels=val_labels, resume=resume, stores=stores, record=record, run=run, bar=bar,
+                     metrics=metrics, on_epoch=on_epoch)
+
+
+def _finish(prepared: _Prepared, result: TrainResult) -> dict[str, Any]:
+    """Check and save a trained run (the same for a run trained alone or stacked); returns its summary."""
+    out_dir, config, clip = prepared.out_dir, prepared.config, prepared.clip
     final = result.text_features if result.text_features is not None else torch.cat(
         [t.flatten() for t in result.learner_tensors().values()])
     if not bool(torch.isfinite(final).all()):
@@ -180,8 +273,11 @@ def _train_locked(
     # the order is the crash-consistency argument: classifier, then the complete prompt.json that records its
     # hash, then history.tsv and train.json; a kill before prompt.json resumes, a kill after it is completed by
     # _complete_outputs on the next run
-    save_result(out_dir, result, clip=clip, classnames=train.classnames, config=config, stores=stores, params=record, run=run)
+    save_result(out_dir, result, clip=clip, classnames=prepared.train.classnames, config=config,
+                stores=prepared.stores, params=prepared.record, run=prepared.run)
     return _complete_outputs(load_checkpoint(out_dir), clip, seconds=result.seconds, skipped=False)
+
+
 
 
 def check_finite(rec: EpochRecord, state: TrainState, config: TrainConfig, out_dir: Path) -> None:

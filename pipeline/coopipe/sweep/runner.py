@@ -32,7 +32,9 @@ from distributed import WorkerPlugin
 from tqdm.auto import tqdm  # type: ignore[import-untyped]
 
 from coopipe.sweep.plan import EncodeTask, RunSettings, RunTask, SweepPlan
-from coopipe.sweep.tasks import ModelPool, RunResult, execute_task, set_threads
+from coopipe.config import SweepConfig
+from coopipe.errors import ParamsError
+from coopipe.sweep.tasks import ModelPool, RunResult, execute_stack, set_threads
 from coopipe.report.records import metrics_files
 
 logger = logging.getLogger(__name__)
@@ -41,6 +43,16 @@ GIB_PER_RUN = 2.0
 RUNS_PER_CORE = 2
 PLUGIN_NAME = "coopipe-sweep"
 INLINE = "inline"
+STACK_MODES = ("auto", "on", "off")
+# Measured with benchmarks/stacked.py (16-shot K = 10 CoOp runs, RN50 text tower, fp32, 2 epochs = 10 steps a run) on
+# the shared 2-core AMD EPYC (load average 4-7 from other work): ONE process stacking every run with both threads
+# ran at 0.22-0.52x the throughput of one-thread runs side by side (two OpenMP threads spin-wait on a loaded
+# machine), but a one-thread stack did 1.25-1.68x less work per core than the same runs one after another, and one
+# one-thread stack per core, side by side, was 1.24x and 1.40x faster than the runs side by side (R = 4). So on the CPU
+# ``auto`` stacks in one-thread groups, one per core (:func:`stack_units` ``parts``); see docs/performance.md.
+CPU_STACK_WINS = True
+STACKABLE_KINDS = ("coop", "base2new")
+Unit = tuple[RunTask, ...]  # tasks executed together: one run, or runs trained stacked
 
 
 @dataclass
@@ -99,6 +111,42 @@ def threads_per_run(jobs: int, cores: int | None = None) -> int:
     return max(1, cores // jobs)
 
 
+def resolve_stack(stack: str, device: str = "cpu") -> bool:
+    """Whether the sweep stacks runs: ``on``/``off`` as said; ``auto`` on CUDA (a K = 10 text pass leaves the GPU
+    idle) and on the CPU as measured (:data:`CPU_STACK_WINS`: one-thread stacks, one per core)."""
+    if stack not in STACK_MODES:
+        raise ParamsError(f"--stack must be one of {', '.join(STACK_MODES)}, got {stack!r}")
+    if stack != "auto":
+        return stack == "on"
+    return CPU_STACK_WINS if device == "cpu" else device.startswith("cuda")
+
+
+def stack_units(tasks: Sequence[RunTask], stack: bool, parts: int = 1) -> list[Unit]:
+    """The tasks as units of work, in order: with ``stack``, the training runs of one kind, dataset, method and
+    phase (so one class list, model and device) form a stack trained in one text pass, split round-robin into
+    ``parts`` units (on the CPU one per core, each trained by a one-thread worker; the tasks come longest first, so
+    the parts get similar work); image-conditional methods (CoCoOp: a text pass per image) and every other task
+    stay alone."""
+    units: list[list[RunTask]] = []
+    groups: dict[tuple[Any, ...], list[RunTask]] = {}
+    for task in tasks:
+        stackable = stack and task.kind in STACKABLE_KINDS and task.method is not None
+        if stackable and not task.method.image_conditional:  # type: ignore[union-attr]
+            key = (task.kind, task.dataset, task.method, task.phase)
+            if key in groups:
+                groups[key].append(task)
+                continue
+            groups[key] = [task]
+            units.append(groups[key])
+        else:
+            units.append([task])
+    split: list[Unit] = []
+    for unit in units:
+        n = max(1, min(parts, len(unit)))
+        split += [tuple(unit[i::n]) for i in range(n)]
+    return split
+
+
 def encode_dataset(task: EncodeTask, settings: RunSettings) -> None:
     """One dataset's ``run_encode`` (every split, shot and seed), behind the cache's per-dataset lock."""
     from coopipe.encode import EncodeOptions
@@ -135,13 +183,13 @@ class SweepWorker(WorkerPlugin):
         self.pool = None
 
 
-def run_on_worker(task: RunTask, settings: RunSettings) -> RunResult:
-    """The function each dask task calls (on a worker with the :class:`SweepWorker` plugin)."""
+def run_on_worker(unit: Unit, settings: RunSettings) -> list[RunResult]:
+    """The function each dask task calls (on a worker with the :class:`SweepWorker` plugin): one unit's results."""
     from distributed import get_worker
 
     plugin: SweepWorker = get_worker().plugins[PLUGIN_NAME]  # type: ignore[assignment]
     set_threads(plugin.threads)
-    return execute_task(task, settings, plugin.pool)
+    return execute_stack(unit, settings, plugin.pool)
 
 
 def run_sweep(
@@ -152,8 +200,12 @@ def run_sweep(
     retries: int = 0,
     progress: bool = True,
     on_result: Callable[[RunResult], None] | None = None,
+    stack: str = SweepConfig.stack,
 ) -> SweepOutcome:
-    """Run every missing task of ``plan``; returns the results (the caller prints and summarises them)."""
+    """Run every missing task of ``plan``; returns the results (the caller prints and summarises them).
+
+    ``stack`` (``auto|on|off``, :func:`resolve_stack`): train compatible runs stacked in one text pass."""
+    stacked = resolve_stack(stack, plan.settings.device)
     t0 = time.monotonic()
     outcome = SweepOutcome(planned=len(plan.tasks))
 
@@ -172,7 +224,7 @@ def run_sweep(
         try:
             pending = _encode(plan, pending, record, remote=scheduler not in (None, INLINE), scheduler=scheduler)
             _run_tasks(plan, pending, outcome, record, jobs=jobs, scheduler=scheduler, retries=retries,
-                       progress=progress)
+                       progress=progress, stack=stacked)
         except KeyboardInterrupt:
             outcome.interrupted = True
     outcome.seconds = time.monotonic() - t0
@@ -211,16 +263,20 @@ def _encode(plan: SweepPlan, pending: list[RunTask], record: Callable[[RunResult
 
 def _run_tasks(plan: SweepPlan, pending: Sequence[RunTask], outcome: SweepOutcome,
                record: Callable[[RunResult], None], *, jobs: int | str, scheduler: str | None, retries: int,
-               progress: bool) -> None:
+               progress: bool, stack: bool = False) -> None:
     if not pending:
         return
-    n = auto_jobs(len(pending), plan.settings.device) if jobs == "auto" else int(jobs)
+    phases = sorted({t.phase for t in pending})
+    # the CPU: one one-thread stack per core (one by one in this process: the whole stack at once)
+    parts = _cores() if plan.settings.device == "cpu" and scheduler != INLINE else 1
+    units = {phase: stack_units([t for t in pending if t.phase == phase], stack, parts) for phase in phases}
+    most = max(len(u) for u in units.values())
+    n = auto_jobs(most, plan.settings.device) if jobs == "auto" else int(jobs)
     if scheduler == INLINE:
         n = 1
     outcome.jobs, outcome.threads = n, threads_per_run(n)
-    logger.info("%d run(s) to do: %d at a time, %d thread(s) each (%d cores)", len(pending), n, outcome.threads,
-                _cores())
-    phases = sorted({t.phase for t in pending})
+    logger.info("%d run(s) to do in %d unit(s)%s: %d at a time, %d thread(s) each (%d cores)", len(pending),
+                sum(len(u) for u in units.values()), " (runs stacked)" if stack else "", n, outcome.threads, _cores())
     with tqdm(total=len(pending), unit="run", disable=not progress, desc="sweep", dynamic_ncols=True) as bar:
         def finish(result: RunResult, task: RunTask, tries: dict[RunTask, int]) -> RunTask | None:
             if result.status == "failed" and tries[task] < retries:
@@ -236,35 +292,38 @@ def _run_tasks(plan: SweepPlan, pending: Sequence[RunTask], outcome: SweepOutcom
             set_threads(outcome.threads)
             for phase in phases:
                 tries = {t: 0 for t in pending if t.phase == phase}
-                for task in tries:
-                    while (again := finish(execute_task(task, plan.settings, pool), task, tries)) is not None:
-                        task = again
+                for unit in units[phase]:
+                    for task, result in zip(unit, execute_stack(unit, plan.settings, pool)):
+                        while (again := finish(result, task, tries)) is not None:  # a retry runs alone
+                            task, result = again, execute_stack((again,), plan.settings, pool)[0]
             return
         with _client(scheduler, n, outcome.threads) as client:
             client.register_plugin(SweepWorker(outcome.threads), name=PLUGIN_NAME)
             for phase in phases:
-                _run_phase(client, [t for t in pending if t.phase == phase], plan.settings, finish)
+                _run_phase(client, units[phase], plan.settings, finish)
 
 
-def _run_phase(client: Any, tasks: Sequence[RunTask], settings: RunSettings,
+def _run_phase(client: Any, units: Sequence[Unit], settings: RunSettings,
                finish: Callable[[RunResult, RunTask, dict[RunTask, int]], RunTask | None]) -> None:
     from distributed import as_completed
 
-    tries = {t: 0 for t in tasks}
-    futures = {client.submit(run_on_worker, t, settings, pure=False, priority=len(tasks) - i): t
-               for i, t in enumerate(tasks)}  # longest first
+    tries = {t: 0 for unit in units for t in unit}
+    futures = {client.submit(run_on_worker, unit, settings, pure=False, priority=len(units) - i): unit
+               for i, unit in enumerate(units)}  # longest first
     done = as_completed(list(futures))
     for future in done:
-        task = futures.pop(future)
+        unit = futures.pop(future)
         try:
-            result = future.result()
+            results = future.result()
         except Exception as exc:  # noqa: BLE001 (the worker died, killed or out of memory: the sweep goes on)
-            result = RunResult(task.label, task.run_dir, "failed", error=f"worker lost: {type(exc).__name__}: {exc}")
-        again = finish(result, task, tries)
-        if again is not None:
-            retry = client.submit(run_on_worker, again, settings, pure=False)
-            futures[retry] = again
-            done.add(retry)
+            error = f"worker lost: {type(exc).__name__}: {exc}"
+            results = [RunResult(task.label, task.run_dir, "failed", error=error) for task in unit]
+        for task, result in zip(unit, results):
+            again = finish(result, task, tries)
+            if again is not None:  # a retry runs alone
+                retry = client.submit(run_on_worker, (again,), settings, pure=False)
+                futures[retry] = (again,)
+                done.add(retry)
 
 
 class _client:

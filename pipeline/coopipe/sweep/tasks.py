@@ -14,14 +14,15 @@ import logging
 import os
 import time
 import traceback
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from coopipe.errors import LockedError
 from coopipe.locks import exclusive_lock
+from coopipe.method import MethodSpec
 from coopipe.sweep.plan import RunSettings, RunTask
 
 logger = logging.getLogger(__name__)
@@ -112,28 +113,83 @@ def _log_to(path: Path) -> Iterator[None]:
 
 def execute_task(task: RunTask, settings: RunSettings, pool: ModelPool | None = None) -> RunResult:
     """Run ``task`` unless it is finished or held; never raises for a failure of the run itself."""
-    run = Path(task.run_dir)
-    if task.finished():
-        return RunResult(task.label, task.run_dir, "skipped")
-    with run_lock(run) as mine:
-        if not mine:
-            return RunResult(task.label, task.run_dir, "held")
-        if task.finished():  # finished by another process since we looked
-            return RunResult(task.label, task.run_dir, "skipped")
-        run.mkdir(parents=True, exist_ok=True)
+    return execute_stack((task,), settings, pool)[0]
+
+
+def execute_stack(tasks: Sequence[RunTask], settings: RunSettings, pool: ModelPool | None = None) -> list[RunResult]:
+    """Run ``tasks`` (one result each, in order); with several, their training runs stacked in one text pass first.
+
+    The tasks of a stack share dataset, kind and method (:func:`coopipe.sweep.runner.stack_units` groups them). Each
+    run folder is locked; finished and held ones are reported as such. The stacked training
+    (:func:`coopipe.jobs.train.run_train_stacked`) writes every run's checkpoint; then each task goes through the
+    per-run path, which finds its training complete and evaluates. If the stacked training fails (a diverged run
+    stops its stack), each run goes the per-run path from its own checkpoint: one bad run never fails its mates.
+    """
+    pool = pool or ModelPool()
+    results: dict[int, RunResult] = {}
+    with ExitStack() as held:
+        mine: list[tuple[int, RunTask]] = []
+        for i, task in enumerate(tasks):
+            if task.finished():
+                results[i] = RunResult(task.label, task.run_dir, "skipped")
+            elif not held.enter_context(run_lock(Path(task.run_dir))):
+                results[i] = RunResult(task.label, task.run_dir, "held")
+            elif task.finished():  # finished by another process since we looked
+                results[i] = RunResult(task.label, task.run_dir, "skipped")
+            else:
+                mine.append((i, task))
         t0 = time.monotonic()
-        with _log_to(run / "log.txt"):
-            logger.info("== %s (pid %d)", task.label, os.getpid())
-            try:
-                metrics = _run(task, settings, pool or ModelPool())
-            except Exception as exc:  # noqa: BLE001 (a failed run is reported, and the sweep goes on)
-                logger.error("%s failed:\n%s", task.label, traceback.format_exc())
-                return RunResult(task.label, task.run_dir, "failed", time.monotonic() - t0,
-                                 error=f"{type(exc).__name__}: {exc}")
-        if not task.finished():
+        if len(mine) > 1:
+            _train_stack([task for _, task in mine], settings, pool)
+        for i, task in mine:
+            results[i] = _execute_locked(task, settings, pool, t0)
+    return [results[i] for i in range(len(tasks))]
+
+
+def _train_stack(tasks: Sequence[RunTask], s: RunSettings, pool: ModelPool) -> None:
+    """The stacked training of ``tasks``' runs, logged into each run's log.txt; a failure is logged, not raised."""
+    from coopipe.jobs.train import run_train_stacked
+
+    first = tasks[0]
+    assert first.method is not None
+    with ExitStack() as logs:
+        for task in tasks:
+            Path(task.run_dir).mkdir(parents=True, exist_ok=True)
+            logs.enter_context(_log_to(Path(task.run_dir) / "log.txt"))
+        logger.info("== %d runs stacked (pid %d): %s", len(tasks), os.getpid(), "; ".join(t.label for t in tasks))
+        try:
+            run_train_stacked(cache_dir=s.cache, dataset=first.dataset, runs=[(t.shots, int(t.seed or 0), t.run_dir) for t in tasks],
+                              overrides=_overrides(s, first.method), device=s.device, progress=False,
+                              params_record={"cli": "coopipe sweep"}, clip=pool.get(s.model, s.pretrained, s.device),
+                              classes="base" if first.kind == "base2new" else "all")
+        except Exception:  # noqa: BLE001 (each run then goes the per-run path, from its own checkpoint)
+            logger.warning("stacked training failed; training each run alone:\n%s", traceback.format_exc())
+
+
+def _execute_locked(task: RunTask, settings: RunSettings, pool: ModelPool, t0: float) -> RunResult:
+    run = Path(task.run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    with _log_to(run / "log.txt"):
+        logger.info("== %s (pid %d)", task.label, os.getpid())
+        try:
+            metrics = _run(task, settings, pool)
+        except Exception as exc:  # noqa: BLE001 (a failed run is reported, and the sweep goes on)
+            logger.error("%s failed:\n%s", task.label, traceback.format_exc())
             return RunResult(task.label, task.run_dir, "failed", time.monotonic() - t0,
-                             error=f"finished without writing {', '.join(task.done_files)}")
-        return RunResult(task.label, task.run_dir, "done", time.monotonic() - t0, metrics)
+                             error=f"{type(exc).__name__}: {exc}")
+    if not task.finished():
+        return RunResult(task.label, task.run_dir, "failed", time.monotonic() - t0,
+                         error=f"finished without writing {', '.join(task.done_files)}")
+    return RunResult(task.label, task.run_dir, "done", time.monotonic() - t0, metrics)
+
+
+def _overrides(s: RunSettings, m: MethodSpec) -> dict[str, Any]:
+    """The training options of a run of method ``m``: the sweep's options, the method's fields, ``--epochs``."""
+    overrides = {**dict(s.train_options), "method": m.method, "n_ctx": m.n_ctx, "csc": m.csc,
+                 "ctx_init": m.ctx_init, "class_token_position": m.class_token_position}
+    if s.epochs:
+        overrides["max_epoch"] = s.epochs
+    return overrides
 
 
 def _run(task: RunTask, s: RunSettings, pool: ModelPool) -> dict[str, Any]:
@@ -149,11 +205,7 @@ def _run(task: RunTask, s: RunSettings, pool: ModelPool) -> dict[str, Any]:
     clip = pool.get(s.model, s.pretrained, s.device)
     if task.kind in ("coop", "base2new"):
         assert task.method is not None and task.seed is not None
-        m = task.method
-        overrides = {**dict(s.train_options), "method": m.method, "n_ctx": m.n_ctx, "csc": m.csc,
-                     "ctx_init": m.ctx_init, "class_token_position": m.class_token_position}
-        if s.epochs:
-            overrides["max_epoch"] = s.epochs
+        overrides = _overrides(s, task.method)
         classes = "base" if task.kind == "base2new" else "all"
         run_train(cache_dir=s.cache, dataset=task.dataset, shots=task.shots, seed=task.seed, out_dir=run,
                   overrides=overrides, device=s.device, progress=False, params_record={"cli": "coopipe sweep"},

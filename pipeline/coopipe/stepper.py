@@ -1,0 +1,298 @@
+"""One run's training, step by step: its learner, optimiser, data generator, schedule, history and callbacks.
+
+Why a stepper: the training loop is one implementation whether a run trains alone (:func:`coopipe.train.train_prompt`)
+or stacked with others in one text pass (:mod:`coopipe.stacked`). A :class:`RunStepper` owns everything that is the
+run's own (its init draw, data generator, batches, number of epochs, lr schedule, SGD momentum, history,
+``on_epoch`` callback, resume state) and the driver (:func:`coopipe.stacked.drive`) only supplies, at every tick,
+the run's class text features from the shared text pass and back-propagates the sum of the runs' losses.
+
+A run's ticks: at an epoch's first step, the tick's text features first complete the previous epoch (validation
+and ``on_epoch``: the context does not change between the end of epoch e and the first forward of epoch e + 1, so
+that forward is exactly the classifier validation needs and costs no extra text pass), then draw this epoch's
+views and batch order from the data generator; every step computes its batch's loss; after the last epoch one more
+tick (no gradient needed) gives the final classifier and completes the last epoch. Image-conditional learners
+(CoCoOp) get no text features: they compute their own logits through the batched B x K path and complete an epoch
+at its end, validation scoring every validation image.
+
+Determinism: all randomness comes from two explicit ``torch.Generator`` objects derived from ``config.seed``
+(one initialises the context, one draws views and batch order), so the same seed gives the identical context on
+the CPU. Resuming from a :class:`TrainState` (context and the learner's other parameters, every momentum buffer,
+generator state, epoch) gives the same result as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from coopipe.errors import CheckpointError, ParamsError
+from coopipe.learners import Learner, build_learner, is_image_conditional, predict_logits
+from coopipe.models import LoadedClip
+from coopipe.text_encoder import PromptTextEncoder, coop_logits
+from coopipe.text_tower import resolve_text_tower
+from coopipe.train_config import (
+    EpochRecord,
+    TrainConfig,
+    TrainResult,
+    TrainState,
+    batch_slices,
+    check_features,
+    derive_seed,
+    draw_views,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["RunStepper", "StackedRun"]
+
+
+@dataclass
+class StackedRun:
+    """One run's inputs, as :func:`coopipe.train.train_prompt` takes them (see its docstring for each field)."""
+
+    train_feats: torch.Tensor | np.ndarray
+    train_labels: torch.Tensor | np.ndarray
+    classnames: Sequence[str]
+    config: TrainConfig = TrainConfig()
+    val_feats: torch.Tensor | np.ndarray | None = None
+    val_labels: torch.Tensor | np.ndarray | None = None
+    on_epoch: Callable[[EpochRecord, TrainState], None] | None = None
+    resume_state: TrainState | None = None
+    stop_after: int | None = None
+
+
+def _momentum_buffer(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> torch.Tensor | None:
+    buf = optimizer.state.get(param, {}).get("momentum_buffer")
+    return None if buf is None else buf.detach().cpu().clone()
+
+
+def _other_params(learner: Learner) -> dict[str, nn.Parameter]:
+    """The learner's trainable parameters other than ``ctx``, by name (CoCoOp: the Meta-Net's; CoOp: none)."""
+    return {name: p for name, p in learner.named_parameters() if name != "ctx"}
+
+
+def _snapshot(
+    epoch: int,
+    learner: Learner,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    history: list[EpochRecord],
+) -> TrainState:
+    others = _other_params(learner)
+    momentum = {name: _momentum_buffer(optimizer, p) for name, p in others.items()}
+    return TrainState(
+        epoch=epoch,
+        ctx=learner.ctx.detach().cpu().clone(),
+        momentum_buffer=_momentum_buffer(optimizer, learner.ctx),
+        generator_state=generator.get_state().clone(),
+        history=list(history),
+        variant=_variant(learner),
+        params={name: p.detach().cpu().clone() for name, p in others.items()},
+        momentum={name: buf for name, buf in momentum.items() if buf is not None},
+    )
+
+
+def _variant(learner: Learner) -> dict[str, Any]:
+    return {k: v for k, v in learner.config().items() if k != "classnames"}
+
+
+def _restore(
+    state: TrainState,
+    learner: Learner,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    max_epoch: int,
+) -> None:
+    variant = _variant(learner)
+    if state.variant and state.variant != variant:
+        raise CheckpointError(
+            f"cannot resume: the saved state is for prompt variant {state.variant}, this run builds {variant}; "
+            f"resume with the checkpoint's method/n_ctx/ctx_init/csc/class_token_position or start a new run"
+        )
+    if tuple(state.ctx.shape) != tuple(learner.ctx.shape):
+        raise CheckpointError(
+            f"cannot resume: saved context has shape {tuple(state.ctx.shape)}, this run needs "
+            f"{tuple(learner.ctx.shape)} (another class list or variant); start a new run"
+        )
+    others = _other_params(learner)
+    if set(state.params) != set(others):
+        raise CheckpointError(
+            f"cannot resume: the saved state holds parameters {sorted(state.params)}, this learner has "
+            f"{sorted(others)}; resume with the checkpoint's method or start a new run"
+        )
+    for name, param in others.items():
+        if tuple(state.params[name].shape) != tuple(param.shape):
+            raise CheckpointError(
+                f"cannot resume: saved {name} has shape {tuple(state.params[name].shape)}, this run needs "
+                f"{tuple(param.shape)} (another model); start a new run"
+            )
+    if not 0 <= state.epoch <= max_epoch:
+        raise CheckpointError(f"cannot resume: saved state is at epoch {state.epoch} of a {max_epoch}-epoch run")
+    with torch.no_grad():
+        learner.ctx.copy_(state.ctx.to(learner.ctx.device, learner.ctx.dtype))
+        for name, param in others.items():
+            param.copy_(state.params[name].to(param.device, param.dtype))
+    buffers = {"ctx": state.momentum_buffer, **state.momentum}
+    for name, param in {"ctx": learner.ctx, **others}.items():
+        buffer = buffers.get(name)
+        if buffer is not None:
+            optimizer.state[param]["momentum_buffer"] = buffer.to(param.device, param.dtype).clone()
+    generator.set_state(state.generator_state.clone())
+
+
+class RunStepper:
+    """One run's state and schedule; the driver calls :meth:`step` once per tick and :meth:`after_backward` after
+    back-propagating the loss :meth:`step` returned. Computation runs on the device of ``clip``'s text tower."""
+
+    def __init__(self, run: StackedRun, clip: LoadedClip, encoder: PromptTextEncoder) -> None:
+        self.started = time.perf_counter()
+        config = self.config = run.config
+        self.device = device = resolve_text_tower(clip.model).device
+        names = list(run.classnames)
+        feats, labels = check_features(run.train_feats, run.train_labels, n_classes=len(names), dim=clip.embed_dim,
+                                       what="training")
+        if feats.ndim == 2:
+            feats = feats.unsqueeze(1)  # (N, 1, D)
+        self.feats, self.labels = feats.to(device), labels.to(device)  # (N, V, D), (N,)
+        self.val: tuple[torch.Tensor, torch.Tensor] | None = None
+        if (run.val_feats is None) != (run.val_labels is None):
+            raise ParamsError("give both val_feats and val_labels, or neither")
+        if run.val_feats is not None and run.val_labels is not None:
+            vf, vy = check_features(run.val_feats, run.val_labels, n_classes=len(names), dim=clip.embed_dim,
+                                    what="validation")
+            self.val = ((vf[:, 0] if vf.ndim == 3 else vf).to(device), vy.to(device))  # (M, D), (M,)
+        n_images, n_views, _ = self.feats.shape
+        if config.views == "augmented" and n_views == 1:
+            logger.info("training features hold only the centre view: training without cached augmentation")
+
+        init_gen = torch.Generator().manual_seed(derive_seed(config.seed, "ctx-init"))
+        self.data_gen = torch.Generator().manual_seed(derive_seed(config.seed, "data"))
+        self.learner: Learner = build_learner(config.method_spec(), clip, names, generator=init_gen)
+        self.conditional = is_image_conditional(self.learner)
+        self.encoder = encoder
+        self.logit_scale = clip.model.logit_scale.detach()  # scalar, log scale
+        self.optimizer = torch.optim.SGD([self.learner.ctx, *_other_params(self.learner).values()], lr=config.lr,
+                                         momentum=config.momentum, weight_decay=config.weight_decay, dampening=0.0,
+                                         nesterov=False)
+        self.on_epoch = run.on_epoch
+        self.history: list[EpochRecord] = []
+        self.epoch = 0  # the epoch in progress (0-based), or the next one at an epoch boundary
+        if run.resume_state is not None:
+            _restore(run.resume_state, self.learner, self.optimizer, self.data_gen, config.max_epoch)
+            self.epoch = run.resume_state.epoch
+            self.history = list(run.resume_state.history)
+            logger.info("resuming at epoch %d of %d", self.epoch, config.max_epoch)
+        stop = config.max_epoch if run.stop_after is None else min(run.stop_after, config.max_epoch)
+        self.end_epoch = max(self.epoch, stop)
+        self.batches = batch_slices(n_images, config.batch_size, config.drop_last)
+        self.step_index = 0  # next batch of the epoch in progress
+        self.pending: dict[str, Any] | None = None  # the finished epoch's record, waiting for its validation
+        self.done = False
+        self.text_features: torch.Tensor | None = None
+        self.seconds = 0.0
+        self.lr, self.epoch_started, self.seen = config.lr_at(self.epoch), 0.0, 0  # set per epoch by _begin_epoch
+        self.views = self.order = torch.zeros(0, dtype=torch.long, device=device)  # (N,) each
+        self.loss_sum, self.correct = torch.zeros((), device=device), torch.zeros((), dtype=torch.long, device=device)
+        logger.info("%s seed %d: %d images x %d views, %d classes, %d batches/epoch, epochs %d..%d of %d",
+                    config.method_spec().label(), config.seed, n_images, n_views, len(names), len(self.batches),
+                    self.epoch + 1, self.end_epoch, config.max_epoch)
+
+    @property
+    def finishing(self) -> bool:
+        """Whether the next tick is the final one (its text features are the final classifier; no gradient)."""
+        return self.epoch >= self.end_epoch
+
+    def step(self, text: torch.Tensor | None, tick_started: float) -> torch.Tensor | None:
+        """One tick: ``text`` (K, D) is this run's classifier from the shared text pass (None for image-conditional
+        learners). Returns the loss to back-propagate, or None when this tick finished the run."""
+        if self.finishing:
+            self._complete(None if text is None else text.detach())
+            if not self.conditional and text is not None:
+                self.text_features = text.detach().float().cpu()
+            self.done = True
+            self.seconds = time.perf_counter() - self.started
+            return None
+        if self.step_index == 0:
+            self._begin_epoch(text, tick_started)
+        idx = self.order[self.batches[self.step_index]]  # (B,)
+        image = self.feats[idx, self.views[idx]]  # (B, D)
+        target = self.labels[idx]  # (B,)
+        if self.conditional:
+            logits = self.learner.logits(self.encoder, image, self.logit_scale, image_chunk=self.config.image_chunk)
+        else:
+            logits = coop_logits(image, text, self.logit_scale)  # type: ignore[arg-type]  # (B, K)
+        # a learner may bring its own loss (rank prompts: cross-entropy + OrdinalCLIP's KL term)
+        loss_fn = getattr(self.learner, "loss", F.cross_entropy)
+        loss = loss_fn(logits.float(), target)
+        self.loss_sum += loss.detach() * len(idx)
+        self.correct += (logits.detach().argmax(dim=-1) == target).sum()
+        self.seen += len(idx)
+        return loss  # type: ignore[no-any-return]
+
+    def after_backward(self) -> None:
+        """The optimiser step after the driver's backward pass, then the epoch's end when it was its last batch."""
+        self.optimizer.step()
+        self.step_index += 1
+        if self.step_index < len(self.batches):
+            return
+        self.pending = {"epoch": self.epoch + 1, "lr": self.lr, "loss": float(self.loss_sum) / max(self.seen, 1),
+                        "train_acc": int(self.correct) / max(self.seen, 1),
+                        "seconds": time.perf_counter() - self.epoch_started}
+        self.step_index = 0
+        self.epoch += 1
+        if self.conditional:
+            self._complete(None)
+
+    def result(self) -> TrainResult:
+        """The finished (or stopped) run."""
+        if not self.done:
+            raise ParamsError("the run has not finished: drive it to the end first")
+        state = _snapshot(self.epoch, self.learner, self.optimizer, self.data_gen, self.history)
+        return TrainResult(ctx=state.ctx, history=self.history, state=state, text_features=self.text_features,
+                           logit_scale=float(self.logit_scale), variant=_variant(self.learner), seconds=self.seconds,
+                           params=dict(state.params))
+
+    def _begin_epoch(self, text: torch.Tensor | None, tick_started: float) -> None:
+        t1 = time.perf_counter()
+        if not self.conditional and text is not None:
+            self._complete(text.detach())  # the last epoch's validation and checkpoint are not this epoch's time
+        self.epoch_started = tick_started + (time.perf_counter() - t1)
+        self.lr = self.config.lr_at(self.epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr
+        n_images, n_views, _ = self.feats.shape
+        self.views = draw_views(n_images, n_views, self.config.views, self.data_gen).to(self.device)  # (N,)
+        self.order = torch.randperm(n_images, generator=self.data_gen).to(self.device)  # (N,)
+        self.loss_sum = torch.zeros((), device=self.device)  # accumulated on the device: no sync per step
+        self.correct = torch.zeros((), dtype=torch.long, device=self.device)
+        self.seen = 0
+
+    def _complete(self, text: torch.Tensor | None) -> None:
+        """Record the pending epoch with its validation accuracy (``text``: its classifier; None: score through the
+        learner) and call ``on_epoch``."""
+        if self.pending is None:
+            return
+        val_acc = None
+        if self.val is not None:
+            with torch.no_grad():
+                if text is None:
+                    logits = predict_logits(self.learner, self.encoder, self.val[0], self.logit_scale,
+                                            image_chunk=self.config.image_chunk)
+                    pred = logits.argmax(dim=-1).to(self.device)  # (M,)
+                else:
+                    pred = coop_logits(self.val[0], text, self.logit_scale).argmax(dim=-1)  # (M,)
+                val_acc = float((pred == self.val[1]).float().mean())
+        record = EpochRecord(val_acc=val_acc, **self.pending)
+        self.pending = None
+        self.history.append(record)
+        logger.debug("epoch %d/%d: %s", record.epoch, self.config.max_epoch, record)
+        if self.on_epoch is not None:
+            self.on_epoch(record, _snapshot(record.epoch, self.learner, self.optimizer, self.data_gen, self.history))

@@ -77,13 +77,19 @@ def test_interrupted_stack_resumes_each_run_from_its_own_checkpoint(cache, rn50,
             time.sleep(0.01)
         signal.pthread_kill(main, signal.SIGINT)
 
+    # an earlier test's library (dask/tornado) may have replaced Python's SIGINT handler in this process: Ctrl-C
+    # is Python's default KeyboardInterrupt here, as in a user's shell
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     watcher = threading.Thread(target=interrupt_after_first_checkpoint, daemon=True)
-    watcher.start()
-    with pytest.raises(KeyboardInterrupt):
-        run_train_stacked(cache_dir=cache, dataset="toy", runs=runs, overrides=QUICK, progress=False, clip=rn50,
-                          checkpoint_every=0, max_stack=3)
-        time.sleep(30)  # finished before the signal arrived: wait for it (never reached in practice)
-    watcher.join()
+    try:
+        watcher.start()
+        with pytest.raises(KeyboardInterrupt):
+            run_train_stacked(cache_dir=cache, dataset="toy", runs=runs, overrides=QUICK, progress=False, clip=rn50,
+                              checkpoint_every=0, max_stack=3)
+            time.sleep(30)  # finished before the signal arrived: wait for it (never reached in practice)
+        watcher.join()
+    finally:
+        signal.signal(signal.SIGINT, previous)
     partial = [load_checkpoint(out) for _, _, out in runs if (out / META_FILE).is_file()]
     assert partial and any(not c.complete for c in partial)  # stopped mid-training
     run_train_stacked(cache_dir=cache, dataset="toy", runs=runs, overrides=QUICK, progress=False, clip=rn50,

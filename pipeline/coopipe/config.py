@@ -74,8 +74,8 @@ class SweepConfig:
     """How ``coopipe sweep`` runs its training runs.
 
     ``stack``: ``auto`` trains runs of one dataset, method and class list (seeds, shots) stacked in one text pass where
-    that wins (on CUDA; on the CPU as one-thread stacks, one per core, measured faster than one-thread runs side by
-    side, see :func:`coopipe.sweep.runner.resolve_stack`), ``on`` always, ``off`` never.
+    that wins (on CUDA; not on the CPU, where the paper grid ran slower stacked, see
+    :func:`coopipe.sweep.runner.resolve_stack`), ``on`` always (CPU: one-thread stacks, one per core), ``off`` never.
     """
 
     stack: str = "auto"

@@ -44,13 +44,14 @@ RUNS_PER_CORE = 2
 PLUGIN_NAME = "coopipe-sweep"
 INLINE = "inline"
 STACK_MODES = ("auto", "on", "off")
-# Measured with benchmarks/stacked.py (16-shot K = 10 CoOp runs, RN50 text tower, fp32, 2 epochs = 10 steps a run) on
-# the shared 2-core AMD EPYC (load average 4-7 from other work): ONE process stacking every run with both threads
-# ran at 0.22-0.52x the throughput of one-thread runs side by side (two OpenMP threads spin-wait on a loaded
-# machine), but a one-thread stack did 1.25-1.68x less work per core than the same runs one after another, and one
-# one-thread stack per core, side by side, was 1.24x and 1.40x faster than the runs side by side (R = 4). So on the CPU
-# ``auto`` stacks in one-thread groups, one per core (:func:`stack_units` ``parts``); see docs/performance.md.
-CPU_STACK_WINS = True
+# Measured with benchmarks/stacked.py (16-shot K = 10 CoOp runs, RN50 text tower, fp32, 10 steps a run) on the shared
+# 2-core AMD EPYC (load 4-7): one process stacking every run with both threads ran at 0.22-0.52x one-thread runs side
+# by side; one one-thread stack per core was 1.24-1.40x faster than them (R = 4, equal runs). But end to end, on a
+# quiet machine, the paper grid (`paper_grid.sh --shots 1,16 --seeds 1,2,3`, EuroSAT) took 611 s with one-thread
+# stacks per core against 438 s side by side: real grids mix 1,000-step and 50-step runs, so the per-core stacks
+# end unevenly and a core idles, which outweighs the saved work. So ``auto`` does not stack on the CPU
+# (``--stack on`` still does); see docs/performance.md.
+CPU_STACK_WINS = False
 STACKABLE_KINDS = ("coop", "base2new")
 Unit = tuple[RunTask, ...]  # tasks executed together: one run, or runs trained stacked
 

@@ -36,7 +36,7 @@ import torch
 from coopipe.atomic import atomic_write, write_text
 from coopipe.errors import EngineError
 from coopipe.locks import exclusive_lock
-from coopipe.models import LoadedClip
+from coopipe.models import LoadedClip, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -154,14 +154,6 @@ def export_path(clip: LoadedClip, export_dir: str | os.PathLike[str] | None = No
     return folder / f"{slug}-visual-{digest}.onnx"
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
@@ -171,7 +163,7 @@ def _is_intact(path: Path) -> bool:
     side = _sidecar(path)
     if not (path.is_file() and side.is_file()):
         return False
-    return side.read_text().strip() == _sha256_file(path)
+    return side.read_text().strip() == sha256_file(path)
 
 
 def _export(visual: torch.nn.Module, image_size: int, path: Path) -> None:
@@ -190,7 +182,7 @@ def _export(visual: torch.nn.Module, image_size: int, path: Path) -> None:
             ))
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
-    write_text(_sidecar(path), _sha256_file(path) + "\n")
+    write_text(_sidecar(path), sha256_file(path) + "\n")
 
 
 def _ensure_export(clip: LoadedClip, export_dir: str | os.PathLike[str] | None) -> Path:

@@ -3,11 +3,11 @@
 reference-style = per-image Python loop, batch 1: a freshly augmented 224px image (random resized crop + flip of a
 random picture) through the frozen image encoder, the Meta-Net, the K x 77-token text pass of that image's prompts
 through open_clip's transformer, cross-entropy, backward, SGD step (as ``trainers/cocoop.py``);
-coopipe = cached features, the batched packed path (:mod:`coopipe.cocoop_text`; chunks of ``--image-chunk``
-images x K/2 classes, each recomputed in the backward pass to bound memory), backward, SGD step, at each
-``--batches`` size. Both for every K in ``--classes``. Reported: seconds per training image (median of
+coopipe = cached features, the training step as ``coopipe train`` runs it (:func:`coopipe.cocoop_text.cocoop_backward`:
+the batched packed path over chunks of ``--image-chunk`` images, each chunk's loss back-propagated as soon as its
+logits exist, so memory holds one chunk and nothing is recomputed), SGD step, at each ``--batches`` size. Both for every K in ``--classes``. Reported: seconds per training image (median of
 ``--repeats`` steps after one warm-up), the ratio reference / coopipe, the peak resident memory each step adds
-over the loaded model (each configuration runs in a forked child so peaks do not mix), and inference images/s of
+over the loaded model (each configuration runs in a spawned child so peaks do not mix), and inference images/s of
 ``cocoop_predict`` on cached test features. Last line: one JSON object.
 
     python benchmarks/cocoop_step.py [--model RN50] [--classes 10 100] [--batches 1 32] [--repeats 3] [--threads 2]
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from coopipe.cocoop import CoCoOpLearner
-from coopipe.cocoop_text import cocoop_logits, cocoop_predict
+from coopipe.cocoop_text import cocoop_predict
 from coopipe.models import LoadedClip, load_clip
 from coopipe.text_encoder import PromptTextEncoder
 from coopipe.views import ViewSpec, augmented_view, normalize_batch
@@ -48,8 +48,21 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def _reset_peak() -> None:
+    """Reset the kernel's peak-RSS mark (VmHWM) so the peak read later is this step's, not the model load's."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # not Linux: the peak then includes loading, which only overstates coopipe and the reference
+        pass
+
+
 def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _time(step: Callable[[], None], repeats: int) -> float:
@@ -98,24 +111,28 @@ def _reference_step(clip: LoadedClip, k: int, rng: np.random.Generator) -> Calla
 
 def _coopipe_step(clip: LoadedClip, k: int, batch: int, image_chunk: int) -> Callable[[], None]:
     learner = CoCoOpLearner(clip, _names(k), generator=torch.Generator().manual_seed(0))
-    encoder = PromptTextEncoder(clip, checkpoint_chunks=True, class_chunk=max(k // 2, 1))
+    encoder = PromptTextEncoder(clip)  # TrainConfig's text-path defaults
     opt = torch.optim.SGD(learner.parameters(), lr=0.002, momentum=0.9, weight_decay=5e-4)
     feats = torch.randn(batch, clip.embed_dim)
     labels = torch.randint(0, k, (batch,))
 
     def step() -> None:
-        logits = cocoop_logits(encoder, learner, feats, clip.model.logit_scale, image_chunk=image_chunk)
-        loss = F.cross_entropy(logits, labels)
         opt.zero_grad()
-        loss.backward()
+        learner.loss_backward(encoder, feats, labels, clip.model.logit_scale, image_chunk=image_chunk)
         opt.step()
 
     return step
 
 
-def _measure(args: argparse.Namespace, clip: LoadedClip, kind: str, k: int, batch: int, out: Any) -> None:
-    """Run in a forked child: time one configuration, report seconds per image and the peak RSS it adds."""
+def _measure(args: argparse.Namespace, kind: str, k: int, batch: int, out: Any) -> None:
+    """Run in a fresh (spawned) child: time one configuration, report seconds per image and the peak RSS it adds.
+
+    Spawned, not forked: a child forked after the parent's OpenMP pool has run can hang on its first parallel
+    region (seen here with torch's CPU build)."""
     torch.set_num_threads(args.threads)
+    clip = load_clip(args.model, "none")
+    clip.model.requires_grad_(False)
+    _reset_peak()
     base = _rss_mb()
     if kind == "reference":
         step = _reference_step(clip, k, np.random.default_rng(0))
@@ -149,12 +166,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     clip = load_clip(args.model, "none")
     clip.model.requires_grad_(False)
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context("spawn")
     rows = []
     for k in args.classes:
         for kind, batch in [("reference", 1)] + [("coopipe", b) for b in args.batches]:
             queue = ctx.Queue()
-            child = ctx.Process(target=_measure, args=(args, clip, kind, k, batch, queue))
+            child = ctx.Process(target=_measure, args=(args, kind, k, batch, queue))
             child.start()
             row = queue.get()
             child.join()

@@ -156,3 +156,21 @@ def test_lookup_draws_the_age_rule_from_a_full_store(tmp_path: Path) -> None:
     assert one.train_indices == make_age_few_shot_index(Dataset("utkface", tmp_path, tuple(names), "{}", splits), 1, 1).train_indices
     with pytest.raises(DatasetError, match="has 0 images but 4 shots"):
         fewshot_index(tmp_path, "toy", 4, 1, stores["toy", "train"])
+
+
+def test_zeroshot_on_a_test_only_cache(cache: Path, tmp_path: Path, rn50) -> None:
+    """A cross-dataset target caches only its test split: zero-shot still scores it, with no constant predictor."""
+    import shutil
+
+    from coopipe.jobs.evaluate import run_zeroshot
+    from coopipe.store import find_stores
+
+    target = tmp_path / "target_cache" / "utkface"
+    target.mkdir(parents=True)
+    test_store = find_stores(cache, "utkface", "test")[0].path
+    shutil.copytree(test_store, target / test_store.name)
+    out = tmp_path / "zs"
+    metrics = run_zeroshot(cache_dir=target.parent, dataset="utkface", out_dir=out, clip=rn50)
+    assert metrics["constant_mae"] is None and metrics["constant_from"] is None
+    full = run_zeroshot(cache_dir=cache, dataset="utkface", out_dir=tmp_path / "zs_full", clip=rn50)
+    assert metrics["mae_exp"] == pytest.approx(full["mae_exp"]) and full["constant_mae"] is not None

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from coopipe import text_encoder
 from coopipe.cocoop import CoCoOpLearner, build_meta_net
-from coopipe.cocoop_text import cocoop_logits, cocoop_predict, cocoop_text_features
+from coopipe.cocoop_text import cocoop_backward, cocoop_logits, cocoop_predict, cocoop_text_features
 from coopipe.errors import ParamsError
 from coopipe.method import MethodSpec
 from coopipe.models import LoadedClip, load_clip
@@ -136,6 +136,30 @@ def test_batched_path_equals_per_image_plain_loop(clip64: LoadedClip, monkeypatc
         assert torch.allclose(logits, ref, rtol=0, atol=TIGHT), (options, image_chunk, bin_rows)
         for g, r in zip(grads(logits), ref_grads):
             assert torch.allclose(g, r, rtol=0, atol=TIGHT), (options, image_chunk, bin_rows)
+
+
+def test_chunked_backward_equals_the_plain_loops_gradients(clip64: LoadedClip) -> None:
+    """Training's chunk-by-chunk backward (each image chunk's summed loss / B, back-propagated at once, no
+    recomputation) accumulates the gradients of the batch's mean loss through the plain 77-token loop."""
+    learner = _learner(clip64, MethodSpec.default("cocoop"))
+    params = [learner.ctx, *learner.meta_net.parameters()]
+    images = torch.randn(5, clip64.embed_dim, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 3.0
+    labels = torch.tensor([1, 2, 0, 3, 1])
+    ref = _reference_logits(clip64, learner, images)
+    ref_loss = F.cross_entropy(ref, labels)
+    ref_grads = torch.autograd.grad(ref_loss, params)
+    for options, image_chunk in (({}, 2), ({"class_chunk": 3}, 1), ({"checkpoint_chunks": True}, None)):
+        for p in params:
+            p.grad = None
+        encoder = PromptTextEncoder(clip64, **options)
+        loss, logits = learner.loss_backward(encoder, images, labels, clip64.model.logit_scale, image_chunk=image_chunk)
+        assert not loss.requires_grad and not logits.requires_grad
+        assert torch.allclose(logits, ref, rtol=0, atol=TIGHT), (options, image_chunk)
+        assert abs(float(loss) - float(ref_loss)) < TIGHT
+        for p, r in zip(params, ref_grads):
+            assert p.grad is not None and torch.allclose(p.grad, r, rtol=0, atol=TIGHT), (options, image_chunk)
+    with pytest.raises(ParamsError, match="one target per image"):
+        cocoop_backward(encoder, learner, images, labels[:3], clip64.model.logit_scale)
 
 
 def test_text_features_and_predict(clip64: LoadedClip) -> None:

@@ -138,6 +138,20 @@ class CoCoOpLearner(PromptLearner):
 
         return cocoop_logits(encoder, self, image_features, logit_scale, **options)
 
+    def loss_backward(
+        self,
+        encoder: PromptTextEncoder,
+        image_features: torch.Tensor,
+        targets: torch.Tensor,
+        logit_scale: torch.Tensor,
+        **options: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean cross-entropy and logits of a training batch, back-propagated chunk by chunk as they are computed
+        (:func:`coopipe.cocoop_text.cocoop_backward`; options: image_chunk); both returned detached."""
+        from coopipe.cocoop_text import cocoop_backward
+
+        return cocoop_backward(encoder, self, image_features, targets, logit_scale, **options)
+
     def class_text_features(self, encoder: PromptTextEncoder) -> torch.Tensor:
         """Refused: CoCoOp's class text features depend on the image; use :meth:`logits`."""
         raise ParamsError(

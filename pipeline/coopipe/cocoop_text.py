@@ -42,7 +42,7 @@ from coopipe.text_encoder import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_IMAGE_CHUNK", "cocoop_logits", "cocoop_predict", "cocoop_text_features"]
+__all__ = ["DEFAULT_IMAGE_CHUNK", "cocoop_backward", "cocoop_logits", "cocoop_predict", "cocoop_text_features"]
 
 DEFAULT_IMAGE_CHUNK = 32  # images per chunk in training and evaluation
 
@@ -168,6 +168,41 @@ def cocoop_logits(
     text = cocoop_text_features(encoder, learner, image_features, image_chunk=image_chunk)  # (B, K, D)
     image = F.normalize(image_features.to(device=text.device, dtype=text.dtype), dim=-1)  # (B, D)
     return logit_scale.exp().to(text.dtype) * torch.einsum("bd,bkd->bk", image, text)  # (B, K)
+
+
+def cocoop_backward(
+    encoder: PromptTextEncoder,
+    learner: CoCoOpLearner,
+    image_features: torch.Tensor,
+    targets: torch.Tensor,
+    logit_scale: torch.Tensor,
+    *,
+    image_chunk: int | None = DEFAULT_IMAGE_CHUNK,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One training step's forward and backward, ``image_chunk`` images at a time: returns the batch's mean
+    cross-entropy and its logits (B, K), both detached; the gradients of ``ctx`` and the Meta-Net are accumulated
+    into ``.grad`` (zero them first).
+
+    Why: each image's loss needs only its own K prompts, so a chunk's loss (its summed cross-entropy / B) can be
+    back-propagated as soon as its logits exist. Memory then holds one image chunk's activations, with no
+    recomputation: the same bound as checkpointing every chunk (``checkpoint_chunks``), at two passes through the
+    tower instead of three. The gradients equal those of the batch's mean loss up to float summation order.
+    """
+    if image_chunk is not None and image_chunk < 1:
+        raise ParamsError(f"image_chunk must be a positive number of images or None, got {image_chunk}")
+    if targets.shape != image_features.shape[:1]:
+        raise ParamsError(f"need one target per image: {tuple(targets.shape)} vs {tuple(image_features.shape)}")
+    batch = image_features.shape[0]
+    losses, outputs = [], []
+    for images in _chunks(batch, image_chunk):
+        logits = cocoop_logits(encoder, learner, image_features[images], logit_scale, image_chunk=None)  # (b, K)
+        wide = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 autocast -> fp32; fp64 stays
+        loss = F.cross_entropy(wide, targets[images].to(logits.device), reduction="sum") / batch
+        if loss.requires_grad:
+            loss.backward()
+        losses.append(loss.detach())
+        outputs.append(logits.detach())
+    return torch.stack(losses).sum(), torch.cat(outputs)
 
 
 def cocoop_predict(

@@ -46,7 +46,7 @@ from coopipe.imageio import load_rgb, shown_path
 from coopipe.chunkwriter import ChunkWriterThread
 from coopipe.engines import ENGINES, Tower, build_tower, resolve_engine
 from coopipe.hardware import PRECISIONS, resolve_precision
-from coopipe.models import LoadedClip, PreprocessConfig, load_clip, open_clip_version
+from coopipe.models import ClipIdentity, LoadedClip, PreprocessConfig, load_clip, open_clip_version
 from coopipe.store import (
     FeatureStore,
     open_store,
@@ -94,18 +94,18 @@ class EncodeOptions:
         if self.batch_size < 1 or self.chunk_rows < 1 or self.num_workers < 0:
             raise ValueError("batch_size and chunk_rows must be >= 1 and num_workers >= 0")
 
-    def resolved(self, clip: LoadedClip | None = None) -> EncodeOptions:
+    def resolved(self, clip: LoadedClip | ClipIdentity | None = None) -> EncodeOptions:
         """These options with ``precision`` resolved for ``device`` and ``clip``'s image tower, then ``engine`` for
         that precision (never ``auto`` afterwards); logs the choices. An explicit ``onnxruntime`` that cannot run
         here raises :class:`~coopipe.errors.EngineError`."""
-        conv = clip is not None and is_conv_tower(clip)
+        conv = clip is not None and (clip.conv_tower if isinstance(clip, ClipIdentity) else is_conv_tower(clip))
         precision = resolve_precision(self.precision, self.device, conv_tower=conv)
         return replace(self, precision=precision, engine=resolve_engine(self.engine, precision, self.device))
 
 
 def is_conv_tower(clip: LoadedClip) -> bool:
     """Whether the image tower is convolutional (open_clip's ModifiedResNet) rather than a transformer."""
-    return not hasattr(clip.model.visual, "transformer")
+    return clip.identity.conv_tower
 
 
 @dataclass(frozen=True)
@@ -151,7 +151,7 @@ def rows_descriptor(positions: Sequence[int] | None, n_split: int, note: Mapping
 def build_provenance(
     dataset: Dataset,
     split: str,
-    clip: LoadedClip,
+    clip: LoadedClip | ClipIdentity,
     views: ViewSpec,
     *,
     positions: Sequence[int] | None,
@@ -362,7 +362,7 @@ def encode_split(
 
     provenance = provenance_of(options)
     path = store_path(cache_dir, provenance)
-    if (done := _complete_store(path, provenance, started)) is not None:
+    if (done := complete_store(path, provenance, started)) is not None:
         return done
     # Built only when there is work; an ``auto`` engine that fails falls back to eager, which is another store.
     tower = build_tower(clip, requested_engine, options.precision, options.device)
@@ -370,7 +370,7 @@ def encode_split(
         options = replace(options, engine=tower.engine)
         provenance = provenance_of(options)
         path = store_path(cache_dir, provenance)
-        if (done := _complete_store(path, provenance, started)) is not None:
+        if (done := complete_store(path, provenance, started)) is not None:
             return done
     job = EncodeJob(
         image_root=str(dataset.image_root),
@@ -416,9 +416,9 @@ def encode_split(
     return EncodeResult(path, len(pos), views.n_views, todo, seconds, reused=False, skipped=skipped_all)
 
 
-def _complete_store(path: Path, provenance: Mapping[str, Any], started: float) -> EncodeResult | None:
-    """The result for a complete, intact store at ``path`` (nothing to encode), else None (a damaged one is
-    repaired by the caller)."""
+def complete_store(path: Path, provenance: Mapping[str, Any], started: float) -> EncodeResult | None:
+    """The result for a complete, intact store at ``path`` built from ``provenance`` (nothing to encode), else None
+    (a damaged one is repaired by the caller)."""
     if not path.exists():
         return None
     try:  # full verification: a reused store must be intact, and a damaged one is repaired below
@@ -459,6 +459,7 @@ __all__ = [
     "EncodeOptions",
     "EncodeResult",
     "build_provenance",
+    "complete_store",
     "encode_batch",
     "encode_chunks",
     "make_tower",

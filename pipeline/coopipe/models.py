@@ -61,6 +61,25 @@ class PreprocessConfig:
         }
 
 
+@dataclass(frozen=True)
+class ClipIdentity:
+    """What a feature store records of a model (name, weights identity, preprocessing), plus whether its image tower
+    is convolutional (the precision rule needs it): enough to find a finished store without building the model."""
+
+    name: str
+    weights_id: str
+    preprocess: PreprocessConfig
+    conv_tower: bool
+
+
+def is_conv_model(model_name: str) -> bool:
+    """Whether open_clip's ``model_name`` has a non-transformer image tower (ModifiedResNet or timm), from its config
+    alone: the same answer as ``not hasattr(model.visual, "transformer")`` on the built model."""
+    config = import_open_clip().get_model_config(model_name) or {}
+    vision = config.get("vision_cfg", {})
+    return isinstance(vision.get("layers"), (list, tuple)) or bool(vision.get("timm_model_name"))
+
+
 @dataclass
 class LoadedClip:
     """A frozen open_clip model plus what is needed to use and identify it."""
@@ -74,6 +93,11 @@ class LoadedClip:
     @property
     def weights_id(self) -> str:
         return self.weights.identity
+
+    @property
+    def identity(self) -> ClipIdentity:
+        conv = not hasattr(self.model.visual, "transformer")
+        return ClipIdentity(self.name, self.weights_id, self.preprocess, conv)
 
     @property
     def embed_dim(self) -> int:

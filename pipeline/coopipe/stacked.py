@@ -47,7 +47,8 @@ def stack_key(run: StackedRun) -> tuple[object, ...]:
 
 
 def drive(steppers: Sequence[RunStepper]) -> None:
-    """Train every stepper to its end: one text pass per tick for all active runs, one backward of their summed loss.
+    """Train every stepper to its end: one text pass per tick for all active runs, one backward of their summed loss
+    (image-conditional runs back-propagate inside their own step, chunk by chunk).
 
     Steppers must share the encoder and be stackable (:func:`coopipe.stacked_text.check_stackable`), or be one.
     """
@@ -62,12 +63,13 @@ def drive(steppers: Sequence[RunStepper]) -> None:
             with torch.set_grad_enabled(not all(s.finishing for s in independent)):  # a final tick needs no gradient
                 features = stacked_text_features(encoder, [s.learner for s in independent])
             texts = {id(s): t for s, t in zip(independent, features)}
+        for stepper in active:  # before the steps: a CoCoOp step back-propagates chunk by chunk as it goes
+            stepper.optimizer.zero_grad(set_to_none=True)
         losses = [(s, loss) for s in active if (loss := s.step(texts.get(id(s)), tick_started)) is not None]
         if not losses:
             continue
-        for stepper, _ in losses:
-            stepper.optimizer.zero_grad(set_to_none=True)
-        torch.stack([loss for _, loss in losses]).sum().backward()  # each run's gradient is its own loss's
+        if pending := [loss for _, loss in losses if loss.requires_grad]:
+            torch.stack(pending).sum().backward()  # each run's gradient is its own loss's
         for stepper, _ in losses:
             stepper.after_backward()
 

@@ -212,7 +212,8 @@ class RunStepper:
 
     def step(self, text: torch.Tensor | None, tick_started: float) -> torch.Tensor | None:
         """One tick: ``text`` (K, D) is this run's classifier from the shared text pass (None for image-conditional
-        learners). Returns the loss to back-propagate, or None when this tick finished the run."""
+        learners). Returns the loss (still to back-propagate when it requires grad; a learner with ``loss_backward``
+        back-propagates here, so gradients must be zeroed before), or None when this tick finished the run."""
         if self.finishing:
             self._complete(None if text is None else text.detach())
             if not self.conditional and text is not None:
@@ -225,13 +226,18 @@ class RunStepper:
         idx = self.order[self.batches[self.step_index]]  # (B,)
         image = self.feats[idx, self.views[idx]]  # (B, D)
         target = self.labels[idx]  # (B,)
-        if self.conditional:
-            logits = self.learner.logits(self.encoder, image, self.logit_scale, image_chunk=self.config.image_chunk)
-        else:
-            logits = coop_logits(image, text, self.logit_scale)  # type: ignore[arg-type]  # (B, K)
         # a learner may bring its own loss (rank prompts: cross-entropy + OrdinalCLIP's KL term)
         loss_fn = getattr(self.learner, "loss", F.cross_entropy)
-        loss = loss_fn(logits.float(), target)
+        chunked = getattr(self.learner, "loss_backward", None) if loss_fn is F.cross_entropy else None
+        if chunked is not None:  # back-propagated chunk by chunk here (CoCoOp); the driver has zeroed the gradients
+            loss, logits = chunked(self.encoder, image, target, self.logit_scale, image_chunk=self.config.image_chunk)
+        else:
+            if self.conditional:
+                logits = self.learner.logits(self.encoder, image, self.logit_scale,
+                                             image_chunk=self.config.image_chunk)
+            else:
+                logits = coop_logits(image, text, self.logit_scale)  # type: ignore[arg-type]  # (B, K)
+            loss = loss_fn(logits.float(), target)
         self.loss_sum += loss.detach() * len(idx)
         self.correct += (logits.detach().argmax(dim=-1) == target).sum()
         self.seen += len(idx)

@@ -100,6 +100,11 @@ def weights_slug(weights_id: str) -> str:
     return _slug(rest.split("/")[-1] if "/" in rest else rest)
 
 
+def dataset_folder(cache_dir: str | os.PathLike[str], dataset: str) -> Path:
+    """The folder of ``dataset``'s stores under ``cache_dir``."""
+    return Path(cache_dir) / _slug(dataset)
+
+
 def store_path(cache_dir: str | os.PathLike[str], provenance: Mapping[str, Any]) -> Path:
     """``cache_dir/<dataset>/<split>_<model>_<weights>_<views>_<key>.zarr`` for the given provenance."""
     views = provenance["views"]
@@ -115,7 +120,7 @@ def store_path(cache_dir: str | os.PathLike[str], provenance: Mapping[str, Any])
         ]
     )
     # Provenance may come from an imported file: every component is slugged and the result confined.
-    return confined(cache_dir, Path(cache_dir) / _slug(provenance["dataset"]) / f"{name}.zarr")
+    return confined(cache_dir, dataset_folder(cache_dir, provenance["dataset"]) / f"{name}.zarr")
 
 
 def partial_path(path: Path) -> Path:
@@ -355,7 +360,7 @@ def find_stores(
     Sorted with the most views first, then the most rows, so callers that want augmented views or the full
     split can take the first one that holds the rows they need.
     """
-    folder = Path(cache_dir) / _slug(dataset)
+    folder = dataset_folder(cache_dir, dataset)
     found: list[FeatureStore] = []
     for path in sorted(folder.glob(f"{split}_*.zarr")):
         try:

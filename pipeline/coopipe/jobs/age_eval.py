@@ -92,6 +92,9 @@ def split_paths(test: SplitFeatures) -> list[str]:
     return [str(p) for p in store.paths()[np.flatnonzero(store.valid())]]
 
 
+NO_CONSTANT: dict[str, Any] = {"constant_mae": None, "constant_median": None, "constant_from": None}  # not computable
+
+
 def train_draw_ages(cache_dir: str | os.PathLike[str], index: FewShotIndex, *, model: str, weights: str,
                     classnames: Sequence[str]) -> np.ndarray:
     """Ages (years) of a few-shot draw's train images, read from a train store holding them (no features read)."""
@@ -180,7 +183,7 @@ def trained_run_age_metrics(
                                                    classnames=test.classnames)
         except StoreError as again:  # e.g. a store given explicitly, no cache: the metrics stand without it
             logger.warning("no constant predictor beside the metrics: %s", again)
-            return ({**age_fields(evaluation), "constant_mae": None, "constant_median": None, "constant_from": None},
+            return ({**age_fields(evaluation), **NO_CONSTANT},
                     evaluation, split_paths(test))
     fields = {**age_fields(evaluation), **constant_fields(train_ages, evaluation.true, source)}
     return fields, evaluation, split_paths(test)
@@ -203,13 +206,18 @@ def run_age_zeroshot(
     weights = zero_shot_classifier(clip, test.classnames, chosen)  # (K, D)
     logits = classifier_logits(weights, test.center, clip.model.logit_scale.detach().cpu())  # (N, K)
     evaluation = evaluate_ages(logits, test.labels, rank_values(test.classnames))
-    train_ages, source = cached_train_ages(cache_dir, dataset, model=clip.name, weights=clip.weights_id,
-                                           classnames=test.classnames)
+    try:
+        train_ages, source = cached_train_ages(cache_dir, dataset, model=clip.name, weights=clip.weights_id,
+                                               classnames=test.classnames)
+        constant = constant_fields(train_ages, evaluation.true, source)
+    except StoreError as exc:  # only the test split is cached (a cross-dataset target): the metrics stand without it
+        logger.warning("no constant predictor beside the zero-shot metrics: %s", exc)
+        constant = dict(NO_CONSTANT)
     metrics = {
         "method": "zeroshot_ensemble" if len(chosen) > 1 else "zeroshot", "dataset": dataset, "shots": 0,
         "seed": None, "model": clip.name, "weights": clip.weights_id, "templates": chosen, "store": str(store.path),
         "classes": "all", **_class_metrics(_classification(logits, test.labels, len(test.classnames)), test.classnames),
-        **age_fields(evaluation), **constant_fields(train_ages, evaluation.true, source),
+        **age_fields(evaluation), **constant,
     }
     return _write(Path(out_dir), metrics, split_paths(test), evaluation)
 

@@ -29,6 +29,8 @@ from coopipe.datasets.fewshot import FewShotIndex, make_few_shot_index
 from coopipe.encode import EncodeOptions, EncodeResult, encode_split
 from coopipe.lookup import fewshot_index_path
 from coopipe.models import load_clip
+from coopipe.store import dataset_folder
+from coopipe.store_reuse import cached_identity, reuse_finished
 from coopipe.views import ViewSpec
 
 logger = logging.getLogger(__name__)
@@ -115,7 +117,14 @@ def run_encode(
     # A test-only encode needs no few-shot draw (and must not fail on a split too small for the shots).
     needs_draws = bool(shots) and any(s in ("train", "val") for s in splits)
     indices = write_fewshot_indices(data, shots, seeds, cache_dir) if needs_draws else []
-    clip = load_clip(model, pretrained, device=options.device)
+    identity = cached_identity(dataset_folder(cache_dir, data.name), model, pretrained)
+    if identity is not None:  # a re-run whose stores are all complete needs no model
+        plans = plan_splits(data, splits, views=spec, indices=indices, shots=shots, seeds=seeds)
+        reused = reuse_finished(data, [(p.split, p.positions, p.views, p.note) for p in plans], cache_dir=cache_dir,
+                                identity=identity, options=options)
+        if reused is not None:
+            return reused
+    clip = load_clip(model, pretrained, device=options.device)  # first: bad weights fail before any other message
     results = []
     for plan in plan_splits(data, splits, views=spec, indices=indices, shots=shots, seeds=seeds):
         results.append(

@@ -118,15 +118,18 @@ def run_encode(
     needs_draws = bool(shots) and any(s in ("train", "val") for s in splits)
     indices = write_fewshot_indices(data, shots, seeds, cache_dir) if needs_draws else []
     identity = cached_identity(dataset_folder(cache_dir, data.name), model, pretrained)
+    plans = None
     if identity is not None:  # a re-run whose stores are all complete needs no model
         plans = plan_splits(data, splits, views=spec, indices=indices, shots=shots, seeds=seeds)
         reused = reuse_finished(data, [(p.split, p.positions, p.views, p.note) for p in plans], cache_dir=cache_dir,
                                 identity=identity, options=options)
         if reused is not None:
             return reused
-    clip = load_clip(model, pretrained, device=options.device)  # first: bad weights fail before any other message
+    clip = load_clip(model, pretrained, device=options.device)
     results = []
-    for plan in plan_splits(data, splits, views=spec, indices=indices, shots=shots, seeds=seeds):
+    if plans is None:  # planned after the model loads: bad weights fail before any other message
+        plans = plan_splits(data, splits, views=spec, indices=indices, shots=shots, seeds=seeds)
+    for plan in plans:
         results.append(
             encode_split(
                 data, plan.split, cache_dir=cache_dir, views=plan.views, positions=plan.positions,

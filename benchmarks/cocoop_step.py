@@ -4,7 +4,7 @@ reference-style = per-image Python loop, batch 1: a freshly augmented 224px imag
 random picture) through the frozen image encoder, the Meta-Net, the K x 77-token text pass of that image's prompts
 through open_clip's transformer, cross-entropy, backward, SGD step (as ``trainers/cocoop.py``);
 coopipe = cached features, the training step as ``coopipe train`` runs it (:func:`coopipe.cocoop_text.cocoop_backward`:
-the batched packed path over chunks of ``--image-chunk`` images, each chunk's loss back-propagated as soon as its
+the batched packed path over chunks of ``--image-chunk`` images (at most ``CHUNK_ROWS`` text rows), each chunk's loss back-propagated as soon as its
 logits exist, so memory holds one chunk and nothing is recomputed), SGD step, at each ``--batches`` size. Both for every K in ``--classes``. Reported: seconds per training image (median of
 ``--repeats`` steps after one warm-up), the ratio reference / coopipe, the peak resident memory each step adds
 over the loaded model (each configuration runs in a spawned child so peaks do not mix), and inference images/s of
@@ -34,6 +34,7 @@ from coopipe.cocoop import CoCoOpLearner
 from coopipe.cocoop_text import cocoop_predict
 from coopipe.models import LoadedClip, load_clip
 from coopipe.text_encoder import PromptTextEncoder
+from coopipe.train_config import TrainConfig
 from coopipe.views import ViewSpec, augmented_view, normalize_batch
 from PIL import Image
 
@@ -160,7 +161,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--image-chunk", type=int, default=8)
+    parser.add_argument("--image-chunk", type=int, default=TrainConfig.image_chunk,
+                        help="images per chunk (default: training's; capped at coopipe.cocoop_text.CHUNK_ROWS rows)")
     parser.add_argument("--test-images", type=int, default=64)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

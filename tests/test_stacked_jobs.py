@@ -20,6 +20,7 @@ from coopipe.jobs.train import run_train, run_train_stacked
 from coopipe.method import MethodSpec
 from coopipe.sweep import SweepSpec, plan_sweep, run_sweep
 from coopipe.sweep.plan import RunSettings
+from coopipe.frozen_gemm import onednn_available
 from coopipe.sweep.runner import resolve_stack, stack_units
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -100,6 +101,7 @@ def test_interrupted_stack_resumes_each_run_from_its_own_checkpoint(cache, rn50,
 
 def test_sweep_stacks_compatible_runs_and_keeps_the_others_alone(cache, rn50, alone, tmp_path):
     assert resolve_stack("auto", "cuda") and not resolve_stack("off", "cuda") and resolve_stack("on", "cpu")
+    assert resolve_stack("auto", "cpu") == onednn_available()  # CPU: stack when the text GEMMs run on oneDNN
     with pytest.raises(ParamsError, match="--stack"):
         resolve_stack("yes", "cpu")
     settings = RunSettings(cache=str(cache), pretrained="none", epochs=3, train_options={"batch_size": 2, "lr": 0.01})

@@ -45,7 +45,7 @@ def sweep(
     encode: Annotated[bool, typer.Option("--encode/--no-encode", help="Encode the datasets with missing runs first.")] = True,
     report: Annotated[bool, typer.Option("--report/--no-report", help="Write RUNS/report when a result changed.")] = True,
     jobs: Annotated[str, typer.Option("--jobs", "-j", help="Runs at once: auto (1-thread runs, up to 2 per core, 1 per 2 GiB) or N.")] = "auto",
-    stack: Annotated[str, typer.Option("--stack", help="Train runs of one dataset and method (seeds, shots) stacked in one text pass: auto (on CUDA; not on the CPU, measured slower end to end), on (on the CPU: one-thread stacks, one per core), off.")] = SweepConfig.stack,
+    stack: Annotated[str, typer.Option("--stack", help="Train runs of one dataset and method (seeds, shots) stacked in one text pass: auto (on CUDA, and on the CPU when the text GEMMs run on oneDNN), on, off.")] = SweepConfig.stack,
     scheduler: Annotated[Optional[str], typer.Option(help="dask.distributed scheduler address (default: a LocalCluster); 'inline' runs one by one in this process.")] = None,
     retry_failed: Annotated[int, typer.Option("--retry-failed", help="Retry a failed run this many times within the sweep (a re-run retries too).")] = 0,
     progress: Annotated[bool, typer.Option(help="Show a progress bar over runs.")] = True,

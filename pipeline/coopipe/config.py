@@ -74,8 +74,9 @@ class SweepConfig:
     """How ``coopipe sweep`` runs its training runs.
 
     ``stack``: ``auto`` trains runs of one dataset, method and class list (seeds, shots) stacked in one text pass where
-    that wins (on CUDA; not on the CPU, where the paper grid ran slower stacked, see
-    :func:`coopipe.sweep.runner.resolve_stack`), ``on`` always (CPU: one-thread stacks, one per core), ``off`` never.
+    that wins (on CUDA, and on the CPU when the text GEMMs run on oneDNN, see
+    :func:`coopipe.sweep.runner.resolve_stack`), ``on`` always (one stack per dataset and method, trained with the
+    worker's threads), ``off`` never.
     """
 
     stack: str = "auto"

@@ -201,9 +201,9 @@ class RunStepper:
         self.lr, self.epoch_started, self.seen = config.lr_at(self.epoch), 0.0, 0  # set per epoch by _begin_epoch
         self.views = self.order = torch.zeros(0, dtype=torch.long, device=device)  # (N,) each
         self.loss_sum, self.correct = torch.zeros((), device=device), torch.zeros((), dtype=torch.long, device=device)
-        logger.info("%s seed %d: %d images x %d views, %d classes, %d batches/epoch, epochs %d..%d of %d",
-                    config.method_spec().label(), config.seed, n_images, n_views, len(names), len(self.batches),
-                    self.epoch + 1, self.end_epoch, config.max_epoch)
+        logger.info("%s seed %d: %d images x %d views, %d classes, %d batches/epoch, epochs %d..%d of %d; text GEMMs "
+                    "on %s", config.method_spec().label(), config.seed, n_images, n_views, len(names),
+                    len(self.batches), self.epoch + 1, self.end_epoch, config.max_epoch, encoder.gemm.describe(device, encoder.autocast_bf16))
 
     @property
     def finishing(self) -> bool:

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from coopipe.errors import ParamsError
+from coopipe.frozen_gemm import FrozenGemm
 from coopipe.models import LoadedClip
 from coopipe.prompt import PromptLearner
 from coopipe.text_tower import TextTower, resolve_text_tower
@@ -152,7 +153,7 @@ def _merge(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(batch * length, heads * head_dim)
 
 
-def _in_projection(block: Any, x: torch.Tensor, first: int, count: int) -> torch.Tensor:
+def _in_projection(block: Any, x: torch.Tensor, first: int, count: int, gemm: FrozenGemm) -> torch.Tensor:
     """``count`` parts from part ``first`` (q=0, k=1, v=2) of ``nn.MultiheadAttention``'s packed in-projection.
 
     x (T, width) -> (T, count * width); slicing the weight rows gives the same dot products as the full GEMM.
@@ -160,37 +161,37 @@ def _in_projection(block: Any, x: torch.Tensor, first: int, count: int) -> torch
     attn = block.attn
     rows = slice(first * x.shape[-1], (first + count) * x.shape[-1])
     bias = None if attn.in_proj_bias is None else attn.in_proj_bias[rows]
-    return F.linear(x, attn.in_proj_weight[rows], bias)
+    return gemm.linear(x, attn.in_proj_weight[rows], bias)
 
 
-def _packed_block(block: Any, x: torch.Tensor, packing: _Packing) -> torch.Tensor:
+def _packed_block(block: Any, x: torch.Tensor, packing: _Packing, gemm: FrozenGemm) -> torch.Tensor:
     """One open_clip ``ResidualAttentionBlock`` on the packed rows x (N, width) -> (N, width).
 
     ``block`` is a plain ``ResidualAttentionBlock`` (checked by ``TextTower.supports_manual_blocks``).
     """
-    qkv = _in_projection(block, block.ln_1(x), 0, 3)  # (N, 3 * width), packed q|k|v as in torch
+    qkv = _in_projection(block, block.ln_1(x), 0, 3, gemm)  # (N, 3 * width), packed q|k|v as in torch
     padded = qkv.index_select(0, packing.to_padded)  # (bins * S, 3 * width)
     q, k, v = _heads(padded, packing.bins, 3, block.attn.num_heads)  # (bins, heads, S, head_dim) each
     attended = F.scaled_dot_product_attention(q, k, v, attn_mask=packing.mask)  # (bins, heads, S, head_dim)
-    x = x + block.ls_1(block.attn.out_proj(_merge(attended).index_select(0, packing.from_padded)))  # (N, width)
-    return x + block.ls_2(block.mlp(block.ln_2(x)))  # type: ignore[no-any-return]
+    x = x + block.ls_1(gemm.layer(block.attn.out_proj, _merge(attended).index_select(0, packing.from_padded)))
+    return x + block.ls_2(gemm.mlp(block.mlp, block.ln_2(x)))  # type: ignore[no-any-return]
 
 
-def _packed_last_block(block: Any, x: torch.Tensor, packing: _Packing) -> torch.Tensor:
+def _packed_last_block(block: Any, x: torch.Tensor, packing: _Packing, gemm: FrozenGemm) -> torch.Tensor:
     """The last block, output only at the [EOS] rows: x (N, width) -> (n, width).
 
     Keys/values are needed for every row, but queries, ``out_proj`` and the MLP only for the n pooled rows.
     """
     heads = block.attn.num_heads
     normed = block.ln_1(x)  # (N, width)
-    kv = _in_projection(block, normed, 1, 2)  # (N, 2 * width), packed k|v
+    kv = _in_projection(block, normed, 1, 2, gemm)  # (N, 2 * width), packed k|v
     k, v = _heads(kv.index_select(0, packing.to_padded), packing.bins, 2, heads)  # (bins, heads, S, head_dim)
-    q = _in_projection(block, normed.index_select(0, packing.eos_to_padded), 0, 1)  # (bins * E, width)
+    q = _in_projection(block, normed.index_select(0, packing.eos_to_padded), 0, 1, gemm)  # (bins * E, width)
     (q,) = _heads(q, packing.bins, 1, heads)  # (bins, heads, E, head_dim)
     attended = F.scaled_dot_product_attention(q, k, v, attn_mask=packing.eos_mask)  # (bins, heads, E, head_dim)
     x = x.index_select(0, packing.eos)  # (n, width)
-    x = x + block.ls_1(block.attn.out_proj(_merge(attended).index_select(0, packing.eos_from_padded)))
-    return x + block.ls_2(block.mlp(block.ln_2(x)))  # type: ignore[no-any-return]
+    x = x + block.ls_1(gemm.layer(block.attn.out_proj, _merge(attended).index_select(0, packing.eos_from_padded)))
+    return x + block.ls_2(gemm.mlp(block.mlp, block.ln_2(x)))  # type: ignore[no-any-return]
 
 
 class PromptTextEncoder:
@@ -198,7 +199,9 @@ class PromptTextEncoder:
 
     Options (keyword-only): ``cut`` and ``share_prefix`` (the exact shortcuts, both on by default),
     ``class_chunk`` (classes per chunk, None = all at once), ``checkpoint_chunks`` (recompute each chunk in the
-    backward pass), ``autocast_bf16`` (``torch.autocast`` to bfloat16 on the tower's device). Computation happens on
+    backward pass), ``autocast_bf16`` (``torch.autocast`` to bfloat16 on the tower's device), ``gemm`` (the
+    library for the shared-prefix path's products with the frozen weights, :class:`~coopipe.frozen_gemm.FrozenGemm`:
+    ``auto``, ``onednn`` or ``blas``). Computation happens on
     the device of the model's weights; token ids are moved there, a prompt learner must already live there.
     """
 
@@ -211,6 +214,7 @@ class PromptTextEncoder:
         class_chunk: int | None = None,
         checkpoint_chunks: bool = False,
         autocast_bf16: bool = False,
+        gemm: str = "auto",
     ) -> None:
         if class_chunk is not None and class_chunk < 1:
             raise ParamsError(f"class_chunk must be a positive number of classes or None, got {class_chunk}")
@@ -221,6 +225,7 @@ class PromptTextEncoder:
         self.class_chunk = class_chunk
         self.checkpoint_chunks = checkpoint_chunks
         self.autocast_bf16 = autocast_bf16
+        self.gemm = FrozenGemm(gemm)
         self._manual_blocks = self.tower.supports_manual_blocks()
         if share_prefix and not self._manual_blocks:
             logger.info("text blocks are not plain ResidualAttentionBlocks: prefix sharing disabled")
@@ -259,8 +264,8 @@ class PromptTextEncoder:
         x = x + self.tower.positional_embedding[packing.positions].to(x.dtype)  # (N, width)
         *blocks, last = self.tower.blocks
         for block in blocks:
-            x = _packed_block(block, x, packing)  # (N, width)
-        return self._head(_packed_last_block(last, x, packing))  # (n, embed_dim)
+            x = _packed_block(block, x, packing, self.gemm)  # (N, width)
+        return self._head(_packed_last_block(last, x, packing, self.gemm))  # (n, embed_dim)
 
     # ---------------------------------------------------------------- public API
     def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:

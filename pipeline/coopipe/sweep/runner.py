@@ -34,6 +34,7 @@ from tqdm.auto import tqdm  # type: ignore[import-untyped]
 from coopipe.sweep.plan import EncodeTask, RunSettings, RunTask, SweepPlan
 from coopipe.config import SweepConfig
 from coopipe.errors import ParamsError
+from coopipe.frozen_gemm import onednn_available
 from coopipe.sweep.tasks import ModelPool, RunResult, execute_stack, set_threads
 from coopipe.report.records import metrics_files
 
@@ -44,14 +45,13 @@ RUNS_PER_CORE = 2
 PLUGIN_NAME = "coopipe-sweep"
 INLINE = "inline"
 STACK_MODES = ("auto", "on", "off")
-# Measured with benchmarks/stacked.py (16-shot K = 10 CoOp runs, RN50 text tower, fp32, 10 steps a run) on the shared
-# 2-core AMD EPYC (load 4-7): one process stacking every run with both threads ran at 0.22-0.52x one-thread runs side
-# by side; one one-thread stack per core was 1.24-1.40x faster than them (R = 4, equal runs). But end to end, on a
-# quiet machine, the paper grid (`paper_grid.sh --shots 1,16 --seeds 1,2,3`, EuroSAT) took 611 s with one-thread
-# stacks per core against 438 s side by side: real grids mix 1,000-step and 50-step runs, so the per-core stacks
-# end unevenly and a core idles, which outweighs the saved work. So ``auto`` does not stack on the CPU
-# (``--stack on`` still does); see docs/performance.md.
-CPU_STACK_WINS = False
+# On the CPU, ``auto`` stacks when the text tower's GEMMs run on oneDNN (coopipe/frozen_gemm.py), and each stack
+# trains as one unit with the worker's threads. Measured on a quiet 2-core AMD EPYC (16-shot K = 10 CoOp steps,
+# RN50 text tower, fp32): 3 runs stacked in one process with 2 threads took 77 ms per run-step on oneDNN (100 ms on
+# MKL), against 0.19-0.25 core-seconds per step for one-thread runs side by side (3 runs on 2 cores thrash). The
+# earlier rule (one one-thread stack per core) lost end to end (611 s against 438 s on the paper grid), because
+# per-core stacks of mixed 1,000- and 50-step runs end unevenly; one stack per group has no such tail. Without
+# oneDNN, ``auto`` keeps the one-thread runs side by side. See docs/performance.md.
 STACKABLE_KINDS = ("coop", "base2new")
 Unit = tuple[RunTask, ...]  # tasks executed together: one run, or runs trained stacked
 
@@ -114,12 +114,12 @@ def threads_per_run(jobs: int, cores: int | None = None) -> int:
 
 def resolve_stack(stack: str, device: str = "cpu") -> bool:
     """Whether the sweep stacks runs: ``on``/``off`` as said; ``auto`` on CUDA (a K = 10 text pass leaves the GPU
-    idle) and on the CPU as measured (:data:`CPU_STACK_WINS`: one-thread stacks, one per core)."""
+    idle) and on the CPU when the text GEMMs run on oneDNN (measured; see the note above)."""
     if stack not in STACK_MODES:
         raise ParamsError(f"--stack must be one of {', '.join(STACK_MODES)}, got {stack!r}")
     if stack != "auto":
         return stack == "on"
-    return CPU_STACK_WINS if device == "cpu" else device.startswith("cuda")
+    return onednn_available() if device == "cpu" else device.startswith("cuda")
 
 
 def stack_units(tasks: Sequence[RunTask], stack: bool, parts: int = 1) -> list[Unit]:
@@ -268,9 +268,8 @@ def _run_tasks(plan: SweepPlan, pending: Sequence[RunTask], outcome: SweepOutcom
     if not pending:
         return
     phases = sorted({t.phase for t in pending})
-    # the CPU: one one-thread stack per core (one by one in this process: the whole stack at once)
-    parts = _cores() if plan.settings.device == "cpu" and scheduler != INLINE else 1
-    units = {phase: stack_units([t for t in pending if t.phase == phase], stack, parts) for phase in phases}
+    # one stack per group, trained with the worker's share of the cores (all of them when it is the only unit)
+    units = {phase: stack_units([t for t in pending if t.phase == phase], stack) for phase in phases}
     most = max(len(u) for u in units.values())
     n = auto_jobs(most, plan.settings.device) if jobs == "auto" else int(jobs)
     if scheduler == INLINE:

@@ -113,7 +113,8 @@ def test_killed_sweep_reruns_only_missing_runs(small, tmp_path: Path):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "pipeline"), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "coopipe.cli", "sweep", "--dataset", "imagefolder", "--data-root", str(folder),
            "--cache", str(cache), "--pretrained", "none", "--views", "2", "--shots", "1,2", "--seeds", "1,2",
-           "--epochs", "2", "--n-ctx", "4", "--runs", "runs", "--jobs", "1", "--no-progress", "--no-report"]
+           "--epochs", "2", "--n-ctx", "4", "--runs", "runs", "--jobs", "1", "--stack", "off", "--no-progress",
+           "--no-report"]  # runs one by one (a stack would finish its runs together)
     proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     runs = tmp_path / "runs" / NAME / "coop_m4"
     deadline = time.monotonic() + 240

@@ -8,7 +8,8 @@ cores are 20-40x slower (OpenMP threads spin-wait on each other). So by default 
 available memory (one on cuda); ``jobs=N`` forces N workers and splits the cores between them. A caller's
 ``OMP_NUM_THREADS`` is kept. ``scheduler=ADDRESS`` sends the same tasks to a running cluster (paths must be valid
 on its workers); ``scheduler='inline'`` runs them one by one in this process (debugging, and the reference the
-tests compare the cluster with).
+tests compare the cluster with). When only one unit runs at a time on the CPU (``jobs=1``, or a single run or
+stack), it runs in this process too, with all the cores: a dask worker's event loop slowed its OpenMP threads.
 
 Encoding runs alone, before the runs, one ``run_encode`` per dataset behind a blocking per-dataset lock
 (``<cache>/.encode-<dataset>.lock``: a second sweep waits, then finds the stores). Datasets whose runs are all
@@ -287,20 +288,34 @@ def _run_tasks(plan: SweepPlan, pending: Sequence[RunTask], outcome: SweepOutcom
             bar.update(1)
             return None
 
-        if scheduler == INLINE:
-            pool = ModelPool()
-            set_threads(outcome.threads)
-            for phase in phases:
-                tries = {t: 0 for t in pending if t.phase == phase}
-                for unit in units[phase]:
-                    for task, result in zip(unit, execute_stack(unit, plan.settings, pool)):
-                        while (again := finish(result, task, tries)) is not None:  # a retry runs alone
-                            task, result = again, execute_stack((again,), plan.settings, pool)[0]
+        if scheduler == INLINE or (scheduler is None and n == 1 and plan.settings.device == "cpu"):
+            # one run (or stack) at a time on the CPU runs here: in a dask worker its OpenMP threads share the two
+            # cores with the worker's event loop and ran 1.6-2x slower (measured: docs/performance.md, section 5)
+            _run_inline(plan, pending, units, phases, outcome.threads, finish)
             return
         with _client(scheduler, n, outcome.threads) as client:
             client.register_plugin(SweepWorker(outcome.threads), name=PLUGIN_NAME)
             for phase in phases:
                 _run_phase(client, units[phase], plan.settings, finish)
+
+
+def _run_inline(plan: SweepPlan, pending: Sequence[RunTask], units: dict[int, list[Unit]], phases: list[int],
+                threads: int, finish: Callable[[RunResult, RunTask, dict[RunTask, int]], RunTask | None]) -> None:
+    """Every unit one after another in this process with ``threads`` threads (restored afterwards)."""
+    import torch
+
+    before = torch.get_num_threads()
+    pool = ModelPool()
+    set_threads(threads)
+    try:
+        for phase in phases:
+            tries = {t: 0 for t in pending if t.phase == phase}
+            for unit in units[phase]:
+                for task, result in zip(unit, execute_stack(unit, plan.settings, pool)):
+                    while (again := finish(result, task, tries)) is not None:  # a retry runs alone
+                        task, result = again, execute_stack((again,), plan.settings, pool)[0]
+    finally:
+        set_threads(before)
 
 
 def _run_phase(client: Any, units: Sequence[Unit], settings: RunSettings,

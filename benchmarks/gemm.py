@@ -100,7 +100,7 @@ def _coop_steps(repeats: int) -> dict[str, float]:
         for _ in range(repeats):
             for name, encoder in encoders.items():
                 def step() -> None:
-                    texts = stacked_text_features(encoder, learners)  # noqa: B023
+                    texts = stacked_text_features(encoder, learners) if runs > 1 else [encoder(learners[0])]  # noqa: B023
                     loss = sum(F.cross_entropy(coop_logits(feats, t, scale), labels) for t in texts)
                     for opt in optimizers:  # noqa: B023
                         opt.zero_grad()

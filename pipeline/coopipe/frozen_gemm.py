@@ -2,8 +2,8 @@
 
 Why: training a prompt is almost all GEMMs against the text tower's frozen weights (80% of a CoOp or CoCoOp step
 on the CPU), at small row counts (a K = 10 CoOp pass is ~70 rows). PyTorch sends fp32 ``F.linear`` on the CPU to
-MKL's sgemm; oneDNN (also bundled with PyTorch) runs the same products 1.3-1.6x faster on the 2-core AMD EPYC
-these figures come from (``benchmarks/gemm.py``; MKL does not use its AVX-512 kernels on AMD CPUs).
+MKL's sgemm; oneDNN (also bundled with PyTorch) ran the same products 1.1-1.6x faster on the 2-core AMD EPYC
+these figures come from (``benchmarks/gemm.py``; the gap was widest when neighbours loaded the machine).
 
 The weights are frozen, so the backward pass needs only the input gradient, ``grad @ W``: that is another oneDNN
 product, against a transposed copy of ``W`` made once and kept (keyed by storage, shape and version counter, so

@@ -8,8 +8,9 @@ cores are 20-40x slower (OpenMP threads spin-wait on each other). So by default 
 available memory (one on cuda); ``jobs=N`` forces N workers and splits the cores between them. A caller's
 ``OMP_NUM_THREADS`` is kept. ``scheduler=ADDRESS`` sends the same tasks to a running cluster (paths must be valid
 on its workers); ``scheduler='inline'`` runs them one by one in this process (debugging, and the reference the
-tests compare the cluster with). When only one unit runs at a time on the CPU (``jobs=1``, or a single run or
-stack), it runs in this process too, with all the cores: a dask worker's event loop slowed its OpenMP threads.
+tests compare the cluster with). On this machine's CPU, stacks of runs train in this process with all the cores
+(a dask worker's event loop slowed their OpenMP threads), phase by phase before the other units, which go to the
+workers side by side; with ``jobs=1`` everything runs here.
 
 Encoding runs alone, before the runs, one ``run_encode`` per dataset behind a blocking per-dataset lock
 (``<cache>/.encode-<dataset>.lock``: a second sweep waits, then finds the stores). Datasets whose runs are all
@@ -20,6 +21,7 @@ re-run of the sweep retries them too (they have no result files).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -269,9 +271,13 @@ def _run_tasks(plan: SweepPlan, pending: Sequence[RunTask], outcome: SweepOutcom
     if not pending:
         return
     phases = sorted({t.phase for t in pending})
-    # one stack per group, trained with the worker's share of the cores (all of them when it is the only unit)
     units = {phase: stack_units([t for t in pending if t.phase == phase], stack) for phase in phases}
-    most = max(len(u) for u in units.values())
+    # On this machine's CPU a stack trains here with all the cores (a dask worker's event loop slowed its OpenMP
+    # threads 1.6-2x, and a one-thread stack beside short runs left a core idle); the other units go side by side.
+    local_cpu = scheduler is None and plan.settings.device == "cpu"
+    here = {phase: [u for u in units[phase] if local_cpu and len(u) > 1] for phase in phases}
+    apart = {phase: [u for u in units[phase] if not (local_cpu and len(u) > 1)] for phase in phases}
+    most = max(max(len(u) for u in apart.values()), 1)
     n = auto_jobs(most, plan.settings.device) if jobs == "auto" else int(jobs)
     if scheduler == INLINE:
         n = 1
@@ -288,28 +294,34 @@ def _run_tasks(plan: SweepPlan, pending: Sequence[RunTask], outcome: SweepOutcom
             bar.update(1)
             return None
 
-        if scheduler == INLINE or (scheduler is None and n == 1 and plan.settings.device == "cpu"):
-            # one run (or stack) at a time on the CPU runs here: in a dask worker its OpenMP threads share the two
-            # cores with the worker's event loop and ran 1.6-2x slower (measured: docs/performance.md, section 5)
-            _run_inline(plan, pending, units, phases, outcome.threads, finish)
+        if scheduler == INLINE or (local_cpu and n == 1):  # one unit at a time: all of them here
+            _run_inline(plan, units, outcome.threads, finish)
             return
-        with _client(scheduler, n, outcome.threads) as client:
-            client.register_plugin(SweepWorker(outcome.threads), name=PLUGIN_NAME)
+        with contextlib.ExitStack() as stack_of_clients:
+            client = None
             for phase in phases:
-                _run_phase(client, units[phase], plan.settings, finish)
+                if here[phase]:
+                    logger.info("%d stack(s) train in this process with %d thread(s)", len(here[phase]),
+                                threads_per_run(1))
+                    _run_inline(plan, {phase: here[phase]}, threads_per_run(1), finish)
+                if apart[phase]:
+                    if client is None:
+                        client = stack_of_clients.enter_context(_client(scheduler, n, outcome.threads))
+                        client.register_plugin(SweepWorker(outcome.threads), name=PLUGIN_NAME)
+                    _run_phase(client, apart[phase], plan.settings, finish)
 
 
-def _run_inline(plan: SweepPlan, pending: Sequence[RunTask], units: dict[int, list[Unit]], phases: list[int],
-                threads: int, finish: Callable[[RunResult, RunTask, dict[RunTask, int]], RunTask | None]) -> None:
-    """Every unit one after another in this process with ``threads`` threads (restored afterwards)."""
+def _run_inline(plan: SweepPlan, units: dict[int, list[Unit]], threads: int,
+                finish: Callable[[RunResult, RunTask, dict[RunTask, int]], RunTask | None]) -> None:
+    """Every unit, phase by phase, one after another in this process with ``threads`` threads (restored after)."""
     import torch
 
     before = torch.get_num_threads()
     pool = ModelPool()
     set_threads(threads)
     try:
-        for phase in phases:
-            tries = {t: 0 for t in pending if t.phase == phase}
+        for phase in sorted(units):
+            tries = {t: 0 for unit in units[phase] for t in unit}
             for unit in units[phase]:
                 for task, result in zip(unit, execute_stack(unit, plan.settings, pool)):
                     while (again := finish(result, task, tries)) is not None:  # a retry runs alone

@@ -75,8 +75,8 @@ class SweepConfig:
 
     ``stack``: ``auto`` trains runs of one dataset, method and class list (seeds, shots) stacked in one text pass where
     that wins (on CUDA, and on the CPU when the text GEMMs run on oneDNN, see
-    :func:`coopipe.sweep.runner.resolve_stack`), ``on`` always (one stack per dataset and method, trained with the
-    worker's threads), ``off`` never.
+    :func:`coopipe.sweep.runner.resolve_stack`), ``on`` always (one stack per dataset and method; on a local CPU it
+    trains in the sweep's process with all the cores), ``off`` never.
     """
 
     stack: str = "auto"

@@ -49,7 +49,7 @@ PLUGIN_NAME = "coopipe-sweep"
 INLINE = "inline"
 STACK_MODES = ("auto", "on", "off")
 # On the CPU, ``auto`` stacks when the text tower's GEMMs run on oneDNN (coopipe/frozen_gemm.py), and each stack
-# trains as one unit with the worker's threads. Measured on a quiet 2-core AMD EPYC (16-shot K = 10 CoOp steps,
+# trains as one unit in the sweep's own process with all the cores (see _run_tasks). Measured on a quiet 2-core AMD EPYC (16-shot K = 10 CoOp steps,
 # RN50 text tower, fp32): 3 runs stacked in one process with 2 threads took 77 ms per run-step on oneDNN (100 ms on
 # MKL), against 0.19-0.25 core-seconds per step for one-thread runs side by side (3 runs on 2 cores thrash). The
 # earlier rule (one one-thread stack per core) lost end to end (611 s against 438 s on the paper grid), because
@@ -294,8 +294,9 @@ def _run_tasks(plan: SweepPlan, pending: Sequence[RunTask], outcome: SweepOutcom
             bar.update(1)
             return None
 
+        pool = ModelPool()  # one model for every unit trained in this process
         if scheduler == INLINE or (local_cpu and n == 1):  # one unit at a time: all of them here
-            _run_inline(plan, units, outcome.threads, finish)
+            _run_inline(plan, units, outcome.threads, finish, pool)
             return
         with contextlib.ExitStack() as stack_of_clients:
             client = None
@@ -303,7 +304,7 @@ def _run_tasks(plan: SweepPlan, pending: Sequence[RunTask], outcome: SweepOutcom
                 if here[phase]:
                     logger.info("%d stack(s) train in this process with %d thread(s)", len(here[phase]),
                                 threads_per_run(1))
-                    _run_inline(plan, {phase: here[phase]}, threads_per_run(1), finish)
+                    _run_inline(plan, {phase: here[phase]}, threads_per_run(1), finish, pool)
                 if apart[phase]:
                     if client is None:
                         client = stack_of_clients.enter_context(_client(scheduler, n, outcome.threads))
@@ -312,12 +313,11 @@ def _run_tasks(plan: SweepPlan, pending: Sequence[RunTask], outcome: SweepOutcom
 
 
 def _run_inline(plan: SweepPlan, units: dict[int, list[Unit]], threads: int,
-                finish: Callable[[RunResult, RunTask, dict[RunTask, int]], RunTask | None]) -> None:
+                finish: Callable[[RunResult, RunTask, dict[RunTask, int]], RunTask | None], pool: ModelPool) -> None:
     """Every unit, phase by phase, one after another in this process with ``threads`` threads (restored after)."""
     import torch
 
     before = torch.get_num_threads()
-    pool = ModelPool()
     set_threads(threads)
     try:
         for phase in sorted(units):

@@ -203,8 +203,30 @@ class _ViewDataset(torch.utils.data.Dataset):
             return row, None, str(exc)
 
 
-def _collate(items: list[tuple[int, torch.Tensor | None, str]]) -> list[tuple[int, torch.Tensor | None, str]]:
-    return items
+@dataclass(frozen=True)
+class DecodedBatch:
+    """One loader batch, stacked in the worker that decoded it.
+
+    Why stacked there: a DataLoader worker hands each tensor to the main process through its own shared-memory
+    segment, so per-image tensors cost one segment, one file descriptor and one ``torch.cat`` copy each, and the
+    main process (which also drives the model) pays for them between model calls. One (n_good * V, 3, S, S) tensor
+    per batch is one segment and no copy.
+    """
+
+    rows: tuple[int, ...]  # every row of the batch, in loader order
+    good: tuple[int, ...]  # the rows that decoded, in order; their views are stacked in ``views``
+    views: torch.Tensor | None  # (len(good) * V, 3, S, S) uint8, or None when no row decoded
+    errors: tuple[tuple[int, str], ...]  # (row, one-line error) of the rows that did not decode
+
+
+def _collate(items: list[tuple[int, torch.Tensor | None, str]]) -> DecodedBatch:
+    good = [(row, views) for row, views, _ in items if views is not None]
+    return DecodedBatch(
+        rows=tuple(row for row, _, _ in items),
+        good=tuple(row for row, _ in good),
+        views=torch.cat([views for _, views in good]) if good else None,
+        errors=tuple((row, err) for row, _, err in items if err),
+    )
 
 
 def _worker_init(_: int) -> None:
@@ -289,21 +311,18 @@ def _encode_rows(
     filled: dict[int, int] = {c: 0 for c in chunks}
     skipped: list[dict[str, str]] = []
     dim: int | None = None
-    for items in loader:
-        good = [(row, views) for row, views, err in items if views is not None]
-        for row, _, err in items:
-            if err:
-                if options.on_bad_image == "fail":
-                    raise BadImageError(err)
-                logger.warning("skipping unreadable image: %s", err)
-                skipped.append({"path": shown_path(job.paths[row]), "error": err})
+    for decoded in loader:
+        for row, err in decoded.errors:
+            if options.on_bad_image == "fail":
+                raise BadImageError(err)
+            logger.warning("skipping unreadable image: %s", err)
+            skipped.append({"path": shown_path(job.paths[row]), "error": err})
         feats = None
-        if good:
-            batch = torch.cat([views for _, views in good])  # (b * V, 3, S, S)
-            feats = encode_batch(tower, batch, job.preprocess).reshape(len(good), n_views, -1)
+        if decoded.views is not None:  # (b * V, 3, S, S)
+            feats = encode_batch(tower, decoded.views, job.preprocess).reshape(len(decoded.good), n_views, -1)
             dim = feats.shape[-1]
-        feat_of = {row: feats[i] for i, (row, _) in enumerate(good)} if feats is not None else {}
-        for row, _, _ in items:
+        feat_of = {row: feats[i] for i, row in enumerate(decoded.good)} if feats is not None else {}
+        for row in decoded.rows:
             chunk = row // writer.chunk_rows
             span = chunk_of[chunk]
             if chunk not in buffers:
@@ -318,7 +337,7 @@ def _encode_rows(
             if filled[chunk] == len(span):
                 background.put(chunk, buffers.pop(chunk), valid.pop(chunk))
         if on_rows is not None:
-            on_rows(len(items))
+            on_rows(len(decoded.rows))
     return skipped
 
 

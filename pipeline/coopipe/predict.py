@@ -166,18 +166,15 @@ def encode_images(
     parts: list[np.ndarray] = []
     show = progress and len(paths) > options.batch_size
     with tqdm(total=len(paths), desc="predict", unit="img", disable=not show, dynamic_ncols=True) as bar:
-        for items in loader:
-            good = [(i, views) for i, views, _ in items if views is not None]
-            for i, _, err in items:
-                if err:
-                    if options.on_bad_image == "fail":
-                        raise BadImageError(err)
-                    logger.warning("skipping unreadable image: %s", err)
-            if good:
-                batch = torch.cat([views for _, views in good])  # (b, 3, S, S) uint8
-                parts.append(encode_batch(tower, batch, clip.preprocess))
-                kept.extend(i for i, _ in good)
-            bar.update(len(items))
+        for decoded in loader:
+            for _, err in decoded.errors:
+                if options.on_bad_image == "fail":
+                    raise BadImageError(err)
+                logger.warning("skipping unreadable image: %s", err)
+            if decoded.views is not None:  # (b, 3, S, S) uint8
+                parts.append(encode_batch(tower, decoded.views, clip.preprocess))
+                kept.extend(decoded.good)
+            bar.update(len(decoded.rows))
     feats = np.concatenate(parts) if parts else np.zeros((0, clip.embed_dim), dtype=np.float32)
     # a store holds float16 by default: round the same way, so that predictions equal eval's on that store
     return kept, feats.astype(options.dtype).astype(np.float32)

@@ -60,6 +60,18 @@ def test_bf16_on_an_emulating_cpu_warns_with_a_measured_ratio(caplog: pytest.Log
     assert "emulates bf16" in warnings[0].getMessage() and "x the fp32 speed here just now" in warnings[0].getMessage()
 
 
+def test_bf16_where_auto_picks_it_does_not_warn(caplog: pytest.LogCaptureFixture) -> None:
+    """An explicit bf16 that auto would also pick (a conv tower on AVX512-BF16) is not the slow path: no warning,
+    while the same request for a transformer tower there still warns."""
+    avx = HardwareFacts("cpu", "AVX512", amx=False, avx512_bf16=True)
+    with caplog.at_level(logging.WARNING, logger="coopipe.hardware"):
+        assert resolve_precision("bf16", facts=avx, conv_tower=True) == "bf16"
+        assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+        assert resolve_precision("bf16", facts=avx, conv_tower=False) == "bf16"
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "has AVX512-BF16 but no AMX" in warnings[0].getMessage()
+
+
 def test_bad_precision_is_refused() -> None:
     with pytest.raises(ValueError, match="precision must be one of"):
         resolve_precision("int8", facts=HardwareFacts("cpu"))

@@ -165,7 +165,9 @@ def resolve_precision(
     if requested == "auto":
         logger.info("precision auto -> %s (%s; %s)", choice.precision, choice.reason, facts.describe())
         return choice.precision
-    if facts.device_type == "cpu" and requested == "bf16" and not facts.amx:
+    # no warning where bf16 is what auto picks for this tower (e.g. a conv tower on AVX512-BF16): a resolved
+    # precision passed on explicitly (a worker, a benchmark) is not a user asking for the slow path
+    if facts.device_type == "cpu" and requested == "bf16" and not facts.amx and choice.precision != "bf16":
         ratio = measure_bf16_ratio()
         kind = "emulates bf16" if not facts.avx512_bf16 else "has AVX512-BF16 but no AMX"
         logger.warning(

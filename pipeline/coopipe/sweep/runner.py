@@ -9,8 +9,9 @@ available memory (one on cuda); ``jobs=N`` forces N workers and splits the cores
 ``OMP_NUM_THREADS`` is kept. ``scheduler=ADDRESS`` sends the same tasks to a running cluster (paths must be valid
 on its workers); ``scheduler='inline'`` runs them one by one in this process (debugging, and the reference the
 tests compare the cluster with). On this machine's CPU, stacks of runs train in this process with all the cores
-(a dask worker's event loop slowed their OpenMP threads), phase by phase before the other units, which go to the
-workers side by side; with ``jobs=1`` everything runs here.
+(in a dask worker they ran 1.6-2x slower, measured before the workers' MALLOC_TRIM_THRESHOLD_ was unset: see
+``_MALLOC_TRIM``), phase by phase before the other units, which go to the workers side by side; with ``jobs=1``
+everything runs here.
 
 Encoding runs alone, before the runs, one ``run_encode`` per dataset behind a blocking per-dataset lock
 (``<cache>/.encode-<dataset>.lock``: a second sweep waits, then finds the stores). Datasets whose runs are all
@@ -273,8 +274,9 @@ def _run_tasks(plan: SweepPlan, pending: Sequence[RunTask], outcome: SweepOutcom
         return
     phases = sorted({t.phase for t in pending})
     units = {phase: stack_units([t for t in pending if t.phase == phase], stack) for phase in phases}
-    # On this machine's CPU a stack trains here with all the cores (a dask worker's event loop slowed its OpenMP
-    # threads 1.6-2x, and a one-thread stack beside short runs left a core idle); the other units go side by side.
+    # On this machine's CPU a stack trains here with all the cores (in a dask worker it ran 1.6-2x slower, measured
+    # with dask's MALLOC_TRIM_THRESHOLD_, and a one-thread stack beside short runs left a core idle); the other units
+    # go side by side.
     local_cpu = scheduler is None and plan.settings.device == "cpu"
     here = {phase: [u for u in units[phase] if local_cpu and len(u) > 1] for phase in phases}
     apart = {phase: [u for u in units[phase] if not (local_cpu and len(u) > 1)] for phase in phases}

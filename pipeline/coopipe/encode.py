@@ -218,6 +218,14 @@ class DecodedBatch:
     views: torch.Tensor | None  # (len(good) * V, 3, S, S) uint8, or None when no row decoded
     errors: tuple[tuple[int, str], ...]  # (row, one-line error) of the rows that did not decode
 
+    def unreadable(self, on_bad_image: str) -> tuple[tuple[int, str], ...]:
+        """``errors``, each logged as skipped; under ``on_bad_image='fail'`` the first raises BadImageError."""
+        for _, err in self.errors:
+            if on_bad_image == "fail":
+                raise BadImageError(err)
+            logger.warning("skipping unreadable image: %s", err)
+        return self.errors
+
 
 def _collate(items: list[tuple[int, torch.Tensor | None, str]]) -> DecodedBatch:
     good = [(row, views) for row, views, _ in items if views is not None]
@@ -312,11 +320,8 @@ def _encode_rows(
     skipped: list[dict[str, str]] = []
     dim: int | None = None
     for decoded in loader:
-        for row, err in decoded.errors:
-            if options.on_bad_image == "fail":
-                raise BadImageError(err)
-            logger.warning("skipping unreadable image: %s", err)
-            skipped.append({"path": shown_path(job.paths[row]), "error": err})
+        skipped.extend({"path": shown_path(job.paths[row]), "error": err}
+                       for row, err in decoded.unreadable(options.on_bad_image))
         feats = None
         if decoded.views is not None:  # (b * V, 3, S, S)
             feats = encode_batch(tower, decoded.views, job.preprocess).reshape(len(decoded.good), n_views, -1)

@@ -48,7 +48,6 @@ from coopipe.encode import (
 )
 from coopipe.engines import build_tower
 from coopipe.errors import (
-    BadImageError,
     CheckpointError,
     DatasetError,
     MissingFileError,
@@ -167,10 +166,7 @@ def encode_images(
     show = progress and len(paths) > options.batch_size
     with tqdm(total=len(paths), desc="predict", unit="img", disable=not show, dynamic_ncols=True) as bar:
         for decoded in loader:
-            for _, err in decoded.errors:
-                if options.on_bad_image == "fail":
-                    raise BadImageError(err)
-                logger.warning("skipping unreadable image: %s", err)
+            decoded.unreadable(options.on_bad_image)  # logged, or raised under on_bad_image='fail'
             if decoded.views is not None:  # (b, 3, S, S) uint8
                 parts.append(encode_batch(tower, decoded.views, clip.preprocess))
                 kept.extend(decoded.good)

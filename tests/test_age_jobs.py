@@ -115,7 +115,7 @@ def test_age_jobs_end_to_end(cache: Path, faces: Path, tmp_path: Path, rn50) -> 
     summary = run_age_report(tmp_path / "runs", tmp_path / "report")["utkface"]
     out = tmp_path / "report" / "utkface"
     table = (out / "age_table.md").read_text()
-    assert "| coop_m2 |" in table and "| ridge |" in table and "constant (train median)" in table
+    assert "| CoOp (M=2) |" in table and "| Ridge probe |" in table and "constant (train median)" in table
     assert "VGG-16" in table and "RANDOM" in table
     assert f"{ridge['mae_exp']:.2f}" in table  # one seed: no ±
     assert (out / "cs_curves.png").stat().st_size > 1000 and (out / "mae_vs_shots.png").is_file()

@@ -32,7 +32,7 @@ def test_table_mean_std_and_single_seed() -> None:
     assert cells[("rank", 2)].text() == "4.00" and cells[("zeroshot", 0)].text() == "9.50"
     lines = age_markdown(list(cells.values()), constant_mae=10.25, dataset="utkface")
     text = "\n".join(lines)
-    assert "| coop | – | 6.00 ± 1.00 |" in text and "| constant (train median) | 10.25 | 10.25 |" in text
+    assert "| CoOp | – | 6.00 ± 1.00 |" in text and "| Rank prompts (OrdinalCLIP) | – | 4.00 |" in text and "| constant (train median) | 10.25 | 10.25 |" in text
     assert lines[-1] == PROTOCOL_NOTE and "VGG-16" in PROTOCOL_NOTE and "frozen" in PROTOCOL_NOTE
     assert {c.text() for c in age_cells(_records(), decoding="max") if c.method == "coop"} == {"6.00 ± 0.00"}
     with pytest.raises(ParamsError, match="mae_exp"):

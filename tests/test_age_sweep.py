@@ -71,9 +71,13 @@ def test_age_sweep_end_to_end(faces: Path, tmp_path: Path) -> None:
     assert (runs / "report" / "summary.json").is_file()
     table = (runs / "age_report" / "utkface" / "age_table.md").read_text()
     rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
-    for method in (coop, "rank", "ridge", "zeroshot", "zeroshot_ensemble", "constant (train median)"):
+    readable = ['CoOp (init "age estimation: the age of the person is")', "Rank prompts (OrdinalCLIP)", "Ridge probe",
+                "Zero-shot CLIP", "Zero-shot CLIP (ensemble)"]
+    for method in (*readable, "constant (train median)"):
         assert method in rows, (method, table)
-    assert "Not the paper's protocol: shortened training" in table and "rank 1 (paper 100)" in table
+    order = [name for name in rows if name in readable]  # the paper's order, the probes before the prompts
+    assert order == ["Zero-shot CLIP", "Zero-shot CLIP (ensemble)", "Ridge probe", readable[0], readable[1]], order
+    assert "Not the paper's protocol: shortened training" in table and "Rank prompts (OrdinalCLIP) 1 (paper 100)" in table
     again = CliRunner().invoke(app, [
         "sweep", "--dataset", "utkface", "--no-encode", "--pretrained", "none", "--cache", str(cache),
         "--runs", str(runs), "--methods", "coop_age,rank", "--shots", "1,2", "--seeds", "1", "--epochs", "1",

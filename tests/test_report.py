@@ -30,7 +30,7 @@ from coopipe.report.aggregate import (
     summarize,
 )
 from coopipe.report.figures import shot_position
-from coopipe.report.names import method_label
+from coopipe.report.names import method_label, method_order
 from coopipe.report.records import ReportError, RunRecord, dedupe, record_from_metrics
 from coopipe.jobs.report import FILES, run_report
 
@@ -155,6 +155,9 @@ def test_statistics_and_records():
     assert method_label("coop_csc_middle") == "CoOp (CSC, middle)" and method_label("coop_m8") == "CoOp (M=8)"
     assert method_label("coop_init-a-photo-of-a") == 'CoOp (init "a photo of a")'
     assert method_label("linear_probe", "RN50", with_model=True) == "Linear probe CLIP [RN50]"
+    labels = ["rank", "coop_init-age", "zz_unknown", "cocoop", "coop_m8", "coop", "ridge", "linear_probe", "zeroshot"]
+    assert sorted(labels, key=method_order) == [
+        "zeroshot", "linear_probe", "ridge", "coop", "coop_init-age", "coop_m8", "cocoop", "rank", "zz_unknown"]
 
     rec = record_from_metrics({"method": "zeroshot", "dataset": "dtd", "accuracy": 0.5, "shots": None})
     assert rec.shots == 0 and rec.kind == "fewshot"

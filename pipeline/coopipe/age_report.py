@@ -20,7 +20,7 @@ import numpy as np
 
 from coopipe.errors import ParamsError
 from coopipe.report.figures import Palette, new_figure, save_figure, shot_position
-from coopipe.report.names import method_order
+from coopipe.report.names import method_label, method_order
 
 __all__ = [
     "PAPER_COOP_MORPH",
@@ -95,7 +95,7 @@ def age_markdown(cells: Sequence[AgeCell], *, constant_mae: float | Mapping[int,
              "mean ± std over seeds)"), "", "| " + " | ".join(header) + " |",
              "|" + "---|" + "---:|" * len(shots)]
     for method in methods:
-        row = [method, *[by_key[(method, k)].text() if (method, k) in by_key else "–" for k in shots]]
+        row = [method_label(method), *[by_key[(method, k)].text() if (method, k) in by_key else "–" for k in shots]]
         lines.append("| " + " | ".join(row) + " |")
     if constant_mae is not None:
         per_shot = constant_mae if isinstance(constant_mae, Mapping) else {k: constant_mae for k in shots}
@@ -158,7 +158,7 @@ def plot_mae_vs_shots(cells: Sequence[AgeCell], path: str | Path, *, constant_ma
         own = sorted((c for c in cells if c.method == method), key=lambda c: c.shots)
         x = [shot_position(c.shots) for c in own]
         mean, std = np.array([c.mean for c in own]), np.array([c.std for c in own])
-        ax.plot(x, mean, marker="o", color=palette(method), label=method)
+        ax.plot(x, mean, marker="o", color=palette(method), label=method_label(method))
         ax.fill_between(x, mean - std, mean + std, color=palette(method), alpha=0.2)
     if constant_mae is not None:
         ax.axhline(constant_mae, color="black", linestyle="--", linewidth=0.8, label="constant (median)")

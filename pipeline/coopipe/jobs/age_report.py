@@ -43,6 +43,7 @@ from coopipe.age_report import (
 from coopipe.errors import ParamsError
 from coopipe.jobs.age_eval import PREDICTIONS_FILE
 from coopipe.atomic import write_json, write_text
+from coopipe.report.names import method_label
 from coopipe.report.records import metrics_files
 
 logger = logging.getLogger(__name__)
@@ -122,13 +123,14 @@ def _epochs_note(records: Sequence[Mapping[str, Any]]) -> str | None:
             seen[str(r["method"])].add((epochs, paper))
     if not seen:
         return None
-    parts = [f"{m} {', '.join(f'{e} (paper {p})' for e, p in sorted(v))}" for m, v in sorted(seen.items())]
+    parts = [f"{method_label(m)} {', '.join(f'{e} (paper {p})' for e, p in sorted(v))}" for m, v in sorted(seen.items())]
     return ("**Not the paper's protocol: shortened training.** Epochs trained: " + "; ".join(parts)
             + ". The numbers are not comparable with the paper's.")
 
 
 def _label(method: str, shots: int) -> str:
-    return method if shots == 0 else f"{method} {shots}-shot"
+    """Readable legend and caption label: ``CoOp (init "age estimation: ...") 16-shot``."""
+    return method_label(method) if shots == 0 else f"{method_label(method)} {shots}-shot"
 
 
 def _read_predictions(path: Path) -> tuple[np.ndarray, np.ndarray] | None:

@@ -33,10 +33,11 @@ _METHOD_NAMES = {
     "zeroshot": "Zero-shot CLIP",
     "zeroshot_ensemble": "Zero-shot CLIP (ensemble)",
     "linear_probe": "Linear probe CLIP",
+    "ridge": "Ridge probe",
     "coop": "CoOp",
 }
 _PROMPT_NAMES = {"coop": "CoOp", "cocoop": "CoCoOp", "rank": "Rank prompts (OrdinalCLIP)"}
-_METHOD_ORDER = ("zeroshot", "zeroshot_ensemble", "linear_probe", "coop", "cocoop", "rank")
+_METHOD_ORDER = ("zeroshot", "zeroshot_ensemble", "linear_probe", "ridge", "coop", "cocoop", "rank")
 
 
 def dataset_label(name: str) -> str:
@@ -49,10 +50,15 @@ def dataset_order(name: str) -> tuple[int, str]:
 
 
 def method_order(method: str) -> tuple[int, str]:
-    for i, prefix in enumerate(_METHOD_ORDER):
-        if method == prefix:
-            return (i, "")
-    return (len(_METHOD_ORDER), method)
+    """Sort key: the paper's order; a prompt variant (``coop_csc_middle``, ``coop_init-...``) right after its
+    method's plain label, variants by name; unknown labels last."""
+    if method in _METHOD_ORDER:
+        return (_METHOD_ORDER.index(method), "")
+    try:
+        base = MethodSpec.parse(method).method
+    except ParamsError:
+        return (len(_METHOD_ORDER), method)
+    return (_METHOD_ORDER.index(base), method) if base in _METHOD_ORDER else (len(_METHOD_ORDER), method)
 
 
 def method_label(method: str, model: str = "", *, with_model: bool = False) -> str:

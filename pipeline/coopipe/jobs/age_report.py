@@ -8,7 +8,7 @@ unreadable files are skipped with a warning. Per dataset it writes into ``out_di
   and arg-max decodings, the constant (train-median) predictor's MAE in each shots column, the protocol note
   (frozen CLIP on cached features vs OrdinalCLIP's fine-tuned VGG-16), a line naming every method trained for
   other epochs than its paper's (``epochs``/``paper_epochs`` of the metrics files) and, when the weights were
-  random, a line saying that the numbers carry no age signal;
+  random, a line saying that the numbers carry little age signal and are no result;
 - ``cs_curves.png``: CS(t), t = 1..10, of each method at its largest shots (mean over seeds);
 - ``mae_vs_shots.png``: MAE against shots, one line per method, the constant predictor dashed;
 - ``predicted_vs_true_<method>_shots<K>.png``: predicted against true age with the per-age error, for each
@@ -58,9 +58,9 @@ AGE_FILES = {
     "index": "age_report.md",
 }
 RANDOM_WEIGHTS_NOTE = (
-    "Weights: RANDOM (pretrained=none). Random-weight features carry no age signal: these numbers only show that "
-    "the pipeline runs and are no result (prompts spread over all ranks land far from the constant predictor, "
-    "probes that learn the train ages near it)."
+    "Weights: RANDOM (pretrained=none). Random-weight features hold low-level image statistics and little age "
+    "signal: these numbers only show that the pipeline runs and are no result (prompts land near or above the "
+    "constant predictor; a probe fitted to the train ages can get somewhat below it)."
 )
 
 

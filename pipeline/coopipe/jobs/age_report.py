@@ -130,7 +130,8 @@ def _epochs_note(records: Sequence[Mapping[str, Any]]) -> str | None:
 
 def _label(method: str, shots: int) -> str:
     """Readable legend and caption label: ``CoOp (init "age estimation: ...") 16-shot``."""
-    return method_label(method) if shots == 0 else f"{method_label(method)} {shots}-shot"
+    name = method_label(method)
+    return name if shots == 0 else f"{name} {shots}-shot"
 
 
 def _read_predictions(path: Path) -> tuple[np.ndarray, np.ndarray] | None:

@@ -8,7 +8,9 @@ at the canonical path for that provenance, so an imported store is found and che
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,14 @@ import numpy as np
 
 from coopipe.atomic import atomic_write
 from coopipe.errors import StoreError, UnsafePathError
+from coopipe.hdf5check import (
+    MAX_CHUNK_BYTES,
+    MAX_PATH_BYTES,
+    REEXPORT,
+    checked_dataset,
+    open_untrusted,
+    read_strings,
+)
 from coopipe.store import (
     STORE_FORMAT,
     FeatureStore,
@@ -27,6 +37,9 @@ from coopipe.store import (
 )
 
 _ATTR = "coopipe"
+MAX_ATTR_CHARS = 64 << 20  # the attribute is JSON text: provenance, skipped list
+MAX_DIM = 1 << 16
+MAX_VIEWS = 1024
 
 
 def export_hdf5(store: FeatureStore, out: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
@@ -57,50 +70,153 @@ def _write_hdf5(store: FeatureStore, tmp: Path) -> None:
 
 
 def import_hdf5(src: str | os.PathLike[str], cache_dir: str | os.PathLike[str]) -> Path:
-    """Create the zarr store described by an exported HDF5 file under ``cache_dir``; return its path."""
+    """Create the zarr store described by an exported HDF5 file under ``cache_dir``; return its path.
+
+    The file is untrusted (:mod:`coopipe.hdf5check`): its arrays are checked against the store schema and the
+    file's real size before anything is read, every checksum of the new store is computed here (none is taken
+    from the file), and a failed import leaves no partial store behind.
+    """
     src = Path(src)
-    if not src.is_file():
-        raise StoreError(f"no HDF5 file at {src}")
-    with h5py.File(src, "r") as h5:
-        if _ATTR not in h5.attrs:
-            raise StoreError(f"{src} was not exported by coopipe (no '{_ATTR}' attribute); cannot import it")
-        attrs = json.loads(h5.attrs[_ATTR])
-        if attrs.get("format") != STORE_FORMAT:
-            raise StoreError(f"{src} holds store format {attrs.get('format')!r}, expected {STORE_FORMAT}")
-        provenance = _checked_provenance(attrs.get("provenance"), src)
-        path = store_path(cache_dir, provenance)  # every component slugged and confined to cache_dir
+    with open_untrusted(src) as (h5, size):
+        attrs = _checked_attrs(h5, src)
+        provenance = checked_provenance(attrs.get("provenance"), src)
+        feats, rows = _checked_arrays(h5, src, size, provenance)
+        path = store_path(cache_dir, provenance)  # every component slugged, short, and confined
         if path.exists():
             open_store(path, expect=provenance)
             return path
-        feats = h5["features"]
         with store_lock(path):
             writer = StoreWriter.create(
-                path, provenance, labels=h5["labels"][:], index=h5["index"][:],
-                paths=[p.decode() if isinstance(p, bytes) else str(p) for p in h5["paths"][:]],
+                path, provenance, labels=rows["labels"], index=rows["index"], paths=rows["paths"],
                 n_views=int(feats.shape[1]), dim=int(feats.shape[2]), dtype=str(feats.dtype),
-                chunk_rows=int(feats.chunks[0]) if feats.chunks else 256,
+                chunk_rows=_chunk_rows(feats),
             )
-            valid = np.asarray(h5["valid"][:], dtype=bool)
-            for chunk in writer.pending_chunks():
-                rows = writer.chunk_rows_range(chunk)
-                writer.write_chunk(chunk, feats[rows.start : rows.stop], valid[rows.start : rows.stop])
-            extra = {k: v for k, v in attrs.items() if k not in {"format", "provenance", "complete", "n_rows"}}
-            writer.finalize(extra)
+            try:
+                for chunk in writer.pending_chunks():
+                    span = writer.chunk_rows_range(chunk)
+                    block = feats[span.start : span.stop]
+                    if not np.isfinite(block).all():
+                        raise StoreError(f"{src}: features rows {span.start}..{span.stop - 1} hold NaN/inf; "
+                                         f"{REEXPORT}")
+                    writer.write_chunk(chunk, block, rows["valid"][span.start : span.stop])
+                writer.finalize(_kept_attrs(attrs))
+            except BaseException:
+                shutil.rmtree(writer.partial, ignore_errors=True)  # an import restarts; never a stray folder
+                raise
     return path
 
 
-def _checked_provenance(provenance: Any, src: Path) -> dict[str, Any]:
-    """The imported provenance, refused unless the fields that name the store are plain, safe values.
+def _checked_attrs(h5: h5py.File, src: Path) -> dict[str, Any]:
+    raw = h5.attrs.get(_ATTR)
+    if raw is None:
+        raise StoreError(f"{src} was not exported by coopipe (no '{_ATTR}' attribute); cannot import it")
+    if isinstance(raw, bytes):
+        raw = raw.decode("utf-8", "replace")
+    if not isinstance(raw, str) or len(raw) > MAX_ATTR_CHARS:
+        raise StoreError(f"{src}: the '{_ATTR}' attribute is not one JSON string (got {type(raw).__name__}); "
+                         f"{REEXPORT}")
+    try:
+        attrs = json.loads(raw)
+    except ValueError as exc:
+        raise StoreError(f"{src}: the '{_ATTR}' attribute is not valid JSON ({exc}); {REEXPORT}") from exc
+    if not isinstance(attrs, dict):
+        raise StoreError(f"{src}: the '{_ATTR}' attribute is not a JSON object; {REEXPORT}")
+    if attrs.get("format") != STORE_FORMAT:
+        raise StoreError(f"{src} holds store format {attrs.get('format')!r}, expected {STORE_FORMAT}")
+    return attrs
 
-    An HDF5 file may come from anyone: its ``dataset``/``split`` become folder and file names, so a value
-    such as ``../../x`` must never reach the file system (the store path is slugged and confined as well).
+
+def _checked_arrays(
+    h5: h5py.File, src: Path, size: int, provenance: dict[str, Any]
+) -> tuple[h5py.Dataset, dict[str, Any]]:
+    """The features array (checked, not read) and the row arrays (read, checked against the store schema)."""
+    feats = checked_dataset(h5, "features", src, size)
+    n_views = provenance["views"]["n_aug"] + 1
+    if feats.ndim != 3 or feats.shape[1] != n_views or not 1 <= feats.shape[2] <= MAX_DIM:
+        raise StoreError(f"{src}: features have shape {feats.shape}; a store holds (rows, {n_views} views, "
+                         f"dim <= {MAX_DIM}): {REEXPORT}")
+    if str(feats.dtype) != provenance["dtype"]:
+        raise StoreError(f"{src}: features are {feats.dtype}, the provenance says {provenance['dtype']} "
+                         f"(a store holds float16 or float32): {REEXPORT}")
+    if n_views * feats.shape[2] * feats.dtype.itemsize > MAX_CHUNK_BYTES:
+        raise StoreError(f"{src}: one features row of shape {feats.shape[1:]} is too large to import: {REEXPORT}")
+    n = int(feats.shape[0])
+    if n == 0:
+        raise StoreError(f"{src}: the store holds no rows; nothing to import")
+    rows: dict[str, Any] = {}
+    for name, kinds in (("labels", "iu"), ("index", "iu"), ("valid", "b"), ("paths", "")):
+        dset = checked_dataset(h5, name, src, size)
+        if dset.shape != (n,):
+            raise StoreError(f"{src}: '{name}' has shape {dset.shape} but features have {n} rows: {REEXPORT}")
+        if name == "paths":
+            rows[name] = read_strings(dset, name, src, size)
+            continue
+        if dset.dtype.kind not in kinds or dset.dtype.itemsize > 8:
+            what = "whole numbers (an integer array)" if kinds == "iu" else "booleans"
+            raise StoreError(f"{src}: '{name}' must hold {what}, got {dset.dtype}: {REEXPORT}")
+        rows[name] = dset[:]
+    n_classes = len(provenance["classnames"])
+    labels, index = rows["labels"].astype(np.int64), rows["index"].astype(np.int64)
+    if labels.min() < 0 or labels.max() >= n_classes:
+        raise StoreError(f"{src}: labels range {labels.min()}..{labels.max()} but there are {n_classes} classes "
+                         f"(0..{n_classes - 1}): {REEXPORT}")
+    n_split = provenance["n_split"]
+    if index.min() < 0 or index.max() >= n_split or np.unique(index).size != n:
+        raise StoreError(f"{src}: 'index' must hold {n} distinct split positions in 0..{n_split - 1}: {REEXPORT}")
+    rows["labels"], rows["index"] = labels, index
+    return feats, rows
+
+
+def _chunk_rows(feats: h5py.Dataset) -> int:
+    """Store chunk rows: the file's (bounded by its chunk check) or as many as fit one read."""
+    row_bytes = int(feats.shape[1]) * int(feats.shape[2]) * feats.dtype.itemsize
+    limit = max(1, MAX_CHUNK_BYTES // row_bytes)
+    return min(int(feats.chunks[0]) if feats.chunks else 256, limit)
+
+
+def _kept_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
+    """The informative attributes an import keeps (never integrity bookkeeping: that is recomputed)."""
+    kept: dict[str, Any] = {}
+    skipped = attrs.get("skipped")
+    if isinstance(skipped, list) and all(
+        isinstance(s, dict) and all(isinstance(s.get(k), str) for k in ("path", "error")) for s in skipped
+    ):
+        kept["skipped"] = [{"path": s["path"][:MAX_PATH_BYTES], "error": s["error"][:1000]} for s in skipped]
+    seconds = attrs.get("encode_seconds")
+    if isinstance(seconds, int | float) and not isinstance(seconds, bool) and math.isfinite(seconds):
+        kept["encode_seconds"] = seconds
+    return kept
+
+
+# The provenance fields a store must carry, with their JSON types (what readers of a store index without checks).
+_PROVENANCE_SCHEMA: dict[str, tuple[type, ...]] = {
+    "dataset": (str,), "split": (str,), "model": (str,), "weights": (str,), "file_list_sha256": (str,),
+    "n_split": (int,), "classnames": (list,), "rows": (str, dict), "preprocess": (dict,), "views": (dict,),
+    "dtype": (str,), "precision": (str,), "coopipe_version": (str,), "open_clip_version": (str,),
+}
+MAX_NAME_CHARS = 200
+
+
+def checked_provenance(provenance: Any, src: Path) -> dict[str, Any]:
+    """The imported provenance, refused unless it has the store schema's fields with plain, safe values.
+
+    An HDF5 file may come from anyone: ``dataset``/``split`` become folder and file names, so a value such as
+    ``../../x`` must never reach the file system (the store path is slugged and confined as well), and every
+    reader of a store (``cache info``, ``eval``) indexes these fields without further checks.
     """
     if not isinstance(provenance, dict):
         raise StoreError(f"{src}: the 'provenance' attribute is not an object; the file is damaged or not coopipe's")
-    for key in ("dataset", "split", "model", "weights"):
+    for key, types in _PROVENANCE_SCHEMA.items():
         value = provenance.get(key)
-        if not isinstance(value, str) or not value:
-            raise StoreError(f"{src}: provenance field {key!r} is missing or not a string; cannot import it")
+        if not isinstance(value, types) or (int in types and isinstance(value, bool)):
+            want = " or ".join(t.__name__ for t in types)
+            raise StoreError(f"{src}: provenance field {key!r} is missing or not a {want} (got {value!r:.60}); "
+                             f"cannot import it")
+    for key in ("dataset", "split", "model", "weights"):
+        value = provenance[key]
+        if not value or len(value) > MAX_NAME_CHARS or not value.isprintable():
+            raise StoreError(f"{src}: provenance field {key!r} must be 1..{MAX_NAME_CHARS} printable characters; "
+                             f"cannot import it")
     for key in ("dataset", "split"):
         value = provenance[key]
         if value in (".", "..") or any(c in value for c in "/\\\0") or value != value.strip():
@@ -108,7 +224,13 @@ def _checked_provenance(provenance: Any, src: Path) -> dict[str, Any]:
                 f"{src}: provenance {key} {value!r} is not a plain name (it would build a path outside the "
                 f"cache); refusing to import it"
             )
-    views = provenance.get("views")
-    if not isinstance(views, dict) or type(views.get("n_aug")) is not int or views["n_aug"] < 0:
+    names = provenance["classnames"]
+    if not names or not all(isinstance(c, str) and 0 < len(c) <= MAX_NAME_CHARS for c in names):
+        raise StoreError(f"{src}: provenance 'classnames' must be a non-empty list of names; cannot import it")
+    n_aug = provenance["views"].get("n_aug")
+    if type(n_aug) is not int or not 0 <= n_aug <= MAX_VIEWS:
         raise StoreError(f"{src}: provenance field 'views' is missing or malformed; cannot import it")
+    if provenance["dtype"] not in ("float16", "float32") or provenance["n_split"] < 1:
+        raise StoreError(f"{src}: provenance 'dtype' must be float16 or float32 and 'n_split' positive; "
+                         f"cannot import it")
     return provenance

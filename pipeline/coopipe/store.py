@@ -75,10 +75,17 @@ def provenance_key(provenance: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical_json(keyed).encode()).hexdigest()[:12]
 
 
+_SLUG_CHARS = 48  # five components and a key stay far below a file system's 255-byte name limit
+
+
 def _slug(text: object) -> str:
-    """A safe file-name component: ASCII letters, digits, ``-``, ``+`` and inner ``.`` only (never ``.``/``..``)."""
+    """A safe, short file-name component: ASCII letters, digits, ``-``, ``+`` and inner ``.`` only (never
+    ``.``/``..``); a long text keeps its start and gets a hash of the whole, so distinct names stay distinct."""
     keep = [c if (c.isascii() and c.isalnum()) or c in "-.+" else "-" for c in str(text)]
-    return "".join(keep).strip("-.") or "x"
+    slug = "".join(keep).strip("-.") or "x"
+    if len(slug) > _SLUG_CHARS:
+        slug = slug[: _SLUG_CHARS - 9].rstrip("-.") + "-" + hashlib.sha256(str(text).encode()).hexdigest()[:8]
+    return slug
 
 
 def confined(root: str | os.PathLike[str], path: Path) -> Path:
@@ -94,7 +101,7 @@ def weights_slug(weights_id: str) -> str:
     """Short, file-name-safe form of a weights identity, for store names."""
     kind, _, rest = weights_id.partition(":")
     if kind == "sha256":
-        return f"sha256-{rest[:10]}"
+        return _slug(f"sha256-{rest[:10]}")
     if kind == "random-init":
         return "random"
     return _slug(rest.split("/")[-1] if "/" in rest else rest)
@@ -120,7 +127,8 @@ def store_path(cache_dir: str | os.PathLike[str], provenance: Mapping[str, Any])
         ]
     )
     # Provenance may come from an imported file: every component is slugged and the result confined.
-    return confined(cache_dir, dataset_folder(cache_dir, provenance["dataset"]) / f"{name}.zarr")
+    folder = dataset_folder(cache_dir, provenance["dataset"])
+    return confined(folder, folder / f"{name}.zarr")
 
 
 def partial_path(path: Path) -> Path:

@@ -315,3 +315,71 @@ def test_bad_view_options_from_params_are_refused_before_any_file(tmp_path):
         with pytest.raises(ParamsError):
             run_encode(dataset="eurosat", data_root=tmp_path, cache_dir=tmp_path / "c", views=views, crop_scale=scale)
     assert not (tmp_path / "c").exists()
+
+
+def _edit_json(path: Path, change) -> None:
+    meta = json.loads(path.read_text())
+    change(meta)
+    path.write_text(json.dumps(meta))
+
+
+def _edit_attrs(store: Path, change) -> None:
+    _edit_json(store / "zarr.json", lambda meta: change(meta["attributes"]))
+
+
+@pytest.mark.parametrize("edit", ["dtype-int16", "empty-json", "shape"])
+def test_changed_array_metadata_is_damage_and_reencode_restores_it(tmp_path, rn50, edit):
+    data = _tiny(tmp_path / "imgs")
+    opts = EncodeOptions(**{**OPTS, "dtype": "float16"})
+    path = encode_split(data, "test", cache_dir=tmp_path / "c", options=opts, clip=rn50).path
+    original = open_store(path).read(view=None)
+    meta = path / "features" / "zarr.json"
+    if edit == "dtype-int16":  # same bytes, other meaning: the chunk checksums alone cannot see it
+        _edit_json(meta, lambda m: m.update(data_type="int16"))
+    elif edit == "empty-json":
+        meta.write_text("{}")
+    else:
+        _edit_json(meta, lambda m: m.update(shape=[4, 1, 1024]))
+    with pytest.raises(CorruptStoreError, match=r"features/zarr.json (differs|is missing)"):
+        open_store(path)
+    res = CliRunner().invoke(app, ["cache", "verify", str(path)])
+    assert res.exit_code == 1 and "DAMAGED" in res.output and "Traceback" not in res.output
+    result = encode_split(data, "test", cache_dir=tmp_path / "c", options=opts, clip=rn50)
+    assert result.encoded_rows == 0  # metadata restored from the bound copy, no chunk re-encoded
+    np.testing.assert_array_equal(open_store(result.path, checksums=True).read(view=None), original)
+
+
+@pytest.mark.parametrize("edit", ["integrity-0", "no-integrity", "classnames", "provenance-list", "array-meta",
+                                  "root-deleted"])
+def test_altered_store_attributes_are_refused_and_reencode_rebuilds(encoded, tmp_path, rn50, edit):
+    data, path, original = encoded
+    changes = {
+        "integrity-0": lambda a: a.update(integrity=0),
+        "no-integrity": lambda a: a.pop("integrity"),
+        "classnames": lambda a: a["provenance"].update(classnames=["dog", "cat"]),
+        "provenance-list": lambda a: a.update(provenance=["x"]),
+        "array-meta": lambda a: a["array_meta"]["features"].update(data_type="int16"),
+    }
+    if edit == "root-deleted":
+        (path / "zarr.json").unlink()
+    else:
+        _edit_attrs(path, changes[edit])
+    with pytest.raises(StoreError, match="cannot be checked|lost its group metadata|not a coopipe"):
+        open_store(path)
+    for command in (["cache", "verify", str(path)], ["cache", "info", str(path)]):
+        res = CliRunner().invoke(app, command)
+        assert res.exit_code == 1 and "Traceback" not in res.output and "error" in res.output.lower() + "damaged"
+    result = _reencode(data, tmp_path, rn50)  # rebuilt: nothing in it could be trusted
+    assert result.path == path and result.encoded_rows == 6
+    np.testing.assert_array_equal(open_store(path, checksums=True).read(view=None), original)
+
+
+def test_stores_written_before_metadata_checksums_are_checked_and_say_so(encoded, tmp_path):
+    _, path, original = encoded
+    _edit_attrs(path, lambda a: (a.pop("meta_digest"), a.update(integrity=1)))
+    np.testing.assert_array_equal(open_store(path, checksums=True).read(view=None), original)
+    res = CliRunner().invoke(app, ["cache", "verify", str(path)])
+    assert res.exit_code == 0 and "provenance not covered" in res.output
+    _edit_json(path / "features" / "zarr.json", lambda m: m.update(data_type="int32"))
+    with pytest.raises(CorruptStoreError, match="differs from the one recorded"):
+        open_store(path)

@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 
 from coopipe.atomic import atomic_write
-from coopipe.errors import StoreError, UnsafePathError
+from coopipe.errors import StoreError
 from coopipe.hdf5check import (
     MAX_CHUNK_BYTES,
     MAX_PATH_BYTES,
@@ -27,6 +27,7 @@ from coopipe.hdf5check import (
     open_untrusted,
     read_strings,
 )
+from coopipe.provenance_check import checked_provenance
 from coopipe.store import (
     STORE_FORMAT,
     FeatureStore,
@@ -39,7 +40,6 @@ from coopipe.store import (
 _ATTR = "coopipe"
 MAX_ATTR_CHARS = 64 << 20  # the attribute is JSON text: provenance, skipped list
 MAX_DIM = 1 << 16
-MAX_VIEWS = 1024
 
 
 def export_hdf5(store: FeatureStore, out: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
@@ -79,7 +79,7 @@ def import_hdf5(src: str | os.PathLike[str], cache_dir: str | os.PathLike[str]) 
     src = Path(src)
     with open_untrusted(src) as (h5, size):
         attrs = _checked_attrs(h5, src)
-        provenance = checked_provenance(attrs.get("provenance"), src)
+        provenance = checked_provenance(attrs.get("provenance"), str(src))
         feats, rows = _checked_arrays(h5, src, size, provenance)
         path = store_path(cache_dir, provenance)  # every component slugged, short, and confined
         if path.exists():
@@ -186,51 +186,3 @@ def _kept_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
     if isinstance(seconds, int | float) and not isinstance(seconds, bool) and math.isfinite(seconds):
         kept["encode_seconds"] = seconds
     return kept
-
-
-# The provenance fields a store must carry, with their JSON types (what readers of a store index without checks).
-_PROVENANCE_SCHEMA: dict[str, tuple[type, ...]] = {
-    "dataset": (str,), "split": (str,), "model": (str,), "weights": (str,), "file_list_sha256": (str,),
-    "n_split": (int,), "classnames": (list,), "rows": (str, dict), "preprocess": (dict,), "views": (dict,),
-    "dtype": (str,), "precision": (str,), "coopipe_version": (str,), "open_clip_version": (str,),
-}
-MAX_NAME_CHARS = 200
-
-
-def checked_provenance(provenance: Any, src: Path) -> dict[str, Any]:
-    """The imported provenance, refused unless it has the store schema's fields with plain, safe values.
-
-    An HDF5 file may come from anyone: ``dataset``/``split`` become folder and file names, so a value such as
-    ``../../x`` must never reach the file system (the store path is slugged and confined as well), and every
-    reader of a store (``cache info``, ``eval``) indexes these fields without further checks.
-    """
-    if not isinstance(provenance, dict):
-        raise StoreError(f"{src}: the 'provenance' attribute is not an object; the file is damaged or not coopipe's")
-    for key, types in _PROVENANCE_SCHEMA.items():
-        value = provenance.get(key)
-        if not isinstance(value, types) or (int in types and isinstance(value, bool)):
-            want = " or ".join(t.__name__ for t in types)
-            raise StoreError(f"{src}: provenance field {key!r} is missing or not a {want} (got {value!r:.60}); "
-                             f"cannot import it")
-    for key in ("dataset", "split", "model", "weights"):
-        value = provenance[key]
-        if not value or len(value) > MAX_NAME_CHARS or not value.isprintable():
-            raise StoreError(f"{src}: provenance field {key!r} must be 1..{MAX_NAME_CHARS} printable characters; "
-                             f"cannot import it")
-    for key in ("dataset", "split"):
-        value = provenance[key]
-        if value in (".", "..") or any(c in value for c in "/\\\0") or value != value.strip():
-            raise UnsafePathError(
-                f"{src}: provenance {key} {value!r} is not a plain name (it would build a path outside the "
-                f"cache); refusing to import it"
-            )
-    names = provenance["classnames"]
-    if not names or not all(isinstance(c, str) and 0 < len(c) <= MAX_NAME_CHARS for c in names):
-        raise StoreError(f"{src}: provenance 'classnames' must be a non-empty list of names; cannot import it")
-    n_aug = provenance["views"].get("n_aug")
-    if type(n_aug) is not int or not 0 <= n_aug <= MAX_VIEWS:
-        raise StoreError(f"{src}: provenance field 'views' is missing or malformed; cannot import it")
-    if provenance["dtype"] not in ("float16", "float32") or provenance["n_split"] < 1:
-        raise StoreError(f"{src}: provenance 'dtype' must be float16 or float32 and 'n_split' positive; "
-                         f"cannot import it")
-    return provenance

@@ -48,12 +48,15 @@ from coopipe.errors import (
     UnsafePathError,
 )
 from coopipe.integrity import (
+    REBUILD_HINT,
     REPAIR_HINT,
     digest,
     digest_hex,
     find_damage,
+    record_damage,
 )
 from coopipe.locks import exclusive_lock
+from coopipe.provenance_check import READ_FIELDS, checked_provenance
 
 logger = logging.getLogger(__name__)
 
@@ -316,11 +319,17 @@ def open_store(
         group = zarr.open_group(str(path), mode="r")
         attrs = dict(group.attrs)
     except Exception as exc:  # zarr raises several unrelated types for a non-store directory
+        if (path / "features").is_dir():  # a store that lost its group metadata: encode rebuilds it
+            raise CorruptStoreError(f"store {path} lost its group metadata (zarr.json); {REBUILD_HINT}") from exc
         raise StoreError(f"{path} is not a readable zarr store ({exc}); delete it and re-encode") from exc
     if attrs.get("format") != STORE_FORMAT or "provenance" not in attrs:
         raise StoreError(f"{path} is not a coopipe feature store (format {attrs.get('format')!r})")
     if not attrs.get("complete", False):
         raise IncompleteStoreError(f"store {path} is marked incomplete; re-run `coopipe encode` to finish it")
+    record = record_damage(attrs)  # before anything in the attributes is believed
+    if record:
+        raise CorruptStoreError(f"store {path} cannot be checked: {record}; {REBUILD_HINT}")
+    checked_provenance(attrs["provenance"], f"store {path}", REBUILD_HINT, READ_FIELDS)
     store = FeatureStore(path=path, group=group)
     if expect:
         diffs = diff_provenance(expect, store.provenance)

@@ -28,6 +28,8 @@ from coopipe.integrity import (
     digest,
     digest_hex,
     find_damage,
+    meta_digest,
+    record_damage,
     reopen_for_repair,
 )
 from coopipe.store import _UNKEYED, STORE_FORMAT, diff_provenance, partial_path
@@ -82,6 +84,9 @@ class StoreWriter:
             raise StoreError(f"refusing to create an empty store at {path}: the split has no images")
         if n_views < 1:
             raise StoreError(f"a store needs at least one view per image, got {n_views}")
+        n_classes = len(provenance.get("classnames") or ())
+        if n_classes and not all(0 <= int(label) < n_classes for label in labels):
+            raise StoreError(f"refusing to create {path}: labels must lie in 0..{n_classes - 1} (one per class name)")
         partial = partial_path(path)
         try:
             if partial.exists():
@@ -108,8 +113,10 @@ class StoreWriter:
                 name: json.loads((partial / name / "zarr.json").read_text())
                 for name in ("features", "valid", "checksums", "done", "labels", "index", "paths")
             }
+            bound = {"format": STORE_FORMAT, "provenance": dict(provenance), "n_rows": n, "array_meta": array_meta}
             group.attrs.update(
-                {"initialized": True, "integrity": INTEGRITY_FORMAT, "checksums": sums, "array_meta": array_meta}
+                {"initialized": True, "integrity": INTEGRITY_FORMAT, "checksums": sums, "array_meta": array_meta,
+                 "meta_digest": meta_digest(bound)}
             )
         except OSError as exc:
             raise StoreError(_write_error(partial, "create the store", exc)) from exc
@@ -123,7 +130,7 @@ class StoreWriter:
             attrs = dict(zarr.open_group(str(partial), mode="r").attrs)
         except Exception:  # noqa: BLE001 - no or unreadable group metadata: killed right at the start
             attrs = {}
-        if not attrs.get("initialized") or attrs.get("integrity") != INTEGRITY_FORMAT:
+        if not attrs.get("initialized") or record_damage(attrs):
             logger.info("partial store %s was interrupted while being created (or predates checksums): restarting it", partial)
             return None
         writer = cls(path)
@@ -201,9 +208,19 @@ def _write_error(partial: Path, what: str, exc: OSError) -> str:
 
 
 def reopen_damaged(path: Path) -> bool:
-    """Verify a complete store fully; if damaged, reopen it as ``.partial`` with only the damage pending."""
-    attrs = dict(zarr.open_group(str(path), mode="r").attrs)
+    """Verify a complete store fully; if damaged, reopen it as ``.partial`` with only the damage pending.
+
+    A store whose group metadata (root ``zarr.json``) is gone or whose integrity record cannot be trusted keeps
+    nothing to check its chunks against: it is removed, and the caller encodes it afresh (runs under the lock).
+    """
+    try:
+        attrs = dict(zarr.open_group(str(path), mode="r").attrs)
+    except Exception:  # noqa: BLE001 - zarr raises several unrelated types for a missing/garbled zarr.json
+        attrs = {}
     damage = find_damage(path, attrs, checksums=True)
-    if damage:
+    if damage.record:
+        logger.warning("store %s cannot be checked (%s): rebuilding it", path, damage.record or "no group metadata")
+        shutil.rmtree(path)
+    elif damage:
         reopen_for_repair(path, partial_path(path), attrs, damage)
     return bool(damage)

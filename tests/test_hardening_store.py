@@ -158,17 +158,40 @@ def test_decompression_bomb_follows_on_bad_image(tmp_path, rn50):
     assert open_store(result.path).valid().tolist() == [True] * 5 + [False]
 
 
-def test_16bit_grayscale_is_scaled_not_white(tmp_path):
-    ramp = np.linspace(0, 65535, 64 * 8).astype(np.uint16).reshape(8, 64)
-    Image.fromarray(ramp).save(tmp_path / "g16.png")
-    with Image.open(tmp_path / "g16.png") as img:
-        assert img.mode.startswith("I")  # a wide mode that PIL's convert("RGB") would clip to white
-    rgb = np.asarray(load_rgb(tmp_path / "g16.png"))
-    expected = np.rint(ramp / 257.0).astype(np.uint8)
-    for channel in range(3):
-        np.testing.assert_array_equal(rgb[..., channel], expected)
-    Image.fromarray((ramp / 65535.0).astype(np.float32)).save(tmp_path / "f.tiff")
-    np.testing.assert_allclose(np.asarray(load_rgb(tmp_path / "f.tiff"))[..., 0], expected, atol=1)
+def test_wide_grayscale_is_decoded_as_open_clip_decodes(tmp_path, rn50, caplog):
+    """Mode I holding 0..255 (kept as it is, not divided by 257), I;16 beyond 255 and fractional F images give
+    the features open_clip's own preprocessing gives (PIL convert("RGB")), with a warning where values clip."""
+    import torch
+    from coopipe.compat import import_open_clip
+
+    root = tmp_path / "imgs"
+    root.mkdir()
+    ramp = np.linspace(0, 255, 48 * 40).reshape(40, 48)
+    images = {
+        "i32.tiff": Image.fromarray(ramp.astype(np.int32), mode="I"),
+        "i16.png": Image.fromarray((ramp * 200).astype(np.uint16)),
+        "f.tiff": Image.fromarray((ramp / 1.7 + 0.4).astype(np.float32)),
+        "rgb.png": Image.fromarray(np.stack([ramp.astype(np.uint8)] * 3, axis=-1)),
+    }
+    for name, img in images.items():
+        img.save(root / name)
+    with Image.open(root / "i32.tiff") as img:
+        assert img.mode == "I"  # a 32-bit integer grayscale file, as reported
+    names = tuple(images)
+    data = Dataset("tiny", root, ("cat", "dog"), "a photo of a {}.", {"test": Split(names, (0, 1, 0, 1))})
+    path = encode_split(data, "test", cache_dir=tmp_path / "c", options=EncodeOptions(**OPTS), clip=rn50).path
+    transform = import_open_clip().image_transform(224, is_train=False)
+    with torch.inference_mode():
+        direct = rn50.model.encode_image(torch.stack([transform(Image.open(root / n)) for n in names])).numpy()
+    cached = open_store(path).read()
+    np.testing.assert_allclose(cached, direct, rtol=2e-3, atol=2e-3 * np.abs(direct).max())
+    np.testing.assert_array_equal(cached[0], cached[3])  # mode I 0..255 is the same picture as its 8-bit RGB
+    caplog.clear()
+    load_rgb(root / "i16.png")
+    assert "clipped to 0..255 as open_clip does" in caplog.text
+    caplog.clear()
+    load_rgb(root / "i32.tiff")
+    assert "clipped" not in caplog.text
 
 
 def test_crafted_hdf5_import_cannot_escape_the_cache(encoded, tmp_path):

@@ -1,14 +1,14 @@
 """Decode image files into RGB PIL images, with errors that name the file.
 
-8-bit grayscale, palette, CMYK and alpha images are converted to RGB exactly as open_clip's own preprocessing
-does (``Image.convert("RGB")``: alpha is dropped), so cached features equal what ``open_clip``'s transform gives.
-Where that conversion would lose the picture, coopipe converts correctly instead:
+Every mode is converted to RGB exactly as open_clip's own preprocessing does (``Image.convert("RGB")``), so
+cached features equal what ``open_clip``'s transform gives for the same file. Where that conversion changes the
+picture, the image is still decoded the same way (features must match open_clip's) but a warning names it:
 
-- 16-bit and 32-bit integer grayscale (``I;16*``, ``I``): PIL clips to 255 (an all-white image); here values
-  are scaled from the 16-bit range (``v / 257``), or from the image's own range when it exceeds 16 bits;
-- float grayscale (``F``): scaled from [0, 1] when the values lie there, else clipped to [0, 255];
-- alpha with transparent pixels (``RGBA``, ``LA``, ``PA``, palette with transparency): kept as open_clip does
-  (alpha dropped) but logged, since what lies under transparent pixels is arbitrary.
+- 16-bit, 32-bit integer and float grayscale (``I;16*``, ``I``, ``F``): PIL clips values to 0..255 (and
+  truncates fractions), so a 16-bit scan or a [0, 1] float image comes out white or black; convert such files
+  to 8 bits first for a meaningful picture;
+- alpha with transparent pixels (``RGBA``, ``LA``, ``PA``, palette with transparency): alpha is dropped, and what
+  lies under transparent pixels is arbitrary.
 
 Truncated or corrupt files and decompression bombs (a header claiming more than PIL's pixel limit) raise
 :class:`~coopipe.errors.BadImageError`; the encoder's ``on_bad_image`` policy decides whether that stops the run
@@ -62,35 +62,17 @@ def load_rgb(path: str | os.PathLike[str]) -> Image.Image:
 
 
 def to_rgb(img: Image.Image, name: str = "<image>") -> Image.Image:
-    """RGB copy of a decoded image; wide grayscale modes scaled to 8 bits instead of clipped (see module doc)."""
+    """RGB copy of a decoded image, as open_clip converts it; a warning when that loses the picture (module doc)."""
     if img.mode == "RGB":
         return img.copy()
-    if img.mode in _WIDE_INT_MODES or img.mode.startswith("I;"):
-        arr = np.asarray(img).astype(np.float64)
-        top = float(arr.max()) if arr.size else 0.0
-        low = float(arr.min()) if arr.size else 0.0
-        if low < 0 or top > 65535:
-            logger.warning("image %s holds values %g..%g outside 16 bits: scaled by its own range", name, low, top)
-            arr = (arr - low) / max(top - low, 1.0) * 255.0
-        else:
-            arr = arr / 257.0
-        return _gray8(arr)
-    if img.mode == "F":
-        arr = np.asarray(img).astype(np.float64)
-        finite = arr[np.isfinite(arr)]
-        if finite.size and finite.min() >= 0 and finite.max() <= 1:
-            arr = arr * 255.0
-        elif finite.size and (finite.min() < 0 or finite.max() > 255):
-            logger.warning("float image %s has values outside [0, 255]: clipped", name)
-        return _gray8(np.nan_to_num(arr))
-    if _has_transparency(img):
+    if img.mode == "F" or img.mode in _WIDE_INT_MODES or img.mode.startswith("I;"):
+        arr = np.asarray(img)
+        if arr.size and (arr.min() < 0 or arr.max() > 255 or (img.mode == "F" and not np.all(arr == np.rint(arr)))):
+            logger.warning("image %s (mode %s, values %g..%g) is clipped to 0..255 as open_clip does; convert it to "
+                           "8 bits for a meaningful picture", name, img.mode, float(np.nanmin(arr)), float(np.nanmax(arr)))
+    elif _has_transparency(img):
         logger.warning("image %s has transparent pixels: alpha dropped as open_clip does", name)
     return img.convert("RGB")
-
-
-def _gray8(arr: np.ndarray) -> Image.Image:
-    gray = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
-    return Image.fromarray(gray).convert("RGB")  # 2-D uint8 -> mode L
 
 
 def _has_transparency(img: Image.Image) -> bool:

@@ -83,6 +83,20 @@ def _front_matter(record: Mapping[str, Any], metrics: Mapping[str, Mapping[str, 
     return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
 
 
+def _create_args(model: Mapping[str, Any]) -> str:
+    """The arguments of ``open_clip.create_model`` that rebuild the recorded model: its weights, and QuickGELU
+    where the export ran it (open_clip builds a non ``-quickgelu`` name with GELU unless forced)."""
+    name, pretrained = str(model["name"]), model.get("pretrained")
+    args = [repr(name)]
+    if pretrained not in (None, "none", "bundled") and not name.startswith(("hf-hub:", "local-dir:")):
+        args.append(f"pretrained={pretrained!r}")
+    if pretrained == "none":
+        args.append("load_weights=False")
+    if model.get("activation") == "QuickGELU":
+        args.append("force_quick_gelu=True")
+    return ", ".join(args)
+
+
 def _metrics_lines(metrics: Mapping[str, Mapping[str, Any]]) -> list[str]:
     if not metrics:
         return ["The run was not evaluated (no metrics.json): run `coopipe eval RUN` before exporting to record "
@@ -152,7 +166,7 @@ def model_card(record: Mapping[str, Any], metrics: Mapping[str, Mapping[str, Any
             "import open_clip, torch",
             "from safetensors.torch import load_file",
             "head = load_file('classifier.safetensors')  # text_features (K, D), logit_scale",
-            f"model = open_clip.create_model({model['name']!r}, pretrained={model['pretrained']!r})",
+            f"model = open_clip.create_model({_create_args(model)})",
             "feats = torch.nn.functional.normalize(model.encode_image(images), dim=-1)  # images preprocessed as above",
             "probs = (head['logit_scale'].exp() * feats @ head['text_features'].T).softmax(dim=-1)",
             "```",

@@ -15,6 +15,7 @@ from typing import Annotated, Optional
 import typer
 
 from coopipe.cli_cache import cache_app
+from coopipe.cli_export import export, models
 from coopipe.cli_common import check_classes, csv_list, errors, int_list, note_random_weights, os_errors, print_metrics
 from coopipe.cli_sweep import sweep
 
@@ -227,7 +228,7 @@ def linear_probe(
 
 @app.command()
 def predict(
-    run: Annotated[Path, typer.Argument(help="Run folder written by `coopipe train` (holds classifier.safetensors).")],
+    run: Annotated[Path, typer.Argument(help="Run folder written by `coopipe train`, or a folder written by `coopipe export`.")],
     images: Annotated[Optional[list[Path]], typer.Argument(help="Image files, folders (recursive) or CSV/JSON manifests with a 'path' column.", show_default=False)] = None,
     topk: Annotated[int, typer.Option(help="Classes shown per image.")] = 5,
     out: Annotated[Optional[Path], typer.Option(help="Write the predictions to a .csv or .json file instead of printing them.")] = None,
@@ -353,6 +354,8 @@ def interpret(
 
 
 app.command("sweep")(sweep)
+app.command("export")(export)
+app.command("models")(models)
 app.add_typer(cache_app, name="cache")
 
 

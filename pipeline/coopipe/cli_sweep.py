@@ -72,6 +72,9 @@ def sweep(
         from coopipe.sweep.runner import resolve_stack
 
         resolve_stack(stack, device)  # a bad --stack fails here, before any work
+        from coopipe.models import check_model_name
+
+        check_model_name(model)  # an unknown or unsupported model too
         methods: tuple[MethodSpec, ...] | None = None  # each dataset's default (age datasets: AGE_METHODS)
         if variants:
             methods = tuple(parse_variant(v) for v in name_list([variants]))

@@ -15,7 +15,7 @@ from coopipe.checkpoint import Checkpoint
 from coopipe.datasets.ages import is_age_dataset
 from coopipe.datasets.fewshot import FewShotIndex, draw_index
 from coopipe.errors import CheckpointError, StoreError
-from coopipe.models import LoadedClip, load_clip
+from coopipe.models import BUNDLED, SCHEMES, LoadedClip, load_clip
 from coopipe.store import FeatureStore, find_stores
 
 logger = logging.getLogger(__name__)
@@ -24,10 +24,13 @@ FEWSHOT_DIR = "fewshot"
 
 
 def pretrained_for(weights_id: str, hint: str | None = None) -> str:
-    """The ``pretrained`` argument that reproduces ``weights_id`` (a tag, ``none``, or the given file)."""
+    """The ``pretrained`` argument that reproduces ``weights_id`` (a tag, ``none``, the weights that come with an
+    ``hf-hub:``/``local-dir:`` name, or the given file)."""
     kind, _, rest = weights_id.partition(":")
     if hint:
         return hint
+    if kind in SCHEMES:
+        return BUNDLED
     if kind == "open_clip" and "/" in rest:
         return rest.split("/", 1)[1]
     if kind == "random-init":

@@ -7,6 +7,13 @@
 - ``none``: random weights drawn from a fixed init seed, so every process (dask workers included) builds the
   same model; identity ``random-init:seed=<seed>``. Only useful for pipeline checks and tests.
 
+A model name is an open_clip architecture (``RN50``, ``ViT-B-32``, ...) or, as open_clip defines them, a name that
+carries its own config and weights: ``hf-hub:org/repo`` (the Hugging Face Hub; identity
+``hf-hub:org/repo@<revision>``, the commit of the cached snapshot) or ``local-dir:/path`` (a folder written by
+open_clip's ``save_for_hf``; identity ``local-dir:<weights file>@sha256:<hex>``). For those, ``pretrained`` is
+``none`` (random weights of their config) or anything else for the weights that come with the name (recorded as
+``bundled``). Offline, a Hub name that is not in the local Hub cache fails in seconds with one line.
+
 Everything built from a model records :attr:`LoadedClip.weights_id`, so a store or checkpoint made with one set
 of weights is never silently reused with another.
 """
@@ -14,6 +21,7 @@ of weights is never silently reused with another.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import socket
@@ -24,17 +32,21 @@ from typing import Any
 import torch
 
 from coopipe.compat import import_open_clip
-from coopipe.errors import WeightsError
+from coopipe.errors import ParamsError, WeightsError
 
 logger = logging.getLogger(__name__)
 
 RANDOM_INIT_SEED = 0
 _HUB_HOST = ("huggingface.co", 443)
+SCHEMES = ("hf-hub", "local-dir")  # open_clip's model-name schemes (``open_clip.factory.parse_model_name``)
+BUNDLED = "bundled"  # ``pretrained`` of a scheme name whose weights come with it
+_CONFIG_FILE = "open_clip_config.json"  # open_clip.constants.HF_CONFIG_NAME
+_HUB_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # open_clip's order on the Hub
 
 
 @dataclass(frozen=True)
 class WeightsRef:
-    """Where weights come from: ``kind`` is ``tag``, ``file`` or ``none``."""
+    """Where weights come from: ``kind`` is ``tag``, ``file``, ``none``, ``hf-hub`` or ``local-dir``."""
 
     kind: str
     value: str
@@ -113,9 +125,107 @@ def sha256_file(path: str | os.PathLike[str], *, block: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def model_scheme(model_name: str) -> tuple[str | None, str]:
+    """(``hf-hub``, ``local-dir`` or None, the rest of the name), as open_clip parses a model name."""
+    for scheme in SCHEMES:
+        if model_name.startswith(scheme + ":"):
+            return scheme, model_name[len(scheme) + 1 :]
+    return None, model_name
+
+
+def _hub_file(repo: str, filename: str) -> Path:
+    """A file of Hub repo ``repo`` from the local Hub cache (offline) or the Hub, in seconds or a one-line error."""
+    from huggingface_hub import hf_hub_download
+
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    if not offline and not _hub_reachable():
+        raise WeightsError(
+            f"model hf-hub:{repo} needs the Hugging Face Hub, which is unreachable (no network); set HF_HUB_OFFLINE=1 "
+            f"if it is in the local Hub cache, or save it into a folder and use local-dir:PATH"
+        )
+    try:
+        return Path(hf_hub_download(repo_id=repo, filename=filename, local_files_only=offline))
+    except Exception as exc:  # noqa: BLE001 - huggingface_hub raises many types (not cached, no such repo, HTTP)
+        where = "in the local Hub cache (HF_HUB_OFFLINE=1)" if offline else "on the Hub"
+        raise WeightsError(
+            f"model hf-hub:{repo}: {filename} is not {where} ({type(exc).__name__}); download it once online, or "
+            f"use local-dir:PATH"
+        ) from None
+
+
+def _scheme_weights(model_name: str, pretrained: str) -> WeightsRef:
+    """The weights of an ``hf-hub:`` or ``local-dir:`` name: random (``none``) or the ones that come with it."""
+    scheme, rest = model_scheme(model_name)
+    random = pretrained.lower() in {"none", "random", ""}
+    if scheme == "local-dir":
+        folder = Path(rest).expanduser()
+        if not (folder / _CONFIG_FILE).is_file():
+            raise WeightsError(
+                f"model {model_name}: {folder} holds no {_CONFIG_FILE}; give a folder written by open_clip's "
+                f"save_for_hf (open_clip.push_to_hf_hub), or an open_clip model name"
+            )
+        if random:
+            return WeightsRef("none", "none", f"random-init:seed={RANDOM_INIT_SEED}")
+        from open_clip.factory import _find_checkpoint_in_dir  # the file open_clip itself loads from the folder
+
+        found = _find_checkpoint_in_dir(folder)
+        if found is None:
+            raise WeightsError(f"model {model_name}: no weights file (*.safetensors, *.bin, *.pth) in {folder}; "
+                               f"save the model with its weights, or pass --pretrained none for random weights")
+        return WeightsRef("local-dir", BUNDLED, f"local-dir:{Path(found).name}@sha256:{sha256_file(found)}")
+    _hub_file(rest, _CONFIG_FILE)
+    if random:
+        return WeightsRef("none", "none", f"random-init:seed={RANDOM_INIT_SEED}")
+    problems = []
+    for name in _HUB_WEIGHTS:
+        try:
+            path = _hub_file(rest, name)
+        except WeightsError as exc:
+            problems.append(str(exc))
+            continue
+        return WeightsRef("hf-hub", BUNDLED, f"hf-hub:{rest}@{path.parent.name}")  # .../snapshots/<revision>/file
+    raise WeightsError(problems[0])
+
+
+def model_config(model_name: str) -> dict[str, Any] | None:
+    """open_clip's model config of ``model_name`` (a scheme name's from its ``open_clip_config.json``), or None."""
+    scheme, rest = model_scheme(model_name)
+    if scheme is None:
+        return import_open_clip().get_model_config(model_name)  # type: ignore[no-any-return]
+    path = Path(rest).expanduser() / _CONFIG_FILE if scheme == "local-dir" else _hub_file(rest, _CONFIG_FILE)
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise WeightsError(f"model {model_name}: cannot read {path} ({exc}); save the model again") from exc
+    return dict(config.get("model_cfg", config)) if isinstance(config, dict) else None
+
+
+def check_model_name(model_name: str) -> None:
+    """Raise one line unless ``model_name`` names a model: an open_clip architecture, an existing ``local-dir:``
+    folder or an ``hf-hub:org/repo`` name; then unless the exact prompt text path supports it."""
+    from coopipe.model_support import unsupported_reason
+
+    scheme, rest = model_scheme(model_name)
+    if scheme is None and model_name not in import_open_clip().list_models():
+        raise WeightsError(
+            f"unknown open_clip model {model_name!r}; pick one of `coopipe models` (e.g. RN50, ViT-B-32, ViT-B-16), "
+            f"or hf-hub:ORG/REPO, or local-dir:PATH"
+        )
+    if scheme == "local-dir" and not Path(rest).expanduser().is_dir():
+        raise WeightsError(f"model {model_name}: folder {rest} does not exist; give a folder written by open_clip's "
+                           f"save_for_hf")
+    if scheme == "hf-hub" and rest.count("/") != 1:
+        raise WeightsError(f"model {model_name}: expected hf-hub:ORG/REPO")
+    reason = unsupported_reason(model_name, model_config(model_name))
+    if reason is not None:
+        raise ParamsError(reason)
+
+
 def resolve_weights(model_name: str, pretrained: str | None) -> WeightsRef:
     """Classify ``pretrained`` as tag, file or none and compute its identity (without loading anything)."""
     value = (pretrained or "none").strip()
+    if model_scheme(model_name)[0] is not None:
+        return _scheme_weights(model_name, value)
     if value.lower() in {"none", "random", ""}:
         return WeightsRef("none", "none", f"random-init:seed={RANDOM_INIT_SEED}")
     path = Path(value).expanduser()
@@ -162,7 +272,9 @@ def _preprocess_config(model: Any) -> PreprocessConfig:
 
 
 def check_weights_available(model_name: str, pretrained: str | None) -> WeightsRef:
-    """Resolve ``pretrained`` and fail fast (seconds, never a hang) if a tag would need an unreachable hub."""
+    """Check the model name (known, supported by the text path), resolve ``pretrained`` and fail fast (seconds,
+    never a hang) if a tag or Hub name would need an unreachable hub."""
+    check_model_name(model_name)
     ref = resolve_weights(model_name, pretrained)
     if ref.kind == "tag" and os.environ.get("HF_HUB_OFFLINE") != "1" and not _hub_reachable():
         raise WeightsError(
@@ -180,18 +292,15 @@ def load_clip(model_name: str = "RN50", pretrained: str | None = "none", *, devi
     unreachable, saying what to set instead.
     """
     open_clip = import_open_clip()
-    if model_name not in open_clip.list_models():
-        raise WeightsError(
-            f"unknown open_clip model {model_name!r}; pick one of open_clip.list_models(), e.g. RN50, ViT-B-32, ViT-B-16"
-        )
     ref = check_weights_available(model_name, pretrained)
+    scheme = model_scheme(model_name)[0]
     try:
         if ref.kind == "none":
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(RANDOM_INIT_SEED)
-                model = open_clip.create_model(model_name, pretrained=None, device=device)
-        else:
-            model = open_clip.create_model(model_name, pretrained=ref.value, device=device)
+                model = open_clip.create_model(model_name, pretrained=None, device=device, load_weights=False)
+        else:  # a scheme name loads the weights that come with it
+            model = open_clip.create_model(model_name, pretrained=None if scheme else ref.value, device=device)
     except Exception as exc:  # noqa: BLE001 - torch.load of a non-checkpoint raises anything (IndexError, ...)
         reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         if reason.startswith("Weights only load failed"):

@@ -1,12 +1,15 @@
-"""Classify new images with a trained run: the learned prompt's exported classifier on the run's image features.
+"""Classify new images with a trained run, or with a folder written by ``coopipe export``: the learned prompt's head
+on the image features.
 
-Why this way: a run folder already holds everything inference needs (``classifier.safetensors``: the K x D class
-text features of the learned prompt and CLIP's logit scale), so prediction only runs the image encoder, never
-the text encoder. Images go through the same code as the centre view of ``coopipe encode`` (``load_rgb`` ->
-``make_views`` with no augmented view -> ``encode_batch``), with the run's model and weights (checked against
-the checkpoint), at the precision and storage dtype of the features the run was trained on, so a prediction
-equals what ``coopipe eval`` computes from a store of the same images. Or the features come from a cache
-store (``store=``) and no model is loaded at all.
+Why this way: a run folder (and its export) already holds everything inference needs beyond the image tower: for
+CoOp and rank prompts ``classifier.safetensors``, the K x D class text features of the learned prompt and CLIP's
+logit scale, so the text encoder never runs; for CoCoOp the context and Meta-Net, whose text pass runs once per
+image as in ``coopipe eval``. Both kinds of folder are read into one :class:`~coopipe.head.Head`, so a run and its
+export predict the same. Images go through the same code as the centre view of ``coopipe encode`` (``load_rgb``
+-> ``make_views`` with no augmented view -> ``encode_batch``), with the run's model and weights (checked against
+the record), at the precision and storage dtype of the features the run was trained on, so a prediction equals
+what ``coopipe eval`` computes from a store of the same images. Or the features come from a cache store
+(``store=``) and no image tower runs.
 
 Probabilities are the softmax of CLIP's logits, ``exp(logit_scale) * cos(image, class text)``.
 """
@@ -27,11 +30,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from coopipe.checkpoint import (
-    Checkpoint,
-    Classifier,
-    load_checkpoint,
-)
+from coopipe.checkpoint import load_checkpoint
 from coopipe.datasets.common import list_images
 from coopipe.datasets.manifest import read_manifest_paths
 
@@ -53,7 +52,8 @@ from coopipe.errors import (
     MissingFileError,
     StoreError,
 )
-from coopipe.evaluate import classifier_logits
+from coopipe.export import is_export, load_export
+from coopipe.head import Head, head_of_checkpoint, run_encoding
 from coopipe.lookup import checkpoint_pretrained
 from coopipe.models import LoadedClip, load_clip
 from coopipe.store import open_store
@@ -61,7 +61,7 @@ from coopipe.views import ViewSpec
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MANIFEST_SUFFIXES", "Prediction", "predict", "resolve_inputs", "write_predictions"]
+__all__ = ["MANIFEST_SUFFIXES", "Prediction", "load_head", "predict", "resolve_inputs", "write_predictions"]
 
 MANIFEST_SUFFIXES = frozenset({".csv", ".tsv", ".json", ".jsonl"})
 _CENTRE = ViewSpec()  # the test-time view: resize the short side + centre crop, no augmentation
@@ -116,23 +116,6 @@ def resolve_inputs(inputs: Sequence[str | os.PathLike[str]]) -> list[Path]:
 
 
 # ---------------------------------------------------------------- features
-def run_encoding(ckpt: Checkpoint) -> tuple[str, str]:
-    """(precision, dtype) of the features the run was trained on (its recorded train store), so that new images
-    are encoded as its stores were; ``coopipe encode``'s defaults when that store is gone."""
-    defaults = EncodeOptions()
-    ref = (ckpt.meta.get("stores") or {}).get("train") or {}
-    path = ref.get("path") if isinstance(ref, dict) else None
-    if path and Path(path).is_dir():
-        try:
-            prov = open_store(path).provenance
-            return str(prov.get("precision", defaults.precision)), str(prov.get("dtype", defaults.dtype))
-        except StoreError as exc:
-            logger.warning("cannot read the run's train store %s (%s); using encode defaults", path, exc)
-    logger.info("run %s: its train store is not available; encoding at %s, %s", ckpt.path, defaults.precision,
-                defaults.dtype)
-    return defaults.precision, defaults.dtype
-
-
 def encode_images(
     clip: LoadedClip,
     paths: Sequence[Path],
@@ -176,14 +159,14 @@ def encode_images(
     return kept, feats.astype(options.dtype).astype(np.float32)
 
 
-def _store_features(path: str | os.PathLike[str], ckpt: Checkpoint) -> tuple[list[str], np.ndarray]:
-    """(image paths, centre-view features) of every valid row of a cache store of the run's model and weights."""
+def _store_features(path: str | os.PathLike[str], head: Head) -> tuple[list[str], np.ndarray]:
+    """(image paths, centre-view features) of every valid row of a cache store of the head's model and weights."""
     store = open_store(path)
     prov = store.provenance
-    if (prov.get("model"), prov.get("weights")) != (ckpt.model, ckpt.weights):
+    if (prov.get("model"), prov.get("weights")) != (head.model, head.weights):
         raise CheckpointError(
-            f"store {store.path} holds features of {prov.get('model')} ({prov.get('weights')}), but run {ckpt.path} "
-            f"was trained with {ckpt.model} ({ckpt.weights}); pass a store encoded with the run's model and weights"
+            f"store {store.path} holds features of {prov.get('model')} ({prov.get('weights')}), but {head.path} "
+            f"was trained with {head.model} ({head.weights}); pass a store encoded with its model and weights"
         )
     rows = np.flatnonzero(store.valid())
     if rows.size < store.n_rows:
@@ -194,16 +177,37 @@ def _store_features(path: str | os.PathLike[str], ckpt: Checkpoint) -> tuple[lis
 
 
 # ---------------------------------------------------------------- prediction
-def top_k(
-    classifier: Classifier, features: np.ndarray | torch.Tensor, paths: Sequence[str], k: int
-) -> list[Prediction]:
-    """Softmax of CLIP's logits over the classifier's classes -> the ``k`` most probable classes of each image."""
-    logits = classifier_logits(classifier.text_features, features, classifier.logit_scale)  # (N, K)
+def load_head(source: str | os.PathLike[str]) -> Head:
+    """The head of a run folder (its exported classifier, or CoCoOp's prompt) or of an exported folder."""
+    if is_export(source):
+        return load_export(source)
+    ckpt = load_checkpoint(source)
+    try:
+        hint: str | None = checkpoint_pretrained(ckpt)
+    except CheckpointError:
+        hint = None  # a local weights file that moved: --pretrained says where (checked when loading)
+    precision, dtype = run_encoding(ckpt)
+    return head_of_checkpoint(ckpt, pretrained=hint, precision=precision, dtype=dtype)
+
+
+def _load_model(head: Head, pretrained: str | None, device: str) -> LoadedClip:
+    where = pretrained or head.pretrained
+    if where is None:
+        raise CheckpointError(
+            f"{head.path} was trained with weights from a local file ({head.weights}) that it cannot locate; "
+            f"pass the file with --pretrained PATH"
+        )
+    clip = load_clip(head.model, where, device=device)
+    head.check_clip(clip)
+    return clip
+
+
+def top_k(logits: torch.Tensor, classnames: Sequence[str], paths: Sequence[str], k: int) -> list[Prediction]:
+    """Softmax of CLIP's logits (N, K) over the classes -> the ``k`` most probable classes of each image."""
     probs = torch.softmax(logits, dim=-1)
     values, indices = probs.topk(min(k, probs.shape[1]), dim=-1)  # (N, k), sorted
-    names = classifier.classnames
     return [
-        Prediction(path=str(path), labels=tuple(names[j] for j in idx), probs=tuple(float(v) for v in val),
+        Prediction(path=str(path), labels=tuple(classnames[j] for j in idx), probs=tuple(float(v) for v in val),
                    indices=tuple(int(j) for j in idx))
         for path, val, idx in zip(paths, values.tolist(), indices.tolist())
     ]
@@ -224,34 +228,37 @@ def predict(
     progress: bool = False,
     clip: LoadedClip | None = None,
 ) -> list[Prediction]:
-    """Top-``topk`` classes of each input image under the learned prompt of ``run`` (a run folder).
+    """Top-``topk`` classes of each input image under the learned prompt of ``run`` (a run folder, or a folder
+    written by ``coopipe export``: both give the same predictions).
 
     ``inputs``: image files, folders (searched recursively, sorted) or CSV/JSON manifests with a ``path`` column.
-    ``store``: read the features of a cache store instead (then no model is loaded). ``precision``: encoder
-    precision (default: that of the run's train store, as eval compares against). ``pretrained``: where to load
-    the weights when the run's weights came from a local file that moved. ``clip``: an already loaded model.
+    ``store``: read the features of a cache store instead (then no model is loaded, except CoCoOp's text tower).
+    ``precision``: encoder precision (default: that of the run's train store, as eval compares against).
+    ``pretrained``: where to load the weights when the run's weights came from a local file that moved.
+    ``clip``: an already loaded model.
     """
     if topk < 1:
         raise ValueError(f"topk must be >= 1, got {topk}")
     if on_bad_image not in BAD_IMAGE_POLICIES:
         raise ValueError(f"on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}")
-    ckpt = load_checkpoint(run)
-    classifier = ckpt.classifier()  # bound to its run by hash; model, weights, classes and finite values checked
+    head = load_head(run)  # a run's classifier is bound to it by hash, an export's files to its record
+    if clip is not None:
+        head.check_clip(clip)
     if store is not None:
         if inputs:
             raise ValueError("give either images or a store, not both")
-        paths, feats = _store_features(store, ckpt)
-        return top_k(classifier, feats, paths, topk)
+        paths, feats = _store_features(store, head)
+        if head.image_conditional:  # the text tower runs for every image
+            clip = clip or _load_model(head, pretrained, device)
+        return top_k(head.logits(feats, clip), head.classnames, paths, topk)
     files = resolve_inputs(inputs)
-    run_precision, dtype = run_encoding(ckpt)
-    options = EncodeOptions(batch_size=batch_size, num_workers=num_workers, precision=precision or run_precision,
-                            dtype=dtype, on_bad_image=on_bad_image, device=device, progress=progress)
-    clip = clip or load_clip(ckpt.model, pretrained or checkpoint_pretrained(ckpt), device=device)
-    ckpt.check_clip(clip)
+    options = EncodeOptions(batch_size=batch_size, num_workers=num_workers, precision=precision or head.precision,
+                            dtype=head.dtype, on_bad_image=on_bad_image, device=device, progress=progress)
+    clip = clip or _load_model(head, pretrained, device)
     kept, feats = encode_images(clip, files, options, progress=progress)
     if len(kept) < len(files):
         logger.warning("%d of %d image(s) were unreadable and skipped", len(files) - len(kept), len(files))
-    return top_k(classifier, feats, [str(files[i]) for i in kept], topk)
+    return top_k(head.logits(feats, clip), head.classnames, [str(files[i]) for i in kept], topk)
 
 
 # ---------------------------------------------------------------- output

@@ -28,7 +28,7 @@ from coopipe.datasets.common import check_confined
 from coopipe.datasets.fewshot import FewShotIndex, make_few_shot_index
 from coopipe.encode import EncodeOptions, EncodeResult, encode_split
 from coopipe.lookup import fewshot_index_path
-from coopipe.models import load_clip
+from coopipe.models import check_model_name, load_clip
 from coopipe.store import dataset_folder
 from coopipe.store_reuse import cached_identity, reuse_finished
 from coopipe.views import ViewSpec
@@ -109,6 +109,7 @@ def run_encode(
     and manifests from untrusted sources); by default they may point anywhere.
     """
     spec = ViewSpec(n_aug=views, scale=tuple(crop_scale), seed=aug_seed)  # type: ignore[arg-type]  # checked first
+    check_model_name(model)  # an unknown or unsupported model is refused before the data is read
     data = load_dataset(dataset, data_root)
     if confine_paths:
         check_confined(Path(data.image_root), data.splits, source=data.source or str(data_root))

@@ -95,16 +95,14 @@ def test_the_activation_follows_open_clip_s_pretrained_table() -> None:
     assert resolve_weights("ViT-B-32", "openai").identity == "open_clip:ViT-B-32/openai+quickgelu"
 
 
-def test_a_checkpoint_file_takes_the_activation_of_the_model_name(tmp_path) -> None:
+def test_a_checkpoint_file_takes_the_activation_of_the_model_name(rn50, tmp_path) -> None:
     from coopipe.models import activation_of
 
-    quick = load_clip("ViT-B-32-quickgelu", "none")
-    assert activation_of(quick.model) == "quick_gelu"
-    assert activation_of(load_clip("ViT-B-32", "none").model) == "gelu"
-    ckpt = tmp_path / "openai_layout.pt"
-    torch.save(quick.model.state_dict(), ckpt)
-    assert activation_of(load_clip("ViT-B-32-quickgelu", str(ckpt)).model) == "quick_gelu"
-    assert activation_of(load_clip("ViT-B-32", str(ckpt)).model) == "gelu"
+    assert activation_of(rn50.model) == "gelu"  # open_clip's RN50 config (its text tower; the image tower uses ReLU)
+    ckpt = tmp_path / "rn50.pt"
+    torch.save(rn50.model.state_dict(), ckpt)
+    assert activation_of(load_clip("RN50-quickgelu", str(ckpt)).model) == "quick_gelu"
+    assert activation_of(load_clip("RN50", str(ckpt)).model) == "gelu"
 
 
 def test_a_torchscript_archive_is_refused_with_how_to_use_it_without_running_it(tmp_path, monkeypatch) -> None:

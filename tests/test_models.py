@@ -76,3 +76,55 @@ def test_pretrained_tag_without_network_fails_fast(monkeypatch):
     with pytest.raises(WeightsError, match="local checkpoint file.*pretrained: none"):
         load_clip("RN50", "openai")
     assert time.perf_counter() - start < 30
+
+
+def test_the_activation_follows_open_clip_s_pretrained_table() -> None:
+    """OpenAI's weights were trained with QuickGELU: their tag forces it onto a GELU model name, and the identity says
+    so (stores and checkpoints of the GELU build never match); a ``-quickgelu`` name, other tags and files unchanged."""
+    from coopipe.lookup import pretrained_for
+    from coopipe.models import tag_forces_quick_gelu, tag_identity, tag_of_identity
+
+    for name in ("RN50", "ViT-B-32", "ViT-B-16"):
+        assert tag_forces_quick_gelu(name, "openai")
+        assert tag_identity(name, "openai") == f"open_clip:{name}/openai+quickgelu"
+        assert tag_of_identity(tag_identity(name, "openai")) == "openai"
+        assert pretrained_for(tag_identity(name, "openai")) == "openai"
+    assert not tag_forces_quick_gelu("ViT-B-32-quickgelu", "openai")  # the name already builds QuickGELU
+    assert tag_identity("ViT-B-32-quickgelu", "openai") == "open_clip:ViT-B-32-quickgelu/openai"
+    assert not tag_forces_quick_gelu("ViT-B-32", "laion2b_s34b_b79k")  # trained with GELU
+    assert resolve_weights("ViT-B-32", "openai").identity == "open_clip:ViT-B-32/openai+quickgelu"
+
+
+def test_a_checkpoint_file_takes_the_activation_of_the_model_name(rn50, tmp_path) -> None:
+    from coopipe.models import activation_of
+
+    assert activation_of(rn50.model) == "gelu"  # open_clip's RN50 config (its text tower; the image tower uses ReLU)
+    ckpt = tmp_path / "rn50.pt"
+    torch.save(rn50.model.state_dict(), ckpt)
+    assert activation_of(load_clip("RN50-quickgelu", str(ckpt)).model) == "quick_gelu"
+    assert activation_of(load_clip("RN50", str(ckpt)).model) == "gelu"
+
+
+def test_a_torchscript_archive_is_refused_with_how_to_use_it_without_running_it(tmp_path, monkeypatch) -> None:
+    """OpenAI's released files are TorchScript zips: one line saying what to do, found from the zip's table of
+    contents (torch.jit.load, which runs the archive's code, is never called)."""
+
+    class Tiny(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * 2
+
+    archive = tmp_path / "ViT-B-32.pt"
+    torch.jit.save(torch.jit.script(Tiny()), str(archive))
+    plain = tmp_path / "state.pt"
+    torch.save({"w": torch.zeros(2)}, plain)
+
+    def never(*args, **kwargs):
+        raise AssertionError("torch.jit.load must not run")
+
+    monkeypatch.setattr(torch.jit, "load", never)
+    with pytest.raises(WeightsError) as info:
+        load_clip("ViT-B-32", str(archive))
+    message = str(info.value)
+    assert "\n" not in message and "TorchScript" in message and str(archive) in message
+    assert "--pretrained openai" in message and "--model ViT-B-32-quickgelu" in message
+    assert resolve_weights("ViT-B-32", str(plain)).kind == "file"  # a plain torch.save zip is not TorchScript

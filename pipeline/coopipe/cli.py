@@ -53,7 +53,7 @@ def encode(
     data_root: Annotated[Path, typer.Option(help="CoOp-style $DATA folder; for imagefolder the class folder; for manifest the file.")],
     split: Annotated[str, typer.Option(help="train, val, test or all.")] = "all",
     model: Annotated[str, typer.Option(help="open_clip model name: RN50, ViT-B-32, ViT-B-16, ...")] = ModelSpec.name,
-    pretrained: Annotated[str, typer.Option(help="open_clip tag (downloads, e.g. openai), local checkpoint path, or none (random weights: only to check the pipeline runs).")] = ModelSpec.pretrained,
+    pretrained: Annotated[str, typer.Option(help="open_clip tag (downloads, e.g. openai; built with the activation the tag was trained with: QuickGELU for openai), local checkpoint file (the model name decides the activation: ViT-B-32-quickgelu for OpenAI's weights), or none (random weights: only to check the pipeline runs).")] = ModelSpec.pretrained,
     views: Annotated[int, typer.Option(help="Augmented views per train image (random resized crop + flip) beside the centre view.")] = EncodeConfig.views,
     crop_scale: Annotated[str, typer.Option(help="Random-resized-crop scale range, 'lo,hi'.")] = _CROP,
     aug_seed: Annotated[int, typer.Option(help="Seed of the augmented views.")] = EncodeConfig.aug_seed,

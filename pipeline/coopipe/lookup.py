@@ -15,7 +15,7 @@ from coopipe.checkpoint import Checkpoint
 from coopipe.datasets.ages import is_age_dataset
 from coopipe.datasets.fewshot import FewShotIndex, draw_index
 from coopipe.errors import CheckpointError, StoreError
-from coopipe.models import BUNDLED, SCHEMES, LoadedClip, load_clip
+from coopipe.models import BUNDLED, SCHEMES, LoadedClip, load_clip, tag_of_identity
 from coopipe.store import FeatureStore, find_stores
 
 logger = logging.getLogger(__name__)
@@ -26,13 +26,14 @@ FEWSHOT_DIR = "fewshot"
 def pretrained_for(weights_id: str, hint: str | None = None) -> str:
     """The ``pretrained`` argument that reproduces ``weights_id`` (a tag, ``none``, the weights that come with an
     ``hf-hub:``/``local-dir:`` name, or the given file)."""
-    kind, _, rest = weights_id.partition(":")
+    kind, _, _ = weights_id.partition(":")
     if hint:
         return hint
     if kind in SCHEMES:
         return BUNDLED
-    if kind == "open_clip" and "/" in rest:
-        return rest.split("/", 1)[1]
+    tag = tag_of_identity(weights_id)
+    if tag is not None:
+        return tag
     if kind == "random-init":
         return "none"
     raise StoreError(
@@ -139,7 +140,7 @@ def resolve_model(cache_dir: Path, dataset: str, model: str | None, pretrained: 
 def checkpoint_pretrained(ckpt: Checkpoint) -> str:
     """The ``pretrained`` argument that loads the weights ``ckpt`` was trained with (from its weights identity).
 
-    ``open_clip:<model>/<tag>`` -> the tag; ``random-init:...`` -> ``none``; ``sha256:...`` (a local file) -> the
+    ``open_clip:<model>/<tag>[+quickgelu]`` -> the tag; ``random-init:...`` -> ``none``; ``sha256:...`` (a local file) -> the
     file recorded in the checkpoint's run record, if it still exists. The identity is checked after loading.
     """
     if not ckpt.weights.startswith("sha256:"):

@@ -2,8 +2,11 @@
 
 ``pretrained`` is one of:
 - an open_clip tag (``openai``, ``laion2b_s34b_b79k``, ...): downloaded through open_clip exactly as open_clip
-  does (its hub cache included); identity ``open_clip:<model>/<tag>``;
-- a path to a local checkpoint file: loaded by open_clip's own checkpoint loader; identity ``sha256:<hex>``;
+  does (its hub cache included); identity ``open_clip:<model>/<tag>``, built with the activation the weights were
+  trained with (see :func:`tag_forces_quick_gelu`);
+- a path to a local checkpoint file: loaded by open_clip's own checkpoint loader; identity ``sha256:<hex>``; the
+  model name decides the activation (``ViT-B-32-quickgelu`` for OpenAI's weights). A TorchScript archive (OpenAI's
+  released ``.pt`` files) is refused with how to convert it, detected without running its code;
 - ``none``: random weights drawn from a fixed init seed, so every process (dask workers included) builds the
   same model; identity ``random-init:seed=<seed>``. Only useful for pipeline checks and tests.
 
@@ -25,6 +28,7 @@ import json
 import logging
 import os
 import socket
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +46,7 @@ SCHEMES = ("hf-hub", "local-dir")  # open_clip's model-name schemes (``open_clip
 BUNDLED = "bundled"  # ``pretrained`` of a scheme name whose weights come with it
 _CONFIG_FILE = "open_clip_config.json"  # open_clip.constants.HF_CONFIG_NAME
 _HUB_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # open_clip's order on the Hub
+QUICK_GELU_MARK = "+quickgelu"
 
 
 @dataclass(frozen=True)
@@ -231,6 +236,7 @@ def resolve_weights(model_name: str, pretrained: str | None) -> WeightsRef:
     path = Path(value).expanduser()
     looks_like_path = path.suffix in {".pt", ".pth", ".bin", ".safetensors", ".ckpt"} or os.sep in value
     if path.is_file():
+        refuse_torchscript(path, model_name)
         return WeightsRef("file", str(path.resolve()), f"sha256:{sha256_file(path)}")
     if looks_like_path:
         raise WeightsError(
@@ -244,7 +250,72 @@ def resolve_weights(model_name: str, pretrained: str | None) -> WeightsRef:
             f"open_clip has no pretrained tag {value!r} for model {model_name}; known tags: "
             f"{', '.join(tags) or '(none)'}; or give a local checkpoint path, or 'none'"
         )
-    return WeightsRef("tag", value, f"open_clip:{model_name}/{value}")
+    return WeightsRef("tag", value, tag_identity(model_name, value))
+
+
+# ---------------------------------------------------------------- the activation the weights were trained with
+def tag_forces_quick_gelu(model_name: str, tag: str) -> bool:
+    """Whether ``model_name`` must be built with QuickGELU to match the weights of ``tag``.
+
+    Why: OpenAI trained CLIP with QuickGELU (``x * sigmoid(1.702 x)``); open_clip's ``RN50``, ``ViT-B-32``, ...
+    configs use ``nn.GELU`` and, given the ``openai`` tag, only warn about the mismatch, so the model they build is
+    not CLIP (image features of ViT models and text features of every model drift). open_clip's own pretrained
+    table says which tags were trained with QuickGELU; a ``-quickgelu`` model name already builds it.
+    """
+    open_clip = import_open_clip()
+    tag_quick = bool((open_clip.get_pretrained_cfg(model_name, tag) or {}).get("quick_gelu", False))
+    name_quick = bool((open_clip.get_model_config(model_name) or {}).get("quick_gelu", False))
+    return tag_quick and not name_quick
+
+
+def tag_identity(model_name: str, tag: str) -> str:
+    """``open_clip:<model>/<tag>``, marked ``+quickgelu`` when the tag forces QuickGELU onto a GELU model name.
+
+    The mark keeps features encoded before the activation was fixed (same model name and tag, built with GELU) from
+    ever matching those of the model built now: store keys, checkpoints and engines all compare this identity.
+    """
+    mark = QUICK_GELU_MARK if tag_forces_quick_gelu(model_name, tag) else ""
+    return f"open_clip:{model_name}/{tag}{mark}"
+
+
+def tag_of_identity(weights_id: str) -> str | None:
+    """The open_clip tag an ``open_clip:<model>/<tag>[+quickgelu]`` identity was loaded from (None for others)."""
+    kind, _, rest = weights_id.partition(":")
+    if kind != "open_clip" or "/" not in rest:
+        return None
+    return rest.split("/", 1)[1].removesuffix(QUICK_GELU_MARK)
+
+
+def activation_of(model: Any) -> str:
+    """``quick_gelu`` or ``gelu``: the activation of the built model's text tower (what the weights must match)."""
+    blocks = getattr(getattr(model, "transformer", None), "resblocks", None)
+    if not blocks:
+        return "unknown"
+    act = getattr(blocks[0].mlp, "gelu", None)
+    return "quick_gelu" if type(act).__name__ == "QuickGELU" else "gelu"
+
+
+# ---------------------------------------------------------------- TorchScript archives
+def is_torchscript_archive(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a TorchScript zip (it holds ``code/`` or ``constants.pkl``), read from the zip's table of
+    contents only: its code is never run (``torch.jit.load`` would execute it)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any("/code/" in name or name.endswith("/constants.pkl") for name in archive.namelist())
+
+
+def refuse_torchscript(path: Path, model_name: str) -> None:
+    """One line saying how to use a TorchScript archive (OpenAI's released ``.pt`` files are TorchScript)."""
+    if not is_torchscript_archive(path):
+        return
+    quick = model_name if model_name.endswith("-quickgelu") else f"{model_name}-quickgelu"
+    raise WeightsError(
+        f"checkpoint file {path} is a TorchScript archive (as OpenAI's released CLIP files are); coopipe does not run "
+        f"code from files: use --pretrained openai (the same weights as a state dict), or convert it once with "
+        f"`torch.save(open_clip.load_openai_model('{path}', device='cpu').state_dict(), 'clip.pt')` and pass "
+        f"--model {quick} --pretrained clip.pt (OpenAI's weights need QuickGELU)"
+    )
 
 
 def _hub_reachable(timeout: float = 5.0) -> bool:
@@ -299,8 +370,11 @@ def load_clip(model_name: str = "RN50", pretrained: str | None = "none", *, devi
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(RANDOM_INIT_SEED)
                 model = open_clip.create_model(model_name, pretrained=None, device=device, load_weights=False)
-        else:  # a scheme name loads the weights that come with it
-            model = open_clip.create_model(model_name, pretrained=None if scheme else ref.value, device=device)
+        else:  # a scheme name loads the weights that come with it; an openai tag loads with QuickGELU
+            quick = ref.kind == "tag" and tag_forces_quick_gelu(model_name, ref.value)
+            model = open_clip.create_model(
+                model_name, pretrained=None if scheme else ref.value, device=device, force_quick_gelu=quick
+            )
     except Exception as exc:  # noqa: BLE001 - torch.load of a non-checkpoint raises anything (IndexError, ...)
         reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         if reason.startswith("Weights only load failed"):
@@ -318,7 +392,7 @@ def load_clip(model_name: str = "RN50", pretrained: str | None = "none", *, devi
             "%s has RANDOM weights (pretrained=none): its features carry no class signal, so accuracies only check "
             "that the pipeline runs; use --pretrained openai (or a checkpoint file) for real numbers", model_name
         )
-    logger.info("loaded %s (%s)", model_name, ref.identity)
+    logger.info("loaded %s (%s, %s)", model_name, ref.identity, activation_of(model))
     return LoadedClip(model=model, name=model_name, weights=ref, preprocess=_preprocess_config(model), tokenizer=tokenizer)
 
 

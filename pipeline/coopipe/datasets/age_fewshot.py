@@ -1,10 +1,15 @@
 """Few-shot draws for age datasets: K images per age value from train; an age with fewer than K keeps them all.
 
-Why not :func:`coopipe.datasets.fewshot.make_few_shot_index`: CoOp's rule refuses a class with fewer than K
-images, while OrdinalCLIP's (``generate_fewshot_dataset``) keeps every image of a sparse age, and ranks without
-images are normal for ages. The draws use the same generator streams as CoOp's (one permutation per
-(stream, seed, rank), cut to K), so they are explicit, reproducible and nested: the K-shot draw of a seed is a
-subset of its 2K-shot draw. The result is an ordinary :class:`FewShotIndex`, so lookups and stores work unchanged.
+Why not :func:`coopipe.datasets.fewshot.make_few_shot_index`: coopipe's rule for classes refuses a class with fewer
+than K images (CoOp's own, Dassl's ``generate_fewshot_dataset`` with its default ``repeat=True``, instead draws such a
+class's K with replacement), and ranks without images are normal for ages. OrdinalCLIP's rule
+(``RegressionDataset.generate_fewshot_dataset`` in xk-huang/OrdinalCLIP, ``ordinalclip/runner/data.py``, with its
+default ``repeat=False``) samples K images of each age without replacement and keeps every image of an age that has
+fewer; that part is followed here. Where this module departs from it: the reference draws each K independently
+with Python's ``random.sample`` and subsamples only the train list (validation is the whole val list), while here
+the draws use the same generator streams as CoOp's (one permutation per (stream, seed, rank), cut to K), so the
+K-shot draw of a seed is a subset of its 2K-shot draw, and validation is min(K, 4) images per age, as CoOp's. The
+result is an ordinary :class:`FewShotIndex`, so lookups and stores work unchanged.
 """
 
 from __future__ import annotations

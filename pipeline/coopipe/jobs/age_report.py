@@ -128,6 +128,19 @@ def _epochs_note(records: Sequence[Mapping[str, Any]]) -> str | None:
             + ". The numbers are not comparable with the paper's.")
 
 
+def _departures_note(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Beside each method's rows: every departure from its paper setting that its runs' metrics files list
+    (:mod:`coopipe.departures`), in the order first seen."""
+    seen: dict[str, dict[str, None]] = defaultdict(dict)
+    for r in records:
+        for d in r.get("departures") or ():
+            seen[str(r["method"])][str(d)] = None
+    if not seen:
+        return []
+    return ["**Departures from each method's paper setting** (as its metrics files list them):", "",
+            *[f"- {method_label(m)}: {'; '.join(found)}" for m, found in sorted(seen.items())]]
+
+
 def _label(method: str, shots: int) -> str:
     """Readable legend and caption label: ``CoOp (init "age estimation: ...") 16-shot``."""
     name = method_label(method)
@@ -159,6 +172,9 @@ def _dataset_report(dataset: str, found: Sequence[tuple[Path, Mapping[str, Any]]
         lines += ["", epochs_note]
     if random_weights:
         lines += ["", RANDOM_WEIGHTS_NOTE]
+    departures_note = _departures_note(records)
+    if departures_note:
+        lines += ["", *departures_note]
     figures: dict[str, str] = {}
     chosen = _largest_shots(found)
     curves = {}

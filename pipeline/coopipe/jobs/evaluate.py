@@ -33,6 +33,7 @@ from coopipe.atomic import write_json
 from coopipe.baselines import IMAGENET_TEMPLATES, dataset_template, fit_linear_probe, zero_shot
 from coopipe.checkpoint import Checkpoint, load_checkpoint, load_learner
 from coopipe.datasets.ages import is_age_dataset
+from coopipe.departures import checkpoint_departures, training_record
 from coopipe.errors import CheckpointError, StoreError
 from coopipe.evaluate import classifier_logits, evaluate_predictions
 from coopipe.features import SplitFeatures, read_split, select_store
@@ -121,8 +122,10 @@ def run_eval(
         evaluation, test.classnames, method=ckpt.method.label(), dataset=dataset, shots=record.shots,
         seed=record.seed, model=ckpt.model, weights=ckpt.weights, variant=ckpt.variant, method_spec=ckpt.method.to_dict(),
         epochs=ckpt.epoch, paper_epochs=ckpt.method.paper_epochs(record.shots or 16, record.dataset),
-        split=split, store=str(feature_store.path), **info,
+        split=split, store=str(feature_store.path), **training_record(ckpt), **info,
     )
+    metrics["departures"] += [d for d in checkpoint_departures(ckpt, feature_store.provenance)
+                              if d not in metrics["departures"]]
     if out is None:
         folder = ckpt.path / "transfer" / str(dataset) if dataset != source else ckpt.path
         out = folder / metrics_filename(classes)

@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from coopipe.atomic import write_json, write_text
+from coopipe.departures import warn_single_view
 from coopipe.checkpoint import (
     CLASSIFIER_FILE,
     META_FILE,
@@ -201,6 +202,7 @@ def _prepare(
     index = fewshot_index_for(cache_dir, dataset, shots, seed, clip)
     train_store = select_store(cache_dir, dataset, "train", model=clip.name, weights=clip.weights_id,
                                positions=index.train_indices, need_views=config.views != "center")
+    warn_single_view(int(train_store.provenance.get("views", {}).get("n_aug", 0)), trains=config.views != "center")
     train = read_split(train_store, index.train_indices)
     subset = ClassSubset.of(train.classnames, classes)
     train = subset.apply(train)

@@ -41,6 +41,7 @@ class RunRecord:
     train_classes: str = "all"  # the classes trained on
     source: str | None = None  # training dataset, for transfer results
     path: str = ""
+    departures: tuple[str, ...] = ()  # every departure from the paper's setting the metrics file lists
 
     @property
     def kind(self) -> str:
@@ -86,17 +87,21 @@ def record_from_metrics(data: Mapping[str, Any], path: str = "") -> RunRecord:
         train_classes=str(data.get("train_classes") or "all"),
         source=str(data["source_dataset"]) if data.get("source_dataset") else None,
         path=path,
+        departures=tuple(str(d) for d in data.get("departures") or ()),
     )
 
 
 def departures(data: Mapping[str, Any]) -> list[str]:
-    """How a result departs from the paper's setting: random weights, other epochs (as ``metrics.json`` records)."""
+    """How a result departs from the paper's setting in ways that change its numbers: random weights, other epochs,
+    another batch size (as ``metrics.json`` records). The full list of a trained run (cached views, precision, draw
+    rule, ...: :mod:`coopipe.departures`) is the metrics file's ``departures``."""
     found = []
     if str(data.get("weights") or "").startswith("random-init"):
         found.append("random weights")
-    epochs, paper = data.get("epochs"), data.get("paper_epochs")
-    if isinstance(epochs, int) and isinstance(paper, int) and epochs != paper:
-        found.append(f"{epochs} epochs (paper {paper})")
+    for key, label in (("epochs", "epochs"), ("batch_size", "batch size")):
+        value, paper = data.get(key), data.get(f"paper_{key}")
+        if isinstance(value, int) and isinstance(paper, int) and value != paper:
+            found.append(f"{value} {label} (paper {paper})" if key == "epochs" else f"{label} {value} (paper {paper})")
     return found
 
 

@@ -140,9 +140,14 @@ def markdown_report(
     for caption, name in (figures or {}).items():
         parts += [f"![{caption}]({name})", ""]
     if records:
-        parts += ["## Runs used", "", *[f"- `{r.path}`: {r.method}, {r.model}, {r.shots} shots, seed {r.seed}"
-                                        for r in sorted(records, key=lambda r: r.path)], ""]
+        parts += ["## Runs used", "", *[_run_line(r) for r in sorted(records, key=lambda r: r.path)], ""]
     return "\n".join(parts)
+
+
+def _run_line(r: RunRecord) -> str:
+    """One run of the report with every departure from its paper setting that its metrics file lists."""
+    line = f"- `{r.path}`: {r.method}, {r.model}, {r.shots} shots, seed {r.seed}"
+    return f"{line}; departures: {'; '.join(r.departures)}" if r.departures else line
 
 
 def settings_markdown(records: Sequence[RunRecord]) -> list[str]:

@@ -168,6 +168,7 @@ def eval_(
     transfer: Annotated[bool, typer.Option("--transfer", help="Evaluate on another dataset's classes: build the classifier from the learned context with the store's class names.")] = False,
     pretrained: Annotated[Optional[str], typer.Option(help="Where to load the weights for the text encoder (only needed for a checkpoint trained on local-file weights).")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda (text encoder, when the class list differs).")] = "cpu",
+    allow_incomplete: Annotated[bool, typer.Option("--allow-incomplete", help="Evaluate a run whose training did not finish (killed or diverged); its metrics are marked incomplete.")] = False,
 ) -> None:
     """Evaluate a trained prompt on cached features: accuracy, macro-F1, per-class accuracy.
 
@@ -181,7 +182,8 @@ def eval_(
         if classes is not None:
             check_classes(classes)
         print_metrics(run_eval(run, cache_dir=features, dataset=dataset, store=store, split=split, out=out,
-                                classes=classes, transfer=transfer, pretrained=pretrained, device=device))
+                                classes=classes, transfer=transfer, pretrained=pretrained, device=device,
+                                allow_incomplete=allow_incomplete))
 
 
 @app.command()

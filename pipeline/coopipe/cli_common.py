@@ -84,6 +84,8 @@ def print_metrics(m: dict[str, Any]) -> None:
     for line in describe_age_metrics(m):
         typer.echo(line)
     note_random_weights(m.get("weights"))
+    if m.get("incomplete"):
+        typer.echo(f"  note: INCOMPLETE run (trained {m.get('epochs')} epochs, killed or diverged): not a result")
     worst = sorted((v, k) for k, v in m["per_class_accuracy"].items() if v is not None)[:3]
     if worst:
         typer.echo("  lowest per-class accuracy: " + ", ".join(f"{k} {100 * v:.1f}%" for v, k in worst))

@@ -53,7 +53,7 @@ from coopipe.errors import (
     MissingFileError,
     StoreError,
 )
-from coopipe.evaluate import classifier_logits
+from coopipe.evaluate import check_finite_logits, classifier_logits
 from coopipe.lookup import checkpoint_pretrained
 from coopipe.models import LoadedClip, load_clip
 from coopipe.store import open_store
@@ -105,7 +105,7 @@ def resolve_inputs(inputs: Sequence[str | os.PathLike[str]]) -> list[Path]:
             paths.extend(found)
         elif item.is_file() and item.suffix.lower() in MANIFEST_SUFFIXES:
             paths.extend(read_manifest_paths(item))
-        elif item.is_file():
+        elif item.exists():  # a FIFO or device is refused by the decoder, before it is opened
             paths.append(item)
         else:
             raise MissingFileError(f"{item} does not exist; pass image files, folders of images or a CSV/JSON manifest")
@@ -199,6 +199,7 @@ def top_k(
 ) -> list[Prediction]:
     """Softmax of CLIP's logits over the classifier's classes -> the ``k`` most probable classes of each image."""
     logits = classifier_logits(classifier.text_features, features, classifier.logit_scale)  # (N, K)
+    check_finite_logits(logits, classifier.logit_scale, "the run's classifier")
     probs = torch.softmax(logits, dim=-1)
     values, indices = probs.topk(min(k, probs.shape[1]), dim=-1)  # (N, k), sorted
     names = classifier.classnames
@@ -236,6 +237,12 @@ def predict(
     if on_bad_image not in BAD_IMAGE_POLICIES:
         raise ValueError(f"on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}")
     ckpt = load_checkpoint(run)
+    if ckpt.method.image_conditional:
+        raise CheckpointError(
+            f"run {ckpt.path} learned an image-conditional prompt ({ckpt.method.label()}): it has no fixed classifier, "
+            f"which predict uses; encode the images into a store (`coopipe encode`) and run `coopipe eval "
+            f"{ckpt.path} --store STORE`, or predict with a CoOp run"
+        )
     classifier = ckpt.classifier()  # bound to its run by hash; model, weights, classes and finite values checked
     if store is not None:
         if inputs:

@@ -39,6 +39,7 @@ from coopipe.checkpoint import (
 )
 from coopipe.errors import CheckpointError, MissingFileError, StoreError, TrainingDivergedError
 from coopipe.locks import exclusive_lock
+from coopipe.ordinal import check_ordered_labels
 from coopipe.features import read_split, select_store
 from coopipe.models import LoadedClip, sha256_file
 from coopipe.lookup import fewshot_index_for, fewshot_index_path, resolve_model
@@ -204,6 +205,8 @@ def _prepare(
     train = read_split(train_store, index.train_indices)
     subset = ClassSubset.of(train.classnames, classes)
     train = subset.apply(train)
+    if config.method == "rank":
+        check_ordered_labels(train.classnames, dataset, config.method)
     stores = {"train": train_store}
     val_feats = val_labels = None
     if index.val_indices:

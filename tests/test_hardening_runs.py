@@ -143,3 +143,64 @@ def test_ages_are_whole_numbers_as_written(written, tmp_path):
     split.write_text('{"train": [["a.jpg", 1e1]], "test": [["b.jpg", 12]]}')
     with pytest.raises(DatasetError, match=r"split\.json, train\[0\]: age '1e1'"):
         read_age_split_file(split)
+
+
+_BLOCKED_ENCODE = """
+import os, sys, time
+from pathlib import Path
+from PIL import Image
+import coopipe.encode as enc
+from coopipe.datasets.base import Dataset, Split
+
+root, pidfile = Path(sys.argv[1]), Path(sys.argv[2])
+root.mkdir()
+names = tuple(f"{i}.png" for i in range(4))
+for name in names:
+    Image.new("RGB", (24, 24)).save(root / name)
+
+def blocked(path):  # a decode that never returns (what a FIFO did), in the worker
+    pidfile.write_text(str(os.getpid()))
+    time.sleep(600)
+
+enc.load_rgb = blocked
+data = Dataset("tiny", root, ("cat", "dog"), "a photo of a {}.", {"test": Split(names, (0, 1, 0, 1))})
+opts = enc.EncodeOptions(precision="fp32", engine="eager", chunk_rows=2, batch_size=2, num_workers=1, progress=False)
+enc.encode_split(data, "test", cache_dir=root.parent / "c", options=opts, pretrained="none")
+"""
+
+
+def test_decode_workers_die_with_a_killed_encode_and_free_the_store_lock(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from coopipe.locks import exclusive_lock
+
+    pidfile = tmp_path / "worker.pid"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    main = subprocess.Popen([sys.executable, "-c", _BLOCKED_ENCODE, str(tmp_path / "imgs"), str(pidfile)], env=env)
+    worker = None
+    try:
+        for _ in range(600):
+            if pidfile.exists() and pidfile.read_text():
+                worker = int(pidfile.read_text())
+                break
+            assert main.poll() is None, "the encode ended before its worker blocked"
+            time.sleep(0.2)
+        assert worker is not None and worker != main.pid
+        main.kill()  # SIGKILL: no cleanup runs in the main process
+        main.wait(timeout=30)
+        for _ in range(100):
+            if not Path(f"/proc/{worker}").exists() or "Z" in Path(f"/proc/{worker}/stat").read_text().split()[2]:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail(f"decode worker {worker} outlived its killed parent")
+        (lock,) = (tmp_path / "c").rglob("*.lock")
+        with exclusive_lock(lock, "the store"):  # free: no orphan holds it
+            pass
+    finally:
+        if main.poll() is None:
+            main.kill()
+        if worker is not None and Path(f"/proc/{worker}").exists():
+            os.kill(worker, signal.SIGKILL)

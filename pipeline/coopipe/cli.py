@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 import typer
 
 from coopipe.cli_cache import cache_app
-from coopipe.cli_common import check_classes, csv_list, errors, int_list, note_random_weights, os_errors, print_metrics
+from coopipe.cli_common import check_classes, csv_list, errors, int_list, note_random_weights, print_metrics
 from coopipe.cli_sweep import sweep
 
 from coopipe.method import METHODS
@@ -75,7 +75,7 @@ def encode(
     from coopipe.encode import EncodeOptions
     from coopipe.jobs.encode import ALL_SPLITS, run_encode
 
-    with errors(), os_errors():
+    with errors():
         splits = ALL_SPLITS if split == "all" else (split,)
         if any(s not in ALL_SPLITS for s in splits):
             raise typer.BadParameter(f"--split must be train, val, test or all, got {split!r}")

@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from coopipe.atomic import atomic_write
 from coopipe.checkpoint import (
     Checkpoint,
     Classifier,
@@ -278,17 +279,18 @@ def write_predictions(
     suffix = path.suffix.lower()
     if suffix not in (".csv", ".json"):
         raise ValueError(f"--out {path}: write .csv or .json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     k = max((len(p.labels) for p in predictions), default=1)
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
-        if suffix == ".csv":
-            writer = csv.writer(fh)
-            writer.writerow(["path"] + [f"{c}_{r}" for r in range(1, k + 1) for c in ("label", "prob")])
-            writer.writerows(_rows(predictions, k))
-        else:
-            data = {"run": str(run) if run is not None else None, "predictions": [p.to_dict() for p in predictions]}
-            json.dump(data, fh, indent=1)
-            fh.write("\n")
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+            if suffix == ".csv":
+                writer = csv.writer(fh)
+                writer.writerow(["path"] + [f"{c}_{r}" for r in range(1, k + 1) for c in ("label", "prob")])
+                writer.writerows(_rows(predictions, k))
+            else:
+                data = {"run": str(run) if run is not None else None, "predictions": [p.to_dict() for p in predictions]}
+                json.dump(data, fh, indent=1)
+                fh.write("\n")
+
+    atomic_write(path, write)  # a failed write (full disk, a folder in the way) leaves no temporary file
     return path

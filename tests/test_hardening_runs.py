@@ -204,3 +204,50 @@ def test_decode_workers_die_with_a_killed_encode_and_free_the_store_lock(tmp_pat
             main.kill()
         if worker is not None and Path(f"/proc/{worker}").exists():
             os.kill(worker, signal.SIGKILL)
+
+
+def _cli(*args: object):
+    res = CliRunner().invoke(app, [str(a) for a in args])
+    return res, res.output.strip().splitlines()
+
+
+@pytest.mark.parametrize(("option", "value", "named"), [
+    ("lr", float("nan"), "lr must be a finite number"), ("lr", -1.0, "lr must be greater than 0"),
+    ("lr", float("inf"), "lr must be a finite number"), ("max_epoch", "ten", "max_epoch must be a whole number"),
+    ("max_epoch", 2.5, "max_epoch must be a whole number"), ("batch_size", 0, "batch_size must be greater than 0"),
+    ("momentum", "0.9", "momentum must be a finite number"), ("csc", "yes", "csc must be true or false"),
+])
+def test_training_options_are_checked_at_the_boundary(cache, rn50, tmp_path, option, value, named):
+    from coopipe.errors import ParamsError
+
+    with pytest.raises(ParamsError, match=rf"{named}, got .*params\.yaml train\.{option}"):
+        run_train(cache_dir=cache, dataset="toy", shots=2, seed=1, out_dir=tmp_path / "r", progress=False, clip=rn50,
+                  overrides={option: value})
+    assert not (tmp_path / "r" / META_FILE).exists()
+
+
+def test_cli_options_and_devices_are_named(cache, run, tmp_path):
+    base = ["train", "--features", cache, "--dataset", "toy", "--shots", 2, "--seed", 1, "--out", tmp_path / "r",
+            "--epochs", 1, "--no-progress"]
+    for extra, named in ((["--lr", "nan"], "lr must be a finite number"),
+                         (["--checkpoint-every", "nan"], "checkpoint_every"),
+                         (["--checkpoint-every", "-5"], "checkpoint_every")):
+        res, lines = _cli(*base, *extra)
+        assert res.exit_code == 1 and named in res.output and len(lines) == 1, res.output
+    if not torch.cuda.is_available():
+        img = _images(tmp_path / "imgs", 1)[0]
+        for args in ([*base, "--device", "cuda"], ["eval", run, "--features", cache, "--device", "cuda"],
+                     ["predict", run, img, "--device", "cuda"]):
+            res, lines = _cli(*args)
+            assert res.exit_code == 1 and "no CUDA GPU is available here" in res.output and len(lines) == 1, res.output
+
+
+def test_zeroshot_needs_only_test_features(rn50, tmp_path):
+    from conftest import make_store
+
+    g = np.random.default_rng(0)
+    make_store(tmp_path / "c", model=rn50.name, weights=rn50.weights_id, classnames=CLASSES,
+               feats=g.normal(size=(6, 1, rn50.embed_dim)).astype(np.float32), labels=np.arange(6) % 3)
+    res, _ = _cli("zeroshot", "--features", tmp_path / "c", "--dataset", "toy", "--out", tmp_path / "zs")
+    assert res.exit_code == 0 and "train features" not in res.output, res.output
+    assert json.loads((tmp_path / "zs" / "metrics.json").read_text())["n"] == 6

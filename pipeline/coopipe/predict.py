@@ -48,6 +48,7 @@ from coopipe.encode import (
     encode_batch,
 )
 from coopipe.engines import build_tower
+from coopipe.hardware import check_device
 from coopipe.errors import (
     CheckpointError,
     DatasetError,
@@ -237,6 +238,7 @@ def predict(
         raise ValueError(f"topk must be >= 1, got {topk}")
     if on_bad_image not in BAD_IMAGE_POLICIES:
         raise ValueError(f"on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}")
+    check_device(device)
     ckpt = load_checkpoint(run)
     if ckpt.method.image_conditional:
         raise CheckpointError(

@@ -37,6 +37,7 @@ from coopipe.errors import CheckpointError, StoreError
 from coopipe.evaluate import check_finite_logits, classifier_logits, evaluate_predictions
 from coopipe.features import SplitFeatures, read_split, select_store
 from coopipe.learners import predict_logits
+from coopipe.hardware import check_device
 from coopipe.jobs import age_eval
 from coopipe.lookup import checkpoint_pretrained, fewshot_index_for, resolve_model
 from coopipe.models import LoadedClip, load_clip
@@ -89,6 +90,7 @@ def run_eval(
     load the weights from when the text encoder is needed and the checkpoint's weights came from a local file
     (or pass the loaded ``clip``).
     """
+    check_device(device)
     ckpt = load_checkpoint(run)
     if not ckpt.complete and not allow_incomplete:
         raise CheckpointError(
@@ -192,7 +194,8 @@ def run_zeroshot(
 
     ``classes='base'|'new'`` evaluates on that half of the classes (written to ``metrics_<classes>.json``).
     """
-    clip = clip or resolve_model(Path(cache_dir), dataset, model, pretrained, device)
+    check_device(device)
+    clip = clip or resolve_model(Path(cache_dir), dataset, model, pretrained, device, split="test")
     if is_age_dataset(dataset) and classes == "all":
         return age_eval.run_age_zeroshot(cache_dir=cache_dir, dataset=dataset, out_dir=out_dir, clip=clip,
                                          ensemble=ensemble, templates=templates)

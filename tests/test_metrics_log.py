@@ -106,3 +106,31 @@ def test_resumed_run_continues_the_step_count(rn50, tmp_path):
         assert resumed == _steps(tmp_path / "full" / DVCLIVE_DIR, name)
     assert [r.loss for r in full.history] == [v for _, v in _steps(tmp_path / "full" / DVCLIVE_DIR, "loss")]
     assert json.loads((tmp_path / "run" / DVCLIVE_DIR / "metrics.json").read_text())["step"] == 4
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+def test_a_damaged_dvclive_summary_is_rebuilt_on_resume(rn50, tmp_path, damage):
+    """dvclive writes metrics.json in place: a full disk or a kill inside that write must not stop every resume."""
+    feats, labels = (torch.from_numpy(a) for a in _toy(3, 2, rn50.embed_dim, seed=2))
+    cfg = TrainConfig(max_epoch=4, batch_size=3, n_ctx=2, seed=1)
+    with EpochMetricsLog(tmp_path / "full") as log:
+        train_coop(feats, labels, rn50, CLASSES, cfg, on_epoch=lambda rec, state: log.log(rec))
+    saved = {}
+
+    def first_part(rec, state):
+        log.log(rec)
+        saved[rec.epoch] = state
+
+    with EpochMetricsLog(tmp_path / "run") as log:
+        train_coop(feats, labels, rn50, CLASSES, cfg, stop_after=2, on_epoch=first_part)
+    summary = tmp_path / "run" / DVCLIVE_DIR / "metrics.json"
+    text = summary.read_text()
+    summary.write_text("" if damage == "empty" else text[: len(text) // 2])
+    save_checkpoint(tmp_path / "run", clip=rn50, classnames=CLASSES, config=cfg, state=saved[2])
+    resume = load_checkpoint(tmp_path / "run").train_state()
+    with EpochMetricsLog(tmp_path / "run", start_epoch=resume.epoch) as log:
+        assert json.loads(summary.read_text())["step"] == 2  # rebuilt before dvclive reads it
+        train_coop(feats, labels, rn50, CLASSES, cfg, resume_state=resume, on_epoch=lambda rec, state: log.log(rec))
+    assert json.loads(summary.read_text()) == json.loads((tmp_path / "full" / DVCLIVE_DIR / "metrics.json").read_text())
+    for name in ("loss", "train_acc", "lr"):
+        assert _steps(tmp_path / "run" / DVCLIVE_DIR, name) == _steps(tmp_path / "full" / DVCLIVE_DIR, name)

@@ -94,3 +94,28 @@ def test_degenerate_linear_probe_warns(caplog):
         probe = fit_linear_probe(x, y, x, y, n_classes=3)
     assert probe.val_accuracy == pytest.approx(1 / 3)
     assert "linear probe is degenerate" in caplog.text and "random weights?" in caplog.text
+
+
+def test_an_incomplete_run_is_never_evaluated_as_a_result(cache, rn50, tmp_path):
+    from coopipe.cli import app
+    from coopipe.sweep.plan import RunTask
+    from typer.testing import CliRunner
+
+    run = tmp_path / "killed"
+    _train(cache, run, rn50, max_epoch=3)
+    meta = json.loads((run / META_FILE).read_text())
+    meta.update(complete=False, epoch=1)  # what a kill after the first epoch's save leaves
+    (run / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"incomplete \(trained 1 of 3 epochs.*re-run the same `coopipe train`"):
+        run_eval(run, cache_dir=cache, clip=rn50)
+    assert not (run / "metrics.json").exists()
+    res = CliRunner().invoke(app, ["eval", str(run), "--features", str(cache)])
+    assert res.exit_code == 1 and "incomplete" in res.output and len(res.output.strip().splitlines()) == 1
+    task = RunTask("coop", "toy", str(run), "coop toy", (str(run / "metrics.json"),), 1.0)
+    try:
+        metrics = run_eval(run, cache_dir=cache, clip=rn50, allow_incomplete=True)
+    except CheckpointError as exc:  # an incomplete run may hold no classifier bound to it: also never a result
+        assert "classifier" in str(exc)
+    else:
+        assert metrics["incomplete"] is True and json.loads((run / "metrics.json").read_text())["incomplete"]
+    assert not task.finished()  # a sweep runs it again

@@ -12,6 +12,7 @@ target's suffix, so writers that pick a format from the extension (matplotlib's 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -32,6 +33,8 @@ def atomic_write(path: str | os.PathLike[str], write_fn: Callable[[Path], Any]) 
     created. Returns ``path``.
     """
     path = Path(path)
+    if path.is_dir():  # os.replace would fail only after the whole write
+        raise IsADirectoryError(errno.EISDIR, "cannot write a file over a folder", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
     os.close(fd)
@@ -42,6 +45,10 @@ def atomic_write(path: str | os.PathLike[str], write_fn: Callable[[Path], Any]) 
             os.fsync(fh.fileno())
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.filename is None:  # a write deep inside a library (a full disk): name the file being written
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     return path

@@ -16,7 +16,7 @@ import typer
 
 from coopipe.cli_cache import cache_app
 from coopipe.cli_export import export, models
-from coopipe.cli_common import check_classes, csv_list, errors, int_list, note_random_weights, os_errors, print_metrics
+from coopipe.cli_common import check_classes, csv_list, errors, int_list, note_random_weights, print_metrics
 from coopipe.cli_sweep import sweep
 
 from coopipe.method import METHODS
@@ -76,7 +76,7 @@ def encode(
     from coopipe.encode import EncodeOptions
     from coopipe.jobs.encode import ALL_SPLITS, run_encode
 
-    with errors(), os_errors():
+    with errors():
         splits = ALL_SPLITS if split == "all" else (split,)
         if any(s not in ALL_SPLITS for s in splits):
             raise typer.BadParameter(f"--split must be train, val, test or all, got {split!r}")
@@ -169,6 +169,7 @@ def eval_(
     transfer: Annotated[bool, typer.Option("--transfer", help="Evaluate on another dataset's classes: build the classifier from the learned context with the store's class names.")] = False,
     pretrained: Annotated[Optional[str], typer.Option(help="Where to load the weights for the text encoder (only needed for a checkpoint trained on local-file weights).")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda (text encoder, when the class list differs).")] = "cpu",
+    allow_incomplete: Annotated[bool, typer.Option("--allow-incomplete", help="Evaluate a run whose training did not finish (killed or diverged); its metrics are marked incomplete.")] = False,
 ) -> None:
     """Evaluate a trained prompt on cached features: accuracy, macro-F1, per-class accuracy.
 
@@ -182,7 +183,8 @@ def eval_(
         if classes is not None:
             check_classes(classes)
         print_metrics(run_eval(run, cache_dir=features, dataset=dataset, store=store, split=split, out=out,
-                                classes=classes, transfer=transfer, pretrained=pretrained, device=device))
+                                classes=classes, transfer=transfer, pretrained=pretrained, device=device,
+                                allow_incomplete=allow_incomplete))
 
 
 @app.command()

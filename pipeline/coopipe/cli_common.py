@@ -3,6 +3,7 @@ on stderr and exit code 1, finished work kept), list options, and how a metrics 
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -12,34 +13,67 @@ import typer
 
 @contextmanager
 def errors() -> Iterator[None]:
-    """Known failures -> one line on stderr and exit code 1 (tracebacks only with COOPIPE_LOG=DEBUG)."""
+    """The one error boundary: known failures and operating-system errors -> one line on stderr naming the path
+    and the fix, exit code 1 (tracebacks only with COOPIPE_LOG=DEBUG). Finished work is kept by the library (every
+    write is atomic or resumable, temporary files are removed where they fail); this only reports."""
     from coopipe.errors import CoopipeError
 
     try:
         yield
-    except (CoopipeError, ValueError, FileNotFoundError) as exc:
+    except KeyboardInterrupt:
+        typer.echo("interrupted: finished chunks are kept; re-run the same command to resume", err=True)
+        raise typer.Exit(code=130) from None
+    except (CoopipeError, ValueError, OSError, RuntimeError, RecursionError) as exc:
         import logging
 
         if logging.getLogger().isEnabledFor(logging.DEBUG):
             raise
-        typer.echo(f"error: {exc}", err=True)
+        message = one_line(exc)
+        if message is None:
+            raise
+        typer.echo(f"error: {message}", err=True)
         raise typer.Exit(code=1) from exc
-    except KeyboardInterrupt:
-        typer.echo("interrupted: finished chunks are kept; re-run the same command to resume", err=True)
-        raise typer.Exit(code=130) from None
 
 
-@contextmanager
-def os_errors() -> Iterator[None]:
-    """File-system errors the library did not anticipate (loops, permissions) -> one line naming the file."""
-    try:
-        yield
-    except OSError as exc:
-        from coopipe.imageio import shown_path
+def one_line(exc: BaseException) -> str | None:
+    """The message of an error the boundary reports (``None``: a programming error, left as a traceback)."""
+    from coopipe.errors import CoopipeError
 
-        where = f" ({shown_path(exc.filename)})" if exc.filename else ""
-        typer.echo(f"error: {exc.strerror or exc}{where}; finished chunks are kept, fix it and re-run", err=True)
-        raise typer.Exit(code=1) from exc
+    if isinstance(exc, CoopipeError | ValueError) or (isinstance(exc, FileNotFoundError) and not exc.filename):
+        return str(exc)
+    if isinstance(exc, OSError):
+        return os_error_line(exc)
+    if isinstance(exc, RecursionError):
+        return f"input nested too deeply to read ({exc}); check the file the command reads"
+    text = str(exc)
+    if "DataLoader worker" in text:  # a killed or crashed decode worker (out of memory, signal)
+        return (f"an image-decoding worker died ({text.splitlines()[0]}); finished chunks are kept: re-run the same "
+                f"command, with --workers 0 if it happens again (out of memory?)")
+    return None
+
+
+_OS_FIXES = {
+    errno.ENOSPC: "the disk is full: free space there and re-run the same command (finished work is kept)",
+    errno.EDQUOT: "the disk quota is exceeded: free space there and re-run the same command (finished work is kept)",
+    errno.ENAMETOOLONG: "the name is too long for the file system: use a shorter name or folder",
+    errno.EISDIR: "it is a folder: pass a file path",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: fix the path",
+    errno.EACCES: "permission denied: fix the permissions of that path or choose another",
+    errno.EPERM: "operation not permitted: fix the permissions of that path or choose another",
+    errno.EROFS: "the file system is read-only: choose a writable folder",
+    errno.ELOOP: "too many symbolic links (a loop): fix the links",
+    errno.ENOENT: "it does not exist: check the path",
+    errno.EEXIST: "it exists already: remove it or choose another path",
+}
+
+
+def os_error_line(exc: OSError) -> str:
+    """``<what> (<path>): <fix>`` for an operating-system error; the path with undecodable bytes escaped."""
+    from coopipe.imageio import shown_path
+
+    where = " and ".join(shown_path(f) for f in (exc.filename, exc.filename2) if f)
+    fix = _OS_FIXES.get(exc.errno or 0, "fix it and re-run the same command (finished work is kept)")
+    return f"{exc.strerror or exc}{f' ({where})' if where else ''}; {fix}"
 
 
 def csv_list(values: tuple[object, ...]) -> str:
@@ -84,6 +118,8 @@ def print_metrics(m: dict[str, Any]) -> None:
     for line in describe_age_metrics(m):
         typer.echo(line)
     note_random_weights(m.get("weights"))
+    if m.get("incomplete"):
+        typer.echo(f"  note: INCOMPLETE run (trained {m.get('epochs')} epochs, killed or diverged): not a result")
     worst = sorted((v, k) for k, v in m["per_class_accuracy"].items() if v is not None)[:3]
     if worst:
         typer.echo("  lowest per-class accuracy: " + ", ".join(f"{k} {100 * v:.1f}%" for v, k in worst))

@@ -47,6 +47,7 @@ from coopipe.chunkwriter import ChunkWriterThread
 from coopipe.engines import ENGINES, Tower, build_tower, resolve_engine
 from coopipe.hardware import PRECISIONS, resolve_precision
 from coopipe.models import ClipIdentity, LoadedClip, PreprocessConfig, load_clip, open_clip_version
+from coopipe.orphans import die_with_parent
 from coopipe.store import (
     FeatureStore,
     open_store,
@@ -238,6 +239,7 @@ def _collate(items: list[tuple[int, torch.Tensor | None, str]]) -> DecodedBatch:
 
 
 def _worker_init(_: int) -> None:
+    die_with_parent()  # an orphaned worker would keep the store's lock (inherited) after a killed encode
     torch.set_num_threads(1)  # decoding is single-threaded PIL work; leave the cores to the model
     try:
         os.nice(_WORKER_NICE)  # run in the model's idle moments rather than preempting one of its threads

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from coopipe.errors import DatasetError
+from coopipe.errors import CheckpointError, DatasetError
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +133,16 @@ def evaluate_predictions(
 
 
 @torch.no_grad()
+def check_finite_logits(logits: torch.Tensor, logit_scale: float | torch.Tensor, what: str) -> None:
+    """Refuse non-finite logits (a damaged ``logit_scale`` such as 1e4 overflows ``exp``): never ``nan%``."""
+    if not bool(torch.isfinite(logits).all()):
+        raise CheckpointError(
+            f"{what} gives non-finite logits (logit_scale {float(logit_scale):g}; CLIP's is at most ln 100 = 4.61, "
+            f"or the class features hold NaN/inf): the file is damaged; re-run `coopipe train` with the same "
+            f"options to regenerate it"
+        )
+
+
 def classifier_logits(
     text_features: torch.Tensor | np.ndarray,
     image_features: torch.Tensor | np.ndarray,

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from coopipe.errors import ParamsError
+
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "bf16", "fp32", "fp16")
@@ -92,6 +94,20 @@ def _torch_cpu_flag(name: str) -> bool:
         return bool(fn()) if fn is not None else False
     except RuntimeError:
         return False
+
+
+def check_device(device: str | torch.device) -> None:
+    """Refuse a device this machine does not have, naming it (a missing GPU surfaced as an error about the
+    weights, deep inside model loading)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ParamsError(f"--device {device!r} is not a device (cpu, cuda, cuda:1, ...)") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ParamsError(f"--device {device}: no CUDA GPU is available here (torch.cuda.is_available() is False); "
+                          f"use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ParamsError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
 
 
 def probe(device: str | torch.device = "cpu") -> HardwareFacts:

@@ -21,7 +21,7 @@ import torch
 from coopipe.checkpoint import Checkpoint, Classifier
 from coopipe.encode import EncodeOptions
 from coopipe.errors import CheckpointError, StoreError
-from coopipe.evaluate import classifier_logits
+from coopipe.evaluate import check_finite_logits, classifier_logits
 from coopipe.learners import predict_logits, restore_learner
 from coopipe.method import MethodSpec
 from coopipe.models import LoadedClip
@@ -103,7 +103,9 @@ class Head:
         """Logits (N, K) CPU float32 of raw image features (N, D); an image-conditional prompt needs ``clip``."""
         if self.classifier is not None:
             clf = self.classifier
-            return classifier_logits(clf.text_features, features, clf.logit_scale)
+            logits = classifier_logits(clf.text_features, features, clf.logit_scale)
+            check_finite_logits(logits, clf.logit_scale, f"the classifier of {self.path}")
+            return logits
         assert self.prompt is not None
         if clip is None:
             raise ValueError(f"{self.path}: an image-conditional prompt needs the loaded model for its text tower")

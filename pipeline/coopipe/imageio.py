@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -42,12 +43,20 @@ def load_rgb(path: str | os.PathLike[str]) -> Image.Image:
     path = Path(path)
     name = shown_path(path)
     try:
+        kind = os.stat(path).st_mode  # never open() a FIFO, device or socket: opening one can block for ever
+        if not stat.S_ISREG(kind):
+            raise BadImageError(
+                f"image {name} is not a regular file (a {_file_kind(kind)}); remove it from the folder or list, or "
+                f"run with --on-bad-image skip to skip it"
+            )
         with warnings.catch_warnings():
             # Above PIL's limit (~89M pixels) PIL only warns; beyond 2x it raises. Both are refused here.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 img.load()  # force decoding now: truncated files fail here, not later in a worker
                 return to_rgb(img, name)
+    except BadImageError:
+        raise
     except FileNotFoundError as exc:
         raise MissingFileError(f"image {name} is missing; restore it or fix the split/manifest that lists it") from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -59,6 +68,12 @@ def load_rgb(path: str | os.PathLike[str]) -> Image.Image:
         raise BadImageError(
             f"cannot decode image {name} ({exc}); replace the file, or run with --on-bad-image skip to skip it"
         ) from exc
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISDIR, "folder"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"),
+             (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"))
+    return next((name for test, name in kinds if test(mode)), "special file")
 
 
 def to_rgb(img: Image.Image, name: str = "<image>") -> Image.Image:

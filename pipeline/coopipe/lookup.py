@@ -122,15 +122,17 @@ def fewshot_index_for(cache_dir: Path, dataset: str, shots: int, seed: int, clip
 
 
 # ---------------------------------------------------------------- models
-def resolve_model(cache_dir: Path, dataset: str, model: str | None, pretrained: str | None, device: str) -> LoadedClip:
-    """The model whose features are cached for ``dataset`` (inferred when not given), loaded."""
+def resolve_model(cache_dir: Path, dataset: str, model: str | None, pretrained: str | None, device: str,
+                  split: str = "train") -> LoadedClip:
+    """The model whose ``split`` features are cached for ``dataset`` (inferred when not given), loaded (zero-shot
+    reads only the test split: it must not ask for train features)."""
     if model is None:
-        model, weights = infer_model(cache_dir, dataset)
+        model, weights = infer_model(cache_dir, dataset, split)
         pretrained = pretrained_for(weights, pretrained)
     elif pretrained is None:
-        stores = [s for s in find_stores(cache_dir, dataset, "train", model=model)]
+        stores = [s for s in find_stores(cache_dir, dataset, split, model=model)]
         if not stores:
-            raise StoreError(f"no {model} train features for {dataset} under {cache_dir}; run `coopipe encode` first")
+            raise StoreError(f"no {model} {split} features for {dataset} under {cache_dir}; run `coopipe encode` first")
         pretrained = pretrained_for(stores[0].provenance["weights"])
     return load_clip(model, pretrained, device=device)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import os
 from pathlib import Path
@@ -48,6 +49,7 @@ class EpochMetricsLog:
         dropped = drop_steps_after(self.dir, start_epoch)
         if dropped:
             logger.info("dvclive: dropped %d row(s) after epoch %d in %s (trained again)", dropped, start_epoch, self.dir)
+        repair_summary(self.dir)
         self._live = Live(dir=str(self.dir), resume=True, save_dvc_exp=False, dvcyaml=None)
 
     def log(self, record: EpochRecord) -> None:
@@ -89,6 +91,40 @@ def drop_steps_after(live_dir: str | os.PathLike[str], last_step: int) -> int:
             removed += len(rows) - len(kept)
             write_text(path, _tsv_text([header, *kept]))
     return removed
+
+
+def repair_summary(live_dir: str | os.PathLike[str]) -> bool:
+    """Rebuild dvclive's ``metrics.json`` from its per-epoch rows when it is empty or truncated; True if rebuilt.
+
+    Why: dvclive writes ``metrics.json`` in place, so a full disk or a kill inside that write leaves it empty, and
+    ``Live(resume=True)`` then fails on every later resume with a bare JSON error naming no file. The rows under
+    ``plots/metrics`` (pruned to the checkpoint's epoch by :func:`drop_steps_after`) hold the same latest values.
+    """
+    path = Path(live_dir) / "metrics.json"
+    if not path.is_file():
+        return False
+    try:
+        if isinstance(json.loads(path.read_text(encoding="utf-8")), dict):
+            return False
+    except (ValueError, UnicodeDecodeError):
+        pass
+    summary: dict[str, Any] = {}
+    step = 0
+    for tsv in sorted((Path(live_dir) / "plots" / "metrics").rglob("*.tsv")):
+        header, rows = _read_tsv(tsv)
+        name = tsv.stem
+        if "step" not in header or name not in header:
+            continue
+        for row in reversed(rows):  # the last complete row (a truncated last line is skipped)
+            try:
+                value, row_step = float(row[header.index(name)]), int(row[header.index("step")])
+            except (IndexError, ValueError):
+                continue
+            summary[name], step = value, max(step, row_step)
+            break
+    write_text(path, json.dumps({**summary, "step": step}, indent=4))
+    logger.warning("dvclive summary %s was empty or truncated: rebuilt from its per-epoch rows (step %d)", path, step)
+    return True
 
 
 def _read_tsv(path: Path) -> tuple[list[str], list[list[str]]]:

@@ -43,6 +43,24 @@ WITHIN_YEARS: tuple[int, ...] = (1, 3, 5)
 KL_TARGET_SCALE = 10.0  # OrdinalCLIP: (one_hot * 10).softmax over the batch
 
 
+def check_ordered_labels(classnames: Sequence[str], dataset: str, method: str) -> None:
+    """Refuse an ordinal method on classes that are not ranks (increasing numbers, such as ages).
+
+    Why: rank prompts interpolate embeddings between neighbouring classes; on unordered classes (EuroSAT's land
+    uses) that order is meaningless and the run would train without complaint on nonsense.
+    """
+    try:
+        values = [float(name) for name in classnames]
+    except ValueError:
+        values = []
+    if len(values) < 2 or any(b <= a for a, b in zip(values, values[1:])):
+        shown = ", ".join(list(classnames)[:3])
+        raise DatasetError(
+            f"--method {method} needs ordered labels (ranks such as ages: class names that are increasing numbers); "
+            f"{dataset}'s classes ({shown}, ...) are not; train coop or cocoop on it, or use an age dataset"
+        )
+
+
 def _array(x: torch.Tensor | np.ndarray | Sequence[float]) -> np.ndarray:
     return (x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)).astype(np.float64)
 

@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from coopipe.atomic import atomic_write
 from coopipe.checkpoint import load_checkpoint
 from coopipe.datasets.common import list_images
 from coopipe.datasets.manifest import read_manifest_paths
@@ -46,6 +47,7 @@ from coopipe.encode import (
     encode_batch,
 )
 from coopipe.engines import build_tower
+from coopipe.hardware import check_device
 from coopipe.errors import (
     CheckpointError,
     DatasetError,
@@ -105,7 +107,7 @@ def resolve_inputs(inputs: Sequence[str | os.PathLike[str]]) -> list[Path]:
             paths.extend(found)
         elif item.is_file() and item.suffix.lower() in MANIFEST_SUFFIXES:
             paths.extend(read_manifest_paths(item))
-        elif item.is_file():
+        elif item.exists():  # a FIFO or device is refused by the decoder, before it is opened
             paths.append(item)
         else:
             raise MissingFileError(f"{item} does not exist; pass image files, folders of images or a CSV/JSON manifest")
@@ -241,6 +243,7 @@ def predict(
         raise ValueError(f"topk must be >= 1, got {topk}")
     if on_bad_image not in BAD_IMAGE_POLICIES:
         raise ValueError(f"on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}")
+    check_device(device)
     head = load_head(run)  # a run's classifier is bound to it by hash, an export's files to its record
     if clip is not None:
         head.check_clip(clip)
@@ -278,17 +281,18 @@ def write_predictions(
     suffix = path.suffix.lower()
     if suffix not in (".csv", ".json"):
         raise ValueError(f"--out {path}: write .csv or .json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     k = max((len(p.labels) for p in predictions), default=1)
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
-        if suffix == ".csv":
-            writer = csv.writer(fh)
-            writer.writerow(["path"] + [f"{c}_{r}" for r in range(1, k + 1) for c in ("label", "prob")])
-            writer.writerows(_rows(predictions, k))
-        else:
-            data = {"run": str(run) if run is not None else None, "predictions": [p.to_dict() for p in predictions]}
-            json.dump(data, fh, indent=1)
-            fh.write("\n")
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+            if suffix == ".csv":
+                writer = csv.writer(fh)
+                writer.writerow(["path"] + [f"{c}_{r}" for r in range(1, k + 1) for c in ("label", "prob")])
+                writer.writerows(_rows(predictions, k))
+            else:
+                data = {"run": str(run) if run is not None else None, "predictions": [p.to_dict() for p in predictions]}
+                json.dump(data, fh, indent=1)
+                fh.write("\n")
+
+    atomic_write(path, write)  # a failed write (full disk, a folder in the way) leaves no temporary file
     return path

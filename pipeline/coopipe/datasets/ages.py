@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 from collections.abc import Sequence
@@ -58,6 +57,7 @@ __all__ = [
 
 AGE_TEMPLATE = "a photo of a {} year old person."
 MIN_AGE, MAX_AGE = 0, 100  # OrdinalCLIP's 101 ranks
+_WHOLE_YEARS = re.compile(r"[+-]?[0-9]+(\.0*)?")
 MORPH_TRAIN_LIST = "ET_proto_train.txt"
 MORPH_VAL_LIST = "ET_proto_val.txt"
 _UTK_NAME = re.compile(r"^([^_]+)_")
@@ -91,14 +91,13 @@ def rank_values(classnames: Sequence[str]) -> np.ndarray:
 
 def parse_age(value: Any, *, min_age: int, max_age: int, where: str) -> int:
     """A whole-year age in ``min_age..max_age`` from ``value`` (str or number); ``where`` names file and line."""
-    text = str(value).strip() if value is not None else ""
-    try:
-        number = float(text)
-    except ValueError:
-        number = math.nan
-    if not text or not math.isfinite(number) or number != int(number):
-        raise DatasetError(f"{where}: age {text!r} is not a whole number of years; fix the label")
-    age = int(number)
+    text = str(value).strip() if value is not None and not isinstance(value, bool) else repr(value)
+    if isinstance(value, float) and value.is_integer():
+        text = str(int(value))  # a JSON 30.0
+    # digits only (``30``, ``30.0``): ``1e1``, ``0x1e``, ``3_0``, ``nan`` or ``30.5`` are not an age in years
+    if not _WHOLE_YEARS.fullmatch(text):
+        raise DatasetError(f"{where}: age {text!r} is not a whole number of years (write digits, e.g. 30); fix the label")
+    age = int(text.split(".")[0])
     if not min_age <= age <= max_age:
         raise DatasetError(
             f"{where}: age {age} is outside the rank range {min_age}..{max_age}; fix the label or widen min_age/max_age"
@@ -158,7 +157,7 @@ def read_age_split_file(path: str | Path, *, min_age: int = MIN_AGE, max_age: in
     if not path.is_file():
         raise MissingFileError(f"age split file {path} not found; pass an existing split file or leave it out")
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw = json.loads(path.read_text(encoding="utf-8"), parse_float=str)  # ages as written: 1e1 stays "1e1"
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DatasetError(f"age split file {path} is not readable JSON ({exc})") from exc
     if not isinstance(raw, dict) or not raw or set(raw) - set(SPLITS):

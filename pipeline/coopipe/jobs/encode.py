@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from coopipe.hardware import check_device
 from coopipe.atomic import write_json
 from coopipe.config import EncodeConfig, ModelSpec, PathsConfig
 from coopipe.datasets import load_dataset
@@ -126,6 +127,7 @@ def run_encode(
                                 identity=identity, options=options)
         if reused is not None:
             return reused
+    check_device(options.device)
     clip = load_clip(model, pretrained, device=options.device)
     results = []
     if plans is None:  # planned after the model loads: bad weights fail before any other message

@@ -35,9 +35,10 @@ from coopipe.checkpoint import Checkpoint, load_checkpoint, load_learner
 from coopipe.datasets.ages import is_age_dataset
 from coopipe.departures import checkpoint_departures, training_record
 from coopipe.errors import CheckpointError, StoreError
-from coopipe.evaluate import classifier_logits, evaluate_predictions
+from coopipe.evaluate import check_finite_logits, classifier_logits, evaluate_predictions
 from coopipe.features import SplitFeatures, read_split, select_store
 from coopipe.learners import predict_logits
+from coopipe.hardware import check_device
 from coopipe.jobs import age_eval
 from coopipe.lookup import checkpoint_pretrained, fewshot_index_for, resolve_model
 from coopipe.models import LoadedClip, load_clip
@@ -77,15 +78,27 @@ def run_eval(
     pretrained: str | None = None,
     device: str = "cpu",
     clip: LoadedClip | None = None,
+    allow_incomplete: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a run folder (or checkpoint) on the ``split`` store; writes ``<run>/metrics.json`` by default.
+
+    A run whose training did not finish (killed, stopped, diverged) is refused: its metrics would read as the
+    run's result and a sweep would take the run as finished. ``allow_incomplete`` evaluates it anyway and
+    marks the metrics ``"incomplete": true`` (a sweep never counts such a file as finished).
 
     ``classes``: ``all``, ``base`` or ``new`` (default: the classes the run was trained on, ``all`` on another
     dataset). ``transfer``: allow a store of another dataset (another class list). ``pretrained`` says where to
     load the weights from when the text encoder is needed and the checkpoint's weights came from a local file
     (or pass the loaded ``clip``).
     """
+    check_device(device)
     ckpt = load_checkpoint(run)
+    if not ckpt.complete and not allow_incomplete:
+        raise CheckpointError(
+            f"run {ckpt.path} is incomplete (trained {ckpt.epoch} of {ckpt.config.max_epoch} epochs: killed, "
+            f"stopped or diverged); re-run the same `coopipe train` to finish it, or pass --allow-incomplete to "
+            f"evaluate it as it is (its metrics are marked incomplete)"
+        )
     record = ckpt.run
     source = ckpt.dataset
     dataset = dataset or source
@@ -116,6 +129,8 @@ def run_eval(
     evaluation = evaluate_predictions(y, logits.argmax(dim=-1), logits.shape[1],
                                       loss=float(F.cross_entropy(logits, y)) if len(y) else None)
     info: dict[str, Any] = {"classes": classes, "train_classes": trained_classes}
+    if not ckpt.complete:
+        info["incomplete"] = True
     if dataset != source:
         info["source_dataset"] = source
     metrics = _metrics(
@@ -148,7 +163,9 @@ def _prompt_logits(ckpt: Checkpoint, test: SplitFeatures, *, clip: LoadedClip | 
     if test.classnames == ckpt.classnames and not ckpt.method.image_conditional:
         classifier = ckpt.classifier()
         text, scale = classifier.text_features, classifier.logit_scale
-        return classifier_logits(text, test.center, scale)
+        logits = classifier_logits(text, test.center, scale)
+        check_finite_logits(logits, scale, f"the classifier of run {ckpt.path}")
+        return logits
     clip = clip or load_clip(ckpt.model, pretrained or checkpoint_pretrained(ckpt), device=device)
     learner = load_learner(ckpt, clip, test.classnames)
     if test.classnames != ckpt.classnames:
@@ -180,7 +197,8 @@ def run_zeroshot(
 
     ``classes='base'|'new'`` evaluates on that half of the classes (written to ``metrics_<classes>.json``).
     """
-    clip = clip or resolve_model(Path(cache_dir), dataset, model, pretrained, device)
+    check_device(device)
+    clip = clip or resolve_model(Path(cache_dir), dataset, model, pretrained, device, split="test")
     if is_age_dataset(dataset) and classes == "all":
         return age_eval.run_age_zeroshot(cache_dir=cache_dir, dataset=dataset, out_dir=out_dir, clip=clip,
                                          ensemble=ensemble, templates=templates)

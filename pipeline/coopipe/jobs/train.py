@@ -39,7 +39,10 @@ from coopipe.checkpoint import (
     save_result,
 )
 from coopipe.errors import CheckpointError, MissingFileError, StoreError, TrainingDivergedError
+from coopipe.hardware import check_device
 from coopipe.locks import exclusive_lock
+from coopipe.option_check import check_interval, check_train_options
+from coopipe.ordinal import check_ordered_labels
 from coopipe.features import read_split, select_store
 from coopipe.models import LoadedClip, sha256_file
 from coopipe.lookup import fewshot_index_for, fewshot_index_path, resolve_model
@@ -195,8 +198,11 @@ def _prepare(
     checkpoint_every: float,
 ) -> _Prepared | dict[str, Any]:
     """Everything before training one run folder; a finished run's summary instead when there is nothing to do."""
-    clip = clip or resolve_model(cache_dir, dataset, model, pretrained, device)
     opts = {k: v for k, v in dict(overrides or {}).items() if v is not None}
+    check_train_options(opts)
+    check_interval(checkpoint_every, "checkpoint_every (--checkpoint-every)")
+    check_device(device)
+    clip = clip or resolve_model(cache_dir, dataset, model, pretrained, device)
     config = TrainConfig.for_method(str(opts.pop("method", "coop")), shots, dataset, seed=seed, **opts)
 
     index = fewshot_index_for(cache_dir, dataset, shots, seed, clip)
@@ -206,6 +212,8 @@ def _prepare(
     train = read_split(train_store, index.train_indices)
     subset = ClassSubset.of(train.classnames, classes)
     train = subset.apply(train)
+    if config.method == "rank":
+        check_ordered_labels(train.classnames, dataset, config.method)
     stores = {"train": train_store}
     val_feats = val_labels = None
     if index.val_indices:

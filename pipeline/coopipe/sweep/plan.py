@@ -22,6 +22,8 @@ and prompt ensembling, and ``ridge`` adds the ridge-regression probe beside the 
 
 from __future__ import annotations
 
+import json
+
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -86,7 +88,19 @@ class RunTask:
         return self.target if self.kind == "transfer" and self.target else self.dataset
 
     def finished(self) -> bool:
-        return all(Path(f).exists() for f in self.done_files)
+        """Every done file exists and none is a metrics file marked incomplete (``eval --allow-incomplete``)."""
+        return all(Path(f).exists() and not marked_incomplete(Path(f)) for f in self.done_files)
+
+
+def marked_incomplete(path: Path) -> bool:
+    """A JSON done file that is unreadable or says ``"incomplete": true``: not a finished result."""
+    if path.suffix != ".json":
+        return False
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return True  # truncated (a full disk at the wrong moment): the run is done again
+    return isinstance(data, dict) and bool(data.get("incomplete", False))
 
 
 @dataclass(frozen=True)

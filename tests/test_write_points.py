@@ -1,0 +1,151 @@
+"""A full disk at every write point of every command that writes: one line naming the path and the fix, exit code 1,
+no temporary file left, and the same command re-run after space is freed gives results equal to an uninterrupted run.
+
+Every file coopipe writes goes through :func:`coopipe.atomic.atomic_write`, which flushes each file with ``fsync``
+before publishing it; the disk is made "full" at the n-th ``fsync`` of a command, for every n the command reaches.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from conftest import make_toy_cache
+from coopipe.cli import app
+from PIL import Image
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+CLASSES = ["cat", "dog", "sea or lake"]
+Command = Callable[[Path], list[str]]
+
+
+@pytest.fixture(scope="module")
+def world(rn50, tmp_path_factory) -> dict[str, Path]:
+    """A toy cache, a trained 2-epoch run, a store and two images: the inputs of every writing command."""
+    torch.set_num_threads(1)
+    base = tmp_path_factory.mktemp("world")
+    cache = make_toy_cache(base / "cache", rn50, CLASSES, {"train": (6, 1), "val": (4, 1), "test": (5, 1)})
+    run = base / "runs" / "toy" / "coop" / "shots2_seed1"
+    for args in (_train_args(cache, run), ["eval", str(run), "--features", str(cache)]):
+        res = CliRunner().invoke(app, args)
+        assert res.exit_code == 0, res.output
+    for i in range(2):
+        Image.new("RGB", (32, 32), (90 * i, 30, 0)).save(base / f"img{i}.png")
+    store = next((cache / "toy").glob("test_*.zarr"))
+    return {"cache": cache, "run": run, "runs": base / "runs", "store": store, "img": base / "img0.png"}
+
+
+def _train_args(cache: Path, out: Path) -> list[str]:
+    return ["train", "--features", str(cache), "--dataset", "toy", "--shots", "2", "--seed", "1", "--out", str(out),
+            "--epochs", "2", "--n-ctx", "2", "--batch-size", "4", "--no-progress", "--checkpoint-every", "0"]
+
+
+def _commands(world: dict[str, Path]) -> dict[str, tuple[Command, Callable[[Path], object]]]:
+    """name -> (arguments writing under a folder, what a finished result is read as)."""
+    def metrics(path: Path) -> object:
+        data = json.loads(path.read_text())
+        return {k: v for k, v in data.items() if k not in ("store",)}
+
+    def train_result(folder: Path) -> object:
+        out = folder / "run"
+        history = json.loads((out / "prompt.json").read_text())["history"]
+        tensors = load_file(out / "classifier.safetensors")  # its metadata names the run folder: compare values
+        return ([{k: v for k, v in h.items() if k != "seconds"} for h in history],
+                {k: v.tolist() for k, v in sorted(tensors.items())})
+
+    def h5(out: Path) -> object:
+        with h5py.File(out / "s.h5", "r") as f:
+            return {k: np.asarray(f[k][:]).tolist() for k in ("features", "labels", "index", "valid")}
+
+    run, cache = world["run"], world["cache"]
+    return {
+        "train": (lambda d: _train_args(cache, d / "run"), train_result),
+        "eval --out": (lambda d: ["eval", str(run), "--features", str(cache), "--out", str(d / "m.json")],
+                       lambda d: metrics(d / "m.json")),
+        "predict --out": (lambda d: ["predict", str(run), str(world["img"]), "--out", str(d / "p.json")],
+                          lambda d: json.loads((d / "p.json").read_text())),
+        "zeroshot": (lambda d: ["zeroshot", "--features", str(cache), "--dataset", "toy", "--out", str(d / "zs")],
+                     lambda d: metrics(d / "zs" / "metrics.json")),
+        "report": (lambda d: ["report", str(world["runs"]), "--out", str(d / "rep")],
+                   lambda d: (d / "rep" / "report.md").read_text()),
+        "cache export": (lambda d: ["cache", "export", str(world["store"]), str(d / "s.h5"), "--overwrite"], h5),
+        "interpret (FAISS index)": (
+            lambda d: ["interpret", str(run), "--cache", str(d / "vocab_cache"), "--no-accuracy", "--json",
+                       str(d / "i.json")],
+            lambda d: {k: v for k, v in json.loads((d / "i.json").read_text()).items() if k != "index"}),
+    }
+
+
+class DiskFull:
+    """``os.fsync`` that raises ENOSPC at its ``fail_at``-th call (0: never) and counts the calls."""
+
+    def __init__(self, fail_at: int) -> None:
+        self.fail_at, self.calls, self._real = fail_at, 0, os.fsync
+
+    def __call__(self, fd: int) -> None:
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self._real(fd)
+
+
+def _leftovers(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if ".tmp" in p.name]
+
+
+@pytest.mark.parametrize("name", ["train", "eval --out", "predict --out", "zeroshot", "report", "cache export",
+                                  "interpret (FAISS index)"])
+def test_a_full_disk_at_each_write_point_is_one_line_and_a_rerun_finishes(world, tmp_path, monkeypatch, name):
+    args, result = _commands(world)[name]
+    runner = CliRunner()
+    clean = tmp_path / "clean"
+    counter = DiskFull(0)
+    monkeypatch.setattr(os, "fsync", counter)
+    res = runner.invoke(app, args(clean))
+    assert res.exit_code == 0, res.output
+    expected, points = result(clean), counter.calls
+    assert points >= 1
+    for n in range(1, points + 1):
+        folder = tmp_path / f"full{n}"
+        monkeypatch.setattr(os, "fsync", DiskFull(n))
+        res = runner.invoke(app, args(folder))
+        lines = res.output.strip().splitlines()
+        assert res.exit_code == 1, (n, res.output)
+        assert "disk is full" in lines[-1] and res.output.count("error:") == 1, (n, res.output)
+        assert not _leftovers(folder) and not _leftovers(world["run"]), n
+        monkeypatch.setattr(os, "fsync", DiskFull(0))
+        res = runner.invoke(app, args(folder))
+        assert res.exit_code == 0, (n, res.output)
+        assert result(folder) == expected, (name, n)
+        shutil.rmtree(folder)
+
+
+def test_a_folder_in_the_way_or_a_name_too_long_is_one_line_and_leaves_no_temporary_file(world, tmp_path):
+    runner = CliRunner()
+    (tmp_path / "p.json").mkdir()
+    (tmp_path / "s.h5").mkdir()
+    cases = {
+        "it is a folder": [
+            ["predict", str(world["run"]), str(world["img"]), "--out", str(tmp_path / "p.json")],
+            ["cache", "export", str(world["store"]), str(tmp_path / "s.h5"), "--overwrite"],
+            ["eval", str(world["run"]), "--features", str(world["cache"]), "--out", str(tmp_path / "p.json")],
+        ],
+        "name is too long": [
+            ["eval", str(world["run"]), "--features", str(world["cache"]), "--out", str(tmp_path / ("m" * 300 + ".json"))],
+        ],
+    }
+    for fix, commands in cases.items():
+        for args in commands:
+            res = runner.invoke(app, args)
+            assert res.exit_code == 1 and fix in res.output and res.output.count("error:") == 1, (args, res.output)
+            assert str(tmp_path) in res.output
+    assert not _leftovers(tmp_path)

@@ -6,7 +6,8 @@ An exported folder holds::
                             CLIP's logit scale and the class names: the whole head, one matrix product
     prompt.safetensors      (CoCoOp) the learned context and Meta-Net: an image-conditional prompt has no fixed
                             matrix; every image needs one pass of CLIP's text tower over all K classes
-    model.onnx              (optional) image tower + head: a preprocessed image batch -> class probabilities
+    model.onnx              (optional) image tower + head (CoCoOp: + Meta-Net and text tower, see
+                            :mod:`coopipe.export_onnx`): a preprocessed image batch -> class probabilities
     export.json             the record: model name, weights identity and how to load them, the text tower's
                             activation, preprocessing, how the training features were encoded (precision, stored
                             dtype), classes, logit scale, method, what inference computes, sha256 of every file
@@ -69,7 +70,8 @@ _CONDITIONAL = (
     "that is added to every learned context vector (ctx); the prompts '[SOS] ctx(x) <class name>. [EOS]' of all K "
     "classes then go through the text tower of the recorded model and weights (token embeddings, transformer, "
     "final layer norm, pooling at [EOS], text projection); logits = exp(logit_scale) * cos(image, class text). "
-    "coopipe predict does all of this; elsewhere, rebuild it with open_clip from the recorded model."
+    "coopipe predict computes it (and model.onnx, when exported with --onnx); elsewhere, rebuild it with open_clip "
+    "from the recorded model."
 )
 
 

@@ -22,6 +22,7 @@ from coopipe.export import CARD_FILE, ONNX_FILE, PROMPT_FILE, RECORD_FILE, expor
 from coopipe.jobs.evaluate import run_eval
 from coopipe.jobs.train import run_train
 from coopipe.predict import predict
+from coopipe.store import find_stores
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -59,7 +60,7 @@ def runs(rn50, tmp_path_factory) -> dict[str, Path]:
         run_train(cache_dir=cache, dataset="toy", shots=2, seed=1, out_dir=run, progress=False, clip=rn50,
                   overrides={"max_epoch": 2, "batch_size": 4, **overrides})
         run_eval(run, cache_dir=cache, clip=rn50)
-        out[name] = run
+        out[name], out[f"{name}_cache"] = run, cache
     return out
 
 
@@ -70,6 +71,8 @@ def test_export_predicts_what_its_run_predicts(runs, images, rn50, tmp_path, met
     from_export = predict(folder, images, topk=3, clip=rn50)
     assert len(from_run) == len(images)
     assert from_export == from_run  # image by image: paths, labels, class indices and probabilities, exactly
+    test_store = find_stores(runs[f"{method}_cache"], "toy", "test")[0].path  # cached features: the same too
+    assert predict(folder, store=test_store, clip=rn50) == predict(runs[method], store=test_store, clip=rn50)
 
     record = json.loads((folder / RECORD_FILE).read_text())
     assert record["model"]["name"] == "RN50" and record["model"]["weights"] == rn50.weights_id

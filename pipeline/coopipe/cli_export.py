@@ -15,7 +15,7 @@ from coopipe.cli_common import errors
 def export(
     run: Annotated[Path, typer.Argument(help="Run folder written by `coopipe train` (finished).")],
     out: Annotated[Path, typer.Argument(help="Folder to write the exported classifier into (new, empty, or an earlier export).")],
-    onnx: Annotated[bool, typer.Option("--onnx", help="Also write model.onnx: image tower + head, preprocessed images -> class probabilities (not for CoCoOp).")] = False,
+    onnx: Annotated[bool, typer.Option("--onnx", help="Also write model.onnx: image tower + head (CoCoOp: + Meta-Net and text tower), preprocessed images -> class probabilities.")] = False,
     pretrained: Annotated[Optional[str], typer.Option(help="Where to load the weights from, if the run's local weights file moved (identity must match).")] = None,
 ) -> None:
     """Export a trained prompt: class weights and logit scale (safetensors), a record, a model card, optionally ONNX."""

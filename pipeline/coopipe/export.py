@@ -6,7 +6,8 @@ An exported folder holds::
                             CLIP's logit scale and the class names: the whole head, one matrix product
     prompt.safetensors      (CoCoOp) the learned context and Meta-Net: an image-conditional prompt has no fixed
                             matrix; every image needs one pass of CLIP's text tower over all K classes
-    model.onnx              (optional) image tower + head: a preprocessed image batch -> class probabilities
+    model.onnx              (optional) image tower + head (CoCoOp: + Meta-Net and text tower, see
+                            :mod:`coopipe.export_onnx`): a preprocessed image batch -> class probabilities
     export.json             the record: model name, weights identity and how to load them, the text tower's
                             activation, preprocessing, how the training features were encoded (precision, stored
                             dtype), classes, logit scale, method, what inference computes, sha256 of every file
@@ -39,12 +40,11 @@ import coopipe
 from coopipe.atomic import atomic_write, write_json, write_text
 from coopipe.checkpoint import CLASSIFIER_FILE, Checkpoint, export_classifier, load_checkpoint, load_classifier
 from coopipe.errors import CheckpointError, MissingFileError, ParamsError
-from coopipe.head import TEXT_PATH_OPTIONS, Head, ImagePrompt, head_of_checkpoint, run_encoding
-from coopipe.lookup import checkpoint_pretrained
+from coopipe.head import TEXT_PATH_OPTIONS, Head, ImagePrompt, head_of_run
 from coopipe.method import MethodSpec
 from coopipe.model_card import model_card
 from coopipe.model_support import text_activation
-from coopipe.models import LoadedClip, load_clip, open_clip_version, sha256_file
+from coopipe.models import LoadedClip, open_clip_version, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,8 @@ _CONDITIONAL = (
     "that is added to every learned context vector (ctx); the prompts '[SOS] ctx(x) <class name>. [EOS]' of all K "
     "classes then go through the text tower of the recorded model and weights (token embeddings, transformer, "
     "final layer norm, pooling at [EOS], text projection); logits = exp(logit_scale) * cos(image, class text). "
-    "coopipe predict does all of this; elsewhere, rebuild it with open_clip from the recorded model."
+    "coopipe predict computes it (and model.onnx, when exported with --onnx); elsewhere, rebuild it with open_clip "
+    "from the recorded model."
 )
 
 
@@ -85,16 +86,6 @@ def is_export(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` is an exported folder (holds ``export.json``) rather than a run folder."""
     path = Path(path)
     return (path / RECORD_FILE).is_file() or (path.name == RECORD_FILE and path.is_file())
-
-
-def _pretrained_hint(ckpt: Checkpoint, pretrained: str | None) -> str | None:
-    """How the run's weights load again (a tag, ``none``, a file), or None when its local file is gone."""
-    if pretrained:
-        return pretrained
-    try:
-        return checkpoint_pretrained(ckpt)
-    except CheckpointError:
-        return None
 
 
 def _run_metrics(ckpt: Checkpoint) -> dict[str, dict[str, Any]]:
@@ -142,17 +133,9 @@ def export_run(
             f"run {ckpt.path} is not finished (epoch {ckpt.epoch} of {ckpt.meta.get('max_epoch')}); finish it with "
             f"`coopipe train` (same options) before exporting"
         )
-    hint = _pretrained_hint(ckpt, pretrained)
-    if clip is None:
-        if hint is None:
-            raise CheckpointError(
-                f"run {ckpt.path} was trained with weights from a local file ({ckpt.weights}) that it cannot locate; "
-                f"pass the file with --pretrained PATH"
-            )
-        clip = load_clip(ckpt.model, hint, device=device)
-    ckpt.check_clip(clip)
-    precision, dtype = run_encoding(ckpt)
-    head = head_of_checkpoint(ckpt, pretrained=hint, precision=precision, dtype=dtype)
+    head = head_of_run(ckpt, pretrained)
+    clip = clip or head.load_model(device=device)
+    head.check_clip(clip)
     spec = ckpt.method
     out.mkdir(parents=True, exist_ok=True)
     (out / RECORD_FILE).unlink(missing_ok=True)  # a re-export: the folder is no export until its record is back

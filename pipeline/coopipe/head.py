@@ -23,14 +23,15 @@ from coopipe.encode import EncodeOptions
 from coopipe.errors import CheckpointError, StoreError
 from coopipe.evaluate import check_finite_logits, classifier_logits
 from coopipe.learners import predict_logits, restore_learner
+from coopipe.lookup import checkpoint_pretrained
 from coopipe.method import MethodSpec
-from coopipe.models import LoadedClip
+from coopipe.models import LoadedClip, load_clip
 from coopipe.store import open_store
 from coopipe.text_encoder import PromptTextEncoder
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TEXT_PATH_OPTIONS", "Head", "ImagePrompt", "head_of_checkpoint", "run_encoding", "text_path_options"]
+__all__ = ["TEXT_PATH_OPTIONS", "Head", "ImagePrompt", "head_of_checkpoint", "head_of_run", "run_encoding", "text_path_options"]
 
 # the text-path options of a training config that change how a prompt's text features are computed
 TEXT_PATH_OPTIONS = ("cut", "share_prefix", "class_chunk", "checkpoint_chunks", "autocast_bf16")
@@ -99,6 +100,18 @@ class Head:
                 f"load its model and weights"
             )
 
+    def load_model(self, pretrained: str | None = None, device: str = "cpu") -> LoadedClip:
+        """The model and weights the prompt was trained with (``pretrained``: where from, if not as recorded)."""
+        where = pretrained or self.pretrained
+        if where is None:
+            raise CheckpointError(
+                f"{self.path} was trained with weights from a local file ({self.weights}) that it cannot locate; "
+                f"pass the file with --pretrained PATH"
+            )
+        clip = load_clip(self.model, where, device=device)
+        self.check_clip(clip)
+        return clip
+
     def logits(self, features: np.ndarray | torch.Tensor, clip: LoadedClip | None = None) -> torch.Tensor:
         """Logits (N, K) CPU float32 of raw image features (N, D); an image-conditional prompt needs ``clip``."""
         if self.classifier is not None:
@@ -130,3 +143,16 @@ def head_of_checkpoint(ckpt: Checkpoint, *, pretrained: str | None, precision: s
     if not ckpt.complete:
         logger.warning("run %s is not finished (epoch %d): predicting with its last checkpoint", ckpt.path, ckpt.epoch)
     return Head(prompt=ImagePrompt(spec, ckpt.learner_tensors, text_path_options(ckpt)), **common)
+
+
+def head_of_run(ckpt: Checkpoint, pretrained: str | None = None) -> Head:
+    """:func:`head_of_checkpoint` with the run's own encoding and how its weights load again (``pretrained`` if
+    given; None when the run's local weights file moved: :meth:`Head.load_model` then asks for it)."""
+    hint = pretrained
+    if hint is None:
+        try:
+            hint = checkpoint_pretrained(ckpt)
+        except CheckpointError:
+            hint = None
+    precision, dtype = run_encoding(ckpt)
+    return head_of_checkpoint(ckpt, pretrained=hint, precision=precision, dtype=dtype)

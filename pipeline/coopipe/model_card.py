@@ -177,7 +177,9 @@ def model_card(record: Mapping[str, Any], metrics: Mapping[str, Mapping[str, Any
         lines += [
             "",
             "Without PyTorch: `model.onnx` maps a preprocessed float32 batch `x` (B, 3, S, S) to class "
-            "probabilities `probs` (B, K), image tower at fp32:",
+            "probabilities `probs` (B, K), image tower at fp32"
+            + (" (with the Meta-Net and the text tower: K prompts per image)" if record["image_conditional"] else "")
+            + ":",
             "",
             "```python",
             "import onnxruntime",

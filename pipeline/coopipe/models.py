@@ -92,7 +92,7 @@ class ClipIdentity:
 def is_conv_model(model_name: str) -> bool:
     """Whether open_clip's ``model_name`` has a non-transformer image tower (ModifiedResNet or timm), from its config
     alone: the same answer as ``not hasattr(model.visual, "transformer")`` on the built model."""
-    config = import_open_clip().get_model_config(model_name) or {}
+    config = model_config(model_name) or {}
     vision = config.get("vision_cfg", {})
     return isinstance(vision.get("layers"), (list, tuple)) or bool(vision.get("timm_model_name"))
 

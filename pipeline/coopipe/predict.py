@@ -55,9 +55,8 @@ from coopipe.errors import (
     StoreError,
 )
 from coopipe.export import is_export, load_export
-from coopipe.head import Head, head_of_checkpoint, run_encoding
-from coopipe.lookup import checkpoint_pretrained
-from coopipe.models import LoadedClip, load_clip
+from coopipe.head import Head, head_of_run
+from coopipe.models import LoadedClip
 from coopipe.store import open_store
 from coopipe.views import ViewSpec
 
@@ -181,27 +180,7 @@ def _store_features(path: str | os.PathLike[str], head: Head) -> tuple[list[str]
 # ---------------------------------------------------------------- prediction
 def load_head(source: str | os.PathLike[str]) -> Head:
     """The head of a run folder (its exported classifier, or CoCoOp's prompt) or of an exported folder."""
-    if is_export(source):
-        return load_export(source)
-    ckpt = load_checkpoint(source)
-    try:
-        hint: str | None = checkpoint_pretrained(ckpt)
-    except CheckpointError:
-        hint = None  # a local weights file that moved: --pretrained says where (checked when loading)
-    precision, dtype = run_encoding(ckpt)
-    return head_of_checkpoint(ckpt, pretrained=hint, precision=precision, dtype=dtype)
-
-
-def _load_model(head: Head, pretrained: str | None, device: str) -> LoadedClip:
-    where = pretrained or head.pretrained
-    if where is None:
-        raise CheckpointError(
-            f"{head.path} was trained with weights from a local file ({head.weights}) that it cannot locate; "
-            f"pass the file with --pretrained PATH"
-        )
-    clip = load_clip(head.model, where, device=device)
-    head.check_clip(clip)
-    return clip
+    return load_export(source) if is_export(source) else head_of_run(load_checkpoint(source))
 
 
 def top_k(logits: torch.Tensor, classnames: Sequence[str], paths: Sequence[str], k: int) -> list[Prediction]:
@@ -252,12 +231,12 @@ def predict(
             raise ValueError("give either images or a store, not both")
         paths, feats = _store_features(store, head)
         if head.image_conditional:  # the text tower runs for every image
-            clip = clip or _load_model(head, pretrained, device)
+            clip = clip or head.load_model(pretrained, device)
         return top_k(head.logits(feats, clip), head.classnames, paths, topk)
     files = resolve_inputs(inputs)
     options = EncodeOptions(batch_size=batch_size, num_workers=num_workers, precision=precision or head.precision,
                             dtype=head.dtype, on_bad_image=on_bad_image, device=device, progress=progress)
-    clip = clip or _load_model(head, pretrained, device)
+    clip = clip or head.load_model(pretrained, device)
     kept, feats = encode_images(clip, files, options, progress=progress)
     if len(kept) < len(files):
         logger.warning("%d of %d image(s) were unreadable and skipped", len(files) - len(kept), len(files))

@@ -107,6 +107,11 @@ def weights_slug(weights_id: str) -> str:
         return _slug(f"sha256-{rest[:10]}")
     if kind == "random-init":
         return "random"
+    if kind == "local-dir":  # local-dir:<file>@sha256:<hex>
+        return f"sha256-{rest.rpartition(':')[2][:10]}"
+    if kind == "hf-hub":  # hf-hub:<org>/<repo>@<revision>
+        repo, _, revision = rest.partition("@")
+        return _slug(f"{repo.split('/')[-1]}-{revision[:10]}")
     return _slug(rest.split("/")[-1] if "/" in rest else rest)
 
 

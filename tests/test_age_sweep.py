@@ -48,6 +48,7 @@ def test_age_plan_defaults(faces: Path) -> None:
         plan_sweep(SweepSpec(datasets=("eurosat",), ridge=True, encode=False))
 
 
+@pytest.mark.slow  # encodes 60 faces and runs 7 methods: about 80 s on 2 cores
 def test_age_sweep_end_to_end(faces: Path, tmp_path: Path) -> None:
     runs, cache = tmp_path / "runs", tmp_path / "cache"
     res = CliRunner().invoke(app, [

@@ -15,6 +15,8 @@ SLOW = {
     "fault/test_kill_loop.py::test_encode_killed_at_random_points_resumes_to_the_same_store",
     "fault/test_kill_loop.py::test_train_killed_at_random_points_resumes_bitwise",
     "test_age_sweep.py::test_age_sweep_end_to_end",
+    "test_dvc_pipeline.py::test_main_job_then_tests_on_one_clone",
+    "test_dvc_pipeline.py::test_two_experiments_compare",
     "test_encode.py::test_dask_local_cluster_equals_in_process",
     "test_sweep.py::test_killed_sweep_reruns_only_missing_runs",
     "test_sweep.py::test_local_cluster_of_two_workers_matches_one_by_one",

@@ -80,14 +80,13 @@ def reuse_finished(
     identity: ClipIdentity,
     options: EncodeOptions,
 ) -> list[EncodeResult] | None:
-    """One reused result per ``(split, positions, views, subset_note)`` plan when every store is complete and
+    """One reused result per ``(split, positions, views)`` plan when every store is complete and
     intact, else None (then nothing was reused and the caller encodes as usual)."""
     started = time.perf_counter()
     resolved = options.resolved(identity)
     results = []
-    for split, positions, views, note in plans:
-        provenance = build_provenance(dataset, split, identity, views, positions=positions, options=resolved,
-                                      subset_note=note)
+    for split, positions, views in plans:
+        provenance = build_provenance(dataset, split, identity, views, positions=positions, options=resolved)
         done = complete_store(store_path(cache_dir, provenance), provenance, started)
         if done is None:
             return None

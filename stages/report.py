@@ -32,8 +32,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     p = load_params(args.params)
     runs = Path(args.runs or p.paths.runs)
     out = Path(args.out) if args.out else runs / "report"
-    if args.show:
-        sys.stdout.write((out / FILES["headline"]).read_text(encoding="utf-8"))
+    if args.show:  # after `dvc repro`: the numbers and where the report is (nothing before a first report)
+        headline = out / FILES["headline"]
+        if headline.is_file():
+            sys.stdout.write(headline.read_text(encoding="utf-8"))
         return
     run_reports(runs, out_dir=out, gain_method=p.report.gain_method, gain_shots=p.report.gain_shots)
     if args.curves:

@@ -74,7 +74,7 @@ def cached_identity(dataset_folder: Path, model: str, pretrained: str) -> ClipId
 
 def reuse_finished(
     dataset: Dataset,
-    plans: Sequence[tuple[str, Sequence[int] | None, ViewSpec, Mapping | None]],
+    plans: Sequence[tuple[str, Sequence[int] | None, ViewSpec]],
     *,
     cache_dir: str | Path,
     identity: ClipIdentity,

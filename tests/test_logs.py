@@ -1,0 +1,55 @@
+"""Output a person can read: log lines above progress bars, library warnings through logging, open_clip's
+root-logger noise filtered (in the CLI and in sweep workers)."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import warnings
+
+import pytest
+from tqdm import tqdm
+
+from coopipe.logs import route_worker_logging, setup_logging
+
+
+@pytest.fixture()
+def root_logging():
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    yield
+    root.handlers[:], level = saved
+    root.setLevel(level)
+    logging.captureWarnings(False)
+
+
+def _own_line(err: str, text: str) -> str:
+    """What the terminal shows on the line holding ``text``: the part after the last carriage return."""
+    line = next(li for li in err.split("\n") if text in li)
+    return line.split("\r")[-1]
+
+
+def test_log_lines_and_warnings_are_written_above_the_bars(root_logging, capsys):
+    setup_logging("INFO")
+    with tqdm(total=4, desc="encode", file=sys.stderr, mininterval=0) as bar:
+        bar.update(1)
+        logging.getLogger("coopipe.models").warning("random weights")
+        warnings.warn("a library's warning", UserWarning, stacklevel=1)
+        logging.getLogger().warning("No pretrained weights loaded for model 'RN50'")  # open_clip, via the root
+        bar.update(1)
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"\d\d:\d\d:\d\d WARNING coopipe\.models: random weights", _own_line(err, "random weights"))
+    assert re.match(r"\d\d:\d\d:\d\d WARNING py\.warnings: .*a library's warning", _own_line(err, "library's warning"))
+    assert "No pretrained weights" not in err
+
+
+def test_a_worker_without_handlers_filters_open_clip_and_keeps_info_out(root_logging, capsys):
+    logging.getLogger().handlers[:] = []
+    route_worker_logging()
+    logging.getLogger().warning("No pretrained weights loaded for model 'RN50'")
+    logging.getLogger("coopipe.train").info("epoch 1")
+    logging.getLogger("coopipe.train").warning("diverged")
+    err = capsys.readouterr().err
+    assert "WARNING:root" not in err and "No pretrained" not in err and "epoch 1" not in err
+    assert "WARNING coopipe.train: diverged" in err

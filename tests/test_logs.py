@@ -53,3 +53,20 @@ def test_a_worker_without_handlers_filters_open_clip_and_keeps_info_out(root_log
     err = capsys.readouterr().err
     assert "WARNING:root" not in err and "No pretrained" not in err and "epoch 1" not in err
     assert "WARNING coopipe.train: diverged" in err
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_run_whose_epochs_never_leave_the_warm_up_says_so(rn50, tmp_path, caplog):
+    from conftest import make_toy_cache
+
+    from coopipe.jobs.train import run_train
+
+    cache = make_toy_cache(tmp_path / "cache", rn50, ["cat", "dog"], {"train": (4, 2)})
+    kwargs = dict(cache_dir=cache, dataset="toy", shots=2, seed=1, progress=False, clip=rn50)
+    with caplog.at_level(logging.WARNING, logger="coopipe"):
+        run_train(out_dir=tmp_path / "one", overrides={"max_epoch": 1, "n_ctx": 2}, **kwargs)
+    assert "all of them warm-up" in caplog.text and "1e-05" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="coopipe"):
+        run_train(out_dir=tmp_path / "two", overrides={"max_epoch": 2, "n_ctx": 2}, **kwargs)
+    assert "warm-up" not in caplog.text

@@ -197,6 +197,9 @@ def _prepare(
     clip = clip or resolve_model(cache_dir, dataset, model, pretrained, device)
     opts = {k: v for k, v in dict(overrides or {}).items() if v is not None}
     config = TrainConfig.for_method(str(opts.pop("method", "coop")), shots, dataset, seed=seed, **opts)
+    if 0 < config.max_epoch <= config.warmup_epoch:
+        logger.warning("%d epoch(s), all of them warm-up: the run trains at the warm-up learning rate %g only, never at "
+                       "lr %g; train more epochs or set warmup_epoch 0", config.max_epoch, config.warmup_lr, config.lr)
 
     index = fewshot_index_for(cache_dir, dataset, shots, seed, clip)
     train_store = select_store(cache_dir, dataset, "train", model=clip.name, weights=clip.weights_id,

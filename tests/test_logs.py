@@ -70,3 +70,18 @@ def test_a_run_whose_epochs_never_leave_the_warm_up_says_so(rn50, tmp_path, capl
     with caplog.at_level(logging.WARNING, logger="coopipe"):
         run_train(out_dir=tmp_path / "two", overrides={"max_epoch": 2, "n_ctx": 2}, **kwargs)
     assert "warm-up" not in caplog.text
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_training_progress_counts_steps_inside_epochs(rn50, tmp_path, capsys):
+    """A long epoch (CoCoOp's batch 1: hundreds of steps) shows rate and ETA as it goes, not 0/1 epochs."""
+    from conftest import make_toy_cache
+
+    from coopipe.jobs.train import run_train
+
+    cache = make_toy_cache(tmp_path / "cache", rn50, ["cat", "dog"], {"train": (4, 2)})
+    run_train(cache_dir=cache, dataset="toy", shots=4, seed=1, progress=True, clip=rn50, out_dir=tmp_path / "run",
+              overrides={"max_epoch": 2, "n_ctx": 2, "batch_size": 2})
+    err = capsys.readouterr().err
+    assert "8/8" in err and ("step/s" in err or "s/step" in err)  # 4 steps per epoch x 2 epochs, with a rate
+    assert "epoch=2/2" in err

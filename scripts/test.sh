@@ -1,7 +1,14 @@
 #!/usr/bin/env bash
-# Run the test suite (creating .venv first if needed). Extra arguments go to pytest.
+# Run the tests (creating .venv first if needed). Two tiers:
+#   bash scripts/test.sh          the fast tier: every test not marked `slow` (run it after each change)
+#   bash scripts/test.sh --all    everything, the slow tests too, with the 25 slowest listed (what .ci/run runs)
+# Other arguments go to pytest, e.g. `bash scripts/test.sh tests/test_report.py -x`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 export HF_HUB_OFFLINE=1 DVC_NO_ANALYTICS=1 PYTHONHASHSEED=0
-exec .venv/bin/python -m pytest "$@"
+if [[ ${1:-} == --all ]]; then
+  shift
+  exec .venv/bin/python -m pytest -q --durations=25 "$@"
+fi
+exec .venv/bin/python -m pytest -m "not slow" "$@"

@@ -1,4 +1,5 @@
-"""Shared fixtures: the real data in ../shared/data (skipped when absent unless COOPIPE_REQUIRE_DATA=1)."""
+"""Shared fixtures: the real data in ../shared/data (skipped when absent unless COOPIPE_REQUIRE_DATA=1), and the
+session's check that no process outlives the suite."""
 
 from __future__ import annotations
 
@@ -8,8 +9,31 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from leftovers import adopt_orphans, describe, kill_all, leftover_processes
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# The real data: ../shared/data beside the repository, or wherever COOPIPE_TEST_DATA points (a checkout elsewhere).
+SHARED_DATA = Path(os.environ.get("COOPIPE_TEST_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
+
+
+def pytest_configure(config) -> None:
+    """Adopt orphaned descendants, so that the session-end check sees a process whose parent was killed."""
+    adopt_orphans()
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    """Fail the run if any process a test started (or its children) is still alive: a leak costs the next user
+    memory and CPU (kill loops used to leave decode workers holding 256 MB each)."""
+    leftovers = leftover_processes()
+    if not leftovers:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    lines = [f"{len(leftovers)} process(es) outlived the test session (now killed):",
+             *(f"  {describe(p)}" for p in leftovers)]
+    if reporter is not None:
+        for line in lines:
+            reporter.write_line(line, red=True)
+    kill_all(leftovers)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def require_data(path: Path, what: str) -> Path:

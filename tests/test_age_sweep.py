@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from coopipe.cli import app
 from coopipe.method import MethodSpec
+from coopipe.safe_names import is_safe_name, safe_name
 from coopipe.sweep import SweepSpec, parse_variant, plan_sweep
 from coopipe.sweep.plan import AGE_INIT_WORDS, AGE_METHODS, RunSettings
 from typer.testing import CliRunner
@@ -39,6 +40,9 @@ def test_age_plan_defaults(faces: Path) -> None:
     assert labels == {"coop_init-age-estimation:-the-age-of-the-person-is", "cocoop", "rank"}
     assert parse_variant("coop_age") == MethodSpec(ctx_init=AGE_INIT_WORDS)
     runs = {str(Path(t.run_dir).relative_to("r")) for t in plan.tasks}
+    unsafe = [r for r in runs if not all(is_safe_name(part) for part in Path(r).parts)]
+    assert not unsafe, f"run folders with characters unsafe in file names or shells: {unsafe}"
+    labels = {safe_name(label) for label in labels}  # the folders: "coop_init-age-estimation-the-age-..."
     for label in [*labels, "linear_probe", "ridge"]:
         assert {f"utkface/{label}/shots{k}_seed{s}" for k in (1, 4) for s in (1, 2)} <= runs
     assert {"utkface/zeroshot", "utkface/zeroshot_ensemble"} <= runs
@@ -48,6 +52,7 @@ def test_age_plan_defaults(faces: Path) -> None:
         plan_sweep(SweepSpec(datasets=("eurosat",), ridge=True, encode=False))
 
 
+@pytest.mark.slow  # encodes 60 faces and runs 7 methods: about 80 s on 2 cores
 def test_age_sweep_end_to_end(faces: Path, tmp_path: Path) -> None:
     runs, cache = tmp_path / "runs", tmp_path / "cache"
     res = CliRunner().invoke(app, [
@@ -58,7 +63,9 @@ def test_age_sweep_end_to_end(faces: Path, tmp_path: Path) -> None:
     ])
     assert res.exit_code == 0, res.output
     assert "failed" not in res.output.replace("0 failed", "")
-    coop = "coop_init-age-estimation:-the-age-of-the-person-is"
+    unsafe = [str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if not is_safe_name(p.name)]
+    assert not unsafe, f"names the sweep wrote with characters unsafe in file names or shells: {unsafe[:10]}"
+    coop = "coop_init-age-estimation-the-age-of-the-person-is"  # the label's ':' is not in the folder's name
     for label in (coop, "rank", "ridge"):
         for k in (1, 2):
             data = json.loads((runs / "utkface" / label / f"shots{k}_seed1" / "metrics.json").read_text())

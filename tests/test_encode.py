@@ -150,6 +150,7 @@ def test_kill_and_resume(fp32_store, eurosat, eurosat_root, rn50, tmp_path):
     np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
 
 
+@pytest.mark.slow  # a 2-process LocalCluster, each worker loading RN50: about 45 s on 2 cores
 def test_dask_local_cluster_equals_in_process(fp32_store, eurosat, rn50, tmp_path):
     from distributed import LocalCluster
 

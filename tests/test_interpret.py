@@ -119,6 +119,12 @@ def test_trained_csc_projection_differs_and_reports(rn50, indices):
     table = format_table(result)
     assert "class 'forest'" in table and "class 'sea lake'" in table and "nearest-word prompt" in table
     assert "test accuracy (30 images)" in table
+    # the two accuracies under labels that cannot be confused; word pieces spaced, their mark explained
+    assert "learned context (the trained vectors):" in table and "nearest tokens (each vector replaced" in table
+    pieces = [s.nearest for c in result.contexts for s in c.slots if not s.nearest.end_of_word]
+    assert ("marks a word piece" in table) == bool(pieces)
+    for reading in result.contexts:
+        assert reading.tokens_template.split()[:3] == [s.nearest.display for s in reading.slots]
     data = result.to_dict()
     assert [c["class"] for c in data["contexts"]] == CLASSES[:2]
     assert data["variant"] == {"n_ctx": 3, "ctx_init": None, "csc": True, "class_token_position": "end"}

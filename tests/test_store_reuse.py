@@ -76,3 +76,17 @@ def test_noop_rerun_builds_no_model_and_anything_else_does(folder, tmp_path, rn5
     repaired = run_encode(**_kw(folder, cache))
     assert [r.path for r in repaired] == [r.path for r in first]
     open_store(train, checksums=True)  # intact again
+
+
+def test_a_store_is_keyed_by_its_rows_not_by_the_shots_that_asked(folder, tmp_path, monkeypatch) -> None:
+    """Few-shot draws are nested (the 1-shot draw is a prefix of the 2-shot one), so shots ``[2]`` and ``[1, 2]``
+    select the same rows (as ``[1, 16]`` and ``[1, 2, 4, 8, 16]`` do): the second request encodes nothing."""
+    cache = tmp_path / "cache"
+    first = run_encode(**{**_kw(folder, cache), "shots": (2,)})
+    assert not any(r.reused for r in first)
+    monkeypatch.setattr(encode_job, "load_clip", _refuse_model)  # encoding anything would need the model
+    again = run_encode(**{**_kw(folder, cache), "shots": (1, 2)})
+    assert all(r.reused and r.encoded_rows == 0 for r in again)
+    assert [r.path for r in again] == [r.path for r in first]
+    train = open_store(next(r.path for r in first if r.path.name.startswith("train_")))
+    assert set(train.provenance["rows"]) == {"count", "sha256"}  # the rows, and nothing about how they were asked

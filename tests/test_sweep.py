@@ -95,6 +95,7 @@ def _metrics(runs: Path) -> dict[str, dict]:
             for p in metrics_files(runs, "metrics.json")}
 
 
+@pytest.mark.slow  # a LocalCluster of 2 worker processes, each loading RN50: about 45 s on 2 cores
 def test_local_cluster_of_two_workers_matches_one_by_one(small, tmp_path: Path):
     _, cache = small
     spec: dict = {"shots": (1, 2), "seeds": (1,), "zeroshot": True}

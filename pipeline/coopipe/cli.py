@@ -63,7 +63,7 @@ def encode(
     batch_size: Annotated[int, typer.Option(help="Model batch size (images x views).")] = _ENC_OPTS.batch_size,
     workers: Annotated[int, typer.Option(help="Decoding worker processes.")] = _ENC_OPTS.num_workers,
     precision: Annotated[str, typer.Option(help="auto (bf16 where the CPU/GPU computes bf16 natively, fp16 on older CUDA, else fp32; the resolved choice is logged and recorded in the store), bf16, fp16 or fp32.")] = _ENC_OPTS.precision,
-    engine: Annotated[str, typer.Option(help="Image-tower engine: auto (ONNX Runtime for fp32 on the CPU where `pip install 'coopipe[onnx]'` put it, else eager; the engine that ran is recorded in the store), eager or onnxruntime.")] = _ENC_OPTS.engine,
+    engine: Annotated[str, typer.Option(help="Image-tower engine: auto (ONNX Runtime for fp32 on the CPU where `pip install 'coopipe\\[onnx]'` put it, else eager; the engine that ran is recorded in the store), eager or onnxruntime.")] = _ENC_OPTS.engine,
     dtype: Annotated[str, typer.Option(help="Stored feature dtype: float16 or float32.")] = _ENC_OPTS.dtype,
     chunk_rows: Annotated[int, typer.Option(help="Rows per zarr chunk (the resume granularity).")] = _ENC_OPTS.chunk_rows,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = _ENC_OPTS.device,

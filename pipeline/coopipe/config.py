@@ -15,10 +15,13 @@ __all__ = ["EncodeConfig", "FewShotConfig", "InterpretConfig", "ModelSpec", "Pat
 
 @dataclass(frozen=True)
 class PathsConfig:
-    """Where feature stores and run folders live (relative to the working directory)."""
+    """Where feature stores, run folders and the pipeline's tracked results live (relative to the working
+    directory). ``metrics`` is small and kept in git (scores and training curves of the DVC pipeline): a DVC
+    experiment commits it, so `dvc exp show`/`exp diff`/`plots diff` can compare experiments; ``runs`` is not."""
 
     cache: str = "cache"
     runs: str = "runs"
+    metrics: str = "metrics"
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -138,15 +139,13 @@ class EncodeResult:
         return self.encoded_rows / self.seconds if self.seconds > 0 else 0.0
 
 
-def rows_descriptor(positions: Sequence[int] | None, n_split: int, note: Mapping | None = None) -> Any:
-    """Provenance of which split rows a store holds: ``"all"`` or a count + hash of the positions."""
+def rows_descriptor(positions: Sequence[int] | None, n_split: int) -> Any:
+    """Provenance of which split rows a store holds: ``"all"`` or a count + hash of the positions. Only the rows:
+    two requests that select the same rows (few-shot draws are nested) get the same store."""
     if positions is None:
         return "all"
     arr = np.asarray(positions, dtype=np.int64)
-    desc: dict[str, Any] = {"count": int(arr.size), "sha256": hashlib.sha256(arr.tobytes()).hexdigest()[:16]}
-    if note:
-        desc.update(note)
-    return desc
+    return {"count": int(arr.size), "sha256": hashlib.sha256(arr.tobytes()).hexdigest()[:16]}
 
 
 def build_provenance(
@@ -157,7 +156,6 @@ def build_provenance(
     *,
     positions: Sequence[int] | None,
     options: EncodeOptions,
-    subset_note: Mapping | None = None,
 ) -> dict[str, Any]:
     """The inputs that determine a store's content (keyed) plus versions (recorded only).
 
@@ -172,7 +170,7 @@ def build_provenance(
         "file_list_sha256": dataset.file_list_hash(split),
         "n_split": n_split,
         "classnames": list(dataset.classnames),
-        "rows": rows_descriptor(positions, n_split, subset_note),
+        "rows": rows_descriptor(positions, n_split),
         "model": clip.name,
         "weights": clip.weights_id,
         "preprocess": clip.preprocess.to_dict(),
@@ -238,8 +236,13 @@ def _collate(items: list[tuple[int, torch.Tensor | None, str]]) -> DecodedBatch:
     )
 
 
-def _worker_init(_: int) -> None:
-    die_with_parent()  # an orphaned worker would keep the store's lock (inherited) after a killed encode
+def worker_init(parent_pid: int) -> Callable[[int], None]:
+    """The DataLoader's ``worker_init_fn`` for a loader made in process ``parent_pid`` (``os.getpid()`` there)."""
+    return partial(_worker_init, parent_pid)
+
+
+def _worker_init(parent_pid: int, _: int) -> None:
+    die_with_parent(parent_pid)  # a killed encode must not leave its decode workers behind
     torch.set_num_threads(1)  # decoding is single-threaded PIL work; leave the cores to the model
     try:
         os.nice(_WORKER_NICE)  # run in the model's idle moments rather than preempting one of its threads
@@ -311,7 +314,7 @@ def _encode_rows(
         sampler=rows,
         num_workers=workers,
         collate_fn=_collate,
-        worker_init_fn=_worker_init if workers else None,
+        worker_init_fn=worker_init(os.getpid()) if workers else None,
         prefetch_factor=4 if workers else None,
         persistent_workers=False,
     )
@@ -361,7 +364,6 @@ def encode_split(
     pretrained: str = "none",
     views: ViewSpec = ViewSpec(),
     positions: Sequence[int] | None = None,
-    subset_note: Mapping | None = None,
     options: EncodeOptions = EncodeOptions(),
     scheduler: str | None = None,
     clip: LoadedClip | None = None,
@@ -384,7 +386,7 @@ def encode_split(
     options = options.resolved(clip)
 
     def provenance_of(opts: EncodeOptions) -> dict[str, Any]:
-        return build_provenance(dataset, split, clip, views, positions=positions, options=opts, subset_note=subset_note)
+        return build_provenance(dataset, split, clip, views, positions=positions, options=opts)
 
     provenance = provenance_of(options)
     path = store_path(cache_dir, provenance)

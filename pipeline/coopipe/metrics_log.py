@@ -10,7 +10,7 @@ Steps are epochs: step N holds epoch N (1 = the first), the numbering of ``histo
 A resumed run continues the same count: the logger is opened with ``Live(resume=True)`` and the rows of epochs
 after the checkpoint it resumes from (logged before a kill, trained again now) are dropped first, so no step
 appears twice. No DVC experiment is saved and no ``dvc.yaml`` is written (``save_dvc_exp=False,
-dvcyaml=None``): the project's ``dvc.yaml`` declares these files itself.
+dvcyaml=None``): the DVC pipeline tracks the report's copy of the curves (``metrics/training``) instead.
 """
 
 from __future__ import annotations

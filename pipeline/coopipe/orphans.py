@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import multiprocessing
 import os
 import signal
 import sys
@@ -21,8 +20,8 @@ logger = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
-def die_with_parent() -> None:
-    """Ask the kernel to SIGKILL this process when its parent dies (call first thing in a worker)."""
+def die_with_parent(parent_pid: int) -> None:
+    """Ask the kernel to SIGKILL this process when its parent ``parent_pid`` dies (call first thing in a worker)."""
     if not sys.platform.startswith("linux"):
         return
     try:
@@ -33,6 +32,5 @@ def die_with_parent() -> None:
     except (OSError, AttributeError) as exc:  # no libc symbol: nothing better to do than the watchdog
         logger.debug("prctl unavailable: %s", exc)
         return
-    parent = multiprocessing.parent_process()
-    if parent is not None and parent.pid != os.getppid():
+    if os.getppid() != parent_pid:
         os._exit(1)  # the parent died before the request took effect: nobody will ever read our results

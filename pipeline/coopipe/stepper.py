@@ -67,6 +67,7 @@ class StackedRun:
     on_epoch: Callable[[EpochRecord, TrainState], None] | None = None
     resume_state: TrainState | None = None
     stop_after: int | None = None
+    on_step: Callable[[], None] | None = None  # after every optimiser step (progress inside long epochs)
 
 
 def _momentum_buffer(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> torch.Tensor | None:
@@ -182,7 +183,7 @@ class RunStepper:
         self.optimizer = torch.optim.SGD([self.learner.ctx, *_other_params(self.learner).values()], lr=config.lr,
                                          momentum=config.momentum, weight_decay=config.weight_decay, dampening=0.0,
                                          nesterov=False)
-        self.on_epoch = run.on_epoch
+        self.on_epoch, self.on_step = run.on_epoch, run.on_step
         self.history: list[EpochRecord] = []
         self.epoch = 0  # the epoch in progress (0-based), or the next one at an epoch boundary
         if run.resume_state is not None:
@@ -247,6 +248,8 @@ class RunStepper:
         """The optimiser step after the driver's backward pass, then the epoch's end when it was its last batch."""
         self.optimizer.step()
         self.step_index += 1
+        if self.on_step is not None:
+            self.on_step()
         if self.step_index < len(self.batches):
             return
         self.pending = {"epoch": self.epoch + 1, "lr": self.lr, "loss": float(self.loss_sum) / max(self.seen, 1),

@@ -74,20 +74,19 @@ def cached_identity(dataset_folder: Path, model: str, pretrained: str) -> ClipId
 
 def reuse_finished(
     dataset: Dataset,
-    plans: Sequence[tuple[str, Sequence[int] | None, ViewSpec, Mapping | None]],
+    plans: Sequence[tuple[str, Sequence[int] | None, ViewSpec]],
     *,
     cache_dir: str | Path,
     identity: ClipIdentity,
     options: EncodeOptions,
 ) -> list[EncodeResult] | None:
-    """One reused result per ``(split, positions, views, subset_note)`` plan when every store is complete and
+    """One reused result per ``(split, positions, views)`` plan when every store is complete and
     intact, else None (then nothing was reused and the caller encodes as usual)."""
     started = time.perf_counter()
     resolved = options.resolved(identity)
     results = []
-    for split, positions, views, note in plans:
-        provenance = build_provenance(dataset, split, identity, views, positions=positions, options=resolved,
-                                      subset_note=note)
+    for split, positions, views in plans:
+        provenance = build_provenance(dataset, split, identity, views, positions=positions, options=resolved)
         done = complete_store(store_path(cache_dir, provenance), provenance, started)
         if done is None:
             return None

@@ -87,6 +87,7 @@ def train_prompt(
     on_epoch: Callable[[EpochRecord, TrainState], None] | None = None,
     resume_state: TrainState | None = None,
     stop_after: int | None = None,
+    on_step: Callable[[], None] | None = None,
 ) -> TrainResult:
     """Learn the prompt of ``config.method`` (CoOp context; CoCoOp context and Meta-Net) from cached features.
 
@@ -98,7 +99,7 @@ def train_prompt(
     Computation runs on the device of ``clip``'s weights.
     """
     run = StackedRun(train_feats, train_labels, classnames, config, val_feats=val_feats, val_labels=val_labels,
-                     on_epoch=on_epoch, resume_state=resume_state, stop_after=stop_after)
+                     on_epoch=on_epoch, resume_state=resume_state, stop_after=stop_after, on_step=on_step)
     stepper = RunStepper(run, clip, config.text_encoder(clip))
     drive([stepper])
     return stepper.result()

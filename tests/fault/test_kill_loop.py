@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing
 import multiprocessing.context
+import multiprocessing.forkserver
 import os
 import random
 import shutil
@@ -25,6 +26,8 @@ from conftest import copy_eurosat_folder, make_store
 from coopipe.checkpoint import load_checkpoint, load_classifier
 from coopipe.store import open_store
 
+pytestmark = pytest.mark.slow  # ten kills and three full runs each: 1.5-3 minutes per test on 2 cores
+
 KILLS = 10
 CLASSES = ("Forest", "SeaLake", "Highway")
 
@@ -38,6 +41,15 @@ def _cli_main(args: tuple[str, ...]) -> None:
 
     torch.set_num_threads(1)
     app(args=["--log-level", "WARNING", *args], standalone_mode=False)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _stop_forkserver():
+    """The fork server (and what it forked) ends with this module, not with the interpreter: the session's
+    leftover-process check runs before interpreter exit. ``_stop`` is the stdlib's own way to stop it (its tests use
+    it): it closes the server's pipe and waits for it to exit."""
+    yield
+    multiprocessing.forkserver._forkserver._stop()  # type: ignore[attr-defined]
 
 
 def _context() -> multiprocessing.context.BaseContext:

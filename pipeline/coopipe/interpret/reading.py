@@ -7,7 +7,7 @@ placeholder where the learner puts the class token (its accuracy: :mod:`coopipe.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,8 @@ class ContextReading:
     classname: str | None  # None for the unified context
     slots: tuple[ContextSlot, ...]
     template: str  # nearest-word prompt with the placeholder "{classname}", e.g. "a photo of a {classname}."
+    # the same, one token per slot: a word piece keeps its continuation mark ("phoenix… kline ... {classname}.")
+    tokens_template: str = ""
 
     @property
     def words(self) -> str:
@@ -115,6 +117,7 @@ class Interpretation:
                     "class": reading.classname,
                     "words": reading.words,
                     "prompt": reading.template,
+                    "prompt_tokens": reading.tokens_template,
                     "slots": [
                         {
                             "position": slot.position,
@@ -168,15 +171,22 @@ def _distances(a: torch.Tensor, b: torch.Tensor, metric: str) -> torch.Tensor:
     return 1.0 - torch.nn.functional.cosine_similarity(a, b, dim=-1)
 
 
-def _template(tokens: Sequence[Token], position: str) -> str:
-    """The nearest-word prompt with the class placeholder where the learner puts the class token."""
+def _template(tokens: Sequence[Token], position: str,
+              join: Callable[[Sequence[Token]], str] = join_tokens) -> str:
+    """The nearest-word prompt with the class placeholder where the learner puts the class token (``join``: as
+    the tokenizer decodes the tokens, word pieces glued; or :func:`spaced_tokens`, one token per slot)."""
     if position == "front":
-        return f"{{classname}} {join_tokens(tokens)}."
+        return f"{{classname}} {join(tokens)}."
     if position == "middle":
         half = len(tokens) // 2
-        parts = [join_tokens(tokens[:half]), "{classname}", join_tokens(tokens[half:])]
+        parts = [join(tokens[:half]), "{classname}", join(tokens[half:])]
         return " ".join(p for p in parts if p) + "."
-    return f"{join_tokens(tokens)} {{classname}}.".lstrip()
+    return f"{join(tokens)} {{classname}}.".lstrip()
+
+
+def spaced_tokens(tokens: Sequence[Token]) -> str:
+    """One readable token per slot, separated by spaces; a word piece carries its continuation mark (``…``)."""
+    return " ".join(t.display for t in tokens)
 
 
 def interpret_prompt(learner: PromptLearner, clip: LoadedClip, index: VocabIndex, *, topk: int = 5) -> Interpretation:
@@ -221,6 +231,7 @@ def interpret_prompt(learner: PromptLearner, clip: LoadedClip, index: VocabIndex
                 classname=learner.classnames[c] if learner.csc else None,
                 slots=slots,
                 template=_template([s.nearest for s in slots], learner.class_token_position),
+                tokens_template=_template([s.nearest for s in slots], learner.class_token_position, spaced_tokens),
             )
         )
     nearest = torch.as_tensor(ids[..., 0], dtype=torch.long)  # (n_contexts, n_ctx)

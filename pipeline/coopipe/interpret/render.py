@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from coopipe.interpret.reading import Interpretation
+from coopipe.interpret.tokens import CONTINUES
 
 
 TSV_COLUMNS = ("class", "position", "rank", "token_id", "token", "bpe", "distance", "init_token", "init_distance")
@@ -60,19 +61,24 @@ def format_table(interpretation: Interpretation, *, max_classes: int | None = No
                 line += _cell(init_text, init_w) + f"  {init_d:>7}  "
             line += "  ".join(_cell(c, widths[r]) for r, c in enumerate(row))
             lines.append(line.rstrip())
-        lines.append(f"  nearest-word prompt: \"{reading.template}\"")
+        lines.append(f"  nearest-word prompt, token by token: {reading.tokens_template or reading.template}")
+        if reading.tokens_template and reading.tokens_template != reading.template:
+            lines.append(f"  the same typed as text:              \"{reading.template}\"")
+    pieces = any(not s.nearest.end_of_word and not s.nearest.special for r in shown for s in r.slots)
+    if pieces:
+        lines += ["", f"  {CONTINUES} marks a word piece (a BPE token without CLIP's end-of-word mark): typed as text it "
+                      f"joins the next token, so the text tokenises into other tokens than the nearest ones."]
     if len(shown) < len(it.contexts):
-        lines.append(f"\n... {len(it.contexts) - len(shown)} more classes (see the JSON/TSV output)")
+        lines.append(f"\n{len(it.contexts) - len(shown)} more classes: see the JSON/TSV output")
     acc = it.accuracy
     if acc is not None:
         lines.append("")
-        lines.append(
-            f"test accuracy ({acc.n_images} images): learned prompt {100 * acc.learned:.2f}%, nearest-word prompt "
-            f"{100 * acc.nearest_tokens:.2f}% ({100 * (acc.nearest_tokens - acc.learned):+.2f} pts)"
-        )
+        lines += [
+            f"test accuracy ({acc.n_images} images):",
+            f"  learned context (the trained vectors):                   {100 * acc.learned:6.2f}%",
+            f"  nearest tokens (each vector replaced by its nearest one): {100 * acc.nearest_tokens:6.2f}% "
+            f"({100 * (acc.nearest_tokens - acc.learned):+.2f} pts)",
+        ]
         if not acc.text_roundtrip:
-            lines.append(
-                f"  the readable prompt text tokenises differently from the nearest tokens; as typed it scores "
-                f"{100 * acc.nearest_text:.2f}%"
-            )
+            lines.append(f"  nearest-word prompt typed as text (tokenised anew):      {100 * acc.nearest_text:6.2f}%")
     return "\n".join(lines)

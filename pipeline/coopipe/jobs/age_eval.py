@@ -132,8 +132,9 @@ def _write(out_dir: Path, metrics: dict[str, Any], paths: Sequence[str], evaluat
            filename: str = "metrics.json") -> dict[str, Any]:
     write_predictions(out_dir / PREDICTIONS_FILE, paths, evaluation)
     write_json(out_dir / filename, metrics)
+    constant = metrics.get("constant_mae")
     logger.info("%s: MAE %.2f (exp) / %.2f (max) years, constant predictor %s", out_dir, metrics["mae_exp"],
-                metrics["mae_max"], metrics.get("constant_mae"))
+                metrics["mae_max"], "n/a" if constant is None else f"{constant:.2f}")
     return metrics
 
 

@@ -45,6 +45,7 @@ from coopipe.jobs.age_eval import PREDICTIONS_FILE
 from coopipe.atomic import write_json, write_text
 from coopipe.report.names import method_label
 from coopipe.report.records import metrics_files
+from coopipe.safe_names import safe_name
 
 logger = logging.getLogger(__name__)
 
@@ -184,7 +185,7 @@ def _dataset_report(dataset: str, found: Sequence[tuple[Path, Mapping[str, Any]]
                                          for t in runs[0][1]["cs_exp"]}
         pred = _read_predictions(runs[0][0].parent / PREDICTIONS_FILE)
         if pred is not None:
-            name = f"predicted_vs_true_{method}_shots{shots}.png"
+            name = f"predicted_vs_true_{safe_name(method)}_shots{shots}.png"
             seed = runs[0][1].get("seed")
             plot_predicted_vs_true(*pred, out / name,
                                    title=f"{dataset}: {_label(method, shots)}" + (f", seed {seed}" if seed is not None else ""))

@@ -56,7 +56,6 @@ class SplitPlan:
     split: str
     positions: list[int] | None
     views: ViewSpec
-    note: dict | None = None
 
 
 def plan_splits(
@@ -65,11 +64,10 @@ def plan_splits(
     *,
     views: ViewSpec,
     indices: Sequence[FewShotIndex],
-    shots: Sequence[int],
-    seeds: Sequence[int],
 ) -> list[SplitPlan]:
-    """Which rows and views each split gets (see the module docstring)."""
-    note = {"shots": sorted(set(shots)), "seeds": sorted(set(seeds))} if indices else None
+    """Which rows and views each split gets (see the module docstring). A few-shot store is keyed by the rows the
+    draws select, not by the shots and seeds that asked for them: the draws are nested, so ``[1,16]`` and
+    ``[1,2,4,8,16]`` select the same rows and share one store."""
     plans = []
     for split in splits:
         if split == "test":
@@ -80,10 +78,10 @@ def plan_splits(
             continue
         if split == "train":
             pos = sorted({int(i) for ix in indices for i in ix.train_indices}) if indices else None
-            plans.append(SplitPlan(split, pos, views, note))
+            plans.append(SplitPlan(split, pos, views))
         else:
             pos = sorted({int(i) for ix in indices for i in ix.val_indices}) if indices else None
-            plans.append(SplitPlan(split, pos, ViewSpec(), note))
+            plans.append(SplitPlan(split, pos, ViewSpec()))
     return plans
 
 
@@ -122,8 +120,8 @@ def run_encode(
     identity = cached_identity(dataset_folder(cache_dir, data.name), model, pretrained)
     plans = None
     if identity is not None:  # a re-run whose stores are all complete needs no model
-        plans = plan_splits(data, splits, views=spec, indices=indices, shots=shots, seeds=seeds)
-        reused = reuse_finished(data, [(p.split, p.positions, p.views, p.note) for p in plans], cache_dir=cache_dir,
+        plans = plan_splits(data, splits, views=spec, indices=indices)
+        reused = reuse_finished(data, [(p.split, p.positions, p.views) for p in plans], cache_dir=cache_dir,
                                 identity=identity, options=options)
         if reused is not None:
             return reused
@@ -131,12 +129,12 @@ def run_encode(
     clip = load_clip(model, pretrained, device=options.device)
     results = []
     if plans is None:  # planned after the model loads: bad weights fail before any other message
-        plans = plan_splits(data, splits, views=spec, indices=indices, shots=shots, seeds=seeds)
+        plans = plan_splits(data, splits, views=spec, indices=indices)
     for plan in plans:
         results.append(
             encode_split(
                 data, plan.split, cache_dir=cache_dir, views=plan.views, positions=plan.positions,
-                subset_note=plan.note, options=options, scheduler=scheduler, clip=clip,
+                options=options, scheduler=scheduler, clip=clip,
             )
         )
     if any(not r.reused for r in results):  # a no-op re-run keeps the summary of the run that did the work

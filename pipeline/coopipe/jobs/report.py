@@ -9,8 +9,11 @@ are skipped with a warning), aggregates with the :mod:`coopipe.report` package a
 - ``report.csv``: the same numbers in long format (one row per cell);
 - ``fig3_accuracy_vs_shots.png`` (the paper's Figure 3) and ``fig4_gain_over_zeroshot.png`` (Figure 4);
 - ``summary.json``: everything above as JSON;
-- ``scores.json``: only numbers, nested ``{dataset: {method: {shotsK: mean}}}`` plus gains and base-to-new, the
-  file to declare as DVC metrics (``dvc metrics show``, ``dvc exp show`` columns).
+- ``scores.json``: only numbers, nested ``{dataset: {method: {shotsK: mean}}}`` plus gains and base-to-new;
+- ``headline.md``: the few-shot and gain tables alone, what a finished pipeline prints (`stages/report.py --show`).
+
+:func:`export_metrics` copies one dataset's scores and its runs' training curves into a small folder meant for git
+(the DVC pipeline's ``metrics/``): what `dvc exp show`, `dvc exp diff` and `dvc plots diff` compare.
 
 Run by DVC as ``python stages/report.py`` (reads params.yaml: ``paths.runs`` and an optional ``report`` section
 with ``gain_method``/``gain_shots``) and by ``coopipe report RUNS_DIR``.
@@ -36,7 +39,7 @@ from coopipe.report.aggregate import (
 )
 from coopipe.report.figures import plot_accuracy_vs_shots, plot_gains
 from coopipe.report.records import ReportError, RunRecord, dedupe, record_from_metrics
-from coopipe.report.tables import STD_NOTE, csv_rows, csv_text, markdown_report
+from coopipe.report.tables import STD_NOTE, csv_rows, csv_text, fewshot_markdown, gains_markdown, markdown_report
 from coopipe.report.records import metrics_files
 
 logger = logging.getLogger(__name__)
@@ -48,7 +51,9 @@ FILES = {
     "fig4": "fig4_gain_over_zeroshot.png",
     "summary": "summary.json",
     "scores": "scores.json",
+    "headline": "headline.md",
 }
+CURVES = "training"  # export_metrics: one <run>.tsv per run (epoch, lr, loss, train_acc, val_acc, seconds)
 
 
 def collect_records(runs_dir: Path, *, exclude: Path | None = None) -> tuple[list[RunRecord], list[str]]:
@@ -85,6 +90,15 @@ def _accuracy_map(cells: Sequence[Any]) -> dict[str, Any]:
     return out
 
 
+def _gain_map(gains: Sequence[Any]) -> dict[str, Any]:
+    """{dataset: {method: points}} (methods with ``@<model>`` when several models)."""
+    several = len({g.model for g in gains}) > 1
+    out: dict[str, Any] = {}
+    for g in gains:
+        out.setdefault(g.dataset, {})[_method_key(g.method, g.model, several)] = round(g.points, 4)
+    return out
+
+
 def _base2new_map(rows: Sequence[Any]) -> dict[str, Any]:
     several = len({r.model for r in rows}) > 1
     out: dict[str, Any] = {}
@@ -106,12 +120,16 @@ def run_report(
     runs_dir = Path(runs_dir)
     out = Path(out_dir) if out_dir is not None else runs_dir / "report"
     records, skipped = collect_records(runs_dir, exclude=out)
+    ages = [r for r in records if r.kind == "age"]
+    if ages:  # exact-age accuracy means nothing for an age task: the age report (MAE) is theirs
+        logger.info("%d age result(s) left to the age report", len(ages))
+        records = [r for r in records if r.kind != "age"]
     cells = fewshot_cells(records)
     averages = average_cells(cells) if len({c.dataset for c in cells}) > 1 else []
     b2n = base2new_rows(records)
     transfer = transfer_cells(records)
     shots = gain_shots if gain_shots is not None else gain_shots_for(cells, gain_method)
-    gains = gains_over_zeroshot(cells, method=gain_method, shots=shots)
+    gains = gains_over_zeroshot(cells, shots=gain_shots)
     logger.info("report over %d result(s) from %s (%d skipped)", len(records), runs_dir, len(skipped))
 
     out.mkdir(parents=True, exist_ok=True)
@@ -131,7 +149,7 @@ def run_report(
                  for r in sorted(records, key=lambda r: r.path)],
         "accuracy": _accuracy_map([*cells, *averages]),
         "fewshot": [c.to_dict() for c in [*cells, *averages]],
-        "gain": {"method": gain_method, "shots": shots, "datasets": [g.to_dict() for g in gains]},
+        "gain": {"figure_method": gain_method, "figure_shots": shots, "rows": [g.to_dict() for g in gains]},
         "base2new": [r.to_dict() for r in b2n],
         "transfer": [t.to_dict() for t in transfer],
         "files": {k: str(out / v) for k, v in FILES.items()},
@@ -139,11 +157,33 @@ def run_report(
     write_json(out / FILES["summary"], summary)
     scores = {
         "accuracy": summary["accuracy"],
-        "gain_over_zeroshot": {g.dataset: round(g.points, 4) for g in gains},
+        "gain_over_zeroshot": _gain_map(gains),
         "base2new": _base2new_map(b2n),
     }
     write_json(out / FILES["scores"], scores)
+    headline = [*fewshot_markdown(cells, averages), "", *gains_markdown(gains), "",
+                f"Full report: {out / FILES['markdown']}"]
+    write_text(out / FILES["headline"], "\n".join(headline).lstrip("\n") + "\n")
     return summary
+
+
+def export_metrics(report_dir: str | Path, metrics_dir: str | Path, *, dataset: str, curve_runs: str | Path) -> Path:
+    """``metrics_dir/scores.json`` (``dataset``'s accuracies and gains from the report in ``report_dir``) and
+    ``metrics_dir/training/<run>.tsv`` (the training history of each run folder in ``curve_runs``).
+
+    Why a copy: run folders are large and git-ignored, so a DVC experiment commit cannot hold them; these few kB can
+    be committed, and then every experiment carries its own numbers and curves."""
+    metrics_dir = Path(metrics_dir)
+    scores = json.loads((Path(report_dir) / FILES["scores"]).read_text(encoding="utf-8"))
+    mine = {"accuracy": scores["accuracy"].get(dataset, {}),
+            "gain_over_zeroshot": scores["gain_over_zeroshot"].get(dataset, {})}
+    write_json(metrics_dir / FILES["scores"], mine)
+    curves = metrics_dir / CURVES
+    for stale in curves.glob("*.tsv") if curves.is_dir() else ():
+        stale.unlink()
+    for history in sorted(Path(curve_runs).glob("*/history.tsv")):
+        write_text(curves / f"{history.parent.name}.tsv", history.read_text(encoding="utf-8"))
+    return metrics_dir
 
 
 def run_reports(

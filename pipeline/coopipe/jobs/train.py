@@ -49,6 +49,7 @@ from coopipe.lookup import fewshot_index_for, fewshot_index_path, resolve_model
 from coopipe.metrics_log import EpochMetricsLog
 from coopipe.stacked import StackedRun, train_stacked
 from coopipe.train import EpochRecord, TrainConfig, TrainResult, TrainState, train_coop
+from coopipe.train_config import batch_slices
 from coopipe.transfer import ClassSubset, check_store_classes
 
 logger = logging.getLogger(__name__)
@@ -162,11 +163,12 @@ class _Prepared:
     bar: Any
     metrics: EpochMetricsLog
     on_epoch: Callable[[EpochRecord, TrainState], None]
+    on_step: Callable[[], None]
 
     def stacked_run(self) -> StackedRun:
         return StackedRun(self.train.features, self.train.labels, self.train.classnames, self.config,
                           val_feats=self.val_feats, val_labels=self.val_labels, on_epoch=self.on_epoch,
-                          resume_state=self.resume)
+                          resume_state=self.resume, on_step=self.on_step)
 
 
 def _train_locked(**kwargs: Any) -> dict[str, Any]:
@@ -176,7 +178,7 @@ def _train_locked(**kwargs: Any) -> dict[str, Any]:
     with prepared.bar, prepared.metrics:
         result = train_coop(prepared.train.features, prepared.train.labels, prepared.clip, prepared.train.classnames,
                             prepared.config, val_feats=prepared.val_feats, val_labels=prepared.val_labels,
-                            on_epoch=prepared.on_epoch, resume_state=prepared.resume)
+                            on_epoch=prepared.on_epoch, resume_state=prepared.resume, on_step=prepared.on_step)
     return _finish(prepared, result)
 
 
@@ -204,6 +206,9 @@ def _prepare(
     check_device(device)
     clip = clip or resolve_model(cache_dir, dataset, model, pretrained, device)
     config = TrainConfig.for_method(str(opts.pop("method", "coop")), shots, dataset, seed=seed, **opts)
+    if 0 < config.max_epoch <= config.warmup_epoch:
+        logger.warning("%d epoch(s), all of them warm-up: the run trains at the warm-up learning rate %g only, never at "
+                       "lr %g; train more epochs or set warmup_epoch 0", config.max_epoch, config.warmup_lr, config.lr)
 
     index = fewshot_index_for(cache_dir, dataset, shots, seed, clip)
     train_store = select_store(cache_dir, dataset, "train", model=clip.name, weights=clip.weights_id,
@@ -248,17 +253,21 @@ def _prepare(
     run = RunRecord(dataset=dataset, shots=shots, seed=seed, classes=classes, pretrained="none" if clip.weights.kind == "none" else clip.weights.value,
                     fewshot_index=str(fewshot_index_path(cache_dir, dataset, shots, seed)))
     last_save = [time.monotonic()]
-    bar = tqdm(total=config.max_epoch, initial=resume.epoch if resume else 0, unit="epoch", disable=not progress,
+    # the bar counts optimiser steps, so a long epoch (CoCoOp's batch 1, a large K) shows its rate and ETA as it goes
+    steps = len(batch_slices(len(train.labels), config.batch_size, config.drop_last))
+    done = resume.epoch if resume else 0
+    bar = tqdm(total=config.max_epoch * steps, initial=done * steps, unit="step", disable=not progress,
                desc=f"{config.method_spec().label()} {dataset} {shots}-shot seed {seed}", dynamic_ncols=True)
+    bar.set_postfix({"epoch": f"{done + 1}/{config.max_epoch}"}, refresh=False)
     metrics = EpochMetricsLog(out_dir, start_epoch=resume.epoch if resume else 0)  # dvclive, one step per epoch
 
     def on_epoch(rec: EpochRecord, state: TrainState) -> None:
         check_finite(rec, state, config, out_dir)
-        post = {"loss": f"{rec.loss:.3f}", "acc": f"{rec.train_acc:.3f}", "lr": f"{rec.lr:.2e}"}
+        post = {"epoch": f"{min(rec.epoch + 1, config.max_epoch)}/{config.max_epoch}", "loss": f"{rec.loss:.3f}",
+                "acc": f"{rec.train_acc:.3f}", "lr": f"{rec.lr:.2e}"}
         if rec.val_acc is not None:
             post["val"] = f"{rec.val_acc:.3f}"
-        bar.set_postfix(post, refresh=False)
-        bar.update(1)
+        bar.set_postfix(post)
         metrics.log(rec)
         if time.monotonic() - last_save[0] >= checkpoint_every and rec.epoch < config.max_epoch:
             save_checkpoint(out_dir, clip=clip, classnames=train.classnames, config=config, state=state,
@@ -267,7 +276,7 @@ def _prepare(
 
     return _Prepared(out_dir=out_dir, clip=clip, config=config, train=train, val_feats=val_feats,
                      val_labels=val_labels, resume=resume, stores=stores, record=record, run=run, bar=bar,
-                     metrics=metrics, on_epoch=on_epoch)
+                     metrics=metrics, on_epoch=on_epoch, on_step=lambda: bar.update(1))
 
 
 def _finish(prepared: _Prepared, result: TrainResult) -> dict[str, Any]:

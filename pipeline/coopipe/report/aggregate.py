@@ -99,6 +99,7 @@ class Cell:
     macro_f1: Stat | None = None
     n_datasets: int = 1  # average cells: how many datasets went into it
     paths: tuple[str, ...] = ()
+    note: str = ""  # the epochs departure of its runs (RunRecord.epochs_note), shown beside the number
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -106,17 +107,17 @@ class Cell:
 
 def fewshot_cells(records: Iterable[RunRecord]) -> list[Cell]:
     """Cells of the few-shot records (zero-shot CLIP at 0 shots) per dataset x model x method x shots."""
-    groups: dict[tuple[str, str, str, int], list[RunRecord]] = defaultdict(list)
+    groups: dict[tuple[str, str, str, int, str], list[RunRecord]] = defaultdict(list)
     for r in records:
         if r.kind == "fewshot":
-            groups[(r.dataset, r.model, r.method, r.shots)].append(r)
+            groups[(r.dataset, r.model, r.method, r.shots, r.epochs_note)].append(r)
     cells = []
-    for (dataset, model, method, shots), recs in groups.items():
+    for (dataset, model, method, shots, note), recs in groups.items():
         f1 = None
         if all(r.macro_f1 is not None for r in recs):
             f1 = _seed_stat(recs, lambda r: r.macro_f1 or 0.0)
         cells.append(Cell(dataset, method, shots, _seed_stat(recs, lambda r: r.accuracy), model, f1,
-                          paths=tuple(sorted(r.path for r in recs))))
+                          paths=tuple(sorted(r.path for r in recs)), note=note))
     return sorted(cells, key=lambda c: (dataset_order(c.dataset), c.shots, method_order(c.method), c.model))
 
 
@@ -129,7 +130,8 @@ def average_cells(cells: Iterable[Cell]) -> list[Cell]:
     for c in cells:
         if c.dataset != AVERAGE:
             groups[(c.model, c.method, c.shots)].append(c)
-    out = [Cell(AVERAGE, method, shots, average_stat([c.accuracy for c in members]), model, n_datasets=len(members))
+    out = [Cell(AVERAGE, method, shots, average_stat([c.accuracy for c in members]), model, n_datasets=len(members),
+                note="; ".join(sorted({c.note for c in members} - {""})))
            for (model, method, shots), members in groups.items()]
     return sorted(out, key=lambda c: (c.shots, method_order(c.method), c.model))
 
@@ -210,12 +212,16 @@ def transfer_cells(records: Iterable[RunRecord]) -> list[TransferCell]:
 # ---------------------------------------------------------------- gain over zero-shot (Figure 4)
 @dataclass(frozen=True)
 class Gain:
+    """A method's accuracy minus zero-shot CLIP's on the same dataset and model (weights), in points; ``note``
+    is the method's epochs departure, shown on the row (a shortened run is still compared, and says so)."""
+
     dataset: str
     method: str
     shots: int
     method_accuracy: float
     zeroshot_accuracy: float
     model: str = ""
+    note: str = ""
 
     @property
     def points(self) -> float:
@@ -231,13 +237,17 @@ def gain_shots_for(cells: Iterable[Cell], method: str) -> int | None:
     return max(shots) if shots else None
 
 
-def gains_over_zeroshot(cells: Sequence[Cell], *, method: str = "coop", shots: int | None = None) -> list[Gain]:
-    """``method`` at ``shots`` minus zero-shot CLIP (same model), in points, per dataset that has both."""
-    shots = gain_shots_for(cells, method) if shots is None else shots
+def gains_over_zeroshot(cells: Sequence[Cell], *, method: str | None = None, shots: int | None = None) -> list[Gain]:
+    """Each method (or only ``method``) minus zero-shot CLIP of the same dataset and model, in points: per dataset
+    x model x method at ``shots``, or at the most shots that method has there. Sorted by dataset, then method."""
     zero = {(c.dataset, c.model): c for c in cells if c.method == "zeroshot" and c.dataset != AVERAGE}
-    out = [
-        Gain(c.dataset, method, c.shots, c.accuracy.mean, zero[(c.dataset, c.model)].accuracy.mean, c.model)
-        for c in cells
-        if c.method == method and c.shots == shots and c.dataset != AVERAGE and (c.dataset, c.model) in zero
-    ]
-    return sorted(out, key=lambda g: g.points)
+    mine = [c for c in cells if not c.method.startswith("zeroshot") and c.dataset != AVERAGE
+            and (method is None or c.method == method) and (c.dataset, c.model) in zero]
+    most: dict[tuple[str, str, str], int] = {}
+    for c in mine:
+        key = (c.dataset, c.model, c.method)
+        most[key] = max(most.get(key, c.shots), c.shots)
+    out = [Gain(c.dataset, c.method, c.shots, c.accuracy.mean, zero[(c.dataset, c.model)].accuracy.mean, c.model,
+                c.note)
+           for c in mine if c.shots == (shots if shots is not None else most[(c.dataset, c.model, c.method)])]
+    return sorted(out, key=lambda g: (dataset_order(g.dataset), g.model, method_order(g.method), g.note))

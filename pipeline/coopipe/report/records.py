@@ -1,9 +1,14 @@
 """Run results read from ``metrics.json`` mappings, told apart by kind, one per run.
 
-Records come in four kinds, told apart by fields the evaluation writes into ``metrics.json``:
+Records come in five kinds, told apart by fields the evaluation writes into ``metrics.json``:
 ``fewshot`` (all classes; zero-shot CLIP counts as 0 shots), ``base2new`` (``classes`` base/new: CoCoOp's
 protocol), ``transfer`` (``source_dataset`` differs from ``dataset``: cross-dataset and domain generalisation),
-and ``other`` (e.g. a base-trained prompt evaluated on all classes).
+``age`` (an age dataset's result, with MAEs: exact-age accuracy means nothing there, so only the age report reads
+it) and ``other`` (e.g. a base-trained prompt evaluated on all classes).
+
+A record's ``model`` names the model and its weights' departure (random weights are another model, never
+compared with trained ones); a departure from the paper's epochs is the record's ``epochs_note``, shown beside the
+result: the run still belongs to its method's series and is still compared with zero-shot CLIP.
 """
 
 from __future__ import annotations
@@ -42,10 +47,15 @@ class RunRecord:
     source: str | None = None  # training dataset, for transfer results
     path: str = ""
     departures: tuple[str, ...] = ()  # every departure from the paper's setting the metrics file lists
+    epochs_note: str = ""  # e.g. "10 epochs (paper 200)"; empty when the run trained the paper's epochs
+    ordinal: bool = False  # an age result (metrics.json holds MAEs): the age report's, not this report's
 
     @property
     def kind(self) -> str:
-        """``transfer``, ``base2new``, ``fewshot``, or ``other`` (e.g. a base-trained prompt on all classes)."""
+        """``age``, ``transfer``, ``base2new``, ``fewshot``, or ``other`` (e.g. a base-trained prompt on all
+        classes)."""
+        if self.ordinal:
+            return "age"
         if self.source is not None and self.source != self.dataset:
             return "transfer"
         if self.classes in ("base", "new"):
@@ -55,7 +65,8 @@ class RunRecord:
         return "other"
 
     def key(self) -> tuple[Any, ...]:
-        return (self.kind, self.dataset, self.source, self.model, self.method, self.shots, self.classes, self.seed)
+        return (self.kind, self.dataset, self.source, self.model, self.method, self.shots, self.classes, self.seed,
+                self.epochs_note)
 
 
 def record_from_metrics(data: Mapping[str, Any], path: str = "") -> RunRecord:
@@ -88,6 +99,8 @@ def record_from_metrics(data: Mapping[str, Any], path: str = "") -> RunRecord:
         source=str(data["source_dataset"]) if data.get("source_dataset") else None,
         path=path,
         departures=tuple(str(d) for d in data.get("departures") or ()),
+        epochs_note=epochs_departure(data),
+        ordinal="mae_exp" in data,
     )
 
 
@@ -95,22 +108,30 @@ def departures(data: Mapping[str, Any]) -> list[str]:
     """How a result departs from the paper's setting in ways that change its numbers: random weights, other epochs,
     another batch size (as ``metrics.json`` records). The full list of a trained run (cached views, precision, draw
     rule, ...: :mod:`coopipe.departures`) is the metrics file's ``departures``."""
-    found = []
-    if str(data.get("weights") or "").startswith("random-init"):
-        found.append("random weights")
-    for key, label in (("epochs", "epochs"), ("batch_size", "batch size")):
-        value, paper = data.get(key), data.get(f"paper_{key}")
-        if isinstance(value, int) and isinstance(paper, int) and value != paper:
-            found.append(f"{value} {label} (paper {paper})" if key == "epochs" else f"{label} {value} (paper {paper})")
-    return found
+    found = ["random weights"] if _random_weights(data) else []
+    batch, paper_batch = data.get("batch_size"), data.get("paper_batch_size")
+    if isinstance(batch, int) and isinstance(paper_batch, int) and batch != paper_batch:
+        found.append(f"batch size {batch} (paper {paper_batch})")
+    return [*found, *filter(None, [epochs_departure(data)])]
+
+
+def _random_weights(data: Mapping[str, Any]) -> bool:
+    return str(data.get("weights") or "").startswith("random-init")
+
+
+def epochs_departure(data: Mapping[str, Any]) -> str:
+    """``"30 epochs (paper 200)"`` when the run trained other epochs than the paper's, else ``""``."""
+    epochs, paper = data.get("epochs"), data.get("paper_epochs")
+    if isinstance(epochs, int) and isinstance(paper, int) and epochs != paper:
+        return f"{epochs} epochs (paper {paper})"
+    return ""
 
 
 def model_setting(data: Mapping[str, Any]) -> str:
-    """The model and every departure from the paper's setting, e.g. ``RN50 [random weights, 30 epochs (paper
-    200)]``: results are grouped by it, so runs that differ in weights or epochs are never averaged together."""
+    """The model and its weights' departure, e.g. ``RN50 [random weights]``: results are grouped by it, so runs of
+    other weights are never averaged or compared together (the epochs departure is the record's ``epochs_note``)."""
     model = str(data.get("model") or "")
-    tags = departures(data)
-    return f"{model} [{', '.join(tags)}]" if tags else model
+    return f"{model} [random weights]" if _random_weights(data) else model
 
 
 def metrics_files(runs_dir: Path, pattern: str = "metrics*.json") -> list[Path]:

@@ -32,33 +32,41 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]], align_right_
 
 
 def fewshot_markdown(cells: Sequence[Cell], averages: Sequence[Cell]) -> list[str]:
-    """Rows = method x shots (zero-shot first), columns = datasets (+ Average when there are several)."""
+    """Rows = method x shots (zero-shot first), columns = datasets (+ Average when there are several); a row of
+    runs that trained other epochs than the paper's says so in an Epochs column."""
     datasets = sorted({c.dataset for c in cells}, key=dataset_order)
     if not datasets:
         return []
     with_avg = len(datasets) > 1
     models = several_models(cells)
-    index = {(c.dataset, c.model, c.method, c.shots): c for c in [*cells, *averages]}
+    notes = any(c.note for c in cells)
+    index = {(c.dataset, c.model, c.method, c.shots, c.note): c for c in cells}
+    index.update({(c.dataset, c.model, c.method, c.shots, ""): c for c in averages})
     expected = max((c.accuracy.n for c in cells if not c.accuracy.single), default=None)
-    row_keys = sorted({(c.shots, method_order(c.method), c.method, c.model) for c in cells})
+    row_keys = sorted({(c.shots, method_order(c.method), c.method, c.model, c.note) for c in cells})
     cols = [*datasets, *([AVERAGE] if with_avg else [])]
     rows = []
-    for shots, _, method, model in row_keys:
+    for shots, _, method, model, note in row_keys:
         texts = []
         for ds in cols:
-            cell = index.get((ds, model, method, shots))
+            cell = index.get((ds, model, method, shots, "" if ds == AVERAGE else note))
             text = cell.accuracy.text(expected_n=expected) if cell else "–"
             if cell and ds == AVERAGE and cell.n_datasets < len(datasets):
                 text += f" ({cell.n_datasets}/{len(datasets)} datasets)"
             texts.append(text)
-        rows.append([method_label(method, model, with_model=models), str(shots), *texts])
+        epochs = [note or ("–" if method.startswith("zeroshot") or method in _NO_EPOCHS else "paper's")] if notes else []
+        rows.append([method_label(method, model, with_model=models), str(shots), *epochs, *texts])
     caption = (
         f"Test accuracy (%) by number of shots per class: {STD_NOTE}. Zero-shot CLIP is a single run (0 shots)."
         + (" (n=k): fewer seeds than the other cells." if any("(n=" in text for row in rows for text in row) else "")
         + (" Average: mean over the datasets of the per-dataset means." if with_avg else "")
+        + (" Epochs: the runs' training length where it departs from the paper's." if notes else "")
     )
-    return ["## Few-shot accuracy", "", caption, "",
-            *_md_table(["Method", "Shots", *[dataset_label(d) for d in cols]], rows, 1)]
+    header = ["Method", "Shots", *(["Epochs"] if notes else []), *[dataset_label(d) for d in cols]]
+    return ["## Few-shot accuracy", "", caption, "", *_md_table(header, rows, 2 if notes else 1)]
+
+
+_NO_EPOCHS = ("linear_probe", "ridge")  # closed-form fits: no training epochs
 
 
 def base2new_markdown(rows: Sequence[BaseNewRow]) -> list[str]:
@@ -107,14 +115,19 @@ def transfer_markdown(cells: Sequence[TransferCell], fewshot: Sequence[Cell]) ->
 
 
 def gains_markdown(gains: Sequence[Gain]) -> list[str]:
+    """One row per dataset x model x method: its accuracy at its most shots minus zero-shot CLIP's."""
     if not gains:
         return []
-    body = [[dataset_label(g.dataset), f"{g.zeroshot_accuracy:.2f}", f"{g.method_accuracy:.2f}", f"{g.points:+.2f}"]
-            for g in sorted(gains, key=lambda g: -g.points)]
-    name = method_label(gains[0].method)
-    return [f"## {name} ({gains[0].shots} shots) vs zero-shot CLIP", "",
-            "Absolute improvement in points (mean over seeds minus the zero-shot accuracy).", "",
-            *_md_table(["Dataset", "Zero-shot CLIP", name, "Gain"], body, 1)]
+    models = several_models(gains)
+    notes = any(g.note for g in gains)
+    body = [[dataset_label(g.dataset), method_label(g.method, g.model, with_model=models), str(g.shots),
+             f"{g.zeroshot_accuracy:.2f}", f"{g.method_accuracy:.2f}", f"{g.points:+.2f}",
+             *([g.note or "paper's"] if notes else [])] for g in gains]
+    caption = ("Absolute improvement in points over zero-shot CLIP of the same model (mean over seeds minus the "
+               "zero-shot accuracy), each method at its most shots"
+               + ("; Epochs: where a run's training length departs from the paper's." if notes else "."))
+    header = ["Dataset", "Method", "Shots", "Zero-shot CLIP", "Method", "Gain", *(["Epochs"] if notes else [])]
+    return ["## Gain over zero-shot CLIP", "", caption, "", *_md_table(header, body, 2)]
 
 
 def markdown_report(
@@ -162,13 +175,14 @@ def settings_markdown(records: Sequence[RunRecord]) -> list[str]:
     if any("random weights" in m for m in counts):
         lines += ["> **Random weights**: some results come from randomly initialised CLIP models (`pretrained=none`); "
                   "they only check that the pipeline runs and say nothing about the method.", ""]
-    if any("epochs (paper" in m for m in counts):
-        lines += ["> **Not the paper's protocol**: some runs trained for other epochs than the paper's.", ""]
+    if any(r.epochs_note for r in records):
+        lines += ["> **Not the paper's protocol**: some runs trained for other epochs than the paper's (the Epochs "
+                  "columns say which).", ""]
     return lines
 
 
 CSV_FIELDS = ("table", "dataset", "source", "method", "model", "shots", "classes", "n", "seeds", "mean", "std",
-              "macro_f1_mean", "macro_f1_std", "n_datasets")
+              "macro_f1_mean", "macro_f1_std", "n_datasets", "epochs_note")
 
 
 def csv_rows(
@@ -189,7 +203,7 @@ def csv_rows(
         f1 = c.macro_f1
         out.append(row("fewshot", c.dataset, c.method, c.model, c.shots, c.accuracy,
                        macro_f1_mean=_num(f1.mean) if f1 else "",
-                       macro_f1_std=_num(f1.std) if f1 and not f1.single else ""))
+                       macro_f1_std=_num(f1.std) if f1 and not f1.single else "", epochs_note=c.note))
     out += [row("fewshot", AVERAGE, c.method, c.model, c.shots, c.accuracy, n_datasets=c.n_datasets) for c in averages]
     for r in b2n:
         out.append(row("base2new", r.dataset, r.method, r.model, r.shots, r.base, classes="base"))

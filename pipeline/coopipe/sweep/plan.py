@@ -37,6 +37,7 @@ from coopipe.errors import CoopipeError, DatasetError, ParamsError
 from coopipe.lookup import run_name
 from coopipe.method import CLASS_TOKEN_POSITIONS, MethodSpec
 from coopipe.train import TrainConfig, epochs_for
+from coopipe.safe_names import safe_name
 
 logger = logging.getLogger(__name__)
 
@@ -263,7 +264,8 @@ def plan_sweep(spec: SweepSpec) -> SweepPlan:
     tasks: list[RunTask] = []
 
     def coop_task(kind: str, ds: str, m: MethodSpec, k: int, s: int) -> RunTask:
-        folder = runs / ds / "base2new" / m.label() if kind == "base2new" else runs / ds / m.label()
+        label = safe_name(m.label())  # the run folder: no ':' or other unsafe characters of the init words
+        folder = runs / ds / "base2new" / label if kind == "base2new" else runs / ds / label
         run = folder / run_name(k, s)
         done = ("metrics_base.json", "metrics_new.json") if kind == "base2new" else ("metrics.json",)
         what = f"{m.label()} {ds} base2new" if kind == "base2new" else f"{m.label()} {ds}"
@@ -304,7 +306,7 @@ def plan_sweep(spec: SweepSpec) -> SweepPlan:
                 tasks.append(RunTask("zeroshot", name, str(run), f"{method} {name}", (str(run / "metrics.json"),),
                                      1.0, ensemble=ensemble))
         for m, k, s in grid if targets and spec.fewshot else []:
-            source = runs / ds / m.label() / run_name(k, s)
+            source = runs / ds / safe_name(m.label()) / run_name(k, s)
             for t in targets:
                 out = source / "transfer" / names[t]
                 tasks.append(RunTask("transfer", ds, str(out), f"{m.label()} {ds}->{names[t]} {k}-shot seed {s}",

@@ -41,6 +41,7 @@ from coopipe.config import SweepConfig
 from coopipe.errors import ParamsError
 from coopipe.frozen_gemm import onednn_available
 from coopipe.sweep.tasks import ModelPool, RunResult, execute_stack, set_threads
+from coopipe.logs import route_worker_logging
 from coopipe.report.records import metrics_files
 
 logger = logging.getLogger(__name__)
@@ -182,6 +183,7 @@ class SweepWorker(WorkerPlugin):
         self.pool: ModelPool | None = None
 
     def setup(self, worker: Any) -> None:
+        route_worker_logging()  # open_clip's root-logger warnings: filtered, not "WARNING:root:..."
         self.pool = ModelPool()
         set_threads(self.threads)
 

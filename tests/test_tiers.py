@@ -1,0 +1,66 @@
+"""The two test tiers: `bash scripts/test.sh` leaves the tests marked `slow` out, `bash scripts/test.sh --all` (what
+CI runs, and what the README names) runs everything. The slow tests are listed here, so that a new slow test, or a
+mark dropped by accident, shows up in review rather than in the fast tier's wall time."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Each over about 20 s on 2 cores (kill loops, LocalClusters, whole sweeps and pipelines, real-data learning).
+SLOW = {
+    "fault/test_kill_loop.py::test_encode_killed_at_random_points_resumes_to_the_same_store",
+    "fault/test_kill_loop.py::test_train_killed_at_random_points_resumes_bitwise",
+    "test_age_sweep.py::test_age_sweep_end_to_end",
+    "test_dvc_pipeline.py::test_main_job_then_tests_on_one_clone",
+    "test_dvc_pipeline.py::test_two_experiments_compare",
+    "test_encode.py::test_dask_local_cluster_equals_in_process",
+    "test_sweep.py::test_killed_sweep_reruns_only_missing_runs",
+    "test_sweep.py::test_local_cluster_of_two_workers_matches_one_by_one",
+    "test_train.py::test_coop_learns_on_eurosat_features",
+}
+
+
+def _is_slow_mark(node: ast.expr) -> bool:
+    """``pytest.mark.slow``, called or not, alone or in a list of marks."""
+    if isinstance(node, ast.Call):
+        node = node.func
+    if isinstance(node, ast.List | ast.Tuple):
+        return any(_is_slow_mark(e) for e in node.elts)
+    return isinstance(node, ast.Attribute) and node.attr == "slow"
+
+
+def _slow_tests() -> set[str]:
+    found = set()
+    for path in sorted((ROOT / "tests").rglob("test_*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        module_slow = any(isinstance(n, ast.Assign) and any(getattr(t, "id", "") == "pytestmark" for t in n.targets)
+                          and _is_slow_mark(n.value) for n in tree.body)
+        for node in tree.body:
+            if isinstance(node, ast.FunctionDef) and node.name.startswith("test_"):
+                if module_slow or any(_is_slow_mark(d) for d in node.decorator_list):
+                    found.add(f"{path.relative_to(ROOT / 'tests')}::{node.name}")
+    return found
+
+
+def test_the_slow_marks_are_the_listed_ones():
+    assert _slow_tests() == SLOW
+
+
+def test_the_fast_tier_leaves_out_slow_and_all_runs_everything():
+    script = (ROOT / "scripts" / "test.sh").read_text()
+    assert re.search(r'pytest -m "not slow" "\$@"\s*$', script), "the default tier must deselect the slow tests"
+    all_branch = script.split("--all", 2)[-1]
+    assert "pytest" in all_branch and "not slow" not in all_branch.split("fi", 1)[0]
+
+
+def test_ci_runs_the_readme_full_suite_command():
+    command = "bash scripts/test.sh --all"
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert command in readme and "bash scripts/test.sh " in readme
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert command in ci, f".ci/run must call the README's full-suite command `{command}` as it is"
+    assert "bash scripts/lint.sh" in ci

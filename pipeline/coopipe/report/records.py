@@ -128,10 +128,13 @@ def epochs_departure(data: Mapping[str, Any]) -> str:
 
 
 def model_setting(data: Mapping[str, Any]) -> str:
-    """The model and its weights' departure, e.g. ``RN50 [random weights]``: results are grouped by it, so runs of
-    other weights are never averaged or compared together (the epochs departure is the record's ``epochs_note``)."""
+    """The model and the departures that make results a different series, e.g. ``RN50 [random weights, batch size
+    4 (paper 1)]``: results are grouped by it, so runs of other weights or batch sizes are never averaged together.
+    The epochs departure is not among them: it is shown on the row (the record's ``epochs_note``)."""
     model = str(data.get("model") or "")
-    return f"{model} [random weights]" if _random_weights(data) else model
+    epochs = epochs_departure(data)
+    tags = [d for d in departures(data) if d != epochs]
+    return f"{model} [{', '.join(tags)}]" if tags else model
 
 
 def metrics_files(runs_dir: Path, pattern: str = "metrics*.json") -> list[Path]:

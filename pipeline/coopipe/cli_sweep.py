@@ -61,7 +61,7 @@ def sweep(
     from tqdm.auto import tqdm
 
     from coopipe.errors import CoopipeError
-    from coopipe.method import MethodSpec
+    from coopipe.methods import MethodSpec
     from coopipe.sweep import RunResult, SweepSpec, parse_variant, plan_sweep, run_sweep
     from coopipe.sweep.options import encode_args as parse_encode_args, train_args as parse_train_args
     from coopipe.sweep.plan import RunSettings
@@ -76,7 +76,7 @@ def sweep(
         if variants:
             methods = tuple(parse_variant(v) for v in name_list([variants]))
         elif csc or position or n_ctx or ctx_init:
-            methods = (MethodSpec.from_options("coop", csc=csc or None, class_token_position=position, n_ctx=n_ctx,
+            methods = (MethodSpec.of("coop", csc=csc or None, class_token_position=position, n_ctx=n_ctx,
                                                ctx_init=ctx_init),)
         options = parse_train_args(train_args)
         settings = RunSettings(cache=str(cache), model=model, pretrained=pretrained, device=device,

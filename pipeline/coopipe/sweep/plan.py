@@ -33,8 +33,9 @@ from coopipe.config import EncodeConfig, FewShotConfig, ModelSpec, PathsConfig
 from coopipe.datasets.ages import is_age_dataset
 from coopipe.errors import CoopipeError, DatasetError, ParamsError
 from coopipe.lookup import run_name
-from coopipe.method import CLASS_TOKEN_POSITIONS, MethodSpec
-from coopipe.train import TrainConfig, epochs_for
+from coopipe.methods import MethodSpec, epochs_for
+from coopipe.prompt import CLASS_TOKEN_POSITIONS
+from coopipe.train_config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -42,12 +43,11 @@ PAPER_SHOTS = (1, 2, 4, 8, 16)
 INIT_WORDS = "a photo of a"  # the ``init`` variant token
 AGE_INIT_WORDS = "age estimation: the age of the person is"  # the ``age`` variant token: OrdinalCLIP's CoOp baseline
 AGE_METHODS = (  # an age dataset's default methods: OrdinalCLIP's table (CoOp baseline, rank prompts) and CoCoOp
-    MethodSpec(method="coop", ctx_init=AGE_INIT_WORDS),
-    MethodSpec.default("cocoop"),
-    MethodSpec.default("rank"),
+    MethodSpec.of("coop", ctx_init=AGE_INIT_WORDS),
+    MethodSpec("cocoop"),
+    MethodSpec("rank"),
 )
 FEWSHOT_KINDS = ("coop", "base2new", "linear_probe", "ridge")  # tasks that need the few-shot train/val stores
-_METHOD_FIELDS = {f.name for f in fields(MethodSpec)}
 
 
 @dataclass(frozen=True)
@@ -161,7 +161,7 @@ def parse_variant(name: str) -> MethodSpec:
         else:
             raise ParamsError(f"unknown variant token {token!r} in {name!r} (use coop, csc, end, middle, front, "
                               f"m<N>, init, age, or a method label such as coop_csc_middle)")
-    return MethodSpec.from_options("coop", **options)
+    return MethodSpec.of("coop", **options)
 
 
 def encode_shots_for(shots: Sequence[int]) -> tuple[int, ...]:
@@ -211,9 +211,9 @@ def _check(spec: SweepSpec) -> None:
         problems.append("--shots must be positive integers and --seeds non-empty")
     if spec.settings.epochs is not None and spec.settings.epochs < 1:
         problems.append("--epochs must be a positive integer")
-    bad = set(spec.settings.train_options) - {f.name for f in fields(TrainConfig)}
-    if bad or set(spec.settings.train_options) & _METHOD_FIELDS:
-        problems.append(f"unknown or method training option(s) {sorted(bad | (set(spec.settings.train_options) & _METHOD_FIELDS))}")
+    bad = set(spec.settings.train_options) - ({f.name for f in fields(TrainConfig)} - {"method"})
+    if bad:
+        problems.append(f"unknown or method training option(s) {sorted(bad)} (give methods by --methods)")
     if spec.encode and spec.data_root is None:
         problems.append("--data-root is required to encode (or pass --no-encode when the cache is ready)")
     if problems:
@@ -253,7 +253,7 @@ def plan_sweep(spec: SweepSpec) -> SweepPlan:
         run = folder / run_name(k, s)
         done = ("metrics_base.json", "metrics_new.json") if kind == "base2new" else ("metrics.json",)
         what = f"{m.label()} {ds} base2new" if kind == "base2new" else f"{m.label()} {ds}"
-        per_step = 8.0 if m.image_conditional else 1.0  # CoCoOp: a K-class text pass per image, not per batch
+        per_step = 8.0 if m.image_conditional else 1.0  # image-conditional (CoCoOp): a K-class text pass per image, not per batch
         cost = _epochs(spec, k, ds, m) * k * per_step * (0.5 if kind == "base2new" else 1.0) + 20
         return RunTask(kind, ds, str(run), f"{what} {k}-shot seed {s}", tuple(str(run / f) for f in done), cost,
                        method=m, shots=k, seed=s)

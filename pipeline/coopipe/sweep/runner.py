@@ -137,7 +137,7 @@ def stack_units(tasks: Sequence[RunTask], stack: bool, parts: int = 1) -> list[U
     groups: dict[tuple[Any, ...], list[RunTask]] = {}
     for task in tasks:
         stackable = stack and task.kind in STACKABLE_KINDS and task.method is not None
-        if stackable and not task.method.image_conditional:  # type: ignore[union-attr]
+        if stackable and task.method.definition.stackable:  # type: ignore[union-attr]
             key = (task.kind, task.dataset, task.method, task.phase)
             if key in groups:
                 groups[key].append(task)

@@ -191,7 +191,8 @@ def test_bad_requests(rn50, indices):
 # ---------------------------------------------------------------------------------------------- stage and CLI
 def _toy_store(cache, split: str, clip, classnames, n: int, seed: int):
     """A small complete feature store (random features) where `coopipe encode` would put it."""
-    from coopipe.store import StoreWriter, open_store, store_path
+    from coopipe.store import open_store, store_path
+    from coopipe.store_writer import StoreWriter
 
     prov = {
         "dataset": "toy", "split": split, "classnames": list(classnames), "rows": "all", "n_split": n,

@@ -13,7 +13,8 @@ import torch
 from coopipe.checkpoint import load_checkpoint, save_checkpoint
 from coopipe.jobs.train import run_train
 from coopipe.metrics_log import DVCLIVE_DIR, EpochMetricsLog
-from coopipe.store import StoreWriter, store_path
+from coopipe.store import store_path
+from coopipe.store_writer import StoreWriter
 from coopipe.methods import MethodSpec
 from coopipe.train import train_prompt
 from coopipe.train_config import TrainConfig

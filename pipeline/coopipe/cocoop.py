@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import skip_init
 
+from coopipe.cocoop_text import cocoop_backward, cocoop_logits, cocoop_predict
 from coopipe.errors import ParamsError
 from coopipe.models import LoadedClip
 from coopipe.prompt import PromptLearner
@@ -130,8 +131,6 @@ class CoCoOpLearner(PromptLearner):
         self, encoder: PromptTextEncoder, image_features: torch.Tensor, logit_scale: torch.Tensor, **options: Any
     ) -> torch.Tensor:
         """CoCoOp logits (B, K) of raw image features (B, D) through the batched text path (options: image_chunk)."""
-        from coopipe.cocoop_text import cocoop_logits
-
         return cocoop_logits(encoder, self, image_features, logit_scale, **options)
 
     def loss_backward(
@@ -144,8 +143,6 @@ class CoCoOpLearner(PromptLearner):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean cross-entropy and logits of a training batch, back-propagated chunk by chunk as they are computed
         (:func:`coopipe.cocoop_text.cocoop_backward`; options: image_chunk); both returned detached."""
-        from coopipe.cocoop_text import cocoop_backward
-
         return cocoop_backward(encoder, self, image_features, targets, logit_scale, **options)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -163,8 +160,6 @@ class CoCoOpLearner(PromptLearner):
         progress: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
         """Logits (M, K) of many test images without gradients (:func:`coopipe.cocoop_text.cocoop_predict`)."""
-        from coopipe.cocoop_text import cocoop_predict
-
         return cocoop_predict(encoder, self, image_features, logit_scale, batch_size=batch_size,
                               image_chunk=image_chunk, progress=progress)
 

@@ -9,22 +9,13 @@ export and runs cannot share a text pass. The learner is :class:`coopipe.cocoop.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 
 from coopipe.cocoop import CoCoOpLearner
-from coopipe.methods.context import (
-    context_parts,
-    context_problems,
-    normalize_init,
-    parse_context_part,
-    readable_context_parts,
-    resolve_n_ctx,
-    tie_context,
-)
-from coopipe.methods.registry import Method, epochs_for
+from coopipe.methods.context import ContextMethod
+from coopipe.methods.registry import epochs_for
 from coopipe.models import LoadedClip
 
 __all__ = ["COCOOP_EPOCHS", "CoCoOp", "CoCoOpOptions"]
@@ -38,7 +29,7 @@ class CoCoOpOptions:
     ctx_init: str | None = "a photo of a"
 
 
-class CoCoOp(Method):
+class CoCoOp(ContextMethod):
     name = "cocoop"
     title = "CoCoOp"
     options = CoCoOpOptions
@@ -49,29 +40,8 @@ class CoCoOp(Method):
         epochs_for(shots, dataset)  # validates shots
         return COCOOP_EPOCHS
 
-    def check(self, options: CoCoOpOptions) -> list[str]:
-        return context_problems(options)
-
-    def normalize(self, options: CoCoOpOptions) -> CoCoOpOptions:
-        return dataclasses.replace(options, ctx_init=normalize_init(options.ctx_init))
-
-    def with_options(self, base: CoCoOpOptions, given: Mapping[str, Any]) -> CoCoOpOptions:
-        return dataclasses.replace(base, **tie_context(given))
-
-    def resolve(self, options: CoCoOpOptions, clip: LoadedClip) -> CoCoOpOptions:
-        return dataclasses.replace(options, n_ctx=resolve_n_ctx(options, clip))
-
     def transferable(self, options: CoCoOpOptions) -> bool:
         return True  # one unified context and a Meta-Net: any class names
-
-    def label_parts(self, options: CoCoOpOptions) -> list[str]:
-        return context_parts(options, CoCoOpOptions())
-
-    def parse_part(self, part: str) -> dict[str, Any]:
-        return parse_context_part(part) or super().parse_part(part)
-
-    def readable_parts(self, options: CoCoOpOptions) -> list[str]:
-        return readable_context_parts(options, CoCoOpOptions())
 
     def build_learner(self, options: CoCoOpOptions, clip: LoadedClip, classnames: Sequence[str], *,
                       generator: torch.Generator | None) -> CoCoOpLearner:

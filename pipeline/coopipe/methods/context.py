@@ -1,7 +1,8 @@
 """The learned context every prompt method shares: M tokens drawn at random, or initialised from words.
 
 Why one module: CoOp, CoCoOp and the rank prompts all take the options ``n_ctx`` (M) and ``ctx_init`` (init
-words), label them the same way (``m8``, ``init-a-photo-of-a``) and count M the same way. M is counted in
+words), label them the same way (``m8``, ``init-a-photo-of-a``) and count M the same way: they subclass
+:class:`ContextMethod`. M is counted in
 **tokens** everywhere: with init words it is their token count under the model's tokenizer (what the learner
 learns), filled in by :func:`resolve_n_ctx` once per run, so the checkpoint's method record, its training config
 and the learner's record hold one number ("age estimation: the age of the person is" is 10 tokens, 8 words).
@@ -9,15 +10,17 @@ and the learner's record hold one number ("age estimation: the age of the person
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping
 from typing import Any, Protocol
 
+from coopipe.methods.registry import Method
 from coopipe.models import LoadedClip
 from coopipe.prompt import _tokenize
 from coopipe.text_tower import resolve_text_tower
 
-__all__ = ["ContextOptions", "context_parts", "context_problems", "normalize_init", "parse_context_part",
+__all__ = ["ContextMethod", "ContextOptions", "context_parts", "context_problems", "normalize_init", "parse_context_part",
            "readable_context_parts", "resolve_n_ctx", "tie_context"]
 
 PAPER_N_CTX = 16  # CoOp's default M
@@ -94,3 +97,29 @@ def resolve_n_ctx(options: ContextOptions, clip: LoadedClip) -> int | None:
     tower = resolve_text_tower(clip.model)
     tokens = _tokenize(clip.tokenizer, [options.ctx_init], tower.context_length)  # (1, L)
     return int(tower.eos_positions(tokens)[0]) - 1
+
+
+class ContextMethod(Method):
+    """A method whose options include a learned context (``n_ctx``, ``ctx_init``): their checks, ties, label
+    parts and token count. Subclasses add their own options' parts around ``super()``'s."""
+
+    def check(self, options: Any) -> list[str]:
+        return context_problems(options)
+
+    def normalize(self, options: Any) -> Any:
+        return dataclasses.replace(options, ctx_init=normalize_init(options.ctx_init))
+
+    def with_options(self, base: Any, given: Mapping[str, Any]) -> Any:
+        return dataclasses.replace(base, **tie_context(given))
+
+    def resolve(self, options: Any, clip: LoadedClip) -> Any:
+        return dataclasses.replace(options, n_ctx=resolve_n_ctx(options, clip))
+
+    def label_parts(self, options: Any) -> list[str]:
+        return context_parts(options, self.options())
+
+    def parse_part(self, part: str) -> dict[str, Any]:
+        return parse_context_part(part) or super().parse_part(part)
+
+    def readable_parts(self, options: Any) -> list[str]:
+        return readable_context_parts(options, self.options())

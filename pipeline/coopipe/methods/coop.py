@@ -10,23 +10,13 @@ warm-up epoch at 1e-5 then cosine; 50/100/100/200/200 epochs by shots (ImageNet 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from coopipe.learners import ClassifierLearner
-from coopipe.methods.context import (
-    PAPER_N_CTX,
-    context_parts,
-    context_problems,
-    normalize_init,
-    parse_context_part,
-    readable_context_parts,
-    resolve_n_ctx,
-    tie_context,
-)
-from coopipe.methods.registry import Method
+from coopipe.methods.context import PAPER_N_CTX, ContextMethod
 from coopipe.models import LoadedClip
 from coopipe.prompt import CLASS_TOKEN_POSITIONS, PromptLearner
 from coopipe.text_encoder import PromptTextEncoder
@@ -50,14 +40,14 @@ class CoOpLearner(ClassifierLearner, PromptLearner):
         return encoder(self)
 
 
-class CoOp(Method):
+class CoOp(ContextMethod):
     name = "coop"
     title = "CoOp"
     options = CoOpOptions
     stackable = True
 
     def check(self, options: CoOpOptions) -> list[str]:
-        problems = context_problems(options)
+        problems = super().check(options)
         if options.class_token_position not in CLASS_TOKEN_POSITIONS:
             problems.append(f"class_token_position must be one of {CLASS_TOKEN_POSITIONS} "
                             f"(got {options.class_token_position!r})")
@@ -65,36 +55,26 @@ class CoOp(Method):
             problems.append(f"csc must be true or false (got {options.csc!r})")
         return problems
 
-    def normalize(self, options: CoOpOptions) -> CoOpOptions:
-        return dataclasses.replace(options, ctx_init=normalize_init(options.ctx_init))
-
-    def with_options(self, base: CoOpOptions, given: Mapping[str, Any]) -> CoOpOptions:
-        return dataclasses.replace(base, **tie_context(given))
-
-    def resolve(self, options: CoOpOptions, clip: LoadedClip) -> CoOpOptions:
-        return dataclasses.replace(options, n_ctx=resolve_n_ctx(options, clip))
-
     def transferable(self, options: CoOpOptions) -> bool:
         return not options.csc  # a class-specific context belongs to its classes
 
     def label_parts(self, options: CoOpOptions) -> list[str]:
-        parts = ["csc"] if options.csc else []
-        if options.class_token_position != "end":
-            parts.append(options.class_token_position)
-        return parts + context_parts(options, CoOpOptions())
+        return self._layout(options) + super().label_parts(options)
 
     def parse_part(self, part: str) -> dict[str, Any]:
         if part == "csc":
             return {"csc": True}
         if part in CLASS_TOKEN_POSITIONS:
             return {"class_token_position": part}
-        return parse_context_part(part) or super().parse_part(part)
+        return super().parse_part(part)
 
     def readable_parts(self, options: CoOpOptions) -> list[str]:
-        parts = ["CSC"] if options.csc else []
-        if options.class_token_position != "end":
-            parts.append(options.class_token_position)
-        return parts + readable_context_parts(options, CoOpOptions())
+        return [p.upper() if p == "csc" else p for p in self._layout(options)] + super().readable_parts(options)
+
+    @staticmethod
+    def _layout(options: CoOpOptions) -> list[str]:
+        parts = ["csc"] if options.csc else []
+        return parts + ([options.class_token_position] if options.class_token_position != "end" else [])
 
     def build_learner(self, options: CoOpOptions, clip: LoadedClip, classnames: Sequence[str], *,
                       generator: torch.Generator | None) -> CoOpLearner:

@@ -11,22 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from coopipe.methods.context import (
-    PAPER_N_CTX,
-    context_parts,
-    context_problems,
-    normalize_init,
-    parse_context_part,
-    readable_context_parts,
-    resolve_n_ctx,
-    tie_context,
-)
-from coopipe.methods.registry import Method, epochs_for
+from coopipe.methods.context import PAPER_N_CTX, ContextMethod
+from coopipe.methods.registry import epochs_for
 from coopipe.models import LoadedClip
 from coopipe.rank_prompt import RankPromptLearner
 
@@ -43,7 +34,7 @@ class RankOptions:
     n_base_ranks: int = RANK_BASE_RANKS
 
 
-class RankPrompts(Method):
+class RankPrompts(ContextMethod):
     name = "rank"
     title = "Rank prompts (OrdinalCLIP)"
     options = RankOptions
@@ -54,40 +45,27 @@ class RankPrompts(Method):
         return RANK_EPOCHS
 
     def check(self, options: RankOptions) -> list[str]:
-        problems = context_problems(options)
+        problems = super().check(options)
         n = options.n_base_ranks
         if isinstance(n, bool) or not isinstance(n, int) or n < 2:
             problems.append(f"n_base_ranks must be an integer >= 2 (got {n!r})")
         return problems
 
-    def normalize(self, options: RankOptions) -> RankOptions:
-        return dataclasses.replace(options, ctx_init=normalize_init(options.ctx_init))
-
-    def with_options(self, base: RankOptions, given: Mapping[str, Any]) -> RankOptions:
-        return dataclasses.replace(base, **tie_context(given))
-
-    def resolve(self, options: RankOptions, clip: LoadedClip) -> RankOptions:
-        return dataclasses.replace(options, n_ctx=resolve_n_ctx(options, clip))
-
     def transferable(self, options: RankOptions) -> bool:
         return False  # the learned rank embeddings are the classes
 
     def label_parts(self, options: RankOptions) -> list[str]:
-        parts = context_parts(options, RankOptions())
-        if options.n_base_ranks != RANK_BASE_RANKS:
-            parts.append(f"b{options.n_base_ranks}")
-        return parts
+        bases = [f"b{options.n_base_ranks}"] if options.n_base_ranks != RANK_BASE_RANKS else []
+        return super().label_parts(options) + bases
 
     def parse_part(self, part: str) -> dict[str, Any]:
         if re.fullmatch(r"b[1-9][0-9]*", part):
             return {"n_base_ranks": int(part[1:])}
-        return parse_context_part(part) or super().parse_part(part)
+        return super().parse_part(part)
 
     def readable_parts(self, options: RankOptions) -> list[str]:
-        parts = readable_context_parts(options, RankOptions())
-        if options.n_base_ranks != RANK_BASE_RANKS:
-            parts.append(f"{options.n_base_ranks} base ranks")
-        return parts
+        bases = [f"{options.n_base_ranks} base ranks"] if options.n_base_ranks != RANK_BASE_RANKS else []
+        return super().readable_parts(options) + bases
 
     def build_learner(self, options: RankOptions, clip: LoadedClip, classnames: Sequence[str], *,
                       generator: torch.Generator | None) -> RankPromptLearner:

@@ -7,7 +7,8 @@ Reads params.yaml (data, model, encode, fewshot), checks data and weights before
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from params import DataParams, load_params
 
@@ -42,10 +43,11 @@ def with_offline_hint(exc: Exception, data_root: str) -> ParamsError:
     )
 
 
-def check_inputs(dataset: str, data_root: str, model: str, pretrained: str) -> None:
+def check_inputs(dataset: str, data_root: str, model: str, pretrained: str,
+                 dataset_options: Mapping[str, Any] | None = None) -> None:
     """:func:`preflight`, whose error also gives the one command that runs the pipeline offline."""
     try:
-        preflight(dataset, data_root, model, pretrained)
+        preflight(dataset, data_root, model, pretrained, dataset_options)
     except ParamsError as exc:
         raise with_offline_hint(exc, data_root) from exc
 
@@ -55,11 +57,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
     p = load_params(args.params)
-    check_inputs(p.data.dataset, p.data.root, p.model.name, p.model.pretrained)
+    check_inputs(p.data.dataset, p.data.root, p.model.name, p.model.pretrained, p.data.options)
     try:
         run_encode(
             dataset=p.data.dataset, data_root=p.data.root, cache_dir=p.paths.cache, model=p.model.name,
-            pretrained=p.model.pretrained, shots=p.fewshot.shots, seeds=p.fewshot.seeds, **p.encode_kwargs(),
+            pretrained=p.model.pretrained, shots=p.fewshot.shots, seeds=p.fewshot.seeds,
+            dataset_options=p.data.options, **p.encode_kwargs(),
         )
     except WeightsError as exc:  # e.g. HF_HUB_OFFLINE=1 and the weights are not in the hub cache
         raise with_offline_hint(exc, p.data.root) from exc

@@ -31,6 +31,7 @@ TRAIN_NOT_PARAMS = ("seed",)
 class DataParams:
     dataset: str = "eurosat"
     root: str = "data/sample"  # the EuroSAT sample shipped in the repository (data/sample/README.md)
+    options: dict[str, Any] = field(default_factory=dict)  # the dataset builder's options (min_age, max_age, ...)
 
 
 @dataclass(frozen=True)

@@ -69,9 +69,11 @@ def encode(
     on_bad_image: Annotated[str, typer.Option(help="fail: stop at an unreadable image; skip: skip it and write a report.")] = _ENC_OPTS.on_bad_image,
     scheduler: Annotated[Optional[str], typer.Option(help="dask.distributed scheduler address (default: in-process).")] = EncodeConfig.scheduler,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    dataset_option: Annotated[Optional[list[str]], typer.Option("--dataset-option", help="A dataset builder option KEY=VALUE, repeatable: an age dataset's rank range (min_age=1, max_age=116), split file, split ratios and seed, prompt template.")] = None,
     confine_paths: Annotated[bool, typer.Option("--confine-paths", help="Refuse image paths in split files/manifests that resolve outside the data root (for untrusted lists).")] = EncodeConfig.confine_paths,
 ) -> None:
     """Encode a dataset's images once into chunked zarr feature stores under --cache."""
+    from coopipe.datasets.base import parse_dataset_options
     from coopipe.encode import EncodeOptions
     from coopipe.jobs.encode import ALL_SPLITS, run_encode
 
@@ -86,6 +88,7 @@ def encode(
             dataset=dataset, data_root=data_root, splits=splits, cache_dir=cache, model=model,
             pretrained=pretrained, views=views, crop_scale=(lo, hi), aug_seed=aug_seed, confine_paths=confine_paths,
             shots=(few := int_list(shots)), seeds=int_list(seeds) if few else [], scheduler=scheduler,
+            dataset_options=parse_dataset_options(dataset_option or []),
             options=EncodeOptions(
                 batch_size=batch_size, num_workers=workers, dtype=dtype, precision=precision, engine=engine,
                 chunk_rows=chunk_rows, on_bad_image=on_bad_image, device=device, progress=progress,

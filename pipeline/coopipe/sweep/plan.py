@@ -101,6 +101,7 @@ class EncodeTask:
     seeds: tuple[int, ...]
     views: int
     options: Mapping[str, Any] = field(default_factory=dict)  # EncodeOptions fields (batch_size, num_workers...)
+    dataset_options: Mapping[str, Any] = field(default_factory=dict)  # the dataset builder's (min_age, max_age...)
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,7 @@ class SweepSpec:
     encode_shots: tuple[int, ...] = ()
     encode: bool = True
     encode_options: Mapping[str, Any] = field(default_factory=dict)
+    dataset_options: Mapping[str, Any] = field(default_factory=dict)  # every dataset's builder (--dataset-option)
     runs: str | None = None
     settings: RunSettings = field(default_factory=RunSettings)
 
@@ -180,7 +182,7 @@ def _cache_names(spec: SweepSpec, names: Sequence[str], sources: set[str]) -> di
     missing: list[tuple[str, str]] = []
     for name in names:
         try:
-            found[name] = load_dataset(name, spec.data_root).name
+            found[name] = load_dataset(name, spec.data_root, **dict(spec.dataset_options)).name
         except CoopipeError as exc:
             missing.append((name, str(exc)))
     fatal = [(n, why) for n, why in missing if n in sources or not spec.skip_missing]
@@ -305,6 +307,7 @@ def plan_sweep(spec: SweepSpec) -> SweepPlan:
             dataset=registry_name, name=name, data_root=str(spec.data_root), splits=("train", "val", "test") if fewshot else ("test",),
             shots=(spec.encode_shots or encode_shots_for(spec.shots)) if fewshot else (),
             seeds=tuple(spec.seeds) if fewshot else (), views=spec.views, options=dict(spec.encode_options),
+            dataset_options=dict(spec.dataset_options),
         ))
     return SweepPlan(settings=spec.settings, runs_dir=runs_dir, encodes=tuple(encodes) if spec.encode else (),
                      tasks=tuple(tasks))

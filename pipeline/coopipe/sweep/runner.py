@@ -163,7 +163,7 @@ def encode_dataset(task: EncodeTask, settings: RunSettings) -> None:
         options = EncodeOptions(**{"device": settings.device, "progress": False, **dict(task.options)})
         run_encode(dataset=task.dataset, data_root=task.data_root, splits=task.splits, cache_dir=cache,
                    model=settings.model, pretrained=settings.pretrained, views=task.views, shots=task.shots,
-                   seeds=task.seeds, options=options)
+                   seeds=task.seeds, options=options, dataset_options=task.dataset_options)
 
 
 class SweepWorker(WorkerPlugin):

@@ -14,8 +14,9 @@ store added since (say, one with more views, which training would prefer) shows 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from params import DataParams, load_params
 
@@ -53,10 +54,11 @@ def with_offline_hint(exc: Exception, data_root: str) -> ParamsError:
     )
 
 
-def check_inputs(dataset: str, data_root: str, model: str, pretrained: str) -> None:
+def check_inputs(dataset: str, data_root: str, model: str, pretrained: str,
+                 dataset_options: Mapping[str, Any] | None = None) -> None:
     """:func:`preflight`, whose error also gives the one command that runs the pipeline offline."""
     try:
-        preflight(dataset, data_root, model, pretrained)
+        preflight(dataset, data_root, model, pretrained, dataset_options)
     except ParamsError as exc:
         raise with_offline_hint(exc, data_root) from exc
 
@@ -66,11 +68,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
     p = load_params(args.params)
-    check_inputs(p.data.dataset, p.data.root, p.model.name, p.model.pretrained)
+    check_inputs(p.data.dataset, p.data.root, p.model.name, p.model.pretrained, p.data.options)
     try:
         results = run_encode(
             dataset=p.data.dataset, data_root=p.data.root, cache_dir=p.paths.cache, model=p.model.name,
-            pretrained=p.model.pretrained, shots=p.fewshot.shots, seeds=p.fewshot.seeds, **p.encode_kwargs(),
+            pretrained=p.model.pretrained, shots=p.fewshot.shots, seeds=p.fewshot.seeds,
+            dataset_options=p.data.options, **p.encode_kwargs(),
         )
     except WeightsError as exc:  # e.g. HF_HUB_OFFLINE=1 and the weights are not in the hub cache
         raise with_offline_hint(exc, p.data.root) from exc

@@ -1,7 +1,8 @@
 """params.yaml, loaded once into the library's config dataclasses (the only place that knows the file's layout).
 
 Every section maps onto a dataclass whose defaults are the library's (:mod:`coopipe.config`,
-:class:`coopipe.encode.EncodeOptions`, :class:`coopipe.train.TrainConfig`), so a key left out of params.yaml
+:class:`coopipe.encode.EncodeOptions`, :class:`coopipe.train_config.TrainConfig` and the registered methods'
+options), so a key left out of params.yaml
 takes the same value as the command line would; an unknown key is an error naming the known ones.
 Stage scripts import this module as ``params`` (it sits beside them) and pass typed values to the library.
 """
@@ -18,7 +19,7 @@ import yaml
 from coopipe.config import EncodeConfig, FewShotConfig, InterpretConfig, ModelSpec, PathsConfig, ReportConfig
 from coopipe.encode import EncodeOptions
 from coopipe.errors import ParamsError
-from coopipe.train import TrainConfig
+from coopipe.train_config import train_option_names
 
 T = TypeVar("T")
 
@@ -30,6 +31,7 @@ TRAIN_NOT_PARAMS = ("seed",)
 class DataParams:
     dataset: str = "eurosat"
     root: str = "data/sample"  # the EuroSAT sample shipped in the repository (data/sample/README.md)
+    options: dict[str, Any] = field(default_factory=dict)  # the dataset builder's options (min_age, max_age, ...)
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,7 @@ def _fields(cls: type) -> dict[str, dataclasses.Field[Any]]:
     return {f.name: f for f in dataclasses.fields(cls)}
 
 
-def _values(section: str, raw: Any, known: dict[str, dataclasses.Field[Any]]) -> dict[str, Any]:
+def _values(section: str, raw: Any, known: dict[str, dataclasses.Field[Any]] | set[str]) -> dict[str, Any]:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -65,11 +67,11 @@ def _values(section: str, raw: Any, known: dict[str, dataclasses.Field[Any]]) ->
     unknown = set(raw) - set(known)
     if unknown:
         raise ParamsError(
-            f"params.yaml: unknown key(s) {', '.join(sorted(unknown))} in '{section}'; known: {', '.join(known)}"
+            f"params.yaml: unknown key(s) {', '.join(sorted(unknown))} in '{section}'; known: {', '.join(sorted(known))}"
         )
     values = {}
     for key, value in raw.items():
-        default = known[key].default
+        default = known[key].default if isinstance(known, dict) else None
         values[key] = tuple(value) if isinstance(default, tuple) and isinstance(value, list) else value
     return values
 
@@ -81,9 +83,10 @@ def _build(cls: type[T], section: str, raw: Any) -> T:
         raise ParamsError(f"params.yaml: section '{section}': {exc}") from exc
 
 
-def train_keys() -> dict[str, dataclasses.Field[Any]]:
-    """The keys of params.yaml's ``train`` section: TrainConfig's fields less those set per stage."""
-    return {k: f for k, f in _fields(TrainConfig).items() if k not in TRAIN_NOT_PARAMS}
+def train_keys() -> set[str]:
+    """The keys of params.yaml's ``train`` section: TrainConfig's fields and the registered methods' options (``method``
+    names a method or a method label such as ``rank_b5``), less those set per stage."""
+    return train_option_names() - set(TRAIN_NOT_PARAMS)
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

@@ -62,7 +62,7 @@ def _check_age_metrics(folder: Path, n_test: int) -> dict:
 
 
 def test_age_jobs_end_to_end(cache: Path, faces: Path, tmp_path: Path, rn50) -> None:
-    from coopipe.datasets import load_dataset, make_age_few_shot_index, rank_values
+    from coopipe.datasets import load_dataset, make_few_shot_index, rank_values
     from coopipe.datasets.fewshot import FewShotIndex
     from coopipe.jobs.age_eval import age_templates, describe_age_metrics
     from coopipe.jobs.age_report import run_age_report
@@ -78,7 +78,7 @@ def test_age_jobs_end_to_end(cache: Path, faces: Path, tmp_path: Path, rn50) -> 
     data = load_dataset("utkface", faces)
     n_test = len(data.split("test"))
     index = FewShotIndex.load(fewshot_index_path(cache, "utkface", 2, 1))
-    drawn = make_age_few_shot_index(data, 2, 1)
+    drawn = make_few_shot_index(data, 2, 1)
     assert index.train_indices == drawn.train_indices and index.train_order is not None
     assert len(index.train_indices) == 2 * len(AGES)  # 2 per present age; the 89 empty ranks are no error
     draw_ages = rank_values(data.classnames)[np.asarray(data.split("train").labels)[list(index.train_indices)]]
@@ -105,7 +105,7 @@ def test_age_jobs_end_to_end(cache: Path, faces: Path, tmp_path: Path, rn50) -> 
     run_train(cache_dir=cache, dataset="utkface", shots=1, seed=1, out_dir=run, clip=rn50, progress=False,
               overrides={"max_epoch": 1, "n_ctx": 2})
     assert FewShotIndex.load(fewshot_index_path(cache, "utkface", 1, 1)).train_indices == \
-        make_age_few_shot_index(data, 1, 1).train_indices
+        make_few_shot_index(data, 1, 1).train_indices
     run_eval(run, cache_dir=cache)
     metrics = _check_age_metrics(run, n_test)
     assert metrics["method"] == "coop_m2" and metrics["shots"] == 1 and "1-shot train draw" in metrics["constant_from"]
@@ -128,7 +128,7 @@ def test_lookup_draws_the_age_rule_from_a_full_store(tmp_path: Path) -> None:
     (sparse ages keep all, empty ranks are fine), equal to the dataset's draw and with its draw order (so fewer
     shots derive from it); CoOp's strict rule for any other dataset."""
     from conftest import make_store
-    from coopipe.datasets import make_age_few_shot_index
+    from coopipe.datasets import make_few_shot_index
     from coopipe.datasets.ages import rank_classnames
     from coopipe.datasets.base import Dataset, Split
     from coopipe.errors import DatasetError
@@ -147,13 +147,13 @@ def test_lookup_draws_the_age_rule_from_a_full_store(tmp_path: Path) -> None:
     index = fewshot_index(tmp_path, "utkface", 4, 1, stores["utkface", "train"])
     splits = {"train": Split(tuple(f"img{i}.jpg" for i in range(train_labels.size)), tuple(train_labels.tolist())),
               "val": Split(tuple(f"img{i}.jpg" for i in range(val_labels.size)), tuple(val_labels.tolist()))}
-    drawn = make_age_few_shot_index(Dataset("utkface", tmp_path, tuple(names), "{}", splits), 4, 1)
+    drawn = make_few_shot_index(Dataset("utkface", tmp_path, tuple(names), "{}", splits, label_kind="ordinal"), 4, 1)
     assert len(index.train_indices) == 4 + 1 + 4  # K = 4 of age 20, the single face of 21, all 4 of age 40
     assert (index.train_indices, index.val_indices, index.train_order, index.val_order) == \
         (drawn.train_indices, drawn.val_indices, drawn.train_order, drawn.val_order)
     assert fewshot_index_path(tmp_path, "utkface", 4, 1).is_file()
     one = fewshot_index(tmp_path, "utkface", 1, 1, None)  # derived from the recorded 4-shot draw
-    assert one.train_indices == make_age_few_shot_index(Dataset("utkface", tmp_path, tuple(names), "{}", splits), 1, 1).train_indices
+    assert one.train_indices == make_few_shot_index(Dataset("utkface", tmp_path, tuple(names), "{}", splits, label_kind="ordinal"), 1, 1).train_indices
     with pytest.raises(DatasetError, match="has 0 images but 4 shots"):
         fewshot_index(tmp_path, "toy", 4, 1, stores["toy", "train"])
 

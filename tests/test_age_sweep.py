@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from coopipe.cli import app
-from coopipe.method import MethodSpec
+from coopipe.methods import MethodSpec
 from coopipe.safe_names import is_safe_name, safe_name
 from coopipe.sweep import SweepSpec, parse_variant, plan_sweep
 from coopipe.sweep.plan import AGE_INIT_WORDS, AGE_METHODS, RunSettings
@@ -38,7 +38,7 @@ def test_age_plan_defaults(faces: Path) -> None:
     plan = plan_sweep(spec)
     labels = {m.label() for m in AGE_METHODS}
     assert labels == {"coop_init-age-estimation:-the-age-of-the-person-is", "cocoop", "rank"}
-    assert parse_variant("coop_age") == MethodSpec(ctx_init=AGE_INIT_WORDS)
+    assert parse_variant("coop_age") == MethodSpec.of("coop", ctx_init=AGE_INIT_WORDS)
     runs = {str(Path(t.run_dir).relative_to("r")) for t in plan.tasks}
     unsafe = [r for r in runs if not all(is_safe_name(part) for part in Path(r).parts)]
     assert not unsafe, f"run folders with characters unsafe in file names or shells: {unsafe}"

@@ -10,10 +10,10 @@ from conftest import require_data
 from coopipe.datasets import (
     is_age_dataset,
     load_dataset,
-    make_age_few_shot_index,
+    make_few_shot_index,
     rank_values,
     read_age_split_file,
-    sample_age_few_shot,
+    sample_few_shot,
 )
 from coopipe.errors import DatasetError
 
@@ -120,19 +120,19 @@ def test_age_manifest_numeric_label_column(tmp_path: Path) -> None:
 
 def test_age_few_shot_keeps_all_of_a_sparse_age_and_nests() -> None:
     labels = np.array([20] * 9 + [21] * 2 + [50] * 5)  # age 21 has fewer than K = 4
-    draw = sample_age_few_shot(labels, 101, 4, seed=1)
+    draw = sample_few_shot(labels, 101, 4, seed=1, strict=False)
     counts = np.bincount(labels[draw], minlength=101)
     assert counts[20] == 4 and counts[21] == 2 and counts[50] == 4 and counts.sum() == 10
-    assert set(sample_age_few_shot(labels, 101, 2, seed=1)) <= set(draw)  # nested: K=2 inside K=4
-    assert set(draw) <= set(sample_age_few_shot(labels, 101, 8, seed=1))
-    assert np.array_equal(draw, sample_age_few_shot(labels, 101, 4, seed=1))  # explicit generators
-    assert not np.array_equal(draw, sample_age_few_shot(labels, 101, 4, seed=2))
+    assert set(sample_few_shot(labels, 101, 2, seed=1, strict=False)) <= set(draw)  # nested: K=2 inside K=4
+    assert set(draw) <= set(sample_few_shot(labels, 101, 8, seed=1, strict=False))
+    assert np.array_equal(draw, sample_few_shot(labels, 101, 4, seed=1, strict=False))  # explicit generators
+    assert not np.array_equal(draw, sample_few_shot(labels, 101, 4, seed=2, strict=False))
 
 
 def test_age_few_shot_index_on_utkface(shared_data: Path) -> None:
     require_data(shared_data / "utkface" / "images", "UTKFace images")
     ds = load_dataset("utkface", shared_data)
-    index = make_age_few_shot_index(ds, 16, seed=1)
+    index = make_few_shot_index(ds, 16, seed=1)
     train = np.asarray(ds.splits["train"].labels)[index.train_array()]
     counts = np.bincount(train, minlength=101)
     full = np.bincount(ds.splits["train"].labels, minlength=101)

@@ -99,7 +99,7 @@ def case(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
         offline_hub(patch, hf_home)
         tag = load_clip(name, "openai")
     file = load_clip(f"{name}-quickgelu", str(checkpoint))
-    assert activation_of(tag.model) == activation_of(file.model) == "quick_gelu"
+    assert activation_of(tag.model) == activation_of(file.model) == "QuickGELU"
     yield Case(name, reference, checkpoint, hf_home, tag, file)
 
 

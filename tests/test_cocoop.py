@@ -21,7 +21,7 @@ from coopipe import text_encoder
 from coopipe.cocoop import CoCoOpLearner, build_meta_net
 from coopipe.cocoop_text import cocoop_backward, cocoop_logits, cocoop_predict, cocoop_text_features
 from coopipe.errors import ParamsError
-from coopipe.method import MethodSpec
+from coopipe.methods import MethodSpec
 from coopipe.models import LoadedClip, load_clip
 from coopipe.text_encoder import PromptTextEncoder
 
@@ -67,7 +67,7 @@ def _reference_logits(clip: LoadedClip, learner: CoCoOpLearner, images: torch.Te
 
 
 def _learner(clip: LoadedClip, spec: MethodSpec, seed: int = 0) -> CoCoOpLearner:
-    learner = CoCoOpLearner(clip, NAMES, spec, generator=torch.Generator().manual_seed(seed))
+    learner = spec.build_learner(clip, NAMES, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():  # a Meta-Net shift as large as the context, so that the image matters
         learner.meta_net.linear2.weight.mul_(20.0)
     return learner
@@ -96,10 +96,8 @@ def test_learner_from_spec(clip64: LoadedClip) -> None:
     assert learner.config()["method"] == "cocoop"
     with pytest.raises(ParamsError, match="depend on the image"):
         learner.class_text_features(PromptTextEncoder(clip64))
-    with pytest.raises(ParamsError, match="cocoop method spec"):
-        CoCoOpLearner(clip64, NAMES, MethodSpec())
-    spec = MethodSpec.from_options("cocoop", n_ctx=3)  # random init, drawn from the generator
-    a, b = (CoCoOpLearner(clip64, NAMES, spec, generator=torch.Generator().manual_seed(s)) for s in (5, 5))
+    spec = MethodSpec.of("cocoop", n_ctx=3)  # random init, drawn from the generator
+    a, b = (spec.build_learner(clip64, NAMES, generator=torch.Generator().manual_seed(s)) for s in (5, 5))
     assert a.ctx.shape == (3, a.ctx.shape[1]) and a.ctx_init is None
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(x, y), name
@@ -107,7 +105,7 @@ def test_learner_from_spec(clip64: LoadedClip) -> None:
 
 def test_batched_path_equals_per_image_plain_loop(clip64: LoadedClip, monkeypatch: pytest.MonkeyPatch) -> None:
     """Logits and the gradients of ctx and of every Meta-Net parameter, in every chunking, equal the plain loop."""
-    learner = _learner(clip64, MethodSpec.default("cocoop"))
+    learner = _learner(clip64, MethodSpec("cocoop"))
     params = [learner.ctx, *learner.meta_net.parameters()]
     gen = torch.Generator().manual_seed(1)
     images = torch.randn(B, clip64.embed_dim, generator=gen, dtype=torch.float64) * 3.0
@@ -141,7 +139,7 @@ def test_batched_path_equals_per_image_plain_loop(clip64: LoadedClip, monkeypatc
 def test_chunked_backward_equals_the_plain_loops_gradients(clip64: LoadedClip) -> None:
     """Training's chunk-by-chunk backward (each image chunk's summed loss / B, back-propagated at once, no
     recomputation) accumulates the gradients of the batch's mean loss through the plain 77-token loop."""
-    learner = _learner(clip64, MethodSpec.default("cocoop"))
+    learner = _learner(clip64, MethodSpec("cocoop"))
     params = [learner.ctx, *learner.meta_net.parameters()]
     images = torch.randn(5, clip64.embed_dim, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 3.0
     labels = torch.tensor([1, 2, 0, 3, 1])
@@ -163,7 +161,7 @@ def test_chunked_backward_equals_the_plain_loops_gradients(clip64: LoadedClip) -
 
 
 def test_text_features_and_predict(clip64: LoadedClip) -> None:
-    learner = _learner(clip64, MethodSpec.default("cocoop"))
+    learner = _learner(clip64, MethodSpec("cocoop"))
     images = torch.randn(7, clip64.embed_dim, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     encoder = PromptTextEncoder(clip64, class_chunk=3)
     feats = cocoop_text_features(encoder, learner, images, image_chunk=4)
@@ -183,13 +181,14 @@ def test_cocoop_training_resumes_exactly_from_a_checkpoint(clip64: LoadedClip, t
     the checkpoint holds the Meta-Net's parameters and every momentum buffer (ctx's and the Meta-Net's)."""
     from coopipe.checkpoint import load_checkpoint, save_checkpoint
     from coopipe.learners import predict_logits, restore_learner
-    from coopipe.train import TrainConfig, train_prompt
+    from coopipe.train import train_prompt
+    from coopipe.train_config import TrainConfig
 
     gen = torch.Generator().manual_seed(3)
     labels = torch.arange(len(NAMES)).repeat(2)  # (8,)
     feats = torch.randn(len(labels), 2, clip64.embed_dim, generator=gen)  # (N, V, D)
     config = TrainConfig.for_method("cocoop", 16, max_epoch=3, batch_size=3, class_chunk=3, image_chunk=2)
-    assert (config.n_ctx, config.ctx_init, config.method) == (4, "a photo of a", "cocoop")
+    assert (config.method.n_ctx, config.method.ctx_init, config.method.method) == (4, "a photo of a", "cocoop")
     val = {"val_feats": feats[:, 0], "val_labels": labels}
     full = train_prompt(feats, labels, clip64, NAMES, config, **val)
     part = train_prompt(feats, labels, clip64, NAMES, config, stop_after=1, **val)
@@ -202,12 +201,12 @@ def test_cocoop_training_resumes_exactly_from_a_checkpoint(clip64: LoadedClip, t
         assert torch.equal(resumed.params[name], value), name
     assert [(r.loss, r.val_acc) for r in resumed.history] == [(r.loss, r.val_acc) for r in full.history]
     assert all(r.val_acc is not None for r in full.history)
-    learner = restore_learner(config.method_spec(), clip64, NAMES, load_checkpoint(tmp_path / "ckpt").learner_tensors)
+    learner = restore_learner(config.method, clip64, NAMES, load_checkpoint(tmp_path / "ckpt").learner_tensors)
     logits = predict_logits(learner, PromptTextEncoder(clip64), feats[:, 0], clip64.model.logit_scale, batch_size=5)
     assert logits.shape == (len(labels), len(NAMES))
 
 
 def test_building_a_learner_leaves_the_global_rng_alone(clip64: LoadedClip) -> None:
     before = torch.get_rng_state()
-    CoCoOpLearner(clip64, NAMES, MethodSpec.from_options("cocoop", n_ctx=2), generator=torch.Generator().manual_seed(0))
+    MethodSpec.of("cocoop", n_ctx=2).build_learner(clip64, NAMES, generator=torch.Generator().manual_seed(0))
     assert torch.equal(torch.get_rng_state(), before)

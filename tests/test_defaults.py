@@ -16,10 +16,11 @@ import yaml
 from coopipe.cli import app
 from coopipe.config import EncodeConfig, FewShotConfig, InterpretConfig, ModelSpec, PathsConfig, ReportConfig
 from coopipe.encode import EncodeOptions
-from coopipe.train import TrainConfig
+from coopipe.methods.coop import CoOpOptions
+from coopipe.train_config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-METHOD_SETTING = ("max_epoch", "n_ctx", "ctx_init", "batch_size")  # null in params.yaml: the method's paper setting
+METHOD_SETTING = ("max_epoch", "n_ctx", "ctx_init", "batch_size", "csc", "class_token_position")  # null in params.yaml: the method's paper setting
 
 
 def _params_module():
@@ -65,7 +66,8 @@ def test_params_yaml_equals_the_dataclass_defaults(tmp_path):
         "fewshot": dataclasses.asdict(FewShotConfig()),
         "interpret": dataclasses.asdict(InterpretConfig()),
         "report": dataclasses.asdict(ReportConfig()),
-        "train": dataclasses.asdict(TrainConfig()),
+        "train": {**{f.name: getattr(TrainConfig(), f.name) for f in dataclasses.fields(TrainConfig)},
+                  "method": TrainConfig().method.method, **dataclasses.asdict(CoOpOptions())},
     }
     for section, values in raw.items():
         if section == "data":
@@ -104,13 +106,13 @@ def test_encode_cli_defaults_are_the_library_defaults():
 def test_train_and_other_cli_defaults_are_the_library_defaults():
     d = _cli_defaults("train")
     cfg = TrainConfig()
-    assert (d["method"], d["class_token_position"], d["csc"]) == (cfg.method, cfg.class_token_position, cfg.csc)
+    assert (d["method"], d["class_token_position"], d["csc"]) == (cfg.method.method, None, None)  # None: the method's
     assert (d["lr"], d["views"], d["class_chunk"], d["bf16"]) == (cfg.lr, cfg.views, cfg.class_chunk, cfg.autocast_bf16)
     # left out: the method's paper setting, from TrainConfig.for_method (CoOp M=16 batch 32; CoCoOp M=4 batch 1)
     assert d["epochs"] is None and d["n_ctx"] is None and d["ctx_init"] is None and d["batch_size"] is None
     assert TrainConfig.for_method("coop", 16) == cfg
     cocoop = TrainConfig.for_method("cocoop", 16)
-    assert (cocoop.n_ctx, cocoop.ctx_init, cocoop.batch_size, cocoop.max_epoch) == (4, "a photo of a", 1, 10)
+    assert (cocoop.method.n_ctx, cocoop.method.ctx_init, cocoop.batch_size, cocoop.max_epoch) == (4, "a photo of a", 1, 10)
     i = _cli_defaults("interpret")
     assert (i["topk"], i["metric"]) == (InterpretConfig.topk, InterpretConfig.metric)
     r = _cli_defaults("report")

@@ -12,11 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from coopipe.cocoop import CoCoOpLearner
 from coopipe.cocoop_text import cocoop_logits
 from coopipe.errors import ParamsError
 from coopipe.frozen_gemm import FrozenGemm, onednn_available
-from coopipe.method import MethodSpec
+from coopipe.methods import MethodSpec
 from coopipe.prompt import PromptLearner
 from coopipe.text_encoder import PromptTextEncoder, coop_logits
 
@@ -93,8 +92,8 @@ def test_coop_text_path_on_onednn_equals_open_clips_plain_path(rn50) -> None:
 
 
 def test_cocoop_text_path_on_onednn_equals_open_clips_plain_path(rn50) -> None:
-    spec = MethodSpec.from_options("cocoop", n_ctx=2)
-    learner = CoCoOpLearner(rn50, NAMES, spec, generator=torch.Generator().manual_seed(0))
+    spec = MethodSpec.of("cocoop", n_ctx=2)
+    learner = spec.build_learner(rn50, NAMES, generator=torch.Generator().manual_seed(0))
     images = torch.randn(3, rn50.embed_dim, generator=torch.Generator().manual_seed(2))
     labels = torch.tensor([2, 0, 3])
     params = [learner.ctx, *learner.meta_net.parameters()]

@@ -12,7 +12,7 @@ import yaml
 from typer.testing import CliRunner
 
 from coopipe.encode import EncodeOptions, encode_split
-from coopipe.hardware import HardwareFacts, choose_precision, probe, resolve_precision, text_autocast_bf16
+from coopipe.hardware import HardwareFacts, choose_precision, probe, resolve_precision
 from coopipe.store import open_store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +38,6 @@ def test_rule_for_every_kind_of_machine(facts: HardwareFacts, conv: bool, expect
     assert choice.precision == expected and choice.reason
     assert resolve_precision("auto", facts=facts, conv_tower=conv) == expected
     # the text tower is a transformer: the bf16 text path follows the non-convolutional rule
-    assert text_autocast_bf16(facts=facts) is (choose_precision(facts, conv_tower=False).precision == "bf16")
 
 
 def test_auto_logs_the_choice_and_explicit_is_honoured(caplog: pytest.LogCaptureFixture) -> None:

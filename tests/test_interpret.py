@@ -197,7 +197,8 @@ def test_bad_requests(rn50, indices):
 # ---------------------------------------------------------------------------------------------- stage and CLI
 def _toy_store(cache, split: str, clip, classnames, n: int, seed: int):
     """A small complete feature store (random features) where `coopipe encode` would put it."""
-    from coopipe.store import StoreWriter, open_store, store_path
+    from coopipe.store import open_store, store_path
+    from coopipe.store_writer import StoreWriter
 
     prov = {
         "dataset": "toy", "split": split, "classnames": list(classnames), "rows": "all", "n_split": n,
@@ -216,12 +217,12 @@ def _toy_store(cache, split: str, clip, classnames, n: int, seed: int):
 
 def _toy_checkpoint(tmp_path, clip, cache, **variant):
     from coopipe.checkpoint import save_checkpoint
-    from coopipe.train import TrainConfig, TrainState
+    from coopipe.train_config import TrainConfig, TrainState
 
-    config = TrainConfig(max_epoch=2, **variant)
-    learner = config.prompt_learner(clip, CLASSES, generator=torch.Generator().manual_seed(0))
+    config = TrainConfig.for_method("coop", 16, max_epoch=2, **variant)
+    learner = config.method.build_learner(clip, CLASSES, generator=torch.Generator().manual_seed(0))
     state = TrainState(
-        epoch=2, ctx=learner.ctx.detach().clone(), momentum_buffer=None,
+        epoch=2, params={"ctx": learner.ctx.detach().clone()},
         generator_state=torch.Generator().get_state(), variant={k: v for k, v in learner.config().items() if k != "classnames"},
     )
     train = _toy_store(cache, "train", clip, CLASSES, 6, seed=1)
@@ -278,13 +279,13 @@ def test_checkpoint_weights_map_back_to_load_arguments(tmp_path):
     from coopipe.errors import CheckpointError
     from coopipe.jobs.interpret import checkpoint_pretrained
 
-    def ckpt(weights, params=None):
-        return Checkpoint(path=tmp_path, meta={"weights": weights, "params": params or {}}, tensors={})
+    def ckpt(weights, pretrained=None):
+        return Checkpoint(path=tmp_path, meta={"weights": weights, "run": {"pretrained": pretrained}}, tensors={})
 
     assert checkpoint_pretrained(ckpt("open_clip:RN50/openai")) == "openai"
     assert checkpoint_pretrained(ckpt("random-init:seed=0")) == "none"
     weights_file = tmp_path / "w.pt"
     weights_file.write_bytes(b"x")
-    assert checkpoint_pretrained(ckpt("sha256:ab", {"model": {"pretrained": str(weights_file)}})) == str(weights_file)
+    assert checkpoint_pretrained(ckpt("sha256:ab", str(weights_file))) == str(weights_file)
     with pytest.raises(CheckpointError, match="--pretrained"):
-        checkpoint_pretrained(ckpt("sha256:ab", {"model": {"pretrained": str(tmp_path / "gone.pt")}}))
+        checkpoint_pretrained(ckpt("sha256:ab", str(tmp_path / "gone.pt")))

@@ -13,8 +13,11 @@ import torch
 from coopipe.checkpoint import load_checkpoint, save_checkpoint
 from coopipe.jobs.train import run_train
 from coopipe.metrics_log import DVCLIVE_DIR, EpochMetricsLog
-from coopipe.store import StoreWriter, store_path
-from coopipe.train import TrainConfig, train_coop
+from coopipe.store import store_path
+from coopipe.store_writer import StoreWriter
+from coopipe.methods import MethodSpec
+from coopipe.train import train_prompt
+from coopipe.train_config import TrainConfig
 
 CLASSES = ["cat", "dog", "sea or lake"]
 
@@ -82,9 +85,9 @@ def test_training_writes_one_dvclive_step_per_epoch(rn50, tmp_path):
 
 def test_resumed_run_continues_the_step_count(rn50, tmp_path):
     feats, labels = (torch.from_numpy(a) for a in _toy(3, 2, rn50.embed_dim, seed=2))
-    cfg = TrainConfig(max_epoch=4, batch_size=3, n_ctx=2, seed=1)
+    cfg = TrainConfig(max_epoch=4, batch_size=3, method=MethodSpec.of("coop", n_ctx=2), seed=1)
     with EpochMetricsLog(tmp_path / "full") as log:
-        full = train_coop(feats, labels, rn50, CLASSES, cfg, on_epoch=lambda rec, state: log.log(rec))
+        full = train_prompt(feats, labels, rn50, CLASSES, cfg, on_epoch=lambda rec, state: log.log(rec))
 
     # killed after epoch 3 was logged, with the last checkpoint at epoch 2: epoch 3 is trained (and logged) again
     saved = {}
@@ -94,11 +97,11 @@ def test_resumed_run_continues_the_step_count(rn50, tmp_path):
         saved[rec.epoch] = state
 
     with EpochMetricsLog(tmp_path / "run") as log:
-        train_coop(feats, labels, rn50, CLASSES, cfg, stop_after=3, on_epoch=first_part)
+        train_prompt(feats, labels, rn50, CLASSES, cfg, stop_after=3, on_epoch=first_part)
     save_checkpoint(tmp_path / "run", clip=rn50, classnames=CLASSES, config=cfg, state=saved[2])
     resume = load_checkpoint(tmp_path / "run").train_state()
     with EpochMetricsLog(tmp_path / "run", start_epoch=resume.epoch) as log:
-        train_coop(feats, labels, rn50, CLASSES, cfg, resume_state=resume, on_epoch=lambda rec, state: log.log(rec))
+        train_prompt(feats, labels, rn50, CLASSES, cfg, resume_state=resume, on_epoch=lambda rec, state: log.log(rec))
 
     for name in ("loss", "train_acc", "lr"):
         resumed = _steps(tmp_path / "run" / DVCLIVE_DIR, name)
@@ -112,9 +115,9 @@ def test_resumed_run_continues_the_step_count(rn50, tmp_path):
 def test_a_damaged_dvclive_summary_is_rebuilt_on_resume(rn50, tmp_path, damage):
     """dvclive writes metrics.json in place: a full disk or a kill inside that write must not stop every resume."""
     feats, labels = (torch.from_numpy(a) for a in _toy(3, 2, rn50.embed_dim, seed=2))
-    cfg = TrainConfig(max_epoch=4, batch_size=3, n_ctx=2, seed=1)
+    cfg = TrainConfig(max_epoch=4, batch_size=3, method=MethodSpec.of("coop", n_ctx=2), seed=1)
     with EpochMetricsLog(tmp_path / "full") as log:
-        train_coop(feats, labels, rn50, CLASSES, cfg, on_epoch=lambda rec, state: log.log(rec))
+        train_prompt(feats, labels, rn50, CLASSES, cfg, on_epoch=lambda rec, state: log.log(rec))
     saved = {}
 
     def first_part(rec, state):
@@ -122,7 +125,7 @@ def test_a_damaged_dvclive_summary_is_rebuilt_on_resume(rn50, tmp_path, damage):
         saved[rec.epoch] = state
 
     with EpochMetricsLog(tmp_path / "run") as log:
-        train_coop(feats, labels, rn50, CLASSES, cfg, stop_after=2, on_epoch=first_part)
+        train_prompt(feats, labels, rn50, CLASSES, cfg, stop_after=2, on_epoch=first_part)
     summary = tmp_path / "run" / DVCLIVE_DIR / "metrics.json"
     text = summary.read_text()
     summary.write_text("" if damage == "empty" else text[: len(text) // 2])
@@ -130,7 +133,7 @@ def test_a_damaged_dvclive_summary_is_rebuilt_on_resume(rn50, tmp_path, damage):
     resume = load_checkpoint(tmp_path / "run").train_state()
     with EpochMetricsLog(tmp_path / "run", start_epoch=resume.epoch) as log:
         assert json.loads(summary.read_text())["step"] == 2  # rebuilt before dvclive reads it
-        train_coop(feats, labels, rn50, CLASSES, cfg, resume_state=resume, on_epoch=lambda rec, state: log.log(rec))
+        train_prompt(feats, labels, rn50, CLASSES, cfg, resume_state=resume, on_epoch=lambda rec, state: log.log(rec))
     assert json.loads(summary.read_text()) == json.loads((tmp_path / "full" / DVCLIVE_DIR / "metrics.json").read_text())
     for name in ("loss", "train_acc", "lr"):
         assert _steps(tmp_path / "run" / DVCLIVE_DIR, name) == _steps(tmp_path / "full" / DVCLIVE_DIR, name)

@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 from coopipe.cli import app
 from coopipe.compat import import_open_clip
 from coopipe.errors import ParamsError
-from coopipe.model_support import list_supported, tag_activation, text_activation, unsupported_reason
-from coopipe.models import load_clip, model_config
+from coopipe.model_support import list_supported, tag_activation, unsupported_reason
+from coopipe.models import activation_of, load_clip, model_config
 from coopipe.prompt import PromptLearner
 from coopipe.text_encoder import PromptTextEncoder
 from coopipe.text_tower import resolve_text_tower
@@ -70,8 +70,8 @@ def test_activation_of_tags_and_models(listing):
     assert dict(listing["ViT-B-32"].tags)["laion2b_s34b_b79k"] == "GELU"
     assert tag_activation("RN50-quickgelu", "yfcc15m") == "QuickGELU"  # from the model config
     assert listing["RN50"].activation == "GELU" and listing["RN50-quickgelu"].activation == "QuickGELU"
-    assert text_activation(load_clip("RN50", "none").model) == "GELU"
-    assert text_activation(import_open_clip().create_model("RN50-quickgelu", pretrained=None)) == "QuickGELU"
+    assert activation_of(load_clip("RN50", "none").model) == "GELU"
+    assert activation_of(import_open_clip().create_model("RN50-quickgelu", pretrained=None)) == "QuickGELU"
 
 
 def test_cli_listing():

@@ -98,11 +98,11 @@ def test_the_activation_follows_open_clip_s_pretrained_table() -> None:
 def test_a_checkpoint_file_takes_the_activation_of_the_model_name(rn50, tmp_path) -> None:
     from coopipe.models import activation_of
 
-    assert activation_of(rn50.model) == "gelu"  # open_clip's RN50 config (its text tower; the image tower uses ReLU)
+    assert activation_of(rn50.model) == "GELU"  # open_clip's RN50 config (its text tower; the image tower uses ReLU)
     ckpt = tmp_path / "rn50.pt"
     torch.save(rn50.model.state_dict(), ckpt)
-    assert activation_of(load_clip("RN50-quickgelu", str(ckpt)).model) == "quick_gelu"
-    assert activation_of(load_clip("RN50", str(ckpt)).model) == "gelu"
+    assert activation_of(load_clip("RN50-quickgelu", str(ckpt)).model) == "QuickGELU"
+    assert activation_of(load_clip("RN50", str(ckpt)).model) == "GELU"
 
 
 def test_a_torchscript_archive_is_refused_with_how_to_use_it_without_running_it(tmp_path, monkeypatch) -> None:

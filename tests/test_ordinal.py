@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 from coopipe.errors import DatasetError
+from coopipe.evaluate import classifier_logits
 from coopipe.ordinal import (
     cumulative_scores,
-    evaluate_age_classifier,
     evaluate_ages,
     median_predictor_mae,
     ordinal_kl_loss,
@@ -86,6 +86,6 @@ def test_kl_term_matches_a_hand_loop() -> None:
 def test_age_classifier_uses_clip_logits() -> None:
     text = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     images = torch.tensor([[2.0, 0.0], [1.0, 1.0]])  # cosines (1, 0) and (0.707, 0.707)
-    ev = evaluate_age_classifier(text, images, [0, 1], [30.0, 40.0], math.log(2.0))
+    ev = evaluate_ages(classifier_logits(text, images, math.log(2.0)), [0, 1], [30.0, 40.0])  # what eval computes
     p = math.exp(2.0) / (math.exp(2.0) + 1.0)  # scale 2: logits (2, 0)
     assert ev.pred_exp[0] == pytest.approx(30 * p + 40 * (1 - p)) and ev.pred_exp[1] == pytest.approx(35.0)

@@ -27,10 +27,12 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-from coopipe.learners import CoOpLearner
+from coopipe.methods.coop import CoOpLearner
 from coopipe.models import LoadedClip, load_clip
 from coopipe.text_encoder import PromptTextEncoder, coop_logits
-from coopipe.train import TrainConfig, train_prompt
+from coopipe.methods import MethodSpec
+from coopipe.train import train_prompt
+from coopipe.train_config import TrainConfig
 
 NAMES = ["cat", "dog", "car", "tree", "boat", "house", "bird", "road"]
 M = 4
@@ -82,7 +84,7 @@ def test_coop_finds_a_planted_prompt(vit: LoadedClip) -> None:
     (x_train, y_train), (x_test, y_test) = synth(TRAIN_PER_CLASS), synth(TEST_PER_CLASS)
     assert _accuracy(coop_logits(x_test, text, vit.model.logit_scale), y_test) == 1.0  # separable (Bayes)
     hand = _hand_crafted(vit, x_test, y_test)
-    config = TrainConfig(max_epoch=6, batch_size=16, n_ctx=M, lr=0.5, warmup_epoch=0, weight_decay=0.0, seed=1)
+    config = TrainConfig(max_epoch=6, batch_size=16, method=MethodSpec.of("coop", n_ctx=M), lr=0.5, warmup_epoch=0, weight_decay=0.0, seed=1)
     result = train_prompt(x_train, y_train, vit, NAMES, config, val_feats=x_test, val_labels=y_test)
     learned = result.history[-1].val_acc
     assert result.history[0].epoch == 1 and learned is not None
@@ -126,13 +128,13 @@ def test_cocoop_finds_a_planted_conditional_prompt(vit: LoadedClip) -> None:
     assert one_domain < 0.8  # the shift matters
     hand = _hand_crafted(clip, x_test, y_test)
     config = TrainConfig(
-        method="cocoop", max_epoch=6, batch_size=16, n_ctx=M, lr=0.5, warmup_epoch=0, weight_decay=0.0, seed=1
+        method=MethodSpec.of("cocoop", n_ctx=M), max_epoch=6, batch_size=16, lr=0.5, warmup_epoch=0, weight_decay=0.0, seed=1
     )
     result = train_prompt(x_train, y_train, clip, NAMES, config)
     assert result.text_features is None and set(result.params) == {
-        "meta_net.linear1.weight", "meta_net.linear1.bias", "meta_net.linear2.weight", "meta_net.linear2.bias",
+        "ctx", "meta_net.linear1.weight", "meta_net.linear1.bias", "meta_net.linear2.weight", "meta_net.linear2.bias",
     }
-    learner = restore_learner(config.method_spec(), clip, NAMES, result.learner_tensors())
+    learner = restore_learner(config.method, clip, NAMES, result.params)
     learned = _accuracy(predict_logits(learner, PromptTextEncoder(clip), x_test, clip.model.logit_scale), y_test)
     assert learned >= LEARNED_MIN, (learned, hand, one_domain)
     assert learned - hand >= MARGIN_MIN, (learned, hand, one_domain)

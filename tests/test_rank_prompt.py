@@ -11,16 +11,15 @@ import numpy as np
 import pytest
 import torch
 from coopipe.errors import ParamsError
-from coopipe.method import MethodSpec
+from coopipe.methods import MethodSpec
 from coopipe.models import LoadedClip
 from coopipe.ordinal import evaluate_ages, median_predictor_mae
-from coopipe.rank_prompt import (
-    RankPromptLearner,
-    build_rank_learner,
-    fit_rank_prompt,
-    interpolation_weights,
-)
+from coopipe.methods import Optimization, register, unregister
+from coopipe.methods.rank import RankOptions, RankPrompts
+from coopipe.rank_prompt import RankPromptLearner, interpolation_weights
 from coopipe.text_encoder import PromptTextEncoder
+from coopipe.train import train_prompt
+from coopipe.train_config import TrainConfig
 
 AGE_INIT = "age estimation: the age of the person is"  # OrdinalCLIP's MORPH context init
 
@@ -43,15 +42,25 @@ def test_interpolation_weights_are_the_references_linear_ones() -> None:
 
 
 def test_built_from_the_method_seam(rn50: LoadedClip) -> None:
-    learner = build_rank_learner(rn50, MethodSpec(method="rank", ctx_init=AGE_INIT, n_base_ranks=4), 101)
+    ranks = [str(r) for r in range(101)]
+    learner = MethodSpec.of("rank", ctx_init=AGE_INIT, n_base_ranks=4).build_learner(rn50, ranks)
     assert learner.n_ctx == 10 and learner.rank_embeds.shape == (4, 512)
     assert learner.config() == {"n_ranks": 101, "n_ctx": 10, "ctx_init": AGE_INIT, "n_base_ranks": 4}
     assert {n for n, _ in learner.named_parameters()} == {"ctx", "rank_embeds"}
-    with pytest.raises(ParamsError, match="needs method 'rank'"):
-        build_rank_learner(rn50, MethodSpec(method="coop"), 101)
-    a = build_rank_learner(rn50, MethodSpec(method="rank"), 5, generator=torch.Generator().manual_seed(3))
-    b = build_rank_learner(rn50, MethodSpec(method="rank"), 5, generator=torch.Generator().manual_seed(3))
+    with pytest.raises(ParamsError, match="n_base_ranks must be an integer >= 2"):
+        MethodSpec.of("rank", n_base_ranks=1)
+    a = MethodSpec("rank").build_learner(rn50, ranks[:5], generator=torch.Generator().manual_seed(3))
+    b = MethodSpec("rank").build_learner(rn50, ranks[:5], generator=torch.Generator().manual_seed(3))
     assert torch.equal(a.ctx, b.ctx) and torch.equal(a.rank_embeds, b.rank_embeds)
+
+
+class AdamRankPrompts(RankPrompts):
+    """Rank prompts trained with Adam: a method that declares its own optimiser (the planted-rank test's)."""
+
+    name = "rankadam"
+
+    def optimizer(self, params, opt: Optimization) -> torch.optim.Optimizer:
+        return torch.optim.Adam(list(params.values()), lr=opt.lr, weight_decay=opt.weight_decay)
 
 
 @torch.no_grad()
@@ -112,10 +121,21 @@ def test_planted_ranks_are_learned(rn50: LoadedClip) -> None:
 
     (x_train, y_train), (x_test, y_test) = draw(160), draw(400)
     scale = torch.tensor(math.log(100.0))  # CLIP's trained scale; the random model's 1/0.07 is flatter still
-    learner = RankPromptLearner(clip, n_ranks, n_ctx=4, generator=torch.Generator().manual_seed(1))
-    history = fit_rank_prompt(learner, encoder, scale, x_train, y_train, epochs=30, batch_size=64, lr=0.05,
-                              optimizer="adam", generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
+        clip.model.logit_scale.fill_(float(scale))
+    # the production loop, with a method that declares Adam (cosine lr from 0.05, no warm-up)
+    register(AdamRankPrompts())
+    try:
+        config = TrainConfig(method=MethodSpec("rankadam", RankOptions(n_ctx=4)), max_epoch=30, batch_size=64,
+                             lr=0.05, weight_decay=0.0, warmup_epoch=0, drop_last=False, seed=1)
+        trained = train_prompt(x_train, y_train, clip, [str(r) for r in range(n_ranks)], config)
+        learner = config.method.build_learner(clip, [str(r) for r in range(n_ranks)])
+    finally:
+        unregister("rankadam")
+    history = [r.loss for r in trained.history]
+    with torch.no_grad():
+        for name, param in learner.named_parameters():
+            param.copy_(trained.params[name])
         result = evaluate_ages(learner.logits(encoder, x_test, scale), y_test, np.arange(n_ranks))
     constant = median_predictor_mae(y_train.numpy(), y_test.numpy())
     assert history[-1] < history[0]

@@ -14,8 +14,11 @@ from coopipe.regression import (
     evaluate_age_predictions,
     fit_rank_linear_probe,
     fit_ridge_probe,
-    zero_shot_ages,
 )
+from coopipe.baselines import zero_shot_classifier
+from coopipe.datasets.ages import rank_values
+from coopipe.evaluate import classifier_logits
+from coopipe.ordinal import evaluate_ages
 from sklearn.linear_model import Ridge
 
 
@@ -66,6 +69,13 @@ def test_rank_probe_expectation_on_ordered_features() -> None:
     np.testing.assert_allclose(np.exp(logp).sum(axis=1), 1.0)
     result = probe.evaluate(xt, yt)
     assert result.mae_exp < 0.5 * median_predictor_mae(y, yt)
+
+
+def zero_shot_ages(clip, names, templates, features, labels):
+    """Zero-shot (one template) or prompt-ensemble (several) age estimation, as the age zero-shot job computes it."""
+    weights = zero_shot_classifier(clip, names, templates)  # (K, D)
+    logits = classifier_logits(weights, features, clip.model.logit_scale.detach().cpu())  # (N, K)
+    return evaluate_ages(logits, labels, rank_values(names))
 
 
 def test_zero_shot_and_ensemble_over_age_templates(rn50: LoadedClip) -> None:

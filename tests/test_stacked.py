@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from coopipe.errors import ParamsError
-from coopipe.learners import build_learner
-from coopipe.method import MethodSpec
+from coopipe.methods import MethodSpec
 from coopipe.stacked import StackedRun, stack_key, train_stacked
 from coopipe.stacked_text import check_stackable, stacked_text_features
-from coopipe.train import TrainConfig, TrainState, train_prompt
+from coopipe.train import train_prompt
+from coopipe.train_config import TrainConfig, TrainState
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -42,7 +42,7 @@ def _runs(on_epoch=None, resume=None, **config) -> list[StackedRun]:
     runs = []
     for i, (seed, shots, epochs) in enumerate([(1, 1, 2), (2, 2, 3), (1, 2, 3)]):
         feats, labels = _features(shots, seed * 10 + shots)
-        cfg = TrainConfig(max_epoch=epochs, batch_size=2, seed=seed, lr=0.01, n_ctx=4, **config)
+        cfg = TrainConfig(max_epoch=epochs, batch_size=2, seed=seed, lr=0.01, method=MethodSpec.of("coop", n_ctx=4), **config)
         runs.append(StackedRun(feats, labels, CLASSES, cfg, val_feats=val_feats[:, 0], val_labels=val_labels,
                                on_epoch=None if on_epoch is None else (lambda rec, st, i=i: on_epoch(i, rec, st)),
                                resume_state=None if resume is None else resume[i]))
@@ -89,9 +89,9 @@ def test_resumed_stack_in_groups_of_two_equals_uninterrupted_stack(rn50):
 
 
 @pytest.mark.parametrize("spec, share_prefix", [
-    (MethodSpec(method="coop", csc=True, class_token_position="middle", n_ctx=4), True),
-    (MethodSpec(method="coop", n_ctx=4, class_token_position="front"), False),  # open_clip's own transformer
-    (MethodSpec(method="rank", n_ctx=4), True),
+    (MethodSpec.of("coop", csc=True, class_token_position="middle", n_ctx=4), True),
+    (MethodSpec.of("coop", n_ctx=4, class_token_position="front"), False),  # open_clip's own transformer
+    (MethodSpec.of("rank", n_ctx=4), True),
 ])
 def test_stacked_text_pass_matches_each_learner_alone(rn50, spec, share_prefix):
     """Features and gradients of every learner's parameters, for each layout's stacked path."""
@@ -99,8 +99,8 @@ def test_stacked_text_pass_matches_each_learner_alone(rn50, spec, share_prefix):
 
     encoder = PromptTextEncoder(rn50, share_prefix=share_prefix)
     n = 5 if spec.method == "rank" else len(CLASSES)
-    learners = [build_learner(spec, rn50, CLASSES if n == 3 else [str(i) for i in range(n)],
-                              generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    learners = [spec.build_learner(rn50, CLASSES if n == 3 else [str(i) for i in range(n)],
+                                   generator=torch.Generator().manual_seed(s)) for s in range(3)]
     check_stackable(learners)
     weights = torch.randn(3, n, rn50.embed_dim, generator=torch.Generator().manual_seed(7))
     stacked = stacked_text_features(encoder, learners)
@@ -116,7 +116,7 @@ def test_stacked_text_pass_matches_each_learner_alone(rn50, spec, share_prefix):
 
 
 def test_what_cannot_stack_is_refused(rn50):
-    cocoop = [build_learner(MethodSpec.default("cocoop"), rn50, CLASSES, generator=torch.Generator()) for _ in range(2)]
+    cocoop = [MethodSpec("cocoop").build_learner(rn50, CLASSES, generator=torch.Generator()) for _ in range(2)]
     with pytest.raises(ParamsError, match="image-conditional"):
         check_stackable(cocoop)
     feats, labels = _features(1, 1)
@@ -124,7 +124,7 @@ def test_what_cannot_stack_is_refused(rn50):
             for s in (1, 2)]
     with pytest.raises(ParamsError, match="cannot be stacked"):
         train_stacked(runs, rn50, max_stack=2)
-    mixed = [StackedRun(feats, labels, CLASSES, TrainConfig(n_ctx=4)), StackedRun(feats, labels, CLASSES, TrainConfig())]
+    mixed = [StackedRun(feats, labels, CLASSES, TrainConfig(method=MethodSpec.of("coop", n_ctx=4))), StackedRun(feats, labels, CLASSES, TrainConfig())]
     assert stack_key(mixed[0]) != stack_key(mixed[1])
     with pytest.raises(ParamsError, match="share the class list"):
         train_stacked(mixed, rn50)

@@ -17,7 +17,7 @@ from conftest import make_toy_cache
 from coopipe.checkpoint import META_FILE, load_checkpoint
 from coopipe.errors import ParamsError
 from coopipe.jobs.train import run_train, run_train_stacked
-from coopipe.method import MethodSpec
+from coopipe.methods import MethodSpec
 from coopipe.sweep import SweepSpec, plan_sweep, run_sweep
 from coopipe.sweep.plan import RunSettings
 from coopipe.frozen_gemm import onednn_available
@@ -105,14 +105,13 @@ def test_sweep_stacks_compatible_runs_and_keeps_the_others_alone(cache, rn50, al
     with pytest.raises(ParamsError, match="--stack"):
         resolve_stack("yes", "cpu")
     settings = RunSettings(cache=str(cache), pretrained="none", epochs=3, train_options={"batch_size": 2, "lr": 0.01})
-    spec = SweepSpec(datasets=("toy",), methods=(MethodSpec(n_ctx=2), MethodSpec.default("cocoop")), shots=(1, 2),
+    spec = SweepSpec(datasets=("toy",), methods=(MethodSpec.of("coop", n_ctx=2), MethodSpec("cocoop")), shots=(1, 2),
                      seeds=(1, 2), zeroshot=True, encode=False, runs=str(tmp_path / "runs"), settings=settings)
     plan = plan_sweep(spec)
     units = stack_units(plan.tasks, stack=True)
     assert sorted(len(u) for u in units) == [1] * 5 + [4]  # 4 CoOp runs stacked; CoCoOp runs and zero-shot alone
     assert len(stack_units(plan.tasks, stack=False)) == len(plan.tasks)
-    assert sorted(len(u) for u in stack_units(plan.tasks, stack=True, parts=2)) == [1] * 5 + [2, 2]  # 2 cores
-    coop = dataclasses.replace(spec, methods=(MethodSpec(n_ctx=2),), zeroshot=False)
+    coop = dataclasses.replace(spec, methods=(MethodSpec.of("coop", n_ctx=2),), zeroshot=False)
     out = run_sweep(plan_sweep(coop), scheduler="inline", progress=False, stack="on")
     assert out.count("done") == 4, [r.detail() for r in out.results]
     runs = tmp_path / "runs" / "toy" / "coop_m2"

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import copy_eurosat_folder
 from coopipe.errors import ParamsError
-from coopipe.method import MethodSpec
+from coopipe.methods import MethodSpec
 from coopipe.sweep import SweepSpec, auto_jobs, parse_variant, plan_sweep, run_sweep
 from coopipe.sweep.options import encode_args, train_args
 from coopipe.sweep.plan import RunSettings
@@ -85,7 +85,7 @@ def small(eurosat_root: Path, tmp_path_factory) -> tuple[Path, Path]:
 
 def _spec(cache: Path, runs: Path, **kw) -> SweepSpec:
     settings = RunSettings(cache=str(cache), pretrained="none", epochs=2)
-    return SweepSpec(datasets=(NAME,), methods=(MethodSpec(n_ctx=4),), encode=False, runs=str(runs),
+    return SweepSpec(datasets=(NAME,), methods=(MethodSpec.of("coop", n_ctx=4),), encode=False, runs=str(runs),
                      settings=settings, **kw)
 
 

@@ -2,9 +2,10 @@
 
 A checkpoint is a directory::
 
-    prompt.safetensors   ctx (n_ctx, width) or (n_cls, n_ctx, width), the learner's other parameters as
-                         ``param.<name>`` (CoCoOp's Meta-Net); for resuming also the SGD momentum buffers
-                         (``momentum_buffer`` for ctx, ``momentum.<name>``) and the data generator's state
+    prompt.safetensors   every learner parameter by name as ``param.<name>`` (``param.ctx``,
+                         ``param.meta_net.linear1.weight``, ...), whatever the method; for resuming also the
+                         optimiser's state as ``optim.<name>.<key>`` (SGD: ``optim.ctx.momentum_buffer``) and the
+                         data generator's state
     prompt.json          how it was made: model name, weights identity, class names, prompt variant, the cache
                          stores it was trained on (paths + provenance keys), training config and extra params,
                          epoch, history, coopipe / open_clip versions, sha256 of prompt.safetensors
@@ -41,11 +42,11 @@ from safetensors.torch import load_file, save_file
 import coopipe
 from coopipe.atomic import atomic_write, write_json
 from coopipe.errors import CheckpointError, MissingFileError, ParamsError
-from coopipe.method import MethodSpec
+from coopipe.learners import Learner, restore_learner
+from coopipe.methods import MethodSpec
 from coopipe.models import LoadedClip, open_clip_version, sha256_file
 from coopipe.store import FeatureStore, provenance_key
-from coopipe.learners import Learner, restore_learner
-from coopipe.train import EpochRecord, TrainConfig, TrainResult, TrainState
+from coopipe.train_config import EpochRecord, TrainConfig, TrainResult, TrainState
 
 logger = logging.getLogger(__name__)
 
@@ -68,13 +69,14 @@ __all__ = [
     "store_ref",
 ]
 
-CHECKPOINT_FORMAT = "coopipe.prompt/1"
+CHECKPOINT_FORMAT = "coopipe.prompt/2"
+FORMAT_1 = "coopipe.prompt/1"  # ctx apart, SGD momentum only, flat method fields in the config: read on load
 CLASSIFIER_FORMAT = "coopipe.classifier/1"
 TENSORS_FILE = "prompt.safetensors"
 META_FILE = "prompt.json"
 CLASSIFIER_FILE = "classifier.safetensors"
-PARAM_PREFIX = "param."  # the learner's parameters other than ctx (CoCoOp: param.meta_net.linear1.weight, ...)
-MOMENTUM_PREFIX = "momentum."  # their SGD momentum buffers (resume only)
+PARAM_PREFIX = "param."  # every learner parameter (param.ctx, param.meta_net.linear1.weight, ...)
+OPTIM_PREFIX = "optim."  # the optimiser's state by parameter and key (resume only)
 PREVIOUS_SUFFIX = ".prev"  # the last consistent tensor file, kept while a new pair is being written
 
 
@@ -185,13 +187,14 @@ class Checkpoint:
     tensors: dict[str, torch.Tensor]
 
     @property
-    def ctx(self) -> torch.Tensor:
-        return self.tensors["ctx"]
+    def learner_tensors(self) -> dict[str, torch.Tensor]:
+        """Every trained tensor of the learner by name, for ``restore_learner``."""
+        return _prefixed(self.tensors, PARAM_PREFIX)
 
     @property
-    def learner_tensors(self) -> dict[str, torch.Tensor]:
-        """``ctx`` and the learner's other trained tensors by name (CoCoOp's Meta-Net), for ``restore_learner``."""
-        return {"ctx": self.ctx, **_prefixed(self.tensors, PARAM_PREFIX)}
+    def ctx(self) -> torch.Tensor:
+        """The learned context (prompt methods)."""
+        return self.learner_tensors["ctx"]
 
     @property
     def model(self) -> str:
@@ -211,26 +214,18 @@ class Checkpoint:
 
     @property
     def method(self) -> MethodSpec:
-        """The method and variant (a pre-seam checkpoint's ``variant`` reads as CoOp)."""
-        raw = self.meta.get("method") or self.meta.get("variant") or {}
+        """The method and its options."""
+        raw = self.meta.get("method") or {}
         try:
             return MethodSpec.from_dict(raw)
         except ParamsError as exc:
-            raise CheckpointError(f"checkpoint {self.path}: unreadable method record {raw!r} ({exc}); re-train") from exc
+            raise CheckpointError(f"checkpoint {self.path}: unreadable method record {raw!r} ({exc}); re-train "
+                                  f"(or register the method it names before loading it)") from exc
 
     @property
     def run(self) -> RunRecord:
-        """What the run was trained for (a pre-seam checkpoint's free-form ``params`` where no ``run`` exists)."""
-        where = f"checkpoint {self.path / META_FILE}"
-        if "run" in self.meta:
-            return RunRecord.from_dict(self.meta["run"], where=where)
-        params = self.meta.get("params") or {}
-        model = params.get("model") if isinstance(params, Mapping) else None
-        legacy = {k: params.get(k) for k in ("dataset", "shots", "seed") if isinstance(params, Mapping)}
-        legacy["classes"] = params.get("classes", "all") if isinstance(params, Mapping) else "all"
-        if isinstance(model, Mapping):
-            legacy["pretrained"] = model.get("pretrained")
-        return RunRecord.from_dict(legacy, where=where)
+        """What the run was trained for."""
+        return RunRecord.from_dict(self.meta.get("run") or {}, where=f"checkpoint {self.path / META_FILE}")
 
     @property
     def dataset(self) -> str | None:
@@ -252,25 +247,26 @@ class Checkpoint:
 
     @property
     def config(self) -> TrainConfig:
-        return TrainConfig.from_dict(self.meta["config"])
+        try:
+            return TrainConfig.from_dict(self.meta["config"])
+        except ParamsError as exc:
+            raise CheckpointError(f"checkpoint {self.path}: unreadable training config ({exc}); re-train") from exc
 
     @property
     def history(self) -> list[EpochRecord]:
         return [EpochRecord.from_dict(r) for r in self.meta.get("history", [])]
 
     def train_state(self) -> TrainState:
-        """The state to pass to ``train_coop(resume_state=...)``; needs a checkpoint saved with resume tensors."""
+        """The state to pass to ``train_prompt(resume_state=...)``; needs a checkpoint saved with resume tensors."""
         if "generator_state" not in self.tensors:
             raise CheckpointError(f"checkpoint {self.path} holds no resume state (saved without it); start a new run")
         return TrainState(
             epoch=self.epoch,
-            ctx=self.ctx,
-            momentum_buffer=self.tensors.get("momentum_buffer"),
+            params=self.learner_tensors,
             generator_state=self.tensors["generator_state"],
+            optimizer=_prefixed(self.tensors, OPTIM_PREFIX),
             history=self.history,
             variant=self.variant,
-            params=_prefixed(self.tensors, PARAM_PREFIX),
-            momentum=_prefixed(self.tensors, MOMENTUM_PREFIX),
         )
 
     def classifier(self) -> Classifier:
@@ -312,11 +308,12 @@ class Checkpoint:
         )
 
     def check_resumable(self, config: TrainConfig) -> None:
-        """Raise unless ``config`` is the configuration this checkpoint was trained with (resume needs the same)."""
-        saved = self.meta["config"]
-        diffs = [k for k, v in config.to_dict().items() if saved.get(k) != v]
+        """Raise unless ``config`` gives the result this checkpoint's config gives (memory-only options such as
+        ``class_chunk`` may change)."""
+        saved = self.config
+        diffs = saved.result_differences(config)
         if diffs:
-            shown = ", ".join(f"{k}: {saved.get(k)!r} -> {getattr(config, k)!r}" for k in diffs[:4])
+            shown = ", ".join(f"{k}: {getattr(saved, k)!s} -> {getattr(config, k)!s}" for k in diffs[:4])
             raise CheckpointError(
                 f"cannot resume checkpoint {self.path} with another training config ({shown}); use the saved "
                 f"config or start a new run in another output folder"
@@ -343,9 +340,9 @@ def load_learner(ckpt: Checkpoint, clip: LoadedClip, classnames: Sequence[str] |
     if names != ckpt.classnames and not spec.transferable:
         raise CheckpointError(
             f"checkpoint {ckpt.path} holds a {spec.label()} prompt tied to its {len(ckpt.classnames)} training classes "
-            f"({'class-specific context (CSC)' if spec.csc else 'learned rank embeddings'}), which cannot serve other "
-            f"classes; train a unified-context method (coop without --csc, or cocoop) for base-to-new or "
-            f"cross-dataset evaluation"
+            f"(its options {spec.to_dict()}), which cannot serve other classes (a class-specific context (CSC) or "
+            f"learned rank embeddings); train a unified-context method (coop without --csc, or cocoop) for "
+            f"base-to-new or cross-dataset evaluation"
         )
     try:
         return restore_learner(spec, clip, names, ckpt.learner_tensors)
@@ -382,13 +379,10 @@ def save_checkpoint(
         # keep the tensors the current prompt.json describes until the new JSON is in place: a run killed between
         # the two writes then still loads (see load_checkpoint)
         atomic_write(previous, lambda tmp: shutil.copyfile(tensor_file, tmp))
-    tensors: dict[str, torch.Tensor] = {"ctx": state.ctx}
-    tensors.update({PARAM_PREFIX + name: t for name, t in state.params.items()})  # CoCoOp's Meta-Net
+    tensors = {PARAM_PREFIX + name: t for name, t in state.params.items()}
     if include_resume:
         tensors["generator_state"] = state.generator_state
-        if state.momentum_buffer is not None:
-            tensors["momentum_buffer"] = state.momentum_buffer
-        tensors.update({MOMENTUM_PREFIX + name: t for name, t in state.momentum.items()})
+        tensors.update({OPTIM_PREFIX + key: t for key, t in state.optimizer.items()})
     tensor_path = _write_tensors(tensor_file, tensors, {"format": CHECKPOINT_FORMAT})
     meta = {
         "format": CHECKPOINT_FORMAT,
@@ -397,7 +391,7 @@ def save_checkpoint(
         "embed_dim": clip.embed_dim,
         "logit_scale": float(clip.model.logit_scale.detach()),
         "classnames": list(classnames),
-        "method": config.method_spec().to_dict(),
+        "method": config.method.to_dict(),
         "run": (run or RunRecord()).to_dict(),
         "variant": dict(state.variant),
         "stores": {role: store_ref(store) for role, store in (stores or {}).items()},
@@ -464,7 +458,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"checkpoint metadata {meta_path} is not readable JSON ({exc}); re-train") from exc
     fmt = meta.get("format") if isinstance(meta, dict) else None
-    if fmt != CHECKPOINT_FORMAT:
+    if fmt not in (CHECKPOINT_FORMAT, FORMAT_1):
         raise CheckpointError(
             f"{meta_path} is not a coopipe prompt checkpoint (format {fmt!r}, expected {CHECKPOINT_FORMAT!r})"
         )
@@ -484,9 +478,33 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
                 f"delete the folder and re-train"
             )
     tensors = _read_tensors(tensor_path, "checkpoint tensors")
-    if "ctx" not in tensors:
-        raise CheckpointError(f"{tensor_path} holds no 'ctx' tensor; re-train")
+    if fmt == FORMAT_1:
+        meta, tensors = _read_format_1(meta, tensors)
+    if not any(name.startswith(PARAM_PREFIX) for name in tensors):
+        raise CheckpointError(f"{tensor_path} holds no learned tensor; re-train")
     return Checkpoint(path=directory, meta=meta, tensors=tensors)
+
+
+def _read_format_1(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A checkpoint of the first format (the built-in methods, SGD) in today's layout: the context beside the other
+    parameters, momentum buffers as optimiser state, the method record in the config instead of its fields."""
+    method = dict(meta.get("method") or {})
+    name = str(method.get("method", "coop"))
+    options = {"coop": ("n_ctx", "ctx_init", "csc", "class_token_position"), "cocoop": ("n_ctx", "ctx_init"),
+               "rank": ("n_ctx", "ctx_init", "n_base_ranks")}.get(name, ())
+    record = {"method": name, **{k: method[k] for k in options if k in method}}
+    config = {k: v for k, v in dict(meta.get("config") or {}).items()
+              if k not in ("n_ctx", "ctx_init", "csc", "class_token_position")}
+    upgraded: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        if key == "ctx":
+            key = PARAM_PREFIX + "ctx"
+        elif key == "momentum_buffer":
+            key = OPTIM_PREFIX + "ctx.momentum_buffer"
+        elif key.startswith("momentum."):
+            key = OPTIM_PREFIX + key[len("momentum."):] + ".momentum_buffer"
+        upgraded[key] = tensor
+    return {**meta, "method": record, "config": {**config, "method": record}}, upgraded
 
 
 # ---------------------------------------------------------------- exported classifier

@@ -13,7 +13,7 @@ import threading
 
 import numpy as np
 
-from coopipe.store import StoreWriter
+from coopipe.store_writer import StoreWriter
 
 logger = logging.getLogger(__name__)
 

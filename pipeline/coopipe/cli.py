@@ -19,11 +19,11 @@ from coopipe.cli_export import export, models
 from coopipe.cli_common import check_classes, csv_list, errors, int_list, note_random_weights, print_metrics
 from coopipe.cli_sweep import sweep
 
-from coopipe.method import METHODS
+from coopipe.methods import method_names
 from coopipe.config import EncodeConfig, FewShotConfig, InterpretConfig, ModelSpec, PathsConfig, ReportConfig
 from coopipe.encode import EncodeOptions
 from coopipe.jobs.train import CHECKPOINT_EVERY_S
-from coopipe.train import TrainConfig
+from coopipe.train_config import TrainConfig
 
 _ENC_OPTS = EncodeOptions()
 _TRAIN = TrainConfig()
@@ -70,9 +70,11 @@ def encode(
     on_bad_image: Annotated[str, typer.Option(help="fail: stop at an unreadable image; skip: skip it and write a report.")] = _ENC_OPTS.on_bad_image,
     scheduler: Annotated[Optional[str], typer.Option(help="dask.distributed scheduler address (default: in-process).")] = EncodeConfig.scheduler,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    dataset_option: Annotated[Optional[list[str]], typer.Option("--dataset-option", help="A dataset builder option KEY=VALUE, repeatable: an age dataset's rank range (min_age=1, max_age=116), split file, split ratios and seed, prompt template.")] = None,
     confine_paths: Annotated[bool, typer.Option("--confine-paths", help="Refuse image paths in split files/manifests that resolve outside the data root (for untrusted lists).")] = EncodeConfig.confine_paths,
 ) -> None:
     """Encode a dataset's images once into chunked zarr feature stores under --cache."""
+    from coopipe.datasets.base import parse_dataset_options
     from coopipe.encode import EncodeOptions
     from coopipe.jobs.encode import ALL_SPLITS, run_encode
 
@@ -87,6 +89,7 @@ def encode(
             dataset=dataset, data_root=data_root, splits=splits, cache_dir=cache, model=model,
             pretrained=pretrained, views=views, crop_scale=(lo, hi), aug_seed=aug_seed, confine_paths=confine_paths,
             shots=(few := int_list(shots)), seeds=int_list(seeds) if few else [], scheduler=scheduler,
+            dataset_options=parse_dataset_options(dataset_option or []),
             options=EncodeOptions(
                 batch_size=batch_size, num_workers=workers, dtype=dtype, precision=precision, engine=engine,
                 chunk_rows=chunk_rows, on_bad_image=on_bad_image, device=device, progress=progress,
@@ -117,10 +120,10 @@ def train(
     shots: Annotated[int, typer.Option(help="K images per class (1, 2, 4, 8, 16 in the paper).")],
     seed: Annotated[int, typer.Option(help="Few-shot draw and training seed (1, 2, 3 in the paper).")],
     out: Annotated[Path, typer.Option(help="Run folder for the checkpoint, classifier and history.")],
-    method: Annotated[str, typer.Option(help="coop, cocoop (Meta-Net, image-conditional; its paper setting: M=4 from 'a photo of a', 10 epochs, batch 1) or rank (OrdinalCLIP rank prompts, age datasets).")] = _TRAIN.method,
+    method: Annotated[str, typer.Option(help=f"A registered method ({', '.join(method_names())}: coop; cocoop, Meta-Net, image-conditional, its paper setting M=4 from 'a photo of a', 10 epochs, batch 1; rank, OrdinalCLIP rank prompts for age datasets), or a method label such as coop_csc_middle or rank_b5.")] = _TRAIN.method.method,
     n_ctx: Annotated[Optional[int], typer.Option(help="Number of context tokens M (default: the method's paper setting, CoOp 16, CoCoOp 4 from words).")] = None,
-    csc: Annotated[bool, typer.Option("--csc", help="Class-specific context (one context per class).")] = False,
-    class_token_position: Annotated[str, typer.Option(help="end, middle or front.")] = _TRAIN.class_token_position,
+    csc: Annotated[Optional[bool], typer.Option("--csc", help="Class-specific context (one context per class; CoOp).")] = None,
+    class_token_position: Annotated[Optional[str], typer.Option(help="end, middle or front (CoOp; default: end).")] = None,
     ctx_init: Annotated[Optional[str], typer.Option(help="Initialise the context from words, e.g. 'a photo of a' (sets M; default: the method's paper setting).")] = None,
     epochs: Annotated[Optional[int], typer.Option("--max-epoch", "--epochs", help="Epochs (default: the paper's; CoOp 50/100/100/200/200 by shots, ImageNet 50; CoCoOp 10).")] = None,
     lr: Annotated[float, typer.Option(help="SGD learning rate (cosine decay per epoch, first epoch at 1e-5).")] = _TRAIN.lr,
@@ -139,8 +142,6 @@ def train(
     from coopipe.jobs.train import run_train
 
     with errors():
-        if method not in METHODS:
-            raise typer.BadParameter(f"unknown --method {method!r}; available: {', '.join(METHODS)}")
         check_classes(classes)
         overrides = {
             "n_ctx": n_ctx, "csc": csc, "class_token_position": class_token_position, "ctx_init": ctx_init,

@@ -41,6 +41,7 @@ def sweep(
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     train_args: Annotated[Optional[str], typer.Option(help="Extra `coopipe train` options, e.g. '--bf16 --batch-size 32'.")] = None,
     encode_shots: Annotated[Optional[str], typer.Option(help="Shots to encode for (default: the grid's plus the paper's up to the largest).")] = None,
+    dataset_option: Annotated[Optional[list[str]], typer.Option("--dataset-option", help="A dataset builder option KEY=VALUE, repeatable (e.g. max_age=116 for ages up to 116).")] = None,
     encode_args: Annotated[Optional[str], typer.Option(help="Extra `coopipe encode` options, e.g. '--workers 4 --batch-size 128'.")] = None,
     encode: Annotated[bool, typer.Option("--encode/--no-encode", help="Encode the datasets with missing runs first.")] = True,
     report: Annotated[bool, typer.Option("--report/--no-report", help="Write RUNS/report when a result changed.")] = True,
@@ -60,8 +61,9 @@ def sweep(
 
     from tqdm.auto import tqdm
 
+    from coopipe.datasets.base import parse_dataset_options
     from coopipe.errors import CoopipeError
-    from coopipe.method import MethodSpec
+    from coopipe.methods import MethodSpec
     from coopipe.sweep import RunResult, SweepSpec, parse_variant, plan_sweep, run_sweep
     from coopipe.sweep.options import encode_args as parse_encode_args, train_args as parse_train_args
     from coopipe.sweep.plan import RunSettings
@@ -79,7 +81,7 @@ def sweep(
         if variants:
             methods = tuple(parse_variant(v) for v in name_list([variants]))
         elif csc or position or n_ctx or ctx_init:
-            methods = (MethodSpec.from_options("coop", csc=csc or None, class_token_position=position, n_ctx=n_ctx,
+            methods = (MethodSpec.of("coop", csc=csc or None, class_token_position=position, n_ctx=n_ctx,
                                                ctx_init=ctx_init),)
         options = parse_train_args(train_args)
         settings = RunSettings(cache=str(cache), model=model, pretrained=pretrained, device=device,
@@ -89,7 +91,8 @@ def sweep(
             shots=tuple(int_list(shots)), seeds=tuple(int_list(seeds)), fewshot=fewshot, zeroshot=zeroshot,
             linear_probe=linear_probe, ridge=ridge, base2new=base2new, targets=tuple(name_list([targets] if targets else [])),
             skip_missing=skip_missing, views=views, encode_shots=tuple(int_list(encode_shots)), encode=encode,
-            encode_options=parse_encode_args(encode_args), runs=str(runs) if runs else None, settings=settings,
+            encode_options=parse_encode_args(encode_args), dataset_options=parse_dataset_options(dataset_option or []),
+            runs=str(runs) if runs else None, settings=settings,
         )
         plan = plan_sweep(spec)
     except (CoopipeError, ValueError, typer.BadParameter) as exc:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import skip_init
 
+from coopipe.cocoop_text import cocoop_backward, cocoop_logits, cocoop_predict
 from coopipe.errors import ParamsError
-from coopipe.method import MethodSpec
 from coopipe.models import LoadedClip
 from coopipe.prompt import PromptLearner
 from coopipe.text_tower import resolve_text_tower
@@ -76,7 +76,7 @@ def build_meta_net(
 
 
 class CoCoOpLearner(PromptLearner):
-    """CoCoOp: unified context ``ctx`` (M, width) plus ``meta_net``; built from a ``cocoop`` :class:`MethodSpec`.
+    """CoCoOp: unified context ``ctx`` (M, width) plus ``meta_net`` (the method: :mod:`coopipe.methods.cocoop`).
 
     ``image_conditional`` tells the training loop that logits need the image (one text pass per image).
     """
@@ -87,18 +87,16 @@ class CoCoOpLearner(PromptLearner):
         self,
         clip: LoadedClip,
         classnames: Sequence[str],
-        spec: MethodSpec | None = None,
         *,
+        n_ctx: int = 4,
+        ctx_init: str | None = "a photo of a",
         generator: torch.Generator | None = None,
     ) -> None:
-        spec = MethodSpec.default("cocoop") if spec is None else spec
-        if spec.method != "cocoop":
-            raise ParamsError(f"CoCoOpLearner needs a cocoop method spec, got {spec.method!r}")
         super().__init__(
             clip,
             classnames,
-            n_ctx=spec.n_ctx,
-            ctx_init=spec.ctx_init,
+            n_ctx=n_ctx,
+            ctx_init=ctx_init,
             csc=False,
             class_token_position="end",
             generator=generator,
@@ -109,7 +107,6 @@ class CoCoOpLearner(PromptLearner):
         self.meta_net = build_meta_net(
             self.embed_dim, tower.width, generator=generator, dtype=weight.dtype, device=weight.device
         )
-        self.spec = spec
         logger.debug("CoCoOp meta-net: %d -> %d -> %d", self.embed_dim, self.embed_dim // META_NET_REDUCTION, tower.width)
 
     # ---------------------------------------------------------------- the conditional prompt
@@ -134,8 +131,6 @@ class CoCoOpLearner(PromptLearner):
         self, encoder: PromptTextEncoder, image_features: torch.Tensor, logit_scale: torch.Tensor, **options: Any
     ) -> torch.Tensor:
         """CoCoOp logits (B, K) of raw image features (B, D) through the batched text path (options: image_chunk)."""
-        from coopipe.cocoop_text import cocoop_logits
-
         return cocoop_logits(encoder, self, image_features, logit_scale, **options)
 
     def loss_backward(
@@ -148,9 +143,25 @@ class CoCoOpLearner(PromptLearner):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean cross-entropy and logits of a training batch, back-propagated chunk by chunk as they are computed
         (:func:`coopipe.cocoop_text.cocoop_backward`; options: image_chunk); both returned detached."""
-        from coopipe.cocoop_text import cocoop_backward
-
         return cocoop_backward(encoder, self, image_features, targets, logit_scale, **options)
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy (the training loop calls :meth:`loss_backward`, which computes it chunk by chunk)."""
+        return F.cross_entropy(logits, labels)
+
+    def predict_logits(
+        self,
+        encoder: PromptTextEncoder,
+        image_features: torch.Tensor,
+        logit_scale: torch.Tensor,
+        *,
+        batch_size: int = 256,
+        image_chunk: int | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> torch.Tensor:
+        """Logits (M, K) of many test images without gradients (:func:`coopipe.cocoop_text.cocoop_predict`)."""
+        return cocoop_predict(encoder, self, image_features, logit_scale, batch_size=batch_size,
+                              image_chunk=image_chunk, progress=progress)
 
     def class_text_features(self, encoder: PromptTextEncoder) -> torch.Tensor:
         """Refused: CoCoOp's class text features depend on the image; use :meth:`logits`."""

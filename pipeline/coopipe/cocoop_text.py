@@ -23,13 +23,12 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 from coopipe import text_encoder
-from coopipe.cocoop import CoCoOpLearner
 from coopipe.errors import ParamsError
 from coopipe.frozen_gemm import FrozenGemm
 from coopipe.text_encoder import (
@@ -40,6 +39,9 @@ from coopipe.text_encoder import (
     _merge,
     _Packing,
 )
+
+if TYPE_CHECKING:
+    from coopipe.cocoop import CoCoOpLearner
 
 logger = logging.getLogger(__name__)
 

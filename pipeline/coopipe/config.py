@@ -1,7 +1,7 @@
 """The user-facing settings of each command, with their defaults written once.
 
 ``coopipe``'s command line, ``params.yaml`` and the DVC stage scripts all take their defaults from these
-dataclasses (and from :class:`coopipe.encode.EncodeOptions` and :class:`coopipe.train.TrainConfig`);
+dataclasses (and from :class:`coopipe.encode.EncodeOptions` and :class:`coopipe.train_config.TrainConfig`);
 ``tests/test_defaults.py`` fails when any of them disagrees. Why one place: a default written twice drifts,
 and a drifted default (e.g. random weights where the paper uses OpenAI's) silently changes every number.
 """

@@ -164,8 +164,12 @@ def build_provenance(
     if "auto" in (options.precision, options.engine):
         raise ValueError("build_provenance needs resolved options (EncodeOptions.resolved()), got 'auto'")
     n_split = len(dataset.split(split))
+    # the builder options (an age dataset's rank range, split ratios...): keyed only when given, so that the
+    # stores of a dataset built with its defaults keep their keys
+    built_with = {"dataset_options": dict(sorted(dataset.options.items()))} if dataset.options else {}
     return {
         "dataset": dataset.name,
+        **built_with,
         "split": split,
         "file_list_sha256": dataset.file_list_hash(split),
         "n_split": n_split,

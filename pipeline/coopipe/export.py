@@ -41,10 +41,10 @@ from coopipe.atomic import atomic_write, write_json, write_text
 from coopipe.checkpoint import CLASSIFIER_FILE, Checkpoint, export_classifier, load_checkpoint, load_classifier
 from coopipe.errors import CheckpointError, MissingFileError, ParamsError
 from coopipe.head import TEXT_PATH_OPTIONS, Head, ImagePrompt, head_of_run
-from coopipe.method import MethodSpec
+from coopipe.departures import checkpoint_departures
+from coopipe.methods import MethodSpec
 from coopipe.model_card import model_card
-from coopipe.model_support import text_activation
-from coopipe.models import LoadedClip, open_clip_version, sha256_file
+from coopipe.models import LoadedClip, activation_of, open_clip_version, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ def build_record(
             "name": clip.name,
             "weights": clip.weights_id,
             "pretrained": head.pretrained,
-            "activation": text_activation(clip.model),
+            "activation": activation_of(clip.model),
             "embed_dim": clip.embed_dim,
             "open_clip_version": open_clip_version(),
         },
@@ -221,6 +221,7 @@ def build_record(
             "classes": run.classes,
             "config": ckpt.meta.get("config"),
             "stores": ckpt.meta.get("stores"),
+            "departures": checkpoint_departures(ckpt, {}),  # the training's; the features' are in the metrics
         },
         "files": dict(files),
         "coopipe_version": coopipe.__version__,

@@ -16,15 +16,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from coopipe.errors import ProvenanceMismatchError, StoreError
-from coopipe.models import LoadedClip
+from coopipe.errors import StoreError
 from coopipe.store import FeatureStore, find_stores
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "SplitFeatures",
-    "check_store_model",
     "read_split",
     "select_store",
 ]
@@ -84,16 +82,6 @@ def select_store(
     if need_views and store.n_views == 1:
         logger.warning("store %s holds only the centre view: training without cached augmentation", store.path)
     return store
-
-
-def check_store_model(store: FeatureStore, clip: LoadedClip) -> None:
-    """Raise :class:`ProvenanceMismatchError` unless ``store`` was encoded with ``clip``'s model and weights."""
-    prov = store.provenance
-    if (prov.get("model"), prov.get("weights")) != (clip.name, clip.weights_id) or store.dim != clip.embed_dim:
-        raise ProvenanceMismatchError(
-            f"store {store.path} holds features of {prov.get('model')} ({prov.get('weights')}), not of {clip.name} "
-            f"({clip.weights_id}); encode the split with this model (coopipe encode) or load the store's model"
-        )
 
 
 def read_split(

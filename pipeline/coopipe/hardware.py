@@ -199,15 +199,6 @@ def resolve_precision(
     return requested
 
 
-def text_autocast_bf16(device: str | torch.device = "cpu", *, facts: HardwareFacts | None = None) -> bool:
-    """Whether the optional bf16 text path (``TrainConfig.autocast_bf16``) pays off on ``device``.
-
-    For a CLI ``--bf16 auto``: True only where the rule picks bf16 (AMX CPUs, bf16 GPUs). The default stays
-    False (exact fp32 training) unless the user opts in.
-    """
-    facts = facts if facts is not None else probe(device)
-    return choose_precision(facts).precision == "bf16"
-
 
 __all__ = [
     "HardwareFacts",
@@ -217,5 +208,4 @@ __all__ = [
     "measure_bf16_ratio",
     "probe",
     "resolve_precision",
-    "text_autocast_bf16",
 ]

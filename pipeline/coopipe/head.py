@@ -24,7 +24,7 @@ from coopipe.errors import CheckpointError, StoreError
 from coopipe.evaluate import check_finite_logits, classifier_logits
 from coopipe.learners import predict_logits, restore_learner
 from coopipe.lookup import checkpoint_pretrained
-from coopipe.method import MethodSpec
+from coopipe.methods import MethodSpec
 from coopipe.models import LoadedClip, load_clip
 from coopipe.store import open_store
 from coopipe.text_encoder import PromptTextEncoder

@@ -1,48 +1,50 @@
-"""The learner interface: one place that turns a :class:`MethodSpec` into a trainable prompt module.
+"""The learner interface: what training, evaluation and checkpoints use of any method's trainable module.
 
-Why: training, evaluation and checkpoints should not care which method made a prompt. Every learner is an
-``nn.Module`` whose parameters are exactly what the optimiser moves (CoOp: ``ctx``; CoCoOp: ``ctx`` and the
-Meta-Net; rank prompts: ``ctx`` and the base rank embeddings), with:
+Why: training, evaluation and checkpoints should not care which method made a prompt. A method
+(:mod:`coopipe.methods`) builds its learner; every learner is an ``nn.Module`` whose parameters, by name, are
+exactly what the optimiser moves and what a checkpoint stores (CoOp: ``ctx``; CoCoOp: ``ctx`` and the Meta-Net;
+rank prompts: ``ctx`` and the base rank embeddings), with:
 
 - ``image_conditional`` (bool): False when one (K, D) classifier serves every image;
-- ``ctx``: the context parameter (checkpoints store it under that name; other parameters under their
-  ``named_parameters`` names);
-- ``class_text_features(encoder) -> (K, D)``: the normalised class text features (image-independent methods;
-  raises :class:`ParamsError` for image-conditional ones);
-- ``logits(encoder, image_features, logit_scale) -> (B, K)``: logits of raw image features (B, D); for an
-  image-independent learner this is ``coop_logits(image_features, class_text_features(encoder), logit_scale)``;
-- ``config() -> dict``: what (with the model) rebuilds it, including ``classnames``.
+- ``class_text_features(encoder) -> (K, D)``: the normalised class text features (image-independent methods:
+  the classifier a run exports; image-conditional ones raise :class:`ParamsError`);
+- ``logits(encoder, image_features, logit_scale) -> (B, K)``: logits of raw image features (B, D);
+- ``loss(logits, labels)``: the training objective (cross-entropy unless the method says otherwise);
+- ``config() -> dict``: what (with the model) rebuilds it, including ``classnames``;
+- image-conditional learners also ``predict_logits(...)`` (batched, no gradient) and ``loss_backward(...)``
+  (loss and logits of a batch, back-propagated chunk by chunk).
 
-A new method adds a branch to :func:`build_learner` and a class with these members.
+:class:`ClassifierLearner` gives an image-independent learner all but ``class_text_features`` and ``config``.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from coopipe.cocoop import CoCoOpLearner
-from coopipe.cocoop_text import DEFAULT_IMAGE_CHUNK, cocoop_predict
-from coopipe.errors import CheckpointError, ParamsError
-from coopipe.method import MethodSpec
-from coopipe.models import LoadedClip
-from coopipe.prompt import PromptLearner
+from coopipe.cocoop_text import DEFAULT_IMAGE_CHUNK
+from coopipe.errors import CheckpointError
 from coopipe.text_encoder import PromptTextEncoder, coop_logits
+
+if TYPE_CHECKING:
+    from coopipe.methods.registry import MethodSpec
+    from coopipe.models import LoadedClip
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CoOpLearner", "Learner", "build_learner", "is_image_conditional", "learner_state", "predict_logits", "restore_learner"]
+__all__ = ["ClassifierLearner", "Learner", "is_image_conditional", "predict_logits",
+           "restore_learner"]
 
 
 class Learner(Protocol):
     """What training and evaluation use of a learner (an ``nn.Module``; see the module docstring)."""
 
     image_conditional: bool
-    ctx: nn.Parameter
     n_cls: int
 
     def logits(
@@ -51,6 +53,8 @@ class Learner(Protocol):
 
     def class_text_features(self, encoder: PromptTextEncoder) -> torch.Tensor: ...
 
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor: ...
+
     def config(self) -> dict[str, Any]: ...
 
     def named_parameters(
@@ -58,65 +62,37 @@ class Learner(Protocol):
     ) -> Iterator[tuple[str, nn.Parameter]]: ...
 
 
-class CoOpLearner(PromptLearner):
-    """CoOp's :class:`PromptLearner` with the learner interface (one classifier for every image)."""
+class ClassifierLearner:
+    """Mixin for an ``nn.Module`` learner whose classifier does not depend on the image: logits are CLIP's
+    scaled cosine against :meth:`class_text_features`, the loss is cross-entropy."""
 
     image_conditional = False
 
     def class_text_features(self, encoder: PromptTextEncoder) -> torch.Tensor:
-        """Normalised class text features (K, D), differentiable in ``ctx``."""
-        return encoder(self)
+        raise NotImplementedError
 
     def logits(
         self, encoder: PromptTextEncoder, image_features: torch.Tensor, logit_scale: torch.Tensor, **_: Any
     ) -> torch.Tensor:
         return coop_logits(image_features, self.class_text_features(encoder), logit_scale)  # (B, K)
 
-    def config(self) -> dict[str, Any]:
-        return super().config()  # no "method" key: CoOp's records stay as they were
-
-
-def build_learner(
-    spec: MethodSpec, clip: LoadedClip, classnames: Sequence[str], *, generator: torch.Generator | None = None
-) -> Learner:
-    """A fresh learner for ``spec`` on ``clip``'s text tower device, initialised from ``generator``."""
-    if spec.method == "coop":
-        return CoOpLearner(
-            clip,
-            classnames,
-            n_ctx=spec.n_ctx,
-            ctx_init=spec.ctx_init,
-            csc=spec.csc,
-            class_token_position=spec.class_token_position,
-            generator=generator,
-        )
-    if spec.method == "cocoop":
-        return CoCoOpLearner(clip, classnames, spec, generator=generator)
-    if spec.method == "rank":
-        from coopipe.rank_prompt import build_rank_learner  # the class names are the ranks
-
-        return build_rank_learner(clip, spec, len(classnames), generator=generator)  # type: ignore[return-value]
-    raise ParamsError(f"method {spec.method!r} has no learner in this build of coopipe (available: coop, cocoop, rank)")
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, labels)
 
 
 def is_image_conditional(learner: Learner | nn.Module) -> bool:
     return bool(getattr(learner, "image_conditional", False))
 
 
-def learner_state(learner: Learner) -> dict[str, torch.Tensor]:
-    """Every trainable tensor of ``learner`` by name (``ctx``, ``meta_net.linear1.weight``, ...), CPU copies."""
-    return {name: p.detach().cpu().clone() for name, p in learner.named_parameters()}
-
-
 def restore_learner(
     spec: MethodSpec, clip: LoadedClip, classnames: Sequence[str], tensors: Mapping[str, torch.Tensor]
 ) -> Learner:
-    """Rebuild ``spec``'s learner for ``classnames`` and load its trained tensors (``ctx`` and the others by name).
+    """Rebuild ``spec``'s learner for ``classnames`` and load its trained tensors (every parameter by name).
 
     The class names may differ from the training ones (transfer) for methods whose prompt is not tied to its
-    classes; extra tensors in ``tensors`` (resume state) are ignored.
+    classes; extra tensors in ``tensors`` are ignored.
     """
-    learner = build_learner(spec, clip, classnames, generator=torch.Generator())  # its draw is overwritten
+    learner = spec.build_learner(clip, classnames, generator=torch.Generator())  # its draw is overwritten
     params = dict(learner.named_parameters())
     missing = sorted(set(params) - set(tensors))
     if missing:
@@ -145,17 +121,14 @@ def predict_logits(
 ) -> torch.Tensor:
     """Logits (M, K) CPU float32 of raw test features (M, D) for any learner, without gradients.
 
-    Image-independent learners: one text pass, then a matrix product. Image-conditional ones (CoCoOp): one K-class
-    text pass per image, ``batch_size`` images per call, memory bounded by ``image_chunk`` x ``class_chunk``;
-    ``progress(n)`` after each batch.
+    Image-independent learners: one text pass, then a matrix product. Image-conditional ones: the learner's own
+    batched ``predict_logits`` (CoCoOp: one K-class text pass per image, ``batch_size`` images per call, memory
+    bounded by ``image_chunk`` x ``class_chunk``); ``progress(n)`` after each batch.
     """
     feats = torch.as_tensor(image_features)
     if is_image_conditional(learner):
-        if not isinstance(learner, CoCoOpLearner):
-            raise ParamsError(f"no batched evaluation for image-conditional learner {type(learner).__name__}")
-        return cocoop_predict(
-            encoder, learner, feats, logit_scale, batch_size=batch_size, image_chunk=image_chunk, progress=progress
-        )
+        return learner.predict_logits(  # type: ignore[attr-defined, no-any-return]
+            encoder, feats, logit_scale, batch_size=batch_size, image_chunk=image_chunk, progress=progress)
     with torch.no_grad():
         text = learner.class_text_features(encoder)
         logits = coop_logits(feats.to(text.device), text, logit_scale).float().cpu()

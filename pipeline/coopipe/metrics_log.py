@@ -25,7 +25,7 @@ from types import TracebackType
 from typing import Any
 
 from coopipe.atomic import write_text
-from coopipe.train import EpochRecord
+from coopipe.train_config import EpochRecord
 
 logger = logging.getLogger(__name__)
 

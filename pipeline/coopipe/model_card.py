@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from coopipe.method import MethodSpec
+from coopipe.methods import MethodSpec
 from coopipe.report.records import departures
 
 __all__ = ["card_departures", "model_card"]
@@ -24,35 +24,25 @@ _PAPERS = {
     "rank": "OrdinalCLIP (Li et al., OrdinalCLIP: Learning Rank Prompts for Language-Guided Ordinal Regression, "
             "NeurIPS 2022)",
 }
-_PAPER_BATCH = {"coop": 32, "cocoop": 1}  # the reference configs (CoOp rn50_ep50 etc., CoCoOp vit_b16_c4_ep10_batch1)
 
 
 def card_departures(record: Mapping[str, Any], metrics: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    """How the run departs from its method's paper setting, as far as its records state it."""
+    """How the run departs from its method's paper setting, as far as its records state it: what `coopipe eval`
+    wrote into the metrics (:mod:`coopipe.departures`), else what the export computed from the checkpoint, plus the
+    prompt variant and the class subset."""
     model, source = record["model"], record["source"]
     spec = MethodSpec.from_dict(record["method"])
     found: list[str] = []
-    for data in metrics.values():  # what `coopipe eval` recorded (random weights, other epochs)
-        found += [d for d in departures(data) if d not in found]
+    for data in metrics.values():
+        found += [d for d in [*departures(data), *(data.get("departures") or ())] if d not in found]
     base = departures({"weights": model["weights"], "epochs": source.get("max_epoch"),
                        "paper_epochs": source.get("paper_epochs")})
-    found += [d for d in base if d not in found]
-    config = source.get("config") or {}
-    batch, paper_batch = config.get("batch_size"), _PAPER_BATCH.get(spec.method)
-    if paper_batch is not None and batch is not None and batch != paper_batch:
-        found.append(f"batch size {batch} (paper {paper_batch})")
-    if spec.label() != MethodSpec.default(spec.method).label():
-        found.append(f"prompt variant {spec.label()} (paper default {MethodSpec.default(spec.method).label()})")
+    found += [d for d in [*base, *(source.get("departures") or ())] if d not in found]
+    paper = MethodSpec.of(spec.method).label()
+    if spec.label() != paper:
+        found.append(f"prompt variant {spec.label()} (paper default {paper})")
     if source.get("classes") not in (None, "all"):
         found.append(f"trained on the {source['classes']} half of the classes (base-to-new protocol)")
-    views = config.get("views")
-    if views == "augmented":
-        found.append("augmentation drawn from views cached once per image (random resized crop + flip) instead "
-                     "of fresh crops every epoch")
-    elif views in ("center", "all"):
-        found.append(f"trained on {views} cached views (no fresh random crops)")
-    if config.get("autocast_bf16"):
-        found.append("text transformer under bf16 autocast")
     return found
 
 

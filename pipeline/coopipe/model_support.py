@@ -17,7 +17,7 @@ small models and running the packed text path on them.
 
 The activation: OpenAI's CLIP was trained with QuickGELU, most open_clip tags with GELU; open_clip records it
 as ``quick_gelu`` in a model config (the ``-quickgelu`` names) or in a tag's pretrained config.
-:func:`tag_activation` reads it from there, :func:`text_activation` from a built model's modules (what an export
+:func:`tag_activation` reads it from there, :func:`coopipe.models.activation_of` from a built model's modules (what an export
 records: what actually ran).
 """
 
@@ -28,13 +28,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
 
 from coopipe.compat import import_open_clip
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ModelEntry", "TextSupport", "list_supported", "tag_activation", "text_activation", "text_path_support",
+__all__ = ["ModelEntry", "TextSupport", "list_supported", "tag_activation", "text_path_support",
            "unsupported_reason"]
 
 QUICK_GELU = "QuickGELU"
@@ -102,20 +101,6 @@ def tag_activation(model_name: str, tag: str) -> str:
     config = open_clip.get_model_config(model_name)
     pretrained = open_clip.get_pretrained_cfg(model_name, tag) or {}
     return QUICK_GELU if pretrained.get("quick_gelu") else _config_activation(config)
-
-
-def text_activation(model: Any) -> str:
-    """The activation the text transformer of a built open_clip model runs (``QuickGELU`` or ``GELU``), read from
-    its modules; ``unknown`` for a tower with neither."""
-    tower = getattr(model, "transformer", None)
-    if tower is None and hasattr(model, "text"):
-        tower = getattr(model.text, "transformer", None)
-    for module in (tower.modules() if isinstance(tower, nn.Module) else ()):
-        if type(module).__name__ == QUICK_GELU:
-            return QUICK_GELU
-        if isinstance(module, nn.GELU):
-            return GELU
-    return "unknown"
 
 
 def list_supported() -> list[ModelEntry]:

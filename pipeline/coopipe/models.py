@@ -287,12 +287,17 @@ def tag_of_identity(weights_id: str) -> str | None:
 
 
 def activation_of(model: Any) -> str:
-    """``quick_gelu`` or ``gelu``: the activation of the built model's text tower (what the weights must match)."""
-    blocks = getattr(getattr(model, "transformer", None), "resblocks", None)
-    if not blocks:
-        return "unknown"
-    act = getattr(blocks[0].mlp, "gelu", None)
-    return "quick_gelu" if type(act).__name__ == "QuickGELU" else "gelu"
+    """``QuickGELU`` or ``GELU``: the activation the built model's text transformer runs (what the weights must
+    match), read from its modules; ``unknown`` for a tower with neither."""
+    tower = getattr(model, "transformer", None)
+    if tower is None and hasattr(model, "text"):
+        tower = getattr(model.text, "transformer", None)
+    for module in (tower.modules() if isinstance(tower, torch.nn.Module) else ()):
+        if type(module).__name__ == "QuickGELU":
+            return "QuickGELU"
+        if isinstance(module, torch.nn.GELU):
+            return "GELU"
+    return "unknown"
 
 
 # ---------------------------------------------------------------- TorchScript archives

@@ -31,7 +31,6 @@ __all__ = [
     "cumulative_scores",
     "decode_argmax",
     "decode_expectation",
-    "evaluate_age_classifier",
     "evaluate_ages",
     "median_predictor_mae",
     "ordinal_kl_loss",
@@ -199,16 +198,3 @@ def rank_loss(logits: torch.Tensor, labels: torch.Tensor, *, ce_weight: float = 
         loss = loss + kl_weight * ordinal_kl_loss(logits, labels)
     return loss
 
-
-def evaluate_age_classifier(
-    text_features: torch.Tensor | np.ndarray,
-    image_features: torch.Tensor | np.ndarray,
-    labels: torch.Tensor | np.ndarray | Sequence[int],
-    values: Sequence[float] | np.ndarray,
-    logit_scale: float | torch.Tensor,
-) -> AgeEvaluation:
-    """Age metrics of a K x D text classifier (CoOp/CoCoOp/rank prompt features, zero-shot weights) on raw image
-    features (N, D): CLIP logits, then both decodings."""
-    from coopipe.evaluate import classifier_logits  # the same logits as every other evaluation
-
-    return evaluate_ages(classifier_logits(text_features, image_features, logit_scale), labels, values)

@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 from coopipe.errors import ParamsError
-from coopipe.method import MethodSpec
 from coopipe.models import LoadedClip
 from coopipe.ordinal import rank_loss
 from coopipe.prompt import CTX_INIT_STD, _tokenize
@@ -31,7 +30,7 @@ from coopipe.text_tower import resolve_text_tower
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RankPromptLearner", "build_rank_learner", "fit_rank_prompt", "interpolation_weights"]
+__all__ = ["RankPromptLearner", "interpolation_weights"]
 
 RANK_INIT_STD = 0.02  # OrdinalCLIP: nn.init.normal_(rank_embeds, std=0.02)
 _PLACEHOLDER = "X"
@@ -54,6 +53,7 @@ class RankPromptLearner(nn.Module):
     CoOp-learner interface :class:`PromptTextEncoder` runs (``shared_length``, ``packed_embeddings``, ...).
     """
 
+    image_conditional = False
     token_prefix: torch.Tensor
     token_tail: torch.Tensor
     weights: torch.Tensor
@@ -160,7 +160,9 @@ class RankPromptLearner(nn.Module):
         """L2-normalised text features of every rank: (K, D), differentiable in ctx and the base ranks."""
         return encoder(self)  # type: ignore[arg-type]  # duck-typed: the CoOp-learner interface above
 
-    def logits(self, encoder: PromptTextEncoder, image_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    def logits(
+        self, encoder: PromptTextEncoder, image_features: torch.Tensor, logit_scale: torch.Tensor, **_: Any
+    ) -> torch.Tensor:
         """CLIP logits of raw image features (B, D) against every rank: (B, K)."""
         return coop_logits(image_features, self.class_text_features(encoder), logit_scale)
 
@@ -176,59 +178,3 @@ class RankPromptLearner(nn.Module):
     def extra_repr(self) -> str:
         return f"n_ranks={self.n_cls}, n_ctx={self.n_ctx}, n_base_ranks={self.n_base_ranks}, ctx_init={self.ctx_init!r}"
 
-
-def build_rank_learner(
-    clip: LoadedClip, spec: MethodSpec, n_ranks: int, *, generator: torch.Generator | None = None
-) -> RankPromptLearner:
-    """The rank-prompt learner a ``MethodSpec(method="rank")`` describes, for ``n_ranks`` ranks."""
-    if spec.method != "rank":
-        raise ParamsError(f"build_rank_learner needs method 'rank', got {spec.method!r}")
-    return RankPromptLearner(clip, n_ranks, n_ctx=spec.n_ctx, ctx_init=spec.ctx_init,
-                             n_base_ranks=spec.n_base_ranks, generator=generator)
-
-
-def fit_rank_prompt(
-    learner: nn.Module,
-    encoder: PromptTextEncoder,
-    logit_scale: torch.Tensor,
-    features: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    epochs: int,
-    batch_size: int = 32,
-    lr: float = 1e-3,
-    weight_decay: float = 0.0,
-    optimizer: str = "radam",
-    generator: torch.Generator | None = None,
-) -> list[float]:
-    """A small training loop for any seam learner (``logits``/``loss``) on fixed features; cosine-decayed lr.
-
-    ``optimizer`` is ``radam`` (OrdinalCLIP's) or ``adam``.
-    Why here and not in ``train.py``: it is the minimal loop the rank method's tests need until the generic loop
-    takes seam learners. One text pass per step serves the batch. Returns the mean loss of each epoch.
-    """
-    if epochs < 1 or batch_size < 1:
-        raise ParamsError(f"epochs and batch_size must be >= 1 (got {epochs}, {batch_size})")
-    params = [p for p in learner.parameters() if p.requires_grad]
-    optimizers = {"radam": torch.optim.RAdam, "adam": torch.optim.Adam}
-    if optimizer not in optimizers:
-        raise ParamsError(f"optimizer must be one of {', '.join(optimizers)}, got {optimizer!r}")
-    opt = optimizers[optimizer](params, lr=lr, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
-    scale = logit_scale.detach()
-    history = []
-    for epoch in range(epochs):
-        order = torch.randperm(features.shape[0], generator=generator)
-        total = 0.0
-        for start in range(0, features.shape[0], batch_size):
-            rows = order[start : start + batch_size]
-            logits = learner.logits(encoder, features[rows], scale)  # type: ignore[operator]  # (b, K)
-            loss = learner.loss(logits, labels[rows])  # type: ignore[operator]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * rows.numel()
-        scheduler.step()
-        history.append(total / features.shape[0])
-        logger.debug("rank prompt epoch %d: loss %.4f", epoch + 1, history[-1])
-    return history

@@ -25,13 +25,10 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from threadpoolctl import threadpool_limits
 
-from coopipe.baselines import COARSE_C, _fit, _normalized, zero_shot_classifier
-from coopipe.datasets.ages import AGE_TEMPLATE, rank_values
+from coopipe.baselines import COARSE_C, _fit, _normalized
+from coopipe.datasets.ages import AGE_TEMPLATE
 from coopipe.errors import DatasetError, ParamsError
-from coopipe.evaluate import classifier_logits
-from coopipe.models import LoadedClip
 from coopipe.ordinal import AgeEvaluation, evaluate_ages
-from coopipe.text_encoder import PromptTextEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +40,6 @@ __all__ = [
     "evaluate_age_predictions",
     "fit_rank_linear_probe",
     "fit_ridge_probe",
-    "zero_shot_ages",
 ]
 
 RIDGE_ALPHAS: tuple[float, ...] = tuple(10.0**k for k in np.arange(-4.0, 4.01, 0.5))
@@ -206,18 +202,3 @@ def fit_rank_linear_probe(
     logger.info("rank probe: C=%.4g (val MAE %.3f, %d fits)", best_c, fitted[best_c][0], len(fitted))
     return RankProbe(best_c, fitted[best_c][0], fitted[best_c][1], v, search)
 
-
-# ---------------------------------------------------------------- zero-shot and ensembling
-def zero_shot_ages(
-    clip: LoadedClip,
-    classnames: Sequence[str],
-    templates: str | Sequence[str],
-    image_features: Array,
-    labels: Array | Sequence[int],
-    *,
-    encoder: PromptTextEncoder | None = None,
-) -> AgeEvaluation:
-    """Zero-shot (one template) or prompt-ensemble (several) age estimation, decoded both ways."""
-    weights = zero_shot_classifier(clip, classnames, templates, encoder=encoder)  # (K, D)
-    logits = classifier_logits(weights, image_features, clip.model.logit_scale.detach().cpu())  # (N, K)
-    return evaluate_ages(logits, labels, rank_values(classnames))

@@ -43,7 +43,7 @@ TEXT_PATH_OPTIONS = ("cut", "share_prefix", "class_chunk", "checkpoint_chunks", 
 def stack_key(run: StackedRun) -> tuple[object, ...]:
     """What runs sharing a text pass must share: class list, method and variant, and the text-path options."""
     config = run.config
-    return (tuple(run.classnames), config.method_spec(), *(getattr(config, name) for name in TEXT_PATH_OPTIONS))
+    return (tuple(run.classnames), config.method, *(getattr(config, name) for name in TEXT_PATH_OPTIONS))
 
 
 def drive(steppers: Sequence[RunStepper]) -> None:
@@ -123,10 +123,10 @@ def train_stacked(runs: Sequence[StackedRun], clip: LoadedClip, *, max_stack: in
             f"stacked runs must share the class list, method/variant and text-path options ({', '.join(TEXT_PATH_OPTIONS)}); "
             f"got {len(keys)} different ones: group the runs by coopipe.stacked.stack_key first"
         )
-    if runs[0].config.method_spec().image_conditional:
+    if not runs[0].config.method.definition.stackable:
         if max_stack not in (None, 1) and len(runs) > 1:
             raise ParamsError(
-                f"{runs[0].config.method} is image-conditional (a text pass per image): its runs cannot be stacked; "
+                f"{runs[0].config.method} runs cannot be stacked in one text pass (image-conditional, or no packed prompt): "
                 f"pass max_stack=1 or None (one at a time)"
             )
         group = 1

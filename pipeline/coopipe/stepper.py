@@ -30,11 +30,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from coopipe.errors import CheckpointError, ParamsError
-from coopipe.learners import Learner, build_learner, is_image_conditional, predict_logits
+from coopipe.learners import Learner, is_image_conditional, predict_logits
 from coopipe.models import LoadedClip
 from coopipe.text_encoder import PromptTextEncoder, coop_logits
 from coopipe.text_tower import resolve_text_tower
@@ -70,16 +68,6 @@ class StackedRun:
     on_step: Callable[[], None] | None = None  # after every optimiser step (progress inside long epochs)
 
 
-def _momentum_buffer(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> torch.Tensor | None:
-    buf = optimizer.state.get(param, {}).get("momentum_buffer")
-    return None if buf is None else buf.detach().cpu().clone()
-
-
-def _other_params(learner: Learner) -> dict[str, nn.Parameter]:
-    """The learner's trainable parameters other than ``ctx``, by name (CoCoOp: the Meta-Net's; CoOp: none)."""
-    return {name: p for name, p in learner.named_parameters() if name != "ctx"}
-
-
 def _snapshot(
     epoch: int,
     learner: Learner,
@@ -87,17 +75,19 @@ def _snapshot(
     generator: torch.Generator,
     history: list[EpochRecord],
 ) -> TrainState:
-    others = _other_params(learner)
-    momentum = {name: _momentum_buffer(optimizer, p) for name, p in others.items()}
+    """The run's state after ``epoch`` epochs: every parameter and the optimiser's state by name (CPU copies)."""
+    params = dict(learner.named_parameters())
+    state: dict[str, torch.Tensor] = {}
+    for name, param in params.items():
+        for key, value in optimizer.state.get(param, {}).items():
+            state[f"{name}.{key}"] = torch.as_tensor(value).detach().cpu().clone()
     return TrainState(
         epoch=epoch,
-        ctx=learner.ctx.detach().cpu().clone(),
-        momentum_buffer=_momentum_buffer(optimizer, learner.ctx),
+        params={name: p.detach().cpu().clone() for name, p in params.items()},
         generator_state=generator.get_state().clone(),
+        optimizer=state,
         history=list(history),
         variant=_variant(learner),
-        params={name: p.detach().cpu().clone() for name, p in others.items()},
-        momentum={name: buf for name, buf in momentum.items() if buf is not None},
     )
 
 
@@ -115,37 +105,33 @@ def _restore(
     variant = _variant(learner)
     if state.variant and state.variant != variant:
         raise CheckpointError(
-            f"cannot resume: the saved state is for prompt variant {state.variant}, this run builds {variant}; "
-            f"resume with the checkpoint's method/n_ctx/ctx_init/csc/class_token_position or start a new run"
+            f"cannot resume: the saved state is for learner variant {state.variant}, this run builds {variant}; "
+            f"resume with the checkpoint's method and options or start a new run"
         )
-    if tuple(state.ctx.shape) != tuple(learner.ctx.shape):
-        raise CheckpointError(
-            f"cannot resume: saved context has shape {tuple(state.ctx.shape)}, this run needs "
-            f"{tuple(learner.ctx.shape)} (another class list or variant); start a new run"
-        )
-    others = _other_params(learner)
-    if set(state.params) != set(others):
+    params = dict(learner.named_parameters())
+    if set(state.params) != set(params):
         raise CheckpointError(
             f"cannot resume: the saved state holds parameters {sorted(state.params)}, this learner has "
-            f"{sorted(others)}; resume with the checkpoint's method or start a new run"
+            f"{sorted(params)}; resume with the checkpoint's method or start a new run"
         )
-    for name, param in others.items():
+    for name, param in params.items():
         if tuple(state.params[name].shape) != tuple(param.shape):
             raise CheckpointError(
                 f"cannot resume: saved {name} has shape {tuple(state.params[name].shape)}, this run needs "
-                f"{tuple(param.shape)} (another model); start a new run"
+                f"{tuple(param.shape)} (another class list, model or variant); start a new run"
             )
     if not 0 <= state.epoch <= max_epoch:
         raise CheckpointError(f"cannot resume: saved state is at epoch {state.epoch} of a {max_epoch}-epoch run")
     with torch.no_grad():
-        learner.ctx.copy_(state.ctx.to(learner.ctx.device, learner.ctx.dtype))
-        for name, param in others.items():
+        for name, param in params.items():
             param.copy_(state.params[name].to(param.device, param.dtype))
-    buffers = {"ctx": state.momentum_buffer, **state.momentum}
-    for name, param in {"ctx": learner.ctx, **others}.items():
-        buffer = buffers.get(name)
-        if buffer is not None:
-            optimizer.state[param]["momentum_buffer"] = buffer.to(param.device, param.dtype).clone()
+    for key, value in state.optimizer.items():
+        name, _, field = key.rpartition(".")
+        if name not in params:
+            raise CheckpointError(f"cannot resume: optimiser state {key!r} names no parameter of this learner")
+        param = params[name]
+        as_param = value.is_floating_point() and value.shape == param.shape
+        optimizer.state[param][field] = value.to(param.device, param.dtype).clone() if as_param else value.clone()
     generator.set_state(state.generator_state.clone())
 
 
@@ -176,13 +162,12 @@ class RunStepper:
 
         init_gen = torch.Generator().manual_seed(derive_seed(config.seed, "ctx-init"))
         self.data_gen = torch.Generator().manual_seed(derive_seed(config.seed, "data"))
-        self.learner: Learner = build_learner(config.method_spec(), clip, names, generator=init_gen)
+        self.learner: Learner = config.method.build_learner(clip, names, generator=init_gen)
         self.conditional = is_image_conditional(self.learner)
         self.encoder = encoder
         self.logit_scale = clip.model.logit_scale.detach()  # scalar, log scale
-        self.optimizer = torch.optim.SGD([self.learner.ctx, *_other_params(self.learner).values()], lr=config.lr,
-                                         momentum=config.momentum, weight_decay=config.weight_decay, dampening=0.0,
-                                         nesterov=False)
+        params = {name: p for name, p in self.learner.named_parameters() if p.requires_grad}
+        self.optimizer = config.method.definition.optimizer(params, config.optimization())
         self.on_epoch, self.on_step = run.on_epoch, run.on_step
         self.history: list[EpochRecord] = []
         self.epoch = 0  # the epoch in progress (0-based), or the next one at an epoch boundary
@@ -203,7 +188,7 @@ class RunStepper:
         self.views = self.order = torch.zeros(0, dtype=torch.long, device=device)  # (N,) each
         self.loss_sum, self.correct = torch.zeros((), device=device), torch.zeros((), dtype=torch.long, device=device)
         logger.info("%s seed %d: %d images x %d views, %d classes, %d batches/epoch, epochs %d..%d of %d; text GEMMs "
-                    "on %s", config.method_spec().label(), config.seed, n_images, n_views, len(names),
+                    "on %s", config.method.label(), config.seed, n_images, n_views, len(names),
                     len(self.batches), self.epoch + 1, self.end_epoch, config.max_epoch, encoder.gemm.describe(device, encoder.autocast_bf16))
 
     @property
@@ -227,9 +212,9 @@ class RunStepper:
         idx = self.order[self.batches[self.step_index]]  # (B,)
         image = self.feats[idx, self.views[idx]]  # (B, D)
         target = self.labels[idx]  # (B,)
-        # a learner may bring its own loss (rank prompts: cross-entropy + OrdinalCLIP's KL term)
-        loss_fn = getattr(self.learner, "loss", F.cross_entropy)
-        chunked = getattr(self.learner, "loss_backward", None) if loss_fn is F.cross_entropy else None
+        # the learner's loss (rank prompts: cross-entropy + OrdinalCLIP's KL term); an image-conditional learner
+        # computes its loss and back-propagates it chunk by chunk (CoCoOp)
+        chunked = getattr(self.learner, "loss_backward", None) if self.conditional else None
         if chunked is not None:  # back-propagated chunk by chunk here (CoCoOp); the driver has zeroed the gradients
             loss, logits = chunked(self.encoder, image, target, self.logit_scale, image_chunk=self.config.image_chunk)
         else:
@@ -238,7 +223,7 @@ class RunStepper:
                                              image_chunk=self.config.image_chunk)
             else:
                 logits = coop_logits(image, text, self.logit_scale)  # type: ignore[arg-type]  # (B, K)
-            loss = loss_fn(logits.float(), target)
+            loss = self.learner.loss(logits.float(), target)
         self.loss_sum += loss.detach() * len(idx)
         self.correct += (logits.detach().argmax(dim=-1) == target).sum()
         self.seen += len(idx)
@@ -265,9 +250,8 @@ class RunStepper:
         if not self.done:
             raise ParamsError("the run has not finished: drive it to the end first")
         state = _snapshot(self.epoch, self.learner, self.optimizer, self.data_gen, self.history)
-        return TrainResult(ctx=state.ctx, history=self.history, state=state, text_features=self.text_features,
-                           logit_scale=float(self.logit_scale), variant=_variant(self.learner), seconds=self.seconds,
-                           params=dict(state.params))
+        return TrainResult(history=self.history, state=state, text_features=self.text_features,
+                           logit_scale=float(self.logit_scale), variant=_variant(self.learner), seconds=self.seconds)
 
     def _begin_epoch(self, text: torch.Tensor | None, tick_started: float) -> None:
         t1 = time.perf_counter()

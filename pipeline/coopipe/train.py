@@ -9,11 +9,10 @@ reference's augmentation as far as the cache allows (a centre-only cache trains 
 The protocol (:class:`TrainConfig`, :mod:`coopipe.train_config`) follows CoOp's reference configs: SGD (lr 0.002,
 momentum 0.9, weight decay 5e-4, batch 32), one warm-up epoch at 1e-5, then cosine decay per epoch.
 
-One loop trains every method and every number of runs: :func:`train_prompt` (``train_coop`` is the same function)
-is the one-run case of :func:`coopipe.stacked.drive`, which trains runs stacked in one text pass
+One loop trains every method and every number of runs: :func:`train_prompt` is the one-run case of :func:`coopipe.stacked.drive`, which trains runs stacked in one text pass
 (:func:`coopipe.stacked.train_stacked`); each run's state and schedule is a :class:`coopipe.stepper.RunStepper`.
-The learner comes from :func:`coopipe.learners.build_learner` for :meth:`TrainConfig.method_spec` and the optimiser
-moves all its parameters. Image-independent learners (CoOp, rank prompts) run one text pass per step that serves
+The learner and the optimiser come from the run's method (:mod:`coopipe.methods`); the optimiser moves every
+parameter of the learner, by name. Image-independent learners (CoOp, rank prompts) run one text pass per step that serves
 the whole batch; image-conditional ones (CoCoOp) run the batched B x K text path of :mod:`coopipe.cocoop_text` on
 each step's images, the Meta-Net seeing the feature of the view drawn for that image this epoch. CoCoOp's reference
 setting (:meth:`TrainConfig.for_method`): M = 4 from "a photo of a", 10 epochs, batch 1, the same SGD and schedule;
@@ -31,48 +30,14 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from coopipe.errors import CheckpointError, ParamsError
 from coopipe.models import LoadedClip
 from coopipe.stacked import drive
 from coopipe.stepper import RunStepper, StackedRun
-from coopipe.train_config import (
-    COCOOP_BATCH_SIZE,
-    COCOOP_EPOCHS,
-    EPOCHS_BY_SHOTS,
-    IMAGENET_EPOCHS,
-    VIEW_POLICIES,
-    EpochRecord,
-    TrainConfig,
-    TrainResult,
-    TrainState,
-    batch_slices,
-    check_features,
-    derive_seed,
-    draw_views,
-    epochs_for,
-)
+from coopipe.train_config import EpochRecord, TrainConfig, TrainResult, TrainState
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "COCOOP_BATCH_SIZE",
-    "COCOOP_EPOCHS",
-    "EPOCHS_BY_SHOTS",
-    "IMAGENET_EPOCHS",
-    "VIEW_POLICIES",
-    "EpochRecord",
-    "TrainConfig",
-    "TrainResult",
-    "TrainState",
-    "batch_slices",
-    "check_features",
-    "derive_seed",
-    "draw_views",
-    "epochs_for",
-    "text_features_for",
-    "train_coop",
-    "train_prompt",
-]
+__all__ = ["train_prompt"]
 
 
 def train_prompt(
@@ -89,7 +54,7 @@ def train_prompt(
     stop_after: int | None = None,
     on_step: Callable[[], None] | None = None,
 ) -> TrainResult:
-    """Learn the prompt of ``config.method`` (CoOp context; CoCoOp context and Meta-Net) from cached features.
+    """Learn the parameters of ``config.method``'s learner (CoOp context; CoCoOp context and Meta-Net; ...) from cached features.
 
     ``train_feats``: raw (un-normalised) features (N, V, D) (or (N, D) = one view); ``train_labels``: (N,).
     ``val_feats``/``val_labels``: optional (M, D) or (M, V, D) (view 0 is used) for a per-epoch validation
@@ -104,29 +69,3 @@ def train_prompt(
     drive([stepper])
     return stepper.result()
 
-
-train_coop = train_prompt  # the name CoOp's callers know; one loop for every method
-
-
-def text_features_for(
-    ctx: torch.Tensor, clip: LoadedClip, classnames: Sequence[str], config: TrainConfig
-) -> torch.Tensor:
-    """L2-normalised class text features (K, D), CPU float32, of a learned context for ``classnames``.
-
-    Image-independent methods only: CoCoOp has no single classifier (use :func:`coopipe.learners.predict_logits`).
-    """
-    if config.method == "cocoop":
-        raise ParamsError(
-            "CoCoOp prompts depend on the image: there are no class text features to export; evaluate with "
-            "coopipe.learners.predict_logits on a learner from coopipe.learners.restore_learner"
-        )
-    learner = config.prompt_learner(clip, classnames, generator=torch.Generator())  # its draw is overwritten
-    if tuple(ctx.shape) != tuple(learner.ctx.shape):
-        raise CheckpointError(
-            f"context of shape {tuple(ctx.shape)} does not fit a {config.n_ctx}-token prompt learner for "
-            f"{len(classnames)} classes (needs {tuple(learner.ctx.shape)})"
-        )
-    device = learner.ctx.device
-    with torch.no_grad():
-        learner.ctx.copy_(ctx.to(device, learner.ctx.dtype))
-        return learner.class_text_features(config.text_encoder(clip)).float().cpu()

@@ -17,7 +17,7 @@ import dataclasses
 import hashlib
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,19 +25,13 @@ import numpy as np
 import torch
 
 from coopipe.errors import DatasetError, ParamsError, ProvenanceMismatchError, StoreError
-from coopipe.learners import Learner, build_learner
-from coopipe.method import METHODS, MethodSpec
+from coopipe.methods import MethodSpec, Optimization, get_method, method_names
 from coopipe.models import LoadedClip
-from coopipe.prompt import CLASS_TOKEN_POSITIONS
 from coopipe.text_encoder import PromptTextEncoder
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "COCOOP_BATCH_SIZE",
-    "COCOOP_EPOCHS",
-    "EPOCHS_BY_SHOTS",
-    "IMAGENET_EPOCHS",
     "VIEW_POLICIES",
     "EpochRecord",
     "TrainConfig",
@@ -47,36 +41,21 @@ __all__ = [
     "check_features",
     "derive_seed",
     "draw_views",
-    "epochs_for",
+    "train_option_names",
 ]
 
-EPOCHS_BY_SHOTS: dict[int, int] = {1: 50, 2: 100, 4: 100, 8: 200, 16: 200}  # CoOp's configs
-IMAGENET_EPOCHS = 50  # CoOp trains ImageNet for 50 epochs at every number of shots
 VIEW_POLICIES = ("augmented", "center", "all")
-COCOOP_EPOCHS = 10  # CoCoOp's vit_b16_c4_ep10_batch1_ctxv1, at every number of shots
-COCOOP_BATCH_SIZE = 1
-
-
-def epochs_for(shots: int, dataset: str | None = None) -> int:
-    """CoOp's number of epochs for ``shots`` images per class: 50 / 100 / 100 / 200 / 200; ImageNet 50.
-
-    Shots between the listed values take the value of the next smaller listed one (e.g. 3 -> 100, 32 -> 200).
-    """
-    if isinstance(shots, bool) or not isinstance(shots, (int, np.integer)) or shots < 1:
-        raise ParamsError(f"shots must be a positive integer (CoOp uses 1, 2, 4, 8, 16), got {shots!r}")
-    if dataset is not None and dataset.lower() == "imagenet":
-        return IMAGENET_EPOCHS
-    return EPOCHS_BY_SHOTS[max(k for k in EPOCHS_BY_SHOTS if k <= shots)]
+MEMORY_OPTIONS = ("class_chunk", "checkpoint_chunks")  # change memory, never a number: a resume may change them
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything that determines a CoOp training run (defaults: CoOp's protocol for 16 shots, M = 16).
+    """Everything that determines a training run (defaults: CoOp's protocol for 16 shots, M = 16).
 
-    ``views``: ``augmented`` draws one of the cached augmented views (1..V-1) per image per epoch (the centre
-    view when the store has none), ``center`` always uses view 0, ``all`` draws among every view.
-    ``method`` picks the learner (``coop``, ``cocoop``); with the variant fields it forms :meth:`method_spec`.
-    Text-path options (``cut``, ``share_prefix``, ``class_chunk``, ``checkpoint_chunks``, ``autocast_bf16`` and,
+    ``method`` is the method and its options (:class:`coopipe.methods.MethodSpec`); :meth:`for_method` fills in
+    its paper setting (epochs by shots, batch size). ``views``: ``augmented`` draws one of the cached augmented
+    views (1..V-1) per image per epoch (the centre view when the store has none), ``center`` always uses view 0,
+    ``all`` draws among every view. Text-path options (``cut``, ``share_prefix``, ``class_chunk``, ``checkpoint_chunks``, ``autocast_bf16`` and,
     for CoCoOp, ``image_chunk``: images per text-tower chunk) only change speed and memory, never the result
     beyond float rounding (bf16 excepted).
     """
@@ -89,10 +68,7 @@ class TrainConfig:
     drop_last: bool = True
     warmup_epoch: int = 1
     warmup_lr: float = 1e-5
-    n_ctx: int = 16
-    ctx_init: str | None = None
-    csc: bool = False
-    class_token_position: str = "end"
+    method: MethodSpec = MethodSpec()
     seed: int = 1
     views: str = "augmented"
     cut: bool = True
@@ -100,15 +76,12 @@ class TrainConfig:
     class_chunk: int | None = None
     checkpoint_chunks: bool = False
     autocast_bf16: bool = False
-    method: str = "coop"
     image_chunk: int | None = 32
 
     def __post_init__(self) -> None:
         problems = []
-        if self.method not in METHODS:
-            problems.append(f"method must be one of {METHODS} (got {self.method!r})")
-        elif self.method != "coop" and (self.csc or self.class_token_position != "end"):
-            problems.append(f"{self.method} supports only a unified context with the class token at the end")
+        if not isinstance(self.method, MethodSpec):
+            problems.append(f"method must be a MethodSpec (got {self.method!r})")
         if self.image_chunk is not None and self.image_chunk < 1:
             problems.append(f"image_chunk must be >= 1 or None (got {self.image_chunk})")
         if self.max_epoch < 1:
@@ -123,12 +96,6 @@ class TrainConfig:
             problems.append(f"batch_size must be >= 1 (got {self.batch_size})")
         if not 0 <= self.warmup_epoch <= self.max_epoch:
             problems.append(f"warmup_epoch must lie in [0, max_epoch] (got {self.warmup_epoch})")
-        if self.n_ctx < 1:
-            problems.append(f"n_ctx must be >= 1 (got {self.n_ctx})")
-        if self.class_token_position not in CLASS_TOKEN_POSITIONS:
-            problems.append(
-                f"class_token_position must be one of {CLASS_TOKEN_POSITIONS} (got {self.class_token_position!r})"
-            )
         if self.views not in VIEW_POLICIES:
             problems.append(f"views must be one of {VIEW_POLICIES} (got {self.views!r})")
         if self.class_chunk is not None and self.class_chunk < 1:
@@ -139,35 +106,25 @@ class TrainConfig:
             raise ParamsError("invalid training config: " + "; ".join(problems))
 
     @classmethod
-    def for_shots(cls, shots: int, dataset: str | None = None, **overrides: Any) -> TrainConfig:
-        """The reference config for ``shots`` (epochs from :func:`epochs_for`), with ``overrides`` applied."""
-        overrides.setdefault("max_epoch", epochs_for(shots, dataset))
-        return cls(**overrides)
+    def for_method(
+        cls, method: str | MethodSpec, shots: int, dataset: str | None = None, **overrides: Any
+    ) -> TrainConfig:
+        """The paper's setting of ``method`` (a spec, or a label such as ``rank_b5``) for ``shots``: its epochs
+        and batch size. ``overrides`` are training options and method options (``n_ctx``, ``csc``, ...: they
+        change the method's); ``None`` values keep the setting. A method option the method lacks is an error."""
+        spec = MethodSpec.parse(method) if isinstance(method, str) else method
+        given = {k: v for k, v in overrides.items() if v is not None}
+        own = {f.name for f in dataclasses.fields(cls)}
+        spec = spec.with_options(**{k: v for k, v in given.items() if k not in own})
+        definition = get_method(spec.method)
+        defaults = {"max_epoch": definition.epochs(shots, dataset), "batch_size": definition.batch_size}
+        return cls(**{**defaults, **{k: v for k, v in given.items() if k in own}, "method": spec})
 
-    @classmethod
-    def for_method(cls, method: str, shots: int, dataset: str | None = None, **overrides: Any) -> TrainConfig:
-        """The reference config of ``method`` for ``shots``: CoOp as :meth:`for_shots`; CoCoOp M = 4 from
-        "a photo of a", 10 epochs, batch 1 (``overrides`` win)."""
-        if method == "cocoop":
-            spec = MethodSpec.default("cocoop")
-            epochs_for(shots, dataset)  # validates shots
-            defaults = {"max_epoch": COCOOP_EPOCHS, "batch_size": COCOOP_BATCH_SIZE, "n_ctx": spec.n_ctx,
-                        "ctx_init": None if "n_ctx" in overrides else spec.ctx_init}  # an explicit M: random init
-            return cls(**{**defaults, **overrides, "method": "cocoop"})
-        return cls.for_shots(shots, dataset, **{**overrides, "method": method})
-
-    def method_spec(self) -> MethodSpec:
-        """The prompt method and variant this config trains."""
-        return MethodSpec(
-            method=self.method,
-            n_ctx=self.n_ctx,
-            ctx_init=self.ctx_init,
-            csc=self.csc,
-            class_token_position=self.class_token_position,
-        )
+    def optimization(self) -> Optimization:
+        return Optimization(lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, "method": self.method.to_dict()}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
@@ -176,7 +133,16 @@ class TrainConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ParamsError(f"unknown training option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        return cls(**dict(data))
+        values = dict(data)
+        if "method" in values:
+            values["method"] = MethodSpec.from_dict(values["method"])
+        return cls(**values)
+
+    def result_differences(self, other: TrainConfig) -> list[str]:
+        """The options that change a run's result and differ between the two configs: a resume refuses those
+        (the memory-only ``class_chunk`` and ``checkpoint_chunks`` may change)."""
+        return [f.name for f in dataclasses.fields(self)
+                if f.name not in MEMORY_OPTIONS and getattr(self, f.name) != getattr(other, f.name)]
 
     def lr_at(self, epoch: int) -> float:
         """Learning rate of (0-based) ``epoch``: ``warmup_lr`` for the warm-up epochs, then cosine from ``lr``.
@@ -200,11 +166,6 @@ class TrainConfig:
             autocast_bf16=self.autocast_bf16,
         )
 
-    def prompt_learner(
-        self, clip: LoadedClip, classnames: Sequence[str], *, generator: torch.Generator | None = None
-    ) -> Learner:
-        """A fresh learner for this config's method and variant (context drawn with ``generator``)."""
-        return build_learner(self.method_spec(), clip, classnames, generator=generator)
 
 
 @dataclass(frozen=True)
@@ -228,40 +189,57 @@ class EpochRecord:
 
 @dataclass
 class TrainState:
-    """Everything needed to continue training after ``epoch`` completed epochs (CPU tensors).
+    """Everything needed to continue training after ``epoch`` completed epochs (CPU tensors), whatever the method.
 
-    ``variant`` is the prompt learner's configuration (n_ctx, ctx_init, csc, class_token_position; ``method``
-    for methods other than CoOp) so a state can be checked against the learner it is loaded into. ``params``
-    holds the learner's parameters other than ``ctx`` by name (CoCoOp: the Meta-Net's), ``momentum`` their SGD
-    momentum buffers (empty for CoOp).
+    ``params``: every learner parameter by name (``ctx``, ``meta_net.linear1.weight``, ``rank_embeds``, ...);
+    ``optimizer``: the optimiser's per-parameter state as ``<parameter>.<key>`` (SGD: ``ctx.momentum_buffer``;
+    Adam: ``.step``, ``.exp_avg``, ``.exp_avg_sq``), empty before the first step; ``variant``: the learner's
+    record, so that a state is checked against the learner it is loaded into.
     """
 
     epoch: int
-    ctx: torch.Tensor  # (n_ctx, width) or (n_cls, n_ctx, width)
-    momentum_buffer: torch.Tensor | None  # same shape as ctx; None before the first optimiser step
+    params: dict[str, torch.Tensor]
     generator_state: torch.Tensor  # uint8, torch.Generator.get_state() of the data generator
+    optimizer: dict[str, torch.Tensor] = field(default_factory=dict)
     history: list[EpochRecord] = field(default_factory=list)
     variant: dict[str, Any] = field(default_factory=dict)
-    params: dict[str, torch.Tensor] = field(default_factory=dict)
-    momentum: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def ctx(self) -> torch.Tensor:
+        """The learned context (prompt methods)."""
+        return self.params["ctx"]
+
+    @property
+    def momentum(self) -> dict[str, torch.Tensor]:
+        """SGD's momentum buffers by parameter name."""
+        suffix = ".momentum_buffer"
+        return {k[: -len(suffix)]: v for k, v in self.optimizer.items() if k.endswith(suffix)}
+
+    @property
+    def momentum_buffer(self) -> torch.Tensor | None:
+        """The context's SGD momentum buffer (None before the first step)."""
+        return self.momentum.get("ctx")
 
 
 @dataclass
 class TrainResult:
-    """A finished (or stopped) run: the learned context, per-epoch history and the final state."""
+    """A finished (or stopped) run: its final state, per-epoch history and exported classifier."""
 
-    ctx: torch.Tensor  # (n_ctx, width) or (n_cls, n_ctx, width), CPU
     history: list[EpochRecord]
     state: TrainState
     text_features: torch.Tensor | None  # (n_cls, embed_dim) final classifier, CPU float32; None for CoCoOp
     logit_scale: float  # CLIP's log scale (logits = exp(logit_scale) * cosine)
     variant: dict[str, Any]
     seconds: float
-    params: dict[str, torch.Tensor] = field(default_factory=dict)  # the learner's other parameters (Meta-Net)
 
-    def learner_tensors(self) -> dict[str, torch.Tensor]:
-        """``ctx`` and every other trained tensor by name: what :func:`coopipe.learners.restore_learner` loads."""
-        return {"ctx": self.ctx, **self.params}
+    @property
+    def params(self) -> dict[str, torch.Tensor]:
+        """Every trained tensor by name: what :func:`coopipe.learners.restore_learner` loads."""
+        return self.state.params
+
+    @property
+    def ctx(self) -> torch.Tensor:
+        return self.state.ctx
 
     @property
     def epochs_done(self) -> int:
@@ -270,6 +248,13 @@ class TrainResult:
     @property
     def final_val_acc(self) -> float | None:
         return self.history[-1].val_acc if self.history else None
+
+
+def train_option_names() -> set[str]:
+    """Every training option a user may set (params.yaml ``train``, ``--train-args``): TrainConfig's fields and
+    every registered method's options."""
+    from_methods = {f.name for name in method_names() for f in dataclasses.fields(get_method(name).options)}
+    return {f.name for f in dataclasses.fields(TrainConfig)} | from_methods
 
 
 def derive_seed(seed: int, purpose: str) -> int:

@@ -9,11 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from coopipe.datasets.age_fewshot import (
-    age_few_shot_union,
-    make_age_few_shot_index,
-    sample_age_few_shot,
-)
 from coopipe.datasets.ages import (
     AGE_TEMPLATE,
     build_age_manifest,
@@ -47,17 +42,14 @@ __all__ = [
     "DatasetRegistry",
     "FewShotIndex",
     "Split",
-    "age_few_shot_union",
     "default_registry",
     "few_shot_union",
     "is_age_dataset",
     "load_dataset",
-    "make_age_few_shot_index",
     "make_few_shot_index",
     "rank_values",
     "read_age_split_file",
     "read_split_file",
-    "sample_age_few_shot",
     "sample_few_shot",
     "sample_val",
     "write_age_split_file",

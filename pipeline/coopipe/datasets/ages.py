@@ -70,14 +70,16 @@ def rank_classnames(min_age: int = MIN_AGE, max_age: int = MAX_AGE) -> tuple[str
 
 
 def is_age_dataset(dataset: Dataset | str) -> bool:
-    """Whether ``dataset`` (a :class:`Dataset`, or the dataset name a store or checkpoint records) came from an age
-    adapter (``utkface``, ``morph``, ``agemanifest-*``): such datasets take
-    :func:`coopipe.datasets.age_fewshot.make_age_few_shot_index` and the age metrics.
+    """Whether ``dataset`` (a :class:`Dataset`: its ordinal label kind; or the dataset name a store or checkpoint
+    records) came from an age adapter (``utkface``, ``morph``, ``agemanifest-*``): such datasets take the age
+    metrics.
 
     Why the name: the built dataset's name is what every store's provenance and every run record carries, and the
     age adapters own these names, so a job that only holds a store knows its label kind without the images.
     """
-    name = dataset if isinstance(dataset, str) else dataset.name
+    if not isinstance(dataset, str):
+        return dataset.label_kind == "ordinal"
+    name = dataset
     return name in ("utkface", "morph") or name.startswith("agemanifest-")
 
 
@@ -100,7 +102,8 @@ def parse_age(value: Any, *, min_age: int, max_age: int, where: str) -> int:
     age = int(text.split(".")[0])
     if not min_age <= age <= max_age:
         raise DatasetError(
-            f"{where}: age {age} is outside the rank range {min_age}..{max_age}; fix the label or widen min_age/max_age"
+            f"{where}: age {age} is outside the rank range {min_age}..{max_age}; fix the label or widen the range "
+            f"(--dataset-option min_age=.../max_age=..., or data.options in params.yaml)"
         )
     return age
 
@@ -127,7 +130,8 @@ def _dataset(name: str, root: Path, splits: dict[str, Split], *, min_age: int, m
         raise DatasetError(f"{source} lists no images in the rank range {min_age}..{max_age}")
     if check_files:
         check_files_exist(root, splits, source=source, fix=f"image paths must be relative to {root}; fix them")
-    return Dataset(name, root, rank_classnames(min_age, max_age), check_template(template), splits, source=source)
+    return Dataset(name, root, rank_classnames(min_age, max_age), check_template(template), splits, source=source,
+                   label_kind="ordinal")
 
 
 # ---------------------------------------------------------------- split files

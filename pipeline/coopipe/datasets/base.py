@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import difflib
 import hashlib
 import inspect
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,12 +32,16 @@ class Split:
         return len(self.paths)
 
 
+LABEL_KINDS = ("class", "ordinal")
+
 @dataclass(frozen=True)
 class Dataset:
     """A classification dataset: where its images are, its splits, class names and zero-shot prompt.
 
     ``name`` is the registry name (plus a qualifier for user datasets, e.g. ``imagefolder-pets``); it is part
-    of store paths, so it must be file-name safe.
+    of store paths, so it must be file-name safe. ``label_kind``: ``class`` (CoOp's datasets: K-shot draws need K
+    images of every class) or ``ordinal`` (ages: the labels are ordered ranks, a rank with fewer than K images keeps
+    them all, and evaluation adds the age metrics).
     """
 
     name: str
@@ -44,6 +50,12 @@ class Dataset:
     template: str
     splits: dict[str, Split] = field(default_factory=dict)
     source: str = ""  # e.g. the split file used, for error messages and provenance
+    label_kind: str = "class"  # or "ordinal"
+    options: dict[str, Any] = field(default_factory=dict)  # the builder options it was built with (provenance)
+
+    def __post_init__(self) -> None:
+        if self.label_kind not in LABEL_KINDS:
+            raise DatasetError(f"dataset {self.name}: label_kind must be one of {LABEL_KINDS}, got {self.label_kind!r}")
 
     @property
     def num_classes(self) -> int:
@@ -141,7 +153,28 @@ class DatasetRegistry:
         root = Path(data_root).expanduser()
         if not root.exists():  # say so, rather than "split file missing" somewhere below it
             raise MissingFileError(f"data root {root} does not exist (dataset {info.name} expects: {info.description})")
-        return info.builder(root, **options)
+        return dataclasses.replace(info.builder(root, **options), options=dict(options))
+
+
+def parse_dataset_options(items: Sequence[str]) -> dict[str, Any]:
+    """``["min_age=1", "max_age=116", "split_file=s.json"]`` -> options for a dataset builder (integers, numbers,
+    true/false and text), as the CLI and the sweep take them (``--dataset-option KEY=VALUE``)."""
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise DatasetError(f"dataset option {item!r} is not KEY=VALUE (e.g. max_age=116)")
+        value: Any = text
+        for kind in (int, float):
+            try:
+                value = kind(text)
+                break
+            except ValueError:
+                pass
+        if text.lower() in ("true", "false"):
+            value = text.lower() == "true"
+        options[key.strip()] = value
+    return options
 
 
 def _check_options(info: DatasetInfo, options: dict[str, Any]) -> None:

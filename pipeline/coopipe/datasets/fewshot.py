@@ -36,14 +36,16 @@ def sample_few_shot(
     seed: int,
     classnames: Sequence[str] | None = None,
     source: str = "",
+    strict: bool = True,
 ) -> np.ndarray:
     """Positions of exactly ``shots`` images per class, drawn without replacement; sorted ascending (int64).
 
     Raises :class:`DatasetError` if a class has fewer than ``shots`` images (naming the class and the counts);
-    ``classnames`` and ``source`` (e.g. the split file) only make that message clearer.
+    ``classnames`` and ``source`` (e.g. the split file) only make that message clearer. ``strict=False`` (ordinal
+    labels) keeps every image of a class with fewer instead.
     """
     _check_shots(shots)
-    return _sample(labels, num_classes, shots, seed=seed, stream=_TRAIN_STREAM, strict=True,
+    return _sample(labels, num_classes, shots, seed=seed, stream=_TRAIN_STREAM, strict=strict,
                    classnames=classnames, source=source)
 
 
@@ -176,7 +178,12 @@ class FewShotIndex:
 
 
 def make_few_shot_index(dataset: Dataset, shots: int, seed: int) -> FewShotIndex:
-    """Draw the train (K per class) and val (min(K, 4) per class) subsets of ``dataset`` for one seed."""
+    """Draw the train (K per class) and val (min(K, 4) per class) subsets of ``dataset`` for one seed.
+
+    An ``ordinal`` dataset (ages) takes OrdinalCLIP's rule (``generate_fewshot_dataset``): a rank with fewer than
+    K images keeps them all, and ranks without images are normal; a ``class`` dataset refuses a class that is too
+    small. The draws use the same generator streams either way, so they are explicit, reproducible and nested.
+    """
     train = dataset.split("train")
     val = dataset.splits.get("val")
     hashes = {"train": dataset.file_list_hash("train")}
@@ -184,7 +191,7 @@ def make_few_shot_index(dataset: Dataset, shots: int, seed: int) -> FewShotIndex
         hashes["val"] = dataset.file_list_hash("val")
     return draw_index(
         dataset.name, train.labels, val.labels if val is not None and len(val) else None, dataset.num_classes,
-        shots, seed, strict=True, split_hashes=hashes, classnames=dataset.classnames,
+        shots, seed, strict=dataset.label_kind == "class", split_hashes=hashes, classnames=dataset.classnames,
         source=f"the train split of {dataset.name} ({dataset.source or dataset.image_root})",
     )
 
@@ -242,7 +249,7 @@ def few_shot_union(dataset: Dataset, shots_list: Iterable[int], seeds: Iterable[
     seeds = list(seeds)
     parts = [
         sample_few_shot(train.labels, dataset.num_classes, shots, seed=seed, classnames=dataset.classnames,
-                        source=f"the train split of {dataset.name}")
+                        source=f"the train split of {dataset.name}", strict=dataset.label_kind == "class")
         for shots in shots_list
         for seed in seeds
     ]

@@ -14,16 +14,15 @@ Run by DVC as ``python stages/encode.py`` (reads params.yaml) and by ``coopipe e
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from coopipe.hardware import check_device
 from coopipe.atomic import write_json
 from coopipe.config import EncodeConfig, ModelSpec, PathsConfig
 from coopipe.datasets import load_dataset
-from coopipe.datasets.age_fewshot import make_age_few_shot_index
-from coopipe.datasets.ages import is_age_dataset
 from coopipe.datasets.base import Dataset
 from coopipe.datasets.common import check_confined
 from coopipe.datasets.fewshot import FewShotIndex, make_few_shot_index
@@ -42,10 +41,10 @@ ALL_SPLITS = ("train", "val", "test")
 def write_fewshot_indices(dataset: Dataset, shots: Sequence[int], seeds: Sequence[int], cache_dir: str | Path) -> list[FewShotIndex]:
     """Draw and save every (shots, seed) index; raises DatasetError before any encoding if a class is too small.
 
-    Age datasets take the age rule (K per age, an age with fewer keeps them all, ranks without images are normal).
+    Ordinal datasets (ages) take the age rule (K per age, an age with fewer keeps them all, ranks without images
+    are normal): :func:`coopipe.datasets.fewshot.make_few_shot_index` reads the dataset's label kind.
     """
-    make = make_age_few_shot_index if is_age_dataset(dataset) else make_few_shot_index
-    indices = [make(dataset, k, s) for k in shots for s in seeds]
+    indices = [make_few_shot_index(dataset, k, s) for k in shots for s in seeds]
     for index in indices:
         index.save(fewshot_index_path(cache_dir, dataset.name, index.shots, index.seed))
     return indices
@@ -101,15 +100,19 @@ def run_encode(
     options: EncodeOptions = EncodeOptions(),
     scheduler: str | None = EncodeConfig.scheduler,
     confine_paths: bool = EncodeConfig.confine_paths,
+    dataset_options: Mapping[str, Any] | None = None,
 ) -> list[EncodeResult]:
     """Encode the requested splits of ``dataset``; returns one result per store (reused ones included).
+
+    ``dataset_options`` go to the dataset's builder (an age dataset's ``min_age``/``max_age``, a split file...)
+    and into every store's provenance.
 
     ``confine_paths`` refuses image paths that resolve outside the dataset's image folder (for split files
     and manifests from untrusted sources); by default they may point anywhere.
     """
     spec = ViewSpec(n_aug=views, scale=tuple(crop_scale), seed=aug_seed)  # type: ignore[arg-type]  # checked first
     check_model_name(model)  # an unknown or unsupported model is refused before the data is read
-    data = load_dataset(dataset, data_root)
+    data = load_dataset(dataset, data_root, **dict(dataset_options or {}))
     if confine_paths:
         check_confined(Path(data.image_root), data.splits, source=data.source or str(data_root))
     if bool(shots) != bool(seeds):
@@ -155,14 +158,15 @@ def _result_dict(result: EncodeResult) -> dict:
     }
 
 
-def preflight(dataset: str, data_root: str, model: str, pretrained: str) -> None:
+def preflight(dataset: str, data_root: str, model: str, pretrained: str,
+              dataset_options: Mapping[str, Any] | None = None) -> None:
     """Check data and weights before any work, and say in one message everything that must be set."""
     from coopipe.errors import CoopipeError, ParamsError
     from coopipe.models import check_weights_available
 
     problems = []
     try:
-        load_dataset(dataset, data_root)
+        load_dataset(dataset, data_root, **dict(dataset_options or {}))
     except CoopipeError as exc:
         problems.append(f"data: {exc} -> set data.root in params.yaml to your local dataset root")
     try:

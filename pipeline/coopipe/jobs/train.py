@@ -14,6 +14,7 @@ Run by DVC as ``python stages/train.py --shots K --seed S`` (reads params.yaml) 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -48,8 +49,8 @@ from coopipe.models import LoadedClip, sha256_file
 from coopipe.lookup import fewshot_index_for, fewshot_index_path, resolve_model
 from coopipe.metrics_log import EpochMetricsLog
 from coopipe.stacked import StackedRun, train_stacked
-from coopipe.train import EpochRecord, TrainConfig, TrainResult, TrainState, train_coop
-from coopipe.train_config import batch_slices
+from coopipe.train import train_prompt
+from coopipe.train_config import EpochRecord, TrainConfig, TrainResult, TrainState, batch_slices
 from coopipe.transfer import ClassSubset, check_store_classes
 
 logger = logging.getLogger(__name__)
@@ -176,7 +177,7 @@ def _train_locked(**kwargs: Any) -> dict[str, Any]:
     if isinstance(prepared, dict):
         return prepared
     with prepared.bar, prepared.metrics:
-        result = train_coop(prepared.train.features, prepared.train.labels, prepared.clip, prepared.train.classnames,
+        result = train_prompt(prepared.train.features, prepared.train.labels, prepared.clip, prepared.train.classnames,
                             prepared.config, val_feats=prepared.val_feats, val_labels=prepared.val_labels,
                             on_epoch=prepared.on_epoch, resume_state=prepared.resume, on_step=prepared.on_step)
     return _finish(prepared, result)
@@ -206,6 +207,8 @@ def _prepare(
     check_device(device)
     clip = clip or resolve_model(cache_dir, dataset, model, pretrained, device)
     config = TrainConfig.for_method(str(opts.pop("method", "coop")), shots, dataset, seed=seed, **opts)
+    # M in tokens (init words) and whatever else only the model knows: every record of the run holds the same
+    config = dataclasses.replace(config, method=config.method.resolve(clip))
     if 0 < config.max_epoch <= config.warmup_epoch:
         logger.warning("%d epoch(s), all of them warm-up: the run trains at the warm-up learning rate %g only, never at "
                        "lr %g; train more epochs or set warmup_epoch 0", config.max_epoch, config.warmup_lr, config.lr)
@@ -217,8 +220,8 @@ def _prepare(
     train = read_split(train_store, index.train_indices)
     subset = ClassSubset.of(train.classnames, classes)
     train = subset.apply(train)
-    if config.method == "rank":
-        check_ordered_labels(train.classnames, dataset, config.method)
+    if config.method.method == "rank":
+        check_ordered_labels(train.classnames, dataset, config.method.label())
     stores = {"train": train_store}
     val_feats = val_labels = None
     if index.val_indices:
@@ -257,7 +260,7 @@ def _prepare(
     steps = len(batch_slices(len(train.labels), config.batch_size, config.drop_last))
     done = resume.epoch if resume else 0
     bar = tqdm(total=config.max_epoch * steps, initial=done * steps, unit="step", disable=not progress,
-               desc=f"{config.method_spec().label()} {dataset} {shots}-shot seed {seed}", dynamic_ncols=True)
+               desc=f"{config.method.label()} {dataset} {shots}-shot seed {seed}", dynamic_ncols=True)
     bar.set_postfix({"epoch": f"{done + 1}/{config.max_epoch}"}, refresh=False)
     metrics = EpochMetricsLog(out_dir, start_epoch=resume.epoch if resume else 0)  # dvclive, one step per epoch
 
@@ -283,7 +286,7 @@ def _finish(prepared: _Prepared, result: TrainResult) -> dict[str, Any]:
     """Check and save a trained run (the same for a run trained alone or stacked); returns its summary."""
     out_dir, config, clip = prepared.out_dir, prepared.config, prepared.clip
     final = result.text_features if result.text_features is not None else torch.cat(
-        [t.flatten() for t in result.learner_tensors().values()])
+        [t.flatten() for t in result.params.values()])
     if not bool(torch.isfinite(final).all()):
         raise TrainingDivergedError(
             f"run {out_dir}: training diverged (the final prompt gives non-finite text features, lr {config.lr:g}); "
@@ -301,9 +304,9 @@ def _finish(prepared: _Prepared, result: TrainResult) -> dict[str, Any]:
 
 def check_finite(rec: EpochRecord, state: TrainState, config: TrainConfig, out_dir: Path) -> None:
     """Stop a diverged run before anything of it is saved (the last finite checkpoint stays, never marked complete)."""
-    if math.isfinite(rec.loss) and all(bool(torch.isfinite(t).all()) for t in (state.ctx, *state.params.values())):
+    if math.isfinite(rec.loss) and all(bool(torch.isfinite(t).all()) for t in state.params.values()):
         return
-    what = f"loss {rec.loss}" if not math.isfinite(rec.loss) else "non-finite context values"
+    what = f"loss {rec.loss}" if not math.isfinite(rec.loss) else "non-finite learned values"
     raise TrainingDivergedError(
         f"run {out_dir}: training diverged at epoch {rec.epoch} ({what}, lr {rec.lr:.3g}); the learning rate is "
         f"likely too high (--lr {config.lr:g}): re-run with a lower --lr in a new output folder"
@@ -316,7 +319,7 @@ def _complete_outputs(ckpt: Checkpoint, clip: LoadedClip, *, seconds: float | No
     context, ``history.tsv`` and ``train.json`` are (re)written. Returns the run summary."""
     out_dir = ckpt.path
     try:
-        if not ckpt.method.image_conditional:  # CoCoOp has no single classifier to export
+        if not ckpt.method.image_conditional:  # an image-conditional prompt (CoCoOp) has no single classifier
             ckpt.classifier()
     except (CheckpointError, MissingFileError) as exc:
         logger.warning("run %s: %s; re-exporting the classifier from the saved context", out_dir, exc)

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from coopipe.errors import ParamsError
-from coopipe.method import MethodSpec
+from coopipe.methods import MethodSpec, method_names
 
 AVERAGE = "average"
 
@@ -29,15 +29,12 @@ DATASET_LABELS: dict[str, str] = {
     "imagenet_r": "ImageNet-R",
     AVERAGE: "Average",
 }
-_METHOD_NAMES = {
+_BASELINE_NAMES = {
     "zeroshot": "Zero-shot CLIP",
     "zeroshot_ensemble": "Zero-shot CLIP (ensemble)",
     "linear_probe": "Linear probe CLIP",
     "ridge": "Ridge probe",
-    "coop": "CoOp",
 }
-_PROMPT_NAMES = {"coop": "CoOp", "cocoop": "CoCoOp", "rank": "Rank prompts (OrdinalCLIP)"}
-_METHOD_ORDER = ("zeroshot", "zeroshot_ensemble", "linear_probe", "ridge", "coop", "cocoop", "rank")
 
 
 def dataset_label(name: str) -> str:
@@ -50,41 +47,29 @@ def dataset_order(name: str) -> tuple[int, str]:
 
 
 def method_order(method: str) -> tuple[int, str]:
-    """Sort key: the paper's order; a prompt variant (``coop_csc_middle``, ``coop_init-...``) right after its
-    method's plain label, variants by name; unknown labels last."""
-    if method in _METHOD_ORDER:
-        return (_METHOD_ORDER.index(method), "")
+    """Sort key: the baselines, then the registered methods in registration order (the paper's); a variant
+    (``coop_csc_middle``, ``coop_init-...``) right after its method's plain label, variants by name; unknown
+    labels last."""
+    order = (*_BASELINE_NAMES, *method_names())
+    if method in order:
+        return (order.index(method), "")
     try:
         base = MethodSpec.parse(method).method
     except ParamsError:
-        return (len(_METHOD_ORDER), method)
-    return (_METHOD_ORDER.index(base), method) if base in _METHOD_ORDER else (len(_METHOD_ORDER), method)
+        return (len(order), method)
+    return (order.index(base), method)
 
 
 def method_label(method: str, model: str = "", *, with_model: bool = False) -> str:
     """Readable method name: ``coop_csc_middle`` -> ``CoOp (CSC, middle)``; ``coop_m8`` -> ``CoOp (M=8)``;
-    ``cocoop`` -> ``CoCoOp``; ``rank`` -> ``Rank prompts (OrdinalCLIP)``. Labels are read by the method seam."""
-    name = _METHOD_NAMES.get(method)
+    ``cocoop`` -> ``CoCoOp``; ``rank`` -> ``Rank prompts (OrdinalCLIP)``: the registered method's title and
+    the words for its departures from the paper's setting."""
+    name = _BASELINE_NAMES.get(method)
     if name is None:
         try:
-            spec = MethodSpec.parse(method)
+            name = MethodSpec.parse(method).readable()
         except ParamsError:
-            spec = None
-        if spec is not None:
-            base, default = _PROMPT_NAMES[spec.method], MethodSpec.default(spec.method)
-            parts = []
-            if spec.csc:
-                parts.append("CSC")
-            if spec.class_token_position != "end":
-                parts.append(spec.class_token_position)
-            if spec.ctx_init and spec.ctx_init != default.ctx_init:
-                parts.append(f'init "{spec.ctx_init}"')
-            elif not spec.ctx_init and (spec.n_ctx != default.n_ctx or default.ctx_init):
-                parts.append(f"M={spec.n_ctx}")
-            if spec.method == "rank" and spec.n_base_ranks != default.n_base_ranks:
-                parts.append(f"{spec.n_base_ranks} base ranks")
-            name = f"{base} ({', '.join(parts)})" if parts else base
-    name = name or method
+            name = method
     return f"{name} [{model}]" if with_model and model else name
 
 

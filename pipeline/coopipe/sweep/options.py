@@ -1,5 +1,5 @@
 """Extra `coopipe train` / `coopipe encode` options given to a sweep as one string (``--train-args "--bf16
---batch-size 32"``), read into the fields of :class:`~coopipe.train.TrainConfig` / :class:`~coopipe.encode.EncodeOptions`.
+--batch-size 32"``), read into the fields of :class:`~coopipe.train_config.TrainConfig` / :class:`~coopipe.encode.EncodeOptions`.
 
 Why a string: the shell scripts always took them that way, and a sweep forwards them to every run unchanged.
 """
@@ -68,7 +68,7 @@ def parse_extra_args(text: str | None, target: type, aliases: dict[str, Any], wh
 
 
 def train_args(text: str | None) -> dict[str, Any]:
-    from coopipe.train import TrainConfig
+    from coopipe.train_config import TrainConfig
 
     return parse_extra_args(text, TrainConfig, TRAIN_ALIASES, "--train-args")
 

@@ -35,8 +35,9 @@ from coopipe.config import EncodeConfig, FewShotConfig, ModelSpec, PathsConfig
 from coopipe.datasets.ages import is_age_dataset
 from coopipe.errors import CoopipeError, DatasetError, ParamsError
 from coopipe.lookup import run_name
-from coopipe.method import CLASS_TOKEN_POSITIONS, MethodSpec
-from coopipe.train import TrainConfig, epochs_for
+from coopipe.methods import MethodSpec, epochs_for
+from coopipe.prompt import CLASS_TOKEN_POSITIONS
+from coopipe.train_config import TrainConfig
 from coopipe.safe_names import safe_name
 
 logger = logging.getLogger(__name__)
@@ -45,12 +46,11 @@ PAPER_SHOTS = (1, 2, 4, 8, 16)
 INIT_WORDS = "a photo of a"  # the ``init`` variant token
 AGE_INIT_WORDS = "age estimation: the age of the person is"  # the ``age`` variant token: OrdinalCLIP's CoOp baseline
 AGE_METHODS = (  # an age dataset's default methods: OrdinalCLIP's table (CoOp baseline, rank prompts) and CoCoOp
-    MethodSpec(method="coop", ctx_init=AGE_INIT_WORDS),
-    MethodSpec.default("cocoop"),
-    MethodSpec.default("rank"),
+    MethodSpec.of("coop", ctx_init=AGE_INIT_WORDS),
+    MethodSpec("cocoop"),
+    MethodSpec("rank"),
 )
 FEWSHOT_KINDS = ("coop", "base2new", "linear_probe", "ridge")  # tasks that need the few-shot train/val stores
-_METHOD_FIELDS = {f.name for f in fields(MethodSpec)}
 
 
 @dataclass(frozen=True)
@@ -116,6 +116,7 @@ class EncodeTask:
     seeds: tuple[int, ...]
     views: int
     options: Mapping[str, Any] = field(default_factory=dict)  # EncodeOptions fields (batch_size, num_workers...)
+    dataset_options: Mapping[str, Any] = field(default_factory=dict)  # the dataset builder's (min_age, max_age...)
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,7 @@ class SweepSpec:
     encode_shots: tuple[int, ...] = ()
     encode: bool = True
     encode_options: Mapping[str, Any] = field(default_factory=dict)
+    dataset_options: Mapping[str, Any] = field(default_factory=dict)  # every dataset's builder (--dataset-option)
     runs: str | None = None
     settings: RunSettings = field(default_factory=RunSettings)
 
@@ -176,7 +178,7 @@ def parse_variant(name: str) -> MethodSpec:
         else:
             raise ParamsError(f"unknown variant token {token!r} in {name!r} (use coop, csc, end, middle, front, "
                               f"m<N>, init, age, or a method label such as coop_csc_middle)")
-    return MethodSpec.from_options("coop", **options)
+    return MethodSpec.of("coop", **options)
 
 
 def encode_shots_for(shots: Sequence[int]) -> tuple[int, ...]:
@@ -195,7 +197,7 @@ def _cache_names(spec: SweepSpec, names: Sequence[str], sources: set[str]) -> di
     missing: list[tuple[str, str]] = []
     for name in names:
         try:
-            found[name] = load_dataset(name, spec.data_root).name
+            found[name] = load_dataset(name, spec.data_root, **dict(spec.dataset_options)).name
         except CoopipeError as exc:
             missing.append((name, str(exc)))
     fatal = [(n, why) for n, why in missing if n in sources or not spec.skip_missing]
@@ -226,9 +228,9 @@ def _check(spec: SweepSpec) -> None:
         problems.append("--shots must be positive integers and --seeds non-empty")
     if spec.settings.epochs is not None and spec.settings.epochs < 1:
         problems.append("--epochs must be a positive integer")
-    bad = set(spec.settings.train_options) - {f.name for f in fields(TrainConfig)}
-    if bad or set(spec.settings.train_options) & _METHOD_FIELDS:
-        problems.append(f"unknown or method training option(s) {sorted(bad | (set(spec.settings.train_options) & _METHOD_FIELDS))}")
+    bad = set(spec.settings.train_options) - ({f.name for f in fields(TrainConfig)} - {"method"})
+    if bad:
+        problems.append(f"unknown or method training option(s) {sorted(bad)} (give methods by --methods)")
     if spec.encode and spec.data_root is None:
         problems.append("--data-root is required to encode (or pass --no-encode when the cache is ready)")
     if problems:
@@ -269,7 +271,7 @@ def plan_sweep(spec: SweepSpec) -> SweepPlan:
         run = folder / run_name(k, s)
         done = ("metrics_base.json", "metrics_new.json") if kind == "base2new" else ("metrics.json",)
         what = f"{m.label()} {ds} base2new" if kind == "base2new" else f"{m.label()} {ds}"
-        per_step = 8.0 if m.image_conditional else 1.0  # CoCoOp: a K-class text pass per image, not per batch
+        per_step = 8.0 if m.image_conditional else 1.0  # image-conditional (CoCoOp): a K-class text pass per image, not per batch
         cost = _epochs(spec, k, ds, m) * k * per_step * (0.5 if kind == "base2new" else 1.0) + 20
         return RunTask(kind, ds, str(run), f"{what} {k}-shot seed {s}", tuple(str(run / f) for f in done), cost,
                        method=m, shots=k, seed=s)
@@ -321,6 +323,7 @@ def plan_sweep(spec: SweepSpec) -> SweepPlan:
             dataset=registry_name, name=name, data_root=str(spec.data_root), splits=("train", "val", "test") if fewshot else ("test",),
             shots=(spec.encode_shots or encode_shots_for(spec.shots)) if fewshot else (),
             seeds=tuple(spec.seeds) if fewshot else (), views=spec.views, options=dict(spec.encode_options),
+            dataset_options=dict(spec.dataset_options),
         ))
     return SweepPlan(settings=spec.settings, runs_dir=runs_dir, encodes=tuple(encodes) if spec.encode else (),
                      tasks=tuple(tasks))

@@ -128,17 +128,15 @@ def resolve_stack(stack: str, device: str = "cpu") -> bool:
     return onednn_available() if device == "cpu" else device.startswith("cuda")
 
 
-def stack_units(tasks: Sequence[RunTask], stack: bool, parts: int = 1) -> list[Unit]:
+def stack_units(tasks: Sequence[RunTask], stack: bool) -> list[Unit]:
     """The tasks as units of work, in order: with ``stack``, the training runs of one kind, dataset, method and
-    phase (so one class list, model and device) form a stack trained in one text pass, split round-robin into
-    ``parts`` units (on the CPU one per core, each trained by a one-thread worker; the tasks come longest first, so
-    the parts get similar work); image-conditional methods (CoCoOp: a text pass per image) and every other task
-    stay alone."""
+    phase (so one class list, model and device) form a stack trained in one text pass; runs of a method that
+    cannot stack (image-conditional ones such as CoCoOp: a text pass per image) and every other task stay alone."""
     units: list[list[RunTask]] = []
     groups: dict[tuple[Any, ...], list[RunTask]] = {}
     for task in tasks:
         stackable = stack and task.kind in STACKABLE_KINDS and task.method is not None
-        if stackable and not task.method.image_conditional:  # type: ignore[union-attr]
+        if stackable and task.method.definition.stackable:  # type: ignore[union-attr]
             key = (task.kind, task.dataset, task.method, task.phase)
             if key in groups:
                 groups[key].append(task)
@@ -147,11 +145,7 @@ def stack_units(tasks: Sequence[RunTask], stack: bool, parts: int = 1) -> list[U
             units.append(groups[key])
         else:
             units.append([task])
-    split: list[Unit] = []
-    for unit in units:
-        n = max(1, min(parts, len(unit)))
-        split += [tuple(unit[i::n]) for i in range(n)]
-    return split
+    return [tuple(unit) for unit in units]
 
 
 def encode_dataset(task: EncodeTask, settings: RunSettings) -> None:
@@ -170,7 +164,7 @@ def encode_dataset(task: EncodeTask, settings: RunSettings) -> None:
         options = EncodeOptions(**{"device": settings.device, "progress": False, **dict(task.options)})
         run_encode(dataset=task.dataset, data_root=task.data_root, splits=task.splits, cache_dir=cache,
                    model=settings.model, pretrained=settings.pretrained, views=task.views, shots=task.shots,
-                   seeds=task.seeds, options=options)
+                   seeds=task.seeds, options=options, dataset_options=task.dataset_options)
 
 
 class SweepWorker(WorkerPlugin):

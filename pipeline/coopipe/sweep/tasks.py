@@ -22,7 +22,7 @@ from typing import Any
 
 from coopipe.errors import LockedError
 from coopipe.locks import exclusive_lock
-from coopipe.method import MethodSpec
+from coopipe.methods import MethodSpec
 from coopipe.sweep.plan import RunSettings, RunTask
 
 logger = logging.getLogger(__name__)
@@ -184,9 +184,8 @@ def _execute_locked(task: RunTask, settings: RunSettings, pool: ModelPool, t0: f
 
 
 def _overrides(s: RunSettings, m: MethodSpec) -> dict[str, Any]:
-    """The training options of a run of method ``m``: the sweep's options, the method's fields, ``--epochs``."""
-    overrides = {**dict(s.train_options), "method": m.method, "n_ctx": m.n_ctx, "csc": m.csc,
-                 "ctx_init": m.ctx_init, "class_token_position": m.class_token_position}
+    """The training options of a run of method ``m``: the sweep's options, the method itself, ``--epochs``."""
+    overrides: dict[str, Any] = {**dict(s.train_options), "method": m}
     if s.epochs:
         overrides["max_epoch"] = s.epochs
     return overrides

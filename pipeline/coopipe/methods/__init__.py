@@ -1,0 +1,26 @@
+"""Prompt-learning methods as plug-ins: one module per method, one registry.
+
+To add a method: write a module defining a :class:`Method` subclass (its options dataclass, paper setting, label
+parts and learner; see :mod:`coopipe.methods.coop`) and register an instance: ``register(MyMethod())``. A method
+of the library gets its registry line below; one of your own registers itself where you import it.
+"""
+
+from coopipe.methods.cocoop import CoCoOp
+from coopipe.methods.coop import CoOp
+from coopipe.methods.rank import RankPrompts
+from coopipe.methods.registry import (
+    Method,
+    MethodSpec,
+    Optimization,
+    epochs_for,
+    get_method,
+    method_names,
+    register,
+    unregister,
+)
+
+__all__ = ["Method", "MethodSpec", "Optimization", "epochs_for", "get_method", "method_names", "register", "unregister"]
+
+register(CoOp())
+register(CoCoOp())
+register(RankPrompts())

@@ -1,0 +1,310 @@
+"""The method registry and the method record: what a prompt-learning method is, and which one a run trains.
+
+Why: a method used to be defined three times (a record with every method's fields, mirrored fields in the
+training config, and the report's own reading of run labels), and the copies drifted. Now a method is one module
+(:mod:`coopipe.methods.coop`, :mod:`coopipe.methods.cocoop`, :mod:`coopipe.methods.rank`, or a file of your own)
+defining a :class:`Method` and registering it with :func:`register`; everything else (the run label, the report's
+readable names, the sweep's plan, the CLI's ``--method`` choices, checkpoints) asks the registry.
+
+A :class:`MethodSpec` is a method's name plus its typed options (a frozen dataclass whose defaults are the
+paper's setting). Its label names the method and only what departs from that setting (``coop``, ``coop_csc``,
+``cocoop_m16``, ``rank_b5``); :meth:`MethodSpec.parse` reads a label back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from coopipe.errors import ParamsError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from coopipe.learners import Learner
+    from coopipe.models import LoadedClip
+
+__all__ = [
+    "EPOCHS_BY_SHOTS",
+    "IMAGENET_EPOCHS",
+    "Method",
+    "MethodSpec",
+    "Optimization",
+    "epochs_for",
+    "get_method",
+    "method_names",
+    "register",
+    "unregister",
+]
+
+EPOCHS_BY_SHOTS: dict[int, int] = {1: 50, 2: 100, 4: 100, 8: 200, 16: 200}  # CoOp's configs
+IMAGENET_EPOCHS = 50  # CoOp trains ImageNet for 50 epochs at every number of shots
+LABEL_SEP = "_"
+
+
+def epochs_for(shots: int, dataset: str | None = None) -> int:
+    """CoOp's number of epochs for ``shots`` images per class: 50 / 100 / 100 / 200 / 200; ImageNet 50.
+
+    Shots between the listed values take the value of the next smaller listed one (e.g. 3 -> 100, 32 -> 200).
+    """
+    if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
+        raise ParamsError(f"shots must be a positive integer (CoOp uses 1, 2, 4, 8, 16), got {shots!r}")
+    if dataset is not None and dataset.lower() == "imagenet":
+        return IMAGENET_EPOCHS
+    return EPOCHS_BY_SHOTS[max(k for k in EPOCHS_BY_SHOTS if k <= shots)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Optimization:
+    """The optimiser hyper-parameters a run gives its method (from :class:`coopipe.train_config.TrainConfig`)."""
+
+    lr: float
+    momentum: float
+    weight_decay: float
+
+
+@dataclasses.dataclass(frozen=True)
+class NoOptions:
+    """The options of a method that has none."""
+
+
+class Method:
+    """One prompt-learning method. Subclass it in one module and :func:`register` an instance.
+
+    Class attributes: ``name`` (the run label's head, ``[a-z0-9]+``), ``title`` (the report's readable name),
+    ``options`` (a frozen dataclass; its defaults are the paper's setting), ``image_conditional`` (the
+    prompt depends on the image: no single K x D classifier), ``stackable`` (runs that differ in seed and shots
+    may share one text pass: the learner implements the packed prompt interface), ``batch_size`` (the paper's).
+    Override what differs from CoOp: :meth:`epochs`, :meth:`optimizer`, the label parts, :meth:`build_learner`.
+    The learner brings its loss (``learner.loss(logits, labels)``) and its classifier export
+    (``learner.class_text_features(encoder)``, see :mod:`coopipe.learners`).
+    """
+
+    name: ClassVar[str]
+    title: ClassVar[str]
+    options: ClassVar[type] = NoOptions
+    image_conditional: ClassVar[bool] = False
+    stackable: ClassVar[bool] = False
+    batch_size: ClassVar[int] = 32
+
+    # ---------------------------------------------------------------- the paper's setting
+    def epochs(self, shots: int, dataset: str | None = None) -> int:
+        """Epochs of the paper's setting for ``shots`` images per class (default: CoOp's schedule)."""
+        return epochs_for(shots, dataset)
+
+    def optimizer(self, params: Mapping[str, nn.Parameter], opt: Optimization) -> torch.optim.Optimizer:
+        """The optimiser over the learner's named parameters (default: CoOp's SGD). The loop sets each group's
+        ``lr`` every epoch from the run's schedule."""
+        return torch.optim.SGD(list(params.values()), lr=opt.lr, momentum=opt.momentum,
+                               weight_decay=opt.weight_decay, dampening=0.0, nesterov=False)
+
+    # ---------------------------------------------------------------- options
+    def check(self, options: Any) -> list[str]:
+        """Problems of ``options`` (one phrase each; empty when valid)."""
+        return []
+
+    def normalize(self, options: Any) -> Any:
+        """The canonical form of ``options`` (equal prompts get equal records)."""
+        return options
+
+    def with_options(self, base: Any, given: Mapping[str, Any]) -> Any:
+        """``base`` with the ``given`` options replaced (a method may tie options together, e.g. M and init words)."""
+        return dataclasses.replace(base, **given)
+
+    def resolve(self, options: Any, clip: LoadedClip) -> Any:
+        """``options`` with what only the model knows filled in (default: unchanged). Called once per run before
+        training, so that every record of the run holds the same numbers."""
+        return options
+
+    def transferable(self, options: Any) -> bool:
+        """Whether a learned prompt can serve other class names (base-to-new, cross-dataset)."""
+        return not self.image_conditional
+
+    # ---------------------------------------------------------------- labels
+    def label_parts(self, options: Any) -> list[str]:
+        """The label parts after the name: what departs from the paper's setting (inverse of :meth:`parse_part`)."""
+        return []
+
+    def parse_part(self, part: str) -> dict[str, Any]:
+        """The options one label part names; :class:`ParamsError` when it names none."""
+        raise ParamsError(f"{self.name} has no option written {part!r}")
+
+    def readable_parts(self, options: Any) -> list[str]:
+        """The report's words for what departs from the paper's setting (``CSC``, ``M=8``)."""
+        return self.label_parts(options)
+
+    # ---------------------------------------------------------------- the learner
+    def build_learner(
+        self, options: Any, clip: LoadedClip, classnames: Sequence[str], *, generator: torch.Generator | None
+    ) -> Learner:
+        raise NotImplementedError
+
+
+class _Registry:
+    """Registered methods by name, in registration order (the report's order of methods)."""
+
+    def __init__(self) -> None:
+        self.methods: dict[str, Method] = {}
+
+
+_REGISTRY = _Registry()
+
+
+def register(method: Method) -> Method:
+    """Make ``method`` known by its name (to labels, the CLI, the sweep and the report); returns it."""
+    name = getattr(method, "name", "")
+    if not isinstance(name, str) or not name.isalnum() or name != name.lower():
+        raise ParamsError(f"a method name must be lower-case letters and digits, got {name!r}")
+    known = _REGISTRY.methods.get(name)
+    if known is not None and type(known) is not type(method):
+        raise ParamsError(f"method {name!r} is registered already ({type(known).__name__})")
+    if not (dataclasses.is_dataclass(method.options) and method.options.__dataclass_params__.frozen):  # type: ignore[attr-defined]
+        raise ParamsError(f"method {name!r}: its options must be a frozen dataclass")
+    _REGISTRY.methods[name] = method
+    return method
+
+
+def unregister(name: str) -> None:
+    """Forget method ``name`` (a test's method, once the test is done)."""
+    _REGISTRY.methods.pop(name, None)
+
+
+def method_names() -> tuple[str, ...]:
+    """The registered methods' names, in registration order."""
+    return tuple(_REGISTRY.methods)
+
+
+def get_method(name: str) -> Method:
+    """The registered method ``name``; :class:`ParamsError` naming the known ones otherwise."""
+    try:
+        return _REGISTRY.methods[name]
+    except KeyError:
+        raise ParamsError(f"unknown method {name!r}; available: {', '.join(method_names())}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+    """A method and its options: with a model and class names, everything needed to build its learner."""
+
+    method: str = "coop"
+    options: Any = None  # the method's options dataclass; None: its paper setting
+
+    def __post_init__(self) -> None:
+        definition = get_method(self.method)
+        options = definition.options() if self.options is None else self.options
+        if not isinstance(options, definition.options):
+            raise ParamsError(f"{self.method} options must be {definition.options.__name__}, got {options!r}")
+        options = definition.normalize(options)
+        problems = definition.check(options)
+        if problems:
+            raise ParamsError(f"invalid {self.method} method: " + "; ".join(problems))
+        object.__setattr__(self, "options", options)
+
+    def __getattr__(self, name: str) -> Any:
+        """The method's options read as attributes: ``spec.n_ctx``, ``spec.csc``."""
+        if name.startswith("__") or name == "options":
+            raise AttributeError(name)
+        try:
+            return getattr(self.options, name)
+        except AttributeError:
+            raise AttributeError(f"{self.method} has no option {name!r}") from None
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def of(cls, method: str = "coop", **options: Any) -> MethodSpec:
+        """``method``'s paper setting with the given options (``None`` values keep the setting)."""
+        definition = get_method(method)
+        given = {k: v for k, v in options.items() if v is not None}
+        known = {f.name for f in dataclasses.fields(definition.options)}
+        unknown = sorted(set(given) - known)
+        if unknown:
+            raise ParamsError(f"{method} has no option(s) {', '.join(unknown)}; its options: "
+                              f"{', '.join(sorted(known)) or 'none'}")
+        return cls(method, definition.with_options(definition.options(), given))
+
+    def with_options(self, **options: Any) -> MethodSpec:
+        """This spec with the given options changed (``None`` values keep them)."""
+        given = {k: v for k, v in options.items() if v is not None}
+        known = {f.name for f in dataclasses.fields(self.definition.options)}
+        unknown = sorted(set(given) - known)
+        if unknown:
+            raise ParamsError(f"{self.method} has no option(s) {', '.join(unknown)}; its options: "
+                              f"{', '.join(sorted(known)) or 'none'}")
+        return MethodSpec(self.method, self.definition.with_options(self.options, given))
+
+    @property
+    def definition(self) -> Method:
+        return get_method(self.method)
+
+    @property
+    def image_conditional(self) -> bool:
+        """Whether the prompt depends on the image (CoCoOp): then no single K x D classifier exists."""
+        return self.definition.image_conditional
+
+    @property
+    def transferable(self) -> bool:
+        """Whether the learned prompt can serve other class names."""
+        return self.definition.transferable(self.options)
+
+    def paper_epochs(self, shots: int, dataset: str | None = None) -> int:
+        return self.definition.epochs(shots, dataset)
+
+    def resolve(self, clip: LoadedClip) -> MethodSpec:
+        return MethodSpec(self.method, self.definition.resolve(self.options, clip))
+
+    def build_learner(
+        self, clip: LoadedClip, classnames: Sequence[str], *, generator: torch.Generator | None = None
+    ) -> Learner:
+        """A fresh learner for this spec on ``clip``'s text tower device, initialised from ``generator``."""
+        return self.definition.build_learner(self.options, clip, classnames, generator=generator)
+
+    # ---------------------------------------------------------------- records
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, **dataclasses.asdict(self.options)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> MethodSpec:
+        """Read a record written by :meth:`to_dict`; unknown keys are an error."""
+        if not isinstance(data, Mapping) or "method" not in data:
+            raise ParamsError(f"a method record must be a mapping with a 'method' key, got {data!r}")
+        definition = get_method(str(data["method"]))
+        values = {k: v for k, v in data.items() if k != "method"}
+        known = {f.name for f in dataclasses.fields(definition.options)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ParamsError(f"{data['method']} has no option(s) {', '.join(unknown)}")
+        return cls(definition.name, definition.options(**values))
+
+    def label(self) -> str:
+        """The run-folder label: the method, then only what departs from its paper setting."""
+        return LABEL_SEP.join([self.method, *self.definition.label_parts(self.options)])
+
+    @classmethod
+    def parse(cls, label: str) -> MethodSpec:
+        """The spec a label names (the inverse of :meth:`label`)."""
+        head, *rest = label.split(LABEL_SEP)
+        if head not in method_names():
+            raise ParamsError(f"{label!r} is not a method label (it must start with one of {', '.join(method_names())})")
+        definition = get_method(head)
+        given: dict[str, Any] = {}
+        for part in rest:
+            try:
+                given.update(definition.parse_part(part))
+            except ParamsError:
+                raise ParamsError(f"cannot read {part!r} in method label {label!r}") from None
+        spec = cls(head, definition.with_options(definition.options(), given))
+        if spec.label() != label:
+            raise ParamsError(f"{label!r} is not a canonical method label (that spec is labelled {spec.label()!r})")
+        return spec
+
+    def readable(self) -> str:
+        """The report's name: ``CoOp (CSC, middle)``, ``Rank prompts (OrdinalCLIP) (5 base ranks)``."""
+        parts = self.definition.readable_parts(self.options)
+        return f"{self.definition.title} ({', '.join(parts)})" if parts else self.definition.title
+
+    def __str__(self) -> str:
+        return self.label()
+

@@ -109,8 +109,11 @@ def test_export_cli_and_integrity(runs, images, rn50, tmp_path):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
-    with pytest.raises(ParamsError, match="not a coopipe export"):
+    with pytest.raises(ParamsError, match="notes.txt"):
         export_run(runs["coop"], foreign, clip=rn50)
+    # an export interrupted before its record can be written again
+    (out / RECORD_FILE).unlink()
+    assert export_run(runs["coop"], out, clip=rn50).path == out and load_export(out).classnames == CLASSES
 
 
 @pytest.mark.parametrize("method", ["coop", "rank", "cocoop"])

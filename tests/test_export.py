@@ -1,6 +1,7 @@
 """`coopipe export`: an exported folder predicts exactly what its run predicts (CoOp, CoCoOp, a rank-prompt age
 run; random RN50 weights on a toy cache and synthetic images), its files are bound to its record, its model card
-names the run's departures; the ONNX graph (CoCoOp's with its text path) agrees with predict under ONNX Runtime."""
+names the run's departures; the ONNX graph (CoCoOp's with its text path) agrees with predict under ONNX Runtime.
+A rank-prompt run on real UTKFace faces checks the same on real images (skipped without the shared data)."""
 
 from __future__ import annotations
 
@@ -109,8 +110,11 @@ def test_export_cli_and_integrity(runs, images, rn50, tmp_path):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
-    with pytest.raises(ParamsError, match="not a coopipe export"):
+    with pytest.raises(ParamsError, match="notes.txt"):
         export_run(runs["coop"], foreign, clip=rn50)
+    # an export interrupted before its record can be written again
+    (out / RECORD_FILE).unlink()
+    assert export_run(runs["coop"], out, clip=rn50).path == out and load_export(out).classnames == CLASSES
 
 
 @pytest.mark.parametrize("method", ["coop", "rank", "cocoop"])
@@ -140,3 +144,25 @@ def test_onnx_graph_agrees_with_predict(runs, images, rn50, tmp_path, method):
     assert np.allclose(probs.sum(axis=1), 1, atol=1e-5)
     assert np.abs(probs - full).max() < 1e-4
     assert [int(i) for i in probs.argmax(axis=1)] == [p.indices[0] for p in expected]
+
+
+def test_rank_prompt_on_real_faces(shared_data, rn50, tmp_path):
+    """A rank-prompt run on a small real UTKFace subset (101 age ranks, random RN50): its export predicts what it
+    predicts on the faces, and its model card carries the run's MAE."""
+    from conftest import copy_utkface
+
+    data = copy_utkface(shared_data, tmp_path / "utk", range(20, 26), 3)
+    cache, run, out = tmp_path / "cache", tmp_path / "rank", tmp_path / "export"
+    res = CliRunner().invoke(app, ["encode", "--dataset", "utkface", "--data-root", str(data), "--cache", str(cache),
+                                   "--pretrained", "none", "--views", "0", "--shots", "1", "--seeds", "1",
+                                   "--no-progress", "--workers", "0", "--batch-size", "32"])
+    assert res.exit_code == 0, res.output
+    run_train(cache_dir=cache, dataset="utkface", shots=1, seed=1, out_dir=run, clip=rn50, progress=False,
+              overrides={"method": "rank", "max_epoch": 1, "n_ctx": 4})
+    run_eval(run, cache_dir=cache, clip=rn50)
+    export_run(run, out, clip=rn50)
+    faces = sorted((data / "utkface" / "images").glob("*.jpg"))[:6]
+    from_run = predict(run, faces, topk=3, clip=rn50)
+    assert predict(out, faces, topk=3, clip=rn50) == from_run and len(from_run) == 6
+    card = (out / CARD_FILE).read_text()
+    assert "type: mae" in card and "- 1 epochs (paper 100)" in card

@@ -73,6 +73,7 @@ def test_local_dir_model_end_to_end(images, tmp_path):
     cache, run, out = tmp_path / "cache", tmp_path / "run", tmp_path / "export"
     encode = ["encode", "--dataset", "imagefolder", "--data-root", str(images), "--cache", str(cache), "--model", name,
               "--views", "1", "--shots", "2", "--seeds", "1", "--no-progress", "--workers", "0", "--batch-size", "16"]
+    assert _ok(["models", name]).startswith(f"{name}: yes")
     _ok(encode)  # --pretrained left at its default: a folder name brings its own weights
     stores = find_stores(cache, "imagefolder-colours", "train")
     assert len(stores) == 1

@@ -27,13 +27,18 @@ def export(
 
 
 def models(
+    name: Annotated[Optional[str], typer.Argument(help="Check one model name (an architecture, hf-hub:ORG/REPO or local-dir:PATH) instead of listing all.", show_default=False)] = None,
     all_tags: Annotated[bool, typer.Option("--tags/--no-tags", help="List every pretrained tag with the activation it loads with.")] = True,
     supported_only: Annotated[bool, typer.Option("--supported", help="Only the models the text path supports.")] = False,
 ) -> None:
     """The open_clip architectures, whether the exact prompt text path supports each (and why not), and the
     activation each pretrained tag was trained with (QuickGELU or GELU)."""
-    from coopipe.model_support import list_supported
+    from coopipe.model_support import describe_model, list_supported
 
+    if name is not None:
+        with errors():
+            typer.echo(describe_model(name))
+        return
     entries = list_supported()
     shown = [e for e in entries if e.support.supported or not supported_only]
     for entry in shown:
@@ -44,4 +49,4 @@ def models(
                 typer.echo(f"    {tag:<40} {activation}")
     n_yes = sum(e.support.supported for e in entries)
     typer.echo(f"{n_yes} of {len(entries)} architectures supported; also hf-hub:ORG/REPO and local-dir:PATH names "
-               f"(checked from their open_clip_config.json)")
+               f"(`coopipe models NAME` checks one from its open_clip_config.json)")

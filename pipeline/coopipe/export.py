@@ -107,8 +107,12 @@ def _check_destination(out: Path, run: Path) -> None:
         raise ParamsError(f"export folder {out} is the run folder; give another folder")
     if out.is_file():
         raise ParamsError(f"export folder {out} is a file; give a folder")
-    if out.is_dir() and any(out.iterdir()) and not is_export(out):
-        raise ParamsError(f"{out} is a non-empty folder that is not a coopipe export; give a new or empty folder")
+    ours = {CLASSIFIER_FILE, PROMPT_FILE, ONNX_FILE, CARD_FILE, RECORD_FILE}
+    foreign = [p.name for p in out.iterdir() if p.name not in ours and not p.name.startswith(".")] \
+        if out.is_dir() else []
+    if foreign:  # an interrupted export (no record yet) holds only its own files and may be written again
+        raise ParamsError(f"{out} holds files that are not a coopipe export ({', '.join(sorted(foreign)[:3])}); give "
+                          f"a new or empty folder")
 
 
 def export_run(

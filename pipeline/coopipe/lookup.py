@@ -15,7 +15,7 @@ from coopipe.checkpoint import Checkpoint
 from coopipe.datasets.ages import is_age_dataset
 from coopipe.datasets.fewshot import FewShotIndex, draw_index
 from coopipe.errors import CheckpointError, StoreError
-from coopipe.models import BUNDLED, SCHEMES, LoadedClip, load_clip, tag_of_identity
+from coopipe.models import BUNDLED, SCHEMES, LoadedClip, check_model_name, load_clip, tag_of_identity
 from coopipe.store import FeatureStore, find_stores
 
 logger = logging.getLogger(__name__)
@@ -125,7 +125,10 @@ def fewshot_index_for(cache_dir: Path, dataset: str, shots: int, seed: int, clip
 def resolve_model(cache_dir: Path, dataset: str, model: str | None, pretrained: str | None, device: str,
                   split: str = "train") -> LoadedClip:
     """The model whose ``split`` features are cached for ``dataset`` (inferred when not given), loaded (zero-shot
-    reads only the test split: it must not ask for train features)."""
+    reads only the test split: it must not ask for train features); a model given by name is checked first (known,
+    supported by the text path), before any store is looked up."""
+    if model is not None:
+        check_model_name(model)
     if model is None:
         model, weights = infer_model(cache_dir, dataset, split)
         pretrained = pretrained_for(weights, pretrained)

@@ -4,7 +4,8 @@ Every image goes through the frozen image encoder once, into chunked zarr stores
 the prompt context through the frozen text transformer against the stored features.
 
 Importing the package sets ``GOMP_SPINCOUNT`` where the user has not chosen an OpenMP wait policy
-(:mod:`coopipe.threads`: why small steps need it on a shared CPU). The library logs through ``logging.getLogger(__name__)`` only; the CLI configures handlers.
+(:mod:`coopipe.threads`: why small steps need it on a shared CPU). The library logs through
+``logging.getLogger(__name__)`` only; the CLI configures handlers.
 """
 
 from __future__ import annotations

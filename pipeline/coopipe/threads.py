@@ -11,8 +11,8 @@ thread holds the core the preempted thread needs, and every barrier waits out a 
 Two levers, both here:
 
 - :func:`yielding_waits`: a waiting thread spins briefly (:data:`SPIN_COUNT` pauses: 30 times shorter than
-  libgomp's default, yet enough to bridge the gap between two operations of a quiet step) and then sleeps, handing the core
-  back. libgomp reads its settings once, when it is loaded (``import torch``), so this runs when the ``coopipe``
+  libgomp's default, yet enough to bridge the gap between two operations of a quiet step) and then sleeps,
+  handing the core back. libgomp reads its settings once, when it is loaded (``import torch``), so this runs when the ``coopipe``
   package is imported, before any of its modules imports torch, and only where the user has set neither
   ``OMP_WAIT_POLICY`` nor ``GOMP_SPINCOUNT``.
 - :func:`threads_for` / :func:`step_threads`: one thread where a pass is too small to split (fewer than

@@ -10,7 +10,14 @@ logits exist, so memory holds one chunk and nothing is recomputed), SGD step, at
 over the loaded model (each configuration runs in a spawned child so peaks do not mix), and inference images/s of
 ``cocoop_predict`` on cached test features. Last line: one JSON object.
 
+``--load N`` times every configuration twice in its child: quiet, then again with N busy processes (pure
+spinning Python loops, started just before and stopped just after that timing) beside it, and reports each
+side's loaded time and slowdown (loaded / quiet). The reference-style side runs with libgomp's default waits, as
+the reference runs; coopipe with its own (:mod:`coopipe.threads`); ``--plain-waits`` adds a coopipe side with
+libgomp's default waits too, to show what the thread policy changes.
+
     python benchmarks/cocoop_step.py [--model RN50] [--classes 10 100] [--batches 1 32] [--repeats 3] [--threads 2]
+                                     [--load 1] [--plain-waits]
 """
 
 from __future__ import annotations
@@ -21,17 +28,23 @@ import multiprocessing as mp
 import os
 import resource
 import statistics
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+LIBGOMP_DEFAULT_WAITS = {"GOMP_SPINCOUNT": "300000"}  # libgomp's own default spin count, set explicitly
 
+import coopipe  # noqa: F401  # first: its thread policy (coopipe.threads) must be set before libgomp starts
 import numpy as np
 import torch
 import torch.nn.functional as F
 from coopipe.cocoop import CoCoOpLearner
 from coopipe.cocoop_text import cocoop_predict
+from coopipe.hardware import probe
 from coopipe.models import LoadedClip, load_clip
 from coopipe.text_encoder import PromptTextEncoder
 from coopipe.train_config import TrainConfig
@@ -47,6 +60,22 @@ def _names(k: int) -> list[str]:
 def _rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _cpu() -> str:
+    """The CPU's flags line (coopipe.hardware.probe) plus its family and model: the flags alone do not tell a Zen 4
+    from a Zen 5 (docs/performance.md section 8)."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("cpu family", "model") and key.strip() not in fields:
+                    fields[key.strip()] = value.strip()
+    except OSError:
+        pass
+    family = f" cpu family {fields['cpu family']} model {fields['model']}" if len(fields) == 2 else ""
+    return probe().describe() + family
 
 
 def _reset_peak() -> None:
@@ -66,8 +95,22 @@ def _peak_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _time(step: Callable[[], None], repeats: int) -> float:
-    step()  # warm-up
+@contextmanager
+def _busy(n: int) -> Iterator[None]:
+    """N processes that only spin (a Python loop each), as other jobs sharing the CPU; stopped on exit."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        time.sleep(0.5 if n else 0.0)  # let them start and take their share of the cores
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+def _time(step: Callable[[], None], repeats: int, *, warm_up: bool = True) -> float:
+    if warm_up:
+        step()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -140,8 +183,29 @@ def _measure(args: argparse.Namespace, kind: str, k: int, batch: int, out: Any) 
     else:
         step = _coopipe_step(clip, k, batch, args.image_chunk)
     seconds = _time(step, args.repeats)
-    out.put({"kind": kind, "K": k, "batch": batch, "s_per_image": seconds / batch,
-             "peak_mb": round(_peak_mb() - base, 1)})
+    row = {"kind": kind, "K": k, "batch": batch, "s_per_image": seconds / batch, "peak_mb": round(_peak_mb() - base, 1),
+           "torch_threads": torch.get_num_threads(), "GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT"),
+           "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")}
+    if args.load:
+        with _busy(args.load):
+            loaded = _time(step, args.repeats, warm_up=False)
+        row.update(loaded_s_per_image=loaded / batch, slowdown=round(loaded / seconds, 2))
+    out.put(row)
+
+
+@contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    """``values`` in os.environ while a child is spawned (it inherits them before it imports torch)."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _inference(clip: LoadedClip, k: int, n: int, image_chunk: int) -> float:
@@ -164,29 +228,47 @@ def main() -> None:
     parser.add_argument("--image-chunk", type=int, default=TrainConfig.image_chunk,
                         help="images per chunk (default: training's; capped at coopipe.cocoop_text.CHUNK_ROWS rows)")
     parser.add_argument("--test-images", type=int, default=64)
+    parser.add_argument("--load", type=int, default=0, help="busy processes beside a second, loaded timing of each side")
+    parser.add_argument("--plain-waits", action="store_true",
+                        help="also time coopipe with libgomp's default waits (GOMP_SPINCOUNT=300000)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     clip = load_clip(args.model, "none")
     clip.model.requires_grad_(False)
     ctx = mp.get_context("spawn")
+    print(_cpu(), f"threads={args.threads} load={args.load} torch={torch.__version__}", flush=True)
+    sides = [("reference", 1)] + [("coopipe", b) for b in args.batches]
+    sides += [("coopipe-plain", b) for b in args.batches] if args.plain_waits else []
     rows = []
     for k in args.classes:
-        for kind, batch in [("reference", 1)] + [("coopipe", b) for b in args.batches]:
+        for kind, batch in sides:
             queue = ctx.Queue()
             child = ctx.Process(target=_measure, args=(args, kind, k, batch, queue))
-            child.start()
+            with _environ(LIBGOMP_DEFAULT_WAITS if kind != "coopipe" else {}):
+                child.start()
             row = queue.get()
             child.join()
             rows.append(row)
-            print(f"K={k:4d} {kind:9s} batch {batch:3d}: {row['s_per_image'] * 1000:9.1f} ms/image, "
+            loaded = (f", loaded {row['loaded_s_per_image'] * 1000:9.1f} ms/image ({row['slowdown']:.2f}x)"
+                      if args.load else "")
+            print(f"K={k:4d} {kind:13s} batch {batch:3d}: {row['s_per_image'] * 1000:9.1f} ms/image{loaded}, "
                   f"peak +{row['peak_mb']:.0f} MB", flush=True)
-    summary: dict[str, Any] = {"model": args.model, "threads": args.threads, "cpu": os.cpu_count(), "rows": rows}
+    summary: dict[str, Any] = {"model": args.model, "threads": args.threads, "cpu": os.cpu_count(),
+                               "cpu_facts": _cpu(), "load": args.load, "rows": rows}
     for k in args.classes:
         ref = next(r for r in rows if r["K"] == k and r["kind"] == "reference")
+        if args.load:
+            summary[f"slowdown_K{k}_reference"] = ref["slowdown"]
         for r in rows:
-            if r["K"] == k and r["kind"] == "coopipe":
-                summary[f"speedup_K{k}_b{r['batch']}"] = round(ref["s_per_image"] / r["s_per_image"], 2)
-                summary[f"mem_ratio_K{k}_b{r['batch']}"] = round(r["peak_mb"] / max(ref["peak_mb"], 1e-9), 3)
+            if r["K"] != k or r["kind"] == "reference":
+                continue
+            side = f"K{k}_b{r['batch']}" + ("_plain" if r["kind"] == "coopipe-plain" else "")
+            summary[f"speedup_{side}"] = round(ref["s_per_image"] / r["s_per_image"], 2)
+            if r["kind"] == "coopipe":
+                summary[f"mem_ratio_{side}"] = round(r["peak_mb"] / max(ref["peak_mb"], 1e-9), 3)
+            if args.load:
+                summary[f"slowdown_{side}"] = r["slowdown"]
+                summary[f"loaded_speedup_{side}"] = round(ref["loaded_s_per_image"] / r["loaded_s_per_image"], 2)
         with torch.no_grad():
             summary[f"inference_img_per_s_K{k}"] = round(_inference(clip, k, args.test_images, args.image_chunk), 2)
         print(f"K={k}: inference {summary[f'inference_img_per_s_K{k}']} images/s", flush=True)

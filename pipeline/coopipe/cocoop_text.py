@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -39,6 +40,7 @@ from coopipe.text_encoder import (
     _merge,
     _Packing,
 )
+from coopipe.threads import step_threads
 
 if TYPE_CHECKING:
     from coopipe.cocoop import CoCoOpLearner
@@ -72,6 +74,11 @@ def capped_image_chunk(encoder: PromptTextEncoder, learner: CoCoOpLearner, image
     Only speed changes: the chunks' results are concatenated (forward) or their gradients summed (backward)."""
     cap = max(1, CHUNK_ROWS // _rows_per_image(encoder, learner))
     return cap if image_chunk is None else min(image_chunk, cap)
+
+
+def _threads(encoder: PromptTextEncoder, learner: CoCoOpLearner, images: slice) -> AbstractContextManager[int]:
+    """The threads for a pass over the text rows of ``images`` (:func:`coopipe.threads.step_threads`)."""
+    return step_threads((images.stop - images.start) * _rows_per_image(encoder, learner), encoder.tower.width)
 
 
 def _attend(block: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -222,11 +229,12 @@ def cocoop_backward(
     batch = image_features.shape[0]
     losses, outputs = [], []
     for images in _chunks(batch, capped_image_chunk(encoder, learner, image_chunk)):
-        logits = cocoop_logits(encoder, learner, image_features[images], logit_scale, image_chunk=None)  # (b, K)
-        wide = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 autocast -> fp32; fp64 stays
-        loss = F.cross_entropy(wide, targets[images].to(logits.device), reduction="sum") / batch
-        if loss.requires_grad:
-            loss.backward()
+        with _threads(encoder, learner, images):
+            logits = cocoop_logits(encoder, learner, image_features[images], logit_scale, image_chunk=None)  # (b, K)
+            wide = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 autocast -> fp32; fp64 stays
+            loss = F.cross_entropy(wide, targets[images].to(logits.device), reduction="sum") / batch
+            if loss.requires_grad:
+                loss.backward()
         losses.append(loss.detach())
         outputs.append(logits.detach())
     return torch.stack(losses).sum(), torch.cat(outputs)
@@ -255,7 +263,8 @@ def cocoop_predict(
     outputs = []
     with torch.no_grad():
         for rows in _chunks(feats.shape[0], batch_size):
-            logits = cocoop_logits(encoder, learner, feats[rows], logit_scale, image_chunk=image_chunk)
+            with _threads(encoder, learner, slice(0, min(rows.stop - rows.start, image_chunk or batch_size))):
+                logits = cocoop_logits(encoder, learner, feats[rows], logit_scale, image_chunk=image_chunk)
             outputs.append(logits.float().cpu())
             if progress is not None:
                 progress(rows.stop - rows.start)

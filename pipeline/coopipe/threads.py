@@ -1,0 +1,80 @@
+"""How many threads a step uses, and how a waiting thread waits: small steps that stay fast on a shared CPU.
+
+Why: a small step (CoCoOp at batch 1, CoOp at small K, one test image at a time) is hundreds of short parallel
+regions: each GEMM, layer norm, GELU and fill of a K = 10 batch-1 CoCoOp step (about 48 packed text rows) is tens
+of microseconds of work split over the intra-op pool, with a barrier at its end. PyTorch's CPU wheels run that pool
+on GNU libgomp, whose waiting threads spin (``GOMP_SPINCOUNT`` 300,000 pauses, milliseconds on these CPUs) before
+they sleep. On a quiet machine that is what makes the step fast. When another process takes a core, the spinning
+thread holds the core the preempted thread needs, and every barrier waits out a scheduler time slice: profiled on
+2 shared cores, a 48-row layer norm took 7.5 ms instead of microseconds, and the step ran 20x slower than quiet.
+
+Two levers, both here:
+
+- :func:`yielding_waits`: a waiting thread spins briefly (:data:`SPIN_COUNT` pauses: 30 times shorter than
+  libgomp's default, yet enough to bridge the gap between two operations of a quiet step) and then sleeps,
+  handing the core back. libgomp reads its settings once, when it is loaded (``import torch``), so this runs when the ``coopipe``
+  package is imported, before any of its modules imports torch, and only where the user has set neither
+  ``OMP_WAIT_POLICY`` nor ``GOMP_SPINCOUNT``.
+- :func:`threads_for` / :func:`step_threads`: one thread where a pass is too small to split (fewer than
+  :data:`SPLIT_ROWS_WIDTH` text rows x width elements per activation), the pool's size otherwise.
+
+The thread count changes only the order of float summations inside a product, never what is computed
+(``tests/test_threads.py`` checks a CoCoOp step's loss and gradients with the policy against the plain
+computation in float64).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Iterator, MutableMapping
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SPIN_COUNT", "SPLIT_ROWS_WIDTH", "WAIT_VARIABLES", "step_threads", "threads_for", "yielding_waits"]
+
+WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")  # a user who sets either keeps their own wait policy
+# Pauses a waiting libgomp thread spins before it sleeps. libgomp's default is 300,000 (several milliseconds: a
+# scheduler time slice lost at every barrier once a core is taken); 10,000 is a few hundred microseconds.
+SPIN_COUNT = 10_000
+# Below this many elements per activation (packed text rows x width) a pass runs on one thread: 16 rows of a
+# 512-wide text tower. Measured on 2 cores (oneDNN fp32): 2 threads beat one from 48 rows up (docs/performance.md).
+SPLIT_ROWS_WIDTH = 16 * 512
+
+
+def yielding_waits(environ: MutableMapping[str, str] = os.environ) -> bool:
+    """Make libgomp's waiting threads yield the core after a short spin: sets ``GOMP_SPINCOUNT`` in ``environ``.
+
+    Only where the user set neither of :data:`WAIT_VARIABLES` and torch is not imported yet (libgomp has then
+    read its settings already; a child process still inherits the variable). Returns whether it set it.
+    """
+    if any(name in environ for name in WAIT_VARIABLES):
+        return False
+    environ["GOMP_SPINCOUNT"] = str(SPIN_COUNT)
+    if "torch" in sys.modules:
+        logger.debug("torch was imported before coopipe: GOMP_SPINCOUNT applies to child processes only")
+    return True
+
+
+def threads_for(rows: int, width: int, available: int) -> int:
+    """Threads for a pass of ``rows`` text rows of ``width``: one where it is too small to split, else ``available``."""
+    return 1 if rows * width < SPLIT_ROWS_WIDTH else max(available, 1)
+
+
+@contextlib.contextmanager
+def step_threads(rows: int, width: int) -> Iterator[int]:
+    """Run the block (a step's forward and backward) on :func:`threads_for` threads, then restore the pool's size."""
+    import torch  # here, not at the top: yielding_waits must be importable before torch is
+
+    before = torch.get_num_threads()
+    threads = threads_for(rows, width, before)
+    if threads == before:
+        yield threads
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(before)

@@ -2,7 +2,7 @@
 
 Why a stepper: the training loop is one implementation whether a run trains alone (:func:`coopipe.train.train_prompt`)
 or stacked with others in one text pass (:mod:`coopipe.stacked`). A :class:`RunStepper` owns everything that is the
-run's own (its init draw, data generator, batches, number of epochs, lr schedule, SGD momentum, history,
+run's own (its init draw, data generator, batches, number of epochs, lr schedule, optimiser and its state, history,
 ``on_epoch`` callback, resume state) and the driver (:func:`coopipe.stacked.drive`) only supplies, at every tick,
 the run's class text features from the shared text pass and back-propagates the sum of the runs' losses.
 
@@ -16,8 +16,8 @@ at its end, validation scoring every validation image.
 
 Determinism: all randomness comes from two explicit ``torch.Generator`` objects derived from ``config.seed``
 (one initialises the context, one draws views and batch order), so the same seed gives the identical context on
-the CPU. Resuming from a :class:`TrainState` (context and the learner's other parameters, every momentum buffer,
-generator state, epoch) gives the same result as an uninterrupted run.
+the CPU. Resuming from a :class:`TrainState` (every learner parameter and the optimiser's state by name, the
+generator state, the epoch) gives the same result as an uninterrupted run, whatever the method and its optimiser.
 """
 
 from __future__ import annotations

@@ -132,7 +132,8 @@ def copy_utkface(shared_data: Path, dest_root: Path, ages: range, per_age: int) 
 def make_store(cache_dir: Path, *, model: str, weights: str, classnames: list[str], feats: np.ndarray,
                 labels: np.ndarray, dataset: str = "toy", split: str = "test", rows="all") -> Path:
     """Write a complete store directly (no encoding): for provenance, bad-input and run-folder tests."""
-    from coopipe.store import StoreWriter, store_path
+    from coopipe.store import store_path
+    from coopipe.store_writer import StoreWriter
 
     prov = {"dataset": dataset, "split": split, "model": model, "weights": weights, "classnames": classnames,
             "views": {"n_aug": feats.shape[1] - 1}, "rows": rows}

@@ -14,8 +14,6 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "pipeline" / "coopipe"
 # lazy imports of optional back-ends: (importer, imported), imported only when the back-end is asked for
 OPTIONAL_BACKENDS = {("coopipe.encode", "coopipe.distributed")}  # dask.distributed, with --scheduler
-# store.py's module __getattr__ still lends StoreWriter to hdf5io.py; it goes once hdf5io imports coopipe.store_writer
-PENDING = {("coopipe.store", "coopipe.store_writer")}
 
 
 def _module_name(path: Path) -> str:
@@ -49,7 +47,7 @@ def import_graph() -> dict[str, set[str]]:
                 if node.level:
                     base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
                 targets = [base, *(f"{base}.{alias.name}" for alias in node.names)]
-            graph[name] |= {t for t in targets if t in modules and t != name and (name, t) not in OPTIONAL_BACKENDS | PENDING}
+            graph[name] |= {t for t in targets if t in modules and t != name and (name, t) not in OPTIONAL_BACKENDS}
     return graph
 
 

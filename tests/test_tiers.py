@@ -15,6 +15,7 @@ SLOW = {
     "fault/test_kill_loop.py::test_encode_killed_at_random_points_resumes_to_the_same_store",
     "fault/test_kill_loop.py::test_train_killed_at_random_points_resumes_bitwise",
     "test_age_sweep.py::test_age_sweep_end_to_end",
+    "test_clip_reference.py::test_offline_openai_tag_encode_equals_the_original_and_never_reuses_gelu_features",
     "test_dvc_pipeline.py::test_main_job_then_tests_on_one_clone",
     "test_dvc_pipeline.py::test_two_experiments_compare",
     "test_encode.py::test_dask_local_cluster_equals_in_process",

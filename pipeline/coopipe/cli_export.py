@@ -33,7 +33,8 @@ def models(
 ) -> None:
     """The open_clip architectures, whether the exact prompt text path supports each (and why not), and the
     activation each pretrained tag was trained with (QuickGELU or GELU)."""
-    from coopipe.model_support import describe_model, list_supported
+    from coopipe.model_support import list_supported
+    from coopipe.models import describe_model
 
     if name is not None:
         with errors():

@@ -31,11 +31,11 @@ from coopipe.provenance_check import checked_provenance
 from coopipe.store import (
     STORE_FORMAT,
     FeatureStore,
-    StoreWriter,
     open_store,
     store_lock,
     store_path,
 )
+from coopipe.store_writer import StoreWriter
 
 _ATTR = "coopipe"
 MAX_ATTR_CHARS = 64 << 20  # the attribute is JSON text: provenance, skipped list

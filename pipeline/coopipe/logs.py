@@ -51,7 +51,10 @@ def setup_logging(level: str | None = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    logging.captureWarnings(True)  # library warnings (warnings.warn) as log lines, above the bars
+    # library warnings (warnings.warn) as log lines, above the bars; released first, because a second call is a no-op
+    # while logging still holds the hook of an earlier set-up that something else (warnings.catch_warnings) undid
+    logging.captureWarnings(False)
+    logging.captureWarnings(True)
     for noisy in ("distributed", "asyncio", "numcodecs", "PIL", "urllib3", "filelock", "matplotlib", "faiss"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
 

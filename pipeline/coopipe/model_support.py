@@ -33,7 +33,7 @@ from coopipe.compat import import_open_clip
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ModelEntry", "TextSupport", "describe_model", "list_supported", "tag_activation", "text_path_support",
+__all__ = ["ModelEntry", "TextSupport", "config_activation", "list_supported", "tag_activation", "text_path_support",
            "unsupported_reason"]
 
 QUICK_GELU = "QuickGELU"
@@ -90,7 +90,7 @@ def unsupported_reason(model_name: str, config: Mapping[str, Any] | None) -> str
             f"marked 'yes' in `coopipe models` (e.g. RN50, ViT-B-32, ViT-B-16)")
 
 
-def _config_activation(config: Mapping[str, Any] | None) -> str:
+def config_activation(config: Mapping[str, Any] | None) -> str:
     return QUICK_GELU if (config or {}).get("quick_gelu") else GELU
 
 
@@ -100,7 +100,7 @@ def tag_activation(model_name: str, tag: str) -> str:
     open_clip = import_open_clip()
     config = open_clip.get_model_config(model_name)
     pretrained = open_clip.get_pretrained_cfg(model_name, tag) or {}
-    return QUICK_GELU if pretrained.get("quick_gelu") else _config_activation(config)
+    return QUICK_GELU if pretrained.get("quick_gelu") else config_activation(config)
 
 
 def list_supported() -> list[ModelEntry]:
@@ -110,18 +110,5 @@ def list_supported() -> list[ModelEntry]:
     for name in open_clip.list_models():
         config = open_clip.get_model_config(name)
         tags = tuple((tag, tag_activation(name, tag)) for tag in open_clip.list_pretrained_tags_by_model(name))
-        entries.append(ModelEntry(name, text_path_support(config), tags, _config_activation(config)))
+        entries.append(ModelEntry(name, text_path_support(config), tags, config_activation(config)))
     return entries
-
-
-def describe_model(model_name: str) -> str:
-    """One line on ``model_name`` (an architecture or a scheme name): supported or why not, and its activation."""
-    from coopipe.models import model_config, model_scheme  # models imports this module for its own check
-
-    scheme, _ = model_scheme(model_name)
-    if scheme is None and model_name not in import_open_clip().list_models():
-        return f"{model_name}: unknown; `coopipe models` lists the open_clip architectures"
-    config = model_config(model_name)
-    support = text_path_support(config)
-    mark = "yes" if support.supported else f"no: {support.reason}"
-    return f"{model_name}: {mark}; text activation {_config_activation(config)} (as configured)"

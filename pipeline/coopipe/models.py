@@ -37,6 +37,7 @@ import torch
 
 from coopipe.compat import import_open_clip
 from coopipe.errors import ParamsError, WeightsError
+from coopipe.model_support import config_activation, text_path_support, unsupported_reason
 
 logger = logging.getLogger(__name__)
 
@@ -208,8 +209,6 @@ def model_config(model_name: str) -> dict[str, Any] | None:
 def check_model_name(model_name: str) -> None:
     """Raise one line unless ``model_name`` names a model: an open_clip architecture, an existing ``local-dir:``
     folder or an ``hf-hub:org/repo`` name; then unless the exact prompt text path supports it."""
-    from coopipe.model_support import unsupported_reason
-
     scheme, rest = model_scheme(model_name)
     if scheme is None and model_name not in import_open_clip().list_models():
         raise WeightsError(
@@ -224,6 +223,17 @@ def check_model_name(model_name: str) -> None:
     reason = unsupported_reason(model_name, model_config(model_name))
     if reason is not None:
         raise ParamsError(reason)
+
+
+def describe_model(model_name: str) -> str:
+    """One line on ``model_name`` (an architecture or a scheme name): supported or why not, and its activation."""
+    scheme, _ = model_scheme(model_name)
+    if scheme is None and model_name not in import_open_clip().list_models():
+        return f"{model_name}: unknown; `coopipe models` lists the open_clip architectures"
+    config = model_config(model_name)
+    support = text_path_support(config)
+    mark = "yes" if support.supported else f"no: {support.reason}"
+    return f"{model_name}: {mark}; text activation {config_activation(config)} (as configured)"
 
 
 def resolve_weights(model_name: str, pretrained: str | None) -> WeightsRef:

@@ -3,7 +3,8 @@
 Why: options come from the command line and from ``params.yaml`` (where ``max_epoch: "ten"`` or ``lr: .nan`` are
 valid YAML). A value of the wrong type used to fail deep inside training (``'<=' not supported ...``) or, worse,
 work: ``lr: nan`` trained one epoch of NaN. Each option is compared with the type of its field in
-:class:`~coopipe.train_config.TrainConfig`, and numbers must be finite, so the error names the option and its value.
+:class:`~coopipe.train_config.TrainConfig` or in a registered method's options (``n_ctx``, ``csc``, ...), and numbers
+must be finite, so the error names the option and its value.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from coopipe.errors import ParamsError
+from coopipe.methods import get_method, method_names
 from coopipe.train_config import TrainConfig
 
 _POSITIVE = {"lr", "max_epoch", "batch_size", "n_ctx"}  # zero or below cannot mean anything
@@ -22,7 +24,8 @@ _NON_NEGATIVE = {"momentum", "weight_decay", "warmup_lr", "warmup_epoch"}
 
 def check_train_options(options: Mapping[str, Any]) -> None:
     """Raise :class:`ParamsError` naming the first option whose value has the wrong type or is not finite/positive."""
-    kinds = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
+    kinds = {f.name: str(f.type) for name in method_names() for f in dataclasses.fields(get_method(name).options)}
+    kinds.update({f.name: str(f.type) for f in dataclasses.fields(TrainConfig)})
     for name, value in options.items():
         kind = kinds.get(name)
         if kind is None or (value is None and "None" in kind):

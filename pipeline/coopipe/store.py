@@ -398,12 +398,3 @@ def find_stores(
         found.append(store)
     found.sort(key=lambda s: (-s.n_views, -s.n_rows, s.path.name))
     return found
-
-
-def __getattr__(name: str) -> Any:
-    """``StoreWriter`` and ``reopen_damaged`` live in :mod:`coopipe.store_writer`; still importable from here."""
-    if name in ("StoreWriter", "reopen_damaged"):
-        from coopipe import store_writer
-
-        return getattr(store_writer, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

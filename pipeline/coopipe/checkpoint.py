@@ -42,6 +42,7 @@ from safetensors.torch import load_file, save_file
 import coopipe
 from coopipe.atomic import atomic_write, write_json
 from coopipe.errors import CheckpointError, MissingFileError, ParamsError
+from coopipe.json_records import read_folder_record
 from coopipe.learners import Learner, restore_learner
 from coopipe.methods import MethodSpec
 from coopipe.models import LoadedClip, open_clip_version, sha256_file
@@ -448,15 +449,9 @@ def save_result(
 
 def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     """Load a checkpoint directory (or its ``prompt.json``), checking format and the tensor file's hash."""
-    path = Path(path)
-    directory = path.parent if path.name == META_FILE else path
+    directory, meta = read_folder_record(path, META_FILE, missing="no checkpoint there; train first (coopipe train)",
+                                         fix="re-train")
     meta_path = directory / META_FILE
-    if not meta_path.is_file():
-        raise MissingFileError(f"no checkpoint at {directory} ({META_FILE} missing); train first (coopipe train)")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"checkpoint metadata {meta_path} is not readable JSON ({exc}); re-train") from exc
     fmt = meta.get("format") if isinstance(meta, dict) else None
     if fmt not in (CHECKPOINT_FORMAT, FORMAT_1):
         raise CheckpointError(

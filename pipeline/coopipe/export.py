@@ -40,6 +40,7 @@ import coopipe
 from coopipe.atomic import atomic_write, write_json, write_text
 from coopipe.checkpoint import CLASSIFIER_FILE, Checkpoint, export_classifier, load_checkpoint, load_classifier
 from coopipe.errors import CheckpointError, MissingFileError, ParamsError
+from coopipe.json_records import read_folder_record
 from coopipe.head import TEXT_PATH_OPTIONS, Head, ImagePrompt, head_of_run
 from coopipe.departures import checkpoint_departures
 from coopipe.methods import MethodSpec
@@ -243,15 +244,9 @@ def build_record(
 # ---------------------------------------------------------------- reading
 def read_record(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:
     """(folder, record) of an exported folder, its format and every file's hash checked."""
-    path = Path(path)
-    folder = path.parent if path.name == RECORD_FILE else path
+    folder, record = read_folder_record(path, RECORD_FILE, missing="not an export; write one with `coopipe export "
+                                        "RUN DIR`", fix="export the run again")
     record_path = folder / RECORD_FILE
-    if not record_path.is_file():
-        raise MissingFileError(f"no export at {folder} ({RECORD_FILE} missing); write one with `coopipe export RUN DIR`")
-    try:
-        record = json.loads(record_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{record_path} is not readable JSON ({exc}); export the run again") from exc
     if not isinstance(record, dict) or record.get("format") != EXPORT_FORMAT:
         found = record.get("format") if isinstance(record, dict) else None
         raise CheckpointError(f"{record_path} is not a coopipe export (format {found!r}, expected {EXPORT_FORMAT!r})")

@@ -83,6 +83,18 @@ def test_training_writes_one_dvclive_step_per_epoch(rn50, tmp_path):
     assert (live / "plots" / "metrics" / "loss.tsv").read_text() == before
 
 
+def _logged_until(run: Path, feats, labels, rn50, cfg: TrainConfig, stop_after: int) -> dict:
+    """Train with dvclive logging until ``stop_after`` (a kill then); the train state of every epoch by number."""
+    saved = {}
+    with EpochMetricsLog(run) as log:
+        def first_part(rec, state):
+            log.log(rec)
+            saved[rec.epoch] = state
+
+        train_prompt(feats, labels, rn50, CLASSES, cfg, stop_after=stop_after, on_epoch=first_part)
+    return saved
+
+
 def test_resumed_run_continues_the_step_count(rn50, tmp_path):
     feats, labels = (torch.from_numpy(a) for a in _toy(3, 2, rn50.embed_dim, seed=2))
     cfg = TrainConfig(max_epoch=4, batch_size=3, method=MethodSpec.of("coop", n_ctx=2), seed=1)
@@ -90,14 +102,7 @@ def test_resumed_run_continues_the_step_count(rn50, tmp_path):
         full = train_prompt(feats, labels, rn50, CLASSES, cfg, on_epoch=lambda rec, state: log.log(rec))
 
     # killed after epoch 3 was logged, with the last checkpoint at epoch 2: epoch 3 is trained (and logged) again
-    saved = {}
-
-    def first_part(rec, state):
-        log.log(rec)
-        saved[rec.epoch] = state
-
-    with EpochMetricsLog(tmp_path / "run") as log:
-        train_prompt(feats, labels, rn50, CLASSES, cfg, stop_after=3, on_epoch=first_part)
+    saved = _logged_until(tmp_path / "run", feats, labels, rn50, cfg, 3)
     save_checkpoint(tmp_path / "run", clip=rn50, classnames=CLASSES, config=cfg, state=saved[2])
     resume = load_checkpoint(tmp_path / "run").train_state()
     with EpochMetricsLog(tmp_path / "run", start_epoch=resume.epoch) as log:
@@ -118,14 +123,7 @@ def test_a_damaged_dvclive_summary_is_rebuilt_on_resume(rn50, tmp_path, damage):
     cfg = TrainConfig(max_epoch=4, batch_size=3, method=MethodSpec.of("coop", n_ctx=2), seed=1)
     with EpochMetricsLog(tmp_path / "full") as log:
         train_prompt(feats, labels, rn50, CLASSES, cfg, on_epoch=lambda rec, state: log.log(rec))
-    saved = {}
-
-    def first_part(rec, state):
-        log.log(rec)
-        saved[rec.epoch] = state
-
-    with EpochMetricsLog(tmp_path / "run") as log:
-        train_prompt(feats, labels, rn50, CLASSES, cfg, stop_after=2, on_epoch=first_part)
+    saved = _logged_until(tmp_path / "run", feats, labels, rn50, cfg, 2)
     summary = tmp_path / "run" / DVCLIVE_DIR / "metrics.json"
     text = summary.read_text()
     summary.write_text("" if damage == "empty" else text[: len(text) // 2])

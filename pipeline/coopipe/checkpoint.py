@@ -41,6 +41,7 @@ from safetensors.torch import load_file, save_file
 
 import coopipe
 from coopipe.atomic import atomic_write, write_json
+from coopipe.checkpoint_check import check_classifier_rows, check_record, check_tensors
 from coopipe.errors import CheckpointError, MissingFileError, ParamsError
 from coopipe.json_records import read_folder_record
 from coopipe.learners import Learner, restore_learner
@@ -460,6 +461,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     missing = [k for k in ("model", "weights", "classnames", "variant", "config", "epoch", "tensors") if k not in meta]
     if missing:
         raise CheckpointError(f"checkpoint metadata {meta_path} misses {', '.join(missing)}; re-train")
+    check_record(meta, meta_path)
     tensor_path = directory / str(meta["tensors"].get("file", TENSORS_FILE))
     want = meta["tensors"].get("sha256")
     if want and tensor_path.is_file() and sha256_file(tensor_path) != want:
@@ -477,6 +479,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         meta, tensors = _read_format_1(meta, tensors)
     if not any(name.startswith(PARAM_PREFIX) for name in tensors):
         raise CheckpointError(f"{tensor_path} holds no learned tensor; re-train")
+    check_tensors(meta, tensors, tensor_path)
     return Checkpoint(path=directory, meta=meta, tensors=tensors)
 
 
@@ -567,6 +570,7 @@ def load_classifier(path: str | os.PathLike[str]) -> Classifier:
         source = dict(json.loads(meta.get("source", "{}")))
     except (KeyError, json.JSONDecodeError, TypeError, ValueError) as exc:
         raise CheckpointError(f"classifier {path} has unreadable metadata ({exc}); re-export it") from exc
+    check_classifier_rows(tensors["text_features"], classnames, path)
     if not bool(torch.isfinite(tensors["text_features"]).all()) or not bool(torch.isfinite(tensors["logit_scale"]).all()):
         raise CheckpointError(
             f"classifier {path} holds non-finite values (NaN/inf: its training diverged); re-train with a lower --lr"

@@ -24,7 +24,6 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -240,13 +239,9 @@ def _collate(items: list[tuple[int, torch.Tensor | None, str]]) -> DecodedBatch:
     )
 
 
-def worker_init(parent_pid: int) -> Callable[[int], None]:
-    """The DataLoader's ``worker_init_fn`` for a loader made in process ``parent_pid`` (``os.getpid()`` there)."""
-    return partial(_worker_init, parent_pid)
-
-
-def _worker_init(parent_pid: int, _: int) -> None:
-    die_with_parent(parent_pid)  # a killed encode must not leave its decode workers behind
+def worker_init(_: int) -> None:
+    """The DataLoader's ``worker_init_fn`` of the decode workers (encode and predict)."""
+    die_with_parent()  # a killed encode must not leave its decode workers behind, holding the store's lock
     torch.set_num_threads(1)  # decoding is single-threaded PIL work; leave the cores to the model
     try:
         os.nice(_WORKER_NICE)  # run in the model's idle moments rather than preempting one of its threads
@@ -318,7 +313,7 @@ def _encode_rows(
         sampler=rows,
         num_workers=workers,
         collate_fn=_collate,
-        worker_init_fn=worker_init(os.getpid()) if workers else None,
+        worker_init_fn=worker_init if workers else None,
         prefetch_factor=4 if workers else None,
         persistent_workers=False,
     )

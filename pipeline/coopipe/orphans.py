@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import multiprocessing
 import os
 import signal
 import sys
@@ -20,9 +21,15 @@ logger = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
-def die_with_parent(parent_pid: int) -> None:
-    """Ask the kernel to SIGKILL this process when its parent ``parent_pid`` dies (call first thing in a worker)."""
-    if not sys.platform.startswith("linux"):
+def die_with_parent() -> None:
+    """Ask the kernel to SIGKILL this process when its parent dies (call first thing in a forked worker).
+
+    Only where the worker's parent is the process that started it (the ``fork`` start method): a worker started
+    through a fork server is the server's child, whose death says nothing about the caller's; there PyTorch's
+    watchdog is what notices.
+    """
+    parent = multiprocessing.parent_process()
+    if not sys.platform.startswith("linux") or parent is None or parent.pid != os.getppid():
         return
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -32,5 +39,5 @@ def die_with_parent(parent_pid: int) -> None:
     except (OSError, AttributeError) as exc:  # no libc symbol: nothing better to do than the watchdog
         logger.debug("prctl unavailable: %s", exc)
         return
-    if os.getppid() != parent_pid:
+    if os.getppid() != parent.pid:
         os._exit(1)  # the parent died before the request took effect: nobody will ever read our results

@@ -142,7 +142,7 @@ def encode_images(
         batch_size=options.batch_size,
         num_workers=workers,
         collate_fn=_collate,
-        worker_init_fn=worker_init(os.getpid()) if workers else None,
+        worker_init_fn=worker_init if workers else None,
         prefetch_factor=4 if workers else None,
     )
     kept: list[int] = []

@@ -153,7 +153,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(cache, tmp_path):
 
     def start(out: Path) -> multiprocessing.process.BaseProcess:
         args = ("train", "--features", str(cache), "--dataset", "toy", "--shots", "2", "--seed", "1", "--out",
-                str(out), "--method", "residual", "--lr", "0.01", "--max-epoch", "60", "--checkpoint-every", "0",
+                str(out), "--method", "residual", "--lr", "0.01", "--max-epoch", "200", "--checkpoint-every", "0",
                 "--no-progress")
         proc = ctx.Process(target=_cli_child, args=(args,))
         proc.start()
@@ -169,15 +169,17 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(cache, tmp_path):
         while proc.is_alive() and not ((out / META_FILE).is_file() and (out / META_FILE).stat().st_mtime_ns != before):
             time.sleep(0.01)  # until this process has written a checkpoint: the kill lands in training
         time.sleep(rng.uniform(0.0, 0.5))
-        assert proc.is_alive(), "the run finished before its kill: give it more epochs"
+        if not proc.is_alive():  # a quiet machine may finish the last epochs before the kill lands
+            break
         os.kill(proc.pid, signal.SIGKILL)
         proc.join()
         killed += 1
+    assert killed >= 1, "the run finished before its first kill: give it more epochs"
     final = start(out)
     final.join(600)
     assert final.exitcode == 0
     a, b = load_checkpoint(tmp_path / "reference"), load_checkpoint(out)
-    assert a.complete and b.complete and a.epoch == b.epoch == 60
+    assert a.complete and b.complete and a.epoch == b.epoch == 200
     assert a.tensors.keys() == b.tensors.keys()
     for name, tensor in a.tensors.items():
         assert torch.equal(tensor, b.tensors[name]), name

@@ -12,6 +12,7 @@ naming the file and the field. The tensor file is bound to the record by its sha
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,6 +24,7 @@ from coopipe.errors import CheckpointError, ParamsError
 from coopipe.methods import MethodSpec
 from coopipe.train_config import EpochRecord, TrainConfig
 
+FIRST_FORMAT = "coopipe.prompt/1"  # the loader converts it (coopipe.checkpoint)
 PARAM_PREFIX, OPTIM_PREFIX = "param.", "optim."  # the checkpoint's tensor names (coopipe.checkpoint)
 _PER_PARAM_STATE = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")  # SGD's, Adam's: a parameter's shape
 _FIX = "delete the run folder and re-train (or restore it from a copy)"
@@ -72,7 +74,13 @@ def check_record(meta: Mapping[str, Any], where: Path) -> None:
     if not isinstance(meta["tensors"].get("sha256"), str | None):
         raise _fail(where, "field 'tensors.sha256' must be a text")
     try:
-        config = TrainConfig.from_dict(meta["config"])
+        if meta.get("format") == FIRST_FORMAT:  # flat method fields: rebuilt after the loader converts the record
+            config = TrainConfig(seed=int(meta["config"].get("seed", 1)), max_epoch=int(meta["config"]["max_epoch"]))
+        else:
+            absent = sorted({f.name for f in dataclasses.fields(TrainConfig)} - set(meta["config"]))
+            if absent:  # a default would silently replace what the run trained with
+                raise _fail(where, f"field 'config' misses {', '.join(absent)}")
+            config = TrainConfig.from_dict(meta["config"])
         MethodSpec.from_dict(meta.get("method") or meta["variant"])
         history = [EpochRecord.from_dict(r) for r in meta.get("history") or []]
     except (ParamsError, TypeError, ValueError, KeyError, AttributeError) as exc:
@@ -85,6 +93,9 @@ def check_record(meta: Mapping[str, Any], where: Path) -> None:
                 raise _fail(where, f"field 'run.{key}' is missing or not {_JSON_NAMES[types[0]]}")
         if any(isinstance(run.get(k), int) and run[k] < 0 for k in ("shots", "seed")):
             raise _fail(where, "fields 'run.shots' and 'run.seed' cannot be negative")
+    for role, ref in (meta.get("stores") or {}).items():
+        if not isinstance(ref, dict) or not isinstance(ref.get("views", {}), dict | None):
+            raise _fail(where, f"field 'stores.{role}' must be an object whose 'views' is an object")
     variant = meta["variant"]
     if not all(isinstance(v, str | int | None) and not isinstance(v, float) for v in variant.values()):
         raise _fail(where, "field 'variant' must hold plain values (names, whole numbers, true/false)")

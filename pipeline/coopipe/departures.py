@@ -127,7 +127,7 @@ def _train_views(ckpt: Checkpoint) -> Mapping[str, Any] | None:
 def training_record(ckpt: Checkpoint) -> dict[str, Any]:
     """What a metrics file records of the training: batch size against the paper's, the cached views it drew from,
     whether the text path ran in bf16."""
-    config, paper = ckpt.meta.get("config") or {}, paper_config(ckpt) or {}
+    config, paper = ckpt.config.to_dict(), paper_config(ckpt) or {}
     return {"batch_size": config.get("batch_size"), "paper_batch_size": paper.get("batch_size"),
             "cached_views": (_train_views(ckpt) or {}).get("n_aug"), "text_bf16": bool(config.get("autocast_bf16"))}
 
@@ -137,6 +137,6 @@ def checkpoint_departures(ckpt: Checkpoint, provenance: Mapping[str, Any]) -> li
     :func:`coopipe.report.records.departures` reads from the metrics): batch size, optimizer, cached views against
     epochs, augmentation, model selection, text-path and feature precision (``provenance``: the evaluated store's),
     few-shot draws."""
-    return [*training_departures(ckpt.meta.get("config") or {}, paper_config(ckpt), _train_views(ckpt),
+    return [*training_departures(ckpt.config.to_dict(), paper_config(ckpt), _train_views(ckpt),
                                  shots=ckpt.run.shots, age=is_age_dataset(str(ckpt.run.dataset or ""))),
             *feature_departures(provenance)]

@@ -105,7 +105,7 @@ def readme_offline_settings() -> list[str]:
 def readme_main_job_writes() -> set[str]:
     """What the README says the main job leaves in `git status` (the ``git status`` line of its quick start)."""
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    match = re.search(r"`git status` then shows ([^.]+)\.", readme)
+    match = re.search(r"`git status` then shows (.+?)\.(?:\s|$)", readme, flags=re.S)
     assert match, "the README says what the main job leaves in `git status`"
     return set(re.findall(r"`([^`]+)`", match.group(1)))
 
@@ -197,7 +197,7 @@ def test_two_experiments_compare(two_experiments: Path):
     for name in ("first", "second"):
         metrics = exps[name]["data"]["metrics"]["metrics/scores.json"]["data"]
         assert metrics["accuracy"]["coop"]["shots1"] >= 0 and "coop" in metrics["gain_over_zeroshot"]
-    diff = json.loads(_run(_dvc("exp", "diff", "first", "second", "--json"), cwd=repo))
+    diff = json.loads(_run(_dvc("exp", "diff", "first", "second", "--all", "--json"), cwd=repo))
     assert diff["params"]["params.yaml"]["train.lr"] == {"old": 0.002, "new": 0.05, "diff": pytest.approx(0.048)}
     assert "metrics/scores.json" in diff["metrics"]
     plots = json.loads(_run(_dvc("plots", "diff", "first", "second", "--json"), cwd=repo))

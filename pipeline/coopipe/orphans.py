@@ -10,7 +10,6 @@ each holding a model-sized memory image. Asking the kernel to SIGKILL the worker
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import signal
 import sys
@@ -22,7 +21,7 @@ def die_with_parent(parent_pid: int) -> None:
     """In a freshly started worker: be SIGKILLed when the parent exits; exit now if it already has."""
     if not sys.platform.startswith("linux"):
         return
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc = ctypes.CDLL(None, use_errno=True)  # this process's symbols: libc's prctl, no ldconfig subprocess
     libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
     if os.getppid() != parent_pid:  # the parent died before the request took effect
         os._exit(1)

@@ -135,9 +135,9 @@ def _env() -> dict[str, str]:
             "GIT_COMMITTER_EMAIL": "test@coopipe.invalid", "OMP_NUM_THREADS": "2"}
 
 
-def _run(cmd: list[str], cwd: Path, timeout: float = 1500) -> str:
+def _run(cmd: list[str], cwd: Path, timeout: float = 1500, **env: str) -> str:
     """``cmd``'s stdout; it and everything it started (DVC's stage processes) are killed if the test stops early."""
-    proc = subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen(cmd, cwd=cwd, env={**_env(), **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
@@ -183,7 +183,8 @@ def test_main_job_then_tests_on_one_clone(two_experiments: Path):
     assert changed <= {p.rstrip("/") for p in readme_main_job_writes()}, status
     assert "params.yaml" in changed  # the experiment's values are applied to the workspace, as DVC does
     # the tests that read params.yaml pass after the main job (they compare the defaults with the committed file)
-    out = _run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_defaults.py"], cwd=repo)
+    out = _run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_defaults.py"], cwd=repo,
+               PYTHONPATH=str(repo / "pipeline"))  # the clone's library, as its own .venv would import it
     assert "passed" in out and "failed" not in out
 
 

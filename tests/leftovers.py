@@ -10,7 +10,6 @@ survivor is a descendant that :func:`leftover_processes` finds.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import multiprocessing.resource_tracker
 import os
 import sys
@@ -25,7 +24,7 @@ def adopt_orphans() -> bool:
     """Make this process the reaper of its orphaned descendants; False where the platform has no such call."""
     if not sys.platform.startswith("linux"):
         return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc = ctypes.CDLL(None, use_errno=True)  # this process's symbols: libc's prctl, no ldconfig subprocess
     return libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
 
 

@@ -61,6 +61,7 @@ def _check_age_metrics(folder: Path, n_test: int) -> dict:
     return metrics
 
 
+@pytest.mark.slow  # encodes real faces and runs every age job: over a minute on 2 cores
 def test_age_jobs_end_to_end(cache: Path, faces: Path, tmp_path: Path, rn50) -> None:
     from coopipe.datasets import load_dataset, make_few_shot_index, rank_values
     from coopipe.datasets.fewshot import FewShotIndex

@@ -34,6 +34,7 @@ def cache(folder: Path, tmp_path_factory) -> Path:
     return cache
 
 
+@pytest.mark.slow  # train, eval, baselines and interpret through the CLI: over a minute
 def test_train_eval_baselines_interpret(cache: Path, tmp_path: Path):
     runner = CliRunner()
     name = "imagefolder-eurosat4"

@@ -109,6 +109,7 @@ encode_split(ds, "test", cache_dir=sys.argv[2], positions=positions,
 """
 
 
+@pytest.mark.slow  # a real encode killed mid-run, then resumed: about a minute
 def test_kill_and_resume(fp32_store, eurosat, eurosat_root, rn50, tmp_path):
     """SIGKILL an encode after its first chunks; the partial store is unreadable; a re-run finishes only the rest."""
     positions = POSITIONS[:64]

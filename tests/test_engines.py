@@ -111,6 +111,7 @@ def test_onnxruntime_features_equal_eager_fp32(rn50, images) -> None:
     assert diff <= 1e-4 * float(want.abs().max()), f"max abs diff {diff:.2e}"
 
 
+@pytest.mark.slow  # two ONNX exports of RN50: over 30 s
 @needs_ort
 def test_export_cache_is_reused_and_a_damaged_file_exported_again(rn50, images, tmp_path) -> None:
     first = build_tower(rn50, "onnxruntime", "fp32", "cpu", export_dir=tmp_path)

@@ -18,6 +18,7 @@ from coopipe.logs import route_worker_logging, setup_logging
 def root_logging():
     root = logging.getLogger()
     saved = (root.handlers[:], root.level)
+    logging.captureWarnings(False)  # an earlier test's set-up may have captured them under pytest's own recorder
     yield
     root.handlers[:], level = saved
     root.setLevel(level)

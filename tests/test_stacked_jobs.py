@@ -99,6 +99,7 @@ def test_interrupted_stack_resumes_each_run_from_its_own_checkpoint(cache, rn50,
         _assert_same_run(out, ref)
 
 
+@pytest.mark.slow  # a whole sweep with stacked runs: over 30 s
 def test_sweep_stacks_compatible_runs_and_keeps_the_others_alone(cache, rn50, alone, tmp_path):
     assert resolve_stack("auto", "cuda") and not resolve_stack("off", "cuda") and resolve_stack("on", "cpu")
     assert resolve_stack("auto", "cpu") == onednn_available()  # CPU: stack when the text GEMMs run on oneDNN

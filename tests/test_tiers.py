@@ -10,15 +10,21 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Each over about 20 s on 2 cores (kill loops, LocalClusters, whole sweeps and pipelines, real-data learning).
+# Each over about 20 s on 2 cores (kill loops, LocalClusters, whole sweeps and pipelines, real-data learning,
+# end-to-end CLI and job runs, ONNX exports).
 SLOW = {
     "fault/test_kill_loop.py::test_encode_killed_at_random_points_resumes_to_the_same_store",
     "fault/test_kill_loop.py::test_train_killed_at_random_points_resumes_bitwise",
+    "test_age_jobs.py::test_age_jobs_end_to_end",
     "test_age_sweep.py::test_age_sweep_end_to_end",
     "test_clip_reference.py::test_offline_openai_tag_encode_equals_the_original_and_never_reuses_gelu_features",
+    "test_cli_pipeline.py::test_train_eval_baselines_interpret",
     "test_dvc_pipeline.py::test_main_job_then_tests_on_one_clone",
     "test_dvc_pipeline.py::test_two_experiments_compare",
     "test_encode.py::test_dask_local_cluster_equals_in_process",
+    "test_encode.py::test_kill_and_resume",
+    "test_engines.py::test_export_cache_is_reused_and_a_damaged_file_exported_again",
+    "test_stacked_jobs.py::test_sweep_stacks_compatible_runs_and_keeps_the_others_alone",
     "test_sweep.py::test_killed_sweep_reruns_only_missing_runs",
     "test_sweep.py::test_local_cluster_of_two_workers_matches_one_by_one",
     "test_train.py::test_coop_learns_on_eurosat_features",

@@ -114,7 +114,7 @@ def plot_gains(gains: Sequence[Gain], path: str | Path, *, method: str = "coop",
         values = [g.points for g in ordered]
         colors = ["#2a9d8f" if v >= 0 else "#e76f51" for v in values]
         ypos = np.arange(len(ordered))
-        ax.barh(ypos, values, color=colors)
+        ax.barh(ypos, values, color=colors, height=0.5)
         ax.set_yticks(ypos, [dataset_label(g.dataset) + (f"\n{g.model}" if models else "") for g in ordered],
                      fontsize=8)
         span = max(abs(v) for v in values) or 1.0
@@ -123,7 +123,9 @@ def plot_gains(gains: Sequence[Gain], path: str | Path, *, method: str = "coop",
             text = f"{v:+.2f} ({g.shots} shots{', ' + g.note if g.note else ''})"
             ax.text(v + (0.02 * span if v >= 0 else -0.02 * span), y, text, va="center",
                     ha="left" if v >= 0 else "right", fontsize=7)
-        ax.set_xlim(min(0.0, min(values)) - 1.1 * span, max(0.0, max(values)) + 1.1 * span)
+        # room for the value labels on the side the bars point to
+        ax.set_xlim(min(values) - 1.1 * span if min(values) < 0 else -0.05 * span,
+                    max(values) + 1.1 * span if max(values) > 0 else 0.05 * span)
         ax.axvline(0, color="black", linewidth=0.8)
     else:
         ax.set_yticks([])

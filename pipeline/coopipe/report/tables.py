@@ -122,11 +122,11 @@ def gains_markdown(gains: Sequence[Gain]) -> list[str]:
     notes = any(g.note for g in gains)
     body = [[dataset_label(g.dataset), method_label(g.method, g.model, with_model=models), str(g.shots),
              f"{g.zeroshot_accuracy:.2f}", f"{g.method_accuracy:.2f}", f"{g.points:+.2f}",
-             *([g.note or "paper's"] if notes else [])] for g in gains]
+             *([g.note or ("–" if g.method in _NO_EPOCHS else "paper's")] if notes else [])] for g in gains]
     caption = ("Absolute improvement in points over zero-shot CLIP of the same model (mean over seeds minus the "
                "zero-shot accuracy), each method at its most shots"
                + ("; Epochs: where a run's training length departs from the paper's." if notes else "."))
-    header = ["Dataset", "Method", "Shots", "Zero-shot CLIP", "Method", "Gain", *(["Epochs"] if notes else [])]
+    header = ["Dataset", "Method", "Shots", "Zero-shot CLIP", "Accuracy", "Gain", *(["Epochs"] if notes else [])]
     return ["## Gain over zero-shot CLIP", "", caption, "", *_md_table(header, body, 2)]
 
 

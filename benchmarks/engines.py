@@ -6,7 +6,7 @@ time includes the export; only if the ``onnxruntime`` and ``onnx`` packages impo
 inductor, with freezing) is measured only. Each
 engine's throughput is measured interleaved with eager's in one process (the machine is shared: ratios, not
 absolute rates, are what transfers), and its features are compared with eager fp32 per image (min cosine, max
-abs diff). The adoption bar (issue #12): >= 1.3x eager and cosine >= 0.9999 for every image.
+abs diff). The adoption bar: >= 1.3x eager and cosine >= 0.9999 for every image.
 
     python benchmarks/engines.py --model RN50 --engines eager,compile,ort --batch-size 32 --repeats 3
 """

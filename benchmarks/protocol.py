@@ -1,4 +1,4 @@
-"""Benchmark: the headline protocol (issue #12 point 5), reference-style cost against coopipe cold and warm, in one run.
+"""Benchmark: the headline protocol, reference-style cost against coopipe cold and warm, in one run.
 
 1. reference-style cost of the 3 seeds at the paper setting (16-shot EuroSAT, 200 epochs, batch 32, K = 10, full
    test), extrapolated from measured pieces: ``--ref-steps`` reference-style steps (after one warm-up: decode 32
@@ -12,7 +12,7 @@
    runs it and nothing is encoded outside it. coopipe warm: the same grid again, a fresh runs folder, warm cache.
 3. encode floor: the images coopipe encoded (rows x views of every store in the cache, train + val + test) /
    the bare throughput of the encoder path the stores record (provenance ``precision`` and ``engine``).
-4. ratios against issue #12's targets: warm >= 50x, cold >= 12x on a CPU without native bf16, cold <= 1.15 x
+4. ratios against the project's targets: warm >= 50x, cold >= 12x on a CPU without native bf16, cold <= 1.15 x
    (floor + warm).
 
 Absolute times do not transfer between machines, and the machine's load moves them: the load average is printed
@@ -231,7 +231,7 @@ def main() -> None:
     if os.environ.get("OMP_NUM_THREADS"):
         say(f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} is set: every phase runs with it (unset it for the protocol's figures)")
     if not paper:
-        say("NOT the paper setting (quick/other options): the ratios below are not comparable with issue #12's targets")
+        say("NOT the paper setting (quick/other options): the ratios below are not comparable with the project's targets")
 
     # 1. reference-style estimate
     step_s = reference_step_s(data, args.model, args.pretrained, args.ref_steps)

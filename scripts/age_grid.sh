@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Age estimation (issue #11) in one command: encode once (the largest shots; smaller draws nest in it), then
+# Age estimation in one command: encode once (the largest shots; smaller draws nest in it), then
 # zero-shot with the age prompt and prompt ensembling, the rank linear probe, the ridge probe and the prompt
 # methods (OrdinalCLIP's comparison: CoOp with the context from "age estimation: the age of the person is",
 # CoCoOp, rank prompts) for shots x seeds, each run evaluated (MAE by expectation and arg-max, CS curve, the

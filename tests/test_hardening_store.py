@@ -1,4 +1,4 @@
-"""Hardening of the cache and the inputs (issue #13): each failure class is one clear error, never zeros.
+"""Hardening of the cache and the inputs: each failure class is one clear error, never zeros.
 
 Classes: a missing chunk, a corrupt chunk, deleted array metadata, a stuck ``.partial``, disk full, a
 decompression bomb, 16-bit images, path escape on import, non-UTF-8 names, symlink loops, bad options,

@@ -110,7 +110,7 @@ def test_mean_std_tables_csv_and_figures(runs: Path, tmp_path: Path):
     assert "| Zero-shot CLIP | 0 | 30.00 | 40.00 | 35.00 |" in md
     assert "50.00 ± 0.00 (n=2)" in md and "ddof=0" in md and "np.std" in md
     assert "| EuroSAT | CoOp | 16 | 85.00 ± 5.00 | 55.00 ± 5.00 | 66.79 |" in md
-    assert "| CoOp | EuroSAT | 16 | 60.00 ± 8.16 | 25.00 | 25.00 |" in md  # a single seed: no ± (issue #13)
+    assert "| CoOp | EuroSAT | 16 | 60.00 ± 8.16 | 25.00 | 25.00 |" in md  # a single seed: no ±
 
     with (out / FILES["csv"]).open(newline="") as fh:
         rows = list(csv.DictReader(fh))

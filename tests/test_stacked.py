@@ -1,4 +1,4 @@
-"""Stacked runs (issue #12 point 4): runs trained together in one text pass equal the same runs trained alone.
+"""Stacked runs: runs trained together in one text pass equal the same runs trained alone.
 
 Tolerance: fp32 on the CPU; the stacked pass runs the same arithmetic as the solo one but through GEMMs over R x the
 rows (and the batched SDPA of :mod:`coopipe.cocoop_text` instead of the single-sequence one), so results differ by

@@ -134,8 +134,8 @@ def check_tensors(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], 
             continue
         if not t.dtype.is_floating_point:
             raise _fail(where, f"tensor {name} is {t.dtype}, not floating point")
-        if name.startswith(PARAM_PREFIX) and t.dtype != torch.float32:  # training keeps learned tensors in float32
-            raise _fail(where, f"tensor {name} is {t.dtype}, not float32")
+        if name.startswith(PARAM_PREFIX) and t.dtype not in (torch.float32, torch.float64):  # the model's dtype
+            raise _fail(where, f"tensor {name} is {t.dtype}, not float32 (or float64, the exactness tests' dtype)")
         if not bool(torch.isfinite(t).all()):
             raise _fail(where, f"tensor {name} holds NaN/inf (its training diverged; re-train with a lower --lr)")
     params = {n[len(PARAM_PREFIX):]: t for n, t in tensors.items() if n.startswith(PARAM_PREFIX)}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 
 import numpy as np
@@ -220,6 +222,7 @@ def _toy_checkpoint(tmp_path, clip, cache, **variant):
     from coopipe.train_config import TrainConfig, TrainState
 
     config = TrainConfig.for_method("coop", 16, max_epoch=2, **variant)
+    config = dataclasses.replace(config, method=config.method.resolve(clip))  # M in tokens, as a training run records
     learner = config.method.build_learner(clip, CLASSES, generator=torch.Generator().manual_seed(0))
     state = TrainState(
         epoch=2, params={"ctx": learner.ctx.detach().clone()},

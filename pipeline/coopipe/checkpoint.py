@@ -375,6 +375,8 @@ def save_checkpoint(
     the pipeline's params.yaml section). ``include_resume`` also saves the momentum buffer and generator state.
     """
     directory = Path(directory)
+    # M in tokens (and whatever else only the model knows), as the learner records it: the two records must agree
+    config = dataclasses.replace(config, method=config.method.resolve(clip))
     tensor_file = directory / TENSORS_FILE
     previous = tensor_file.with_name(TENSORS_FILE + PREVIOUS_SUFFIX)
     if tensor_file.is_file() and (directory / META_FILE).is_file():

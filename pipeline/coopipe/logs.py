@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Callable
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -36,8 +37,11 @@ class AboveProgressBars(logging.StreamHandler):  # type: ignore[type-arg]
         from tqdm import tqdm
 
         try:
-            tqdm.write(self.format(record), file=self.stream)
-            self.flush()
+            # the current stderr, not the one at set-up: a caller (typer's CliRunner, pytest) may have swapped and
+            # closed that one since, and every later line would end in "--- Logging error ---"
+            stream = sys.stderr
+            tqdm.write(self.format(record), file=stream)
+            stream.flush()
         except Exception:  # noqa: BLE001 - logging must never raise
             self.handleError(record)
 

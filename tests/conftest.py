@@ -3,6 +3,7 @@ session's check that no process outlives the suite."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -44,6 +45,18 @@ def require_data(path: Path, what: str) -> Path:
     if os.environ.get("COOPIPE_REQUIRE_DATA") == "1":
         pytest.fail(f"{reason}; COOPIPE_REQUIRE_DATA=1 requires it")
     pytest.skip(f"{reason}; set COOPIPE_REQUIRE_DATA=1 to make this a failure")
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_log_handler():
+    """A test that runs the CLI in-process installs coopipe's root handler (``coopipe.logs.setup_logging``); take it
+    away afterwards, so that no later test sees log lines written through it (or into a stream since closed)."""
+    root = logging.getLogger()
+    before = set(root.handlers)
+    yield
+    for handler in root.handlers[:]:
+        if handler not in before and type(handler).__name__ == "AboveProgressBars":
+            root.removeHandler(handler)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -34,7 +34,13 @@ def pytest_sessionfinish(session, exitstatus) -> None:
         for line in lines:
             reporter.write_line(line, red=True)
     kill_all(leftovers)
-    session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    # multiprocessing's fork servers (and resource trackers) of tests that used the forkserver context are idle
+    # helpers that end with their parent; they are killed above, and only a process doing work fails the run
+    if any(not any(helper in describe(p) for helper in _MP_HELPERS) for p in leftovers):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+_MP_HELPERS = ("multiprocessing.forkserver import main", "multiprocessing.resource_tracker import main")
 
 
 def require_data(path: Path, what: str) -> Path:

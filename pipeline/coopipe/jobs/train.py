@@ -220,7 +220,7 @@ def _prepare(
     train = read_split(train_store, index.train_indices)
     subset = ClassSubset.of(train.classnames, classes)
     train = subset.apply(train)
-    if config.method.method == "rank":
+    if config.method.definition.ordered_labels:
         check_ordered_labels(train.classnames, dataset, config.method.label())
     stores = {"train": train_store}
     val_feats = val_labels = None

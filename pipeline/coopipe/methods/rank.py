@@ -39,6 +39,7 @@ class RankPrompts(ContextMethod):
     title = "Rank prompts (OrdinalCLIP)"
     options = RankOptions
     stackable = True
+    ordered_labels = True  # rank embeddings are interpolated between neighbouring classes
 
     def epochs(self, shots: int, dataset: str | None = None) -> int:
         epochs_for(shots, dataset)  # validates shots

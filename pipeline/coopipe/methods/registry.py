@@ -77,7 +77,8 @@ class Method:
     Class attributes: ``name`` (the run label's head, ``[a-z0-9]+``), ``title`` (the report's readable name),
     ``options`` (a frozen dataclass; its defaults are the paper's setting), ``image_conditional`` (the
     prompt depends on the image: no single K x D classifier), ``stackable`` (runs that differ in seed and shots
-    may share one text pass: the learner implements the packed prompt interface), ``batch_size`` (the paper's).
+    may share one text pass: the learner implements the packed prompt interface), ``ordered_labels`` (the classes
+    must be ranks, e.g. ages: training refuses other datasets), ``batch_size`` (the paper's).
     Override what differs from CoOp: :meth:`epochs`, :meth:`optimizer`, the label parts, :meth:`build_learner`.
     The learner brings its loss (``learner.loss(logits, labels)``) and its classifier export
     (``learner.class_text_features(encoder)``, see :mod:`coopipe.learners`).
@@ -88,6 +89,7 @@ class Method:
     options: ClassVar[type] = NoOptions
     image_conditional: ClassVar[bool] = False
     stackable: ClassVar[bool] = False
+    ordered_labels: ClassVar[bool] = False
     batch_size: ClassVar[int] = 32
 
     # ---------------------------------------------------------------- the paper's setting

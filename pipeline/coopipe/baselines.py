@@ -24,6 +24,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from threadpoolctl import threadpool_limits
 
+from coopipe.datasets.common import DEFAULT_TEMPLATE
 from coopipe.errors import DatasetError, ParamsError
 from coopipe.evaluate import Evaluation, evaluate_classifier, evaluate_predictions
 from coopipe.models import LoadedClip
@@ -43,7 +44,6 @@ __all__ = [
     "zero_shot_classifier",
 ]
 
-DEFAULT_TEMPLATE = "a photo of a {}."
 COARSE_C: tuple[float, ...] = tuple(10.0**k for k in range(-6, 7))  # 1e-6 .. 1e6, one decade apart
 REFINE_STEPS = 8
 

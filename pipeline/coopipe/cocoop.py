@@ -36,6 +36,7 @@ from coopipe.prompt import PromptLearner
 from coopipe.text_tower import resolve_text_tower
 
 if TYPE_CHECKING:
+    from coopipe.learners import StepInputs
     from coopipe.text_encoder import PromptTextEncoder
 
 logger = logging.getLogger(__name__)
@@ -145,7 +146,7 @@ class CoCoOpLearner(PromptLearner):
         (:func:`coopipe.cocoop_text.cocoop_backward`; options: image_chunk); both returned detached."""
         return cocoop_backward(encoder, self, image_features, targets, logit_scale, **options)
 
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, step: StepInputs | None = None) -> torch.Tensor:
         """Cross-entropy (the training loop calls :meth:`loss_backward`, which computes it chunk by chunk)."""
         return F.cross_entropy(logits, labels)
 

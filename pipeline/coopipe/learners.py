@@ -9,7 +9,9 @@ rank prompts: ``ctx`` and the base rank embeddings), with:
 - ``class_text_features(encoder) -> (K, D)``: the normalised class text features (image-independent methods:
   the classifier a run exports; image-conditional ones raise :class:`ParamsError`);
 - ``logits(encoder, image_features, logit_scale) -> (B, K)``: logits of raw image features (B, D);
-- ``loss(logits, labels)``: the training objective (cross-entropy unless the method says otherwise);
+- ``loss(logits, labels, step)``: the training objective (cross-entropy unless the method says otherwise);
+  ``step`` (:class:`StepInputs`) gives what else a loss may read: the batch's image features and this step's
+  class text features (KgCoOp's distance to the hand-crafted prompt, ProGrad's zero-shot predictions);
 - ``config() -> dict``: what (with the model) rebuilds it, including ``classnames``;
 - image-conditional learners also ``predict_logits(...)`` (batched, no gradient) and ``loss_backward(...)``
   (loss and logits of a batch, back-propagated chunk by chunk).
@@ -19,6 +21,7 @@ rank prompts: ``ctx`` and the base rank embeddings), with:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
@@ -37,8 +40,42 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ClassifierLearner", "Learner", "is_image_conditional", "predict_logits",
+__all__ = ["ClassifierLearner", "FitData", "Learner", "StepInputs", "is_image_conditional", "predict_logits",
            "restore_learner"]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepInputs:
+    """What a training step's loss may read beyond its logits and labels.
+
+    Why: the field's later methods regularise towards zero-shot CLIP (KgCoOp: learned class text features near the
+    hand-crafted prompt's; ProGrad: predictions near zero-shot's), so their loss needs the batch's image features or
+    the step's class text features, which a plain ``loss(logits, labels)`` cannot see.
+    """
+
+    image: torch.Tensor  # (B, D) raw image features of the batch (the drawn view of each image)
+    text: torch.Tensor | None  # (K, D) normalised class text features of this step; None for image-conditional learners
+    logit_scale: torch.Tensor  # scalar, log scale
+
+
+@dataclasses.dataclass(frozen=True)
+class FitData:
+    """What a method may read once, before training, to set its learner up (:meth:`coopipe.methods.Method.prepare`).
+
+    Why: some methods start from the data rather than from a random draw (Tip-Adapter's cache of the few-shot
+    features, LP++'s visual prototypes, CLAP's zero-shot initialisation) or need zero-shot text features for their
+    loss, computed once per run rather than once per step. Only the training split and, where the run has one, the
+    few-shot validation split are given: nothing a method fits can read the test split.
+    """
+
+    train_feats: torch.Tensor  # (N, V, D) raw features, every cached view
+    train_labels: torch.Tensor  # (N,)
+    val_feats: torch.Tensor | None  # (M, D) raw features of the few-shot validation split, or None
+    val_labels: torch.Tensor | None  # (M,)
+    classnames: tuple[str, ...]
+    template: str  # the dataset's hand-crafted prompt template ("a photo of a {}."), for zero-shot text features
+    clip: LoadedClip  # the frozen model (its text tower gives the zero-shot class text features)
+    logit_scale: torch.Tensor  # scalar, log scale
 
 
 class Learner(Protocol):
@@ -53,7 +90,7 @@ class Learner(Protocol):
 
     def class_text_features(self, encoder: PromptTextEncoder) -> torch.Tensor: ...
 
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor: ...
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, step: StepInputs | None = None) -> torch.Tensor: ...
 
     def config(self) -> dict[str, Any]: ...
 
@@ -76,7 +113,7 @@ class ClassifierLearner:
     ) -> torch.Tensor:
         return coop_logits(image_features, self.class_text_features(encoder), logit_scale)  # (B, K)
 
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, step: StepInputs | None = None) -> torch.Tensor:
         return F.cross_entropy(logits, labels)
 
 

@@ -16,7 +16,7 @@ length, and only the last three rows (rank token, '.', [EOS]) differ between ran
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -27,6 +27,9 @@ from coopipe.ordinal import rank_loss
 from coopipe.prompt import CTX_INIT_STD, _tokenize
 from coopipe.text_encoder import PromptTextEncoder, coop_logits
 from coopipe.text_tower import resolve_text_tower
+
+if TYPE_CHECKING:
+    from coopipe.learners import StepInputs
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +169,7 @@ class RankPromptLearner(nn.Module):
         """CLIP logits of raw image features (B, D) against every rank: (B, K)."""
         return coop_logits(image_features, self.class_text_features(encoder), logit_scale)
 
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, step: StepInputs | None = None) -> torch.Tensor:
         """OrdinalCLIP's objective: cross-entropy + rank-wise KL, weights 1 and 1."""
         return rank_loss(logits, labels)
 

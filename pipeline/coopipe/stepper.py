@@ -31,8 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from coopipe.datasets.common import DEFAULT_TEMPLATE
 from coopipe.errors import CheckpointError, ParamsError
-from coopipe.learners import Learner, is_image_conditional, predict_logits
+from coopipe.learners import FitData, Learner, StepInputs, is_image_conditional, predict_logits
 from coopipe.models import LoadedClip
 from coopipe.text_encoder import PromptTextEncoder, coop_logits
 from coopipe.text_tower import resolve_text_tower
@@ -66,6 +67,7 @@ class StackedRun:
     resume_state: TrainState | None = None
     stop_after: int | None = None
     on_step: Callable[[], None] | None = None  # after every optimiser step (progress inside long epochs)
+    template: str = DEFAULT_TEMPLATE  # the dataset's hand-crafted prompt (zero-shot text features a method may need)
 
 
 def _snapshot(
@@ -163,9 +165,13 @@ class RunStepper:
         init_gen = torch.Generator().manual_seed(derive_seed(config.seed, "ctx-init"))
         self.data_gen = torch.Generator().manual_seed(derive_seed(config.seed, "data"))
         self.learner: Learner = config.method.build_learner(clip, names, generator=init_gen)
+        self.logit_scale = clip.model.logit_scale.detach()  # scalar, log scale
+        config.method.definition.prepare(self.learner, FitData(
+            train_feats=self.feats, train_labels=self.labels, val_feats=None if self.val is None else self.val[0],
+            val_labels=None if self.val is None else self.val[1], classnames=tuple(names), template=run.template,
+            clip=clip, logit_scale=self.logit_scale))
         self.conditional = is_image_conditional(self.learner)
         self.encoder = encoder
-        self.logit_scale = clip.model.logit_scale.detach()  # scalar, log scale
         params = {name: p for name, p in self.learner.named_parameters() if p.requires_grad}
         self.optimizer = config.method.definition.optimizer(params, config.optimization())
         self.on_epoch, self.on_step = run.on_epoch, run.on_step
@@ -223,7 +229,7 @@ class RunStepper:
                                              image_chunk=self.config.image_chunk)
             else:
                 logits = coop_logits(image, text, self.logit_scale)  # type: ignore[arg-type]  # (B, K)
-            loss = self.learner.loss(logits.float(), target)
+            loss = self.learner.loss(logits.float(), target, StepInputs(image=image, text=text, logit_scale=self.logit_scale))
         self.loss_sum += loss.detach() * len(idx)
         self.correct += (logits.detach().argmax(dim=-1) == target).sum()
         self.seen += len(idx)

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from coopipe.atomic import write_json, write_text
 from coopipe.departures import warn_single_view
+from coopipe.baselines import dataset_template
 from coopipe.checkpoint import (
     CLASSIFIER_FILE,
     META_FILE,
@@ -165,11 +166,12 @@ class _Prepared:
     metrics: EpochMetricsLog
     on_epoch: Callable[[EpochRecord, TrainState], None]
     on_step: Callable[[], None]
+    template: str  # the dataset's hand-crafted prompt (for methods that need zero-shot text features)
 
     def stacked_run(self) -> StackedRun:
         return StackedRun(self.train.features, self.train.labels, self.train.classnames, self.config,
                           val_feats=self.val_feats, val_labels=self.val_labels, on_epoch=self.on_epoch,
-                          resume_state=self.resume, on_step=self.on_step)
+                          resume_state=self.resume, on_step=self.on_step, template=self.template)
 
 
 def _train_locked(**kwargs: Any) -> dict[str, Any]:
@@ -179,7 +181,8 @@ def _train_locked(**kwargs: Any) -> dict[str, Any]:
     with prepared.bar, prepared.metrics:
         result = train_prompt(prepared.train.features, prepared.train.labels, prepared.clip, prepared.train.classnames,
                             prepared.config, val_feats=prepared.val_feats, val_labels=prepared.val_labels,
-                            on_epoch=prepared.on_epoch, resume_state=prepared.resume, on_step=prepared.on_step)
+                            on_epoch=prepared.on_epoch, resume_state=prepared.resume, on_step=prepared.on_step,
+                            template=prepared.template)
     return _finish(prepared, result)
 
 
@@ -279,7 +282,8 @@ def _prepare(
 
     return _Prepared(out_dir=out_dir, clip=clip, config=config, train=train, val_feats=val_feats,
                      val_labels=val_labels, resume=resume, stores=stores, record=record, run=run, bar=bar,
-                     metrics=metrics, on_epoch=on_epoch, on_step=lambda: bar.update(1))
+                     metrics=metrics, on_epoch=on_epoch, on_step=lambda: bar.update(1),
+                     template=dataset_template(dataset))
 
 
 def _finish(prepared: _Prepared, result: TrainResult) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from coopipe.errors import ParamsError
 if TYPE_CHECKING:
     from torch import nn
 
-    from coopipe.learners import Learner
+    from coopipe.learners import FitData, Learner
     from coopipe.models import LoadedClip
 
 __all__ = [
@@ -80,8 +80,10 @@ class Method:
     may share one text pass: the learner implements the packed prompt interface), ``ordered_labels`` (the classes
     must be ranks, e.g. ages: training refuses other datasets), ``batch_size`` (the paper's).
     Override what differs from CoOp: :meth:`epochs`, :meth:`optimizer`, the label parts, :meth:`build_learner`.
-    The learner brings its loss (``learner.loss(logits, labels)``) and its classifier export
-    (``learner.class_text_features(encoder)``, see :mod:`coopipe.learners`).
+    The learner brings its loss (``learner.loss(logits, labels, step)``, which may read the batch's image features
+    and the step's class text features) and its classifier export (``learner.class_text_features(encoder)``, see
+    :mod:`coopipe.learners`). A method that starts from the data (a cache of the few-shot features, zero-shot
+    text features for its loss) overrides :meth:`prepare`.
     """
 
     name: ClassVar[str]
@@ -139,6 +141,15 @@ class Method:
         return self.label_parts(options)
 
     # ---------------------------------------------------------------- the learner
+    def prepare(self, learner: Learner, data: FitData) -> None:
+        """Set ``learner`` up from the run's data, once per run before the first step (default: nothing).
+
+        Called at every start of a run, a resumed one included, BEFORE the checkpoint's tensors are loaded: what it
+        puts in parameters is overwritten by a resume, what it keeps elsewhere (zero-shot text features for a loss)
+        must therefore be a deterministic function of ``data``. It sees the training and few-shot validation
+        splits only, never the test split.
+        """
+
     def build_learner(
         self, options: Any, clip: LoadedClip, classnames: Sequence[str], *, generator: torch.Generator | None
     ) -> Learner:

@@ -269,6 +269,7 @@ class Checkpoint:
             optimizer=_prefixed(self.tensors, OPTIM_PREFIX),
             history=self.history,
             variant=self.variant,
+            frozen=tuple(self.meta["tensors"].get("frozen") or ()),
         )
 
     def classifier(self) -> Classifier:
@@ -342,9 +343,9 @@ def load_learner(ckpt: Checkpoint, clip: LoadedClip, classnames: Sequence[str] |
     if names != ckpt.classnames and not spec.transferable:
         raise CheckpointError(
             f"checkpoint {ckpt.path} holds a {spec.label()} prompt tied to its {len(ckpt.classnames)} training classes "
-            f"(its options {spec.to_dict()}), which cannot serve other classes (a class-specific context (CSC) or "
-            f"learned rank embeddings); train a unified-context method (coop without --csc, or cocoop) for "
-            f"base-to-new or cross-dataset evaluation"
+            f"(its options {spec.to_dict()}), which cannot serve other classes: "
+            f"{spec.definition.untransferable_reason(spec.options)}; train a method that can (coop without --csc, "
+            f"cocoop) for base-to-new or cross-dataset evaluation"
         )
     try:
         return restore_learner(spec, clip, names, ckpt.learner_tensors)
@@ -405,7 +406,8 @@ def save_checkpoint(
         "max_epoch": config.max_epoch,
         "complete": state.epoch >= config.max_epoch,
         "history": [r.to_dict() for r in state.history],
-        "tensors": {"file": TENSORS_FILE, "sha256": sha256_file(tensor_path), "resume": include_resume},
+        "tensors": {"file": TENSORS_FILE, "sha256": sha256_file(tensor_path), "resume": include_resume,
+                    "frozen": list(state.frozen)},
         "classifier": {"file": CLASSIFIER_FILE, "sha256": classifier_sha256} if classifier_sha256 else None,
         "coopipe_version": coopipe.__version__,
         "open_clip_version": open_clip_version(),

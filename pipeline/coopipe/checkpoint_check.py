@@ -73,6 +73,9 @@ def check_record(meta: Mapping[str, Any], where: Path) -> None:
         raise _fail(where, f"field 'tensors.file' must be a file name in the run folder, got {file!r}")
     if not isinstance(meta["tensors"].get("sha256"), str | None):
         raise _fail(where, "field 'tensors.sha256' must be a text")
+    frozen = meta["tensors"].get("frozen")
+    if frozen is not None and not (isinstance(frozen, list) and all(isinstance(n, str) for n in frozen)):
+        raise _fail(where, "field 'tensors.frozen' must be a list of parameter names")
     try:
         if meta.get("format") == FIRST_FORMAT:  # flat method fields: rebuilt after the loader converts the record
             config = TrainConfig(seed=int(meta["config"].get("seed", 1)), max_epoch=int(meta["config"]["max_epoch"]))
@@ -189,7 +192,9 @@ def _check_resume_state(meta: Mapping[str, Any], tensors: Mapping[str, torch.Ten
     keys = set().union(*stateful.values()) if stateful else set()
     if not keys and float((meta.get("config") or {}).get("momentum") or 0) > 0:
         keys = {"momentum_buffer"}  # SGD with momentum has stepped: every parameter has its buffer
-    missing = [f"{OPTIM_PREFIX}{p}.{k}" for p in params for k in sorted(keys) if k not in stateful.get(p, set())]
+    frozen = set(meta["tensors"].get("frozen") or ())  # computed from the data, never optimised: no state
+    missing = [f"{OPTIM_PREFIX}{p}.{k}" for p in params if p not in frozen for k in sorted(keys)
+               if k not in stateful.get(p, set())]
     if missing:
         raise _fail(where, f"it resumes after epoch {meta['epoch']} but misses optimiser tensor(s) "
                            f"{', '.join(missing[:3])} (training would go on from a fresh momentum)")

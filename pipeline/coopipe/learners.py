@@ -127,10 +127,16 @@ def restore_learner(
     """Rebuild ``spec``'s learner for ``classnames`` and load its trained tensors (every parameter by name).
 
     The class names may differ from the training ones (transfer) for methods whose prompt is not tied to its
-    classes; extra tensors in ``tensors`` are ignored.
+    classes; extra tensors in ``tensors`` are ignored. Parameters a learner lists in ``data_shaped`` take the saved
+    shape (their size comes from the training data, e.g. Tip-Adapter's cache: one key per training image).
     """
     learner = spec.build_learner(clip, classnames, generator=torch.Generator())  # its draw is overwritten
     params = dict(learner.named_parameters())
+    with torch.no_grad():
+        for name in getattr(learner, "data_shaped", ()):
+            if name in tensors and name in params:
+                params[name].data = torch.empty(tensors[name].shape, dtype=params[name].dtype,
+                                                device=params[name].device)
     missing = sorted(set(params) - set(tensors))
     if missing:
         raise CheckpointError(f"the saved prompt lacks {', '.join(missing)} needed by a {spec.label()} learner; re-train")

@@ -100,8 +100,8 @@ def check_record(meta: Mapping[str, Any], where: Path) -> None:
         if not isinstance(ref, dict) or not isinstance(ref.get("views", {}), dict | None):
             raise _fail(where, f"field 'stores.{role}' must be an object whose 'views' is an object")
     variant = meta["variant"]
-    if not all(isinstance(v, str | int | None) and not isinstance(v, float) for v in variant.values()):
-        raise _fail(where, "field 'variant' must hold plain values (names, whole numbers, true/false)")
+    if not all(isinstance(v, str | int | None) or (isinstance(v, float) and math.isfinite(v)) for v in variant.values()):
+        raise _fail(where, "field 'variant' must hold plain values (names, numbers, true/false)")
     if "n_ranks" in variant and variant["n_ranks"] != len(names):
         raise _fail(where, f"its variant has {variant['n_ranks']!r} ranks for {len(names)} classes")
     spec_name = (meta.get("method") or variant).get("method", "coop")

@@ -32,23 +32,16 @@ from torch import nn
 from coopipe.errors import ParamsError
 from coopipe.learners import FitData, StepInputs
 from coopipe.methods.feature_space import (
-    as_floats,
+    ClassBoundMethod,
     batched_logits,
     fill_zero_shot,
     frozen_parameter,
     learner_device,
-    numeric_parts,
-    parse_numeric_part,
-    positive_problems,
-    readable_numeric_parts,
 )
-from coopipe.methods.registry import Method
 from coopipe.models import LoadedClip
 from coopipe.text_encoder import PromptTextEncoder
 
 __all__ = ["CLIPAdapter", "CLIPAdapterLearner", "CLIPAdapterOptions"]
-
-_PARTS = {"ratio": "r", "reduction": "red"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,39 +106,21 @@ class CLIPAdapterLearner(nn.Module):
         return {"method": "clipadapter", **dataclasses.asdict(self.options), "classnames": self.classnames}
 
 
-class CLIPAdapter(Method):
+class CLIPAdapter(ClassBoundMethod):
     name = "clipadapter"
     title = "CLIP-Adapter"
     options = CLIPAdapterOptions
     image_conditional = True
+    label_prefixes = {"ratio": "r", "reduction": "red"}
+    integer_options = ("reduction",)
+    class_bound = ("CLIP-Adapter's head is the training classes' zero-shot weights, built from the dataset's template "
+                   "when it trains, and its checkpoint holds no template to build one for other classes")
 
     def check(self, options: CLIPAdapterOptions) -> list[str]:
-        problems = positive_problems(options, ("ratio", "reduction"), integers=("reduction",))
+        problems = super().check(options)
         if not problems and options.ratio > 1:
             problems.append(f"ratio must lie in (0, 1] (got {options.ratio})")
         return problems
-
-    def normalize(self, options: CLIPAdapterOptions) -> CLIPAdapterOptions:
-        return as_floats(options, ("ratio",))  # type: ignore[no-any-return]
-
-    def transferable(self, options: CLIPAdapterOptions) -> bool:
-        return False
-
-    def untransferable_reason(self, options: CLIPAdapterOptions) -> str:
-        return ("CLIP-Adapter's head is the training classes' zero-shot weights, built from the dataset's template "
-                "when it trains, and its checkpoint holds no template to build one for other classes")
-
-    def label_parts(self, options: CLIPAdapterOptions) -> list[str]:
-        return numeric_parts(options, _PARTS)
-
-    def parse_part(self, part: str) -> dict[str, Any]:
-        try:
-            return parse_numeric_part(CLIPAdapterOptions, part, _PARTS)
-        except ParamsError:
-            raise ParamsError(f"clipadapter has no option written {part!r}") from None
-
-    def readable_parts(self, options: CLIPAdapterOptions) -> list[str]:
-        return readable_numeric_parts(options, list(_PARTS))
 
     def prepare(self, learner: CLIPAdapterLearner, data: FitData) -> None:  # type: ignore[override]
         fill_zero_shot(learner.head, data)

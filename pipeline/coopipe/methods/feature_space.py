@@ -1,5 +1,6 @@
 """What the feature-space methods (TaskRes, CLIP-Adapter, Tip-Adapter) share: zero-shot class weights held as a
-frozen parameter, batched prediction without gradients, and numeric options written as label parts.
+frozen parameter, batched prediction without gradients, and :class:`ClassBoundMethod` (positive numeric options
+written as label parts, a prompt tied to its training classes).
 
 Why frozen parameters: these methods start from what :meth:`coopipe.methods.Method.prepare` computes once per run
 from the data (the hand-crafted prompt's zero-shot class weights, a cache of the few-shot features). Held as
@@ -13,13 +14,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
 from coopipe.baselines import zero_shot_classifier
 from coopipe.errors import ParamsError
+from coopipe.methods.registry import Method
 from coopipe.text_tower import resolve_text_tower
 
 if TYPE_CHECKING:
@@ -28,8 +30,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["as_floats", "batched_logits", "fill_zero_shot", "frozen_parameter", "learner_device", "numeric_parts",
-           "parse_numeric_part", "positive_problems", "readable_numeric_parts"]
+__all__ = ["ClassBoundMethod", "batched_logits", "fill_zero_shot", "frozen_parameter", "learner_device"]
 
 
 def learner_device(clip: LoadedClip) -> torch.device:
@@ -116,3 +117,37 @@ def positive_problems(options: Any, names: tuple[str, ...], *, integers: tuple[s
             kind = "integer" if name in integers else "number"
             problems.append(f"{name} must be a positive {kind} (got {value!r})")
     return problems
+
+
+class ClassBoundMethod(Method):
+    """A method whose options are positive numbers, each written in a run label as ``{prefix}{value:g}`` when it
+    departs from the paper's setting (``label_prefixes``: option -> prefix; ``integer_options`` must be integers),
+    and whose learner serves only its training classes (``class_bound``: why, one phrase)."""
+
+    label_prefixes: ClassVar[dict[str, str]] = {}
+    integer_options: ClassVar[tuple[str, ...]] = ()
+    class_bound: ClassVar[str] = ""
+
+    def check(self, options: Any) -> list[str]:
+        return positive_problems(options, tuple(self.label_prefixes), integers=self.integer_options)
+
+    def normalize(self, options: Any) -> Any:
+        return as_floats(options, tuple(n for n in self.label_prefixes if n not in self.integer_options))
+
+    def transferable(self, options: Any) -> bool:
+        return False
+
+    def untransferable_reason(self, options: Any) -> str:
+        return self.class_bound
+
+    def label_parts(self, options: Any) -> list[str]:
+        return numeric_parts(options, self.label_prefixes)
+
+    def parse_part(self, part: str) -> dict[str, Any]:
+        try:
+            return parse_numeric_part(self.options, part, self.label_prefixes)
+        except ParamsError:
+            raise ParamsError(f"{self.name} has no option written {part!r}") from None
+
+    def readable_parts(self, options: Any) -> list[str]:
+        return readable_numeric_parts(options, list(self.label_prefixes))

@@ -27,25 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from coopipe.errors import ParamsError
 from coopipe.learners import ClassifierLearner, FitData
-from coopipe.methods.feature_space import (
-    as_floats,
-    fill_zero_shot,
-    frozen_parameter,
-    learner_device,
-    numeric_parts,
-    parse_numeric_part,
-    positive_problems,
-    readable_numeric_parts,
-)
-from coopipe.methods.registry import Method, Optimization, epochs_for
+from coopipe.methods.feature_space import ClassBoundMethod, fill_zero_shot, frozen_parameter, learner_device
+from coopipe.methods.registry import Optimization, epochs_for
 from coopipe.models import LoadedClip
 from coopipe.text_encoder import PromptTextEncoder
 
 __all__ = ["TaskRes", "TaskResLearner", "TaskResOptions"]
-
-_PARTS = {"alpha": "alpha"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,11 +59,13 @@ class TaskResLearner(ClassifierLearner, nn.Module):
         return {"method": "taskres", "alpha": self.alpha, "classnames": self.classnames}
 
 
-class TaskRes(Method):
+class TaskRes(ClassBoundMethod):
     name = "taskres"
     title = "TaskRes"
     options = TaskResOptions
     batch_size = 256
+    label_prefixes = {"alpha": "alpha"}
+    class_bound = "TaskRes learns one residual per training class, which other classes do not have"
 
     def epochs(self, shots: int, dataset: str | None = None) -> int:
         epochs_for(shots, dataset)  # validates shots
@@ -88,30 +78,6 @@ class TaskRes(Method):
 
     def optimizer(self, params: Mapping[str, nn.Parameter], opt: Optimization) -> torch.optim.Optimizer:
         return torch.optim.Adam(list(params.values()), lr=opt.lr, betas=(0.9, 0.999), weight_decay=opt.weight_decay)
-
-    def check(self, options: TaskResOptions) -> list[str]:
-        return positive_problems(options, ("alpha",))
-
-    def normalize(self, options: TaskResOptions) -> TaskResOptions:
-        return as_floats(options, ("alpha",))  # type: ignore[no-any-return]
-
-    def transferable(self, options: TaskResOptions) -> bool:
-        return False
-
-    def untransferable_reason(self, options: TaskResOptions) -> str:
-        return "TaskRes learns one residual per training class, which other classes do not have"
-
-    def label_parts(self, options: TaskResOptions) -> list[str]:
-        return numeric_parts(options, _PARTS)
-
-    def parse_part(self, part: str) -> dict[str, Any]:
-        try:
-            return parse_numeric_part(TaskResOptions, part, _PARTS)
-        except ParamsError:
-            raise ParamsError(f"taskres has no option written {part!r}") from None
-
-    def readable_parts(self, options: TaskResOptions) -> list[str]:
-        return readable_numeric_parts(options, list(_PARTS))
 
     def prepare(self, learner: TaskResLearner, data: FitData) -> None:  # type: ignore[override]
         fill_zero_shot(learner.base, data)

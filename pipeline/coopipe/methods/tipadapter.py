@@ -41,17 +41,12 @@ from torch import nn
 from coopipe.errors import ParamsError
 from coopipe.learners import FitData, StepInputs
 from coopipe.methods.feature_space import (
-    as_floats,
+    ClassBoundMethod,
     batched_logits,
     fill_zero_shot,
     frozen_parameter,
     learner_device,
-    numeric_parts,
-    parse_numeric_part,
-    positive_problems,
-    readable_numeric_parts,
 )
-from coopipe.methods.registry import Method
 from coopipe.models import LoadedClip
 from coopipe.text_encoder import PromptTextEncoder
 
@@ -61,9 +56,6 @@ __all__ = ["TIP_LOGIT_SCALE", "TipAdapter", "TipAdapterLearner", "TipAdapterOpti
            "search_alpha_beta"]
 
 TIP_LOGIT_SCALE = 100.0  # the repository's zero-shot logit scale
-_PARTS = {"init_alpha": "a", "init_beta": "b", "alpha_scale": "as", "beta_scale": "bs", "alpha_steps": "an",
-          "beta_steps": "bn"}
-_FLOATS = ("init_alpha", "init_beta", "alpha_scale", "beta_scale")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,38 +172,18 @@ class TipAdapterLearner(nn.Module):
         return {"method": self.method, **dataclasses.asdict(self.options), "classnames": self.classnames}
 
 
-class TipAdapter(Method):
+class TipAdapter(ClassBoundMethod):
     name = "tipadapter"
     title = "Tip-Adapter"
     options = TipAdapterOptions
     image_conditional = True
     trains = False
     batch_size = 256
-
-    def check(self, options: TipAdapterOptions) -> list[str]:
-        return positive_problems(options, tuple(_PARTS), integers=("alpha_steps", "beta_steps"))
-
-    def normalize(self, options: TipAdapterOptions) -> TipAdapterOptions:
-        return as_floats(options, _FLOATS)  # type: ignore[no-any-return]
-
-    def transferable(self, options: TipAdapterOptions) -> bool:
-        return False
-
-    def untransferable_reason(self, options: TipAdapterOptions) -> str:
-        return (f"{self.title}'s cache values are one-hot labels of its training classes, so its cache cannot vote "
-                f"for classes it has no images of")
-
-    def label_parts(self, options: TipAdapterOptions) -> list[str]:
-        return numeric_parts(options, _PARTS)
-
-    def parse_part(self, part: str) -> dict[str, Any]:
-        try:
-            return parse_numeric_part(TipAdapterOptions, part, _PARTS)
-        except ParamsError:
-            raise ParamsError(f"{self.name} has no option written {part!r}") from None
-
-    def readable_parts(self, options: TipAdapterOptions) -> list[str]:
-        return readable_numeric_parts(options, list(_PARTS))
+    label_prefixes = {"init_alpha": "a", "init_beta": "b", "alpha_scale": "as", "beta_scale": "bs",
+                      "alpha_steps": "an", "beta_steps": "bn"}
+    integer_options = ("alpha_steps", "beta_steps")
+    class_bound = ("the cache's values are one-hot labels of the training classes, so the cache cannot vote for "
+                   "classes it has no images of")
 
     def prepare(self, learner: TipAdapterLearner, data: FitData) -> None:  # type: ignore[override]
         learner.fill_cache(data)

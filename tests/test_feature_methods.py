@@ -260,6 +260,27 @@ def test_tipadapters_fit_never_reads_the_test_split(rn50, tmp_path):
             assert torch.equal(saved[0][name], saved[1][name]), (method, name)
 
 
+@pytest.mark.parametrize("method", ["taskres", "tipadapterf"])
+def test_a_run_resumed_from_its_checkpoint_equals_an_uninterrupted_one(rn50, head, tmp_path, method):
+    """A checkpoint after 2 of 4 epochs holds the frozen parameters (zero-shot weights, cache) without optimiser state
+    and passes the loader's checks; resumed, the run ends bitwise where an uninterrupted one does."""
+    from coopipe.checkpoint import load_checkpoint, save_checkpoint
+
+    train, train_y = _planted(head, 4, 2, seed=11)
+    val, val_y = _planted(head, 2, 1, seed=12)
+    config = TrainConfig.for_method(method, 4, max_epoch=4)
+    common = dict(val_feats=val[:, 0], val_labels=val_y)
+    whole = train_prompt(train, train_y, rn50, NAMES, config, **common)
+    half = train_prompt(train, train_y, rn50, NAMES, config, stop_after=2, **common)
+    save_checkpoint(tmp_path, clip=rn50, classnames=NAMES, config=config, state=half.state)
+    state = load_checkpoint(tmp_path).train_state()
+    assert set(state.frozen) >= {"head", "values"} if method == "tipadapterf" else state.frozen == ("base",)
+    resumed = train_prompt(train, train_y, rn50, NAMES, config, resume_state=state, **common)
+    assert whole.params.keys() == resumed.params.keys()
+    for name, tensor in whole.params.items():
+        assert torch.equal(tensor, resumed.params[name]), name
+
+
 # ---------------------------------------------------------------- end to end
 @pytest.mark.slow
 def test_the_four_methods_train_evaluate_predict_sweep_and_report(rn50, tmp_path):

@@ -13,9 +13,9 @@ Dassl's optimiser and schedule from the CoOp configs it runs with, so coopipe ke
 momentum 0.9, weight decay 5e-4, batch 32, one warm-up epoch at 1e-5 then cosine, 50/100/100/200/200 epochs).
 ``W1``, ``W2`` are drawn as ``nn.Linear``'s default (kaiming-uniform, a = sqrt(5)) from the run's init generator.
 
-Base-to-new: the adapter is class-agnostic, but the head is the training classes' zero-shot weights, built from the
-dataset's template when the run trains; a checkpoint does not hold the template needed to build it for other
-classes, so the method refuses base-to-new and transfer (:meth:`CLIPAdapter.untransferable_reason`).
+Base-to-new and transfer: the adapter is class-agnostic, so a learner rebuilt for other classes keeps the trained
+adapter and gets the zero-shot head of its own classes, from the target dataset's hand-crafted prompt
+(:meth:`CLIPAdapter.for_classes`; the head is ``class_derived``).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from torch import nn
 from coopipe.errors import ParamsError
 from coopipe.learners import FitData, StepInputs
 from coopipe.methods.feature_space import (
-    ClassBoundMethod,
+    FeatureMethod,
     batched_logits,
     fill_zero_shot,
     frozen_parameter,
@@ -106,15 +106,14 @@ class CLIPAdapterLearner(nn.Module):
         return {"method": "clipadapter", **dataclasses.asdict(self.options), "classnames": self.classnames}
 
 
-class CLIPAdapter(ClassBoundMethod):
+class CLIPAdapter(FeatureMethod):
     name = "clipadapter"
     title = "CLIP-Adapter"
     options = CLIPAdapterOptions
     image_conditional = True
     label_prefixes = {"ratio": "r", "reduction": "red"}
     integer_options = ("reduction",)
-    class_bound = ("CLIP-Adapter's head is the training classes' zero-shot weights, built from the dataset's template "
-                   "when it trains, and its checkpoint holds no template to build one for other classes")
+    class_derived = ("head",)
 
     def check(self, options: CLIPAdapterOptions) -> list[str]:
         problems = super().check(options)
@@ -122,8 +121,14 @@ class CLIPAdapter(ClassBoundMethod):
             problems.append(f"ratio must lie in (0, 1] (got {options.ratio})")
         return problems
 
+    def transferable(self, options: CLIPAdapterOptions) -> bool:
+        return True  # a class-agnostic adapter: other classes get their own zero-shot head
+
     def prepare(self, learner: CLIPAdapterLearner, data: FitData) -> None:  # type: ignore[override]
-        fill_zero_shot(learner.head, data)
+        fill_zero_shot(learner.head, data.clip, data.classnames, data.template)
+
+    def for_classes(self, learner: CLIPAdapterLearner, clip: LoadedClip, template: str) -> None:  # type: ignore[override]
+        fill_zero_shot(learner.head, clip, learner.classnames, template)
 
     def build_learner(self, options: CLIPAdapterOptions, clip: LoadedClip, classnames: Sequence[str], *,
                       generator: torch.Generator | None) -> CLIPAdapterLearner:

@@ -1,6 +1,6 @@
 """What the feature-space methods (TaskRes, CLIP-Adapter, Tip-Adapter) share: zero-shot class weights held as a
-frozen parameter, batched prediction without gradients, and :class:`ClassBoundMethod` (positive numeric options
-written as label parts, a prompt tied to its training classes).
+frozen parameter, batched prediction without gradients, and :class:`FeatureMethod` (positive numeric options
+written as label parts; a prompt tied to its training classes unless the method says otherwise).
 
 Why frozen parameters: these methods start from what :meth:`coopipe.methods.Method.prepare` computes once per run
 from the data (the hand-crafted prompt's zero-shot class weights, a cache of the few-shot features). Held as
@@ -25,12 +25,11 @@ from coopipe.methods.registry import Method
 from coopipe.text_tower import resolve_text_tower
 
 if TYPE_CHECKING:
-    from coopipe.learners import FitData
     from coopipe.models import LoadedClip
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ClassBoundMethod", "batched_logits", "fill_zero_shot", "frozen_parameter", "learner_device"]
+__all__ = ["FeatureMethod", "batched_logits", "fill_zero_shot", "frozen_parameter", "learner_device"]
 
 
 def learner_device(clip: LoadedClip) -> torch.device:
@@ -44,10 +43,10 @@ def frozen_parameter(*shape: int, device: torch.device) -> nn.Parameter:
 
 
 @torch.no_grad()
-def fill_zero_shot(head: nn.Parameter, data: FitData) -> None:
-    """``head`` (K, D) := the L2-normalised text features of the dataset's hand-crafted prompt for each class (one
+def fill_zero_shot(head: nn.Parameter, clip: LoadedClip, classnames: Sequence[str], template: str) -> None:
+    """``head`` (K, D) := the L2-normalised text features of the hand-crafted prompt ``template`` for each class (one
     text pass per run: :func:`coopipe.baselines.zero_shot_classifier`)."""
-    weights = zero_shot_classifier(data.clip, data.classnames, data.template)  # (K, D)
+    weights = zero_shot_classifier(clip, classnames, template)  # (K, D)
     head.copy_(weights.to(head.device, head.dtype))
 
 
@@ -119,10 +118,10 @@ def positive_problems(options: Any, names: tuple[str, ...], *, integers: tuple[s
     return problems
 
 
-class ClassBoundMethod(Method):
+class FeatureMethod(Method):
     """A method whose options are positive numbers, each written in a run label as ``{prefix}{value:g}`` when it
     departs from the paper's setting (``label_prefixes``: option -> prefix; ``integer_options`` must be integers),
-    and whose learner serves only its training classes (``class_bound``: why, one phrase)."""
+    and whose learner serves only its training classes unless it says otherwise (``class_bound``: why, one phrase)."""
 
     label_prefixes: ClassVar[dict[str, str]] = {}
     integer_options: ClassVar[tuple[str, ...]] = ()

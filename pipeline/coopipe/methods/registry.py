@@ -97,6 +97,7 @@ class Method:
     ordered_labels: ClassVar[bool] = False
     batch_size: ClassVar[int] = 32
     trains: ClassVar[bool] = True
+    class_derived: ClassVar[tuple[str, ...]] = ()  # learner parameters computed from the class names (for_classes)
 
     # ---------------------------------------------------------------- the paper's setting
     def epochs(self, shots: int, dataset: str | None = None) -> int:
@@ -167,6 +168,11 @@ class Method:
         must therefore be a deterministic function of ``data``. It sees the training and few-shot validation
         splits only, never the test split.
         """
+
+    def for_classes(self, learner: Learner, clip: LoadedClip, template: str) -> None:
+        """Fill the parameters listed in ``class_derived`` (computed from the class names, e.g. a zero-shot head) of
+        ``learner`` rebuilt for classes it did not train on (base-to-new, transfer), with the target dataset's
+        hand-crafted ``template`` (default: nothing)."""
 
     def finish(self, learner: Learner, data: FitData) -> None:
         """Complete ``learner`` after its last epoch, before it is saved (default: nothing): what a method fits on the

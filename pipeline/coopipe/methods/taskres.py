@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from coopipe.learners import ClassifierLearner, FitData
-from coopipe.methods.feature_space import ClassBoundMethod, fill_zero_shot, frozen_parameter, learner_device
+from coopipe.methods.feature_space import FeatureMethod, fill_zero_shot, frozen_parameter, learner_device
 from coopipe.methods.registry import Optimization, epochs_for
 from coopipe.models import LoadedClip
 from coopipe.text_encoder import PromptTextEncoder
@@ -59,7 +59,7 @@ class TaskResLearner(ClassifierLearner, nn.Module):
         return {"method": "taskres", "alpha": self.alpha, "classnames": self.classnames}
 
 
-class TaskRes(ClassBoundMethod):
+class TaskRes(FeatureMethod):
     name = "taskres"
     title = "TaskRes"
     options = TaskResOptions
@@ -80,7 +80,7 @@ class TaskRes(ClassBoundMethod):
         return torch.optim.Adam(list(params.values()), lr=opt.lr, betas=(0.9, 0.999), weight_decay=opt.weight_decay)
 
     def prepare(self, learner: TaskResLearner, data: FitData) -> None:  # type: ignore[override]
-        fill_zero_shot(learner.base, data)
+        fill_zero_shot(learner.base, data.clip, data.classnames, data.template)
 
     def build_learner(self, options: TaskResOptions, clip: LoadedClip, classnames: Sequence[str], *,
                       generator: torch.Generator | None) -> TaskResLearner:

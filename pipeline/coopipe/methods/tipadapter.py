@@ -41,7 +41,7 @@ from torch import nn
 from coopipe.errors import ParamsError
 from coopipe.learners import FitData, StepInputs
 from coopipe.methods.feature_space import (
-    ClassBoundMethod,
+    FeatureMethod,
     batched_logits,
     fill_zero_shot,
     frozen_parameter,
@@ -121,7 +121,7 @@ class TipAdapterLearner(nn.Module):
 
     def fill_cache(self, data: FitData) -> None:
         """The zero-shot head, the cache of the training split and the initial alpha and beta."""
-        fill_zero_shot(self.head, data)
+        fill_zero_shot(self.head, data.clip, data.classnames, data.template)
         with torch.no_grad():
             self.keys.data = cache_keys(data.train_feats).to(self.head.device)
             self.values.data = F.one_hot(data.train_labels.long(), self.n_cls).float().to(self.head.device)
@@ -172,7 +172,7 @@ class TipAdapterLearner(nn.Module):
         return {"method": self.method, **dataclasses.asdict(self.options), "classnames": self.classnames}
 
 
-class TipAdapter(ClassBoundMethod):
+class TipAdapter(FeatureMethod):
     name = "tipadapter"
     title = "Tip-Adapter"
     options = TipAdapterOptions

@@ -12,7 +12,6 @@ template or the training split, and a resume loads the saved values over what ``
 from __future__ import annotations
 
 import dataclasses
-import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -26,8 +25,6 @@ from coopipe.text_tower import resolve_text_tower
 
 if TYPE_CHECKING:
     from coopipe.models import LoadedClip
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["FeatureMethod", "batched_logits", "fill_zero_shot", "frozen_parameter", "learner_device"]
 

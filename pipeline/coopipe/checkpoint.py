@@ -269,6 +269,7 @@ class Checkpoint:
             optimizer=_prefixed(self.tensors, OPTIM_PREFIX),
             history=self.history,
             variant=self.variant,
+            frozen=tuple(self.meta["tensors"].get("frozen") or ()),
         )
 
     def classifier(self) -> Classifier:
@@ -329,12 +330,15 @@ class Checkpoint:
             return learner.class_text_features(self.config.text_encoder(clip)).float().cpu()
 
 
-def load_learner(ckpt: Checkpoint, clip: LoadedClip, classnames: Sequence[str] | None = None) -> Learner:
+def load_learner(ckpt: Checkpoint, clip: LoadedClip, classnames: Sequence[str] | None = None, *,
+                 template: str | None = None) -> Learner:
     """The one way to rebuild a trained prompt: ``ckpt``'s method and variant, for ``classnames`` (default: the
     trained classes), on ``clip`` (checked to be the checkpoint's model and weights), holding the learned tensors
     (the context, and CoCoOp's Meta-Net).
 
-    Other class names need a prompt that does not belong to its classes (:attr:`MethodSpec.transferable`).
+    Other class names need a prompt that does not belong to its classes (:attr:`MethodSpec.transferable`); what a
+    learner derives from its class names (CLIP-Adapter's zero-shot head) is then built for them with ``template``,
+    the target dataset's hand-crafted prompt (:meth:`coopipe.methods.Method.for_classes`).
     """
     ckpt.check_clip(clip)
     spec = ckpt.method
@@ -342,12 +346,19 @@ def load_learner(ckpt: Checkpoint, clip: LoadedClip, classnames: Sequence[str] |
     if names != ckpt.classnames and not spec.transferable:
         raise CheckpointError(
             f"checkpoint {ckpt.path} holds a {spec.label()} prompt tied to its {len(ckpt.classnames)} training classes "
-            f"(its options {spec.to_dict()}), which cannot serve other classes (a class-specific context (CSC) or "
-            f"learned rank embeddings); train a unified-context method (coop without --csc, or cocoop) for "
-            f"base-to-new or cross-dataset evaluation"
+            f"(its options {spec.to_dict()}), which cannot serve other classes: "
+            f"{spec.definition.untransferable_reason(spec.options)}; train a method that can (coop without --csc, "
+            f"cocoop) for base-to-new or cross-dataset evaluation"
         )
+    derived = spec.definition.class_derived if names != ckpt.classnames else ()
+    if derived and template is None:
+        raise CheckpointError(f"checkpoint {ckpt.path}: a {spec.label()} prompt for other classes needs the target "
+                              f"dataset's prompt template to build its zero-shot head; evaluate through coopipe eval")
     try:
-        return restore_learner(spec, clip, names, ckpt.learner_tensors)
+        learner = restore_learner(spec, clip, names, {k: t for k, t in ckpt.learner_tensors.items() if k not in derived})
+        if derived:
+            spec.definition.for_classes(learner, clip, str(template))
+        return learner
     except ParamsError as exc:
         raise CheckpointError(f"checkpoint {ckpt.path}: its prompt {spec.label()} cannot be rebuilt ({exc})") from exc
 
@@ -405,7 +416,8 @@ def save_checkpoint(
         "max_epoch": config.max_epoch,
         "complete": state.epoch >= config.max_epoch,
         "history": [r.to_dict() for r in state.history],
-        "tensors": {"file": TENSORS_FILE, "sha256": sha256_file(tensor_path), "resume": include_resume},
+        "tensors": {"file": TENSORS_FILE, "sha256": sha256_file(tensor_path), "resume": include_resume,
+                    "frozen": list(state.frozen)},
         "classifier": {"file": CLASSIFIER_FILE, "sha256": classifier_sha256} if classifier_sha256 else None,
         "coopipe_version": coopipe.__version__,
         "open_clip_version": open_clip_version(),

@@ -73,6 +73,9 @@ def check_record(meta: Mapping[str, Any], where: Path) -> None:
         raise _fail(where, f"field 'tensors.file' must be a file name in the run folder, got {file!r}")
     if not isinstance(meta["tensors"].get("sha256"), str | None):
         raise _fail(where, "field 'tensors.sha256' must be a text")
+    frozen = meta["tensors"].get("frozen")
+    if frozen is not None and not (isinstance(frozen, list) and all(isinstance(n, str) for n in frozen)):
+        raise _fail(where, "field 'tensors.frozen' must be a list of parameter names")
     try:
         if meta.get("format") == FIRST_FORMAT:  # flat method fields: rebuilt after the loader converts the record
             config = TrainConfig(seed=int(meta["config"].get("seed", 1)), max_epoch=int(meta["config"]["max_epoch"]))
@@ -97,8 +100,8 @@ def check_record(meta: Mapping[str, Any], where: Path) -> None:
         if not isinstance(ref, dict) or not isinstance(ref.get("views", {}), dict | None):
             raise _fail(where, f"field 'stores.{role}' must be an object whose 'views' is an object")
     variant = meta["variant"]
-    if not all(isinstance(v, str | int | None) and not isinstance(v, float) for v in variant.values()):
-        raise _fail(where, "field 'variant' must hold plain values (names, whole numbers, true/false)")
+    if not all(isinstance(v, str | int | None) or (isinstance(v, float) and math.isfinite(v)) for v in variant.values()):
+        raise _fail(where, "field 'variant' must hold plain values (names, numbers, true/false)")
     if "n_ranks" in variant and variant["n_ranks"] != len(names):
         raise _fail(where, f"its variant has {variant['n_ranks']!r} ranks for {len(names)} classes")
     spec_name = (meta.get("method") or variant).get("method", "coop")
@@ -189,7 +192,9 @@ def _check_resume_state(meta: Mapping[str, Any], tensors: Mapping[str, torch.Ten
     keys = set().union(*stateful.values()) if stateful else set()
     if not keys and float((meta.get("config") or {}).get("momentum") or 0) > 0:
         keys = {"momentum_buffer"}  # SGD with momentum has stepped: every parameter has its buffer
-    missing = [f"{OPTIM_PREFIX}{p}.{k}" for p in params for k in sorted(keys) if k not in stateful.get(p, set())]
+    frozen = set(meta["tensors"].get("frozen") or ())  # computed from the data, never optimised: no state
+    missing = [f"{OPTIM_PREFIX}{p}.{k}" for p in params if p not in frozen for k in sorted(keys)
+               if k not in stateful.get(p, set())]
     if missing:
         raise _fail(where, f"it resumes after epoch {meta['epoch']} but misses optimiser tensor(s) "
                            f"{', '.join(missing[:3])} (training would go on from a fresh momentum)")

@@ -126,7 +126,7 @@ def train(
     class_token_position: Annotated[Optional[str], typer.Option(help="end, middle or front (CoOp; default: end).")] = None,
     ctx_init: Annotated[Optional[str], typer.Option(help="Initialise the context from words, e.g. 'a photo of a' (sets M; default: the method's paper setting).")] = None,
     epochs: Annotated[Optional[int], typer.Option("--max-epoch", "--epochs", help="Epochs (default: the paper's; CoOp 50/100/100/200/200 by shots, ImageNet 50; CoCoOp 10).")] = None,
-    lr: Annotated[float, typer.Option(help="SGD learning rate (cosine decay per epoch, first epoch at 1e-5).")] = _TRAIN.lr,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate, cosine decay per epoch (default: the method's paper setting: CoOp 0.002 with a first epoch at 1e-5; Tip-Adapter-F 0.001).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Batch size (default: the method's paper setting, CoOp 32, CoCoOp 1; CoCoOp above 1 departs from the paper).")] = None,
     views: Annotated[str, typer.Option(help="augmented: one cached augmented view per image per epoch; center; all.")] = _TRAIN.views,
     bf16: Annotated[bool, typer.Option("--bf16", help="Run the text transformer under bf16 autocast.")] = False,
@@ -152,8 +152,9 @@ def train(
                             pretrained=pretrained, overrides=overrides, device=device, progress=progress,
                             classes=classes, checkpoint_every=checkpoint_every)
         state = "already complete (skipped)" if summary["skipped"] else f"trained in {summary['train_seconds']:.1f}s"
-        val = summary.get("final_val_acc")
-        typer.echo(f"{out}: {summary['method']} {shots}-shot seed {seed} {state}; final loss {summary['final_loss']:.4f}"
+        val, loss = summary.get("final_val_acc"), summary.get("final_loss")
+        typer.echo(f"{out}: {summary['method']} {shots}-shot seed {seed} {state}"
+                   + (f"; final loss {loss:.4f}" if loss is not None else "; training-free (0 epochs)")
                    + (f", val acc {100 * val:.2f}%" if val is not None else ""))
         note_random_weights(summary.get("weights"))
 

@@ -79,7 +79,7 @@ def training_departures(config: Mapping[str, Any], paper: Mapping[str, Any] | No
         optimizer = [f"{label} {config.get(key)} (paper {paper.get(key)})" for key, label in _OPTIMIZER_FIELDS
                      if config.get(key) != paper.get(key)]
         found += optimizer
-    if train_views is not None:
+    if train_views is not None and int(config.get("max_epoch", 0)) > 0:  # a training-free run draws no views
         phrase = _views_phrase(int(train_views.get("n_aug", 0)), int(config.get("max_epoch", 0)),
                                str(config.get("views", "augmented")))
         found += [p for p in (phrase, _augmentation_phrase(train_views)) if p]

@@ -127,15 +127,25 @@ def restore_learner(
     """Rebuild ``spec``'s learner for ``classnames`` and load its trained tensors (every parameter by name).
 
     The class names may differ from the training ones (transfer) for methods whose prompt is not tied to its
-    classes; extra tensors in ``tensors`` are ignored.
+    classes; extra tensors in ``tensors`` are ignored. Parameters a learner lists in ``data_shaped`` take the saved
+    shape (their size comes from the training data, e.g. Tip-Adapter's cache: one key per training image). Those
+    the method lists in ``class_derived`` (computed from the class names, e.g. a zero-shot head) may be absent from
+    ``tensors``: they then stay for :meth:`coopipe.methods.Method.for_classes` to fill.
     """
     learner = spec.build_learner(clip, classnames, generator=torch.Generator())  # its draw is overwritten
     params = dict(learner.named_parameters())
-    missing = sorted(set(params) - set(tensors))
+    with torch.no_grad():
+        for name in getattr(learner, "data_shaped", ()):
+            if name in tensors and name in params:
+                params[name].data = torch.empty(tensors[name].shape, dtype=params[name].dtype,
+                                                device=params[name].device)
+    missing = sorted(set(params) - set(tensors) - set(spec.definition.class_derived))
     if missing:
         raise CheckpointError(f"the saved prompt lacks {', '.join(missing)} needed by a {spec.label()} learner; re-train")
     with torch.no_grad():
         for name, param in params.items():
+            if name not in tensors:
+                continue  # class-derived: filled for these classes by the method
             saved = tensors[name]
             if tuple(saved.shape) != tuple(param.shape):
                 raise CheckpointError(

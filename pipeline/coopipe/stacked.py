@@ -64,7 +64,8 @@ def drive(steppers: Sequence[RunStepper]) -> None:
                 features = stacked_text_features(encoder, [s.learner for s in independent])
             texts = {id(s): t for s, t in zip(independent, features)}
         for stepper in active:  # before the steps: a CoCoOp step back-propagates chunk by chunk as it goes
-            stepper.optimizer.zero_grad(set_to_none=True)
+            if stepper.optimizer is not None:  # None: a training-free run (0 epochs), finished at its first tick
+                stepper.optimizer.zero_grad(set_to_none=True)
         losses = [(s, loss) for s in active if (loss := s.step(texts.get(id(s)), tick_started)) is not None]
         if not losses:
             continue

@@ -34,6 +34,7 @@ import torch
 from coopipe.datasets.common import DEFAULT_TEMPLATE
 from coopipe.errors import CheckpointError, ParamsError
 from coopipe.learners import FitData, Learner, StepInputs, is_image_conditional, predict_logits
+from coopipe.methods import Method
 from coopipe.models import LoadedClip
 from coopipe.text_encoder import PromptTextEncoder, coop_logits
 from coopipe.text_tower import resolve_text_tower
@@ -73,7 +74,7 @@ class StackedRun:
 def _snapshot(
     epoch: int,
     learner: Learner,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | None,
     generator: torch.Generator,
     history: list[EpochRecord],
 ) -> TrainState:
@@ -81,7 +82,7 @@ def _snapshot(
     params = dict(learner.named_parameters())
     state: dict[str, torch.Tensor] = {}
     for name, param in params.items():
-        for key, value in optimizer.state.get(param, {}).items():
+        for key, value in (optimizer.state.get(param, {}) if optimizer is not None else {}).items():
             state[f"{name}.{key}"] = torch.as_tensor(value).detach().cpu().clone()
     return TrainState(
         epoch=epoch,
@@ -90,6 +91,7 @@ def _snapshot(
         optimizer=state,
         history=list(history),
         variant=_variant(learner),
+        frozen=tuple(name for name, p in params.items() if not p.requires_grad),
     )
 
 
@@ -100,7 +102,7 @@ def _variant(learner: Learner) -> dict[str, Any]:
 def _restore(
     state: TrainState,
     learner: Learner,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | None,
     generator: torch.Generator,
     max_epoch: int,
 ) -> None:
@@ -129,7 +131,7 @@ def _restore(
             param.copy_(state.params[name].to(param.device, param.dtype))
     for key, value in state.optimizer.items():
         name, _, field = key.rpartition(".")
-        if name not in params:
+        if name not in params or optimizer is None:
             raise CheckpointError(f"cannot resume: optimiser state {key!r} names no parameter of this learner")
         param = params[name]
         as_param = value.is_floating_point() and value.shape == param.shape
@@ -166,14 +168,17 @@ class RunStepper:
         self.data_gen = torch.Generator().manual_seed(derive_seed(config.seed, "data"))
         self.learner: Learner = config.method.build_learner(clip, names, generator=init_gen)
         self.logit_scale = clip.model.logit_scale.detach()  # scalar, log scale
-        config.method.definition.prepare(self.learner, FitData(
+        self.fit_data = FitData(
             train_feats=self.feats, train_labels=self.labels, val_feats=None if self.val is None else self.val[0],
             val_labels=None if self.val is None else self.val[1], classnames=tuple(names), template=run.template,
-            clip=clip, logit_scale=self.logit_scale))
+            clip=clip, logit_scale=self.logit_scale)
+        config.method.definition.prepare(self.learner, self.fit_data)
         self.conditional = is_image_conditional(self.learner)
         self.encoder = encoder
         params = {name: p for name, p in self.learner.named_parameters() if p.requires_grad}
-        self.optimizer = config.method.definition.optimizer(params, config.optimization())
+        # a training-free method (Tip-Adapter) runs 0 epochs: no step, so no optimiser
+        self.optimizer: torch.optim.Optimizer | None = (
+            config.method.definition.optimizer(params, config.optimization()) if config.max_epoch > 0 else None)
         self.on_epoch, self.on_step = run.on_epoch, run.on_step
         self.history: list[EpochRecord] = []
         self.epoch = 0  # the epoch in progress (0-based), or the next one at an epoch boundary
@@ -207,6 +212,12 @@ class RunStepper:
         learners). Returns the loss (still to back-propagate when it requires grad; a learner with ``loss_backward``
         back-propagates here, so gradients must be zeroed before), or None when this tick finished the run."""
         if self.finishing:
+            definition = self.config.method.definition
+            if self.epoch >= self.config.max_epoch and type(definition).finish is not Method.finish:
+                definition.finish(self.learner, self.fit_data)  # the run's end (not a stop_after): complete it
+                if text is not None:  # the final classifier is the finished learner's
+                    with torch.no_grad():
+                        text = self.learner.class_text_features(self.encoder)
             self._complete(None if text is None else text.detach())
             if not self.conditional and text is not None:
                 self.text_features = text.detach().float().cpu()
@@ -237,6 +248,7 @@ class RunStepper:
 
     def after_backward(self) -> None:
         """The optimiser step after the driver's backward pass, then the epoch's end when it was its last batch."""
+        assert self.optimizer is not None  # a run with steps has one
         self.optimizer.step()
         self.step_index += 1
         if self.on_step is not None:
@@ -265,6 +277,7 @@ class RunStepper:
             self._complete(text.detach())  # the last epoch's validation and checkpoint are not this epoch's time
         self.epoch_started = tick_started + (time.perf_counter() - t1)
         self.lr = self.config.lr_at(self.epoch)
+        assert self.optimizer is not None  # a run with epochs has one
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
         n_images, n_views, _ = self.feats.shape

@@ -84,8 +84,12 @@ class TrainConfig:
             problems.append(f"method must be a MethodSpec (got {self.method!r})")
         if self.image_chunk is not None and self.image_chunk < 1:
             problems.append(f"image_chunk must be >= 1 or None (got {self.image_chunk})")
-        if self.max_epoch < 1:
+        trains = not isinstance(self.method, MethodSpec) or self.method.definition.trains
+        if trains and self.max_epoch < 1:
             problems.append(f"max_epoch must be >= 1 (got {self.max_epoch})")
+        if not trains and (self.max_epoch != 0 or self.warmup_epoch != 0):
+            problems.append(f"{self.method.method} trains nothing (its fit is computed once from the few-shot data): "
+                            f"max_epoch and warmup_epoch must be 0 (got {self.max_epoch}, {self.warmup_epoch})")
         if self.lr <= 0 or self.warmup_lr < 0:
             problems.append(f"lr must be > 0 and warmup_lr >= 0 (got {self.lr}, {self.warmup_lr})")
         if not 0 <= self.momentum < 1 or self.weight_decay < 0:
@@ -116,8 +120,7 @@ class TrainConfig:
         given = {k: v for k, v in overrides.items() if v is not None}
         own = {f.name for f in dataclasses.fields(cls)}
         spec = spec.with_options(**{k: v for k, v in given.items() if k not in own})
-        definition = get_method(spec.method)
-        defaults = {"max_epoch": definition.epochs(shots, dataset), "batch_size": definition.batch_size}
+        defaults = get_method(spec.method).train_setting(shots, dataset)
         return cls(**{**defaults, **{k: v for k, v in given.items() if k in own}, "method": spec})
 
     def optimization(self) -> Optimization:
@@ -153,7 +156,7 @@ class TrainConfig:
         if epoch < self.warmup_epoch:
             return self.warmup_lr
         t = epoch - self.warmup_epoch
-        return 0.5 * self.lr * (1.0 + math.cos(math.pi * t / self.max_epoch))
+        return 0.5 * self.lr * (1.0 + math.cos(math.pi * t / max(self.max_epoch, 1)))  # 0 epochs: trains nothing
 
     def text_encoder(self, clip: LoadedClip) -> PromptTextEncoder:
         """The text encoder with this config's text-path options."""
@@ -194,7 +197,9 @@ class TrainState:
     ``params``: every learner parameter by name (``ctx``, ``meta_net.linear1.weight``, ``rank_embeds``, ...);
     ``optimizer``: the optimiser's per-parameter state as ``<parameter>.<key>`` (SGD: ``ctx.momentum_buffer``;
     Adam: ``.step``, ``.exp_avg``, ``.exp_avg_sq``), empty before the first step; ``variant``: the learner's
-    record, so that a state is checked against the learner it is loaded into.
+    record, so that a state is checked against the learner it is loaded into; ``frozen``: the parameters the
+    optimiser does not move (what a method computed from the data, e.g. zero-shot class weights, a feature cache),
+    stored with the others but holding no optimiser state.
     """
 
     epoch: int
@@ -203,6 +208,7 @@ class TrainState:
     optimizer: dict[str, torch.Tensor] = field(default_factory=dict)
     history: list[EpochRecord] = field(default_factory=list)
     variant: dict[str, Any] = field(default_factory=dict)
+    frozen: tuple[str, ...] = ()
 
     @property
     def ctx(self) -> torch.Tensor:

@@ -124,7 +124,8 @@ def run_eval(
             f"{feature_store.path} holds {len(test.classnames)} other classes of {dataset}; pass --transfer to "
             f"evaluate the learned context with the store's class names, or use a store of the checkpoint's dataset"
         )
-    logits = _prompt_logits(ckpt, test, clip=clip, pretrained=pretrained, device=device)
+    logits = _prompt_logits(ckpt, test, clip=clip, pretrained=pretrained, device=device,
+                            template=dataset_template(str(dataset)))
     y = torch.as_tensor(test.labels)
     evaluation = evaluate_predictions(y, logits.argmax(dim=-1), logits.shape[1],
                                       loss=float(F.cross_entropy(logits, y)) if len(y) else None)
@@ -155,7 +156,7 @@ def run_eval(
 
 
 def _prompt_logits(ckpt: Checkpoint, test: SplitFeatures, *, clip: LoadedClip | None, pretrained: str | None,
-                   device: str) -> torch.Tensor:
+                   device: str, template: str) -> torch.Tensor:
     """Logits (N, K) of the run's prompt on ``test`` (its class names): the exported classifier when the classes
     are the trained ones and the prompt is image-independent (no text encoder needed), else the learner rebuilt
     from the checkpoint (other class names: base-to-new, transfer; CoCoOp: one K-class text pass per image,
@@ -167,7 +168,7 @@ def _prompt_logits(ckpt: Checkpoint, test: SplitFeatures, *, clip: LoadedClip | 
         check_finite_logits(logits, scale, f"the classifier of run {ckpt.path}")
         return logits
     clip = clip or load_clip(ckpt.model, pretrained or checkpoint_pretrained(ckpt), device=device)
-    learner = load_learner(ckpt, clip, test.classnames)
+    learner = load_learner(ckpt, clip, test.classnames, template=template)  # template: a zero-shot head for new classes
     if test.classnames != ckpt.classnames:
         logger.info("building a %d-class prompt from %s", len(test.classnames), ckpt.path)
     encoder = ckpt.config.text_encoder(clip)

@@ -5,9 +5,13 @@ parts and learner; see :mod:`coopipe.methods.coop`) and register an instance: ``
 of the library gets its registry line below; one of your own registers itself where you import it.
 """
 
+from coopipe.methods.clipadapter import CLIPAdapter
 from coopipe.methods.cocoop import CoCoOp
 from coopipe.methods.coop import CoOp
 from coopipe.methods.rank import RankPrompts
+from coopipe.methods.taskres import TaskRes
+from coopipe.methods.tipadapter import TipAdapter
+from coopipe.methods.tipadapterf import TipAdapterF
 from coopipe.methods.registry import (
     Method,
     MethodSpec,
@@ -24,3 +28,7 @@ __all__ = ["Method", "MethodSpec", "Optimization", "epochs_for", "get_method", "
 register(CoOp())
 register(CoCoOp())
 register(RankPrompts())
+register(TaskRes())
+register(CLIPAdapter())
+register(TipAdapter())
+register(TipAdapterF())

@@ -78,8 +78,11 @@ class Method:
     ``options`` (a frozen dataclass; its defaults are the paper's setting), ``image_conditional`` (the
     prompt depends on the image: no single K x D classifier), ``stackable`` (runs that differ in seed and shots
     may share one text pass: the learner implements the packed prompt interface), ``ordered_labels`` (the classes
-    must be ranks, e.g. ages: training refuses other datasets), ``batch_size`` (the paper's).
-    Override what differs from CoOp: :meth:`epochs`, :meth:`optimizer`, the label parts, :meth:`build_learner`.
+    must be ranks, e.g. ages: training refuses other datasets), ``batch_size`` (the paper's), ``trains`` (False:
+    a training-free method, e.g. Tip-Adapter, whose :meth:`prepare` fits everything: its runs have 0 epochs and no
+    optimiser, and are saved, evaluated and reported like any other).
+    Override what differs from CoOp: :meth:`epochs`, :meth:`train_setting`, :meth:`optimizer`, the label parts,
+    :meth:`build_learner`.
     The learner brings its loss (``learner.loss(logits, labels, step)``, which may read the batch's image features
     and the step's class text features) and its classifier export (``learner.class_text_features(encoder)``, see
     :mod:`coopipe.learners`). A method that starts from the data (a cache of the few-shot features, zero-shot
@@ -93,11 +96,22 @@ class Method:
     stackable: ClassVar[bool] = False
     ordered_labels: ClassVar[bool] = False
     batch_size: ClassVar[int] = 32
+    trains: ClassVar[bool] = True
+    class_derived: ClassVar[tuple[str, ...]] = ()  # learner parameters computed from the class names (for_classes)
 
     # ---------------------------------------------------------------- the paper's setting
     def epochs(self, shots: int, dataset: str | None = None) -> int:
-        """Epochs of the paper's setting for ``shots`` images per class (default: CoOp's schedule)."""
-        return epochs_for(shots, dataset)
+        """Epochs of the paper's setting for ``shots`` images per class (default: CoOp's schedule; 0 for a method
+        that trains nothing)."""
+        epochs = epochs_for(shots, dataset)  # validates shots
+        return epochs if self.trains else 0
+
+    def train_setting(self, shots: int, dataset: str | None = None) -> dict[str, Any]:
+        """The training options of the paper's setting (:class:`coopipe.train_config.TrainConfig` fields) that
+        differ by method: epochs and batch size here; a method with its own learning rate or warm-up adds them.
+        The user's options override these."""
+        setting: dict[str, Any] = {"max_epoch": self.epochs(shots, dataset), "batch_size": self.batch_size}
+        return setting if self.trains else {**setting, "warmup_epoch": 0}
 
     def optimizer(self, params: Mapping[str, nn.Parameter], opt: Optimization) -> torch.optim.Optimizer:
         """The optimiser over the learner's named parameters (default: CoOp's SGD). The loop sets each group's
@@ -127,6 +141,11 @@ class Method:
         """Whether a learned prompt can serve other class names (base-to-new, cross-dataset)."""
         return not self.image_conditional
 
+    def untransferable_reason(self, options: Any) -> str:
+        """Why the prompt cannot serve other class names (when :meth:`transferable` is False): one phrase."""
+        return ("its prompt is tied to its training classes (a class-specific context (CSC) or learned rank "
+                "embeddings); base-to-new and transfer need a unified context: drop --csc / csc variants")
+
     # ---------------------------------------------------------------- labels
     def label_parts(self, options: Any) -> list[str]:
         """The label parts after the name: what departs from the paper's setting (inverse of :meth:`parse_part`)."""
@@ -149,6 +168,16 @@ class Method:
         must therefore be a deterministic function of ``data``. It sees the training and few-shot validation
         splits only, never the test split.
         """
+
+    def for_classes(self, learner: Learner, clip: LoadedClip, template: str) -> None:
+        """Fill the parameters listed in ``class_derived`` (computed from the class names, e.g. a zero-shot head) of
+        ``learner`` rebuilt for classes it did not train on (base-to-new, transfer), with the target dataset's
+        hand-crafted ``template`` (default: nothing)."""
+
+    def finish(self, learner: Learner, data: FitData) -> None:
+        """Complete ``learner`` after its last epoch, before it is saved (default: nothing): what a method fits on the
+        trained learner (Tip-Adapter's alpha and beta, searched on the few-shot validation split). Sees what
+        :meth:`prepare` sees; runs once per finished run (a training-free run: right after :meth:`prepare`)."""
 
     def build_learner(
         self, options: Any, clip: LoadedClip, classnames: Sequence[str], *, generator: torch.Generator | None

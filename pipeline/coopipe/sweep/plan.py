@@ -223,7 +223,8 @@ def _check(spec: SweepSpec) -> None:
         problems.append("no method given (--methods)")
     for m in spec.methods or ():
         if (spec.base2new or spec.targets) and not m.transferable:
-            problems.append(f"base-to-new and transfer need a unified context: drop --csc / csc variants ({m.label()})")
+            problems.append(f"{m.label()} cannot score classes it did not train on: "
+                            f"{m.definition.untransferable_reason(m.options)}")
     if any(k < 1 for k in spec.shots) or not spec.seeds:
         problems.append("--shots must be positive integers and --seeds non-empty")
     if spec.settings.epochs is not None and spec.settings.epochs < 1:
@@ -239,6 +240,8 @@ def _check(spec: SweepSpec) -> None:
 
 def _epochs(spec: SweepSpec, shots: int, dataset: str, method: MethodSpec | None = None) -> int:
     paper = method.paper_epochs(shots, dataset) if method is not None else epochs_for(shots, dataset)
+    if method is not None and not method.definition.trains:
+        return paper  # 0: a training-free method ignores the grid's --epochs
     return spec.settings.epochs or int(spec.settings.train_options.get("max_epoch") or paper)
 
 

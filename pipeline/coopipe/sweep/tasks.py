@@ -184,8 +184,11 @@ def _execute_locked(task: RunTask, settings: RunSettings, pool: ModelPool, t0: f
 
 
 def _overrides(s: RunSettings, m: MethodSpec) -> dict[str, Any]:
-    """The training options of a run of method ``m``: the sweep's options, the method itself, ``--epochs``."""
+    """The training options of a run of method ``m``: the sweep's options, the method itself, ``--epochs`` (not for
+    a training-free method: it runs 0 epochs whatever the grid's)."""
     overrides: dict[str, Any] = {**dict(s.train_options), "method": m}
+    if not m.definition.trains:
+        return {k: v for k, v in overrides.items() if k not in ("max_epoch", "warmup_epoch")}
     if s.epochs:
         overrides["max_epoch"] = s.epochs
     return overrides

@@ -95,3 +95,49 @@ def test_cli_trains_evaluates_and_predicts(rn50: LoadedClip, tmp_path) -> None:
     assert json.loads((run / "metrics.json").read_text())["method"] == "kgcoop_w4"
     store = select_store(cache, "toy", "test", model=rn50.name, weights=rn50.weights_id)
     assert len(predict(run, store=store.path, topk=1)) == 6
+
+
+def test_stacked_runs_and_a_resumed_run_equal_runs_trained_alone(rn50: LoadedClip) -> None:
+    """Stacked, each run's penalty reads its own class text features: the summed loss gives each run its own
+    gradient. A resumed run computes the zero-shot features again (not stored) and ends where an uninterrupted one
+    does. Two runs (other seeds, shots and batches per epoch), 2 epochs, a 3-class toy problem."""
+    from coopipe.stacked import StackedRun, train_stacked
+    from coopipe.train import train_prompt
+
+    names = ["cat", "dog", "sea or lake"]
+    means = torch.randn(3, rn50.embed_dim, generator=torch.Generator().manual_seed(0))
+    runs = []
+    for seed, shots in ((1, 1), (2, 2)):
+        labels = torch.arange(3).repeat_interleave(shots)
+        feats = means[labels] + 0.5 * torch.randn(len(labels), rn50.embed_dim, generator=torch.Generator().manual_seed(seed))
+        config = TrainConfig(max_epoch=2, batch_size=2, seed=seed, lr=0.01, method=MethodSpec("kgcoop"))
+        runs.append(StackedRun(feats, labels, names, config, template=TEMPLATE))
+    stacked = train_stacked(runs, rn50, max_stack=2)
+    alone = [train_prompt(r.train_feats, r.train_labels, rn50, names, r.config, template=TEMPLATE) for r in runs]
+    first = train_prompt(runs[1].train_feats, runs[1].train_labels, rn50, names, runs[1].config, template=TEMPLATE,
+                         stop_after=1)
+    resumed = train_prompt(runs[1].train_feats, runs[1].train_labels, rn50, names, runs[1].config, template=TEMPLATE,
+                           resume_state=first.state)
+    for a, b in [*zip(stacked, alone), (resumed, alone[1])]:
+        torch.testing.assert_close(a.ctx, b.ctx, rtol=1e-5, atol=1e-6)
+        assert [r.loss for r in a.history] == pytest.approx([r.loss for r in b.history], rel=1e-5)
+    assert not torch.allclose(stacked[0].ctx, stacked[1].ctx)
+
+
+@pytest.mark.slow
+def test_sweep_trains_and_reports_kgcoop_and_prograd(rn50: LoadedClip, tmp_path) -> None:
+    """Both methods through the sweep (KgCoOp's two shot counts stacked, ProGrad's alone), eval and the report
+    (about 60 s on 2 loaded cores: the sweep's baselines, evaluations and report come with it)."""
+    from coopipe.cli import app
+
+    names = ["cat", "dog", "sea or lake"]
+    cache = make_toy_cache(tmp_path / "cache", rn50, names, {"train": (2, 1), "val": (1, 1), "test": (2, 1)})
+    runs = tmp_path / "runs"
+    app(args=["--log-level", "WARNING", "sweep", "--dataset", "toy", "--no-encode", "--cache", str(cache), "--runs",
+              str(runs), "--methods", "kgcoop,prograd", "--shots", "1,2", "--seeds", "1", "--pretrained", "none",
+              "--scheduler", "inline", "--no-progress", "--train-args", "--max-epoch 1"], standalone_mode=False)
+    for method in ("kgcoop", "prograd"):
+        for shots in (1, 2):
+            assert json.loads((runs / "toy" / method / f"shots{shots}_seed1" / "metrics.json").read_text())["method"] == method
+    report = (runs / "report" / "report.md").read_text()
+    assert "KgCoOp" in report and "ProGrad" in report

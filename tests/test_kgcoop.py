@@ -1,5 +1,6 @@
 """KgCoOp: its loss and gradient against the paper's formula, recomputed here on the plain open_clip path in float64
-(``tests/prompt_reference.py``), its paper setting and labels, and one run of the CLI (train, eval, predict).
+(``tests/prompt_reference.py``), its paper setting and labels, stacked and resumed runs; and for KgCoOp and ProGrad both, one run of the CLI
+(train, eval, predict) and the sweep with its report.
 
 The formula, from ``htyao89/KgCoOp: trainers/kgcoop.py``: ``CE(s * x^ t^T, y) + W (1 - mean_k cos(t_k, t0_k))``,
 ``t`` the learned prompt's class text features, ``t0`` the hand-crafted template's, ``s = exp(logit_scale)``.
@@ -75,7 +76,9 @@ def test_paper_setting_and_labels() -> None:
         MethodSpec.of("kgcoop", kg_weight=-1.0)
 
 
-def test_cli_trains_evaluates_and_predicts(rn50: LoadedClip, tmp_path) -> None:
+@pytest.mark.parametrize(("label", "batch"), [("kgcoop_w4", 128), ("prograd_lambda0.8", 32)])
+def test_cli_trains_evaluates_and_predicts(rn50: LoadedClip, tmp_path, label: str, batch: int) -> None:
+    """KgCoOp and ProGrad through ``coopipe train`` (2 epochs), ``coopipe eval`` and ``predict``."""
     from coopipe.checkpoint import load_checkpoint, load_classifier
     from coopipe.cli import app
     from coopipe.features import select_store
@@ -85,17 +88,16 @@ def test_cli_trains_evaluates_and_predicts(rn50: LoadedClip, tmp_path) -> None:
     cache = make_toy_cache(tmp_path / "cache", rn50, names, {"train": (2, 1), "val": (1, 1), "test": (2, 1)})
     run = tmp_path / "run"
     app(args=["--log-level", "WARNING", "train", "--features", str(cache), "--dataset", "toy", "--shots", "2",
-              "--seed", "1", "--out", str(run), "--method", "kgcoop_w4", "--max-epoch", "2", "--no-progress"],
+              "--seed", "1", "--out", str(run), "--method", label, "--max-epoch", "2", "--no-progress"],
         standalone_mode=False)
     ckpt = load_checkpoint(run)
-    assert ckpt.complete and ckpt.method.label() == "kgcoop_w4" and ckpt.config.batch_size == 128
-    assert set(ckpt.learner_tensors) == {"ctx"} and ckpt.method.kg_weight == 4.0  # the anchor is not stored
+    assert ckpt.complete and ckpt.method == MethodSpec.parse(label).resolve(rn50) and ckpt.config.batch_size == batch
+    assert set(ckpt.learner_tensors) == {"ctx"}  # the zero-shot text features are not stored
     assert load_classifier(run).text_features.shape == (3, rn50.embed_dim)  # a K x D classifier, as CoOp's
     app(args=["--log-level", "WARNING", "eval", str(run), "--features", str(cache)], standalone_mode=False)
-    assert json.loads((run / "metrics.json").read_text())["method"] == "kgcoop_w4"
+    assert json.loads((run / "metrics.json").read_text())["method"] == label
     store = select_store(cache, "toy", "test", model=rn50.name, weights=rn50.weights_id)
     assert len(predict(run, store=store.path, topk=1)) == 6
-
 
 def test_stacked_runs_and_a_resumed_run_equal_runs_trained_alone(rn50: LoadedClip) -> None:
     """Stacked, each run's penalty reads its own class text features: the summed loss gives each run its own
@@ -113,11 +115,11 @@ def test_stacked_runs_and_a_resumed_run_equal_runs_trained_alone(rn50: LoadedCli
         config = TrainConfig(max_epoch=2, batch_size=2, seed=seed, lr=0.01, method=MethodSpec("kgcoop"))
         runs.append(StackedRun(feats, labels, names, config, template=TEMPLATE))
     stacked = train_stacked(runs, rn50, max_stack=2)
-    alone = [train_prompt(r.train_feats, r.train_labels, rn50, names, r.config, template=TEMPLATE) for r in runs]
-    first = train_prompt(runs[1].train_feats, runs[1].train_labels, rn50, names, runs[1].config, template=TEMPLATE,
-                         stop_after=1)
+    states = {}
+    alone = [train_prompt(r.train_feats, r.train_labels, rn50, names, r.config, template=TEMPLATE,
+                          on_epoch=lambda rec, state: states.update({rec.epoch: state})) for r in runs]
     resumed = train_prompt(runs[1].train_feats, runs[1].train_labels, rn50, names, runs[1].config, template=TEMPLATE,
-                           resume_state=first.state)
+                           resume_state=states[1])  # the second run's state after its first epoch (trained last)
     for a, b in [*zip(stacked, alone), (resumed, alone[1])]:
         torch.testing.assert_close(a.ctx, b.ctx, rtol=1e-5, atol=1e-6)
         assert [r.loss for r in a.history] == pytest.approx([r.loss for r in b.history], rel=1e-5)

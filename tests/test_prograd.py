@@ -1,6 +1,6 @@
 """ProGrad: its loss and projected gradient against the paper's rule, recomputed here on the plain open_clip path in
 float64 (``tests/prompt_reference.py``) with the gradients conflicting (projection active) and agreeing (none), its
-template init, paper setting and labels, and one run of the CLI (train, eval, predict).
+template init, paper setting and labels (its CLI run and sweep: ``tests/test_kgcoop.py``).
 
 The rule, from ``BeierZhu/Prompt-align`` (``ProGradLoss`` in ``ProGrad.public/trainers/prograd.py``,
 ``prograd_backward_and_update`` in ``Dassl.ProGrad.pytorch/dassl/engine/trainer.py``): ``a`` the gradient of the
@@ -10,12 +10,9 @@ logits; if ``cos(a, b) < 0`` the update is ``a - lambda (a . b^) b^`` (``b^ = b 
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_toy_cache
 from prompt_reference import context_text_features, fit_data, float64_text_tower, hand_crafted_features
 
 from coopipe.errors import ParamsError
@@ -109,24 +106,3 @@ def test_paper_setting_and_labels() -> None:
     with pytest.raises(ParamsError, match="prograd_temperature must be"):
         MethodSpec.of("prograd", prograd_temperature=0.0)
 
-
-def test_cli_trains_evaluates_and_predicts(rn50: LoadedClip, tmp_path) -> None:
-    from coopipe.checkpoint import load_checkpoint, load_classifier
-    from coopipe.cli import app
-    from coopipe.features import select_store
-    from coopipe.predict import predict
-
-    names = ["cat", "dog", "sea or lake"]
-    cache = make_toy_cache(tmp_path / "cache", rn50, names, {"train": (2, 1), "val": (1, 1), "test": (2, 1)})
-    run = tmp_path / "run"
-    app(args=["--log-level", "WARNING", "train", "--features", str(cache), "--dataset", "toy", "--shots", "2",
-              "--seed", "1", "--out", str(run), "--method", "prograd_lambda0.8", "--max-epoch", "2", "--no-progress"],
-        standalone_mode=False)
-    ckpt = load_checkpoint(run)
-    assert ckpt.complete and ckpt.method.label() == "prograd_lambda0.8" and ckpt.config.batch_size == 32
-    assert set(ckpt.learner_tensors) == {"ctx"} and ckpt.history[-1].loss > 0  # the anchor is not stored
-    assert load_classifier(run).text_features.shape == (3, rn50.embed_dim)  # a K x D classifier, as CoOp's
-    app(args=["--log-level", "WARNING", "eval", str(run), "--features", str(cache)], standalone_mode=False)
-    assert json.loads((run / "metrics.json").read_text())["method"] == "prograd_lambda0.8"
-    store = select_store(cache, "toy", "test", model=rn50.name, weights=rn50.weights_id)
-    assert len(predict(run, store=store.path, topk=1)) == 6

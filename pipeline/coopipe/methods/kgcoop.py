@@ -5,9 +5,10 @@ Loss: ``CE(logits, y) + W * (1 - mean_k cos(t_k, t0_k))``, ``t_k`` the learned p
 features of this step, ``t0_k`` the hand-crafted prompt's (the dataset's template, e.g. ``a centered satellite photo
 of {}.`` for EuroSAT), cosine with eps 1e-7, mean over the K classes (``htyao89/KgCoOp: trainers/kgcoop.py``,
 ``CustomCLIP.forward`` and ``KgCoOp.forward_backward``; its ``CUSTOM_TEMPLATES`` are CoOp's, which is what a coopipe
-dataset's template is). The penalty needs only the training classes, so a learned prompt transfers to new classes
+dataset's template is, but for DTD: "a photo of a {}, a type of texture." there, CoOp's "{} texture." here, a
+departure). The penalty needs only the training classes, so a learned prompt transfers to new classes
 (base-to-new) as CoOp's does. The ``t0_k`` are computed once per run in :meth:`KgCoOp.prepare` (see
-:mod:`coopipe.methods.anchor`).
+:mod:`coopipe.methods.anchor`), in the text tower's precision (the reference's copy of CLIP for them is fp16).
 
 Paper setting: context initialised from ``a photo of a`` (M = 4 tokens, ``trainers/kgcoop.py`` uses those words
 whenever ``CTX_INIT`` is set; ``scripts/base2new_train.sh``: ``N_CTX 4``), unified, class token at the end, W = 8.0

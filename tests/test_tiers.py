@@ -24,6 +24,7 @@ SLOW = {
     "test_encode.py::test_dask_local_cluster_equals_in_process",
     "test_encode.py::test_kill_and_resume",
     "test_feature_methods.py::test_the_four_methods_train_evaluate_predict_sweep_and_report",
+    "test_kgcoop.py::test_sweep_trains_and_reports_kgcoop_and_prograd",
     "test_engines.py::test_export_cache_is_reused_and_a_damaged_file_exported_again",
     "test_stacked_jobs.py::test_sweep_stacks_compatible_runs_and_keeps_the_others_alone",
     "test_sweep.py::test_killed_sweep_reruns_only_missing_runs",

@@ -8,6 +8,8 @@ of the library gets its registry line below; one of your own registers itself wh
 from coopipe.methods.clipadapter import CLIPAdapter
 from coopipe.methods.cocoop import CoCoOp
 from coopipe.methods.coop import CoOp
+from coopipe.methods.kgcoop import KgCoOp
+from coopipe.methods.prograd import ProGrad
 from coopipe.methods.rank import RankPrompts
 from coopipe.methods.taskres import TaskRes
 from coopipe.methods.tipadapter import TipAdapter
@@ -32,3 +34,5 @@ register(TaskRes())
 register(CLIPAdapter())
 register(TipAdapter())
 register(TipAdapterF())
+register(KgCoOp())
+register(ProGrad())

@@ -1,0 +1,48 @@
+"""Zero-shot class text features as a fixed anchor for a method's loss (KgCoOp's penalty, ProGrad's teacher).
+
+Why one module: both methods regularise a learned prompt towards CLIP's hand-crafted prompt, and both need its
+class text features once per run, not once per step. :meth:`coopipe.methods.Method.prepare` computes them from the
+run's :class:`coopipe.learners.FitData` (the dataset's template and the frozen model) and hands them to the learner
+with :meth:`AnchoredLearner.set_anchor`. They are an attribute, neither a parameter nor a buffer: the optimiser does
+not move them and checkpoints do not store them; a resumed run computes them again (a deterministic text pass of the
+frozen tower), so it equals an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from coopipe.baselines import _check_template, clean_classname
+from coopipe.errors import ParamsError
+from coopipe.learners import FitData
+from coopipe.text_encoder import PromptTextEncoder
+
+__all__ = ["AnchoredLearner", "zero_shot_anchor"]
+
+
+def zero_shot_anchor(data: FitData, device: torch.device) -> torch.Tensor:
+    """The hand-crafted prompt's normalised class text features (K, D) on ``device``, in the text tower's precision
+    (at least float32): the prompts of :func:`coopipe.baselines.zero_shot_classifier`, one text pass."""
+    prompts = [_check_template(data.template).format(clean_classname(c)) for c in data.classnames]
+    with torch.no_grad():
+        feats = PromptTextEncoder(data.clip).encode_texts(prompts)  # (K, D)
+    return F.normalize(feats.to(device, torch.promote_types(feats.dtype, torch.float32)), dim=-1)
+
+
+class AnchoredLearner:
+    """Mixin for a learner whose loss reads the zero-shot class text features of its run."""
+
+    _anchor: torch.Tensor | None = None
+
+    def set_anchor(self, features: torch.Tensor) -> None:
+        """Keep ``features`` (K, D) for the loss; called by the method's ``prepare`` once per run."""
+        self._anchor = features.detach()
+
+    @property
+    def anchor(self) -> torch.Tensor:
+        """The zero-shot class text features (K, D); an error before the method's ``prepare`` set them."""
+        if self._anchor is None:
+            raise ParamsError(f"{type(self).__name__} has no zero-shot text features: train it through "
+                              "coopipe.train.train_prompt (the method's prepare computes them)")
+        return self._anchor

@@ -1,0 +1,108 @@
+"""ProGrad: its loss and projected gradient against the paper's rule, recomputed here on the plain open_clip path in
+float64 (``tests/prompt_reference.py``) with the gradients conflicting (projection active) and agreeing (none), its
+template init, paper setting and labels (its CLI run and sweep: ``tests/test_kgcoop.py``).
+
+The rule, from ``BeierZhu/Prompt-align`` (``ProGradLoss`` in ``ProGrad.public/trainers/prograd.py``,
+``prograd_backward_and_update`` in ``Dassl.ProGrad.pytorch/dassl/engine/trainer.py``): ``a`` the gradient of the
+cross-entropy, ``b`` that of ``T^2 mean_b sum_k -softmax(z0/T) log_softmax(z/T)`` with ``z0`` zero-shot CLIP's
+logits; if ``cos(a, b) < 0`` the update is ``a - lambda (a . b^) b^`` (``b^ = b / |b|``), else ``a``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from prompt_reference import context_text_features, fit_data, float64_text_tower, hand_crafted_features
+
+from coopipe.errors import ParamsError
+from coopipe.learners import StepInputs
+from coopipe.methods import MethodSpec
+from coopipe.models import LoadedClip
+from coopipe.text_encoder import PromptTextEncoder, coop_logits
+from coopipe.train_config import TrainConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+NAMES = ["cat", "golden retriever", "x y", "boat"]
+TEMPLATE = "a photo of a {}."
+M = 6  # two zero tokens before the template's four words
+TIGHT = 1e-10  # float64
+
+
+@pytest.fixture(scope="module")
+def clip64(rn50: LoadedClip) -> LoadedClip:
+    return float64_text_tower(rn50, layers=2)
+
+
+def _reference(clip: LoadedClip, ctx: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, lam: float,
+               temperature: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """ProGrad's cross-entropy, the gradient its update uses, and cos(a, b), written from the reference code."""
+    ctx = ctx.detach().clone().requires_grad_(True)
+    t = context_text_features(clip, ctx, NAMES, " ".join(["X"] * M))
+    t0 = hand_crafted_features(clip, NAMES, TEMPLATE)
+    x = images / images.norm(dim=-1, keepdim=True)
+    scale = clip.model.logit_scale.exp()
+    logits, teacher = scale * x @ t.T, scale * x @ t0.T
+    xe = F.cross_entropy(logits, labels)
+    kl = (-F.softmax(teacher / temperature, dim=-1) * F.log_softmax(logits / temperature, -1) * temperature**2).sum(1).mean()
+    (b,) = torch.autograd.grad(kl, ctx, retain_graph=True)
+    (a,) = torch.autograd.grad(xe, ctx)
+    b_hat = b / torch.linalg.norm(b)
+    cos = float(torch.dot((a / torch.linalg.norm(a)).flatten(), b_hat.flatten()))
+    grad = a - lam * torch.dot(a.flatten(), b_hat.flatten()) * b_hat if cos < 0 else a
+    return xe.detach(), grad, cos
+
+
+@pytest.mark.parametrize(("case", "lam", "temperature"), [("agree", 1.0, 1.0), ("conflict", 1.0, 1.0),
+                                                           ("conflict", 0.5, 2.0)])
+def test_loss_and_projected_gradient_follow_the_paper(clip64: LoadedClip, case: str, lam: float,
+                                                      temperature: float) -> None:
+    spec = MethodSpec.of("prograd", n_ctx=M, prograd_lambda=lam, prograd_temperature=temperature)
+    learner = spec.build_learner(clip64, NAMES, generator=torch.Generator())
+    spec.definition.prepare(learner, fit_data(clip64, NAMES, TEMPLATE))
+    words = torch.as_tensor(clip64.tokenizer(["a photo of a"]))[0, 1:5]
+    init = torch.cat([torch.zeros(2, learner.ctx.shape[1], dtype=torch.float64),
+                      clip64.model.token_embedding.weight[words]])
+    assert torch.equal(learner.ctx.detach(), init)  # the template's words in the last tokens, zeros before
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # away from zero-shot CLIP, so that the KL term has a gradient
+        learner.ctx.add_(0.5 * torch.randn(learner.ctx.shape, generator=gen, dtype=torch.float64))
+    images = 3.0 * torch.randn(6, clip64.embed_dim, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        teacher = coop_logits(images, hand_crafted_features(clip64, NAMES, TEMPLATE), clip64.model.logit_scale)
+    labels = teacher.argmax(dim=-1) if case == "agree" else teacher.argmin(dim=-1)
+    scale = clip64.model.logit_scale
+
+    text = learner.class_text_features(PromptTextEncoder(clip64))
+    loss = learner.loss(coop_logits(images, text, scale), labels, StepInputs(image=images, text=text, logit_scale=scale))
+    (grad,) = torch.autograd.grad(loss, learner.ctx)
+
+    ref_loss, ref_grad, cos = _reference(clip64, learner.ctx, images, labels, lam, temperature)
+    assert (cos < 0) == (case == "conflict"), cos
+    torch.testing.assert_close(loss.detach(), ref_loss, rtol=TIGHT, atol=TIGHT)  # its value: the cross-entropy
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-8, atol=TIGHT * float(ref_grad.abs().max()))
+
+
+def test_template_init_needs_room_and_keeps_the_draw_without_words(clip64: LoadedClip) -> None:
+    spec = MethodSpec.of("prograd", n_ctx=3)
+    learner = spec.build_learner(clip64, NAMES, generator=torch.Generator())
+    with pytest.raises(ParamsError, match="4 tokens.*n_ctx=3"):
+        spec.definition.prepare(learner, fit_data(clip64, NAMES, TEMPLATE))
+    drawn = learner.ctx.detach().clone()
+    spec.definition.prepare(learner, fit_data(clip64, NAMES, "{} texture."))  # CoOp's DTD template: no words before
+    assert torch.equal(learner.ctx.detach(), drawn)
+
+
+def test_paper_setting_and_labels() -> None:
+    for shots, epochs in ((1, 50), (2, 100), (4, 100), (8, 200), (16, 200)):
+        config = TrainConfig.for_method("prograd", shots)
+        assert (config.max_epoch, config.batch_size, config.lr, config.warmup_epoch) == (epochs, 32, 0.002, 1)
+    spec = MethodSpec.parse("prograd_m8_randinit_lambda0.8_temp2")
+    assert (spec.n_ctx, spec.template_init, spec.prograd_lambda, spec.prograd_temperature) == (8, False, 0.8, 2.0)
+    assert spec.readable() == "ProGrad (M=8, random init, lambda=0.8, T=2)"
+    assert MethodSpec.of("prograd", prograd_lambda=1).label() == "prograd" and MethodSpec("prograd").transferable
+    assert not MethodSpec("prograd").definition.stackable  # each run's two gradients would cost a stacked backward
+    with pytest.raises(ParamsError, match="prograd_temperature must be"):
+        MethodSpec.of("prograd", prograd_temperature=0.0)
+

@@ -189,7 +189,10 @@ def _check_resume_state(meta: Mapping[str, Any], tensors: Mapping[str, torch.Ten
     keys = set().union(*stateful.values()) if stateful else set()
     if not keys and float((meta.get("config") or {}).get("momentum") or 0) > 0:
         keys = {"momentum_buffer"}  # SGD with momentum has stepped: every parameter has its buffer
-    missing = [f"{OPTIM_PREFIX}{p}.{k}" for p in params for k in sorted(keys) if k not in stateful.get(p, set())]
+    # the parameters the optimiser moves are those with state (frozen ones, LP++'s text features, have none); when
+    # none has any, every parameter should have had its momentum buffer
+    moved = [p for p in params if p in stateful] or list(params)
+    missing = [f"{OPTIM_PREFIX}{p}.{k}" for p in moved for k in sorted(keys) if k not in stateful.get(p, set())]
     if missing:
         raise _fail(where, f"it resumes after epoch {meta['epoch']} but misses optimiser tensor(s) "
                            f"{', '.join(missing[:3])} (training would go on from a fresh momentum)")

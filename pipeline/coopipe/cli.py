@@ -126,7 +126,7 @@ def train(
     class_token_position: Annotated[Optional[str], typer.Option(help="end, middle or front (CoOp; default: end).")] = None,
     ctx_init: Annotated[Optional[str], typer.Option(help="Initialise the context from words, e.g. 'a photo of a' (sets M; default: the method's paper setting).")] = None,
     epochs: Annotated[Optional[int], typer.Option("--max-epoch", "--epochs", help="Epochs (default: the paper's; CoOp 50/100/100/200/200 by shots, ImageNet 50; CoCoOp 10).")] = None,
-    lr: Annotated[float, typer.Option(help="SGD learning rate (cosine decay per epoch, first epoch at 1e-5).")] = _TRAIN.lr,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate (cosine decay per epoch, first epoch at 1e-5; default: the method's paper setting, CoOp 0.002, CLAP 0.1; LP++ sets its own step sizes).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Batch size (default: the method's paper setting, CoOp 32, CoCoOp 1; CoCoOp above 1 departs from the paper).")] = None,
     views: Annotated[str, typer.Option(help="augmented: one cached augmented view per image per epoch; center; all.")] = _TRAIN.views,
     bf16: Annotated[bool, typer.Option("--bf16", help="Run the text transformer under bf16 autocast.")] = False,

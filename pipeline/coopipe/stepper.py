@@ -172,8 +172,7 @@ class RunStepper:
             clip=clip, logit_scale=self.logit_scale))
         self.conditional = is_image_conditional(self.learner)
         self.encoder = encoder
-        params = {name: p for name, p in self.learner.named_parameters() if p.requires_grad}
-        self.optimizer = config.method.definition.optimizer(params, config.optimization())
+        self.optimizer = config.method.definition.learner_optimizer(self.learner, config.optimization())
         self.on_epoch, self.on_step = run.on_epoch, run.on_step
         self.history: list[EpochRecord] = []
         self.epoch = 0  # the epoch in progress (0-based), or the next one at an epoch boundary

@@ -109,15 +109,16 @@ class TrainConfig:
     def for_method(
         cls, method: str | MethodSpec, shots: int, dataset: str | None = None, **overrides: Any
     ) -> TrainConfig:
-        """The paper's setting of ``method`` (a spec, or a label such as ``rank_b5``) for ``shots``: its epochs
-        and batch size. ``overrides`` are training options and method options (``n_ctx``, ``csc``, ...: they
+        """The paper's setting of ``method`` (a spec, or a label such as ``rank_b5``) for ``shots``: its epochs,
+        batch size and other departures from CoOp's protocol (:meth:`coopipe.methods.Method.train_defaults`). ``overrides`` are training options and method options (``n_ctx``, ``csc``, ...: they
         change the method's); ``None`` values keep the setting. A method option the method lacks is an error."""
         spec = MethodSpec.parse(method) if isinstance(method, str) else method
         given = {k: v for k, v in overrides.items() if v is not None}
         own = {f.name for f in dataclasses.fields(cls)}
         spec = spec.with_options(**{k: v for k, v in given.items() if k not in own})
         definition = get_method(spec.method)
-        defaults = {"max_epoch": definition.epochs(shots, dataset), "batch_size": definition.batch_size}
+        defaults = {"max_epoch": definition.epochs(shots, dataset), "batch_size": definition.batch_size,
+                    **definition.train_defaults(shots, dataset)}
         return cls(**{**defaults, **{k: v for k, v in given.items() if k in own}, "method": spec})
 
     def optimization(self) -> Optimization:

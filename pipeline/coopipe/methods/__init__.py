@@ -5,8 +5,10 @@ parts and learner; see :mod:`coopipe.methods.coop`) and register an instance: ``
 of the library gets its registry line below; one of your own registers itself where you import it.
 """
 
+from coopipe.methods.clap import CLAP
 from coopipe.methods.cocoop import CoCoOp
 from coopipe.methods.coop import CoOp
+from coopipe.methods.lpp import LPP
 from coopipe.methods.rank import RankPrompts
 from coopipe.methods.registry import (
     Method,
@@ -24,3 +26,5 @@ __all__ = ["Method", "MethodSpec", "Optimization", "epochs_for", "get_method", "
 register(CoOp())
 register(CoCoOp())
 register(RankPrompts())
+register(LPP())
+register(CLAP())

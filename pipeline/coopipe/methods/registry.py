@@ -99,11 +99,22 @@ class Method:
         """Epochs of the paper's setting for ``shots`` images per class (default: CoOp's schedule)."""
         return epochs_for(shots, dataset)
 
+    def train_defaults(self, shots: int, dataset: str | None = None) -> dict[str, Any]:
+        """The paper's values of other training options (:class:`coopipe.train_config.TrainConfig` fields such as
+        ``lr`` and ``weight_decay``) where they differ from CoOp's (default: none). A value the user gives wins."""
+        return {}
+
     def optimizer(self, params: Mapping[str, nn.Parameter], opt: Optimization) -> torch.optim.Optimizer:
         """The optimiser over the learner's named parameters (default: CoOp's SGD). The loop sets each group's
         ``lr`` every epoch from the run's schedule."""
         return torch.optim.SGD(list(params.values()), lr=opt.lr, momentum=opt.momentum,
                                weight_decay=opt.weight_decay, dampening=0.0, nesterov=False)
+
+    def learner_optimizer(self, learner: Learner, opt: Optimization) -> torch.optim.Optimizer:
+        """The optimiser of a prepared ``learner`` (called after :meth:`prepare`; default: :meth:`optimizer` over
+        its trainable parameters by name). Override when the optimiser needs what :meth:`prepare` computed from
+        the data (LP++'s step sizes)."""
+        return self.optimizer({name: p for name, p in learner.named_parameters() if p.requires_grad}, opt)
 
     # ---------------------------------------------------------------- options
     def check(self, options: Any) -> list[str]:
@@ -126,6 +137,11 @@ class Method:
     def transferable(self, options: Any) -> bool:
         """Whether a learned prompt can serve other class names (base-to-new, cross-dataset)."""
         return not self.image_conditional
+
+    def transfer_refusal(self, options: Any) -> str:
+        """Why ``options``' learned tensors cannot score other classes (asked only when :meth:`transferable` is
+        False): the reason in the one-line error of base-to-new and cross-dataset runs."""
+        return "its learned tensors are one per training class"
 
     # ---------------------------------------------------------------- labels
     def label_parts(self, options: Any) -> list[str]:
@@ -261,6 +277,10 @@ class MethodSpec:
     def transferable(self) -> bool:
         """Whether the learned prompt can serve other class names."""
         return self.definition.transferable(self.options)
+
+    def transfer_refusal(self) -> str:
+        """Why it cannot (see :meth:`Method.transfer_refusal`)."""
+        return self.definition.transfer_refusal(self.options)
 
     def paper_epochs(self, shots: int, dataset: str | None = None) -> int:
         return self.definition.epochs(shots, dataset)

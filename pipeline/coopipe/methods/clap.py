@@ -114,10 +114,10 @@ class CLAP(Method):
         split only (CLAP is validation-free: ``data.val_feats`` is never read)."""
         assert isinstance(learner, CLAPLearner)
         device = learner.prototypes.device
-        encoder = PromptTextEncoder(data.clip)
+        prompts = [data.template.format(clean_classname(c)) for c in data.classnames]
+        tokens = torch.as_tensor(data.clip.tokenizer(prompts), dtype=torch.long).to(device)  # (K, L)
         with torch.no_grad():
-            anchors = encoder.encode_texts([data.template.format(clean_classname(c)) for c in data.classnames])
-            anchors = anchors.to(device, torch.float32)  # (K, D) raw
+            anchors = data.clip.model.encode_text(tokens).to(device, torch.float32)  # (K, D) raw, not normalised
             feats = data.train_feats.to(device, torch.float32)
             views = feats[:, 1:] if feats.shape[1] > 1 else feats  # the augmented views, as the reference's
             multipliers = zero_shot_multipliers(views, data.train_labels.to(device), anchors,

@@ -276,3 +276,63 @@ def test_planted_signal_is_found_and_not_without_learning(rn50, monkeypatch, nam
     monkeypatch.setattr(optimizer, "step", lambda self, closure=None: None)  # the learned part frozen
     frozen = train_prompt(train, train_y, rn50, NAMES, config, template=TEMPLATE)
     assert _accuracy(frozen, spec, rn50, test, test_y) <= 0.5
+
+
+# ---------------------------------------------------------------- the tool's paths
+def _cli(args) -> None:
+    from coopipe.cli import app
+
+    app(args=["--log-level", "WARNING", *args], standalone_mode=False)
+
+
+@pytest.fixture(scope="module")
+def toy_cache(rn50, tmp_path_factory):
+    from conftest import make_toy_cache
+
+    return make_toy_cache(tmp_path_factory.mktemp("cache"), rn50, NAMES,
+                          {"train": (3, 2), "val": (2, 1), "test": (3, 1)})
+
+
+@pytest.mark.parametrize("name", ["lpp", "clap"])
+def test_train_eval_predict_and_no_base_to_new(toy_cache, rn50, tmp_path, name):
+    """``coopipe train --method NAME``, ``eval`` and ``predict``; base-to-new and another class list refused in one
+    line saying why. About 10 s each on 2 shared cores (the CLI loads the model)."""
+    import json
+
+    from coopipe.checkpoint import load_checkpoint, load_learner
+    from coopipe.errors import CheckpointError, ParamsError
+    from coopipe.features import select_store
+    from coopipe.jobs.evaluate import run_eval
+    from coopipe.predict import predict
+    from coopipe.sweep.plan import SweepSpec, plan_sweep
+
+    run = tmp_path / "run"
+    _cli(["train", "--features", str(toy_cache), "--dataset", "toy", "--shots", "2", "--seed", "1", "--out", str(run),
+          "--method", name, "--max-epoch", "20", "--no-progress"])
+    ckpt = load_checkpoint(run)
+    assert ckpt.complete and ckpt.method == MethodSpec(name)
+    assert ckpt.config.lr == (0.1 if name == "clap" else 0.002)  # the method's setting, --lr not given
+    run_eval(run, cache_dir=toy_cache, clip=rn50)  # what `coopipe eval` runs, on the loaded model
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["method"] == name and metrics["paper_epochs"] == 300 and metrics["accuracy"] > 0.5
+    test_store = select_store(toy_cache, "toy", "test", model=rn50.name, weights=rn50.weights_id)
+    predictions = predict(run, store=test_store.path, topk=2, clip=rn50)
+    assert len(predictions) == 9 and {p.labels[0] for p in predictions} <= set(NAMES)
+    with pytest.raises(ParamsError, match=f"{name} cannot .*training class"):
+        plan_sweep(SweepSpec(datasets=("toy",), methods=(MethodSpec(name),), base2new=True, encode=False))
+    with pytest.raises(CheckpointError, match="cannot serve other classes .*training class"):
+        load_learner(ckpt, rn50, ["cat", "dog"])
+
+
+@pytest.mark.slow
+def test_sweep_and_report_name_both(toy_cache, tmp_path):
+    """Both methods through ``coopipe sweep`` (2 epochs) into the report. About 30 s on 2 shared cores (the
+    sweep loads the model for each task)."""
+    runs = tmp_path / "runs"
+    _cli(["sweep", "--dataset", "toy", "--no-encode", "--cache", str(toy_cache), "--runs", str(runs), "--methods",
+          "lpp,clap", "--shots", "1", "--seeds", "1", "--pretrained", "none", "--scheduler", "inline",
+          "--no-progress", "--train-args", "--epochs 2"])
+    for name in ("lpp", "clap"):
+        assert list((runs / "toy" / name).glob("shots1_seed1/metrics.json"))
+    report = (runs / "report" / "report.md").read_text()
+    assert "LP++" in report and "CLAP" in report

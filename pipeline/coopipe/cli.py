@@ -120,7 +120,7 @@ def train(
     shots: Annotated[int, typer.Option(help="K images per class (1, 2, 4, 8, 16 in the paper).")],
     seed: Annotated[int, typer.Option(help="Few-shot draw and training seed (1, 2, 3 in the paper).")],
     out: Annotated[Path, typer.Option(help="Run folder for the checkpoint, classifier and history.")],
-    method: Annotated[str, typer.Option(help=f"A registered method ({', '.join(method_names())}: coop; cocoop, Meta-Net, image-conditional, its paper setting M=4 from 'a photo of a', 10 epochs, batch 1; rank, OrdinalCLIP rank prompts for age datasets), or a method label such as coop_csc_middle or rank_b5.")] = _TRAIN.method.method,
+    method: Annotated[str, typer.Option(help=f"A registered method ({', '.join(method_names())}: coop; cocoop, Meta-Net, image-conditional, its paper setting M=4 from 'a photo of a', 10 epochs, batch 1; rank, OrdinalCLIP rank prompts for age datasets; lpp, LP++; clap, CLAP), or a method label such as coop_csc_middle or rank_b5.")] = _TRAIN.method.method,
     n_ctx: Annotated[Optional[int], typer.Option(help="Number of context tokens M (default: the method's paper setting, CoOp 16, CoCoOp 4 from words).")] = None,
     csc: Annotated[Optional[bool], typer.Option("--csc", help="Class-specific context (one context per class; CoOp).")] = None,
     class_token_position: Annotated[Optional[str], typer.Option(help="end, middle or front (CoOp; default: end).")] = None,

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from coopipe.baselines import zero_shot_classifier
+from coopipe.errors import ParamsError
 from coopipe.learners import FitData, Learner, StepInputs
 from coopipe.methods.registry import Method, NoOptions, Optimization, epochs_for
 from coopipe.models import LoadedClip
@@ -50,7 +51,7 @@ from coopipe.text_encoder import PromptTextEncoder
 from coopipe.text_tower import resolve_text_tower
 
 __all__ = ["ALPHA_EVERY", "ALPHA_INIT_SCALE", "FULL_BATCH", "LPP", "LPPLearner", "LPPOptimizer", "LPP_ITERATIONS",
-           "MOMENTUM"]
+           "MOMENTUM", "lpp_setup"]
 
 LPP_ITERATIONS = 300  # configs/base.yaml train_epoch
 ALPHA_EVERY = 10  # alpha steps once every 10 iterations
@@ -103,8 +104,6 @@ class LPPLearner(nn.Module):
         return torch.cat(out) if out else torch.zeros(0, self.n_cls)
 
     def class_text_features(self, encoder: PromptTextEncoder) -> torch.Tensor:
-        from coopipe.errors import ParamsError
-
         raise ParamsError("LP++ has no normalised K x D classifier (its weights are unnormalised, with a bias): "
                           "score images through its learner")
 
@@ -123,7 +122,8 @@ def lpp_setup(feats: torch.Tensor, labels: torch.Tensor, text: torch.Tensor) -> 
     own = (one_hot * sims).sum(0) / one_hot.sum(0).clamp(min=1)  # (K,) mean own-class similarity
     present = one_hot.sum(0) > 0
     alpha0 = ALPHA_INIT_SCALE * own[present].mean()
-    step_w = 4.0 * n / torch.linalg.eigvalsh(f64.t() @ f64).max()
+    gram = f64 @ f64.t() if n < f64.shape[1] else f64.t() @ f64  # F F^T and F^T F share their largest eigenvalue
+    step_w = 4.0 * n / torch.linalg.eigvalsh(gram).max()
     step_alpha = n / (4.0 * sims.pow(2).sum(0).max())
     return {"prototypes": prototypes, "alpha": alpha0, "step_w": step_w, "step_alpha": step_alpha}
 

@@ -334,7 +334,8 @@ def test_sweep_and_report_name_both(toy_cache, tmp_path):
           "lpp,clap", "--shots", "1", "--seeds", "1", "--pretrained", "none", "--scheduler", "inline",
           "--no-progress", "--train-args", "--epochs 2"])
     for name in ("lpp", "clap"):
-        assert list((runs / "toy" / name).glob("shots1_seed1/metrics.json"))
+        assert (runs / "toy" / name / "shots1_seed1" / "metrics.json").is_file()
+    assert load_checkpoint(runs / "toy" / "clap" / "shots1_seed1").config.lr == 0.1  # its setting, not CoOp's
     report = (runs / "report" / "report.md").read_text()
     assert "LP++" in report and "CLAP" in report
 

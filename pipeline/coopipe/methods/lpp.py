@@ -34,6 +34,7 @@ training class: it cannot score classes it did not train on (no base-to-new or c
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -49,6 +50,8 @@ from coopipe.methods.registry import Method, NoOptions, Optimization, epochs_for
 from coopipe.models import LoadedClip
 from coopipe.text_encoder import PromptTextEncoder
 from coopipe.text_tower import resolve_text_tower
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["ALPHA_EVERY", "ALPHA_INIT_SCALE", "FULL_BATCH", "LPP", "LPPLearner", "LPPOptimizer", "LPP_ITERATIONS",
            "MOMENTUM", "lpp_setup"]
@@ -191,6 +194,8 @@ class LPP(Method):
     def learner_optimizer(self, learner: Learner, opt: Optimization) -> torch.optim.Optimizer:
         assert isinstance(learner, LPPLearner)
         step_w, step_alpha = (float(s) for s in learner.step_sizes)
+        logger.info("LP++ steps: %.4g for (w, b), %.4g for alpha every %d iterations, from the training features "
+                    "(the run's lr and schedule do not apply)", step_w, step_alpha, ALPHA_EVERY)
         return LPPOptimizer([learner.weight, learner.bias], learner.alpha, step_w=step_w, step_alpha=step_alpha)
 
     def build_learner(self, options: NoOptions, clip: LoadedClip, classnames: Sequence[str], *,

@@ -2,7 +2,8 @@
 features, fitted full-batch by block majorize-minimize steps whose step sizes are Lipschitz bounds of the data.
 
 The model (``FereshteShakeri/FewShot-CLIP-Strong-Baseline: methods/linear_probe_p2.py``, ``LinearProbe_P2``): with
-f the L2-normalised image feature and t_k the normalised zero-shot text feature of class k (the dataset's template),
+f the L2-normalised image feature and t_k the normalised zero-shot text feature of class k (``utils.py:
+clip_classifier``, here with the dataset's hand-crafted template),
 
     logit_k(f) = w_k . f + b_k + alpha_k (f . t_k)
 

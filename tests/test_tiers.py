@@ -26,6 +26,7 @@ SLOW = {
     "test_feature_methods.py::test_the_four_methods_train_evaluate_predict_sweep_and_report",
     "test_kgcoop.py::test_sweep_trains_and_reports_kgcoop_and_prograd",
     "test_engines.py::test_export_cache_is_reused_and_a_damaged_file_exported_again",
+    "test_lpp_clap.py::test_sweep_and_report_name_both",
     "test_stacked_jobs.py::test_sweep_stacks_compatible_runs_and_keeps_the_others_alone",
     "test_sweep.py::test_killed_sweep_reruns_only_missing_runs",
     "test_sweep.py::test_local_cluster_of_two_workers_matches_one_by_one",

@@ -345,10 +345,9 @@ def load_learner(ckpt: Checkpoint, clip: LoadedClip, classnames: Sequence[str] |
     names = list(ckpt.classnames if classnames is None else classnames)
     if names != ckpt.classnames and not spec.transferable:
         raise CheckpointError(
-            f"checkpoint {ckpt.path} holds a {spec.label()} prompt tied to its {len(ckpt.classnames)} training classes "
-            f"(its options {spec.to_dict()}), which cannot serve other classes: "
-            f"{spec.definition.untransferable_reason(spec.options)}; train a method that can (coop without --csc, "
-            f"cocoop) for base-to-new or cross-dataset evaluation"
+            f"checkpoint {ckpt.path} holds a {spec.label()} prompt tied to its {len(ckpt.classnames)} training classes, "
+            f"which cannot serve other classes ({spec.transfer_refusal()}); train a method that can (coop without "
+            f"--csc, or cocoop) for base-to-new or cross-dataset evaluation"
         )
     derived = spec.definition.class_derived if names != ckpt.classnames else ()
     if derived and template is None:

@@ -175,10 +175,11 @@ class RunStepper:
         config.method.definition.prepare(self.learner, self.fit_data)
         self.conditional = is_image_conditional(self.learner)
         self.encoder = encoder
-        params = {name: p for name, p in self.learner.named_parameters() if p.requires_grad}
-        # a training-free method (Tip-Adapter) runs 0 epochs: no step, so no optimiser
+        # a training-free method (Tip-Adapter) runs 0 epochs: no step, so no optimiser; a method may build its
+        # optimiser from the prepared learner (LP++'s step sizes)
         self.optimizer: torch.optim.Optimizer | None = (
-            config.method.definition.optimizer(params, config.optimization()) if config.max_epoch > 0 else None)
+            config.method.definition.learner_optimizer(self.learner, config.optimization())
+            if config.max_epoch > 0 else None)
         self.on_epoch, self.on_step = run.on_epoch, run.on_step
         self.history: list[EpochRecord] = []
         self.epoch = 0  # the epoch in progress (0-based), or the next one at an epoch boundary

@@ -113,9 +113,10 @@ class TrainConfig:
     def for_method(
         cls, method: str | MethodSpec, shots: int, dataset: str | None = None, **overrides: Any
     ) -> TrainConfig:
-        """The paper's setting of ``method`` (a spec, or a label such as ``rank_b5``) for ``shots``: its epochs
-        and batch size. ``overrides`` are training options and method options (``n_ctx``, ``csc``, ...: they
-        change the method's); ``None`` values keep the setting. A method option the method lacks is an error."""
+        """The paper's setting of ``method`` (a spec, or a label such as ``rank_b5``) for ``shots``: its epochs,
+        batch size and other departures from CoOp's protocol (:meth:`coopipe.methods.Method.train_setting`).
+        ``overrides`` are training options and method options (``n_ctx``, ``csc``, ...: they change the method's);
+        ``None`` values keep the setting. A method option the method lacks is an error."""
         spec = MethodSpec.parse(method) if isinstance(method, str) else method
         given = {k: v for k, v in overrides.items() if v is not None}
         own = {f.name for f in dataclasses.fields(cls)}

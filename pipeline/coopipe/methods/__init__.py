@@ -5,10 +5,12 @@ parts and learner; see :mod:`coopipe.methods.coop`) and register an instance: ``
 of the library gets its registry line below; one of your own registers itself where you import it.
 """
 
+from coopipe.methods.clap import CLAP
 from coopipe.methods.clipadapter import CLIPAdapter
 from coopipe.methods.cocoop import CoCoOp
 from coopipe.methods.coop import CoOp
 from coopipe.methods.kgcoop import KgCoOp
+from coopipe.methods.lpp import LPP
 from coopipe.methods.prograd import ProGrad
 from coopipe.methods.rank import RankPrompts
 from coopipe.methods.taskres import TaskRes
@@ -29,10 +31,12 @@ __all__ = ["Method", "MethodSpec", "Optimization", "epochs_for", "get_method", "
 
 register(CoOp())
 register(CoCoOp())
+register(KgCoOp())
+register(ProGrad())
 register(RankPrompts())
 register(TaskRes())
 register(CLIPAdapter())
 register(TipAdapter())
 register(TipAdapterF())
-register(KgCoOp())
-register(ProGrad())
+register(LPP())
+register(CLAP())

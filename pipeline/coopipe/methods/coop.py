@@ -58,6 +58,9 @@ class CoOp(ContextMethod):
     def transferable(self, options: CoOpOptions) -> bool:
         return not options.csc  # a class-specific context belongs to its classes
 
+    def transfer_refusal(self, options: CoOpOptions) -> str:
+        return "a class-specific context (CSC) belongs to its training classes: drop --csc for a unified context"
+
     def label_parts(self, options: CoOpOptions) -> list[str]:
         return self._layout(options) + super().label_parts(options)
 

@@ -133,7 +133,7 @@ class FeatureMethod(Method):
     def transferable(self, options: Any) -> bool:
         return False
 
-    def untransferable_reason(self, options: Any) -> str:
+    def transfer_refusal(self, options: Any) -> str:
         return self.class_bound
 
     def label_parts(self, options: Any) -> list[str]:

@@ -55,6 +55,9 @@ class RankPrompts(ContextMethod):
     def transferable(self, options: RankOptions) -> bool:
         return False  # the learned rank embeddings are the classes
 
+    def transfer_refusal(self, options: RankOptions) -> str:
+        return "its learned rank embeddings are its training classes"
+
     def label_parts(self, options: RankOptions) -> list[str]:
         bases = [f"b{options.n_base_ranks}"] if options.n_base_ranks != RANK_BASE_RANKS else []
         return super().label_parts(options) + bases

@@ -108,8 +108,9 @@ class Method:
 
     def train_setting(self, shots: int, dataset: str | None = None) -> dict[str, Any]:
         """The training options of the paper's setting (:class:`coopipe.train_config.TrainConfig` fields) that
-        differ by method: epochs and batch size here; a method with its own learning rate or warm-up adds them.
-        The user's options override these."""
+        differ by method: epochs and batch size here; a method with its own optimiser settings adds them
+        (``lr``, ``momentum``, ``weight_decay``, ``warmup_epoch``, ``warmup_lr``: e.g. CLAP's lr 0.1, OrdinalCLIP's
+        no warm-up). The user's options override these."""
         setting: dict[str, Any] = {"max_epoch": self.epochs(shots, dataset), "batch_size": self.batch_size}
         return setting if self.trains else {**setting, "warmup_epoch": 0}
 
@@ -118,6 +119,12 @@ class Method:
         ``lr`` every epoch from the run's schedule."""
         return torch.optim.SGD(list(params.values()), lr=opt.lr, momentum=opt.momentum,
                                weight_decay=opt.weight_decay, dampening=0.0, nesterov=False)
+
+    def learner_optimizer(self, learner: Learner, opt: Optimization) -> torch.optim.Optimizer:
+        """The optimiser of a prepared ``learner`` (called after :meth:`prepare`; default: :meth:`optimizer` over
+        its trainable parameters by name). Override when the optimiser needs what :meth:`prepare` computed from
+        the data (LP++'s step sizes)."""
+        return self.optimizer({name: p for name, p in learner.named_parameters() if p.requires_grad}, opt)
 
     # ---------------------------------------------------------------- options
     def check(self, options: Any) -> list[str]:
@@ -141,10 +148,10 @@ class Method:
         """Whether a learned prompt can serve other class names (base-to-new, cross-dataset)."""
         return not self.image_conditional
 
-    def untransferable_reason(self, options: Any) -> str:
-        """Why the prompt cannot serve other class names (when :meth:`transferable` is False): one phrase."""
-        return ("its prompt is tied to its training classes (a class-specific context (CSC) or learned rank "
-                "embeddings); base-to-new and transfer need a unified context: drop --csc / csc variants")
+    def transfer_refusal(self, options: Any) -> str:
+        """Why ``options``' learned tensors cannot score other classes (asked only when :meth:`transferable` is
+        False): the reason in the one-line error of base-to-new and cross-dataset runs."""
+        return "its learned tensors are one per training class"
 
     # ---------------------------------------------------------------- labels
     def label_parts(self, options: Any) -> list[str]:
@@ -290,6 +297,10 @@ class MethodSpec:
     def transferable(self) -> bool:
         """Whether the learned prompt can serve other class names."""
         return self.definition.transferable(self.options)
+
+    def transfer_refusal(self) -> str:
+        """Why it cannot (see :meth:`Method.transfer_refusal`)."""
+        return self.definition.transfer_refusal(self.options)
 
     def paper_epochs(self, shots: int, dataset: str | None = None) -> int:
         return self.definition.epochs(shots, dataset)

@@ -223,8 +223,8 @@ def _check(spec: SweepSpec) -> None:
         problems.append("no method given (--methods)")
     for m in spec.methods or ():
         if (spec.base2new or spec.targets) and not m.transferable:
-            problems.append(f"{m.label()} cannot score classes it did not train on: "
-                            f"{m.definition.untransferable_reason(m.options)}")
+            problems.append(f"base-to-new and transfer need a method that can score classes it did not train on: "
+                            f"{m.label()} cannot ({m.transfer_refusal()})")
     if any(k < 1 for k in spec.shots) or not spec.seeds:
         problems.append("--shots must be positive integers and --seeds non-empty")
     if spec.settings.epochs is not None and spec.settings.epochs < 1:

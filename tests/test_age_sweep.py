@@ -32,13 +32,15 @@ def faces(shared_data: Path, tmp_path_factory) -> Path:
 
 
 def test_age_plan_defaults(faces: Path) -> None:
-    """No methods given: OrdinalCLIP's comparison; zero-shot and the ensemble once; ridge beside the linear probe."""
+    """No methods given: OrdinalCLIP's comparison (its CoOp row, learned rank names; CoCoOp; rank prompts); zero-shot
+    and the ensemble once; ridge beside the linear probe. CoOp from the age words with frozen names keeps its label."""
     spec = SweepSpec(datasets=("utkface",), data_root=str(faces), shots=(1, 4), seeds=(1, 2), zeroshot=True,
                      linear_probe=True, ridge=True, runs="r", settings=RunSettings(pretrained="none", epochs=2))
     plan = plan_sweep(spec)
     labels = {m.label() for m in AGE_METHODS}
-    assert labels == {"coop_init-age-estimation:-the-age-of-the-person-is", "cocoop", "rank"}
+    assert labels == {"ordcoop", "cocoop", "rank"}
     assert parse_variant("coop_age") == MethodSpec.of("coop", ctx_init=AGE_INIT_WORDS)
+    assert parse_variant("coop_age").label() == "coop_init-age-estimation:-the-age-of-the-person-is"
     runs = {str(Path(t.run_dir).relative_to("r")) for t in plan.tasks}
     unsafe = [r for r in runs if not all(is_safe_name(part) for part in Path(r).parts)]
     assert not unsafe, f"run folders with characters unsafe in file names or shells: {unsafe}"

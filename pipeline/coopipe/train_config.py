@@ -109,15 +109,20 @@ class TrainConfig:
     def for_method(
         cls, method: str | MethodSpec, shots: int, dataset: str | None = None, **overrides: Any
     ) -> TrainConfig:
-        """The paper's setting of ``method`` (a spec, or a label such as ``rank_b5``) for ``shots``: its epochs
-        and batch size. ``overrides`` are training options and method options (``n_ctx``, ``csc``, ...: they
-        change the method's); ``None`` values keep the setting. A method option the method lacks is an error."""
+        """The paper's setting of ``method`` (a spec, or a label such as ``rank_b5``) for ``shots``: its epochs,
+        batch size, optimiser and schedule (:meth:`coopipe.methods.Method.training`). ``overrides`` are training
+        options and method options (``n_ctx``, ``csc``, ...: they change the method's); ``None`` values keep the
+        setting. A method option the method lacks is an error."""
         spec = MethodSpec.parse(method) if isinstance(method, str) else method
         given = {k: v for k, v in overrides.items() if v is not None}
         own = {f.name for f in dataclasses.fields(cls)}
         spec = spec.with_options(**{k: v for k, v in given.items() if k not in own})
         definition = get_method(spec.method)
-        defaults = {"max_epoch": definition.epochs(shots, dataset), "batch_size": definition.batch_size}
+        defaults = {"max_epoch": definition.epochs(shots, dataset), "batch_size": definition.batch_size,
+                    **definition.training()}
+        unknown = sorted(set(defaults) - own)
+        if unknown:
+            raise ParamsError(f"method {spec.method} sets unknown training option(s) {', '.join(unknown)}")
         return cls(**{**defaults, **{k: v for k, v in given.items() if k in own}, "method": spec})
 
     def optimization(self) -> Optimization:

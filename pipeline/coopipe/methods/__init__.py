@@ -7,6 +7,7 @@ of the library gets its registry line below; one of your own registers itself wh
 
 from coopipe.methods.cocoop import CoCoOp
 from coopipe.methods.coop import CoOp
+from coopipe.methods.ordinal_coop import OrdinalCoOp
 from coopipe.methods.rank import RankPrompts
 from coopipe.methods.registry import (
     Method,
@@ -24,3 +25,4 @@ __all__ = ["Method", "MethodSpec", "Optimization", "epochs_for", "get_method", "
 register(CoOp())
 register(CoCoOp())
 register(RankPrompts())
+register(OrdinalCoOp())

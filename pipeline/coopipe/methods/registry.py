@@ -99,6 +99,13 @@ class Method:
         """Epochs of the paper's setting for ``shots`` images per class (default: CoOp's schedule)."""
         return epochs_for(shots, dataset)
 
+    def training(self) -> dict[str, Any]:
+        """The paper's optimiser and schedule where they differ from CoOp's, as training options (``lr``,
+        ``momentum``, ``weight_decay``, ``warmup_epoch``, ``warmup_lr``). Default: none (CoOp's SGD lr 0.002,
+        one warm-up epoch at 1e-5). :meth:`coopipe.train_config.TrainConfig.for_method` fills them in; a user's
+        value wins."""
+        return {}
+
     def optimizer(self, params: Mapping[str, nn.Parameter], opt: Optimization) -> torch.optim.Optimizer:
         """The optimiser over the learner's named parameters (default: CoOp's SGD). The loop sets each group's
         ``lr`` every epoch from the run's schedule."""

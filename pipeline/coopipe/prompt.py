@@ -76,6 +76,8 @@ class PromptLearner(nn.Module):
     tokenized_prompts: torch.Tensor
     eos_index: torch.Tensor
     order: torch.Tensor
+    name_mask: torch.Tensor  # (n_cls, longest name) with learn_names: which rows are name tokens
+    name_embeds: nn.Parameter  # with learn_names
 
     def __init__(
         self,
@@ -220,8 +222,9 @@ class PromptLearner(nn.Module):
         suffix = self.token_suffix[classes, : max(bank_len - 1 - self.n_ctx, 0)]  # (n, <= L - 1 - n_ctx, width)
         if self.learn_names:
             names = self.name_embeds[classes, : suffix.shape[1]]  # (n, <= longest, width)
-            spliced = torch.where(self.name_mask[classes, : names.shape[1]].unsqueeze(-1), names, suffix[:, : names.shape[1]])
-            suffix = torch.cat([spliced, suffix[:, names.shape[1] :]], dim=1)
+            count = names.shape[1]
+            spliced = torch.where(self.name_mask[classes, :count].unsqueeze(-1), names, suffix[:, :count])
+            suffix = torch.cat([spliced, suffix[:, count:]], dim=1)
         bank = torch.cat([prefix, self._class_context(classes), suffix], dim=1)[:, :bank_len]  # end layout
         if self.class_token_position == "end":
             return bank  # (n, length, width)

@@ -76,7 +76,7 @@ def test_age_sweep_end_to_end(faces: Path, tmp_path: Path) -> None:
     trained = json.loads((runs / "utkface" / "rank" / "shots2_seed1" / "metrics.json").read_text())
     assert trained["method"] == "rank" and trained["epochs"] == 1 and trained["paper_epochs"] == 100
     history = (runs / "utkface" / "rank" / "shots2_seed1" / "history.tsv").read_text().splitlines()
-    assert history[1].split("\t")[1] == "0.002"  # no warm-up epoch: the one epoch trains at the full rate
+    assert history[1].split("\t")[1] == "0.0001"  # OrdinalCLIP's lr, no warm-up: the one epoch trains at the full rate
     assert (runs / "report" / "summary.json").is_file()
     table = (runs / "age_report" / "utkface" / "age_table.md").read_text()
     rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}

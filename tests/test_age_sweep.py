@@ -80,7 +80,8 @@ def test_age_sweep_end_to_end(faces: Path, tmp_path: Path) -> None:
     assert (runs / "report" / "summary.json").is_file()
     table = (runs / "age_report" / "utkface" / "age_table.md").read_text()
     rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
-    readable = ['CoOp (init "age estimation: the age of the person is")', "Rank prompts (OrdinalCLIP)", "Ridge probe",
+    readable = ['CoOp (init "age estimation: the age of the person is", rank names frozen, cross-entropy)',
+                "Rank prompts (OrdinalCLIP)", "Ridge probe",
                 "Zero-shot CLIP", "Zero-shot CLIP (ensemble)"]
     for method in (*readable, "constant (train median)"):
         assert method in rows, (method, table)

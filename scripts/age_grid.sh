@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Age estimation in one command: encode once (the largest shots; smaller draws nest in it), then
 # zero-shot with the age prompt and prompt ensembling, the rank linear probe, the ridge probe and the prompt
-# methods (OrdinalCLIP's comparison: CoOp with the context from "age estimation: the age of the person is",
-# CoCoOp, rank prompts) for shots x seeds, each run evaluated (MAE by expectation and arg-max, CS curve, the
+# methods (OrdinalCLIP's comparison: its CoOp row, the context from "age estimation: the age of the person is"
+# and the rank names learned; CoCoOp; rank prompts) for shots x seeds, each run evaluated (MAE by expectation and arg-max, CS curve, the
 # constant predictor beside it), then the report and the age report (RUNS/age_report: MAE table by method x
 # shots, CS curves, predicted-vs-true plots).
 #
@@ -13,7 +13,7 @@
 #   --data-root DIR      $DATA folder (utkface: DIR/utkface/images; not needed with --no-encode)
 #   --model NAME         open_clip model (RN50)
 #   --pretrained TAG     open_clip tag, local checkpoint file, or none for random weights (openai)
-#   --methods LIST       prompt methods (coop_age,cocoop,rank): labels or tokens (coop, age, init, m<N>, ...)
+#   --methods LIST       prompt methods (ordcoop,cocoop,rank): labels or tokens (coop, age, init, m<N>, ...)
 #   --shots LIST         shots per age (1,2,4,8,16); an age with fewer images keeps them all
 #   --seeds LIST         seeds (1,2,3)
 #   --epochs N           override the paper's epochs (CoOp 50-200, CoCoOp 10, rank 100) for quick tries;

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Base-to-new generalisation (CoCoOp's protocol): sort the labels, the first ceil(K/2) classes are "base",
-# the rest "new"; train the prompt (CoOp, or CoCoOp with --methods coop,cocoop) on the base classes only, then
+# the rest "new"; train the prompt on the base classes only (without --methods: the CoOp row of CoCoOp's table,
+# CoOp's vit_b16_ctxv1 = M 4 from "a photo of a", run folder coop_init-a-photo-of-a; --methods coop,cocoop
+# names CoOp's own setting and CoCoOp), then
 # test on base and on new separately; the report gives base, new and their harmonic mean H per dataset (and
 # zero-shot CLIP on the same halves).
 #
@@ -17,7 +19,8 @@
 #   --model NAME         open_clip model (RN50; CoCoOp used ViT-B-16)
 #   --pretrained TAG     open_clip tag, local checkpoint file, or none (openai)
 #   --views N            augmented views per few-shot train image (16)
-#   --methods LIST       coop, cocoop, or CoOp variants (unified context only: a class-specific context cannot be
+#   --methods LIST       coop, cocoop, or CoOp variants (default: coop_init-a-photo-of-a, CoCoOp's CoOp row;
+#                        unified context only: a class-specific context cannot be
 #                        used for new classes); also --n-ctx M, --position P, --ctx-init WORDS
 #   --no-zeroshot        leave out zero-shot CLIP
 #   --cache DIR          feature cache (cache)

@@ -34,6 +34,7 @@ def test_table_mean_std_and_single_seed() -> None:
     text = "\n".join(lines)
     assert "| CoOp | – | 6.00 ± 1.00 |" in text and "| Rank prompts (OrdinalCLIP) | – | 4.00 |" in text and "| constant (train median) | 10.25 | 10.25 |" in text
     assert lines[-1] == PROTOCOL_NOTE and "VGG-16" in PROTOCOL_NOTE and "frozen" in PROTOCOL_NOTE
+    assert "best validation MAE" in PROTOCOL_NOTE and "its validation list is its test list" in PROTOCOL_NOTE
     assert {c.text() for c in age_cells(_records(), decoding="max") if c.method == "coop"} == {"6.00 ± 0.00"}
     with pytest.raises(ParamsError, match="mae_exp"):
         age_cells([{"method": "coop", "shots": 1}])

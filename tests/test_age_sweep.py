@@ -32,13 +32,15 @@ def faces(shared_data: Path, tmp_path_factory) -> Path:
 
 
 def test_age_plan_defaults(faces: Path) -> None:
-    """No methods given: OrdinalCLIP's comparison; zero-shot and the ensemble once; ridge beside the linear probe."""
+    """No methods given: OrdinalCLIP's comparison (its CoOp row, learned rank names; CoCoOp; rank prompts); zero-shot
+    and the ensemble once; ridge beside the linear probe. CoOp from the age words with frozen names keeps its label."""
     spec = SweepSpec(datasets=("utkface",), data_root=str(faces), shots=(1, 4), seeds=(1, 2), zeroshot=True,
                      linear_probe=True, ridge=True, runs="r", settings=RunSettings(pretrained="none", epochs=2))
     plan = plan_sweep(spec)
     labels = {m.label() for m in AGE_METHODS}
-    assert labels == {"coop_init-age-estimation:-the-age-of-the-person-is", "cocoop", "rank"}
+    assert labels == {"ordcoop", "cocoop", "rank"}
     assert parse_variant("coop_age") == MethodSpec.of("coop", ctx_init=AGE_INIT_WORDS)
+    assert parse_variant("coop_age").label() == "coop_init-age-estimation:-the-age-of-the-person-is"
     runs = {str(Path(t.run_dir).relative_to("r")) for t in plan.tasks}
     unsafe = [r for r in runs if not all(is_safe_name(part) for part in Path(r).parts)]
     assert not unsafe, f"run folders with characters unsafe in file names or shells: {unsafe}"
@@ -74,11 +76,12 @@ def test_age_sweep_end_to_end(faces: Path, tmp_path: Path) -> None:
     trained = json.loads((runs / "utkface" / "rank" / "shots2_seed1" / "metrics.json").read_text())
     assert trained["method"] == "rank" and trained["epochs"] == 1 and trained["paper_epochs"] == 100
     history = (runs / "utkface" / "rank" / "shots2_seed1" / "history.tsv").read_text().splitlines()
-    assert history[1].split("\t")[1] == "0.002"  # no warm-up epoch: the one epoch trains at the full rate
+    assert history[1].split("\t")[1] == "0.0001"  # OrdinalCLIP's lr, no warm-up: the one epoch trains at the full rate
     assert (runs / "report" / "summary.json").is_file()
     table = (runs / "age_report" / "utkface" / "age_table.md").read_text()
     rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
-    readable = ['CoOp (init "age estimation: the age of the person is")', "Rank prompts (OrdinalCLIP)", "Ridge probe",
+    readable = ['CoOp (init "age estimation: the age of the person is", rank names frozen, cross-entropy)',
+                "Rank prompts (OrdinalCLIP)", "Ridge probe",
                 "Zero-shot CLIP", "Zero-shot CLIP (ensemble)"]
     for method in (*readable, "constant (train median)"):
         assert method in rows, (method, table)

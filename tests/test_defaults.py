@@ -20,8 +20,8 @@ from coopipe.methods.coop import CoOpOptions
 from coopipe.train_config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-METHOD_SETTING = ("max_epoch", "n_ctx", "ctx_init", "batch_size", "csc", "class_token_position", "lr", "warmup_epoch",
-                  "weight_decay")  # null in params.yaml: the method's paper setting
+METHOD_SETTING = ("max_epoch", "n_ctx", "ctx_init", "batch_size", "csc", "class_token_position", "lr", "momentum",
+                  "weight_decay", "warmup_epoch", "warmup_lr")  # null in params.yaml: the method's paper setting
 
 
 def _params_module():
@@ -110,7 +110,7 @@ def test_train_and_other_cli_defaults_are_the_library_defaults():
     assert (d["method"], d["class_token_position"], d["csc"]) == (cfg.method.method, None, None)  # None: the method's
     assert (d["views"], d["class_chunk"], d["bf16"]) == (cfg.views, cfg.class_chunk, cfg.autocast_bf16)
     # left out: the method's paper setting, from TrainConfig.for_method (CoOp M=16 batch 32 lr 0.002; CoCoOp M=4
-    # batch 1; CLAP lr 0.1)
+    # batch 1; CLAP lr 0.1; OrdinalCLIP's 1e-4 for rank prompts)
     assert d["epochs"] is None and d["n_ctx"] is None and d["ctx_init"] is None and d["batch_size"] is None
     assert d["lr"] is None and TrainConfig.for_method("coop", 16).lr == cfg.lr
     assert TrainConfig.for_method("coop", 16) == cfg

@@ -155,7 +155,7 @@ def test_statistics_and_records():
     assert harmonic_mean(69.34, 74.22) == pytest.approx(71.70, abs=0.005)  # CoCoOp's CLIP average
     assert [shot_position(k) for k in (0, 1, 2, 4, 8, 16)] == [0, 1, 2, 3, 4, 5]
     assert method_label("coop_csc_middle") == "CoOp (CSC, middle)" and method_label("coop_m8") == "CoOp (M=8)"
-    assert method_label("coop_init-a-photo-of-a") == 'CoOp (init "a photo of a")'
+    assert method_label("coop_init-a-photo-of-a") == 'CoOp (init "a photo of a", ctxv1, CoCoOp\'s base-to-new row)'
     assert method_label("linear_probe", "RN50", with_model=True) == "Linear probe CLIP [RN50]"
     labels = ["rank", "coop_init-age", "zz_unknown", "cocoop", "coop_m8", "coop", "ridge", "linear_probe", "zeroshot"]
     assert sorted(labels, key=method_order) == [

@@ -56,6 +56,26 @@ def test_plan_folders_order_and_encodes(tmp_path: Path):
     assert auto_jobs(9, cores=2, available_gib=5) == 2 and auto_jobs(9, "cuda") == 1
 
 
+def test_base2new_default_coop_is_cocoops_table_row(tmp_path: Path):
+    """Base-to-new without --methods trains the CoOp row of CoCoOp's table (CoOp's vit_b16_ctxv1: M = 4 from "a photo
+    of a"), labelled as such in the report; methods a user names replace it; the few-shot grid keeps CoOp's own."""
+    from coopipe.report.names import method_label
+    from coopipe.sweep.plan import BASE2NEW_METHODS
+
+    spec = SweepSpec(datasets=("eurosat",), shots=(16,), seeds=(1,), base2new=True, encode=False,
+                     runs=str(tmp_path / "runs"))
+    plan = plan_sweep(spec)
+    halves = {t.method.label() for t in plan.tasks if t.kind == "base2new"}
+    assert halves == {"coop_init-a-photo-of-a"} == {m.label() for m in BASE2NEW_METHODS}
+    assert {t.method.label() for t in plan.tasks if t.kind == "coop"} == {"coop"}
+    ctxv1 = MethodSpec.parse("coop_init-a-photo-of-a")
+    assert (ctxv1.ctx_init, ctxv1.csc, ctxv1.class_token_position) == ("a photo of a", False, "end")
+    assert "CoCoOp's base-to-new row" in method_label("coop_init-a-photo-of-a") and method_label("coop") == "CoOp"
+    named = plan_sweep(SweepSpec(datasets=("eurosat",), methods=(MethodSpec(), MethodSpec("cocoop")), shots=(16,),
+                                 seeds=(1,), base2new=True, fewshot=False, encode=False, runs=str(tmp_path / "runs")))
+    assert {t.method.label() for t in named.tasks if t.kind == "base2new"} == {"coop", "cocoop"}
+
+
 def test_held_runs_are_left_alone_and_failures_do_not_stop_the_sweep(tmp_path: Path):
     plan = plan_sweep(_spec(tmp_path / "no-cache", tmp_path / "runs", shots=(1,), seeds=(1, 2)))
     held = Path(plan.tasks[0].run_dir)

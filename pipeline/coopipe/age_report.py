@@ -38,7 +38,10 @@ PAPER_COOP_MORPH: dict[int, float] = {2: 4.50, 4: 3.81, 8: 3.57, 16: 3.23}
 PROTOCOL_NOTE = (
     "Note: this project keeps CLIP's image encoder frozen and trains on cached features; OrdinalCLIP's CoOp row "
     "(MORPH: 4.50 / 3.81 / 3.57 / 3.23 years at 2 / 4 / 8 / 16 shots, 5.09 in its lowest-shot row) fine-tunes a "
-    "VGG-16 image encoder pre-trained on IMDB-WIKI together with the prompt. The numbers are not comparable."
+    "VGG-16 image encoder pre-trained on IMDB-WIKI together with the prompt. The numbers are not comparable. "
+    "Model selection: OrdinalCLIP keeps the epoch of best validation MAE, and on MORPH its validation list is its "
+    "test list (ET_proto_val.txt for both); this project keeps the last epoch and never looks at the test split "
+    "while training."
 )
 
 

@@ -61,7 +61,8 @@ def _augmentation_phrase(views: Mapping[str, Any]) -> str | None:
 def _age_phrases(train_views: Mapping[str, Any] | None) -> list[str]:
     """What an age run does unlike OrdinalCLIP (xk-huang/OrdinalCLIP: ``ordinalclip/runner/utils.py`` transforms,
     ``runner.py`` checkpointing): its augmentation and its model selection."""
-    found = ["last epoch kept (OrdinalCLIP keeps the epoch of best validation MAE)"]
+    found = ["last epoch kept (OrdinalCLIP keeps the epoch of best validation MAE; on MORPH its validation list is its "
+             "test list)"]
     if train_views is not None and int(train_views.get("n_aug", 0)) > 0:
         found.append("augmentation: random resized crop (OrdinalCLIP: resize 256, random crop 224, flip)")
     return found

@@ -12,7 +12,9 @@ index ``order`` that rearranges the end-layout sequence ``[prefix, ctx, suffix]`
 ``gather``; the result is the same tensor.
 
 Only ``ctx`` is a parameter (and the only entry of ``state_dict``); the buffers are rebuilt from the model and
-the class names, which :meth:`PromptLearner.config` records.
+the class names, which :meth:`PromptLearner.config` records. With ``learn_names`` (OrdinalCLIP's CoOp row, whose
+``PlainPromptLearner`` learns each rank's name tokens from their word embeddings) the class-name token embeddings
+are a second parameter, ``name_embeds`` (n_cls, longest name, width), read in place of the frozen name rows.
 """
 
 from __future__ import annotations
@@ -74,6 +76,8 @@ class PromptLearner(nn.Module):
     tokenized_prompts: torch.Tensor
     eos_index: torch.Tensor
     order: torch.Tensor
+    name_mask: torch.Tensor  # (n_cls, longest name) with learn_names: which rows are name tokens
+    name_embeds: nn.Parameter  # with learn_names
 
     def __init__(
         self,
@@ -84,6 +88,7 @@ class PromptLearner(nn.Module):
         ctx_init: str | None = None,
         csc: bool = False,
         class_token_position: str = "end",
+        learn_names: bool = False,
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
@@ -134,6 +139,11 @@ class PromptLearner(nn.Module):
         )  # (n_cls, L - 1 - n_ctx, width): class name, '.', [EOS], padding
         self.register_buffer("tokenized_prompts", tokens.to(weight.device), persistent=False)  # (n_cls, L)
         self.register_buffer("eos_index", eos.to(weight.device), persistent=False)  # (n_cls,)
+        if learn_names:  # the name rows lead the suffix (end layout); padded to the longest name
+            longest = max(name_lens)
+            mask = torch.arange(longest).unsqueeze(0) < torch.tensor(name_lens).unsqueeze(1)  # (n_cls, longest)
+            self.register_buffer("name_mask", mask.to(weight.device), persistent=False)
+            self.name_embeds = nn.Parameter(self.token_suffix[:, :longest].clone())  # (n_cls, longest, width)
         order = [_layout_order(class_token_position, n_ctx, n, length) for n in name_lens]
         self.register_buffer(
             "order", torch.tensor(order, dtype=torch.long, device=weight.device), persistent=False
@@ -146,6 +156,7 @@ class PromptLearner(nn.Module):
         self.ctx_init = prompt_prefix if ctx_init is not None else None
         self.csc = csc
         self.class_token_position = class_token_position
+        self.learn_names = learn_names
         self.context_length = length
         logger.debug(
             "prompt learner: %d classes, n_ctx=%d, csc=%s, position=%s, init=%s",
@@ -209,6 +220,11 @@ class PromptLearner(nn.Module):
         bank_len = length if self.class_token_position == "end" else max(length, 1 + self.n_ctx + max(self.name_lens))
         prefix = self.token_prefix[classes]  # (n, 1, width)
         suffix = self.token_suffix[classes, : max(bank_len - 1 - self.n_ctx, 0)]  # (n, <= L - 1 - n_ctx, width)
+        if self.learn_names:
+            names = self.name_embeds[classes, : suffix.shape[1]]  # (n, <= longest, width)
+            count = names.shape[1]
+            spliced = torch.where(self.name_mask[classes, :count].unsqueeze(-1), names, suffix[:, :count])
+            suffix = torch.cat([spliced, suffix[:, count:]], dim=1)
         bank = torch.cat([prefix, self._class_context(classes), suffix], dim=1)[:, :bank_len]  # end layout
         if self.class_token_position == "end":
             return bank  # (n, length, width)
@@ -238,6 +254,13 @@ class PromptLearner(nn.Module):
         width = self.token_suffix.shape[-1]
         suffix_index = cls * self.token_suffix.shape[1] + (source - 1 - self.n_ctx).clamp(min=0)  # (N,)
         packed = self.token_suffix.reshape(-1, width).index_select(0, suffix_index)  # (N, width)
+        if self.learn_names:  # rows of a class name come from the learned name embeddings
+            longest = self.name_embeds.shape[1]
+            offset = source - 1 - self.n_ctx  # (N,) position in the suffix
+            name_index = cls * longest + offset.clamp(0, longest - 1)  # (N,)
+            is_name = (offset >= 0) & (offset < longest) & self.name_mask.reshape(-1)[name_index]  # (N,)
+            name_rows = self.name_embeds.reshape(-1, width).index_select(0, name_index)  # (N, width)
+            packed = torch.where(is_name.unsqueeze(1), name_rows, packed)
         if self.class_token_position != "end" or start <= self.n_ctx:  # some packed rows may be context
             ctx_index = (source - 1).clamp(max=self.n_ctx - 1) + (cls * self.n_ctx if self.csc else 0)  # (N,)
             ctx_rows = self.ctx.reshape(-1, width).index_select(0, ctx_index)  # (N, width)
@@ -259,6 +282,7 @@ class PromptLearner(nn.Module):
             "ctx_init": self.ctx_init,
             "csc": self.csc,
             "class_token_position": self.class_token_position,
+            **({"learn_names": True} if self.learn_names else {}),
         }
 
     def extra_repr(self) -> str:

@@ -122,6 +122,9 @@ class TrainConfig:
         own = {f.name for f in dataclasses.fields(cls)}
         spec = spec.with_options(**{k: v for k, v in given.items() if k not in own})
         defaults = get_method(spec.method).train_setting(shots, dataset)
+        unknown = sorted(set(defaults) - own)
+        if unknown:
+            raise ParamsError(f"method {spec.method} sets unknown training option(s) {', '.join(unknown)}")
         return cls(**{**defaults, **{k: v for k, v in given.items() if k in own}, "method": spec})
 
     def optimization(self) -> Optimization:

@@ -11,6 +11,7 @@ from coopipe.methods.cocoop import CoCoOp
 from coopipe.methods.coop import CoOp
 from coopipe.methods.kgcoop import KgCoOp
 from coopipe.methods.lpp import LPP
+from coopipe.methods.ordinal_coop import OrdinalCoOp
 from coopipe.methods.prograd import ProGrad
 from coopipe.methods.rank import RankPrompts
 from coopipe.methods.taskres import TaskRes
@@ -34,6 +35,7 @@ register(CoCoOp())
 register(KgCoOp())
 register(ProGrad())
 register(RankPrompts())
+register(OrdinalCoOp())
 register(TaskRes())
 register(CLIPAdapter())
 register(TipAdapter())

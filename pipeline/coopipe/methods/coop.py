@@ -17,11 +17,17 @@ import torch
 
 from coopipe.learners import ClassifierLearner
 from coopipe.methods.context import PAPER_N_CTX, ContextMethod
+from coopipe.methods.rank import ORDINALCLIP_INIT
 from coopipe.models import LoadedClip
 from coopipe.prompt import CLASS_TOKEN_POSITIONS, PromptLearner
 from coopipe.text_encoder import PromptTextEncoder
 
-__all__ = ["CoOp", "CoOpLearner", "CoOpOptions"]
+__all__ = ["NAMED_INITS", "CoOp", "CoOpLearner", "CoOpOptions"]
+
+# CoOp rows of other papers' tables, told apart in the report: CoCoOp's base-to-new table used CoOp's
+# vit_b16_ctxv1 config (M = 4 from "a photo of a"); CoOp from OrdinalCLIP's words keeps the rank names frozen and
+# trains with cross-entropy, unlike OrdinalCLIP's own CoOp row (the ``ordcoop`` method).
+NAMED_INITS = {"a photo of a": "ctxv1, CoCoOp's base-to-new row", ORDINALCLIP_INIT: "rank names frozen, cross-entropy"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +78,9 @@ class CoOp(ContextMethod):
         return super().parse_part(part)
 
     def readable_parts(self, options: CoOpOptions) -> list[str]:
-        return [p.upper() if p == "csc" else p for p in self._layout(options)] + super().readable_parts(options)
+        parts = [p.upper() if p == "csc" else p for p in self._layout(options)] + super().readable_parts(options)
+        known = NAMED_INITS.get(options.ctx_init or "") if not self._layout(options) else None
+        return parts + ([known] if known else [])
 
     @staticmethod
     def _layout(options: CoOpOptions) -> list[str]:

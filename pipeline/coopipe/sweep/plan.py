@@ -15,9 +15,13 @@ shell scripts always used, so finished grids of earlier versions are recognised:
 Tasks are ordered longest first (CoOp, most shots first), so the cheap ones fill the workers at the end.
 
 Age datasets (:func:`~coopipe.datasets.ages.is_age_dataset`: ``utkface``, ``morph``, ``agemanifest-*``) get their
-own defaults: without ``methods`` the grid runs OrdinalCLIP's comparison (:data:`AGE_METHODS`: CoOp with the context
-from "age estimation: the age of the person is", CoCoOp and the rank prompts), zero-shot runs both the age prompt
-and prompt ensembling, and ``ridge`` adds the ridge-regression probe beside the (rank) linear probe.
+own defaults: without ``methods`` the grid runs OrdinalCLIP's comparison (:data:`AGE_METHODS`: its CoOp row
+``ordcoop``, CoCoOp and the rank prompts), zero-shot runs both the age prompt and prompt ensembling, and ``ridge``
+adds the ridge-regression probe beside the (rank) linear probe.
+
+Base-to-new without ``methods`` trains :data:`BASE2NEW_METHODS`: the CoOp row of CoCoOp's base-to-new table, CoOp's
+``vit_b16_ctxv1`` config (M = 4 from "a photo of a"; ``KaiyangZhou/CoOp: configs/trainers/CoOp/vit_b16_ctxv1.yaml``),
+not CoOp's own default (M = 16, random init); a user's ``methods`` replace it.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from coopipe.datasets.ages import is_age_dataset
 from coopipe.errors import CoopipeError, DatasetError, ParamsError
 from coopipe.lookup import run_name
 from coopipe.methods import MethodSpec, epochs_for
+from coopipe.methods.rank import ORDINALCLIP_INIT
 from coopipe.prompt import CLASS_TOKEN_POSITIONS
 from coopipe.train_config import TrainConfig
 from coopipe.safe_names import safe_name
@@ -44,12 +49,13 @@ logger = logging.getLogger(__name__)
 
 PAPER_SHOTS = (1, 2, 4, 8, 16)
 INIT_WORDS = "a photo of a"  # the ``init`` variant token
-AGE_INIT_WORDS = "age estimation: the age of the person is"  # the ``age`` variant token: OrdinalCLIP's CoOp baseline
-AGE_METHODS = (  # an age dataset's default methods: OrdinalCLIP's table (CoOp baseline, rank prompts) and CoCoOp
-    MethodSpec.of("coop", ctx_init=AGE_INIT_WORDS),
+AGE_INIT_WORDS = ORDINALCLIP_INIT  # the ``age`` variant token: CoOp from OrdinalCLIP's words, rank names frozen
+AGE_METHODS = (  # an age dataset's default methods: OrdinalCLIP's table (its CoOp row, rank prompts) and CoCoOp
+    MethodSpec("ordcoop"),
     MethodSpec("cocoop"),
     MethodSpec("rank"),
 )
+BASE2NEW_METHODS = (MethodSpec.of("coop", ctx_init=INIT_WORDS),)  # CoCoOp's table: CoOp vit_b16_ctxv1
 FEWSHOT_KINDS = ("coop", "base2new", "linear_probe", "ridge")  # tasks that need the few-shot train/val stores
 
 
@@ -129,8 +135,8 @@ class SweepPlan:
 
 @dataclass(frozen=True)
 class SweepSpec:
-    """What to sweep (defaults: CoOp's few-shot grid with the paper's default variant; :data:`AGE_METHODS` for an
-    age dataset when ``methods`` is None)."""
+    """What to sweep (defaults when ``methods`` is None: CoOp's few-shot grid with the paper's default variant,
+    :data:`AGE_METHODS` for an age dataset, :data:`BASE2NEW_METHODS` for base-to-new)."""
 
     datasets: tuple[str, ...]
     data_root: str | None = None
@@ -285,11 +291,13 @@ def plan_sweep(spec: SweepSpec) -> SweepPlan:
         if spec.ridge and not age:
             raise ParamsError(f"--ridge needs an age dataset (utkface, morph, agemanifest); {ds} has class labels")
         methods = spec.methods if spec.methods is not None else (AGE_METHODS if age else (MethodSpec(),))
-        grid = [(m, k, s) for m in methods for k in sorted(set(spec.shots), reverse=True) for s in spec.seeds]
+        shots = sorted(set(spec.shots), reverse=True)
+        grid = [(m, k, s) for m in methods for k in shots for s in spec.seeds]
         if spec.fewshot:
             tasks += [coop_task("coop", ds, m, k, s) for m, k, s in grid]
         if spec.base2new:
-            tasks += [coop_task("base2new", ds, m, k, s) for m, k, s in grid]
+            halves = spec.methods if spec.methods is not None else BASE2NEW_METHODS
+            tasks += [coop_task("base2new", ds, m, k, s) for m in halves for k in shots for s in spec.seeds]
         if spec.base2new and spec.zeroshot:
             run = runs / ds / "base2new" / "zeroshot"
             tasks.append(RunTask("zeroshot_halves", ds, str(run), f"zeroshot {ds} base/new",

@@ -170,6 +170,7 @@ class RunStepper:
             train_feats=self.feats, train_labels=self.labels, val_feats=None if self.val is None else self.val[0],
             val_labels=None if self.val is None else self.val[1], classnames=tuple(names), template=run.template,
             clip=clip, logit_scale=self.logit_scale))
+        self.setup_seconds = time.perf_counter() - self.started  # the method's one-off cost (coopipe.cost)
         self.conditional = is_image_conditional(self.learner)
         self.encoder = encoder
         params = {name: p for name, p in self.learner.named_parameters() if p.requires_grad}
@@ -257,7 +258,8 @@ class RunStepper:
             raise ParamsError("the run has not finished: drive it to the end first")
         state = _snapshot(self.epoch, self.learner, self.optimizer, self.data_gen, self.history)
         return TrainResult(history=self.history, state=state, text_features=self.text_features,
-                           logit_scale=float(self.logit_scale), variant=_variant(self.learner), seconds=self.seconds)
+                           logit_scale=float(self.logit_scale), variant=_variant(self.learner), seconds=self.seconds,
+                           setup_seconds=self.setup_seconds)
 
     def _begin_epoch(self, text: torch.Tensor | None, tick_started: float) -> None:
         t1 = time.perf_counter()

@@ -12,8 +12,9 @@ batch 32, one RTX 3090), and a cost taken afterwards on another machine or load 
   resumed run reports the time of an uninterrupted one (its setup counted once);
 - **time per training image** = training wall time / images seen, images seen = few-shot train images x epochs
   (Table 1's Time over its Epochs and images; a training-free fit sees each image once);
-- **inference images/s** = test images / wall time of the logits on the cached test features (the head only: the
-  image tower ran once at encode time, unlike Table 1, whose speed includes the image encoder);
+- **inference images/s** = test images / wall time of the logits on the cached test features (the head only, read
+  from its file or rebuilt from the checkpoint; the model is loaded before: the image tower ran once at encode
+  time, unlike Table 1, whose speed includes the image encoder);
 - **peak memory** = on the CPU, the process's peak resident set size during inference above its resident size at
   the start (Linux ``VmHWM``, reset through ``/proc/self/clear_refs`` first); on CUDA, the peak of
   ``torch.cuda.max_memory_allocated`` above the allocation at the start. Where the peak cannot be reset, the rise of

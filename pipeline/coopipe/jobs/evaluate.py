@@ -127,6 +127,8 @@ def run_eval(
             f"evaluate the learned context with the store's class names, or use a store of the checkpoint's dataset"
         )
     exported = test.classnames == ckpt.classnames and not ckpt.method.image_conditional  # the CPU classifier
+    if not exported and clip is None:  # loaded before the inference is timed: loading a model is not inference
+        clip = load_clip(ckpt.model, pretrained or checkpoint_pretrained(ckpt), device=device)
     logits, inference = measure_inference(
         len(test.labels), lambda: _prompt_logits(ckpt, test, clip=clip, pretrained=pretrained, device=device),
         device="cpu" if exported else device)

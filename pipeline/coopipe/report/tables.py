@@ -54,7 +54,7 @@ def fewshot_markdown(cells: Sequence[Cell], averages: Sequence[Cell], *, stamps:
             if cell and ds == AVERAGE and cell.n_datasets < len(datasets):
                 text += f" ({cell.n_datasets}/{len(datasets)} datasets)"
             texts.append(text)
-        epochs = [note or ("–" if method.startswith("zeroshot") or method in _NO_EPOCHS else "paper's")] if notes else []
+        epochs = [note or _epochs_text(method)] if notes else []
         setting = [] if stamps is None else [stamps.of("fewshot", datasets, model=model, method=method, shots=shots,
                                                        epochs_note=note)]
         rows.append([method_label(method, model, with_model=models), str(shots), *epochs, *texts, *setting])
@@ -70,6 +70,11 @@ def fewshot_markdown(cells: Sequence[Cell], averages: Sequence[Cell], *, stamps:
 
 
 _NO_EPOCHS = ("linear_probe", "ridge")  # closed-form fits: no training epochs
+
+
+def _epochs_text(method: str) -> str:
+    """The Epochs cell of a row whose runs trained the paper's epochs: none to speak of for fits and zero-shot."""
+    return "–" if method.startswith("zeroshot") or method in _NO_EPOCHS else "paper's"
 
 
 def base2new_markdown(rows: Sequence[BaseNewRow], *, stamps: Stamps | None = None) -> list[str]:
@@ -323,7 +328,7 @@ def cost_markdown(rows: Sequence[CostRow], *, zeroshot: Mapping[tuple[str, str],
             method_label(r.method, r.model, with_model=models), str(r.shots), _training_kind(r),
             "–" if r.epochs is None else str(r.epochs), time_text, _duration(r.seconds_per_image.mean),
             r.accuracy.text(), gain, "–" if math.isnan(speed) else f"{speed:,.0f}", _mib(r.peak_memory_bytes.mean),
-            *([r.note or "paper's"] if any(x.note for x in rows) else []),
+            *([r.note or _epochs_text(r.method)] if any(x.note for x in rows) else []),
             *([stamps.of("fewshot", [r.dataset], model=r.model, method=r.method, shots=r.shots, epochs_note=r.note)]
               if stamps is not None else []),
         ])

@@ -10,12 +10,14 @@ update; ``--methods`` picks some; training-free methods, whose paper epochs are 
   (setup + per-image time x images x paper epochs) and its ratio to CoOp's;
 - **reference-style**: what the method's reference does per training image.
   Methods whose reference re-encodes augmented images every step (``--reencode``; default: the Dassl-based
-  trainers CoOp, CoCoOp, KgCoOp, ProGrad and CLIP-Adapter, and Tip-Adapter-F, whose ``main.py``
+  trainers CoOp, CoCoOp, KgCoOp, ProGrad and CLIP-Adapter; TaskRes, whose ``trainers/taskres.py``
+  ``CustomCLIP.forward`` runs the image encoder on every training batch; and Tip-Adapter-F, whose ``main.py``
   ``run_tip_adapter_F`` encodes every batch of its augmented ``train_loader_F``): a fresh random resized crop + flip
   of each image through the frozen image encoder (fp32, eager, no grad; :func:`_common.reference_image_features`,
   measured once on EuroSAT images and added per image) plus the method's step with the reference's plain 77-token
-  text path (no prompt cut, no shared prefix). The others (features cached by their reference: TaskRes, LP++,
-  CLAP): the method's own step in a plain PyTorch loop over the same features (:func:`plain_loop`: one
+  text path (no prompt cut, no shared prefix). The others (features cached by their reference: LP++, and CLAP,
+  whose ``trainers/adapters.py`` extracts 20 augmented epochs of features once and trains on them through
+  ``forward_features``): the method's own step in a plain PyTorch loop over the same features (:func:`plain_loop`: one
   ``class_text_features`` + loss + backward + step per batch, written as the references write their loops).
 
 The 16-shot EuroSAT features come from the cache (``--cache``; encode with ``coopipe encode --dataset eurosat
@@ -56,7 +58,7 @@ from coopipe.train import train_prompt  # noqa: E402
 from coopipe.train_config import TrainConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-REENCODE = "coop,cocoop,kgcoop,prograd,clipadapter,tipadapterf"  # references that encode images every step
+REENCODE = "coop,cocoop,kgcoop,prograd,clipadapter,taskres,tipadapterf"  # references that encode images every step
 TEMPLATE = dataset_template("eurosat")  # its hand-crafted prompt, for methods with zero-shot text features
 
 

@@ -216,6 +216,7 @@ def _script(name: str, *args: str, env: dict[str, str], cwd: Path) -> subprocess
     ("zeroshot.sh", "sweep --no-fewshot --zeroshot --no-report"),
     ("linear_probe.sh", "sweep --no-fewshot --linear-probe --no-report"),
     ("base2new.sh", "sweep --no-fewshot --base2new --zeroshot --shots 16"),
+    ("methods_grid.sh", "sweep --methods all --zeroshot --linear-probe --jobs 1 --stack off"),
 ])
 def test_scripts_are_presets_of_coopipe_sweep(script: str, preset: str, stub, tmp_path: Path):
     res = _script(script, "--dataset", "eurosat", "--jobs", "2", env=stub, cwd=tmp_path)
@@ -255,7 +256,7 @@ def test_domain_generalization_names_missing_data(tmp_path: Path):
 
 
 @pytest.mark.parametrize("script", ["fewshot_grid.sh", "zeroshot.sh", "linear_probe.sh", "paper_grid.sh",
-                                    "base2new.sh", "cross_dataset.sh", "domain_generalization.sh"])
+                                    "base2new.sh", "cross_dataset.sh", "domain_generalization.sh", "methods_grid.sh"])
 def test_every_script_has_usage(script: str, tmp_path: Path):
     res = _script(script, "--help", env=dict(os.environ), cwd=tmp_path)
     assert res.returncode == 0 and "Usage: bash scripts/" in res.stdout and "--data-root" in res.stdout

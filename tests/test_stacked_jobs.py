@@ -54,8 +54,8 @@ def _assert_same_run(a: Path, b: Path) -> None:
     for x, y in zip(ca.history, cb.history):
         assert x.loss == pytest.approx(y.loss, rel=1e-5, abs=1e-6) and x.train_acc == y.train_acc
     sa, sb = (json.loads((p / "train.json").read_text()) for p in (a, b))
-    assert {k: v for k, v in sa.items() if k not in ("run", "train_seconds", "final_loss")} == \
-        {k: v for k, v in sb.items() if k not in ("run", "train_seconds", "final_loss")}
+    assert {k: v for k, v in sa.items() if k not in ("run", "train_seconds", "final_loss", "cost")} == \
+        {k: v for k, v in sb.items() if k not in ("run", "train_seconds", "final_loss", "cost")}
 
 
 def test_stacked_job_writes_what_the_per_run_job_writes(cache, rn50, alone, tmp_path):
@@ -63,6 +63,7 @@ def test_stacked_job_writes_what_the_per_run_job_writes(cache, rn50, alone, tmp_
     summaries = run_train_stacked(cache_dir=cache, dataset="toy", runs=runs, overrides=QUICK, progress=False,
                                   clip=rn50, max_stack=3)
     assert [s["skipped"] for s in summaries] == [False] * 3
+    assert [s["cost"]["stacked_runs"] for s in summaries] == [3] * 3  # their cost is the stack's, and says so
     for (_, _, out), ref in zip(runs, alone):
         _assert_same_run(out, ref)
     again = run_train_stacked(cache_dir=cache, dataset="toy", runs=runs, overrides=QUICK, progress=False, clip=rn50)

@@ -168,3 +168,35 @@ def test_local_cluster_workers_keep_glibc_malloc_defaults(monkeypatch: pytest.Mo
     with _client(None, 1, 1) as client:
         seen = client.run(_malloc_trim_threshold)
     assert list(seen.values()) == [None]
+
+
+def test_methods_all_plans_every_registered_method_that_suits_the_dataset(tmp_path: Path):
+    """``--methods all`` reads the registry (a method registered later joins with no list to update); a method
+    that needs ordered labels runs on age datasets only; one that cannot score new classes skips base-to-new."""
+    import dataclasses
+
+    from coopipe.methods import Method, method_names, register, unregister
+    from coopipe.sweep.plan import registered_methods
+
+    @dataclasses.dataclass(frozen=True)
+    class Opts:
+        pass
+
+    class Closed(Method):
+        name, title, options = "closedset", "Closed set", Opts
+
+        def transferable(self, options: Opts) -> bool:
+            return False
+
+    register(Closed())
+    try:
+        spec = SweepSpec(datasets=("eurosat",), methods=(), all_methods=True, shots=(1,), seeds=(1,), base2new=True,
+                         encode=False, runs=str(tmp_path / "runs"))
+        by_kind = {(t.kind, t.method.label()) for t in plan_sweep(spec).tasks}
+        expected = [n for n in method_names() if n != "rank"]
+        assert {label for kind, label in by_kind if kind == "coop"} == set(expected)
+        assert ("coop", "closedset") in by_kind and ("base2new", "closedset") not in by_kind
+        assert ("base2new", "cocoop") in by_kind
+        assert "rank" in [m.method for m in registered_methods("utkface")]
+    finally:
+        unregister("closedset")

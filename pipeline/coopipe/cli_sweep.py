@@ -17,7 +17,7 @@ from coopipe.config import EncodeConfig, FewShotConfig, ModelSpec, PathsConfig, 
 def sweep(
     dataset: Annotated[Optional[list[str]], typer.Option("--dataset", "--datasets", help="Dataset name(s), comma-separated or repeated.")] = None,
     data_root: Annotated[Optional[Path], typer.Option(help="CoOp-style $DATA folder (not needed with --no-encode).")] = None,
-    variants: Annotated[Optional[str], typer.Option("--variants", "--methods", help="Method labels (coop, coop_csc_middle, coop_m8, cocoop, rank) or variant names of tokens joined by _ (coop, csc, end|middle|front, m<N>, init, age); default: coop, or the variant flags (age datasets: coop_age, cocoop, rank).")] = None,
+    variants: Annotated[Optional[str], typer.Option("--variants", "--methods", help="Method labels (coop, coop_csc_middle, coop_m8, cocoop, rank; all: every registered method that suits the dataset) or variant names of tokens joined by _ (coop, csc, end|middle|front, m<N>, init, age); default: coop, or the variant flags (age datasets: coop_age, cocoop, rank).")] = None,
     csc: Annotated[bool, typer.Option("--csc", help="One variant by flags: class-specific context.")] = False,
     position: Annotated[Optional[str], typer.Option("--position", "--class-token-position", help="One variant by flags: class token position end, middle, front.")] = None,
     n_ctx: Annotated[Optional[int], typer.Option(help="One variant by flags: context length M.")] = None,
@@ -66,7 +66,7 @@ def sweep(
     from coopipe.methods import MethodSpec
     from coopipe.sweep import RunResult, SweepSpec, parse_variant, plan_sweep, run_sweep
     from coopipe.sweep.options import encode_args as parse_encode_args, train_args as parse_train_args
-    from coopipe.sweep.plan import RunSettings
+    from coopipe.sweep.plan import ALL_METHODS, RunSettings
 
     try:
         if jobs != "auto" and not (jobs.isdigit() and int(jobs) > 0):
@@ -78,8 +78,10 @@ def sweep(
 
         check_model_name(model)  # an unknown or unsupported model too
         methods: tuple[MethodSpec, ...] | None = None  # each dataset's default (age datasets: AGE_METHODS)
-        if variants:
-            methods = tuple(parse_variant(v) for v in name_list([variants]))
+        names = name_list([variants]) if variants else []
+        all_methods = ALL_METHODS in names
+        if names:
+            methods = tuple(parse_variant(v) for v in names if v != ALL_METHODS)
         elif csc or position or n_ctx or ctx_init:
             methods = (MethodSpec.of("coop", csc=csc or None, class_token_position=position, n_ctx=n_ctx,
                                                ctx_init=ctx_init),)
@@ -88,6 +90,7 @@ def sweep(
                                epochs=epochs or options.pop("max_epoch", None), train_options=options, ensemble=ensemble)
         spec = SweepSpec(
             datasets=tuple(name_list(dataset)), data_root=str(data_root) if data_root else None, methods=methods,
+            all_methods=all_methods,
             shots=tuple(int_list(shots)), seeds=tuple(int_list(seeds)), fewshot=fewshot, zeroshot=zeroshot,
             linear_probe=linear_probe, ridge=ridge, base2new=base2new, targets=tuple(name_list([targets] if targets else [])),
             skip_missing=skip_missing, views=views, encode_shots=tuple(int_list(encode_shots)), encode=encode,

@@ -173,6 +173,7 @@ class RunStepper:
             val_labels=None if self.val is None else self.val[1], classnames=tuple(names), template=run.template,
             clip=clip, logit_scale=self.logit_scale)
         config.method.definition.prepare(self.learner, self.fit_data)
+        self.setup_seconds = time.perf_counter() - self.started  # the method's one-off cost (coopipe.cost)
         self.conditional = is_image_conditional(self.learner)
         self.encoder = encoder
         # a training-free method (Tip-Adapter) runs 0 epochs: no step, so no optimiser; a method may build its
@@ -270,7 +271,8 @@ class RunStepper:
             raise ParamsError("the run has not finished: drive it to the end first")
         state = _snapshot(self.epoch, self.learner, self.optimizer, self.data_gen, self.history)
         return TrainResult(history=self.history, state=state, text_features=self.text_features,
-                           logit_scale=float(self.logit_scale), variant=_variant(self.learner), seconds=self.seconds)
+                           logit_scale=float(self.logit_scale), variant=_variant(self.learner), seconds=self.seconds,
+                           setup_seconds=self.setup_seconds)
 
     def _begin_epoch(self, text: torch.Tensor | None, tick_started: float) -> None:
         t1 = time.perf_counter()

@@ -241,6 +241,7 @@ class TrainResult:
     logit_scale: float  # CLIP's log scale (logits = exp(logit_scale) * cosine)
     variant: dict[str, Any]
     seconds: float
+    setup_seconds: float = 0.0  # building the learner and the method's prepare (its last start): coopipe.cost
 
     @property
     def params(self) -> dict[str, torch.Tensor]:

@@ -21,6 +21,7 @@ classifier is built from the learned context with the evaluated class names thro
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,12 +31,13 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from coopipe.atomic import write_json
-from coopipe.baselines import IMAGENET_TEMPLATES, dataset_template, fit_linear_probe, zero_shot
+from coopipe.baselines import IMAGENET_TEMPLATES, dataset_template, fit_linear_probe, zero_shot_classifier
 from coopipe.checkpoint import Checkpoint, load_checkpoint, load_learner
 from coopipe.datasets.ages import is_age_dataset
 from coopipe.departures import checkpoint_departures, training_record
 from coopipe.errors import CheckpointError, StoreError
-from coopipe.evaluate import check_finite_logits, classifier_logits, evaluate_predictions
+from coopipe.cost import TrainingCost, measure_inference, read_training_cost
+from coopipe.evaluate import check_finite_logits, classifier_logits, evaluate_classifier, evaluate_predictions
 from coopipe.features import SplitFeatures, read_split, select_store
 from coopipe.learners import predict_logits
 from coopipe.hardware import check_device
@@ -124,8 +126,13 @@ def run_eval(
             f"{feature_store.path} holds {len(test.classnames)} other classes of {dataset}; pass --transfer to "
             f"evaluate the learned context with the store's class names, or use a store of the checkpoint's dataset"
         )
-    logits = _prompt_logits(ckpt, test, clip=clip, pretrained=pretrained, device=device,
-                            template=dataset_template(str(dataset)))
+    exported = test.classnames == ckpt.classnames and not ckpt.method.image_conditional  # the CPU classifier
+    if not exported and clip is None:  # loaded before the inference is timed: loading a model is not inference
+        clip = load_clip(ckpt.model, pretrained or checkpoint_pretrained(ckpt), device=device)
+    logits, inference = measure_inference(
+        len(test.labels), lambda: _prompt_logits(ckpt, test, clip=clip, pretrained=pretrained, device=device,
+                                         template=dataset_template(str(dataset))),
+        device="cpu" if exported else device)
     y = torch.as_tensor(test.labels)
     evaluation = evaluate_predictions(y, logits.argmax(dim=-1), logits.shape[1],
                                       loss=float(F.cross_entropy(logits, y)) if len(y) else None)
@@ -142,6 +149,7 @@ def run_eval(
     )
     metrics["departures"] += [d for d in checkpoint_departures(ckpt, feature_store.provenance)
                               if d not in metrics["departures"]]
+    metrics["cost"] = {**(read_training_cost(ckpt.path) or {}), **inference.to_dict()}
     if out is None:
         folder = ckpt.path / "transfer" / str(dataset) if dataset != source else ckpt.path
         out = folder / metrics_filename(classes)
@@ -206,12 +214,17 @@ def run_zeroshot(
     store = select_store(cache_dir, dataset, "test", model=clip.name, weights=clip.weights_id)
     test = ClassSubset.of(store.classnames(), classes).apply(read_split(store, all_views=False))
     chosen = list(templates) if templates else (list(IMAGENET_TEMPLATES) if ensemble else [dataset_template(dataset)])
-    evaluation = zero_shot(clip, test.classnames, chosen, test.center, test.labels)
+    started = time.perf_counter()
+    weights = zero_shot_classifier(clip, test.classnames, chosen)  # (K, D): its one text pass is its "training"
+    setup = time.perf_counter() - started
+    evaluation, inference = measure_inference(len(test.labels), lambda: evaluate_classifier(
+        weights, test.center, test.labels, clip.model.logit_scale.detach().cpu()))
     metrics = _metrics(
         evaluation, test.classnames, method="zeroshot_ensemble" if len(chosen) > 1 else "zeroshot", dataset=dataset,
         shots=0, seed=None, model=clip.name, weights=clip.weights_id, templates=chosen, store=str(store.path),
         classes=classes,
     )
+    metrics["cost"] = {**TrainingCost(setup, 0.0, 0, 0, device=device).to_dict(), **inference.to_dict()}
     write_json(Path(out_dir) / metrics_filename(classes), metrics)
     return metrics
 
@@ -248,13 +261,16 @@ def run_linear_probe(
                      index.val_indices, all_views=False)
     test_store = select_store(cache_dir, dataset, "test", **kw)
     test = read_split(test_store, all_views=False)
+    started = time.perf_counter()
     probe = fit_linear_probe(train.center, train.labels, val.center, val.labels, n_classes=len(train.classnames))
-    evaluation = probe.evaluate(test.center, test.labels)
+    fit = TrainingCost(time.perf_counter() - started, 0.0, 0, len(train.labels), device="cpu")  # sklearn: CPU
+    evaluation, inference = measure_inference(len(test.labels), lambda: probe.evaluate(test.center, test.labels))
     metrics = _metrics(
         evaluation, train.classnames, method="linear_probe", dataset=dataset, shots=shots, seed=seed,
         model=clip.name, weights=clip.weights_id, C=probe.C, val_accuracy=probe.val_accuracy,
         store=str(test_store.path),
     )
+    metrics["cost"] = {**fit.to_dict(), **inference.to_dict()}
     write_json(Path(out_dir) / "metrics.json", metrics)
     return metrics
 from coopipe.jobs.age_eval import run_ridge_probe  # noqa: F401  (the age baselines beside the others)

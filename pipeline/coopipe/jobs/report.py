@@ -32,6 +32,7 @@ from coopipe.config import ReportConfig
 from coopipe.report.aggregate import (
     average_cells,
     base2new_rows,
+    cost_rows,
     fewshot_cells,
     gain_shots_for,
     gains_over_zeroshot,
@@ -39,6 +40,8 @@ from coopipe.report.aggregate import (
 )
 from coopipe.report.figures import plot_accuracy_vs_shots, plot_gains
 from coopipe.report.records import ReportError, RunRecord, dedupe, record_from_metrics
+from coopipe.report.names import dataset_label
+from coopipe.safe_names import safe_name
 from coopipe.report.tables import STD_NOTE, csv_rows, csv_text, fewshot_markdown, gains_markdown, markdown_report
 from coopipe.report.records import metrics_files
 
@@ -53,6 +56,8 @@ FILES = {
     "scores": "scores.json",
     "headline": "headline.md",
 }
+DATASET_REPORT = "report_{dataset}.md"  # write_dataset_reports: one per dataset
+DATASET_FIGURE = "accuracy_vs_shots_{dataset}.png"
 CURVES = "training"  # export_metrics: one <run>.tsv per run (epoch, lr, loss, train_acc, val_acc, seconds)
 
 
@@ -128,6 +133,7 @@ def run_report(
     averages = average_cells(cells) if len({c.dataset for c in cells}) > 1 else []
     b2n = base2new_rows(records)
     transfer = transfer_cells(records)
+    costs = cost_rows(records)
     shots = gain_shots if gain_shots is not None else gain_shots_for(cells, gain_method)
     gains = gains_over_zeroshot(cells, shots=gain_shots)
     logger.info("report over %d result(s) from %s (%d skipped)", len(records), runs_dir, len(skipped))
@@ -137,8 +143,9 @@ def run_report(
     plot_gains(gains, out / FILES["fig4"], method=gain_method, shots=shots)
     figures = {"Figure 3: accuracy vs shots": FILES["fig3"], "Figure 4: gain over zero-shot CLIP": FILES["fig4"]}
     md = markdown_report(cells, averages, b2n, transfer, gains, title=f"coopipe report: {runs_dir}", figures=figures,
-                         records=records)
+                         records=records, costs=costs)
     write_text(out / FILES["markdown"], md)
+    per_dataset = write_dataset_reports(records, out, runs_dir=runs_dir)
     write_text(out / FILES["csv"], csv_text(csv_rows(cells, averages, b2n, transfer)))
     summary = {
         "runs_dir": str(runs_dir),
@@ -152,7 +159,9 @@ def run_report(
         "gain": {"figure_method": gain_method, "figure_shots": shots, "rows": [g.to_dict() for g in gains]},
         "base2new": [r.to_dict() for r in b2n],
         "transfer": [t.to_dict() for t in transfer],
+        "cost": [c.to_dict() for c in costs],
         "files": {k: str(out / v) for k, v in FILES.items()},
+        "datasets": per_dataset,
     }
     write_json(out / FILES["summary"], summary)
     scores = {
@@ -165,6 +174,28 @@ def run_report(
                 f"Full report: {out / FILES['markdown']}"]
     write_text(out / FILES["headline"], "\n".join(headline).lstrip("\n") + "\n")
     return summary
+
+
+def write_dataset_reports(records: Sequence[RunRecord], out: Path, *, runs_dir: Path) -> dict[str, dict[str, str]]:
+    """One report per dataset (``report_<dataset>.md``): its method x shots table, base / new / H, transfer from
+    it (domain generalisation, cross-dataset), its cost table, every row stamped with its setting, and its own
+    accuracy-vs-shots figure (``accuracy_vs_shots_<dataset>.png``). Returns {dataset: {markdown, figure}}."""
+    written: dict[str, dict[str, str]] = {}
+    for dataset in sorted({r.dataset for r in records if r.kind in ("fewshot", "base2new")} | 
+                          {r.source for r in records if r.kind == "transfer" and r.source}):
+        mine = [r for r in records if dataset in (r.dataset, r.source) and r.kind != "other"]
+        cells = fewshot_cells(mine)
+        name = safe_name(dataset)
+        figure = DATASET_FIGURE.format(dataset=name)
+        plot_accuracy_vs_shots([c for c in cells if c.dataset == dataset], [], out / figure)
+        md = markdown_report([c for c in cells if c.dataset == dataset], [], base2new_rows(mine),
+                             transfer_cells(mine), gains_over_zeroshot([c for c in cells if c.dataset == dataset]),
+                             title=f"coopipe report: {dataset_label(dataset)} ({runs_dir})",
+                             figures={"Accuracy vs shots per class": figure}, records=mine, costs=cost_rows(mine))
+        path = out / DATASET_REPORT.format(dataset=name)
+        write_text(path, md)
+        written[dataset] = {"markdown": str(path), "figure": str(out / figure)}
+    return written
 
 
 def export_metrics(report_dir: str | Path, metrics_dir: str | Path, *, dataset: str, curve_runs: str | Path) -> Path:

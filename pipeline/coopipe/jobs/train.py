@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from coopipe.atomic import write_json, write_text
+from coopipe.cost import training_cost
 from coopipe.departures import warn_single_view
 from coopipe.baselines import dataset_template
 from coopipe.checkpoint import (
@@ -49,7 +50,7 @@ from coopipe.features import read_split, select_store
 from coopipe.models import LoadedClip, sha256_file
 from coopipe.lookup import fewshot_index_for, fewshot_index_path, resolve_model
 from coopipe.metrics_log import EpochMetricsLog
-from coopipe.stacked import StackedRun, train_stacked
+from coopipe.stacked import StackedRun, default_max_stack, train_stacked
 from coopipe.train import train_prompt
 from coopipe.train_config import EpochRecord, TrainConfig, TrainResult, TrainState, batch_slices
 from coopipe.transfer import ClassSubset, check_store_classes
@@ -136,16 +137,29 @@ def run_train_stacked(
             stack.enter_context(run.bar)
             stack.enter_context(run.metrics)
         results = iter(train_stacked([run.stacked_run() for run in todo], clip, max_stack=max_stack))
+        sizes = iter(_group_sizes(todo, clip, max_stack))
         summaries: list[dict[str, Any]] = []
         diverged: list[TrainingDivergedError] = []
         for item in prepared:  # every sound run is saved before a diverged one's error is raised
             try:
-                summaries.append(item if isinstance(item, dict) else _finish(item, next(results)))
+                summaries.append(item if isinstance(item, dict) else
+                                 _finish(item, next(results), stacked_runs=next(sizes)))
             except TrainingDivergedError as exc:
                 diverged.append(exc)
         if diverged:
             raise diverged[0]
         return summaries
+
+
+def _group_sizes(todo: Sequence[_Prepared], clip: LoadedClip, max_stack: int | None) -> list[int]:
+    """How many runs shared each run's text pass (the groups :func:`coopipe.stacked.train_stacked` forms): the cost
+    a run records is its group's."""
+    if not todo:
+        return []
+    config = todo[0].config
+    group = 1 if not config.method.definition.stackable else (
+        max_stack or default_max_stack(clip, len(todo[0].train.classnames), config))
+    return [min(group, len(todo) - (i // group) * group) for i in range(len(todo))]
 
 
 @dataclass
@@ -286,8 +300,9 @@ def _prepare(
                      template=dataset_template(dataset))
 
 
-def _finish(prepared: _Prepared, result: TrainResult) -> dict[str, Any]:
-    """Check and save a trained run (the same for a run trained alone or stacked); returns its summary."""
+def _finish(prepared: _Prepared, result: TrainResult, *, stacked_runs: int = 1) -> dict[str, Any]:
+    """Check and save a trained run (the same for a run trained alone or stacked, with ``stacked_runs`` runs in its
+    text pass); returns its summary, with the run's cost (:mod:`coopipe.cost`)."""
     out_dir, config, clip = prepared.out_dir, prepared.config, prepared.clip
     final = result.text_features if result.text_features is not None else torch.cat(
         [t.flatten() for t in result.params.values()])
@@ -301,7 +316,9 @@ def _finish(prepared: _Prepared, result: TrainResult) -> dict[str, Any]:
     # _complete_outputs on the next run
     save_result(out_dir, result, clip=clip, classnames=prepared.train.classnames, config=config,
                 stores=prepared.stores, params=prepared.record, run=prepared.run)
-    return _complete_outputs(load_checkpoint(out_dir), clip, seconds=result.seconds, skipped=False)
+    cost = training_cost(result.history, setup_seconds=result.setup_seconds, images=len(prepared.train.labels),
+                         stacked_runs=stacked_runs, device=str(next(clip.model.parameters()).device))
+    return _complete_outputs(load_checkpoint(out_dir), clip, seconds=result.seconds, skipped=False, cost=cost.to_dict())
 
 
 
@@ -318,7 +335,7 @@ def check_finite(rec: EpochRecord, state: TrainState, config: TrainConfig, out_d
 
 
 def _complete_outputs(ckpt: Checkpoint, clip: LoadedClip, *, seconds: float | None = None,
-                      skipped: bool = True) -> dict[str, Any]:
+                      skipped: bool = True, cost: dict[str, Any] | None = None) -> dict[str, Any]:
     """Make every output of a complete run exist: a missing or foreign classifier is re-exported from the saved
     context, ``history.tsv`` and ``train.json`` are (re)written. Returns the run summary."""
     out_dir = ckpt.path
@@ -337,6 +354,8 @@ def _complete_outputs(ckpt: Checkpoint, clip: LoadedClip, *, seconds: float | No
     if not skipped or not history.is_file():
         write_text(history, _history_tsv(ckpt.history))
     summary = _summary(ckpt, skipped=skipped, seconds=seconds)
+    if cost is not None:
+        summary["cost"] = cost
     if not skipped or not (out_dir / "train.json").is_file():
         write_json(out_dir / "train.json", summary)
     return summary

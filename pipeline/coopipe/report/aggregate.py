@@ -251,3 +251,54 @@ def gains_over_zeroshot(cells: Sequence[Cell], *, method: str | None = None, sho
                 c.note)
            for c in mine if c.shots == (shots if shots is not None else most[(c.dataset, c.model, c.method)])]
     return sorted(out, key=lambda g: (dataset_order(g.dataset), g.model, method_order(g.method), g.note))
+
+
+# ---------------------------------------------------------------- cost (Tip-Adapter's Table 1)
+@dataclass(frozen=True)
+class CostRow:
+    """A method's cost and accuracy on one dataset x model x shots, over seeds (:mod:`coopipe.cost` defines each
+    number): training wall time (s), time per training image (s), inference images/s and peak memory (bytes) as
+    mean ± std over the seeds that recorded them; ``stacked_runs`` > 1 when its runs shared a text pass."""
+
+    dataset: str
+    method: str
+    shots: int
+    accuracy: Stat
+    train_seconds: Stat
+    seconds_per_image: Stat
+    images_per_s: Stat
+    peak_memory_bytes: Stat
+    epochs: int | None = None
+    model: str = ""
+    note: str = ""
+    stacked_runs: int = 1
+    memory_kind: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _cost_stat(records: Sequence[RunRecord], field: str) -> Stat:
+    """Mean ± population std of a cost field over the records that hold it (no percent scaling)."""
+    pairs = [(r.seed, getattr(r.cost, field)) for r in records if r.cost is not None]
+    pairs = [(seed, float(v)) for seed, v in pairs if v is not None]
+    return summarize([v for _, v in pairs], [s for s, _ in pairs])
+
+
+def cost_rows(records: Iterable[RunRecord]) -> list[CostRow]:
+    """One row per dataset x model x method x shots (x epochs departure) of the few-shot results that recorded a
+    cost, sorted as the few-shot table."""
+    groups: dict[tuple[str, str, str, int, str], list[RunRecord]] = defaultdict(list)
+    for r in records:
+        if r.kind == "fewshot" and r.cost is not None:
+            groups[(r.dataset, r.model, r.method, r.shots, r.epochs_note)].append(r)
+    rows = []
+    for (dataset, model, method, shots, note), recs in groups.items():
+        costs = [r.cost for r in recs if r.cost is not None]
+        epochs = {c.epochs for c in costs if c.epochs is not None}
+        rows.append(CostRow(
+            dataset, method, shots, _seed_stat(recs, lambda r: r.accuracy), _cost_stat(recs, "train_seconds"),
+            _cost_stat(recs, "seconds_per_image"), _cost_stat(recs, "images_per_s"),
+            _cost_stat(recs, "peak_memory_bytes"), epochs=max(epochs) if epochs else None, model=model, note=note,
+            stacked_runs=max(c.stacked_runs for c in costs), memory_kind="; ".join(sorted({c.memory_kind for c in costs} - {""}))))
+    return sorted(rows, key=lambda c: (dataset_order(c.dataset), c.shots, method_order(c.method), c.model))

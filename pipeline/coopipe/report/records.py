@@ -32,6 +32,44 @@ class ReportError(CoopipeError, ValueError):
 
 # ---------------------------------------------------------------- records
 @dataclass(frozen=True)
+class CostRecord:
+    """What a run cost, as its metrics file records it (:mod:`coopipe.cost` defines each number); None: not
+    recorded (an older run, or a number that does not apply)."""
+
+    train_seconds: float | None = None
+    seconds_per_image: float | None = None
+    epochs: int | None = None
+    images_per_s: float | None = None
+    peak_memory_bytes: int | None = None
+    memory_kind: str = ""
+    stacked_runs: int = 1
+
+
+def _number(data: Mapping[str, Any], key: str) -> float | None:
+    value = data.get(key)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def cost_from_metrics(data: Mapping[str, Any]) -> CostRecord | None:
+    """The ``cost`` section of a metrics mapping (None when absent or not a mapping)."""
+    cost = data.get("cost")
+    if not isinstance(cost, Mapping):
+        return None
+    epochs, peak, stacked = _number(cost, "epochs"), _number(cost, "peak_memory_bytes"), _number(cost, "stacked_runs")
+    return CostRecord(train_seconds=_number(cost, "train_seconds"), seconds_per_image=_number(cost, "seconds_per_train_image"),
+                      epochs=None if epochs is None else int(epochs), images_per_s=_number(cost, "inference_images_per_s"),
+                      peak_memory_bytes=None if peak is None else int(peak),
+                      memory_kind=str(cost.get("peak_memory_kind") or ""),
+                      stacked_runs=1 if stacked is None else int(stacked))
+
+
+def cache_of(store: Any) -> str:
+    """The feature cache a store lies in (``cache/eurosat/test_RN50_....zarr`` -> ``cache``; see
+    :func:`coopipe.store.store_path`): the report's stamp."""
+    return str(Path(str(store)).parent.parent) if store else ""
+
+
+@dataclass(frozen=True)
 class RunRecord:
     """The result of one evaluated run (accuracy as a fraction, as in ``metrics.json``)."""
 
@@ -49,6 +87,9 @@ class RunRecord:
     departures: tuple[str, ...] = ()  # every departure from the paper's setting the metrics file lists
     epochs_note: str = ""  # e.g. "10 epochs (paper 200)"; empty when the run trained the paper's epochs
     ordinal: bool = False  # an age result (metrics.json holds MAEs): the age report's, not this report's
+    weights: str = ""  # the weights' identity (metrics ``weights``)
+    cache: str = ""  # the feature cache the evaluated store lies in
+    cost: CostRecord | None = None
 
     @property
     def kind(self) -> str:
@@ -101,6 +142,9 @@ def record_from_metrics(data: Mapping[str, Any], path: str = "") -> RunRecord:
         departures=tuple(str(d) for d in data.get("departures") or ()),
         epochs_note=epochs_departure(data),
         ordinal="mae_exp" in data,
+        weights=str(data.get("weights") or ""),
+        cache=cache_of(data.get("store")),
+        cost=cost_from_metrics(data),
     )
 
 

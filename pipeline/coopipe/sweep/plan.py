@@ -39,7 +39,7 @@ from coopipe.config import EncodeConfig, FewShotConfig, ModelSpec, PathsConfig
 from coopipe.datasets.ages import is_age_dataset
 from coopipe.errors import CoopipeError, DatasetError, ParamsError
 from coopipe.lookup import run_name
-from coopipe.methods import MethodSpec, epochs_for
+from coopipe.methods import MethodSpec, epochs_for, get_method, method_names
 from coopipe.methods.rank import ORDINALCLIP_INIT
 from coopipe.prompt import CLASS_TOKEN_POSITIONS
 from coopipe.train_config import TrainConfig
@@ -56,6 +56,7 @@ AGE_METHODS = (  # an age dataset's default methods: OrdinalCLIP's table (its Co
     MethodSpec("rank"),
 )
 BASE2NEW_METHODS = (MethodSpec.of("coop", ctx_init=INIT_WORDS),)  # CoCoOp's table: CoOp vit_b16_ctxv1
+ALL_METHODS = "all"  # ``--methods all``: every registered method that suits the dataset (registered_methods)
 FEWSHOT_KINDS = ("coop", "base2new", "linear_probe", "ridge")  # tasks that need the few-shot train/val stores
 
 
@@ -141,6 +142,7 @@ class SweepSpec:
     datasets: tuple[str, ...]
     data_root: str | None = None
     methods: tuple[MethodSpec, ...] | None = None
+    all_methods: bool = False  # every registered method (registered_methods) before ``methods``
     shots: tuple[int, ...] = FewShotConfig.shots
     seeds: tuple[int, ...] = FewShotConfig.seeds
     fewshot: bool = True
@@ -157,6 +159,14 @@ class SweepSpec:
     dataset_options: Mapping[str, Any] = field(default_factory=dict)  # every dataset's builder (--dataset-option)
     runs: str | None = None
     settings: RunSettings = field(default_factory=RunSettings)
+
+
+def registered_methods(dataset: str) -> tuple[MethodSpec, ...]:
+    """Every registered method in its paper setting that can train on ``dataset``, in registration order: a method
+    that needs ordered labels (rank prompts) only on an age dataset. Why from the registry: a method added as a
+    module joins every comparison with no list to update."""
+    age = is_age_dataset(dataset)
+    return tuple(MethodSpec(name) for name in method_names() if age or not get_method(name).ordered_labels)
 
 
 def parse_variant(name: str) -> MethodSpec:
@@ -225,7 +235,8 @@ def _check(spec: SweepSpec) -> None:
     problems = []
     if not spec.datasets:
         problems.append("no dataset given (--dataset)")
-    if spec.methods is not None and not spec.methods and (spec.fewshot or spec.base2new or spec.targets):
+    if spec.methods is not None and not spec.methods and not spec.all_methods and (
+            spec.fewshot or spec.base2new or spec.targets):
         problems.append("no method given (--methods)")
     for m in spec.methods or ():
         if (spec.base2new or spec.targets) and not m.transferable:
@@ -291,13 +302,20 @@ def plan_sweep(spec: SweepSpec) -> SweepPlan:
         if spec.ridge and not age:
             raise ParamsError(f"--ridge needs an age dataset (utkface, morph, agemanifest); {ds} has class labels")
         methods = spec.methods if spec.methods is not None else (AGE_METHODS if age else (MethodSpec(),))
+        if spec.all_methods:
+            methods = (*registered_methods(ds), *(m for m in methods if m not in registered_methods(ds)))
         shots = sorted(set(spec.shots), reverse=True)
         grid = [(m, k, s) for m in methods for k in shots for s in spec.seeds]
+        if spec.all_methods and (spec.base2new or spec.targets):
+            for m in {m for m, _, _ in grid if not m.transferable}:
+                logger.info("%s cannot score classes it did not train on: left out of base-to-new and transfer", m)
+        other_classes = [(m, k, s) for m, k, s in grid if m.transferable]  # _check refused the others by name
         if spec.fewshot:
             tasks += [coop_task("coop", ds, m, k, s) for m, k, s in grid]
-        if spec.base2new:
-            halves = spec.methods if spec.methods is not None else BASE2NEW_METHODS
-            tasks += [coop_task("base2new", ds, m, k, s) for m in halves for k in shots for s in spec.seeds]
+        if spec.base2new and spec.methods is None and not spec.all_methods:  # CoCoOp's table's CoOp row
+            tasks += [coop_task("base2new", ds, m, k, s) for m in BASE2NEW_METHODS for k in shots for s in spec.seeds]
+        elif spec.base2new:
+            tasks += [coop_task("base2new", ds, m, k, s) for m, k, s in other_classes]
         if spec.base2new and spec.zeroshot:
             run = runs / ds / "base2new" / "zeroshot"
             tasks.append(RunTask("zeroshot_halves", ds, str(run), f"zeroshot {ds} base/new",
@@ -318,7 +336,7 @@ def plan_sweep(spec: SweepSpec) -> SweepPlan:
                 run = runs / name / method
                 tasks.append(RunTask("zeroshot", name, str(run), f"{method} {name}", (str(run / "metrics.json"),),
                                      1.0, ensemble=ensemble))
-        for m, k, s in grid if targets and spec.fewshot else []:
+        for m, k, s in other_classes if targets and spec.fewshot else []:
             source = runs / ds / safe_name(m.label()) / run_name(k, s)
             for t in targets:
                 out = source / "transfer" / names[t]

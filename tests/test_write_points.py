@@ -149,3 +149,75 @@ def test_a_folder_in_the_way_or_a_name_too_long_is_one_line_and_leaves_no_tempor
             assert res.exit_code == 1 and fix in res.output and res.output.count("error:") == 1, (args, res.output)
             assert str(tmp_path) in res.output
     assert not _leftovers(tmp_path)
+
+
+class HalfWrite:
+    """``open`` for a library module: its ``fail_at``-th opening for writing (0: never) returns a file whose first
+    write stores half of the text and then raises ENOSPC, as a full disk does inside a write in place."""
+
+    def __init__(self, fail_at: int) -> None:
+        self.fail_at, self.calls = fail_at, 0
+
+    def __call__(self, file, mode="r", *args, **kwargs):
+        import builtins
+
+        fh = builtins.open(file, mode, *args, **kwargs)
+        if "w" in mode or "a" in mode:
+            self.calls += 1
+            if self.calls == self.fail_at:
+                return _FullAfterHalf(fh)
+        return fh
+
+
+class _FullAfterHalf:
+    def __init__(self, fh) -> None:
+        self._fh = fh
+
+    def write(self, text: str) -> int:
+        self._fh.write(text[: len(text) // 2])
+        self._fh.close()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._fh.close()
+
+
+def _dvclive_files(run: Path) -> dict[str, object]:
+    live = run / "dvclive"
+    return {str(p.relative_to(live)): json.loads(p.read_text()) if p.suffix == ".json" else p.read_text()
+            for p in sorted(live.rglob("*")) if p.is_file()}
+
+
+def test_a_full_disk_inside_a_dvclive_write_is_one_line_and_a_rerun_equals_an_uninterrupted_run(world, tmp_path,
+                                                                                             monkeypatch):
+    import dvclive.plots.metric
+    import dvclive.serialize
+
+    def patch(opener: HalfWrite) -> HalfWrite:
+        for module in (dvclive.serialize, dvclive.plots.metric):
+            monkeypatch.setattr(module, "open", opener, raising=False)
+        return opener
+
+    args, result = _commands(world)["train"]
+    runner = CliRunner()
+    counter = patch(HalfWrite(0))
+    assert runner.invoke(app, args(tmp_path / "clean")).exit_code == 0
+    expected = (result(tmp_path / "clean"), _dvclive_files(tmp_path / "clean" / "run"))
+    assert counter.calls >= 4
+    # the first row appended, a write in the middle (epoch 2: the resume starts from epoch 1's checkpoint), the summary
+    # that end() writes last; the points between repeat these writes for other metrics
+    for n in sorted({1, counter.calls // 2 + 1, counter.calls}):
+        folder = tmp_path / f"full{n}"
+        patch(HalfWrite(n))
+        res = runner.invoke(app, args(folder))
+        assert res.exit_code == 1 and res.output.count("error:") == 1, (n, res.output)
+        assert "disk is full" in res.output and str(folder / "run" / "dvclive") in res.output, (n, res.output)
+        patch(HalfWrite(0))
+        res = runner.invoke(app, args(folder))
+        assert res.exit_code == 0, (n, res.output)
+        assert (result(folder), _dvclive_files(folder / "run")) == expected, n
+        assert not _leftovers(folder), n
+        shutil.rmtree(folder)

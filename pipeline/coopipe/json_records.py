@@ -45,7 +45,7 @@ def read_json(path: str | os.PathLike[str], *, what: str, fix: str, error: type[
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise error(f"{what} {path} is not valid JSON ({exc}); {fix}") from exc
+        raise error(f"{what} {path} is not readable JSON ({exc}); {fix}") from exc
     except RecursionError as exc:
         raise error(f"{what} {path} is nested too deeply to read; {fix}") from exc
 

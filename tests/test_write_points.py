@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -191,6 +192,7 @@ def _dvclive_files(run: Path) -> dict[str, object]:
             for p in sorted(live.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_a_full_disk_inside_a_dvclive_write_is_one_line_and_a_rerun_equals_an_uninterrupted_run(world, tmp_path,
                                                                                              monkeypatch):
     import dvclive.plots.metric
@@ -221,3 +223,68 @@ def test_a_full_disk_inside_a_dvclive_write_is_one_line_and_a_rerun_equals_an_un
         assert (result(folder), _dvclive_files(folder / "run")) == expected, n
         assert not _leftovers(folder), n
         shutil.rmtree(folder)
+
+
+@pytest.mark.slow
+def test_a_full_disk_inside_each_zarr_write_of_an_encode_is_one_line_and_a_rerun_equals_an_uninterrupted_run(
+        rn50, tmp_path, monkeypatch, capsys):
+    """Each kind of ``LocalStore.set`` of an encode (array metadata, chunks, attributes, the final record) fails once."""
+    import typer
+    import zarr
+    from coopipe.cli_common import errors
+    from coopipe.datasets.base import Dataset, Split
+    from coopipe.encode import EncodeOptions, encode_split
+    from coopipe.store import open_store
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "imgs").mkdir()
+    names = [f"{i}.png" for i in range(4)]
+    for name in names:
+        Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(tmp_path / "imgs" / name)
+    data = Dataset("tiny", tmp_path / "imgs", ("cat", "dog"), "a photo of a {}.",
+                   {"test": Split(tuple(names), (0, 1, 0, 1))})
+    options = EncodeOptions(precision="fp32", chunk_rows=2, batch_size=4, num_workers=0, progress=False)
+    real_set = zarr.storage.LocalStore.set
+    state = {"calls": 0, "fail_at": 0}
+
+    keys: list[str] = []
+
+    async def counted_set(self, key, value):
+        state["calls"] += 1
+        keys.append(key)
+        if state["calls"] == state["fail_at"]:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return await real_set(self, key, value)
+
+    def encode(cache: Path) -> int:
+        capsys.readouterr()
+        try:
+            with errors():
+                encode_split(data, "test", cache_dir=cache, options=options, clip=rn50)
+        except typer.Exit as exc:
+            return int(exc.exit_code)
+        return 0
+
+    def content(cache: Path) -> object:
+        store = open_store(next((cache / "tiny").glob("*.zarr")), checksums=True)
+        return store.read(view=None).tolist(), store.labels().tolist(), store.provenance
+
+    monkeypatch.setattr(zarr.storage.LocalStore, "set", counted_set)
+    assert encode(tmp_path / "clean") == 0
+    expected, points = content(tmp_path / "clean"), state["calls"]
+    assert points >= 8
+    # the first write of each kind (each array's metadata, its first chunk, the group's record) and the last one
+    # (the record that marks the store complete); later writes of a kind take the same path through the code
+    kinds = {re.sub(r"/c/.*", "/c", key): 0 for key in keys}
+    for i, key in reversed(list(enumerate(keys, start=1))):
+        kinds[re.sub(r"/c/.*", "/c", key)] = i
+    for n in sorted({*kinds.values(), points}):
+        cache = tmp_path / f"full{n}"
+        state.update(calls=0, fail_at=n)
+        code, err = encode(cache), capsys.readouterr().err
+        assert code == 1 and err.count("error:") == 1 and "\n" not in err.strip(), (n, err)
+        assert "full" in err and str(cache) in err, (n, err)
+        state.update(calls=0, fail_at=0)
+        assert encode(cache) == 0, n
+        assert content(cache) == expected, n
+        shutil.rmtree(cache)

@@ -288,3 +288,46 @@ def test_a_full_disk_inside_each_zarr_write_of_an_encode_is_one_line_and_a_rerun
         assert encode(cache) == 0, n
         assert content(cache) == expected, n
         shutil.rmtree(cache)
+
+
+@pytest.mark.parametrize("name", ["eval --out", "train"])
+def test_a_permission_error_on_a_write_is_one_line_naming_the_path_and_a_rerun_finishes(world, tmp_path, monkeypatch,
+                                                                                        name):
+    """EACCES when a finished file is published (tests run as root, where chmod denies nothing: ``os.replace`` raises
+    as the kernel would): one line naming the path and the fix, no temporary file, and a re-run finishes."""
+    args, result = _commands(world)[name]
+    runner = CliRunner()
+    assert runner.invoke(app, args(tmp_path / "clean")).exit_code == 0
+    real_replace = os.replace
+
+    def denied(src, dst, *rest, **kwargs):
+        if str(tmp_path / "denied") in str(dst):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(src), str(dst))
+        return real_replace(src, dst, *rest, **kwargs)
+
+    folder = tmp_path / "denied"
+    monkeypatch.setattr(os, "replace", denied)
+    res = runner.invoke(app, args(folder))
+    assert res.exit_code == 1 and res.output.count("error:") == 1, res.output
+    line = res.output.strip().splitlines()[-1]
+    assert "Permission denied" in line and "fix the permissions" in line and str(folder) in line, line
+    assert not _leftovers(folder) and not _leftovers(world["run"])
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert runner.invoke(app, args(folder)).exit_code == 0
+    assert result(folder) == result(tmp_path / "clean")
+
+
+def test_a_permission_error_on_a_read_is_one_line_naming_the_file(world, monkeypatch):
+    record = world["run"] / "prompt.json"
+    real_read = Path.read_text
+
+    def denied(self, *args, **kwargs):
+        if self == record:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return real_read(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    res = CliRunner().invoke(app, ["eval", str(world["run"]), "--features", str(world["cache"])])
+    assert res.exit_code == 1 and res.output.count("error:") == 1, res.output
+    line = res.output.strip().splitlines()[-1]
+    assert f"Permission denied ({record})" in line and "fix the permissions" in line, line

@@ -133,3 +133,12 @@ def test_a_whole_number_written_as_text_names_the_field(tmp_path):
     spec = SweepSpec(datasets=("eurosat",), encode=False, settings=RunSettings(train_options={"max_epoch": "abc"}))
     with pytest.raises(CoopipeError, match="training option max_epoch must be a whole number, got 'abc'"):
         plan_sweep(spec)
+
+
+@pytest.mark.parametrize(("option", "value"), [("seed", "abc"), ("min_age", "abc"), ("split_file", 3), ("template", 5)])
+def test_a_dataset_option_of_the_wrong_type_names_the_option(tmp_path, option, value):
+    from coopipe.datasets import load_dataset
+
+    (tmp_path / "utkface" / "images").mkdir(parents=True)
+    with pytest.raises(CoopipeError, match=f"dataset utkface: option {option} must be .*got {value!r}"):
+        load_dataset("utkface", tmp_path, **{option: value})

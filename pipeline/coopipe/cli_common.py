@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import click
 import typer
 from typer.core import TyperGroup
 
@@ -42,7 +41,7 @@ class NoNulArguments(TyperGroup):
     script or a YAML ``"\\0"`` can pass it) is one line naming it, before any command sees it; os calls would
     otherwise fail later with a bare ``embedded null byte``."""
 
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:  # typer's own click Context
         bad = next((a for a in args if "\0" in a), None)
         if bad is not None:
             typer.echo(f"error: argument {bad!r} holds a NUL byte, which no path, option value or name can hold; "

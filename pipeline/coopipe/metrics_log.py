@@ -105,11 +105,11 @@ def write_from_history(live_dir: str | os.PathLike[str], history: Sequence[Epoch
     live_dir = Path(live_dir)
     summary: dict[str, Any] = {}
     for name in LOGGED:
-        rows = [[r.epoch, float(getattr(r, name))] for r in history if getattr(r, name) is not None]
+        values = [(r.epoch, float(getattr(r, name))) for r in history if getattr(r, name) is not None]
         path = live_dir / "plots" / "metrics" / f"{name}.tsv"
-        if rows:
-            write_text(path, _tsv_text([["step", name], *rows]))
-            summary[name] = rows[-1][1]
+        if values:  # csv writes a float as str(): dvclive's row text
+            write_text(path, _tsv_text([["step", name], *([str(step), str(v)] for step, v in values)]))
+            summary[name] = values[-1][1]
         else:
             path.unlink(missing_ok=True)
     if history:

@@ -97,7 +97,7 @@ def _run_metrics(ckpt: Checkpoint) -> dict[str, dict[str, Any]]:
         if path.is_file():
             try:
                 found[name] = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError) as exc:
+            except (OSError, ValueError) as exc:  # ValueError: not UTF-8 or not JSON
                 logger.warning("run %s: cannot read %s (%s); the model card leaves it out", ckpt.path, name, exc)
     return found
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from coopipe.config import CLASS_SUBSETS
 from coopipe.errors import CheckpointError, ParamsError
 from coopipe.methods import MethodSpec
 from coopipe.option_check import check_train_options
@@ -95,6 +96,8 @@ def check_record(meta: Mapping[str, Any], where: Path) -> None:
                 raise _fail(where, f"field 'run.{key}' is missing or not {_JSON_NAMES[types[0]]}")
         if any(isinstance(run.get(k), int) and run[k] < 0 for k in ("shots", "seed")):
             raise _fail(where, "fields 'run.shots' and 'run.seed' cannot be negative")
+        if run.get("classes") not in (None, *CLASS_SUBSETS):
+            raise _fail(where, f"field 'run.classes' must be one of {', '.join(CLASS_SUBSETS)}, got {run['classes']!r}")
     for role, ref in (meta.get("stores") or {}).items():
         views = ref.get("views") if isinstance(ref, dict) else None
         n_aug = views.get("n_aug", 0) if isinstance(views, dict) else 0

@@ -109,7 +109,7 @@ def name_list(values: list[str] | None) -> list[str]:
 
 
 def check_classes(classes: str) -> None:
-    from coopipe.transfer import CLASS_SUBSETS
+    from coopipe.config import CLASS_SUBSETS
 
     if classes not in CLASS_SUBSETS:
         raise typer.BadParameter(f"--classes must be one of {', '.join(CLASS_SUBSETS)}, got {classes!r}")

@@ -19,7 +19,7 @@ from typing import Any
 
 from coopipe.errors import CheckpointError, CoopipeError, MissingFileError
 
-__all__ = ["fields_of", "read_folder_record", "read_json", "read_text"]
+__all__ = ["fields_of", "parse_json", "read_folder_record", "read_json", "read_text"]
 
 # What interpreting a parsed record raises when a field has the wrong type or shape (``dict([1])``,
 # ``int("abc")``, ``float(tensor_of_two)``, ``None.get``, a missing key, a path holding a NUL byte)
@@ -41,13 +41,18 @@ def read_text(path: str | os.PathLike[str], *, what: str, fix: str, error: type[
 
 def read_json(path: str | os.PathLike[str], *, what: str, fix: str, error: type[CoopipeError]) -> Any:
     """The parsed JSON of ``path``; not UTF-8, not JSON or nested too deeply to parse is one ``error`` naming it."""
-    text = read_text(path, what=what, fix=fix, error=error)
+    return parse_json(read_text(path, what=what, fix=fix, error=error), where=f"{what} {path}", fix=fix, error=error)
+
+
+def parse_json(text: str, *, where: str, fix: str, error: type[CoopipeError]) -> Any:
+    """``text`` parsed as JSON; not JSON or nested too deeply to parse is one ``error`` naming ``where`` (the file,
+    and the line where a file holds one record a line)."""
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise error(f"{what} {path} is not readable JSON ({exc}); {fix}") from exc
+        raise error(f"{where} is not readable JSON ({exc}); {fix}") from exc
     except RecursionError as exc:
-        raise error(f"{what} {path} is nested too deeply to read; {fix}") from exc
+        raise error(f"{where} is nested too deeply to read; {fix}") from exc
 
 
 @contextmanager

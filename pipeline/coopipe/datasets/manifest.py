@@ -16,7 +16,6 @@ random (seeded) by ``val_ratio`` / ``test_ratio``. The dataset is named ``manife
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from collections import Counter
 from collections.abc import Sequence
@@ -34,7 +33,7 @@ from coopipe.datasets.common import (
     split_stratified,
 )
 from coopipe.errors import DatasetError, MissingFileError
-from coopipe.json_records import read_text
+from coopipe.json_records import parse_json, read_text
 
 logger = logging.getLogger(__name__)
 
@@ -191,12 +190,7 @@ def _read_rows(
 
 
 def _parse_json(text: str, manifest: Path, where: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DatasetError(f"manifest {manifest}, {where}: not valid JSON ({exc})") from exc
-    except RecursionError as exc:
-        raise DatasetError(f"manifest {manifest}, {where}: nested too deeply to read") from exc
+    return parse_json(text, where=f"manifest {manifest}, {where},", fix="fix that JSON", error=DatasetError)
 
 
 def _json_row(item: Any, manifest: Path, where: str) -> dict[str, Any]:

@@ -234,7 +234,7 @@ def _check(spec: SweepSpec) -> None:
         problems.append(f"unknown or method training option(s) {sorted(bad)} (give methods by --methods)")
     else:
         try:
-            check_train_options(spec.settings.train_options)
+            check_train_options({k: v for k, v in spec.settings.train_options.items() if v is not None})
         except ParamsError as exc:
             problems.append(str(exc))
     if spec.encode and spec.data_root is None:

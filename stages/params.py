@@ -19,6 +19,7 @@ import yaml
 from coopipe.config import EncodeConfig, FewShotConfig, InterpretConfig, ModelSpec, PathsConfig, ReportConfig
 from coopipe.encode import EncodeOptions
 from coopipe.errors import ParamsError
+from coopipe.json_records import fields_of, read_text
 from coopipe.train_config import train_option_names
 
 T = TypeVar("T")
@@ -93,23 +94,41 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"no params file at {path}; run from the project root or pass --params")
-    raw = yaml.safe_load(path.read_text()) or {}
-    sections = {"paths", "data", "model", "encode", "fewshot", "train", "interpret", "report"}
-    unknown = set(raw) - sections
-    if unknown:
-        raise ParamsError(f"params.yaml: unknown section(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(sections))}")
-    encode_raw = dict(raw.get("encode") or {})
-    option_keys = set(_fields(EncodeOptions))
-    options = {k: encode_raw.pop(k) for k in list(encode_raw) if k in option_keys}
-    train = _values("train", raw.get("train"), train_keys())
-    return Params(
-        paths=_build(PathsConfig, "paths", raw.get("paths")),
-        data=_build(DataParams, "data", raw.get("data")),
-        model=_build(ModelSpec, "model", raw.get("model")),
-        encode=_build(EncodeConfig, "encode", encode_raw),
-        encode_options=_build(EncodeOptions, "encode", options),
-        fewshot=_build(FewShotConfig, "fewshot", raw.get("fewshot")),
-        train=train,
-        interpret=_build(InterpretConfig, "interpret", raw.get("interpret")),
-        report=_build(ReportConfig, "report", raw.get("report")),
-    )
+    fix = "fix that field (see the params.yaml of the repository for the expected shapes)"
+    text = read_text(path, what="params file", fix=fix, error=ParamsError)
+    try:
+        raw = yaml.safe_load(text) or {}
+    except (yaml.YAMLError, RecursionError) as exc:
+        raise ParamsError(f"params file {path} is not readable YAML ({str(exc).splitlines()[0]}); {fix}") from exc
+    if not isinstance(raw, dict):
+        raise ParamsError(f"params file {path} must hold sections (a mapping), got a {type(raw).__name__}; {fix}")
+    _refuse_nul(raw, path)
+    with fields_of(path, what="params file", fix=fix, error=ParamsError):
+        sections = {"paths", "data", "model", "encode", "fewshot", "train", "interpret", "report"}
+        unknown = set(raw) - sections
+        if unknown:
+            raise ParamsError(f"params.yaml: unknown section(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(sections))}")
+        encode_raw = dict(raw.get("encode") or {})
+        option_keys = set(_fields(EncodeOptions))
+        options = {k: encode_raw.pop(k) for k in list(encode_raw) if k in option_keys}
+        train = _values("train", raw.get("train"), train_keys())
+        return Params(
+            paths=_build(PathsConfig, "paths", raw.get("paths")),
+            data=_build(DataParams, "data", raw.get("data")),
+            model=_build(ModelSpec, "model", raw.get("model")),
+            encode=_build(EncodeConfig, "encode", encode_raw),
+            encode_options=_build(EncodeOptions, "encode", options),
+            fewshot=_build(FewShotConfig, "fewshot", raw.get("fewshot")),
+            train=train,
+            interpret=_build(InterpretConfig, "interpret", raw.get("interpret")),
+            report=_build(ReportConfig, "report", raw.get("report")),
+        )
+
+
+def _refuse_nul(node: Any, path: Path, where: str = "") -> None:
+    """A value holding a NUL byte (YAML's ``"\\0"``) names its field: as a path or name it fails every os call."""
+    if isinstance(node, str) and "\0" in node:
+        raise ParamsError(f"params file {path}: {where or 'a value'} holds a NUL byte, which no path or name can hold")
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in items:
+        _refuse_nul(value, path, f"{where}.{key}" if where else str(key))

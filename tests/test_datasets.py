@@ -420,7 +420,7 @@ def test_manifest_bad_input(tmp_path: Path) -> None:
         load_dataset("manifest", bad)
     js = tmp_path / "bad.json"
     js.write_text("{not json")
-    with pytest.raises(DatasetError, match=r"bad\.json.*not valid JSON"):
+    with pytest.raises(DatasetError, match=r"bad\.json.*not readable JSON"):
         load_dataset("manifest", js)
     js.write_text(json.dumps({"rows": []}))
     with pytest.raises(DatasetError, match=r"bad\.json.*'items'"):

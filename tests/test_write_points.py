@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -149,3 +150,184 @@ def test_a_folder_in_the_way_or_a_name_too_long_is_one_line_and_leaves_no_tempor
             assert res.exit_code == 1 and fix in res.output and res.output.count("error:") == 1, (args, res.output)
             assert str(tmp_path) in res.output
     assert not _leftovers(tmp_path)
+
+
+class HalfWrite:
+    """``open`` for a library module: its ``fail_at``-th opening for writing (0: never) returns a file whose first
+    write stores half of the text and then raises ENOSPC, as a full disk does inside a write in place."""
+
+    def __init__(self, fail_at: int) -> None:
+        self.fail_at, self.calls = fail_at, 0
+
+    def __call__(self, file, mode="r", *args, **kwargs):
+        import builtins
+
+        fh = builtins.open(file, mode, *args, **kwargs)
+        if "w" in mode or "a" in mode:
+            self.calls += 1
+            if self.calls == self.fail_at:
+                return _FullAfterHalf(fh)
+        return fh
+
+
+class _FullAfterHalf:
+    def __init__(self, fh) -> None:
+        self._fh = fh
+
+    def write(self, text: str) -> int:
+        self._fh.write(text[: len(text) // 2])
+        self._fh.close()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._fh.close()
+
+
+def _dvclive_files(run: Path) -> dict[str, object]:
+    live = run / "dvclive"
+    return {str(p.relative_to(live)): json.loads(p.read_text()) if p.suffix == ".json" else p.read_text()
+            for p in sorted(live.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_a_full_disk_inside_a_dvclive_write_is_one_line_and_a_rerun_equals_an_uninterrupted_run(world, tmp_path,
+                                                                                             monkeypatch):
+    import dvclive.plots.metric
+    import dvclive.serialize
+
+    def patch(opener: HalfWrite) -> HalfWrite:
+        for module in (dvclive.serialize, dvclive.plots.metric):
+            monkeypatch.setattr(module, "open", opener, raising=False)
+        return opener
+
+    args, result = _commands(world)["train"]
+    runner = CliRunner()
+    counter = patch(HalfWrite(0))
+    assert runner.invoke(app, args(tmp_path / "clean")).exit_code == 0
+    expected = (result(tmp_path / "clean"), _dvclive_files(tmp_path / "clean" / "run"))
+    assert counter.calls >= 4
+    # the first row appended, a write in the middle (epoch 2: the resume starts from epoch 1's checkpoint), the summary
+    # that end() writes last; the points between repeat these writes for other metrics
+    for n in sorted({1, counter.calls // 2 + 1, counter.calls}):
+        folder = tmp_path / f"full{n}"
+        patch(HalfWrite(n))
+        res = runner.invoke(app, args(folder))
+        assert res.exit_code == 1 and res.output.count("error:") == 1, (n, res.output)
+        assert "disk is full" in res.output and str(folder / "run" / "dvclive") in res.output, (n, res.output)
+        patch(HalfWrite(0))
+        res = runner.invoke(app, args(folder))
+        assert res.exit_code == 0, (n, res.output)
+        assert (result(folder), _dvclive_files(folder / "run")) == expected, n
+        assert not _leftovers(folder), n
+        shutil.rmtree(folder)
+
+
+@pytest.mark.slow
+def test_a_full_disk_inside_each_zarr_write_of_an_encode_is_one_line_and_a_rerun_equals_an_uninterrupted_run(
+        rn50, tmp_path, monkeypatch, capsys):
+    """Each kind of ``LocalStore.set`` of an encode (array metadata, chunks, attributes, the final record) fails once."""
+    import typer
+    import zarr
+    from coopipe.cli_common import errors
+    from coopipe.datasets.base import Dataset, Split
+    from coopipe.encode import EncodeOptions, encode_split
+    from coopipe.store import open_store
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "imgs").mkdir()
+    names = [f"{i}.png" for i in range(4)]
+    for name in names:
+        Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(tmp_path / "imgs" / name)
+    data = Dataset("tiny", tmp_path / "imgs", ("cat", "dog"), "a photo of a {}.",
+                   {"test": Split(tuple(names), (0, 1, 0, 1))})
+    options = EncodeOptions(precision="fp32", chunk_rows=2, batch_size=4, num_workers=0, progress=False)
+    real_set = zarr.storage.LocalStore.set
+    state = {"calls": 0, "fail_at": 0}
+
+    keys: list[str] = []
+
+    async def counted_set(self, key, value):
+        state["calls"] += 1
+        keys.append(key)
+        if state["calls"] == state["fail_at"]:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return await real_set(self, key, value)
+
+    def encode(cache: Path) -> int:
+        capsys.readouterr()
+        try:
+            with errors():
+                encode_split(data, "test", cache_dir=cache, options=options, clip=rn50)
+        except typer.Exit as exc:
+            return int(exc.exit_code)
+        return 0
+
+    def content(cache: Path) -> object:
+        store = open_store(next((cache / "tiny").glob("*.zarr")), checksums=True)
+        return store.read(view=None).tolist(), store.labels().tolist(), store.provenance
+
+    monkeypatch.setattr(zarr.storage.LocalStore, "set", counted_set)
+    assert encode(tmp_path / "clean") == 0
+    expected, points = content(tmp_path / "clean"), state["calls"]
+    assert points >= 8
+    # the first write of each kind (each array's metadata, its first chunk, the group's record) and the last one
+    # (the record that marks the store complete); later writes of a kind take the same path through the code
+    kinds = {re.sub(r"/c/.*", "/c", key): 0 for key in keys}
+    for i, key in reversed(list(enumerate(keys, start=1))):
+        kinds[re.sub(r"/c/.*", "/c", key)] = i
+    for n in sorted({*kinds.values(), points}):
+        cache = tmp_path / f"full{n}"
+        state.update(calls=0, fail_at=n)
+        code, err = encode(cache), capsys.readouterr().err
+        assert code == 1 and err.count("error:") == 1 and "\n" not in err.strip(), (n, err)
+        assert "full" in err and str(cache) in err, (n, err)
+        state.update(calls=0, fail_at=0)
+        assert encode(cache) == 0, n
+        assert content(cache) == expected, n
+        shutil.rmtree(cache)
+
+
+@pytest.mark.parametrize("name", ["eval --out", "train"])
+def test_a_permission_error_on_a_write_is_one_line_naming_the_path_and_a_rerun_finishes(world, tmp_path, monkeypatch,
+                                                                                        name):
+    """EACCES when a finished file is published (tests run as root, where chmod denies nothing: ``os.replace`` raises
+    as the kernel would): one line naming the path and the fix, no temporary file, and a re-run finishes."""
+    args, result = _commands(world)[name]
+    runner = CliRunner()
+    assert runner.invoke(app, args(tmp_path / "clean")).exit_code == 0
+    real_replace = os.replace
+
+    def denied(src, dst, *rest, **kwargs):
+        if str(tmp_path / "denied") in str(dst):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(src), str(dst))
+        return real_replace(src, dst, *rest, **kwargs)
+
+    folder = tmp_path / "denied"
+    monkeypatch.setattr(os, "replace", denied)
+    res = runner.invoke(app, args(folder))
+    assert res.exit_code == 1 and res.output.count("error:") == 1, res.output
+    line = res.output.strip().splitlines()[-1]
+    assert "Permission denied" in line and "fix the permissions" in line and str(folder) in line, line
+    assert not _leftovers(folder) and not _leftovers(world["run"])
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert runner.invoke(app, args(folder)).exit_code == 0
+    assert result(folder) == result(tmp_path / "clean")
+
+
+def test_a_permission_error_on_a_read_is_one_line_naming_the_file(world, monkeypatch):
+    record = world["run"] / "prompt.json"
+    real_read = Path.read_text
+
+    def denied(self, *args, **kwargs):
+        if self == record:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return real_read(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    res = CliRunner().invoke(app, ["eval", str(world["run"]), "--features", str(world["cache"])])
+    assert res.exit_code == 1 and res.output.count("error:") == 1, res.output
+    line = res.output.strip().splitlines()[-1]
+    assert f"Permission denied ({record})" in line and "fix the permissions" in line, line

@@ -43,7 +43,7 @@ import coopipe
 from coopipe.atomic import atomic_write, write_json
 from coopipe.checkpoint_check import check_classifier_rows, check_record, check_tensors
 from coopipe.errors import CheckpointError, MissingFileError, ParamsError
-from coopipe.json_records import read_folder_record
+from coopipe.json_records import fields_of, read_folder_record
 from coopipe.learners import Learner, restore_learner
 from coopipe.methods import MethodSpec
 from coopipe.models import LoadedClip, open_clip_version, sha256_file
@@ -474,25 +474,26 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     missing = [k for k in ("model", "weights", "classnames", "variant", "config", "epoch", "tensors") if k not in meta]
     if missing:
         raise CheckpointError(f"checkpoint metadata {meta_path} misses {', '.join(missing)}; re-train")
-    check_record(meta, meta_path)
-    tensor_path = directory / str(meta["tensors"].get("file", TENSORS_FILE))
-    want = meta["tensors"].get("sha256")
-    if want and tensor_path.is_file() and sha256_file(tensor_path) != want:
-        previous = tensor_path.with_name(tensor_path.name + PREVIOUS_SUFFIX)
-        if previous.is_file() and sha256_file(previous) == want:  # killed between writing tensors and JSON
-            logger.warning("checkpoint %s: using %s (the last save was interrupted)", directory, previous.name)
-            tensor_path = previous
-        else:
-            raise CheckpointError(
-                f"{tensor_path} does not match {meta_path} (sha256 differs: written by another run or modified); "
-                f"delete the folder and re-train"
-            )
-    tensors = _read_tensors(tensor_path, "checkpoint tensors")
-    if fmt == FORMAT_1:
-        meta, tensors = _read_format_1(meta, tensors)
-    if not any(name.startswith(PARAM_PREFIX) for name in tensors):
-        raise CheckpointError(f"{tensor_path} holds no learned tensor; re-train")
-    check_tensors(meta, tensors, tensor_path)
+    with fields_of(meta_path, what="checkpoint", fix="delete the run folder and re-train", error=CheckpointError):
+        check_record(meta, meta_path)
+        tensor_path = directory / str(meta["tensors"].get("file", TENSORS_FILE))
+        want = meta["tensors"].get("sha256")
+        if want and tensor_path.is_file() and sha256_file(tensor_path) != want:
+            previous = tensor_path.with_name(tensor_path.name + PREVIOUS_SUFFIX)
+            if previous.is_file() and sha256_file(previous) == want:  # killed between writing tensors and JSON
+                logger.warning("checkpoint %s: using %s (the last save was interrupted)", directory, previous.name)
+                tensor_path = previous
+            else:
+                raise CheckpointError(
+                    f"{tensor_path} does not match {meta_path} (sha256 differs: written by another run or modified); "
+                    f"delete the folder and re-train"
+                )
+        tensors = _read_tensors(tensor_path, "checkpoint tensors")
+        if fmt == FORMAT_1:
+            meta, tensors = _read_format_1(meta, tensors)
+        if not any(name.startswith(PARAM_PREFIX) for name in tensors):
+            raise CheckpointError(f"{tensor_path} holds no learned tensor; re-train")
+        check_tensors(meta, tensors, tensor_path)
     return Checkpoint(path=directory, meta=meta, tensors=tensors)
 
 
@@ -583,17 +584,19 @@ def load_classifier(path: str | os.PathLike[str]) -> Classifier:
         source = dict(json.loads(meta.get("source", "{}")))
     except (KeyError, json.JSONDecodeError, TypeError, ValueError) as exc:
         raise CheckpointError(f"classifier {path} has unreadable metadata ({exc}); re-export it") from exc
-    check_classifier_rows(tensors["text_features"], classnames, path)
-    if not bool(torch.isfinite(tensors["text_features"]).all()) or not bool(torch.isfinite(tensors["logit_scale"]).all()):
-        raise CheckpointError(
-            f"classifier {path} holds non-finite values (NaN/inf: its training diverged); re-train with a lower --lr"
+    with fields_of(path, what="classifier", fix="re-run `coopipe train` with the same options to regenerate it",
+                   error=CheckpointError):
+        check_classifier_rows(tensors["text_features"], classnames, path)
+        if not bool(torch.isfinite(tensors["text_features"]).all()) or not bool(torch.isfinite(tensors["logit_scale"]).all()):
+            raise CheckpointError(
+                f"classifier {path} holds non-finite values (NaN/inf: its training diverged); re-train with a lower --lr"
+            )
+        return Classifier(
+            path=path,
+            text_features=tensors["text_features"],
+            logit_scale=float(tensors["logit_scale"]),
+            classnames=classnames,
+            model=meta.get("model", ""),
+            weights=meta.get("weights", ""),
+            source=source,
         )
-    return Classifier(
-        path=path,
-        text_features=tensors["text_features"],
-        logit_scale=float(tensors["logit_scale"]),
-        classnames=classnames,
-        model=meta.get("model", ""),
-        weights=meta.get("weights", ""),
-        source=source,
-    )

@@ -20,8 +20,10 @@ from typing import Any
 
 import torch
 
+from coopipe.config import CLASS_SUBSETS
 from coopipe.errors import CheckpointError, ParamsError
 from coopipe.methods import MethodSpec
+from coopipe.option_check import check_train_options
 from coopipe.train_config import EpochRecord, TrainConfig
 
 FIRST_FORMAT = "coopipe.prompt/1"  # the loader converts it (coopipe.checkpoint)
@@ -66,7 +68,7 @@ def check_record(meta: Mapping[str, Any], where: Path) -> None:
     names = meta["classnames"]
     if not names or not all(isinstance(n, str) and n for n in names):
         raise _fail(where, "field 'classnames' must be a non-empty list of names")
-    if meta["epoch"] < 0 or not math.isfinite(float(meta.get("logit_scale", 0.0))):
+    if meta["epoch"] < 0 or not math.isfinite(float(meta.get("logit_scale") or 0.0)):
         raise _fail(where, "field 'epoch' is negative or 'logit_scale' is not finite")
     file = meta["tensors"].get("file", "prompt.safetensors")
     if not isinstance(file, str) or Path(file).name != file or file in ("", ".", ".."):
@@ -83,6 +85,7 @@ def check_record(meta: Mapping[str, Any], where: Path) -> None:
             absent = sorted({f.name for f in dataclasses.fields(TrainConfig)} - set(meta["config"]))
             if absent:  # a default would silently replace what the run trained with
                 raise _fail(where, f"field 'config' misses {', '.join(absent)}")
+            check_train_options({k: v for k, v in meta["config"].items() if k != "method"})
             config = TrainConfig.from_dict(meta["config"])
         MethodSpec.from_dict(meta.get("method") or meta["variant"])
         history = [EpochRecord.from_dict(r) for r in meta.get("history") or []]
@@ -96,9 +99,14 @@ def check_record(meta: Mapping[str, Any], where: Path) -> None:
                 raise _fail(where, f"field 'run.{key}' is missing or not {_JSON_NAMES[types[0]]}")
         if any(isinstance(run.get(k), int) and run[k] < 0 for k in ("shots", "seed")):
             raise _fail(where, "fields 'run.shots' and 'run.seed' cannot be negative")
+        if run.get("classes") not in (None, *CLASS_SUBSETS):
+            raise _fail(where, f"field 'run.classes' must be one of {', '.join(CLASS_SUBSETS)}, got {run['classes']!r}")
     for role, ref in (meta.get("stores") or {}).items():
-        if not isinstance(ref, dict) or not isinstance(ref.get("views", {}), dict | None):
-            raise _fail(where, f"field 'stores.{role}' must be an object whose 'views' is an object")
+        views = ref.get("views") if isinstance(ref, dict) else None
+        n_aug = views.get("n_aug", 0) if isinstance(views, dict) else 0
+        if not isinstance(ref, dict) or not isinstance(ref.get("views", {}), dict | None) or type(n_aug) is not int:
+            raise _fail(where, f"field 'stores.{role}' must be an object whose 'views' is an object with a whole "
+                               f"'n_aug'")
     variant = meta["variant"]
     if not all(isinstance(v, str | int | None) or (isinstance(v, float) and math.isfinite(v)) for v in variant.values()):
         raise _fail(where, "field 'variant' must hold plain values (names, numbers, true/false)")

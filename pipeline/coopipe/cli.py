@@ -16,7 +16,15 @@ import typer
 
 from coopipe.cli_cache import cache_app
 from coopipe.cli_export import export, models
-from coopipe.cli_common import check_classes, csv_list, errors, int_list, note_random_weights, print_metrics
+from coopipe.cli_common import (
+    NoNulArguments,
+    check_classes,
+    csv_list,
+    errors,
+    int_list,
+    note_random_weights,
+    print_metrics,
+)
 from coopipe.cli_sweep import sweep
 
 from coopipe.methods import method_names
@@ -35,6 +43,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    cls=NoNulArguments,
 )
 
 

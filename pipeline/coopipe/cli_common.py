@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import typer
+from typer.core import TyperGroup
 
 
 @contextmanager
@@ -33,6 +34,20 @@ def errors() -> Iterator[None]:
             raise
         typer.echo(f"error: {message}", err=True)
         raise typer.Exit(code=1) from exc
+
+
+class NoNulArguments(TyperGroup):
+    """The command line's top group: an argument holding a NUL byte (no path, option value or name can hold one; a
+    script or a YAML ``"\\0"`` can pass it) is one line naming it, before any command sees it; os calls would
+    otherwise fail later with a bare ``embedded null byte``."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:  # typer's own click Context
+        bad = next((a for a in args if "\0" in a), None)
+        if bad is not None:
+            typer.echo(f"error: argument {bad!r} holds a NUL byte, which no path, option value or name can hold; "
+                       f"retype it", err=True)
+            raise typer.Exit(code=1)
+        return super().parse_args(ctx, args)
 
 
 def one_line(exc: BaseException) -> str | None:
@@ -94,7 +109,7 @@ def name_list(values: list[str] | None) -> list[str]:
 
 
 def check_classes(classes: str) -> None:
-    from coopipe.transfer import CLASS_SUBSETS
+    from coopipe.config import CLASS_SUBSETS
 
     if classes not in CLASS_SUBSETS:
         raise typer.BadParameter(f"--classes must be one of {', '.join(CLASS_SUBSETS)}, got {classes!r}")

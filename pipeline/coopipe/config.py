@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["EncodeConfig", "FewShotConfig", "InterpretConfig", "ModelSpec", "PathsConfig", "ReportConfig", "SweepConfig"]
+__all__ = ["CLASS_SUBSETS", "EncodeConfig", "FewShotConfig", "InterpretConfig", "ModelSpec", "PathsConfig", "ReportConfig", "SweepConfig"]
+
+CLASS_SUBSETS = ("all", "base", "new")  # a run's classes: all of them, or the base or new half (base-to-new)
 
 
 @dataclass(frozen=True)

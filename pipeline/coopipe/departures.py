@@ -121,7 +121,7 @@ def paper_config(ckpt: Checkpoint) -> dict[str, Any] | None:
 
 
 def _train_views(ckpt: Checkpoint) -> Mapping[str, Any] | None:
-    views = (ckpt.meta.get("stores", {}).get("train") or {}).get("views")
+    views = ((ckpt.meta.get("stores") or {}).get("train") or {}).get("views")
     return views if isinstance(views, Mapping) else None
 
 

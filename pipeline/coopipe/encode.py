@@ -40,6 +40,7 @@ from coopipe.errors import (
     CoopipeError,
     CorruptStoreError,
     MissingFileError,
+    ProvenanceMismatchError,
     StoreError,
 )
 from coopipe.imageio import load_rgb, shown_path
@@ -454,6 +455,12 @@ def complete_store(path: Path, provenance: Mapping[str, Any], started: float) ->
     except CorruptStoreError as exc:
         logger.warning("%s", exc)
         return None
+    except ProvenanceMismatchError as exc:  # re-running encode cannot help: say what can
+        raise ProvenanceMismatchError(
+            f"{str(exc).split('; re-encode')[0]}; this encode would write the same folder, and it neither reuses nor "
+            f"overwrites a store built from other inputs (copied, renamed or edited by hand?): move or delete "
+            f"{path} and re-run the same command, or encode into a new --cache folder"
+        ) from exc
     logger.info("store %s already complete: nothing to do", path)
     return EncodeResult(path, store.n_rows, store.n_views, 0, time.perf_counter() - started, reused=True)
 

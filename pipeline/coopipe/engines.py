@@ -163,7 +163,10 @@ def _is_intact(path: Path) -> bool:
     side = _sidecar(path)
     if not (path.is_file() and side.is_file()):
         return False
-    return side.read_text().strip() == sha256_file(path)
+    try:
+        return side.read_text(encoding="utf-8").strip() == sha256_file(path)
+    except UnicodeDecodeError:  # a damaged sidecar: the export is made again
+        return False
 
 
 def _export(visual: torch.nn.Module, image_size: int, path: Path) -> None:

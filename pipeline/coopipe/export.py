@@ -40,7 +40,7 @@ import coopipe
 from coopipe.atomic import atomic_write, write_json, write_text
 from coopipe.checkpoint import CLASSIFIER_FILE, Checkpoint, export_classifier, load_checkpoint, load_classifier
 from coopipe.errors import CheckpointError, MissingFileError, ParamsError
-from coopipe.json_records import read_folder_record
+from coopipe.json_records import fields_of, read_folder_record
 from coopipe.head import TEXT_PATH_OPTIONS, Head, ImagePrompt, head_of_run
 from coopipe.departures import checkpoint_departures
 from coopipe.methods import MethodSpec
@@ -97,7 +97,7 @@ def _run_metrics(ckpt: Checkpoint) -> dict[str, dict[str, Any]]:
         if path.is_file():
             try:
                 found[name] = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError) as exc:
+            except (OSError, ValueError) as exc:  # ValueError: not UTF-8 or not JSON
                 logger.warning("run %s: cannot read %s (%s); the model card leaves it out", ckpt.path, name, exc)
     return found
 
@@ -250,34 +250,36 @@ def read_record(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:
     if not isinstance(record, dict) or record.get("format") != EXPORT_FORMAT:
         found = record.get("format") if isinstance(record, dict) else None
         raise CheckpointError(f"{record_path} is not a coopipe export (format {found!r}, expected {EXPORT_FORMAT!r})")
-    for name, want in dict(record.get("files") or {}).items():
-        file = folder / name
-        if not file.is_file():
-            raise MissingFileError(f"{file} is missing from export {folder}; export the run again")
-        if sha256_file(file) != want:
-            raise CheckpointError(f"{file} does not match {record_path} (sha256 differs: modified or from another "
-                                  f"export); export the run again")
+    with fields_of(record_path, what="export record", fix="export the run again", error=CheckpointError):
+        for name, want in dict(record.get("files") or {}).items():
+            file = folder / name
+            if not file.is_file():
+                raise MissingFileError(f"{file} is missing from export {folder}; export the run again")
+            if sha256_file(file) != want:
+                raise CheckpointError(f"{file} does not match {record_path} (sha256 differs: modified or from another "
+                                      f"export); export the run again")
     return folder, record
 
 
 def load_export(path: str | os.PathLike[str]) -> Head:
     """The head of an exported folder (its files checked against the record)."""
     folder, record = read_record(path)
-    model = record["model"]
-    features = record["features"]
-    common: dict[str, Any] = {"path": folder, "model": model["name"], "weights": model["weights"],
-                              "pretrained": model.get("pretrained"), "classnames": list(record["classnames"]),
-                              "precision": features["precision"], "dtype": features["dtype"]}
-    if not record.get("image_conditional"):
-        clf = load_classifier(folder / CLASSIFIER_FILE)
-        if (clf.model, clf.weights, clf.classnames) != (common["model"], common["weights"], common["classnames"]):
-            raise CheckpointError(f"{clf.path} does not match {folder / RECORD_FILE} (model, weights or classes); "
-                                  f"export the run again")
-        return Head(classifier=clf, **common)
-    try:
-        tensors = load_file(str(folder / PROMPT_FILE))
-        spec = MethodSpec.from_dict(record["method"])
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"export {folder}: unreadable prompt ({exc}); export the run again") from exc
-    options = {k: v for k, v in dict(record.get("text_path") or {}).items() if k in TEXT_PATH_OPTIONS}
-    return Head(prompt=ImagePrompt(spec, tensors, options), **common)
+    with fields_of(folder / RECORD_FILE, what="export record", fix="export the run again", error=CheckpointError):
+        model = record["model"]
+        features = record["features"]
+        common: dict[str, Any] = {"path": folder, "model": model["name"], "weights": model["weights"],
+                                  "pretrained": model.get("pretrained"), "classnames": list(record["classnames"]),
+                                  "precision": features["precision"], "dtype": features["dtype"]}
+        if not record.get("image_conditional"):
+            clf = load_classifier(folder / CLASSIFIER_FILE)
+            if (clf.model, clf.weights, clf.classnames) != (common["model"], common["weights"], common["classnames"]):
+                raise CheckpointError(f"{clf.path} does not match {folder / RECORD_FILE} (model, weights or classes); "
+                                      f"export the run again")
+            return Head(classifier=clf, **common)
+        try:
+            tensors = load_file(str(folder / PROMPT_FILE))
+            spec = MethodSpec.from_dict(record["method"])
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"export {folder}: unreadable prompt ({exc}); export the run again") from exc
+        options = {k: v for k, v in dict(record.get("text_path") or {}).items() if k in TEXT_PATH_OPTIONS}
+        return Head(prompt=ImagePrompt(spec, tensors, options), **common)

@@ -117,7 +117,7 @@ def _checked_attrs(h5: h5py.File, src: Path) -> dict[str, Any]:
                          f"{REEXPORT}")
     try:
         attrs = json.loads(raw)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise StoreError(f"{src}: the '{_ATTR}' attribute is not valid JSON ({exc}); {REEXPORT}") from exc
     if not isinstance(attrs, dict):
         raise StoreError(f"{src}: the '{_ATTR}' attribute is not a JSON object; {REEXPORT}")

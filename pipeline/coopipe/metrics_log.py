@@ -20,6 +20,8 @@ import io
 import json
 import logging
 import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -42,28 +44,47 @@ class EpochMetricsLog:
     rows of later epochs already on disk are dropped. Use as a context manager so dvclive's ``end`` always runs.
     """
 
-    def __init__(self, run_dir: str | os.PathLike[str], *, start_epoch: int = 0) -> None:
+    def __init__(self, run_dir: str | os.PathLike[str], *, start_epoch: int = 0,
+                 history: Sequence[EpochRecord] | None = None) -> None:
         from dvclive import Live  # imports DVC: only paid by processes that train
 
         self.dir = Path(run_dir) / DVCLIVE_DIR
-        dropped = drop_steps_after(self.dir, start_epoch)
-        if dropped:
-            logger.info("dvclive: dropped %d row(s) after epoch %d in %s (trained again)", dropped, start_epoch, self.dir)
-        repair_summary(self.dir)
-        self._live = Live(dir=str(self.dir), resume=True, save_dvc_exp=False, dvcyaml=None)
+        with self._named():
+            if history is not None:  # the checkpoint's record: dvclive's files as an uninterrupted run left them
+                write_from_history(self.dir, [r for r in history if r.epoch <= start_epoch])
+            else:
+                dropped = drop_steps_after(self.dir, start_epoch)
+                if dropped:
+                    logger.info("dvclive: dropped %d row(s) after epoch %d in %s (trained again)", dropped,
+                                start_epoch, self.dir)
+                repair_summary(self.dir)
+            self._live = Live(dir=str(self.dir), resume=True, save_dvc_exp=False, dvcyaml=None)
 
     def log(self, record: EpochRecord) -> None:
         """Log ``record``'s metrics as step ``record.epoch`` and write the step (tsv rows and metrics.json)."""
-        self._live.step = record.epoch
-        for name in LOGGED:
-            value = getattr(record, name)
-            if value is not None:
-                self._live.log_metric(name, float(value))
-        self._live.next_step()
+        with self._named():
+            self._live.step = record.epoch
+            for name in LOGGED:
+                value = getattr(record, name)
+                if value is not None:
+                    self._live.log_metric(name, float(value))
+            self._live.next_step()
 
     def close(self) -> None:
         """End the dvclive run (writes the summary and releases the DVC repository it opened)."""
-        self._live.end()
+        with self._named():
+            self._live.end()
+
+    @contextmanager
+    def _named(self) -> Iterator[None]:
+        """dvclive writes in place and raises a full disk without a file name: name its folder (a resume rewrites
+        its files from the checkpoint's history, so what a failed write left is never read)."""
+        try:
+            yield
+        except OSError as exc:
+            if exc.filename is None:
+                raise OSError(exc.errno, exc.strerror or str(exc), str(self.dir)) from exc
+            raise
 
     def __enter__(self) -> EpochMetricsLog:
         return self
@@ -72,6 +93,29 @@ class EpochMetricsLog:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+def write_from_history(live_dir: str | os.PathLike[str], history: Sequence[EpochRecord]) -> None:
+    """Write dvclive's files (one tsv per logged metric, ``metrics.json``) as logging ``history`` left them.
+
+    Why: dvclive appends rows and rewrites ``metrics.json`` in place, so a full disk or a kill inside a write leaves
+    a truncated row (read back as another value, or glued to the next row) or an empty summary. A resume writes
+    them again from the checkpoint's history, atomically, in dvclive's format, so the resumed run's files equal an
+    uninterrupted run's."""
+    live_dir = Path(live_dir)
+    summary: dict[str, Any] = {}
+    for name in LOGGED:
+        values = [(r.epoch, float(getattr(r, name))) for r in history if getattr(r, name) is not None]
+        path = live_dir / "plots" / "metrics" / f"{name}.tsv"
+        if values:  # csv writes a float as str(): dvclive's row text
+            write_text(path, _tsv_text([["step", name], *([str(step), str(v)] for step, v in values)]))
+            summary[name] = values[-1][1]
+        else:
+            path.unlink(missing_ok=True)
+    if history:
+        write_text(live_dir / "metrics.json", json.dumps({**summary, "step": history[-1].epoch}, indent=4) + "\n")
+    else:
+        (live_dir / "metrics.json").unlink(missing_ok=True)
 
 
 def drop_steps_after(live_dir: str | os.PathLike[str], last_step: int) -> int:

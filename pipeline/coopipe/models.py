@@ -201,7 +201,7 @@ def model_config(model_name: str) -> dict[str, Any] | None:
     path = Path(rest).expanduser() / _CONFIG_FILE if scheme == "local-dir" else _hub_file(rest, _CONFIG_FILE)
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: not UTF-8 or not JSON
         raise WeightsError(f"model {model_name}: cannot read {path} ({exc}); save the model again") from exc
     return dict(config.get("model_cfg", config)) if isinstance(config, dict) else None
 

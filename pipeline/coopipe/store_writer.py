@@ -138,7 +138,9 @@ class StoreWriter:
         diffs = diff_provenance({k: v for k, v in provenance.items() if k not in _UNKEYED}, stored)
         if diffs:
             raise ProvenanceMismatchError(
-                f"partial store {writer.partial} was started from other inputs ({', '.join(diffs)}); delete it"
+                f"partial store {writer.partial} was started from other inputs ({', '.join(diffs)} differ), and "
+                f"re-running encode resumes it only for its own inputs: remove it with `coopipe cache clean "
+                f"{path.parent.parent} --yes` (it removes partial stores only) and re-run the same command"
             )
         return writer
 

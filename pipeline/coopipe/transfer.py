@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from coopipe.checkpoint import Checkpoint
+from coopipe.config import CLASS_SUBSETS
 from coopipe.errors import CheckpointError, DatasetError, ParamsError
 from coopipe.features import SplitFeatures
 from coopipe.models import LoadedClip
@@ -30,7 +31,6 @@ from coopipe.store import FeatureStore
 
 logger = logging.getLogger(__name__)
 
-CLASS_SUBSETS = ("all", "base", "new")
 
 
 def subset_ids(n_classes: int, which: str) -> tuple[int, ...]:

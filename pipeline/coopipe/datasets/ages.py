@@ -37,6 +37,7 @@ from coopipe.datasets.common import (
     split_stratified,
 )
 from coopipe.errors import DatasetError, MissingFileError
+from coopipe.json_records import read_text
 
 logger = logging.getLogger(__name__)
 
@@ -237,11 +238,14 @@ def read_age_list(path: Path, *, min_age: int, max_age: int) -> tuple[list[str],
         raise MissingFileError(f"data list {path} not found; expected OrdinalCLIP's 'relpath age' lines")
     paths: list[str] = []
     ages: list[int] = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    text = read_text(path, what="data list", fix="save it as UTF-8 text, 'relpath age' per line", error=DatasetError)
+    for lineno, line in enumerate(text.splitlines(), start=1):
         fields = line.split()
         if not fields:
             continue
         where = f"data list {path}, line {lineno}"
+        if "\0" in line:
+            raise DatasetError(f"{where}: holds a NUL byte, which no file name can hold; fix the line")
         if len(fields) < 2:
             raise DatasetError(f"{where}: {line.strip()[:60]!r} has no age; expected 'relpath age'")
         values = fields[1:]

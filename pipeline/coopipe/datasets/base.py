@@ -189,3 +189,24 @@ def _check_options(info: DatasetInfo, options: dict[str, Any]) -> None:
             f"dataset {info.name} does not take option(s) {', '.join(unknown)}; "
             f"it takes: {', '.join(accepted) or 'none'}"
         )
+    for p in params:
+        if p.name in options and not _fits(options[p.name], str(p.annotation)):
+            raise DatasetError(f"dataset {info.name}: option {p.name} must be {p.annotation}, got "
+                               f"{options[p.name]!r} (--dataset-option {p.name}=... or params data.options)")
+
+
+def _fits(value: Any, annotation: str) -> bool:
+    """Whether ``value`` has a type the annotation names (int, float, bool, str, Path, None; others pass): a value
+    of another type failed inside the builder with a bare ``TypeError`` or ``invalid literal for int()``."""
+    kinds = [k.strip() for k in annotation.split("|")]
+    if value is None:
+        return "None" in kinds
+    if isinstance(value, bool):
+        return "bool" in kinds
+    if isinstance(value, int) and ("int" in kinds or "float" in kinds):
+        return True
+    if isinstance(value, float):
+        return "float" in kinds
+    if isinstance(value, str | Path):
+        return "str" in kinds or ("Path" in kinds and isinstance(value, Path))
+    return not {"int", "float", "bool", "str", "Path"} >= set(kinds) - {"None"}

@@ -15,6 +15,7 @@ import numpy as np
 from coopipe.datasets.base import SPLITS, Split
 from coopipe.errors import DatasetError, MissingFileError
 from coopipe.imageio import shown_path
+from coopipe.json_records import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -149,12 +150,7 @@ def read_split_file(path: Path, *, missing_fix: str = "") -> tuple[tuple[str, ..
     """
     if not path.is_file():
         raise MissingFileError(f"split file {path} not found; {missing_fix or 'check the path'}")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DatasetError(
-            f"split file {path} is not readable JSON ({exc}); expected CoOp's format {SPLIT_FILE_FORMAT}"
-        ) from exc
+    raw = read_json(path, what="split file", fix=f"expected CoOp's format {SPLIT_FILE_FORMAT}", error=DatasetError)
     if not isinstance(raw, dict) or not raw or set(raw) - set(SPLITS):
         got = f"keys {sorted(raw)}" if isinstance(raw, dict) else f"a JSON {type(raw).__name__}"
         raise DatasetError(
@@ -182,10 +178,12 @@ def read_split_file(path: Path, *, missing_fix: str = "") -> tuple[tuple[str, ..
                 and entry[1] >= 0
                 and isinstance(entry[2], str)
                 and entry[2]
+                and "\0" not in entry[0] + entry[2]
             ):
                 raise DatasetError(
                     f"split file {path}: {split_name}[{i}] is {json.dumps(entry)[:80]}, expected "
-                    f"[relpath, label, classname] with a non-negative integer label (CoOp's split format)"
+                    f"[relpath, label, classname] with a non-negative integer label and no NUL byte in a name "
+                    f"(CoOp's split format)"
                 )
             relpath, label, classname = entry
             known = names.setdefault(label, classname)

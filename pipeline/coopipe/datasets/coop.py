@@ -30,6 +30,7 @@ from coopipe.datasets.common import (
     shown,
 )
 from coopipe.errors import DatasetError, MissingFileError
+from coopipe.json_records import read_text
 
 logger = logging.getLogger(__name__)
 
@@ -298,12 +299,12 @@ def _check_no_empty_classes(classnames: list[str], splits: dict[str, Split], *, 
 
 
 def _read_lines(path: Path, *, fix: str) -> list[str]:
-    try:
-        return path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError as exc:
-        raise MissingFileError(f"{path} not found; {fix}") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"cannot read {path} ({exc}); {fix}") from exc
+    """The lines of a text split or class list; a NUL byte (no file or class name holds one) is one line naming it."""
+    lines = read_text(path, what="file", fix=fix, error=DatasetError).splitlines()
+    bad = next((n for n, line in enumerate(lines, start=1) if "\0" in line), None)
+    if bad is not None:
+        raise DatasetError(f"{path}, line {bad}: holds a NUL byte, which no file or class name can hold; {fix}")
+    return lines
 
 
 def coop_builder(spec: CoopSpec) -> Callable[..., Dataset]:

@@ -9,7 +9,6 @@ with the split file-list hashes it was drawn from, as a small JSON file.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from coopipe.atomic import write_json
 from coopipe.datasets.base import Dataset
 from coopipe.datasets.common import shown
 from coopipe.errors import DatasetError, MissingFileError
+from coopipe.json_records import read_json
 
 VAL_MAX_SHOTS = 4  # CoOp: the validation subset has min(K, 4) images per class
 INDEX_FORMAT = "coopipe.fewshot/1"
@@ -132,14 +132,9 @@ class FewShotIndex:
     @classmethod
     def load(cls, path: str | Path) -> FewShotIndex:
         path = Path(path)
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError as exc:
-            raise MissingFileError(
-                f"few-shot index {path} not found; create it by sampling the few-shot split"
-            ) from exc
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise DatasetError(f"few-shot index {path} is not readable JSON ({exc}); delete and re-create it") from exc
+        if not path.is_file():
+            raise MissingFileError(f"few-shot index {path} not found; create it by sampling the few-shot split")
+        raw = read_json(path, what="few-shot index", fix="delete and re-create it", error=DatasetError)
         try:
             if not isinstance(raw, dict) or raw.get("format") != INDEX_FORMAT:
                 raise ValueError(f"format is not {INDEX_FORMAT!r}")

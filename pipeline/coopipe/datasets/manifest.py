@@ -16,7 +16,6 @@ random (seeded) by ``val_ratio`` / ``test_ratio``. The dataset is named ``manife
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from collections import Counter
 from collections.abc import Sequence
@@ -34,6 +33,7 @@ from coopipe.datasets.common import (
     split_stratified,
 )
 from coopipe.errors import DatasetError, MissingFileError
+from coopipe.json_records import parse_json, read_text
 
 logger = logging.getLogger(__name__)
 
@@ -71,12 +71,7 @@ def build_manifest(
     labels: list[int] = []
     split_of: list[str] = []
     for where, row in rows:
-        path = row.get(path_column)
-        if not isinstance(path, str) or not path.strip():
-            raise DatasetError(
-                f"manifest {manifest}, {where}: missing or empty {path_column!r}; every row needs a path"
-            )
-        paths.append(path.strip())
+        paths.append(_row_path(row, path_column, manifest, where))
         labels.append(_label_index(row.get(label_column), lookup, names, manifest, where, label_column))
         if has_split:
             value = row.get(split_column)
@@ -136,11 +131,17 @@ def read_manifest_paths(manifest: Path, *, path_column: str = "path") -> list[Pa
     rows, _ = _read_rows(manifest, path_column, path_column)  # the label column is optional here
     paths = []
     for where, row in rows:
-        path = row.get(path_column)
-        if not isinstance(path, str) or not path.strip():
-            raise DatasetError(f"manifest {manifest}, {where}: missing or empty {path_column!r}; every row needs a path")
-        paths.append(manifest.parent / path.strip())
+        paths.append(manifest.parent / _row_path(row, path_column, manifest, where))
     return paths
+
+
+def _row_path(row: dict[str, Any], path_column: str, manifest: Path, where: str) -> str:
+    """A row's image path, stripped; missing, empty or holding a NUL byte (no file system takes one) is one line."""
+    path = row.get(path_column)
+    if not isinstance(path, str) or not path.strip() or "\0" in path:
+        raise DatasetError(f"manifest {manifest}, {where}: missing or empty {path_column!r}, or a NUL byte in it; "
+                           f"every row needs a path")
+    return path.strip()
 
 
 def _read_rows(
@@ -148,10 +149,7 @@ def _read_rows(
 ) -> tuple[list[tuple[str, dict[str, Any]]], list[str] | None]:
     """Rows as ``(where, mapping)`` (``where`` names the line or item for messages), and JSON class names."""
     suffix = manifest.suffix.lower()
-    try:
-        text = manifest.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"cannot read manifest {manifest} ({exc})") from exc
+    text = read_text(manifest, what="manifest", fix="save it as UTF-8 text", error=DatasetError).removeprefix("\ufeff")
     if suffix in (".csv", ".tsv"):
         reader = csv.DictReader(text.splitlines(), delimiter="\t" if suffix == ".tsv" else ",")
         header = [h.strip() for h in (reader.fieldnames or [])]
@@ -192,10 +190,7 @@ def _read_rows(
 
 
 def _parse_json(text: str, manifest: Path, where: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DatasetError(f"manifest {manifest}, {where}: not valid JSON ({exc})") from exc
+    return parse_json(text, where=f"manifest {manifest}, {where},", fix="fix that JSON", error=DatasetError)
 
 
 def _json_row(item: Any, manifest: Path, where: str) -> dict[str, Any]:
@@ -211,14 +206,16 @@ def _load_classnames(classnames: Sequence[str] | str | Path, manifest: Path) -> 
             path = manifest.parent / path if (manifest.parent / path).is_file() else path
         if not path.is_file():
             raise MissingFileError(f"class-name file {path} (for manifest {manifest}) not found; one name per line")
-        names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        text = read_text(path, what="class-name file", fix="save it as UTF-8 text, one name per line", error=DatasetError)
+        names = [line.strip() for line in text.splitlines() if line.strip()]
         return _check_name_list(names, str(path))
     return _check_name_list(list(classnames), "classnames option")
 
 
 def _check_name_list(names: Any, where: str) -> list[str]:
-    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n.strip() for n in names):
-        raise DatasetError(f"{where}: class names must be a non-empty list of non-empty strings")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n.strip() and "\0" not in n
+                                                           for n in names):
+        raise DatasetError(f"{where}: class names must be a non-empty list of non-empty strings without NUL bytes")
     cleaned: list[str] = [n.strip() for n in names]
     dup = sorted(n for n, count in Counter(cleaned).items() if count > 1)
     if dup:

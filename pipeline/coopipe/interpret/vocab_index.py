@@ -180,7 +180,7 @@ def _read_cached(path: Path, expected: dict[str, Any]) -> tuple[Any, np.ndarray]
         return None
     try:
         meta = json.loads(sidecar.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: not UTF-8 or not JSON
         logger.warning("vocabulary index sidecar %s is unreadable (%s): rebuilding", sidecar, exc)
         return None
     diffs = [k for k in _KEYED if meta.get(k) != expected[k]]

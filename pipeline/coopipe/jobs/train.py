@@ -279,7 +279,8 @@ def _prepare(
     bar = tqdm(total=config.max_epoch * steps, initial=done * steps, unit="step", disable=not progress,
                desc=f"{config.method.label()} {dataset} {shots}-shot seed {seed}", dynamic_ncols=True)
     bar.set_postfix({"epoch": f"{done + 1}/{config.max_epoch}"}, refresh=False)
-    metrics = EpochMetricsLog(out_dir, start_epoch=resume.epoch if resume else 0)  # dvclive, one step per epoch
+    metrics = EpochMetricsLog(out_dir, start_epoch=resume.epoch if resume else 0,  # dvclive, one step per epoch
+                              history=resume.history if resume else [])
 
     def on_epoch(rec: EpochRecord, state: TrainState) -> None:
         check_finite(rec, state, config, out_dir)

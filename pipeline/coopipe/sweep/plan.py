@@ -41,6 +41,7 @@ from coopipe.errors import CoopipeError, DatasetError, ParamsError
 from coopipe.lookup import run_name
 from coopipe.methods import MethodSpec, epochs_for, get_method, method_names
 from coopipe.methods.rank import ORDINALCLIP_INIT
+from coopipe.option_check import check_train_options
 from coopipe.prompt import CLASS_TOKEN_POSITIONS
 from coopipe.train_config import TrainConfig
 from coopipe.safe_names import safe_name
@@ -249,6 +250,11 @@ def _check(spec: SweepSpec) -> None:
     bad = set(spec.settings.train_options) - ({f.name for f in fields(TrainConfig)} - {"method"})
     if bad:
         problems.append(f"unknown or method training option(s) {sorted(bad)} (give methods by --methods)")
+    else:
+        try:
+            check_train_options({k: v for k, v in spec.settings.train_options.items() if v is not None})
+        except ParamsError as exc:
+            problems.append(str(exc))
     if spec.encode and spec.data_root is None:
         problems.append("--data-root is required to encode (or pass --no-encode when the cache is ready)")
     if problems:

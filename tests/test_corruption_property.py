@@ -108,8 +108,9 @@ def _corrupt_tensors(tensors: dict[str, torch.Tensor], rng: np.random.Generator)
 
 def _check(outcome: tuple[int, dict | None, str], expected: dict, case: str) -> None:
     code, metrics, err = outcome
-    if code == 0:
-        assert metrics == expected, f"exit 0 with a different result after {case}"
+    if code == 0:  # the same result; its measured cost (seconds, images/s, memory) differs from run to run
+        assert metrics is not None and {k: v for k, v in metrics.items() if k != "cost"} == {
+            k: v for k, v in expected.items() if k != "cost"}, f"exit 0 with a different result after {case}"
     else:
         assert code == 1 and err.count("error:") == 1 and len(err.strip().splitlines()) == 1, (case, err)
 

@@ -22,7 +22,7 @@ import torch
 
 from coopipe.config import CLASS_SUBSETS
 from coopipe.errors import CheckpointError, ParamsError
-from coopipe.methods import MethodSpec
+from coopipe.methods import MethodSpec, get_method
 from coopipe.option_check import check_train_options
 from coopipe.train_config import EpochRecord, TrainConfig
 
@@ -107,12 +107,19 @@ def check_record(meta: Mapping[str, Any], where: Path) -> None:
         if not isinstance(ref, dict) or not isinstance(ref.get("views", {}), dict | None) or type(n_aug) is not int:
             raise _fail(where, f"field 'stores.{role}' must be an object whose 'views' is an object with a whole "
                                f"'n_aug'")
+    if (run or {}).get("fewshot_index") and not isinstance((meta.get("stores") or {}).get("train"), dict):
+        # a run trained by a job from a few-shot index records its train store (its views feed the departures)
+        raise _fail(where, "field 'stores' misses the train store the run was trained on")
     variant = meta["variant"]
     if not all(isinstance(v, str | int | None) or (isinstance(v, float) and math.isfinite(v)) for v in variant.values()):
         raise _fail(where, "field 'variant' must hold plain values (names, numbers, true/false)")
+    spec_name = (meta.get("method") or variant).get("method", "coop")
+    floats = {f.name for f in dataclasses.fields(get_method(spec_name).options) if "float" in str(f.type)}
+    if odd := sorted(k for k, v in variant.items() if isinstance(v, float) and k not in floats):
+        raise _fail(where, f"field 'variant' holds a fractional {', '.join(odd)}, which the method records as a whole "
+                           f"number, a name or true/false")
     if "n_ranks" in variant and variant["n_ranks"] != len(names):
         raise _fail(where, f"its variant has {variant['n_ranks']!r} ranks for {len(names)} classes")
-    spec_name = (meta.get("method") or variant).get("method", "coop")
     absent = sorted(_VARIANT_KEYS.get(spec_name, set()) - set(variant))
     if absent:
         raise _fail(where, f"its 'variant' record misses {', '.join(absent)}")

@@ -106,13 +106,15 @@ def _corrupt_tensors(tensors: dict[str, torch.Tensor], rng: np.random.Generator)
     return f"{name}: {kind}"
 
 
-def _check(outcome: tuple[int, dict | None, str], expected: dict, case: str) -> None:
+def _check(outcome: tuple[int, dict | None, str], expected: dict, case: str, named: tuple[Path, ...]) -> None:
+    """Exit 0 with the uncorrupted result, or exit 1 with one line that names the run or the cache it read."""
     code, metrics, err = outcome
     if code == 0:  # the same result; its measured cost (seconds, images/s, memory) differs from run to run
         assert metrics is not None and {k: v for k, v in metrics.items() if k != "cost"} == {
             k: v for k, v in expected.items() if k != "cost"}, f"exit 0 with a different result after {case}"
     else:
         assert code == 1 and err.count("error:") == 1 and len(err.strip().splitlines()) == 1, (case, err)
+        assert any(str(path) in err for path in named), (case, err)
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -126,7 +128,7 @@ def test_corrupted_prompt_json_never_tracebacks_nor_lies(runs, rn50, tmp_path, c
         data = json.loads(json.dumps(original))
         case = _corrupt_json(data, rng)
         (target / META_FILE).write_text(json.dumps(data))
-        _check(_outcome(target, cache, rn50, capsys), expected, f"{method} prompt.json {case}")
+        _check(_outcome(target, cache, rn50, capsys), expected, f"{method} prompt.json {case}", (target, cache))
         shutil.rmtree(target)
 
 
@@ -143,7 +145,7 @@ def test_corrupted_tensors_never_traceback_nor_lie(runs, rn50, tmp_path, capsys,
         meta = json.loads((target / META_FILE).read_text())
         meta["tensors"]["sha256"] = sha256_file(target / TENSORS_FILE)  # bound again: only the content lies
         (target / META_FILE).write_text(json.dumps(meta))
-        _check(_outcome(target, cache, rn50, capsys), expected, f"{method} tensors {case}")
+        _check(_outcome(target, cache, rn50, capsys), expected, f"{method} tensors {case}", (target, cache))
         shutil.rmtree(target)
 
 
@@ -169,7 +171,7 @@ def test_corrupted_store_metadata_never_tracebacks_nor_lies(runs, rn50, tmp_path
         store = next((copy / "toy").glob("test_*.zarr"))
         case = edits[rng.integers(len(edits))](store)
         code, metrics, err = _outcome(run, copy, rn50, capsys)
-        _check((code, metrics, err), expected, f"store {case}")
+        _check((code, metrics, err), expected, f"store {case}", (run, copy))
         shutil.rmtree(copy)
 
 
@@ -198,6 +200,9 @@ def _rebound(target: Path, change_meta=None, change_tensors=None) -> None:
     ("coop", "momentum-missing-on-resume", "misses optimiser tensor"),
     ("coop", "nan-context", "holds NaN/inf"),
     ("coop", "classifier-rows", "not one row per class"),
+    ("coop", "n-aug-text", "field 'stores.train' must be an object whose 'views' is an object with a whole 'n_aug'"),
+    ("cocoop", "class-chunk-fraction", "training option class_chunk must be a whole number, got 1.5"),
+    ("rank", "classes-null", "field 'run.classes' must be one of all, base, new, got None"),
 ])
 def test_the_reported_checkpoint_damage_is_one_line(runs, rn50, tmp_path, capsys, method, case, message):
     from coopipe.checkpoint import CLASSIFIER_FILE, export_classifier, load_checkpoint
@@ -221,6 +226,9 @@ def test_the_reported_checkpoint_damage_is_one_line(runs, rn50, tmp_path, capsys
         "momentum-missing-on-resume": dict(change_meta=lambda m: m.update(complete=False),
                                            change_tensors=lambda t: t.pop("optim.ctx.momentum_buffer")),
         "nan-context": dict(change_tensors=lambda t: t["param.ctx"].fill_(float("nan"))),
+        "n-aug-text": dict(change_meta=lambda m: m["stores"]["train"]["views"].update(n_aug="abc")),
+        "class-chunk-fraction": dict(change_meta=lambda m: m["config"].update(class_chunk=1.5)),
+        "classes-null": dict(change_meta=lambda m: m["run"].update(classes=None)),
     }
     if case == "classifier-rows":
         clf = load_checkpoint(target).classifier()

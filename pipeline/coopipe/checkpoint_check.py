@@ -99,7 +99,7 @@ def check_record(meta: Mapping[str, Any], where: Path) -> None:
                 raise _fail(where, f"field 'run.{key}' is missing or not {_JSON_NAMES[types[0]]}")
         if any(isinstance(run.get(k), int) and run[k] < 0 for k in ("shots", "seed")):
             raise _fail(where, "fields 'run.shots' and 'run.seed' cannot be negative")
-        if run.get("classes") not in (None, *CLASS_SUBSETS):
+        if run.get("classes") not in CLASS_SUBSETS:
             raise _fail(where, f"field 'run.classes' must be one of {', '.join(CLASS_SUBSETS)}, got {run['classes']!r}")
     for role, ref in (meta.get("stores") or {}).items():
         views = ref.get("views") if isinstance(ref, dict) else None

@@ -6,11 +6,13 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from leftovers import adopt_orphans, describe, kill_all, leftover_processes
+from model_memo import RandomInitMemo
 
 # The real data: ../shared/data beside the repository, or wherever COOPIPE_TEST_DATA points (a checkout elsewhere).
 SHARED_DATA = Path(os.environ.get("COOPIPE_TEST_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
@@ -63,6 +65,30 @@ def _no_leaked_log_handler():
     for handler in root.handlers[:]:
         if handler not in before and type(handler).__name__ == "AboveProgressBars":
             root.removeHandler(handler)
+
+
+@pytest.fixture(scope="session")
+def _random_init_memo() -> dict[str, RandomInitMemo]:
+    return {}
+
+
+@pytest.fixture(autouse=True)
+def _random_weights_built_once(request, _random_init_memo):
+    """Random-weights models are built once per session and copied (exactly: ``tests/model_memo.py``): in-process
+    CLI runs each load their model, and the random initialisation is most of a short command's time. Tests of model
+    building itself opt out with ``pytest.mark.fresh_models``. Patched only once open_clip is imported (the session
+    fixtures a test uses, such as ``rn50``, import it before this runs)."""
+    open_clip = sys.modules.get("open_clip")
+    if open_clip is None or request.node.get_closest_marker("fresh_models"):
+        yield
+        return
+    memo = _random_init_memo.setdefault("memo", RandomInitMemo(open_clip))
+    real = open_clip.create_model
+    open_clip.create_model = memo.wrap(real)
+    try:
+        yield
+    finally:
+        open_clip.create_model = real
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -25,7 +25,12 @@ def pytest_configure(config) -> None:
 
 def pytest_sessionfinish(session, exitstatus) -> None:
     """Fail the run if any process a test started (or its children) is still alive: a leak costs the next user
-    memory and CPU (kill loops used to leave decode workers holding 256 MB each)."""
+    memory and CPU (kill loops used to leave decode workers holding 256 MB each).
+
+    Under pytest-xdist the controller checks, after its workers have exited: what a worker's tests left behind is
+    then the controller's (an adopted orphan), and only the controller's status is the run's."""
+    if hasattr(session.config, "workerinput"):
+        return
     leftovers = leftover_processes()
     if not leftovers:
         return
@@ -40,6 +45,16 @@ def pytest_sessionfinish(session, exitstatus) -> None:
     # helpers that end with their parent; they are killed above, and only a process doing work fails the run
     if any(not any(helper in line for helper in _MP_HELPERS) for line in lines[1:]):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    """In a pytest-xdist worker (``scripts/test.sh``), the files holding a slow test come first, in their order: the
+    scheduler hands out whole files in collection order, and a long file started last would leave the other worker
+    idle at the end. A plain ``pytest`` run keeps pytest's order."""
+    if not hasattr(config, "workerinput"):
+        return
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)
 
 
 _MP_HELPERS = ("multiprocessing.forkserver import main", "multiprocessing.resource_tracker import main")

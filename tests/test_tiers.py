@@ -59,9 +59,22 @@ def test_the_slow_marks_are_the_listed_ones():
 
 def test_the_fast_tier_leaves_out_slow_and_all_runs_everything():
     script = (ROOT / "scripts" / "test.sh").read_text()
-    assert re.search(r'pytest -m "not slow" "\$@"\s*$', script), "the default tier must deselect the slow tests"
+    assert re.search(r'pytest "\$\{workers\[@\]\}" -m "not slow" "\$@"\s*$', script), \
+        "the default tier must deselect the slow tests"
     all_branch = script.split("--all", 2)[-1]
     assert "pytest" in all_branch and "not slow" not in all_branch.split("fi", 1)[0]
+
+
+def test_both_tiers_run_on_two_workers_with_each_file_on_one():
+    """Most tests use one core: two pytest-xdist workers use both of a 2-core CI machine. A module's tests stay on
+    one worker (its module fixtures are built once), in the order conftest gives (files with slow tests first)."""
+    script = (ROOT / "scripts" / "test.sh").read_text()
+    workers = re.search(r"^workers=\((.+)\)$", script, flags=re.M)
+    assert workers and workers.group(1).split() == ['-n', '"${COOPIPE_TEST_WORKERS:-2}"', "--dist", "loadfile",
+                                                    "--no-loadscope-reorder"]
+    assert script.count('pytest "${workers[@]}"') == 2
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert re.search(r'^dev = \[.*"pytest-xdist', pyproject, flags=re.M), "the dev extra installs pytest-xdist"
 
 
 def test_ci_runs_the_readme_full_suite_command():

@@ -24,6 +24,7 @@ SLOW = {
     "test_encode.py::test_dask_local_cluster_equals_in_process",
     "test_encode.py::test_kill_and_resume",
     "test_engines.py::test_export_cache_is_reused_and_a_damaged_file_exported_again",
+    "test_plugin_method.py::test_resume_after_sigkill_equals_an_uninterrupted_run",
     "test_stacked_jobs.py::test_sweep_stacks_compatible_runs_and_keeps_the_others_alone",
     "test_sweep.py::test_killed_sweep_reruns_only_missing_runs",
     "test_sweep.py::test_local_cluster_of_two_workers_matches_one_by_one",

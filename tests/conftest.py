@@ -6,11 +6,13 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from leftovers import adopt_orphans, describe, kill_all, leftover_processes
+from model_memo import RandomInitMemo
 
 # The real data: ../shared/data beside the repository, or wherever COOPIPE_TEST_DATA points (a checkout elsewhere).
 SHARED_DATA = Path(os.environ.get("COOPIPE_TEST_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
@@ -23,7 +25,12 @@ def pytest_configure(config) -> None:
 
 def pytest_sessionfinish(session, exitstatus) -> None:
     """Fail the run if any process a test started (or its children) is still alive: a leak costs the next user
-    memory and CPU (kill loops used to leave decode workers holding 256 MB each)."""
+    memory and CPU (kill loops used to leave decode workers holding 256 MB each).
+
+    Under pytest-xdist the controller checks, after its workers have exited: what a worker's tests left behind is
+    then the controller's (an adopted orphan), and only the controller's status is the run's."""
+    if hasattr(session.config, "workerinput"):
+        return
     leftovers = leftover_processes()
     if not leftovers:
         return
@@ -38,6 +45,16 @@ def pytest_sessionfinish(session, exitstatus) -> None:
     # helpers that end with their parent; they are killed above, and only a process doing work fails the run
     if any(not any(helper in line for helper in _MP_HELPERS) for line in lines[1:]):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    """In a pytest-xdist worker (``scripts/test.sh``), the files holding a slow test come first, in their order: the
+    scheduler hands out whole files in collection order, and a long file started last would leave the other worker
+    idle at the end. A plain ``pytest`` run keeps pytest's order."""
+    if not hasattr(config, "workerinput"):
+        return
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)
 
 
 _MP_HELPERS = ("multiprocessing.forkserver import main", "multiprocessing.resource_tracker import main")
@@ -63,6 +80,30 @@ def _no_leaked_log_handler():
     for handler in root.handlers[:]:
         if handler not in before and type(handler).__name__ == "AboveProgressBars":
             root.removeHandler(handler)
+
+
+@pytest.fixture(scope="session")
+def _random_init_memo() -> dict[str, RandomInitMemo]:
+    return {}
+
+
+@pytest.fixture(autouse=True)
+def _random_weights_built_once(request, _random_init_memo):
+    """Random-weights models are built once per session and copied (exactly: ``tests/model_memo.py``): in-process
+    CLI runs each load their model, and the random initialisation is most of a short command's time. Tests of model
+    building itself opt out with ``pytest.mark.fresh_models``. Patched only once open_clip is imported (the session
+    fixtures a test uses, such as ``rn50``, import it before this runs)."""
+    open_clip = sys.modules.get("open_clip")
+    if open_clip is None or request.node.get_closest_marker("fresh_models"):
+        yield
+        return
+    memo = _random_init_memo.setdefault("memo", RandomInitMemo(open_clip))
+    real = open_clip.create_model
+    open_clip.create_model = memo.wrap(real)
+    try:
+        yield
+    finally:
+        open_clip.create_model = real
 
 
 @pytest.fixture(scope="session", autouse=True)

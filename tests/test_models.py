@@ -12,6 +12,8 @@ import torch
 from coopipe.errors import WeightsError
 from coopipe.models import load_clip, resolve_weights, sha256_file
 
+pytestmark = pytest.mark.fresh_models  # each load builds its model: reproducibility is what is tested
+
 
 def test_open_clip_imports_with_the_shim_in_a_fresh_process():
     code = "from coopipe.compat import import_open_clip; oc = import_open_clip(); print(oc.__version__)"

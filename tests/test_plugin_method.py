@@ -143,6 +143,7 @@ def test_a_registered_method_trains_checkpoints_evaluates_predicts_sweeps_and_re
     assert "Text residual" in report
 
 
+@pytest.mark.slow  # two 200-epoch runs and four killed ones, each a forked `coopipe` process: about 45 s of CPU
 @pytest.mark.timeout(900)
 def test_resume_after_sigkill_equals_an_uninterrupted_run(cache, tmp_path):
     """SIGKILL `coopipe train` of the plug-in while it trains and checkpoints (after its first checkpoint, at a

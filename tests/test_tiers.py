@@ -27,11 +27,12 @@ SLOW = {
     "test_feature_methods.py::test_the_four_methods_train_evaluate_predict_sweep_and_report",
     "test_kgcoop.py::test_sweep_trains_and_reports_kgcoop_and_prograd",
     "test_lpp_clap.py::test_sweep_and_report_name_both",
+    "test_methods_benchmark.py::test_methods_benchmark_smallest_configuration",
     "test_planted.py::test_cocoop_finds_a_planted_conditional_prompt",
     "test_planted.py::test_coop_finds_a_planted_prompt",
     "test_planted.py::test_rank_prompts_find_planted_ranks",
     "test_planted.py::test_zero_shot_regularised_methods_find_a_planted_prompt_and_a_frozen_prompt_does_not",
-    "test_methods_benchmark.py::test_methods_benchmark_smallest_configuration",
+    "test_plugin_method.py::test_resume_after_sigkill_equals_an_uninterrupted_run",
     "test_stacked_jobs.py::test_sweep_stacks_compatible_runs_and_keeps_the_others_alone",
     "test_sweep.py::test_killed_sweep_reruns_only_missing_runs",
     "test_sweep.py::test_local_cluster_of_two_workers_matches_one_by_one",
@@ -69,9 +70,22 @@ def test_the_slow_marks_are_the_listed_ones():
 
 def test_the_fast_tier_leaves_out_slow_and_all_runs_everything():
     script = (ROOT / "scripts" / "test.sh").read_text()
-    assert re.search(r'pytest -m "not slow" "\$@"\s*$', script), "the default tier must deselect the slow tests"
+    assert re.search(r'pytest "\$\{workers\[@\]\}" -m "not slow" "\$@"\s*$', script), \
+        "the default tier must deselect the slow tests"
     all_branch = script.split("--all", 2)[-1]
     assert "pytest" in all_branch and "not slow" not in all_branch.split("fi", 1)[0]
+
+
+def test_both_tiers_run_on_two_workers_with_each_file_on_one():
+    """Most tests use one core: two pytest-xdist workers use both of a 2-core CI machine. A module's tests stay on
+    one worker (its module fixtures are built once), in the order conftest gives (files with slow tests first)."""
+    script = (ROOT / "scripts" / "test.sh").read_text()
+    workers = re.search(r"^workers=\((.+)\)$", script, flags=re.M)
+    assert workers and workers.group(1).split() == ['-n', '"${COOPIPE_TEST_WORKERS:-2}"', "--dist", "loadfile",
+                                                    "--no-loadscope-reorder"]
+    assert script.count('pytest "${workers[@]}"') == 2
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert re.search(r'^dev = \[.*"pytest-xdist', pyproject, flags=re.M), "the dev extra installs pytest-xdist"
 
 
 def test_ci_runs_the_readme_full_suite_command():

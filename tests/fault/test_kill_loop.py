@@ -2,9 +2,10 @@
 must end bitwise equal to an uninterrupted run with no stuck state (no `.partial` store, no lock, no half file).
 
 Each run is a real `coopipe` process (forked from a server that imported coopipe, see ``_context``). The kill points
-are drawn from a seeded generator between the process start and the measured length of an uninterrupted run, so
-they land in start-up, mid-work and the final writes; after the loop one more run (never killed) must finish from
-whatever state the last kill left.
+are drawn from a seeded generator between the process start and the measured length of an uninterrupted run, one
+in each of KILLS equal slices of that span (in a shuffled order), so they land in start-up, mid-work and the final
+writes with no two crowding one phase; after the loop one more run (never killed) must finish from whatever state
+the last kill left.
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ from conftest import copy_eurosat_folder, make_store
 from coopipe.checkpoint import load_checkpoint, load_classifier
 from coopipe.store import open_store
 
-pytestmark = pytest.mark.slow  # ten kills and three full runs each: 1.5-3 minutes per test on 2 cores
+pytestmark = pytest.mark.slow  # six kills and three full runs each: about a minute per test on 2 cores
 
-KILLS = 10
+KILLS = 6  # one per sixth of the span: ten uniform draws (before) left about one sixth without a kill on average
 CLASSES = ("Forest", "SeaLake", "Highway")
 
 
@@ -71,14 +72,19 @@ def _run(ctx: multiprocessing.context.BaseContext, args: tuple[str, ...]) -> flo
 
 def _kill_loop(ctx: multiprocessing.context.BaseContext, args: tuple[str, ...], length: float, rng: random.Random,
                output: Path) -> None:
-    """SIGKILL ``coopipe ARGS`` KILLS times, each after a random delay in (0.05, 0.5) x ``length`` (the time of an
-    uninterrupted run); a run that finishes before its kill point has its output removed, so every kill lands in
-    real work (start-up, mid-work or the final writes) and the state that the last kill left is what is resumed."""
+    """SIGKILL ``coopipe ARGS`` KILLS times, the k-th after a random delay in the k-th of KILLS equal slices of
+    (0.05, 0.5) x ``length`` (the time of an uninterrupted run; slices in a shuffled order); a run that finishes
+    before its kill point has its output removed, so every kill lands in real work (start-up, mid-work or the final
+    writes) and the state that the last kill left is what is resumed."""
+    slices = list(range(KILLS))
+    rng.shuffle(slices)
+    width = 0.45 / KILLS
     killed = 0
     for _ in range(6 * KILLS):
+        low = 0.05 + width * slices[killed]
         proc = ctx.Process(target=_cli_main, args=(args,))
         proc.start()
-        proc.join(rng.uniform(0.05, 0.5) * length)
+        proc.join(rng.uniform(low, low + width) * length)
         if proc.exitcode is None:
             os.kill(proc.pid, signal.SIGKILL)
             proc.join()

@@ -62,7 +62,7 @@ def test_checkpoint_round_trips_its_typed_record_and_rebuilds_an_identical_learn
     feats = torch.randn(3, rn50.embed_dim, generator=g)[labels][:, None] + 0.5 * torch.randn(12, 2, rn50.embed_dim, generator=g)
     cfg = TrainConfig(max_epoch=2, batch_size=4, seed=1, method=MethodSpec.of("coop", n_ctx=4, class_token_position="middle"))
     result = train_prompt(feats, labels, rn50, CLASSES, cfg)
-    run = RunRecord(dataset="toy", shots=4, seed=1, classes="all", pretrained="none", fewshot_index="x.json")
+    run = RunRecord(dataset="toy", shots=4, seed=1, classes="all", pretrained="none")  # no few-shot index, no stores
     out = save_result(tmp_path / "run", result, clip=rn50, classnames=CLASSES, config=cfg, run=run)
 
     meta = json.loads((out / META_FILE).read_text())

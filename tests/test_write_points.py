@@ -54,7 +54,7 @@ def _commands(world: dict[str, Path]) -> dict[str, tuple[Command, Callable[[Path
     """name -> (arguments writing under a folder, what a finished result is read as)."""
     def metrics(path: Path) -> object:
         data = json.loads(path.read_text())
-        return {k: v for k, v in data.items() if k not in ("store",)}
+        return {k: v for k, v in data.items() if k not in ("store", "cost")}  # cost: measured times, memory
 
     def train_result(folder: Path) -> object:
         out = folder / "run"

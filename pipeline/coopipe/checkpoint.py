@@ -360,6 +360,8 @@ def load_learner(ckpt: Checkpoint, clip: LoadedClip, classnames: Sequence[str] |
         return learner
     except ParamsError as exc:
         raise CheckpointError(f"checkpoint {ckpt.path}: its prompt {spec.label()} cannot be rebuilt ({exc})") from exc
+    except CheckpointError as exc:  # a tensor missing or of another shape: name the run it came from
+        raise CheckpointError(f"checkpoint {ckpt.path}: {exc}") from exc
 
 
 def _prefixed(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

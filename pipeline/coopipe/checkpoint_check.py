@@ -131,10 +131,11 @@ def check_record(meta: Mapping[str, Any], where: Path) -> None:
     if any(not isinstance(r.epoch, int) or isinstance(r.epoch, bool) for r in history):
         raise _fail(where, "field 'history' holds a record without a whole epoch number")
     for r in history:  # the config's schedule must be the one the history ran (binds lr, warm-up and epochs to it)
-        want = config.lr_at(r.epoch - 1)
-        if isinstance(r.lr, bool) or not isinstance(r.lr, int | float) or not math.isclose(r.lr, want, rel_tol=1e-9):
-            raise _fail(where, f"its config's learning-rate schedule gives {want:g} at epoch {r.epoch}, its history "
-                               f"records {r.lr!r}")
+        scheduled = config.lr_at(r.epoch - 1)
+        if (isinstance(r.lr, bool) or not isinstance(r.lr, int | float)
+                or not math.isclose(r.lr, scheduled, rel_tol=1e-9)):
+            raise _fail(where, f"its config's learning-rate schedule gives {scheduled:g} at epoch {r.epoch}, its "
+                               f"history records {r.lr!r}")
     if run is not None and run.get("seed") is not None and run["seed"] != config.seed:
         raise _fail(where, f"its run record says seed {run['seed']}, its training config seed {config.seed}")
     if meta.get("complete") and meta["epoch"] < config.max_epoch:

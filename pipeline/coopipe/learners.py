@@ -138,12 +138,12 @@ def restore_learner(
         rows = {}
         for name in getattr(learner, "data_shaped", ()):
             if name in tensors and name in params:
-                saved, built = tuple(tensors[name].shape), tuple(params[name].shape)
-                if len(saved) != len(built) or saved[1:] != built[1:]:  # only the row count comes from the data
-                    raise CheckpointError(f"saved {name} has shape {saved}, a {spec.label()} learner for "
+                stored, built = tuple(tensors[name].shape), tuple(params[name].shape)
+                if len(stored) != len(built) or stored[1:] != built[1:]:  # only the row count comes from the data
+                    raise CheckpointError(f"saved {name} has shape {stored}, a {spec.label()} learner for "
                                           f"{len(classnames)} classes needs (rows, {', '.join(map(str, built[1:]))})")
-                rows[name] = saved[0]
-                params[name].data = torch.empty(saved, dtype=params[name].dtype, device=params[name].device)
+                rows[name] = stored[0]
+                params[name].data = torch.empty(stored, dtype=params[name].dtype, device=params[name].device)
         if len(set(rows.values())) > 1:
             raise CheckpointError(f"saved {', '.join(rows)} disagree on their number of rows ({rows})")
     missing = sorted(set(params) - set(tensors) - set(spec.definition.class_derived))

@@ -1,9 +1,7 @@
 """Property: random type and shape corruptions of ``prompt.json``, of the tensor file (re-bound by its hash, so only
 the content lies) and of store metadata never give a traceback and never a wrong result. Evaluation through the
 command line's error boundary either stops with one line and exit code 1, or gives exactly the uncorrupted result
-(a corruption of a field nothing reads, such as ``created``). Tensor corruptions for every registered method;
-``prompt.json`` corruptions for the prompt methods (CoOp, CoCoOp, rank prompts): the record's free numeric fields
-(weight decay, batch size) are not yet bound to the run, so a plausible changed value there reads as a departure.
+(a corruption of a field nothing reads, or of the record's digest field removed). Every registered method.
 Corruptions are drawn from a fixed seed, so a failure names a reproducible case."""
 
 from __future__ import annotations
@@ -21,6 +19,7 @@ import torch
 import typer
 from conftest import make_toy_cache
 from coopipe.checkpoint import META_FILE, TENSORS_FILE
+from coopipe.checkpoint_check import record_digest
 from coopipe.cli_common import errors
 from coopipe.jobs.evaluate import run_eval
 from coopipe.jobs.train import run_train
@@ -137,7 +136,7 @@ def _check(outcome: tuple[int, dict | None, str], expected: dict, case: str, nam
         assert any(str(path) in err for path in named), (case, err)
 
 
-@pytest.mark.parametrize("method", PROMPT_METHODS)
+@pytest.mark.parametrize("method", sorted(METHODS))
 def test_corrupted_prompt_json_never_tracebacks_nor_lies(runs, rn50, tmp_path, capsys, method):
     cache, run, expected = runs[method]
     rng = np.random.default_rng(1)
@@ -164,6 +163,7 @@ def test_corrupted_tensors_never_traceback_nor_lie(runs, rn50, tmp_path, capsys,
         save_file(tensors, str(target / TENSORS_FILE))
         meta = json.loads((target / META_FILE).read_text())
         meta["tensors"]["sha256"] = sha256_file(target / TENSORS_FILE)  # bound again: only the content lies
+        meta["record_sha256"] = record_digest(meta)
         (target / META_FILE).write_text(json.dumps(meta))
         _check(_outcome(target, cache, rn50, capsys), expected, f"{method} tensors {case}", (target, cache))
         shutil.rmtree(target)
@@ -205,6 +205,8 @@ def _rebound(target: Path, change_meta=None, change_tensors=None) -> None:
     meta["tensors"]["sha256"] = sha256_file(target / TENSORS_FILE)
     if change_meta:
         change_meta(meta)
+    if isinstance(meta, dict):
+        meta["record_sha256"] = record_digest(meta)
     (target / META_FILE).write_text(json.dumps(meta))
 
 

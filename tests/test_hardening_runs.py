@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import make_toy_cache
 from coopipe.checkpoint import CLASSIFIER_FILE, META_FILE, export_classifier, load_checkpoint
+from coopipe.checkpoint_check import record_digest
 from coopipe.cli import app
 from coopipe.datasets.base import Dataset, Split
 from coopipe.encode import EncodeOptions, encode_split
@@ -102,6 +103,7 @@ def test_a_damaged_logit_scale_is_an_error_not_nan_percent(tmp_path, rn50, run, 
                       weights=clf.weights, logit_scale=1e4)
     meta = json.loads((damaged / META_FILE).read_text())
     meta["classifier"]["sha256"] = sha256_file(damaged / CLASSIFIER_FILE)  # consistently re-bound: only the scale lies
+    meta["record_sha256"] = record_digest(meta)
     (damaged / META_FILE).write_text(json.dumps(meta))
     images = _images(tmp_path / "imgs", 2)
     with pytest.raises(CheckpointError, match=r"non-finite logits \(logit_scale 10000"):

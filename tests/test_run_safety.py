@@ -15,6 +15,7 @@ from conftest import make_toy_cache
 
 from coopipe.baselines import fit_linear_probe
 from coopipe.checkpoint import CLASSIFIER_FILE, META_FILE, export_classifier, load_checkpoint, load_classifier
+from coopipe.checkpoint_check import record_digest
 from coopipe.errors import CheckpointError, LockedError, TrainingDivergedError
 from coopipe.jobs.evaluate import run_eval
 from coopipe.jobs.train import RUN_LOCK, run_train
@@ -105,6 +106,7 @@ def test_an_incomplete_run_is_never_evaluated_as_a_result(cache, rn50, tmp_path)
     _train(cache, run, rn50, max_epoch=3)
     meta = json.loads((run / META_FILE).read_text())
     meta.update(complete=False, epoch=1)  # what a kill after the first epoch's save leaves
+    meta["record_sha256"] = record_digest(meta)
     (run / META_FILE).write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match=r"incomplete \(trained 1 of 3 epochs.*re-run the same `coopipe train`"):
         run_eval(run, cache_dir=cache, clip=rn50)

@@ -41,7 +41,14 @@ from safetensors.torch import load_file, save_file
 
 import coopipe
 from coopipe.atomic import atomic_write, write_json
-from coopipe.checkpoint_check import check_classifier_rows, check_record, check_tensors
+from coopipe.checkpoint_check import (
+    RECORD_DIGEST,
+    check_classifier_rows,
+    check_record,
+    check_record_digest,
+    check_tensors,
+    record_digest,
+)
 from coopipe.errors import CheckpointError, MissingFileError, ParamsError
 from coopipe.json_records import fields_of, read_folder_record
 from coopipe.learners import Learner, restore_learner
@@ -424,6 +431,7 @@ def save_checkpoint(
         "open_clip_version": open_clip_version(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    meta[RECORD_DIGEST] = record_digest(meta)  # binds every field: a value changed afterwards is damage
     write_json(directory / META_FILE, meta, default=str)
     previous.unlink(missing_ok=True)
     logger.info("saved checkpoint %s (epoch %d/%d)", directory, state.epoch, config.max_epoch)
@@ -496,6 +504,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         if not any(name.startswith(PARAM_PREFIX) for name in tensors):
             raise CheckpointError(f"{tensor_path} holds no learned tensor; re-train")
         check_tensors(meta, tensors, tensor_path)
+        check_record_digest(meta, meta_path)  # last: the checks above name what is wrong where they can
     return Checkpoint(path=directory, meta=meta, tensors=tensors)
 
 

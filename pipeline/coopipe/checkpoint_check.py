@@ -13,6 +13,8 @@ naming the file and the field. The tensor file is bound to the record by its sha
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -54,6 +56,26 @@ _JSON_NAMES = {dict: "an object", list: "a list", str: "a text", int: "a whole n
 
 def _fail(where: Path, what: str) -> CheckpointError:
     return CheckpointError(f"checkpoint {where}: {what}; {_FIX}")
+
+
+RECORD_DIGEST = "record_sha256"
+
+
+def record_digest(meta: Mapping[str, Any]) -> str:
+    """sha256 of a checkpoint record without its own digest field, keys sorted: written with the record, so that a
+    plausible value changed afterwards (a weight decay, a batch size: values every schema check accepts, which the
+    report would show as the run's setting) is damage, not a different run."""
+    payload = {k: v for k, v in meta.items() if k != RECORD_DIGEST}
+    text = json.dumps(payload, sort_keys=True, default=str, allow_nan=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def check_record_digest(meta: Mapping[str, Any], where: Path) -> None:
+    """Raise unless the record's digest (when it has one: records written before it have none) matches its content."""
+    want = meta.get(RECORD_DIGEST)
+    if want is not None and want != record_digest(meta):
+        raise _fail(where, "its record was changed after it was written (its record_sha256 differs); restore the "
+                           "folder from a copy")
 
 
 def check_record(meta: Mapping[str, Any], where: Path) -> None:

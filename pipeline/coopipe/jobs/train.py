@@ -31,6 +31,7 @@ from coopipe.atomic import write_json, write_text
 from coopipe.cost import training_cost
 from coopipe.departures import warn_single_view
 from coopipe.baselines import dataset_template
+from coopipe.checkpoint_check import RECORD_DIGEST, record_digest
 from coopipe.checkpoint import (
     CLASSIFIER_FILE,
     META_FILE,
@@ -349,6 +350,7 @@ def _complete_outputs(ckpt: Checkpoint, clip: LoadedClip, *, seconds: float | No
                                 model=ckpt.model, weights=ckpt.weights, logit_scale=float(ckpt.meta["logit_scale"]),
                                 source={"checkpoint": str(out_dir), "epoch": ckpt.epoch, "variant": ckpt.variant})
         meta = {**ckpt.meta, "classifier": {"file": CLASSIFIER_FILE, "sha256": sha256_file(clf)}}
+        meta[RECORD_DIGEST] = record_digest(meta)
         write_json(out_dir / META_FILE, meta)
         ckpt = load_checkpoint(out_dir)
     history = out_dir / "history.tsv"

@@ -168,11 +168,14 @@ def zero_shot_classifier(
     templates: str | Sequence[str],
     *,
     encoder: PromptTextEncoder | None = None,
+    dtype: torch.dtype | None = torch.float32,
 ) -> torch.Tensor:
-    """(K, D) L2-normalised text classifier, CPU float32, from one template or an ensemble of templates.
+    """(K, D) L2-normalised text classifier on the CPU, from one template or an ensemble of templates.
 
     With several templates each class's normalised features are averaged over templates, then renormalised
-    (CLIP's prompt ensembling). Templates are encoded one at a time, so memory grows with K, not K x T.
+    (CLIP's prompt ensembling). Templates are encoded one at a time, so memory grows with K, not K x T. ``dtype``:
+    float32 by default; None keeps the text tower's precision (at least float32: a float64 tower in the exactness
+    tests of the methods that regularise towards these features).
     """
     template_list = [templates] if isinstance(templates, str) else list(templates)
     if not template_list:
@@ -183,7 +186,8 @@ def zero_shot_classifier(
     names = [clean_classname(c) for c in classnames]
     total: torch.Tensor | None = None
     for template in template_list:
-        feats = encoder.encode_texts([_check_template(template).format(n) for n in names]).float().cpu()  # (K, D)
+        feats = encoder.encode_texts([_check_template(template).format(n) for n in names])  # (K, D)
+        feats = feats.to(torch.promote_types(feats.dtype, torch.float32) if dtype is None else dtype).cpu()
         total = feats if total is None else total + feats
     assert total is not None
     return torch.nn.functional.normalize(total / len(template_list), dim=-1)  # (K, D)

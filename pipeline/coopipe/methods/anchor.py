@@ -11,23 +11,18 @@ frozen tower), so it equals an uninterrupted one.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from coopipe.baselines import _check_template, clean_classname
+from coopipe.baselines import zero_shot_classifier
 from coopipe.errors import ParamsError
 from coopipe.learners import FitData
-from coopipe.text_encoder import PromptTextEncoder
 
 __all__ = ["AnchoredLearner", "zero_shot_anchor"]
 
 
 def zero_shot_anchor(data: FitData, device: torch.device) -> torch.Tensor:
     """The hand-crafted prompt's normalised class text features (K, D) on ``device``, in the text tower's precision
-    (at least float32): the prompts of :func:`coopipe.baselines.zero_shot_classifier`, one text pass."""
-    prompts = [_check_template(data.template).format(clean_classname(c)) for c in data.classnames]
-    with torch.no_grad():
-        feats = PromptTextEncoder(data.clip).encode_texts(prompts)  # (K, D)
-    return F.normalize(feats.to(device, torch.promote_types(feats.dtype, torch.float32)), dim=-1)
+    (at least float32): :func:`coopipe.baselines.zero_shot_classifier`, one text pass."""
+    return zero_shot_classifier(data.clip, data.classnames, data.template, dtype=None).to(device)
 
 
 class AnchoredLearner:

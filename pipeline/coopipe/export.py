@@ -4,8 +4,10 @@ An exported folder holds::
 
     classifier.safetensors  (CoOp, rank prompts) the (K, D) normalised class text features of the learned prompt,
                             CLIP's logit scale and the class names: the whole head, one matrix product
-    prompt.safetensors      (CoCoOp) the learned context and Meta-Net: an image-conditional prompt has no fixed
-                            matrix; every image needs one pass of CLIP's text tower over all K classes
+    prompt.safetensors      (image-conditional methods: CoCoOp, CLIP-Adapter, Tip-Adapter, LP++) the learner's
+                            tensors: such a head has no fixed matrix (CoCoOp: context and Meta-Net, one pass of
+                            CLIP's text tower over all K classes per image); the method describes its own
+                            inference (:attr:`coopipe.methods.Method.inference`)
     model.onnx              (optional) image tower + head (CoCoOp: + Meta-Net and text tower, see
                             :mod:`coopipe.export_onnx`): a preprocessed image batch -> class probabilities
     export.json             the record: model name, weights identity and how to load them, the text tower's
@@ -27,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +41,7 @@ from safetensors.torch import load_file, save_file
 
 import coopipe
 from coopipe.atomic import atomic_write, write_json, write_text
-from coopipe.checkpoint import CLASSIFIER_FILE, Checkpoint, export_classifier, load_checkpoint, load_classifier
+from coopipe.checkpoint import CLASSIFIER_FILE, Checkpoint, load_checkpoint, load_classifier
 from coopipe.errors import CheckpointError, MissingFileError, ParamsError
 from coopipe.json_records import fields_of, read_folder_record
 from coopipe.head import TEXT_PATH_OPTIONS, Head, ImagePrompt, head_of_run
@@ -63,15 +66,6 @@ _FIXED = (
     "logits = exp(logit_scale) * normalize(image_features) @ text_features.T; probabilities = softmax(logits). "
     "image_features are the raw outputs of the model's image tower (encode_image) on images preprocessed as "
     "recorded; text_features (K x D, normalised) and logit_scale (CLIP's log scale) are in classifier.safetensors."
-)
-_CONDITIONAL = (
-    "Image-conditional prompt (CoCoOp): there is no fixed class matrix. For each image, the Meta-Net (two linear "
-    "layers with a ReLU, tensors meta_net.* in prompt.safetensors) maps the normalised image feature to one vector "
-    "that is added to every learned context vector (ctx); the prompts '[SOS] ctx(x) <class name>. [EOS]' of all K "
-    "classes then go through the text tower of the recorded model and weights (token embeddings, transformer, "
-    "final layer norm, pooling at [EOS], text projection); logits = exp(logit_scale) * cos(image, class text). "
-    "coopipe predict computes it (and model.onnx, when exported with --onnx); elsewhere, rebuild it with open_clip "
-    "from the recorded model."
 )
 
 
@@ -146,10 +140,11 @@ def export_run(
     (out / RECORD_FILE).unlink(missing_ok=True)  # a re-export: the folder is no export until its record is back
     files: dict[str, str] = {}
     if head.classifier is not None:
+        # the run's classifier file byte for byte (checked against the run by head_of_run): written again, its
+        # normalised rows would be normalised once more, which can move an element by one float32 rounding step, and
+        # the export's probabilities would differ from the run's and from `coopipe eval`'s in their last digit
         clf = head.classifier
-        written = export_classifier(out / CLASSIFIER_FILE, clf.text_features, classnames=clf.classnames,
-                                    model=clf.model, weights=clf.weights, logit_scale=clf.logit_scale,
-                                    source={**clf.source, "run": str(ckpt.path)})
+        written = atomic_write(out / CLASSIFIER_FILE, lambda tmp: shutil.copyfile(clf.path, tmp))
         logit_scale = clf.logit_scale
     else:
         assert head.prompt is not None
@@ -214,7 +209,7 @@ def build_record(
         },
         "classnames": list(head.classnames),
         "logit_scale": logit_scale,
-        "inference": _CONDITIONAL if spec.image_conditional else _FIXED,
+        "inference": spec.definition.inference if spec.image_conditional else _FIXED,  # the method's words
         "source": {
             "run": str(ckpt.path),
             "epoch": ckpt.epoch,

@@ -18,13 +18,6 @@ from coopipe.report.records import departures
 
 __all__ = ["card_departures", "model_card"]
 
-_PAPERS = {
-    "coop": "CoOp (Zhou et al., Learning to Prompt for Vision-Language Models, IJCV 2022)",
-    "cocoop": "CoCoOp (Zhou et al., Conditional Prompt Learning for Vision-Language Models, CVPR 2022)",
-    "rank": "OrdinalCLIP (Li et al., OrdinalCLIP: Learning Rank Prompts for Language-Guided Ordinal Regression, "
-            "NeurIPS 2022)",
-}
-
 
 def card_departures(record: Mapping[str, Any], metrics: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """How the run departs from its method's paper setting, as far as its records state it: what `coopipe eval`
@@ -109,13 +102,14 @@ def model_card(record: Mapping[str, Any], metrics: Mapping[str, Mapping[str, Any
     classes = record["classnames"]
     shown = ", ".join(classes[:20]) + (f", ... ({len(classes)} in all)" if len(classes) > 20 else "")
     found = card_departures(record, metrics)
-    head = "`prompt.safetensors` (context and Meta-Net: image-conditional, no fixed class matrix)" \
+    method = spec.definition  # the method's own words: its paper, what it learns, what its head holds
+    head = f"`prompt.safetensors` ({method.head_tensors}: image-conditional, no fixed class matrix)" \
         if record["image_conditional"] else "`classifier.safetensors` (K x D class text features and logit scale)"
     lines = [
         _front_matter(record, metrics),
-        f"# {spec.label()} prompt for {model['name']} on {source.get('dataset')}",
+        f"# {spec.label()} {method.learned} for {model['name']} on {source.get('dataset')}",
         "",
-        f"A prompt learned with {_PAPERS[spec.method]} by coopipe, exported from `{source['run']}`.",
+        f"A {method.learned} {'learned' if method.trains else 'fitted'} with {method.paper or method.title} by coopipe, exported from `{source['run']}`.",
         "",
         "## What it is",
         "",
@@ -168,7 +162,7 @@ def model_card(record: Mapping[str, Any], metrics: Mapping[str, Mapping[str, Any
             "",
             "Without PyTorch: `model.onnx` maps a preprocessed float32 batch `x` (B, 3, S, S) to class "
             "probabilities `probs` (B, K), image tower at fp32"
-            + (" (with the Meta-Net and the text tower: K prompts per image)" if record["image_conditional"] else "")
+            + (f" (the whole image-conditional head: {method.head_tensors})" if record["image_conditional"] else "")
             + ":",
             "",
             "```python",

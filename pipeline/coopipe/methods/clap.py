@@ -93,6 +93,9 @@ def zero_shot_multipliers(feats: torch.Tensor, labels: torch.Tensor, anchors: to
 class CLAP(Method):
     name = "clap"
     title = "CLAP"
+    paper = ("CLAP (Silva-Rodriguez et al., A Closer Look at the Few-Shot Adaptation of Large Vision-Language "
+             "Models, CVPR 2024)")
+    learned = "linear probe"
     options = NoOptions
     batch_size = CLAP_BATCH
 

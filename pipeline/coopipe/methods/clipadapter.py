@@ -109,6 +109,15 @@ class CLIPAdapterLearner(nn.Module):
 class CLIPAdapter(FeatureMethod):
     name = "clipadapter"
     title = "CLIP-Adapter"
+    paper = "CLIP-Adapter (Gao et al., CLIP-Adapter: Better Vision-Language Models with Feature Adapters, IJCV 2024)"
+    learned = "adapter"
+    head_tensors = "adapter fc1, fc2 and the zero-shot head"
+    inference = (
+        "Image-conditional head (CLIP-Adapter): there is no fixed class matrix. For the raw image feature f, "
+        "f' = ratio * relu(relu(f fc1^T) fc2^T) + (1 - ratio) * f (fc1, fc2 in prompt.safetensors; ratio in the "
+        "method record), then logits = exp(logit_scale) * normalize(f') @ head^T with the hand-crafted prompt's "
+        "zero-shot class weights head (K, D, normalised, in prompt.safetensors). No text tower runs at inference."
+    )
     options = CLIPAdapterOptions
     image_conditional = True
     label_prefixes = {"ratio": "r", "reduction": "red"}

@@ -32,6 +32,17 @@ class CoCoOpOptions:
 class CoCoOp(ContextMethod):
     name = "cocoop"
     title = "CoCoOp"
+    paper = "CoCoOp (Zhou et al., Conditional Prompt Learning for Vision-Language Models, CVPR 2022)"
+    head_tensors = "context and Meta-Net"
+    inference = (
+        "Image-conditional prompt (CoCoOp): there is no fixed class matrix. For each image, the Meta-Net (two linear "
+        "layers with a ReLU, tensors meta_net.* in prompt.safetensors) maps the normalised image feature to one vector "
+        "that is added to every learned context vector (ctx); the prompts '[SOS] ctx(x) <class name>. [EOS]' of all K "
+        "classes then go through the text tower of the recorded model and weights (token embeddings, transformer, "
+        "final layer norm, pooling at [EOS], text projection); logits = exp(logit_scale) * cos(image, class text). "
+        "coopipe predict computes it (and model.onnx, when exported with --onnx); elsewhere, rebuild it with open_clip "
+        "from the recorded model."
+    )
     options = CoCoOpOptions
     image_conditional = True
     batch_size = 1

@@ -49,6 +49,7 @@ class CoOpLearner(ClassifierLearner, PromptLearner):
 class CoOp(ContextMethod):
     name = "coop"
     title = "CoOp"
+    paper = "CoOp (Zhou et al., Learning to Prompt for Vision-Language Models, IJCV 2022)"
     options = CoOpOptions
     stackable = True
 

@@ -78,6 +78,8 @@ class KgCoOpLearner(AnchoredLearner, CoOpLearner):
 class KgCoOp(CoOp):
     name = "kgcoop"
     title = "KgCoOp"
+    paper = ("KgCoOp (Yao et al., Visual-Language Prompt Tuning with Knowledge-guided Context Optimization, "
+             "CVPR 2023)")
     options = KgCoOpOptions  # type: ignore[assignment]  # CoOp's options and W
     stackable = True  # each run's penalty reads its own text features; the summed loss gives each its gradient
     batch_size = 128

@@ -165,6 +165,15 @@ class LPPOptimizer(torch.optim.Optimizer):
 class LPP(Method):
     name = "lpp"
     title = "LP++"
+    paper = "LP++ (Huang et al., LP++: A Surprisingly Strong Linear Probe for Few-Shot CLIP, CVPR 2024)"
+    learned = "linear probe"
+    head_tensors = "class weights, biases, blending weights alpha and the zero-shot text features"
+    inference = (
+        "Image-conditional head (LP++): its classifier is not CLIP's scaled cosine against K normalised class "
+        "features. For the normalised image feature f, logit_k = weight_k . f + bias_k + alpha_k * (f . text_k), "
+        "with weight (K, D), bias (K,), alpha (K,) and the zero-shot text features text (K, D) in "
+        "prompt.safetensors (step_sizes are the training's, unused at inference). No text tower runs at inference."
+    )
     options = NoOptions
     image_conditional = True
     batch_size = FULL_BATCH

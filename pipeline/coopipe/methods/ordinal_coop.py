@@ -48,6 +48,8 @@ class OrdinalCoOpLearner(CoOpLearner):
 class OrdinalCoOp(OrdinalCLIPSetting):
     name = "ordcoop"
     title = "CoOp (OrdinalCLIP's row: learned rank names, CE + KL)"
+    paper = ("CoOp as OrdinalCLIP compares against it (Li et al., OrdinalCLIP: Learning Rank Prompts for "
+             "Language-Guided Ordinal Regression, NeurIPS 2022)")
     options = OrdinalCoOpOptions
     stackable = True
 

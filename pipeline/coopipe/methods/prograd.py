@@ -157,6 +157,7 @@ def _number(value: Any) -> bool:
 class ProGrad(CoOp):
     name = "prograd"
     title = "ProGrad"
+    paper = "ProGrad (Zhu et al., Prompt-aligned Gradient for Prompt Tuning, ICCV 2023)"
     options = ProGradOptions  # type: ignore[assignment]  # CoOp's options and ProGrad's own
     stackable = False
 

@@ -76,6 +76,8 @@ class RankOptions:
 class RankPrompts(OrdinalCLIPSetting):
     name = "rank"
     title = "Rank prompts (OrdinalCLIP)"
+    paper = ("OrdinalCLIP (Li et al., OrdinalCLIP: Learning Rank Prompts for Language-Guided Ordinal Regression, "
+             "NeurIPS 2022)")
     options = RankOptions
     stackable = True
 

@@ -80,7 +80,8 @@ class Method:
     may share one text pass: the learner implements the packed prompt interface), ``ordered_labels`` (the classes
     must be ranks, e.g. ages: training refuses other datasets), ``batch_size`` (the paper's), ``trains`` (False:
     a training-free method, e.g. Tip-Adapter, whose :meth:`prepare` fits everything: its runs have 0 epochs and no
-    optimiser, and are saved, evaluated and reported like any other).
+    optimiser, and are saved, evaluated and reported like any other), ``paper``, ``learned``, ``head_tensors``
+    and ``inference`` (what an export's record and model card say the method is and computes).
     Override what differs from CoOp: :meth:`epochs`, :meth:`train_setting`, :meth:`optimizer`, the label parts,
     :meth:`build_learner`.
     The learner brings its loss (``learner.loss(logits, labels, step)``, which may read the batch's image features
@@ -98,6 +99,16 @@ class Method:
     batch_size: ClassVar[int] = 32
     trains: ClassVar[bool] = True
     class_derived: ClassVar[tuple[str, ...]] = ()  # learner parameters computed from the class names (for_classes)
+    # How an export describes the method (coopipe.export, coopipe.model_card): the method owns its words, so that a
+    # card never describes one method's head with another's.
+    paper: ClassVar[str] = ""  # the paper the model card credits ("": the title alone, e.g. a method of your own)
+    learned: ClassVar[str] = "prompt"  # what a run learns, in the card's words ("adapter", "linear probe")
+    head_tensors: ClassVar[str] = "the learner's tensors by name"  # an image-conditional export's prompt.safetensors
+    inference: ClassVar[str] = (  # how an image-conditional export computes its logits (export.json, the card)
+        "Image-conditional head: there is no fixed class matrix. prompt.safetensors holds the learner's tensors by "
+        "name (learned and fitted); coopipe predict rebuilds the method's learner from them and the recorded model "
+        "and computes the logits of each image's raw feature as the method's own code does."
+    )
 
     # ---------------------------------------------------------------- the paper's setting
     def epochs(self, shots: int, dataset: str | None = None) -> int:

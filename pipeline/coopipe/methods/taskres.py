@@ -62,6 +62,8 @@ class TaskResLearner(ClassifierLearner, nn.Module):
 class TaskRes(FeatureMethod):
     name = "taskres"
     title = "TaskRes"
+    paper = "TaskRes (Yu et al., Task Residual for Tuning Vision-Language Models, CVPR 2023)"
+    learned = "class-weight residual"
     options = TaskResOptions
     batch_size = 256
     label_prefixes = {"alpha": "alpha"}

@@ -175,6 +175,17 @@ class TipAdapterLearner(nn.Module):
 class TipAdapter(FeatureMethod):
     name = "tipadapter"
     title = "Tip-Adapter"
+    paper = ("Tip-Adapter (Zhang et al., Tip-Adapter: Training-free Adaption of CLIP for Few-shot Classification, "
+             "ECCV 2022)")
+    learned = "cache model"
+    head_tensors = "zero-shot head, cache keys and values, alpha and beta"
+    inference = (
+        "Image-conditional head (Tip-Adapter): there is no fixed class matrix. For the normalised image feature f, "
+        "logits = 100 * f @ head^T + alpha * exp(-beta * (1 - f @ keys^T)) @ values, with the hand-crafted prompt's "
+        "zero-shot class weights head (K, D), the cache keys (N, D: the training images' normalised features), "
+        "their one-hot labels values (N, K) and the scalars alpha and beta, all in prompt.safetensors; CLIP's "
+        "logit scale is not used. No text tower runs at inference."
+    )
     options = TipAdapterOptions
     image_conditional = True
     trains = False

@@ -33,6 +33,8 @@ TIP_F_EPOCHS_BY_DATASET = {"eurosat": 100}  # configs/eurosat.yaml
 class TipAdapterF(TipAdapter):
     name = "tipadapterf"
     title = "Tip-Adapter-F"
+    paper = ("Tip-Adapter-F, Tip-Adapter with fine-tuned cache keys (Zhang et al., Tip-Adapter: Training-free "
+             "Adaption of CLIP for Few-shot Classification, ECCV 2022)")
     trains = True
 
     def epochs(self, shots: int, dataset: str | None = None) -> int:

@@ -103,7 +103,7 @@ def eurosat(clip: LoadedClip, cache: Path, shots: int) -> Features:
 def coopipe_cost(clip: LoadedClip, spec: MethodSpec, data: Features, shots: int, epochs: int) -> dict[str, float]:
     """The production loop for ``epochs`` epochs: setup seconds and seconds per training image."""
     config = TrainConfig.for_method(spec, shots, "eurosat", max_epoch=epochs, warmup_epoch=0)
-    result = train_prompt(data.feats, data.labels, clip, data.classnames, config, template=TEMPLATE)
+    result = train_prompt(data.feats, data.labels, clip, data.classnames, config, template=TEMPLATE, dataset="eurosat")
     seen = len(data.labels) * len(result.history)
     return {"setup_s": result.setup_seconds, "s_per_image": sum(r.seconds for r in result.history) / max(seen, 1)}
 

@@ -24,7 +24,7 @@ from conftest import make_toy_cache
 from coopipe.baselines import zero_shot_classifier
 from coopipe.learners import FitData, predict_logits, restore_learner
 from coopipe.methods import MethodSpec, get_method
-from coopipe.methods.tipadapter import TipAdapterOptions
+from coopipe.methods.tipadapter import TipAdapterOptions, resolve_setting
 from coopipe.models import LoadedClip
 from coopipe.train import train_prompt
 from coopipe.train_config import TrainConfig
@@ -171,7 +171,8 @@ def test_tipadapter_search_is_the_reference_grid_search_on_the_validation_split(
     get_method("tipadapter").finish(learner, data)
 
     # utils.py search_hp, as written there (accuracy in percent, the first strictly better setting kept)
-    o = TipAdapterOptions()
+    o = learner.setting  # no dataset named: ImageNet's published setting
+    assert o == resolve_setting(TipAdapterOptions(), "imagenet")[0]
     beta_list = [i * (o.beta_scale - 0.1) / o.beta_steps + 0.1 for i in range(o.beta_steps)]
     alpha_list = [i * (o.alpha_scale - 0.1) / o.alpha_steps + 0.1 for i in range(o.alpha_steps)]
     f = F.normalize(val_feats.double(), dim=-1)

@@ -54,7 +54,7 @@ def _train(cache: Path, out: Path, method: str, clip) -> None:
 def test_fit_data_holds_no_test_split():
     names = {f.name for f in dataclasses.fields(FitData)}
     assert names == {"train_feats", "train_labels", "val_feats", "val_labels", "classnames", "template", "clip",
-                     "logit_scale"}
+                     "logit_scale", "dataset"}  # dataset: its name only (a method's per-dataset setting)
     assert not any("test" in name for name in names)
 
 

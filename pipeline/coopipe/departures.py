@@ -137,7 +137,8 @@ def checkpoint_departures(ckpt: Checkpoint, provenance: Mapping[str, Any]) -> li
     """Every departure of a trained run from its method's paper setting beyond weights and epochs (which
     :func:`coopipe.report.records.departures` reads from the metrics): batch size, optimizer, cached views against
     epochs, augmentation, model selection, text-path and feature precision (``provenance``: the evaluated store's),
-    few-shot draws."""
+    few-shot draws, and the method's own (:meth:`coopipe.methods.Method.departures`)."""
     return [*training_departures(ckpt.config.to_dict(), paper_config(ckpt), _train_views(ckpt),
                                  shots=ckpt.run.shots, age=is_age_dataset(str(ckpt.run.dataset or ""))),
+            *ckpt.method.definition.departures(ckpt.method.options, ckpt.run.dataset),
             *feature_departures(provenance)]

@@ -69,6 +69,7 @@ class StackedRun:
     stop_after: int | None = None
     on_step: Callable[[], None] | None = None  # after every optimiser step (progress inside long epochs)
     template: str = DEFAULT_TEMPLATE  # the dataset's hand-crafted prompt (zero-shot text features a method may need)
+    dataset: str | None = None  # the dataset's name (a method's per-dataset setting: Tip-Adapter's search grid)
 
 
 def _snapshot(
@@ -171,7 +172,7 @@ class RunStepper:
         self.fit_data = FitData(
             train_feats=self.feats, train_labels=self.labels, val_feats=None if self.val is None else self.val[0],
             val_labels=None if self.val is None else self.val[1], classnames=tuple(names), template=run.template,
-            clip=clip, logit_scale=self.logit_scale)
+            clip=clip, logit_scale=self.logit_scale, dataset=run.dataset)
         config.method.definition.prepare(self.learner, self.fit_data)
         self.setup_seconds = time.perf_counter() - self.started  # the method's one-off cost (coopipe.cost)
         self.conditional = is_image_conditional(self.learner)

@@ -182,11 +182,13 @@ class _Prepared:
     on_epoch: Callable[[EpochRecord, TrainState], None]
     on_step: Callable[[], None]
     template: str  # the dataset's hand-crafted prompt (for methods that need zero-shot text features)
+    dataset: str  # its name (for a method whose published setting differs by dataset)
 
     def stacked_run(self) -> StackedRun:
         return StackedRun(self.train.features, self.train.labels, self.train.classnames, self.config,
                           val_feats=self.val_feats, val_labels=self.val_labels, on_epoch=self.on_epoch,
-                          resume_state=self.resume, on_step=self.on_step, template=self.template)
+                          resume_state=self.resume, on_step=self.on_step, template=self.template,
+                          dataset=self.dataset)
 
 
 def _train_locked(**kwargs: Any) -> dict[str, Any]:
@@ -197,7 +199,7 @@ def _train_locked(**kwargs: Any) -> dict[str, Any]:
         result = train_prompt(prepared.train.features, prepared.train.labels, prepared.clip, prepared.train.classnames,
                             prepared.config, val_feats=prepared.val_feats, val_labels=prepared.val_labels,
                             on_epoch=prepared.on_epoch, resume_state=prepared.resume, on_step=prepared.on_step,
-                            template=prepared.template)
+                            template=prepared.template, dataset=prepared.dataset)
     return _finish(prepared, result)
 
 
@@ -299,7 +301,7 @@ def _prepare(
     return _Prepared(out_dir=out_dir, clip=clip, config=config, train=train, val_feats=val_feats,
                      val_labels=val_labels, resume=resume, stores=stores, record=record, run=run, bar=bar,
                      metrics=metrics, on_epoch=on_epoch, on_step=lambda: bar.update(1),
-                     template=dataset_template(dataset))
+                     template=dataset_template(dataset), dataset=dataset)
 
 
 def _finish(prepared: _Prepared, result: TrainResult, *, stacked_runs: int = 1) -> dict[str, Any]:

@@ -87,10 +87,15 @@ def parse_numeric_part(options: type, part: str, prefixes: Mapping[str, str]) ->
         if part.startswith(prefix) and len(part) > len(prefix):
             text = part[len(prefix):]
             try:
-                return {name: int(text) if types[name] in (int, "int") else float(text)}
+                return {name: int(text) if _integer(types[name]) else float(text)}
             except ValueError:
                 break
     raise ParamsError(f"no option is written {part!r}")
+
+
+def _integer(annotation: Any) -> bool:
+    """Whether an option's annotation is an integer (``int``, or ``int | None`` for an option that may be unset)."""
+    return annotation is int or (isinstance(annotation, str) and annotation.split("|")[0].strip() == "int")
 
 
 def _number(value: Any) -> bool:

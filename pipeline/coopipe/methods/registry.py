@@ -197,6 +197,11 @@ class Method:
         trained learner (Tip-Adapter's alpha and beta, searched on the few-shot validation split). Sees what
         :meth:`prepare` sees; runs once per finished run (a training-free run: right after :meth:`prepare`)."""
 
+    def departures(self, options: Any, dataset: str | None) -> list[str]:
+        """How ``options`` on ``dataset`` depart from the paper's setting beyond the training config (default: not
+        at all): a setting the paper publishes per dataset and not for this one (Tip-Adapter's search grid)."""
+        return []
+
     def build_learner(
         self, options: Any, clip: LoadedClip, classnames: Sequence[str], *, generator: torch.Generator | None
     ) -> Learner:

@@ -16,11 +16,15 @@ image-conditional and computes its own.
 alpha and beta are searched on the few-shot validation split only (never the test split, which the repository's
 ``main.py`` reads for its Tip-Adapter-F epoch choice), over the repository's grid (``utils.py: search_hp``): beta in
 ``0.1 + i * (scale_beta - 0.1) / steps_beta`` for i < steps_beta, alpha likewise, the first best accuracy in that
-order kept. Without a validation split the initial values stay (logged). Paper setting: the ImageNet / OxfordPets
-config, ``search_scale [7, 3]``, ``search_step [200, 20]``, ``init_beta 1``, ``init_alpha 1.17``
-(``configs/imagenet.yaml``, ``configs/oxford_pets.yaml``); the other configs as labels: EuroSAT
-``tipadapter_a2_as10_bs12`` (``configs/eurosat.yaml``), DTD ``tipadapter_a2_as13_bs13`` (``configs/dtd.yaml``),
-FGVC ``tipadapter_a5_as30_bs30`` (``configs/fgvc.yaml``).
+order kept. Without a validation split the initial values stay (logged).
+
+Paper setting: the run's dataset's published config (:data:`PUBLISHED`, ``gaopengcuhk/Tip-Adapter: configs/*.yaml``):
+``init_alpha``, ``init_beta``, ``search_scale`` [beta, alpha] and ``search_step`` [200, 20] differ by dataset
+(ImageNet and OxfordPets alpha 1.17 from beta 1, grid scales [7, 3]; EuroSAT 2, [12, 10]; DTD 2, [13, 13];
+FGVCAircraft 5, [30, 30]). Each option left unset takes the dataset's value (the label ``tipadapter`` is the paper
+setting on every dataset); a value given overrides it (``tipadapter_a2``). A dataset without a published config takes
+ImageNet's, and its runs name that departure (:meth:`TipAdapter.departures`). The config the run used is recorded in
+its variant (``setting``).
 
 Everything Tip-Adapter fits is held in frozen parameters (zero-shot weights, keys, values, alpha, beta), so the
 checkpoint reproduces it for evaluation and ``predict``. The cache values are one-hot labels of the training
@@ -46,26 +50,70 @@ from coopipe.methods.feature_space import (
     fill_zero_shot,
     frozen_parameter,
     learner_device,
+    positive_problems,
 )
 from coopipe.models import LoadedClip
 from coopipe.text_encoder import PromptTextEncoder
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TIP_LOGIT_SCALE", "TipAdapter", "TipAdapterLearner", "TipAdapterOptions", "cache_keys", "search_grid",
-           "search_alpha_beta"]
+__all__ = ["PUBLISHED", "TIP_LOGIT_SCALE", "TipAdapter", "TipAdapterLearner", "TipAdapterOptions", "TipAdapterSetting",
+           "cache_keys", "published_setting", "resolve_setting", "search_alpha_beta", "search_grid"]
 
 TIP_LOGIT_SCALE = 100.0  # the repository's zero-shot logit scale
 
 
 @dataclasses.dataclass(frozen=True)
 class TipAdapterOptions:
-    init_alpha: float = 1.17
-    init_beta: float = 1.0
-    alpha_scale: float = 3.0  # search_scale[1]
-    beta_scale: float = 7.0  # search_scale[0]
-    alpha_steps: int = 20  # search_step[1]
-    beta_steps: int = 200  # search_step[0]
+    """Each option None takes the run's dataset's published value (:func:`resolve_setting`); a number overrides it."""
+
+    init_alpha: float | None = None
+    init_beta: float | None = None
+    alpha_scale: float | None = None  # search_scale[1]
+    beta_scale: float | None = None  # search_scale[0]
+    alpha_steps: int | None = None  # search_step[1]
+    beta_steps: int | None = None  # search_step[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class TipAdapterSetting:
+    """A complete setting: the initial alpha and beta and the search grid (scales and steps)."""
+
+    init_alpha: float
+    init_beta: float
+    alpha_scale: float
+    beta_scale: float
+    alpha_steps: int = 20
+    beta_steps: int = 200
+
+
+# The published configs (gaopengcuhk/Tip-Adapter: configs/*.yaml; search_step [200, 20] in each), by coopipe's
+# dataset name: (file, setting). A dataset without one takes FALLBACK's.
+PUBLISHED: dict[str, tuple[str, TipAdapterSetting]] = {
+    "imagenet": ("configs/imagenet.yaml", TipAdapterSetting(1.17, 1.0, 3.0, 7.0)),
+    "oxford_pets": ("configs/oxford_pets.yaml", TipAdapterSetting(1.17, 1.0, 3.0, 7.0)),
+    "eurosat": ("configs/eurosat.yaml", TipAdapterSetting(2.0, 1.0, 10.0, 12.0)),
+    "dtd": ("configs/dtd.yaml", TipAdapterSetting(2.0, 1.0, 13.0, 13.0)),
+    "fgvc_aircraft": ("configs/fgvc.yaml", TipAdapterSetting(5.0, 1.0, 30.0, 30.0)),
+}
+FALLBACK = "imagenet"
+
+
+def published_setting(dataset: str | None) -> tuple[str, TipAdapterSetting, bool]:
+    """(config file, setting, whether ``dataset`` has it published) of ``dataset``; ImageNet's config when it has
+    none."""
+    name = (dataset or "").lower()
+    found = PUBLISHED.get(name)
+    return (*found, True) if found is not None else (*PUBLISHED[FALLBACK], False)
+
+
+def resolve_setting(options: TipAdapterOptions, dataset: str | None) -> tuple[TipAdapterSetting, str]:
+    """The setting of ``options`` on ``dataset`` (each unset option from the dataset's published config) and the
+    config file it took values from ("" when every option was given)."""
+    file, published, _ = published_setting(dataset)
+    unset = {f.name for f in dataclasses.fields(options) if getattr(options, f.name) is None}
+    given = {f.name: getattr(options, f.name) for f in dataclasses.fields(options) if f.name not in unset}
+    return dataclasses.replace(published, **given), file if unset else ""
 
 
 def search_grid(scale: float, steps: int) -> list[float]:
@@ -82,7 +130,7 @@ def cache_keys(train_feats: torch.Tensor) -> torch.Tensor:
 
 def search_alpha_beta(
     zero_shot: torch.Tensor, affinity: torch.Tensor, values: torch.Tensor, labels: torch.Tensor,
-    options: TipAdapterOptions,
+    options: TipAdapterSetting,
 ) -> tuple[float, float, float]:
     """(beta, alpha, accuracy) of the best validation accuracy over the grid, the first best in the repository's
     order (beta outer, alpha inner; (0, 0) if none beats 0). ``zero_shot`` (M, K) = 100 f W^T, ``affinity``
@@ -113,6 +161,8 @@ class TipAdapterLearner(nn.Module):
         super().__init__()
         device, dim = learner_device(clip), int(clip.embed_dim)
         self.classnames, self.n_cls, self.options, self.method = list(classnames), len(classnames), options, method
+        self.setting: TipAdapterSetting | None = None  # the options on the run's dataset (fill_cache)
+        self.setting_file = ""  # the published config it took values from
         self.head = frozen_parameter(self.n_cls, dim, device=device)
         self.keys = nn.Parameter(torch.zeros(0, dim, device=device), requires_grad=learn_keys)
         self.values = frozen_parameter(0, self.n_cls, device=device)
@@ -120,13 +170,18 @@ class TipAdapterLearner(nn.Module):
         self.beta = frozen_parameter(device=device)
 
     def fill_cache(self, data: FitData) -> None:
-        """The zero-shot head, the cache of the training split and the initial alpha and beta."""
+        """The setting on the run's dataset, the zero-shot head, the cache of the training split and the initial
+        alpha and beta."""
+        self.setting, self.setting_file = resolve_setting(self.options, data.dataset)
+        if self.setting_file and not published_setting(data.dataset)[2]:
+            logger.warning("%s: %s has no published setting; using %s", self.method, data.dataset or "the dataset",
+                           self.setting_file)
         fill_zero_shot(self.head, data.clip, data.classnames, data.template)
         with torch.no_grad():
             self.keys.data = cache_keys(data.train_feats).to(self.head.device)
             self.values.data = F.one_hot(data.train_labels.long(), self.n_cls).float().to(self.head.device)
-            self.alpha.fill_(self.options.init_alpha)
-            self.beta.fill_(self.options.init_beta)
+            self.alpha.fill_(self.setting.init_alpha)
+            self.beta.fill_(self.setting.init_beta)
 
     def parts(self, image_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(zero-shot logits 100 f W^T (B, K), affinity f K^T (B, N)) of raw features (B, D)."""
@@ -156,9 +211,11 @@ class TipAdapterLearner(nn.Module):
             logger.warning("%s: no few-shot validation split: alpha %g and beta %g stay at their initial values "
                            "(no search)", self.method, float(self.alpha), float(self.beta))
             return
+        if self.setting is None:
+            raise ValueError(f"{self.method}: search before fill_cache (the method's prepare)")
         zero_shot, affinity = self.parts(data.val_feats)
         beta, alpha, acc = search_alpha_beta(zero_shot, affinity, self.values, data.val_labels.to(zero_shot.device),
-                                             self.options)
+                                             self.setting)
         self.alpha.fill_(alpha)
         self.beta.fill_(beta)
         logger.info("%s: alpha %.4g, beta %.4g searched on %d validation images (val acc %.4f)", self.method, alpha,
@@ -169,7 +226,8 @@ class TipAdapterLearner(nn.Module):
                           f"no single (K, D) classifier; score images through the learner (logits, predict_logits)")
 
     def config(self) -> dict[str, Any]:
-        return {"method": self.method, **dataclasses.asdict(self.options), "classnames": self.classnames}
+        setting = {"setting": self.setting_file} if self.setting_file else {}  # the config file the run took values from
+        return {"method": self.method, **dataclasses.asdict(self.options), **setting, "classnames": self.classnames}
 
 
 class TipAdapter(FeatureMethod):
@@ -195,6 +253,17 @@ class TipAdapter(FeatureMethod):
     integer_options = ("alpha_steps", "beta_steps")
     class_bound = ("the cache's values are one-hot labels of the training classes, so the cache cannot vote for "
                    "classes it has no images of")
+
+    def check(self, options: TipAdapterOptions) -> list[str]:
+        given = tuple(name for name in self.label_prefixes if getattr(options, name) is not None)
+        return positive_problems(options, given, integers=self.integer_options)
+
+    def departures(self, options: TipAdapterOptions, dataset: str | None) -> list[str]:
+        file, _, published = published_setting(dataset)
+        if published or not resolve_setting(options, dataset)[1]:
+            return []
+        return [f"{self.title}'s alpha, beta and search grid of ImageNet ({file}): {dataset or 'the dataset'} has no "
+                f"published setting"]
 
     def prepare(self, learner: TipAdapterLearner, data: FitData) -> None:  # type: ignore[override]
         learner.fill_cache(data)

@@ -10,6 +10,8 @@ logits; if ``cos(a, b) < 0`` the update is ``a - lambda (a . b^) b^`` (``b^ = b 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -106,3 +108,60 @@ def test_paper_setting_and_labels() -> None:
     with pytest.raises(ParamsError, match="prograd_temperature must be"):
         MethodSpec.of("prograd", prograd_temperature=0.0)
 
+
+
+# ProGrad.public/trainers/prograd.py, CUSTOM_TEMPLATES, as written there (keys: Dassl's dataset names)
+REFERENCE_TEMPLATES = {
+    "OxfordPets": "a type of pet, a photo of a {}.",
+    "OxfordFlowers": "a type of flower, a photo of a {}.",
+    "FGVCAircraft": "a type of aircraft, a photo of a {}.",
+    "DescribableTextures": "a texture of {}.",
+    "EuroSAT": "a centered satellite photo of {}.",
+    "StanfordCars": "a photo of a {}.",
+    "Food101": "a type of food, a photo of {}.",
+    "SUN397": "a photo of a {}.",
+    "Caltech101": "a photo of a {}.",
+    "UCF101": "a photo of a person doing {}.",
+    "ImageNet": "a photo of a {}.",
+    "ImageNetSketch": "a photo of a {}.",
+    "ImageNetV2": "a photo of a {}.",
+    "ImageNetA": "a photo of a {}.",
+    "ImageNetR": "a photo of a {}.",
+}
+
+
+def test_prograd_uses_its_own_templates_for_every_dataset_the_reference_names(rn50: LoadedClip) -> None:
+    from coopipe.datasets.coop import COOP_SPECS
+    from coopipe.methods.prograd import prograd_template
+
+    fit_data_stub = fit_data(rn50, NAMES, TEMPLATE)
+    covered = 0
+    for spec in COOP_SPECS:
+        if spec.coop_name in REFERENCE_TEMPLATES:
+            data = dataclasses.replace(fit_data_stub, dataset=spec.name, template=spec.template)
+            assert prograd_template(data) == REFERENCE_TEMPLATES[spec.coop_name], spec.name
+            covered += 1
+    assert covered == len(REFERENCE_TEMPLATES)
+    reworded = [s.name for s in COOP_SPECS if REFERENCE_TEMPLATES.get(s.coop_name, s.template) != s.template]
+    assert len(reworded) == 5  # OxfordPets, OxfordFlowers, FGVCAircraft, DTD, Food101
+    # a dataset the reference does not name keeps its own template
+    other = dataclasses.replace(fit_data_stub, dataset="utkface", template="age estimation: a photo of a {}.")
+    assert prograd_template(other) == "age estimation: a photo of a {}."
+
+
+def test_oxford_pets_anchor_and_init_are_prograds_template(clip64: LoadedClip) -> None:
+    """On OxfordPets the zero-shot teacher and the context init come from ProGrad's "a type of pet, a photo of a {}."
+    (recomputed here through open_clip's encode_text), not from CoOp's "a photo of a {}, a type of pet."."""
+    spec = MethodSpec.of("prograd", n_ctx=12)
+    learner = spec.build_learner(clip64, NAMES, generator=torch.Generator())
+    coop = "a photo of a {}, a type of pet."
+    data = dataclasses.replace(fit_data(clip64, NAMES, coop), dataset="oxford_pets")
+    spec.definition.prepare(learner, data)
+    ours = REFERENCE_TEMPLATES["OxfordPets"]
+    torch.testing.assert_close(learner.anchor, hand_crafted_features(clip64, NAMES, ours), rtol=TIGHT, atol=TIGHT)
+    assert not torch.allclose(learner.anchor, hand_crafted_features(clip64, NAMES, coop))
+    words = torch.as_tensor(clip64.tokenizer(["a type of pet, a photo of a"]))[0]
+    n = int((words != 0).sum()) - 2  # the words' tokens between [SOS] and [EOS]
+    expected = torch.cat([torch.zeros(12 - n, learner.ctx.shape[1], dtype=torch.float64),
+                          clip64.model.token_embedding.weight[words[1:1 + n]]])
+    assert n == 9 and torch.equal(learner.ctx.detach(), expected)

@@ -19,10 +19,11 @@ from coopipe.learners import FitData
 __all__ = ["AnchoredLearner", "zero_shot_anchor"]
 
 
-def zero_shot_anchor(data: FitData, device: torch.device) -> torch.Tensor:
+def zero_shot_anchor(data: FitData, device: torch.device, *, template: str | None = None) -> torch.Tensor:
     """The hand-crafted prompt's normalised class text features (K, D) on ``device``, in the text tower's precision
-    (at least float32): :func:`coopipe.baselines.zero_shot_classifier`, one text pass."""
-    return zero_shot_classifier(data.clip, data.classnames, data.template, dtype=None).to(device)
+    (at least float32): :func:`coopipe.baselines.zero_shot_classifier`, one text pass. ``template``: the method's own
+    (ProGrad rewords some datasets'), else the dataset's."""
+    return zero_shot_classifier(data.clip, data.classnames, template or data.template, dtype=None).to(device)
 
 
 class AnchoredLearner:

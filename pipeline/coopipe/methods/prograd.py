@@ -17,15 +17,17 @@ the projected ``g_p``, so the loop's ``backward`` and optimiser step (SGD, whose
 after the projection) are the reference's update. Not stackable: in a shared text pass each run's two gradients
 would each cost a backward pass of the whole stack.
 
-Paper setting: M = 16 context tokens, unified, class token at the end, initialised from the dataset's template
+Paper setting: M = 16 context tokens, unified, class token at the end, initialised from its hand-crafted template
 (``CTX_INIT: True`` in ``ProGrad.public/configs/trainers/ProGrad/rn50*.yaml``: the template's words before the class
 name fill the last context tokens, the others are zero, ``PromptLearner.__init__``), lambda = 1.0, T = 1.0
 (``scripts/prograd.sh``, configs); SGD lr 0.002, batch 32, one warm-up epoch at 1e-5 then cosine, 50 / 100 / 100 /
 200 / 200 epochs by shots (``rn50_ep50.yaml``, ``rn50_ep100.yaml``, ``rn50.yaml`` as the README assigns them):
-CoOp's schedule. Departures: the template is the dataset's (CoOp's); ProGrad's own table rewords five of them
-("a type of pet, a photo of a {}." for OxfordPets, "a texture of {}." for DTD, ...) so that the class name ends it.
-When the words before the class name are empty (CoOp's DTD template "{} texture.") the context keeps its random
-draw. The reference counts the init words, coopipe their tokens. Its README runs 8 and 16 shots of Flowers102, DTD
+CoOp's schedule. The template, for the zero-shot teacher and the context init alike, is ProGrad's own where it
+rewords CoOp's (:data:`PROGRAD_TEMPLATES`, ``CUSTOM_TEMPLATES`` in ``ProGrad.public/trainers/prograd.py``: five
+datasets, e.g. "a type of pet, a photo of a {}." for OxfordPets, "a texture of {}." for DTD, so that the class name
+ends it), else the dataset's (:attr:`FitData.template`). When the words before the class name are empty (a
+template "{} texture.") the context keeps its random draw. Departure: the reference counts the init words, coopipe
+their tokens. Its README runs 8 and 16 shots of Flowers102, DTD
 and EuroSAT at lambda = 0.8: give ``prograd_lambda`` (label part ``lambda0.8``) for those.
 
 Options beyond CoOp's: ``template_init`` (label part ``randinit`` when off), ``prograd_lambda`` (``lambda<x>``),
@@ -56,9 +58,19 @@ from coopipe.text_tower import resolve_text_tower
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ProGrad", "ProGradLearner", "ProGradOptions", "distill_loss", "project_gradient", "template_context"]
+__all__ = ["PROGRAD_TEMPLATES", "ProGrad", "ProGradLearner", "ProGradOptions", "distill_loss", "project_gradient",
+           "prograd_template", "template_context"]
 
 PAPER_LAMBDA = 1.0
+# ProGrad's zero-shot templates where they differ from CoOp's (the dataset's), by coopipe's dataset name
+# (BeierZhu/Prompt-align: ProGrad.public/trainers/prograd.py, CUSTOM_TEMPLATES); on the other datasets they agree
+PROGRAD_TEMPLATES = {
+    "oxford_pets": "a type of pet, a photo of a {}.",
+    "oxford_flowers": "a type of flower, a photo of a {}.",
+    "fgvc_aircraft": "a type of aircraft, a photo of a {}.",
+    "dtd": "a texture of {}.",
+    "food101": "a type of food, a photo of {}.",
+}
 PAPER_TEMPERATURE = 1.0
 
 
@@ -90,6 +102,11 @@ def project_gradient(ce_grad: torch.Tensor, kl_grad: torch.Tensor, lam: float) -
         return ce_grad
     unit = kl_grad / torch.linalg.norm(kl_grad)
     return ce_grad - lam * torch.dot(ce_grad.flatten(), unit.flatten()) * unit
+
+
+def prograd_template(data: FitData) -> str:
+    """ProGrad's hand-crafted template for the run's dataset: its own where it rewords CoOp's, else the dataset's."""
+    return PROGRAD_TEMPLATES.get((data.dataset or "").lower(), data.template)
 
 
 def template_context(clip: LoadedClip, template: str, n_ctx: int) -> torch.Tensor | None:
@@ -202,9 +219,10 @@ class ProGrad(CoOp):
 
     def prepare(self, learner: Learner, data: FitData) -> None:
         assert isinstance(learner, ProGradLearner)
-        learner.set_anchor(zero_shot_anchor(data, learner.ctx.device))
+        template = prograd_template(data)
+        learner.set_anchor(zero_shot_anchor(data, learner.ctx.device, template=template))
         if learner.template_init and learner.ctx_init is None:
-            learner.init_from_template(data.clip, data.template)
+            learner.init_from_template(data.clip, template)
 
     def build_learner(self, options: Any, clip: LoadedClip, classnames: Sequence[str], *,
                       generator: torch.Generator | None) -> ProGradLearner:

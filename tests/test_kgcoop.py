@@ -49,7 +49,8 @@ def test_loss_and_gradient_follow_the_paper(clip64: LoadedClip, label: str) -> N
     scale = clip64.model.logit_scale
 
     text = learner.class_text_features(PromptTextEncoder(clip64))
-    loss = learner.loss(coop_logits(images, text, scale), labels, StepInputs(image=images, text=text, logit_scale=scale))
+    production = coop_logits(images, text, scale)  # the loop's logits of the learner's class text features
+    loss = learner.loss(production, labels, StepInputs(image=images, text=text, logit_scale=scale))
     (grad,) = torch.autograd.grad(loss, learner.ctx)
 
     ctx = learner.ctx.detach().clone().requires_grad_(True)
@@ -60,6 +61,7 @@ def test_loss_and_gradient_follow_the_paper(clip64: LoadedClip, label: str) -> N
     ref = F.cross_entropy(logits, labels) + spec.kg_weight * gap
     (ref_grad,) = torch.autograd.grad(ref, ctx)
     assert float(gap.detach()) > 1e-3 and spec.kg_weight == (8.0 if label == "kgcoop" else 0.5)
+    torch.testing.assert_close(production.detach(), logits.detach(), rtol=TIGHT, atol=TIGHT * float(logits.detach().abs().max()))
     torch.testing.assert_close(loss, ref, rtol=TIGHT, atol=TIGHT)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-8, atol=TIGHT * float(ref_grad.abs().max()))
 

@@ -38,8 +38,9 @@ def clip64(rn50: LoadedClip) -> LoadedClip:
 
 
 def _reference(clip: LoadedClip, ctx: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, lam: float,
-               temperature: float) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """ProGrad's cross-entropy, the gradient its update uses, and cos(a, b), written from the reference code."""
+               temperature: float) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor]:
+    """ProGrad's cross-entropy, the gradient its update uses, cos(a, b) and the logits, written from the reference
+    code."""
     ctx = ctx.detach().clone().requires_grad_(True)
     t = context_text_features(clip, ctx, NAMES, " ".join(["X"] * M))
     t0 = hand_crafted_features(clip, NAMES, TEMPLATE)
@@ -53,7 +54,7 @@ def _reference(clip: LoadedClip, ctx: torch.Tensor, images: torch.Tensor, labels
     b_hat = b / torch.linalg.norm(b)
     cos = float(torch.dot((a / torch.linalg.norm(a)).flatten(), b_hat.flatten()))
     grad = a - lam * torch.dot(a.flatten(), b_hat.flatten()) * b_hat if cos < 0 else a
-    return xe.detach(), grad, cos
+    return xe.detach(), grad, cos, logits.detach()
 
 
 @pytest.mark.parametrize(("case", "lam", "temperature"), [("agree", 1.0, 1.0), ("conflict", 1.0, 1.0),
@@ -77,10 +78,12 @@ def test_loss_and_projected_gradient_follow_the_paper(clip64: LoadedClip, case: 
     scale = clip64.model.logit_scale
 
     text = learner.class_text_features(PromptTextEncoder(clip64))
-    loss = learner.loss(coop_logits(images, text, scale), labels, StepInputs(image=images, text=text, logit_scale=scale))
+    production = coop_logits(images, text, scale)  # the loop's logits of the learner's class text features
+    loss = learner.loss(production, labels, StepInputs(image=images, text=text, logit_scale=scale))
     (grad,) = torch.autograd.grad(loss, learner.ctx)
 
-    ref_loss, ref_grad, cos = _reference(clip64, learner.ctx, images, labels, lam, temperature)
+    ref_loss, ref_grad, cos, ref_logits = _reference(clip64, learner.ctx, images, labels, lam, temperature)
+    torch.testing.assert_close(production.detach(), ref_logits, rtol=TIGHT, atol=TIGHT * float(ref_logits.abs().max()))
     assert (cos < 0) == (case == "conflict"), cos
     torch.testing.assert_close(loss.detach(), ref_loss, rtol=TIGHT, atol=TIGHT)  # its value: the cross-entropy
     torch.testing.assert_close(grad, ref_grad, rtol=1e-8, atol=TIGHT * float(ref_grad.abs().max()))

@@ -68,6 +68,8 @@ def test_export_predicts_what_eval_scored(name, caches, rn50, tmp_path):
     else:
         assert "classifier.safetensors" in record["inference"]
     assert ("Meta-Net" in card) == (name == "cocoop")
+    # a method's own departures reach the card: the toy dataset has no published Tip-Adapter setting
+    assert ("toy has no published setting" in card) == name.startswith("tipadapter")
 
 
 def test_each_method_credits_its_own_paper():

@@ -70,6 +70,10 @@ def test_export_predicts_what_eval_scored(name, caches, rn50, tmp_path):
     assert ("Meta-Net" in card) == (name == "cocoop")
     # a method's own departures reach the card: the toy dataset has no published Tip-Adapter setting
     assert ("toy has no published setting" in card) == name.startswith("tipadapter")
+    assert ("setting of configs/imagenet.yaml" in card) == name.startswith("tipadapter")  # the one it used
+    listed = card.split("## Departures from the paper's setting")[1].split("## How to use it")[0].split("\n- ")[1:]
+    assert "random weights" in card and len(listed) == len(set(listed))  # each departure once
+    assert ("trained 1 epochs" in card) == method.trains and "=None" not in card
 
 
 def test_each_method_credits_its_own_paper():

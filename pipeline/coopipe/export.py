@@ -219,6 +219,7 @@ def build_record(
             "shots": run.shots,
             "seed": run.seed,
             "classes": run.classes,
+            "variant": ckpt.variant,  # what the learner recorded of itself (Tip-Adapter: the published config used)
             "config": ckpt.meta.get("config"),
             "stores": ckpt.meta.get("stores"),
             "departures": checkpoint_departures(ckpt, {}),  # the training's; the features' are in the metrics

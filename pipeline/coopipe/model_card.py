@@ -25,12 +25,10 @@ def card_departures(record: Mapping[str, Any], metrics: Mapping[str, Mapping[str
     prompt variant and the class subset."""
     model, source = record["model"], record["source"]
     spec = MethodSpec.from_dict(record["method"])
-    found: list[str] = []
-    for data in metrics.values():
-        found += [d for d in [*departures(data), *(data.get("departures") or ())] if d not in found]
-    base = departures({"weights": model["weights"], "epochs": source.get("max_epoch"),
-                       "paper_epochs": source.get("paper_epochs")})
-    found += [d for d in [*base, *(source.get("departures") or ())] if d not in found]
+    named = [d for data in metrics.values() for d in [*departures(data), *(data.get("departures") or ())]]
+    named += departures({"weights": model["weights"], "epochs": source.get("max_epoch"),
+                         "paper_epochs": source.get("paper_epochs")})
+    found = list(dict.fromkeys([*named, *(source.get("departures") or ())]))  # each once, in order
     paper = MethodSpec.of(spec.method).label()
     if spec.label() != paper:
         found.append(f"prompt variant {spec.label()} (paper default {paper})")
@@ -113,11 +111,13 @@ def model_card(record: Mapping[str, Any], metrics: Mapping[str, Mapping[str, Any
         "",
         "## What it is",
         "",
-        f"- method and variant: `{spec.label()}` ({', '.join(f'{k}={v}' for k, v in spec.to_dict().items())})",
+        f"- method and variant: `{spec.label()}` ({', '.join(f'{k}={v}' for k, v in spec.to_dict().items() if v is not None)})"
+        + (f"; setting of {source['variant']['setting']}" if "setting" in (source.get("variant") or {}) else ""),
         f"- model: `{model['name']}`, weights `{model['weights']}` (load with pretrained=`{model['pretrained']}`), "
         f"text activation {model['activation']}",
         f"- dataset: {source.get('dataset')}, {source.get('shots')} shots per class, seed {source.get('seed')}, "
-        f"classes: {source.get('classes')}; trained {source.get('epoch')} epochs",
+        f"classes: {source.get('classes')}; "
+        + (f"trained {source.get('epoch')} epochs" if method.trains else "training-free (fitted once to the few-shot splits)"),
         f"- classes ({len(classes)}): {shown}",
         f"- head: {head}",
         f"- preprocessing: {record['preprocess']['view']}; image_size {record['preprocess']['image_size']}, "

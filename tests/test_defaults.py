@@ -109,6 +109,7 @@ def test_train_and_other_cli_defaults_are_the_library_defaults():
     cfg = TrainConfig()
     assert (d["method"], d["class_token_position"], d["csc"]) == (cfg.method.method, None, None)  # None: the method's
     assert (d["views"], d["class_chunk"], d["bf16"]) == (cfg.views, cfg.class_chunk, cfg.autocast_bf16)
+    assert d["select_every"] == cfg.select_every == 0  # the papers' protocol: the last epoch is the result
     # left out: the method's paper setting, from TrainConfig.for_method (CoOp M=16 batch 32 lr 0.002; CoCoOp M=4
     # batch 1; CLAP lr 0.1; OrdinalCLIP's 1e-4 for rank prompts)
     assert d["epochs"] is None and d["n_ctx"] is None and d["ctx_init"] is None and d["batch_size"] is None

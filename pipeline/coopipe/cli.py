@@ -140,6 +140,7 @@ def train(
     views: Annotated[str, typer.Option(help="augmented: one cached augmented view per image per epoch; center; all.")] = _TRAIN.views,
     bf16: Annotated[bool, typer.Option("--bf16", help="Run the text transformer under bf16 autocast.")] = False,
     class_chunk: Annotated[Optional[int], typer.Option(help="Encode classes in chunks of this size (large K).")] = _TRAIN.class_chunk,
+    select_every: Annotated[int, typer.Option(help="Model selection: 0 keeps the last epoch (the papers' CoOp protocol); N scores the few-shot validation split every N epochs and after the last, and keeps the epoch of best validation accuracy (never the test split). A departure the metrics list.")] = _TRAIN.select_every,
     classes: Annotated[str, typer.Option(help="all, or base/new: train on the first ceil(K/2) sorted classes or the rest (CoCoOp's base-to-new).")] = "all",
     model: Annotated[Optional[str], typer.Option(help="Model (default: the one the features were encoded with).")] = None,
     pretrained: Annotated[Optional[str], typer.Option(help="Weights (default: inferred from the features; a path for local files).")] = None,
@@ -155,7 +156,7 @@ def train(
         overrides = {
             "n_ctx": n_ctx, "csc": csc, "class_token_position": class_token_position, "ctx_init": ctx_init,
             "max_epoch": epochs, "lr": lr, "batch_size": batch_size, "views": views, "autocast_bf16": bf16,
-            "class_chunk": class_chunk, "method": method,
+            "class_chunk": class_chunk, "method": method, "select_every": select_every,
         }
         summary = run_train(cache_dir=features, dataset=dataset, shots=shots, seed=seed, out_dir=out, model=model,
                             pretrained=pretrained, overrides=overrides, device=device, progress=progress,

@@ -18,6 +18,7 @@ from typing import Any
 from coopipe.checkpoint import Checkpoint
 from coopipe.datasets.ages import is_age_dataset
 from coopipe.errors import CoopipeError
+from coopipe.selection import selection_phrase, selection_record
 from coopipe.train_config import TrainConfig
 from coopipe.views import ViewSpec
 
@@ -58,11 +59,22 @@ def _augmentation_phrase(views: Mapping[str, Any]) -> str | None:
     return "augmentation: " + ", ".join(parts) if parts else None
 
 
+ORDINALCLIP_SELECTION = "OrdinalCLIP keeps the epoch of best validation MAE; on MORPH its validation list is its test list"
+
+
+def _selection_phrases(select_every: int, age: bool) -> list[str]:
+    """The model-selection departure: the papers' CoOp protocol keeps the last epoch; OrdinalCLIP (the age
+    datasets' paper setting) keeps the epoch of best validation MAE (xk-huang/OrdinalCLIP ``runner.py``)."""
+    if age:
+        kept = selection_phrase(select_every) if select_every else "last epoch kept"
+        return [f"{kept} ({ORDINALCLIP_SELECTION})"]
+    return [f"{selection_phrase(select_every)} (paper: last epoch)"] if select_every else []
+
+
 def _age_phrases(train_views: Mapping[str, Any] | None) -> list[str]:
-    """What an age run does unlike OrdinalCLIP (xk-huang/OrdinalCLIP: ``ordinalclip/runner/utils.py`` transforms,
-    ``runner.py`` checkpointing): its augmentation and its model selection."""
-    found = ["last epoch kept (OrdinalCLIP keeps the epoch of best validation MAE; on MORPH its validation list is its "
-             "test list)"]
+    """What an age run does unlike OrdinalCLIP (xk-huang/OrdinalCLIP: ``ordinalclip/runner/utils.py`` transforms):
+    its augmentation."""
+    found = []
     if train_views is not None and int(train_views.get("n_aug", 0)) > 0:
         found.append("augmentation: random resized crop (OrdinalCLIP: resize 256, random crop 224, flip)")
     return found
@@ -86,6 +98,8 @@ def training_departures(config: Mapping[str, Any], paper: Mapping[str, Any] | No
         found += [p for p in (phrase, _augmentation_phrase(train_views)) if p]
     if config.get("autocast_bf16"):
         found.append("text path in bf16 autocast (paper fp16)")
+    if int(config.get("max_epoch", 0)) > 0:  # a training-free run has no epoch to keep
+        found += _selection_phrases(int(config.get("select_every") or 0), age)
     if age:
         found += _age_phrases(train_views)
     if shots:
@@ -127,10 +141,11 @@ def _train_views(ckpt: Checkpoint) -> Mapping[str, Any] | None:
 
 def training_record(ckpt: Checkpoint) -> dict[str, Any]:
     """What a metrics file records of the training: batch size against the paper's, the cached views it drew from,
-    whether the text path ran in bf16."""
+    whether the text path ran in bf16, which epoch model selection kept and on what."""
     config, paper = ckpt.config.to_dict(), paper_config(ckpt) or {}
     return {"batch_size": config.get("batch_size"), "paper_batch_size": paper.get("batch_size"),
-            "cached_views": (_train_views(ckpt) or {}).get("n_aug"), "text_bf16": bool(config.get("autocast_bf16"))}
+            "cached_views": (_train_views(ckpt) or {}).get("n_aug"), "text_bf16": bool(config.get("autocast_bf16")),
+            "selection": ckpt.meta.get("selection") or selection_record(0, None)}
 
 
 def checkpoint_departures(ckpt: Checkpoint, provenance: Mapping[str, Any]) -> list[str]:

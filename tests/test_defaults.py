@@ -39,6 +39,11 @@ def _cli_defaults(command: str) -> dict[str, object]:
     return {p.name: p.default for p in cmd.params}
 
 
+def _cli_sweep_defaults() -> dict[str, object]:
+    cmd = typer.main.get_command(app).commands["sweep"]  # type: ignore[attr-defined]
+    return {p.name: p.default for p in cmd.params}
+
+
 def _csv(values) -> str:
     return ",".join(str(v) for v in values)
 
@@ -96,6 +101,7 @@ def test_encode_cli_defaults_are_the_library_defaults():
     assert (d["model"], d["pretrained"]) == (ModelSpec.name, ModelSpec.pretrained) == ("RN50", "openai")
     assert d["views"] == EncodeConfig.views and d["aug_seed"] == EncodeConfig.aug_seed
     assert d["crop_scale"] == _csv(EncodeConfig.crop_scale) and d["scheduler"] == EncodeConfig.scheduler
+    assert d["augment"] == EncodeConfig.augment == _cli_sweep_defaults()["augment"] == "coop"  # CoOp's crops
     assert d["shots"] == _csv(FewShotConfig.shots) and d["seeds"] == _csv(FewShotConfig.seeds)
     assert (d["batch_size"], d["workers"], d["precision"], d["dtype"]) == (
         opts.batch_size, opts.num_workers, opts.precision, opts.dtype)

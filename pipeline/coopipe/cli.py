@@ -66,6 +66,7 @@ def encode(
     views: Annotated[int, typer.Option(help="Augmented views per train image (random resized crop + flip) beside the centre view.")] = EncodeConfig.views,
     crop_scale: Annotated[str, typer.Option(help="Random-resized-crop scale range, 'lo,hi'.")] = _CROP,
     aug_seed: Annotated[int, typer.Option(help="Seed of the augmented views.")] = EncodeConfig.aug_seed,
+    augment: Annotated[str, typer.Option(help="Augmentation of the views: coop (random resized crop + flip, CoOp's) or ordinalclip (resize to 256x256, random 224 crop, flip: OrdinalCLIP's, the age datasets' paper setting). Recorded in the store; another augmentation is another store.")] = EncodeConfig.augment,
     shots: Annotated[str, typer.Option(help="Few-shot K values: train/val encode only the images these draws use; 'all' encodes the whole splits.")] = csv_list(FewShotConfig.shots),
     seeds: Annotated[str, typer.Option(help="Few-shot seeds (with --shots).")] = csv_list(FewShotConfig.seeds),
     cache: Annotated[Path, typer.Option(help="Cache directory for feature stores.")] = Path(PathsConfig.cache),
@@ -96,7 +97,8 @@ def encode(
             raise typer.BadParameter(f"must be >= 0 (augmented views per image), got {views}", param_hint="--views")
         results = run_encode(
             dataset=dataset, data_root=data_root, splits=splits, cache_dir=cache, model=model,
-            pretrained=pretrained, views=views, crop_scale=(lo, hi), aug_seed=aug_seed, confine_paths=confine_paths,
+            pretrained=pretrained, views=views, crop_scale=(lo, hi), aug_seed=aug_seed, augment=augment,
+            confine_paths=confine_paths,
             shots=(few := int_list(shots)), seeds=int_list(seeds) if few else [], scheduler=scheduler,
             dataset_options=parse_dataset_options(dataset_option or []),
             options=EncodeOptions(

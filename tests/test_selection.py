@@ -5,7 +5,13 @@ uninterrupted result, is refused on a resume that changes it, and every record o
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+import random
 import shutil
+import signal
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -40,14 +46,7 @@ def caches(rn50, tmp_path_factory) -> dict[str, Path]:
     """Train (2 views) and val stores of a 3-class toy dataset, with the test store intact, poisoned or absent."""
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("selection")
-    absent = root / "absent"
-    g = np.random.default_rng(0)
-    means = g.normal(size=(len(CLASSES), rn50.embed_dim)).astype(np.float32)
-    for split, (n, views) in {"train": (4, 2), "val": (4, 1)}.items():
-        labels = np.repeat(np.arange(len(CLASSES)), n)
-        feats = means[labels][:, None] + NOISE * g.normal(size=(len(labels), views, rn50.embed_dim)).astype(np.float32)
-        make_store(absent, model=rn50.name, weights=rn50.weights_id, classnames=CLASSES, feats=feats, labels=labels,
-                   split=split)
+    absent = _noisy_cache(root / "absent", rn50, NOISE)
     intact = root / "intact"
     shutil.copytree(absent, intact)
     make_toy_cache(intact, rn50, CLASSES, {"test": (2, 1)})
@@ -57,6 +56,18 @@ def caches(rn50, tmp_path_factory) -> dict[str, Path]:
                feats=np.full((6, 1, rn50.embed_dim), np.nan, dtype=np.float32),
                labels=(np.repeat(np.arange(3), 2) + 1) % 3, split="test")  # NaN features, every label wrong
     return {"intact": intact, "poisoned": poisoned, "absent": absent}
+
+
+def _noisy_cache(root: Path, clip, noise: float) -> Path:
+    """Train (2 views) and val stores of :data:`CLASSES` whose features are class means plus ``noise``."""
+    g = np.random.default_rng(0)
+    means = g.normal(size=(len(CLASSES), clip.embed_dim)).astype(np.float32)
+    for split, (n, views) in {"train": (4, 2), "val": (4, 1)}.items():
+        labels = np.repeat(np.arange(len(CLASSES)), n)
+        feats = means[labels][:, None] + noise * g.normal(size=(len(labels), views, clip.embed_dim)).astype(np.float32)
+        make_store(root, model=clip.name, weights=clip.weights_id, classnames=CLASSES, feats=feats, labels=labels,
+                   split=split)
+    return root
 
 
 def _train(cache: Path, out: Path, clip, **overrides) -> dict:
@@ -235,3 +246,59 @@ def test_the_age_note_says_what_ordinalclip_and_this_project_selected_on():
             "last (OrdinalCLIP keeps the epoch of best validation MAE; on MORPH its validation list is its test list)"
             in found)
     assert not any("last epoch kept" in d for d in found)
+
+
+def _cli_child(args: Sequence[str]) -> None:
+    os.environ.update({"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    torch.set_num_threads(1)
+    from coopipe.cli import app
+
+    app(args=["--log-level", "WARNING", *args], standalone_mode=False)
+
+
+@pytest.mark.slow  # a 10-epoch run, two killed ones and their resume, each a forked `coopipe`: 60-150 s under load
+@pytest.mark.timeout(900)
+def test_resume_after_sigkill_equals_an_uninterrupted_run(rn50, tmp_path):
+    """SIGKILL `coopipe train --select-every 1` at random points after its first checkpoint (the kept epoch changes
+    at epochs 1 to 3 of this noisy toy run, then stays); the run resumed from what the kills left keeps the same epoch and the
+    same tensors, classifier and history as the uninterrupted run."""
+    cache = _noisy_cache(tmp_path / "cache", rn50, 4.0)
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["coopipe.cli"])
+
+    def start(out: Path) -> multiprocessing.process.BaseProcess:
+        args = ("train", "--features", str(cache), "--dataset", "toy", "--shots", "2", "--seed", "1", "--out",
+                str(out), "--n-ctx", "2", "--batch-size", "4", "--lr", "0.02", "--max-epoch", "10",
+                "--select-every", "1", "--checkpoint-every", "0", "--no-progress")
+        proc = ctx.Process(target=_cli_child, args=(args,))
+        proc.start()
+        return proc
+
+    try:
+        _kill_and_resume(start, tmp_path)
+    finally:  # the fork server ends with this test, not with the interpreter (tests/fault/test_kill_loop.py)
+        multiprocessing.forkserver._forkserver._stop()  # type: ignore[attr-defined]
+    _same_run(tmp_path / "reference", tmp_path / "killed")
+    assert load_checkpoint(tmp_path / "killed").meta["selection"]["epoch"] < 10
+
+
+def _kill_and_resume(start, tmp_path: Path) -> None:
+    reference = start(tmp_path / "reference")
+    reference.join(600)
+    assert reference.exitcode == 0
+    rng, out, killed = random.Random(0), tmp_path / "killed", 0
+    while killed < 2:
+        proc = start(out)
+        before = (out / META_FILE).stat().st_mtime_ns if (out / META_FILE).is_file() else None
+        while proc.is_alive() and not ((out / META_FILE).is_file() and (out / META_FILE).stat().st_mtime_ns != before):
+            time.sleep(0.01)  # until this process has written a checkpoint: the kill lands in training
+        time.sleep(rng.uniform(0.0, 1.0))
+        if not proc.is_alive():
+            break
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join()
+        killed += 1
+    assert killed >= 1, "the run finished before its first kill: give it more epochs"
+    final = start(out)
+    final.join(600)
+    assert final.exitcode == 0

@@ -75,3 +75,23 @@ def test_departures_list_the_augmentation_where_it_is_not_the_papers():
     found = training_departures(coop, coop, ordinal_views, shots=16)
     assert ("augmentation: OrdinalCLIP's resize 256 and random crop 224 (paper: random resized crop, scale 0.08-1)"
             in found)
+
+
+def test_training_refuses_to_choose_between_stores_of_two_augmentations(rn50, tmp_path):
+    from conftest import make_store
+
+    from coopipe.errors import StoreError
+    from coopipe.features import select_store
+
+    labels = np.repeat(np.arange(2), 2)
+    feats = np.ones((4, 3, rn50.embed_dim), dtype=np.float32)
+    for cache, spec in ((tmp_path / "coop", ViewSpec(n_aug=2)), (tmp_path, ViewSpec(n_aug=2, augment="ordinalclip"))):
+        make_store(cache, model=rn50.name, weights=rn50.weights_id, classnames=["a", "b"], feats=feats,
+                   labels=labels, split="train", views=spec.to_dict())
+        store = select_store(cache, "toy", "train", model=rn50.name, weights=rn50.weights_id, need_views=True)
+        assert store.provenance["views"]["augmentation"] == spec.to_dict()["augmentation"]  # one kind: chosen
+    make_store(tmp_path, model=rn50.name, weights=rn50.weights_id, classnames=["a", "b"], feats=feats,
+               labels=labels, split="train", views=ViewSpec(n_aug=2).to_dict())  # both kinds in one cache
+    with pytest.raises(StoreError, match="views of 2 augmentations.*keep one augmentation per cache"):
+        select_store(tmp_path, "toy", "train", model=rn50.name, weights=rn50.weights_id, need_views=True)
+    assert select_store(tmp_path, "toy", "train", model=rn50.name, weights=rn50.weights_id)  # evaluation: view 0

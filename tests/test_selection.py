@@ -113,7 +113,13 @@ def test_the_planted_best_epoch_is_kept_earliest_among_ties_and_only_on_candidat
 
 
 def test_selection_is_off_by_default_and_needs_a_validation_split(caches, rn50, tmp_path):
+    from coopipe.sweep.options import train_args
+
     assert TrainConfig().select_every == 0 == TrainConfig.for_method("rank", 16, "utkface").select_every
+    assert train_args("--select-every 5") == {"select_every": 5}  # a sweep's --train-args reach it
+    with pytest.raises(ParamsError, match="select_every must be 0 or more"):
+        run_train(cache_dir=caches["intact"], dataset="toy", shots=2, seed=1, out_dir=tmp_path / "bad", clip=rn50,
+                  progress=False, overrides={"select_every": -2})
     with pytest.raises(ParamsError, match="select_every must be 0"):
         TrainConfig(select_every=-1)
     with pytest.raises(ParamsError, match="trains nothing.*select_every must be 0"):

@@ -167,7 +167,9 @@ def train(
         val, loss = summary.get("final_val_acc"), summary.get("final_loss")
         typer.echo(f"{out}: {summary['method']} {shots}-shot seed {seed} {state}"
                    + (f"; final loss {loss:.4f}" if loss is not None else "; training-free (0 epochs)")
-                   + (f", val acc {100 * val:.2f}%" if val is not None else ""))
+                   + (f", val acc {100 * val:.2f}%" if val is not None else "")
+                   + (f"; kept epoch {kept['epoch']} (best validation accuracy {100 * kept['val_acc']:.2f}%)"
+                      if (kept := summary.get("selection") or {}).get("epoch") else ""))
         note_random_weights(summary.get("weights"))
 
 

@@ -7,10 +7,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import random
 import shutil
-import signal
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_store, make_toy_cache
+from sigkill import kill_and_resume
 from torch import nn
 
 from coopipe.checkpoint import CLASSIFIER_FILE, META_FILE, load_checkpoint, load_classifier
@@ -281,30 +279,8 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(rn50, tmp_path):
         return proc
 
     try:
-        _kill_and_resume(start, tmp_path)
+        reference, out = kill_and_resume(start, tmp_path, kills=2, max_delay=1.0)
     finally:  # the fork server ends with this test, not with the interpreter (tests/fault/test_kill_loop.py)
         multiprocessing.forkserver._forkserver._stop()  # type: ignore[attr-defined]
-    _same_run(tmp_path / "reference", tmp_path / "killed")
-    assert load_checkpoint(tmp_path / "killed").meta["selection"]["epoch"] < 10
-
-
-def _kill_and_resume(start, tmp_path: Path) -> None:
-    reference = start(tmp_path / "reference")
-    reference.join(600)
-    assert reference.exitcode == 0
-    rng, out, killed = random.Random(0), tmp_path / "killed", 0
-    while killed < 2:
-        proc = start(out)
-        before = (out / META_FILE).stat().st_mtime_ns if (out / META_FILE).is_file() else None
-        while proc.is_alive() and not ((out / META_FILE).is_file() and (out / META_FILE).stat().st_mtime_ns != before):
-            time.sleep(0.01)  # until this process has written a checkpoint: the kill lands in training
-        time.sleep(rng.uniform(0.0, 1.0))
-        if not proc.is_alive():
-            break
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.join()
-        killed += 1
-    assert killed >= 1, "the run finished before its first kill: give it more epochs"
-    final = start(out)
-    final.join(600)
-    assert final.exitcode == 0
+    _same_run(reference, out)
+    assert load_checkpoint(out).meta["selection"]["epoch"] < 10

@@ -190,13 +190,15 @@ def copy_utkface(shared_data: Path, dest_root: Path, ages: range, per_age: int) 
 
 
 def make_store(cache_dir: Path, *, model: str, weights: str, classnames: list[str], feats: np.ndarray,
-                labels: np.ndarray, dataset: str = "toy", split: str = "test", rows="all") -> Path:
-    """Write a complete store directly (no encoding): for provenance, bad-input and run-folder tests."""
+                labels: np.ndarray, dataset: str = "toy", split: str = "test", rows="all",
+                views: dict | None = None) -> Path:
+    """Write a complete store directly (no encoding): for provenance, bad-input and run-folder tests. ``views``:
+    the view record beside ``n_aug`` (an augmentation, say)."""
     from coopipe.store import store_path
     from coopipe.store_writer import StoreWriter
 
     prov = {"dataset": dataset, "split": split, "model": model, "weights": weights, "classnames": classnames,
-            "views": {"n_aug": feats.shape[1] - 1}, "rows": rows}
+            "views": {**(views or {}), "n_aug": feats.shape[1] - 1}, "rows": rows}
     path = store_path(cache_dir, prov)
     n = len(labels)
     writer = StoreWriter.create(path, prov, labels=labels.tolist(), index=list(range(n)),

@@ -39,6 +39,11 @@ def _cli_defaults(command: str) -> dict[str, object]:
     return {p.name: p.default for p in cmd.params}
 
 
+def _cli_sweep_defaults() -> dict[str, object]:
+    cmd = typer.main.get_command(app).commands["sweep"]  # type: ignore[attr-defined]
+    return {p.name: p.default for p in cmd.params}
+
+
 def _csv(values) -> str:
     return ",".join(str(v) for v in values)
 
@@ -96,6 +101,7 @@ def test_encode_cli_defaults_are_the_library_defaults():
     assert (d["model"], d["pretrained"]) == (ModelSpec.name, ModelSpec.pretrained) == ("RN50", "openai")
     assert d["views"] == EncodeConfig.views and d["aug_seed"] == EncodeConfig.aug_seed
     assert d["crop_scale"] == _csv(EncodeConfig.crop_scale) and d["scheduler"] == EncodeConfig.scheduler
+    assert d["augment"] == EncodeConfig.augment == _cli_sweep_defaults()["augment"] == "coop"  # CoOp's crops
     assert d["shots"] == _csv(FewShotConfig.shots) and d["seeds"] == _csv(FewShotConfig.seeds)
     assert (d["batch_size"], d["workers"], d["precision"], d["dtype"]) == (
         opts.batch_size, opts.num_workers, opts.precision, opts.dtype)
@@ -109,6 +115,7 @@ def test_train_and_other_cli_defaults_are_the_library_defaults():
     cfg = TrainConfig()
     assert (d["method"], d["class_token_position"], d["csc"]) == (cfg.method.method, None, None)  # None: the method's
     assert (d["views"], d["class_chunk"], d["bf16"]) == (cfg.views, cfg.class_chunk, cfg.autocast_bf16)
+    assert d["select_every"] == cfg.select_every == 0  # the papers' protocol: the last epoch is the result
     # left out: the method's paper setting, from TrainConfig.for_method (CoOp M=16 batch 32 lr 0.002; CoCoOp M=4
     # batch 1; CLAP lr 0.1; OrdinalCLIP's 1e-4 for rank prompts)
     assert d["epochs"] is None and d["n_ctx"] is None and d["ctx_init"] is None and d["batch_size"] is None

@@ -10,9 +10,6 @@ import dataclasses
 import json
 import multiprocessing
 import os
-import random
-import signal
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import make_toy_cache
+from sigkill import kill_and_resume
 from torch import nn
 
 from coopipe.checkpoint import CLASSIFIER_FILE, META_FILE, load_checkpoint, load_classifier
@@ -160,31 +158,13 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(cache, tmp_path):
         proc.start()
         return proc
 
-    reference = start(tmp_path / "reference")
-    reference.join(600)
-    assert reference.exitcode == 0
-    rng, out, killed = random.Random(0), tmp_path / "killed", 0
-    while killed < KILLS:
-        proc = start(out)
-        before = (out / META_FILE).stat().st_mtime_ns if (out / META_FILE).is_file() else None
-        while proc.is_alive() and not ((out / META_FILE).is_file() and (out / META_FILE).stat().st_mtime_ns != before):
-            time.sleep(0.01)  # until this process has written a checkpoint: the kill lands in training
-        time.sleep(rng.uniform(0.0, 0.5))
-        if not proc.is_alive():  # a quiet machine may finish the last epochs before the kill lands
-            break
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.join()
-        killed += 1
-    assert killed >= 1, "the run finished before its first kill: give it more epochs"
-    final = start(out)
-    final.join(600)
-    assert final.exitcode == 0
-    a, b = load_checkpoint(tmp_path / "reference"), load_checkpoint(out)
+    reference, out = kill_and_resume(start, tmp_path, kills=KILLS, max_delay=0.5)
+    a, b = load_checkpoint(reference), load_checkpoint(out)
     assert a.complete and b.complete and a.epoch == b.epoch == 200
     assert a.tensors.keys() == b.tensors.keys()
     for name, tensor in a.tensors.items():
         assert torch.equal(tensor, b.tensors[name]), name
-    assert torch.equal(load_classifier(tmp_path / "reference").text_features, load_classifier(out).text_features)
+    assert torch.equal(load_classifier(reference).text_features, load_classifier(out).text_features)
     assert [r.loss for r in a.history] == [r.loss for r in b.history]
 
 

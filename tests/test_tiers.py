@@ -33,6 +33,8 @@ SLOW = {
     "test_planted.py::test_rank_prompts_find_planted_ranks",
     "test_planted.py::test_zero_shot_regularised_methods_find_a_planted_prompt_and_a_frozen_prompt_does_not",
     "test_plugin_method.py::test_resume_after_sigkill_equals_an_uninterrupted_run",
+    "test_selection.py::test_kills_at_every_write_of_the_best_epoch_resume_to_the_uninterrupted_run",
+    "test_selection.py::test_resume_after_sigkill_equals_an_uninterrupted_run",
     "test_stacked_jobs.py::test_sweep_stacks_compatible_runs_and_keeps_the_others_alone",
     "test_sweep.py::test_killed_sweep_reruns_only_missing_runs",
     "test_sweep.py::test_local_cluster_of_two_workers_matches_one_by_one",

@@ -25,6 +25,7 @@ from coopipe.report.names import method_label, method_order
 __all__ = [
     "PAPER_COOP_MORPH",
     "PROTOCOL_NOTE",
+    "protocol_note",
     "AgeCell",
     "age_cells",
     "age_markdown",
@@ -35,14 +36,25 @@ __all__ = [
 
 # OrdinalCLIP's CoOp row on MORPH Album2 (MAE, years) by shots; its lowest-shot row reads 5.09.
 PAPER_COOP_MORPH: dict[int, float] = {2: 4.50, 4: 3.81, 8: 3.57, 16: 3.23}
-PROTOCOL_NOTE = (
-    "Note: this project keeps CLIP's image encoder frozen and trains on cached features; OrdinalCLIP's CoOp row "
-    "(MORPH: 4.50 / 3.81 / 3.57 / 3.23 years at 2 / 4 / 8 / 16 shots, 5.09 in its lowest-shot row) fine-tunes a "
-    "VGG-16 image encoder pre-trained on IMDB-WIKI together with the prompt. The numbers are not comparable. "
-    "Model selection: OrdinalCLIP keeps the epoch of best validation MAE, and on MORPH its validation list is its "
-    "test list (ET_proto_val.txt for both); this project keeps the last epoch and never looks at the test split "
-    "while training."
-)
+_OURS_LAST = "this project keeps the last epoch"
+_OURS_SELECTED = ("runs trained with model selection keep the epoch of best accuracy on the few-shot validation "
+                  "split, the others the last epoch")
+
+
+def protocol_note(selected: bool = False) -> str:
+    """The note under every age table; ``selected``: some of the runs kept their best validation epoch
+    (``select_every``, :mod:`coopipe.selection`), so the model-selection sentence says what they kept."""
+    ours = _OURS_SELECTED if selected else _OURS_LAST
+    return (
+        "Note: this project keeps CLIP's image encoder frozen and trains on cached features; OrdinalCLIP's CoOp row "
+        "(MORPH: 4.50 / 3.81 / 3.57 / 3.23 years at 2 / 4 / 8 / 16 shots, 5.09 in its lowest-shot row) fine-tunes a "
+        "VGG-16 image encoder pre-trained on IMDB-WIKI together with the prompt. The numbers are not comparable. "
+        "Model selection: OrdinalCLIP keeps the epoch of best validation MAE, and on MORPH its validation list is its "
+        f"test list (ET_proto_val.txt for both); {ours}, and never looks at the test split while training."
+    )
+
+
+PROTOCOL_NOTE = protocol_note()
 
 
 @dataclass(frozen=True)

@@ -387,11 +387,13 @@ def save_checkpoint(
     run: RunRecord | None = None,
     classifier_sha256: str | None = None,
     include_resume: bool = True,
+    selection: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``prompt.safetensors`` then ``prompt.json`` into ``directory``; returns the directory.
 
     ``stores`` maps a role (``train``, ``val``) to the store it came from; ``params`` is any extra record (e.g.
     the pipeline's params.yaml section). ``include_resume`` also saves the momentum buffer and generator state.
+    ``selection``: a finished run's model-selection record (:mod:`coopipe.selection`), kept as ``selection``.
     """
     directory = Path(directory)
     # M in tokens (and whatever else only the model knows), as the learner records it: the two records must agree
@@ -431,6 +433,8 @@ def save_checkpoint(
         "open_clip_version": open_clip_version(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    if selection is not None:  # model selection: the state's tensors are the kept epoch's
+        meta["selection"] = dict(selection)
     meta[RECORD_DIGEST] = record_digest(meta)  # binds every field: a value changed afterwards is damage
     write_json(directory / META_FILE, meta, default=str)
     previous.unlink(missing_ok=True)
@@ -455,7 +459,7 @@ def save_result(
     has no single classifier: only the checkpoint is written."""
     if result.text_features is None:
         return save_checkpoint(directory, clip=clip, classnames=classnames, config=config, state=result.state,
-                               stores=stores, params=params, run=run)
+                               stores=stores, params=params, run=run, selection=result.selection)
     clf = export_classifier(
         Path(directory) / CLASSIFIER_FILE,
         result.text_features,
@@ -467,7 +471,7 @@ def save_result(
     )
     return save_checkpoint(
         directory, clip=clip, classnames=classnames, config=config, state=result.state, stores=stores, params=params,
-        run=run, classifier_sha256=sha256_file(clf),
+        run=run, classifier_sha256=sha256_file(clf), selection=result.selection,
     )
 
 

@@ -26,7 +26,8 @@ from coopipe.config import CLASS_SUBSETS
 from coopipe.errors import CheckpointError, ParamsError
 from coopipe.methods import MethodSpec, get_method
 from coopipe.option_check import check_train_options
-from coopipe.train_config import EpochRecord, TrainConfig
+from coopipe.selection import check_selection_record
+from coopipe.train_config import ADDED_OPTIONS, EpochRecord, TrainConfig
 
 FIRST_FORMAT = "coopipe.prompt/1"  # the loader converts it (coopipe.checkpoint)
 PARAM_PREFIX, OPTIM_PREFIX = "param.", "optim."  # the checkpoint's tensor names (coopipe.checkpoint)
@@ -39,7 +40,7 @@ _RECORD: dict[str, tuple[tuple[type, ...], bool]] = {
     "config": ((dict,), True), "epoch": ((int,), True), "tensors": ((dict,), True), "history": ((list,), False),
     "method": ((dict,), False), "run": ((dict,), False), "stores": ((dict,), False), "params": ((dict,), False),
     "complete": ((bool,), False), "max_epoch": ((int,), False), "embed_dim": ((int,), False),
-    "logit_scale": ((int, float), False), "classifier": ((dict,), False),
+    "logit_scale": ((int, float), False), "classifier": ((dict,), False), "selection": ((dict,), False),
 }
 
 
@@ -104,7 +105,7 @@ def check_record(meta: Mapping[str, Any], where: Path) -> None:
         if meta.get("format") == FIRST_FORMAT:  # flat method fields: rebuilt after the loader converts the record
             config = TrainConfig(seed=int(meta["config"].get("seed", 1)), max_epoch=int(meta["config"]["max_epoch"]))
         else:
-            absent = sorted({f.name for f in dataclasses.fields(TrainConfig)} - set(meta["config"]))
+            absent = sorted({f.name for f in dataclasses.fields(TrainConfig)} - set(meta["config"]) - set(ADDED_OPTIONS))
             if absent:  # a default would silently replace what the run trained with
                 raise _fail(where, f"field 'config' misses {', '.join(absent)}")
             check_train_options({k: v for k, v in meta["config"].items() if k != "method"})
@@ -113,6 +114,9 @@ def check_record(meta: Mapping[str, Any], where: Path) -> None:
         history = [EpochRecord.from_dict(r) for r in meta.get("history") or []]
     except (ParamsError, TypeError, ValueError, KeyError, AttributeError) as exc:
         raise _fail(where, f"its config, method or history record is malformed ({exc})") from exc
+    selection = meta.get("selection")  # model selection's kept epoch (coopipe.selection)
+    if selection is not None and (problem := check_selection_record(selection, int(meta["config"]["max_epoch"]))):
+        raise _fail(where, problem)
     run = meta.get("run")
     if run is not None:
         for key, types in _RUN_RECORD.items():

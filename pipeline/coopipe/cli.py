@@ -66,6 +66,7 @@ def encode(
     views: Annotated[int, typer.Option(help="Augmented views per train image (random resized crop + flip) beside the centre view.")] = EncodeConfig.views,
     crop_scale: Annotated[str, typer.Option(help="Random-resized-crop scale range, 'lo,hi'.")] = _CROP,
     aug_seed: Annotated[int, typer.Option(help="Seed of the augmented views.")] = EncodeConfig.aug_seed,
+    augment: Annotated[str, typer.Option(help="Augmentation of the views: coop (random resized crop + flip, CoOp's) or ordinalclip (resize to 256x256, random 224 crop, flip: OrdinalCLIP's, the age datasets' paper setting). Recorded in the store; another augmentation is another store.")] = EncodeConfig.augment,
     shots: Annotated[str, typer.Option(help="Few-shot K values: train/val encode only the images these draws use; 'all' encodes the whole splits.")] = csv_list(FewShotConfig.shots),
     seeds: Annotated[str, typer.Option(help="Few-shot seeds (with --shots).")] = csv_list(FewShotConfig.seeds),
     cache: Annotated[Path, typer.Option(help="Cache directory for feature stores.")] = Path(PathsConfig.cache),
@@ -96,7 +97,8 @@ def encode(
             raise typer.BadParameter(f"must be >= 0 (augmented views per image), got {views}", param_hint="--views")
         results = run_encode(
             dataset=dataset, data_root=data_root, splits=splits, cache_dir=cache, model=model,
-            pretrained=pretrained, views=views, crop_scale=(lo, hi), aug_seed=aug_seed, confine_paths=confine_paths,
+            pretrained=pretrained, views=views, crop_scale=(lo, hi), aug_seed=aug_seed, augment=augment,
+            confine_paths=confine_paths,
             shots=(few := int_list(shots)), seeds=int_list(seeds) if few else [], scheduler=scheduler,
             dataset_options=parse_dataset_options(dataset_option or []),
             options=EncodeOptions(
@@ -140,6 +142,7 @@ def train(
     views: Annotated[str, typer.Option(help="augmented: one cached augmented view per image per epoch; center; all.")] = _TRAIN.views,
     bf16: Annotated[bool, typer.Option("--bf16", help="Run the text transformer under bf16 autocast.")] = False,
     class_chunk: Annotated[Optional[int], typer.Option(help="Encode classes in chunks of this size (large K).")] = _TRAIN.class_chunk,
+    select_every: Annotated[int, typer.Option(help="Model selection: 0 keeps the last epoch (the papers' CoOp protocol); N scores the few-shot validation split every N epochs and after the last, and keeps the epoch of best validation accuracy (never the test split). A departure the metrics list.")] = _TRAIN.select_every,
     classes: Annotated[str, typer.Option(help="all, or base/new: train on the first ceil(K/2) sorted classes or the rest (CoCoOp's base-to-new).")] = "all",
     model: Annotated[Optional[str], typer.Option(help="Model (default: the one the features were encoded with).")] = None,
     pretrained: Annotated[Optional[str], typer.Option(help="Weights (default: inferred from the features; a path for local files).")] = None,
@@ -155,7 +158,7 @@ def train(
         overrides = {
             "n_ctx": n_ctx, "csc": csc, "class_token_position": class_token_position, "ctx_init": ctx_init,
             "max_epoch": epochs, "lr": lr, "batch_size": batch_size, "views": views, "autocast_bf16": bf16,
-            "class_chunk": class_chunk, "method": method,
+            "class_chunk": class_chunk, "method": method, "select_every": select_every,
         }
         summary = run_train(cache_dir=features, dataset=dataset, shots=shots, seed=seed, out_dir=out, model=model,
                             pretrained=pretrained, overrides=overrides, device=device, progress=progress,
@@ -164,7 +167,9 @@ def train(
         val, loss = summary.get("final_val_acc"), summary.get("final_loss")
         typer.echo(f"{out}: {summary['method']} {shots}-shot seed {seed} {state}"
                    + (f"; final loss {loss:.4f}" if loss is not None else "; training-free (0 epochs)")
-                   + (f", val acc {100 * val:.2f}%" if val is not None else ""))
+                   + (f", val acc {100 * val:.2f}%" if val is not None else "")
+                   + (f"; kept epoch {kept['epoch']} (best validation accuracy {100 * kept['val_acc']:.2f}%)"
+                      if (kept := summary.get("selection") or {}).get("epoch") else ""))
         note_random_weights(summary.get("weights"))
 
 

@@ -35,6 +35,7 @@ def sweep(
     model: Annotated[str, typer.Option(help="open_clip model.")] = ModelSpec.name,
     pretrained: Annotated[str, typer.Option(help="open_clip tag, local file, or none (random weights).")] = ModelSpec.pretrained,
     views: Annotated[int, typer.Option(help="Augmented views per few-shot train image in the cache.")] = EncodeConfig.views,
+    augment: Annotated[str, typer.Option(help="Augmentation of the cached views: coop (random resized crop + flip) or ordinalclip (resize 256, random crop 224, flip: OrdinalCLIP's).")] = EncodeConfig.augment,
     cache: Annotated[Path, typer.Option(help="Feature cache.")] = Path(PathsConfig.cache),
     runs: Annotated[Optional[Path], typer.Option(help="Runs folder (default runs; runs-ep<N> with --epochs N).")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Override CoOp's epochs for quick tries (results go to runs-ep<N>).")] = None,
@@ -93,7 +94,7 @@ def sweep(
             all_methods=all_methods,
             shots=tuple(int_list(shots)), seeds=tuple(int_list(seeds)), fewshot=fewshot, zeroshot=zeroshot,
             linear_probe=linear_probe, ridge=ridge, base2new=base2new, targets=tuple(name_list([targets] if targets else [])),
-            skip_missing=skip_missing, views=views, encode_shots=tuple(int_list(encode_shots)), encode=encode,
+            skip_missing=skip_missing, views=views, augment=augment, encode_shots=tuple(int_list(encode_shots)), encode=encode,
             encode_options=parse_encode_args(encode_args), dataset_options=parse_dataset_options(dataset_option or []),
             runs=str(runs) if runs else None, settings=settings,
         )

@@ -45,6 +45,7 @@ class EncodeConfig:
     views: int = 16  # augmented views (random resized crop + flip) per few-shot train image
     crop_scale: tuple[float, float] = (0.08, 1.0)
     aug_seed: int = 0
+    augment: str = "coop"  # coop: random resized crop + flip; ordinalclip: resize 256 + random crop 224 + flip
     scheduler: str | None = None  # dask.distributed address; None encodes in-process
     confine_paths: bool = False  # refuse split-file/manifest image paths outside the data root (untrusted lists)
 

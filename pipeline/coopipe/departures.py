@@ -4,7 +4,9 @@ Why: a number computed under another setting than the paper's (another batch siz
 fresh one every epoch, bf16 features, nested few-shot draws) must say so wherever it is read; otherwise it is
 compared with the paper's table as if it were the same experiment. The paper setting comes from the training
 config of the method's reference (:meth:`coopipe.train_config.TrainConfig.for_method`) and the reference's
-augmentation (:class:`coopipe.views.ViewSpec` defaults: CoOp's random resized crop, scale 0.08-1, with flip).
+augmentation (:class:`coopipe.views.ViewSpec` defaults: CoOp's random resized crop, scale 0.08-1, with flip; for an
+age dataset OrdinalCLIP's, ``ViewSpec(augment="ordinalclip")``, from xk-huang/OrdinalCLIP
+``ordinalclip/runner/utils.py``).
 
 Each function returns short phrases (``"batch size 4 (paper 1)"``); an empty list means no departure found.
 """
@@ -18,6 +20,7 @@ from typing import Any
 from coopipe.checkpoint import Checkpoint
 from coopipe.datasets.ages import is_age_dataset
 from coopipe.errors import CoopipeError
+from coopipe.selection import selection_phrase, selection_record
 from coopipe.train_config import TrainConfig
 from coopipe.views import ViewSpec
 
@@ -28,6 +31,8 @@ __all__ = ["checkpoint_departures", "feature_departures", "training_departures",
 # What the references do that a cached pipeline cannot, stated once (KaiyangZhou/CoOp; Dassl's few-shot sampler).
 FRESH_CROPS = "a fresh random crop of every image each epoch"
 NESTED_DRAWS = "nested few-shot draws (the K-shot draw is part of the 2K-shot one; the paper draws each K independently)"
+COOP_VIEWS = "random resized crop (OrdinalCLIP: resize 256, random crop 224, flip)"
+ORDINALCLIP_VIEWS = "OrdinalCLIP's resize 256 and random crop 224 (paper: random resized crop, scale 0.08-1)"
 _OPTIMIZER_FIELDS = (("lr", "lr"), ("momentum", "momentum"), ("weight_decay", "weight decay"),
                      ("warmup_epoch", "warm-up epochs"), ("warmup_lr", "warm-up lr"))
 
@@ -44,10 +49,24 @@ def _views_phrase(n_aug: int, epochs: int, policy: str) -> str | None:
     return f"{n_aug} cached augmented views over {epochs} epochs, each reused ~{reuse:.3g}x (paper: {FRESH_CROPS})"
 
 
-def _augmentation_phrase(views: Mapping[str, Any]) -> str | None:
-    """The augmentation departure (crop scale, flip) of a train store's view spec; None when it is the paper's."""
+def _is_ordinalclip(views: Mapping[str, Any]) -> bool:
+    """Whether a train store's views are OrdinalCLIP's resize + random crop (:mod:`coopipe.views`)."""
+    return str(views.get("augmentation", "")) == str(ViewSpec(n_aug=1, augment="ordinalclip").to_dict()["augmentation"])
+
+
+def _augmentation_phrase(views: Mapping[str, Any], age: bool) -> str | None:
+    """The augmentation departure (crop kind, scale, flip) of a train store's view spec from the paper's (CoOp's
+    random resized crop; OrdinalCLIP's resize + random crop for an age dataset); None when it is the paper's."""
     if int(views.get("n_aug", 0)) == 0:
         return None
+    ordinal = _is_ordinalclip(views)
+    if age or ordinal:
+        parts = []
+        if age != ordinal:
+            parts.append(ORDINALCLIP_VIEWS if not age else COOP_VIEWS)
+        if not views.get("flip", True):
+            parts.append("no horizontal flip (paper flips)")
+        return "augmentation: " + ", ".join(parts) if parts else None
     paper = ViewSpec(n_aug=1)
     parts = []
     scale = tuple(float(v) for v in views.get("scale", paper.scale))
@@ -58,14 +77,16 @@ def _augmentation_phrase(views: Mapping[str, Any]) -> str | None:
     return "augmentation: " + ", ".join(parts) if parts else None
 
 
-def _age_phrases(train_views: Mapping[str, Any] | None) -> list[str]:
-    """What an age run does unlike OrdinalCLIP (xk-huang/OrdinalCLIP: ``ordinalclip/runner/utils.py`` transforms,
-    ``runner.py`` checkpointing): its augmentation and its model selection."""
-    found = ["last epoch kept (OrdinalCLIP keeps the epoch of best validation MAE; on MORPH its validation list is its "
-             "test list)"]
-    if train_views is not None and int(train_views.get("n_aug", 0)) > 0:
-        found.append("augmentation: random resized crop (OrdinalCLIP: resize 256, random crop 224, flip)")
-    return found
+ORDINALCLIP_SELECTION = "OrdinalCLIP keeps the epoch of best validation MAE; on MORPH its validation list is its test list"
+
+
+def _selection_phrases(select_every: int, age: bool) -> list[str]:
+    """The model-selection departure: the papers' CoOp protocol keeps the last epoch; OrdinalCLIP (the age
+    datasets' paper setting) keeps the epoch of best validation MAE (xk-huang/OrdinalCLIP ``runner.py``)."""
+    if age:
+        kept = selection_phrase(select_every) if select_every else "last epoch kept"
+        return [f"{kept} ({ORDINALCLIP_SELECTION})"]
+    return [f"{selection_phrase(select_every)} (paper: last epoch)"] if select_every else []
 
 
 def training_departures(config: Mapping[str, Any], paper: Mapping[str, Any] | None,
@@ -83,11 +104,11 @@ def training_departures(config: Mapping[str, Any], paper: Mapping[str, Any] | No
     if train_views is not None and int(config.get("max_epoch", 0)) > 0:  # a training-free run draws no views
         phrase = _views_phrase(int(train_views.get("n_aug", 0)), int(config.get("max_epoch", 0)),
                                str(config.get("views", "augmented")))
-        found += [p for p in (phrase, _augmentation_phrase(train_views)) if p]
+        found += [p for p in (phrase, _augmentation_phrase(train_views, age)) if p]
     if config.get("autocast_bf16"):
         found.append("text path in bf16 autocast (paper fp16)")
-    if age:
-        found += _age_phrases(train_views)
+    if int(config.get("max_epoch", 0)) > 0:  # a training-free run has no epoch to keep
+        found += _selection_phrases(int(config.get("select_every") or 0), age)
     if shots:
         found.append(NESTED_DRAWS)
     return found
@@ -127,10 +148,11 @@ def _train_views(ckpt: Checkpoint) -> Mapping[str, Any] | None:
 
 def training_record(ckpt: Checkpoint) -> dict[str, Any]:
     """What a metrics file records of the training: batch size against the paper's, the cached views it drew from,
-    whether the text path ran in bf16."""
+    whether the text path ran in bf16, which epoch model selection kept and on what."""
     config, paper = ckpt.config.to_dict(), paper_config(ckpt) or {}
     return {"batch_size": config.get("batch_size"), "paper_batch_size": paper.get("batch_size"),
-            "cached_views": (_train_views(ckpt) or {}).get("n_aug"), "text_bf16": bool(config.get("autocast_bf16"))}
+            "cached_views": (_train_views(ckpt) or {}).get("n_aug"), "text_bf16": bool(config.get("autocast_bf16")),
+            "selection": ckpt.meta.get("selection") or selection_record(0, None)}
 
 
 def checkpoint_departures(ckpt: Checkpoint, provenance: Mapping[str, Any]) -> list[str]:

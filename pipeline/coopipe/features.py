@@ -79,9 +79,32 @@ def select_store(
             f"no store for {dataset}/{split} ({model}, {weights}) under {cache_dir} holds {what} "
             f"(found {len(stores)} subset store(s)); {fix} covering those images"
         )
+    if need_views:
+        _check_one_augmentation(stores, positions)
     if need_views and store.n_views == 1:
         logger.warning("store %s holds only the centre view: training without cached augmentation", store.path)
     return store
+
+
+def _check_one_augmentation(stores: Sequence[FeatureStore], positions: Sequence[int] | np.ndarray | None) -> None:
+    """Refuse a choice between stores of different augmentations (``coopipe encode --augment``): which crops a run
+    trains on changes its result, so it is never decided by the order stores are found in."""
+    kinds: dict[str, FeatureStore] = {}
+    for store in stores:
+        views = store.provenance.get("views") or {}
+        if int(views.get("n_aug", 0)) == 0:
+            continue
+        if positions is not None:
+            try:
+                store.rows_for(positions)
+            except StoreError:
+                continue
+        kinds.setdefault(str(views.get("augmentation")), store)
+    if len(kinds) > 1:
+        found = "; ".join(f"{kind}: {store.path}" for kind, store in kinds.items())
+        raise StoreError(f"the cache holds training views of {len(kinds)} augmentations for these images ({found}); "
+                         f"training would pick one by chance: keep one augmentation per cache (move the other "
+                         f"stores to another --features folder)")
 
 
 def read_split(

@@ -20,7 +20,7 @@ from coopipe.train_config import TrainConfig
 
 _POSITIVE = {"lr", "batch_size", "n_ctx"}  # zero or below cannot mean anything
 # max_epoch 0 is a training-free method's (Tip-Adapter); TrainConfig refuses it for a method that trains
-_NON_NEGATIVE = {"momentum", "weight_decay", "warmup_lr", "warmup_epoch", "max_epoch"}
+_NON_NEGATIVE = {"momentum", "weight_decay", "warmup_lr", "warmup_epoch", "max_epoch", "select_every"}
 
 
 def check_train_options(options: Mapping[str, Any]) -> None:

@@ -36,6 +36,7 @@ from coopipe.errors import CheckpointError, ParamsError
 from coopipe.learners import FitData, Learner, StepInputs, is_image_conditional, predict_logits
 from coopipe.methods import Method
 from coopipe.models import LoadedClip
+from coopipe.selection import BestEpoch, Selector
 from coopipe.text_encoder import PromptTextEncoder, coop_logits
 from coopipe.text_tower import resolve_text_tower
 from coopipe.train_config import (
@@ -70,6 +71,8 @@ class StackedRun:
     on_step: Callable[[], None] | None = None  # after every optimiser step (progress inside long epochs)
     template: str = DEFAULT_TEMPLATE  # the dataset's hand-crafted prompt (zero-shot text features a method may need)
     dataset: str | None = None  # the dataset's name (a method's per-dataset setting: Tip-Adapter's search grid)
+    best: BestEpoch | None = None  # model selection: the best epoch kept before a resume (coopipe.selection)
+    on_best: Callable[[BestEpoch], None] | None = None  # model selection: called with each new best epoch
 
 
 def _snapshot(
@@ -190,6 +193,9 @@ class RunStepper:
             self.epoch = run.resume_state.epoch
             self.history = list(run.resume_state.history)
             logger.info("resuming at epoch %d of %d", self.epoch, config.max_epoch)
+        # model selection (None: the last epoch is the result)
+        self.selector = Selector.for_run(config, self.learner, has_val=self.val is not None, best=run.best,
+                                         on_best=run.on_best)
         stop = config.max_epoch if run.stop_after is None else min(run.stop_after, config.max_epoch)
         self.end_epoch = max(self.epoch, stop)
         self.batches = batch_slices(n_images, config.batch_size, config.drop_last)
@@ -270,10 +276,17 @@ class RunStepper:
         """The finished (or stopped) run."""
         if not self.done:
             raise ParamsError("the run has not finished: drive it to the end first")
+        selection = None
+        if self.selector is not None and self.epoch >= self.config.max_epoch:  # the kept epoch is the result
+            self.selector.restore(self.learner)
+            selection = self.selector.record()
+            if self.text_features is not None:
+                with torch.no_grad():
+                    self.text_features = self.learner.class_text_features(self.encoder).detach().float().cpu()
         state = _snapshot(self.epoch, self.learner, self.optimizer, self.data_gen, self.history)
         return TrainResult(history=self.history, state=state, text_features=self.text_features,
                            logit_scale=float(self.logit_scale), variant=_variant(self.learner), seconds=self.seconds,
-                           setup_seconds=self.setup_seconds)
+                           setup_seconds=self.setup_seconds, selection=selection)
 
     def _begin_epoch(self, text: torch.Tensor | None, tick_started: float) -> None:
         t1 = time.perf_counter()
@@ -310,5 +323,7 @@ class RunStepper:
         self.pending = None
         self.history.append(record)
         logger.debug("epoch %d/%d: %s", record.epoch, self.config.max_epoch, record)
+        if self.selector is not None:  # before on_epoch's checkpoint: a stored best is never older than it
+            self.selector.observe(record, self.learner)
         if self.on_epoch is not None:
             self.on_epoch(record, _snapshot(record.epoch, self.learner, self.optimizer, self.data_gen, self.history))

@@ -32,6 +32,7 @@ import torch
 
 from coopipe.datasets.common import DEFAULT_TEMPLATE
 from coopipe.models import LoadedClip
+from coopipe.selection import BestEpoch
 from coopipe.stacked import drive
 from coopipe.stepper import RunStepper, StackedRun
 from coopipe.train_config import EpochRecord, TrainConfig, TrainResult, TrainState
@@ -56,12 +57,16 @@ def train_prompt(
     on_step: Callable[[], None] | None = None,
     template: str = DEFAULT_TEMPLATE,
     dataset: str | None = None,
+    best: BestEpoch | None = None,
+    on_best: Callable[[BestEpoch], None] | None = None,
 ) -> TrainResult:
     """Learn the parameters of ``config.method``'s learner (CoOp context; CoCoOp context and Meta-Net; ...) from cached features.
 
     ``train_feats``: raw (un-normalised) features (N, V, D) (or (N, D) = one view); ``train_labels``: (N,).
     ``val_feats``/``val_labels``: optional (M, D) or (M, V, D) (view 0 is used) for a per-epoch validation
-    accuracy; the result is always the last epoch's prompt, as in CoOp and CoCoOp. ``on_epoch(record, state)`` is
+    accuracy; the result is the last epoch's prompt, as in CoOp and CoCoOp, unless ``config.select_every`` asks for
+    the epoch of best validation accuracy (:mod:`coopipe.selection`: ``best`` is the one kept before a resume,
+    ``on_best(best)`` is called with each new one, to store it). ``on_epoch(record, state)`` is
     called after every epoch (progress bars, logging, checkpointing ``state``). ``resume_state`` continues a run;
     ``stop_after`` stops once that many epochs are complete (the schedule still spans ``config.max_epoch``).
     ``template``: the dataset's hand-crafted prompt, for methods that need zero-shot text features (KgCoOp, ...);
@@ -70,7 +75,7 @@ def train_prompt(
     """
     run = StackedRun(train_feats, train_labels, classnames, config, val_feats=val_feats, val_labels=val_labels,
                      on_epoch=on_epoch, resume_state=resume_state, stop_after=stop_after, on_step=on_step,
-                     template=template, dataset=dataset)
+                     template=template, dataset=dataset, best=best, on_best=on_best)
     stepper = RunStepper(run, clip, config.text_encoder(clip))
     drive([stepper])
     return stepper.result()

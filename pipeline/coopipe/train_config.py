@@ -46,6 +46,9 @@ __all__ = [
 
 VIEW_POLICIES = ("augmented", "center", "all")
 MEMORY_OPTIONS = ("class_chunk", "checkpoint_chunks")  # change memory, never a number: a resume may change them
+# options added after runs were recorded, whose default is what every run recorded before them did: a record
+# without them is read with the default (a run from before model selection kept its last epoch)
+ADDED_OPTIONS = ("select_every",)
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,9 @@ class TrainConfig:
     views (1..V-1) per image per epoch (the centre view when the store has none), ``center`` always uses view 0,
     ``all`` draws among every view. Text-path options (``cut``, ``share_prefix``, ``class_chunk``, ``checkpoint_chunks``, ``autocast_bf16`` and,
     for CoCoOp, ``image_chunk``: images per text-tower chunk) only change speed and memory, never the result
-    beyond float rounding (bf16 excepted).
+    beyond float rounding (bf16 excepted). ``select_every``: 0 keeps the last epoch (the papers' protocol); N
+    scores the learner on the few-shot validation split every N epochs (and after the last) and keeps the epoch
+    of best validation accuracy (:mod:`coopipe.selection`); it needs a validation split, never the test split.
     """
 
     max_epoch: int = 200
@@ -77,6 +82,7 @@ class TrainConfig:
     checkpoint_chunks: bool = False
     autocast_bf16: bool = False
     image_chunk: int | None = 32
+    select_every: int = 0
 
     def __post_init__(self) -> None:
         problems = []
@@ -104,6 +110,12 @@ class TrainConfig:
             problems.append(f"views must be one of {VIEW_POLICIES} (got {self.views!r})")
         if self.class_chunk is not None and self.class_chunk < 1:
             problems.append(f"class_chunk must be >= 1 or None (got {self.class_chunk})")
+        if isinstance(self.select_every, bool) or not isinstance(self.select_every, int) or self.select_every < 0:
+            problems.append(f"select_every must be 0 (keep the last epoch) or a number of epochs >= 1 "
+                            f"(got {self.select_every!r})")
+        elif self.select_every and not trains:
+            problems.append(f"{self.method.method} trains nothing, so there is no epoch to select: select_every "
+                            f"must be 0 (got {self.select_every})")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             problems.append(f"seed must be a non-negative integer (got {self.seed!r})")
         if problems:
@@ -242,6 +254,7 @@ class TrainResult:
     variant: dict[str, Any]
     seconds: float
     setup_seconds: float = 0.0  # building the learner and the method's prepare (its last start): coopipe.cost
+    selection: dict[str, Any] | None = None  # the epoch model selection kept and on what (coopipe.selection)
 
     @property
     def params(self) -> dict[str, torch.Tensor]:

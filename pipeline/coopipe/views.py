@@ -6,6 +6,15 @@ next to the deterministic centre view (view 0). Every augmented view is drawn fr
 by ``(seed, image index, view)``, so a view does not depend on batch order, worker count or which machine
 encodes it: the in-process and distributed encoders produce identical stores.
 
+Two augmentations: ``coop`` (the default) is CoOp's ``random_resized_crop`` + ``random_flip`` (scale 0.08-1, as
+CLIP's references train); ``ordinalclip`` is OrdinalCLIP's training transform (xk-huang/OrdinalCLIP,
+``ordinalclip/runner/utils.py`` ``get_transforms`` with ``configs/default.yaml``'s ``transforms_cfg``:
+``Resize((256, 256))``, ``RandomCrop(224)``, ``RandomHorizontalFlip()``): the image squashed to a square 256/224
+times the model's input size, a uniformly placed crop of the input size, a flip half the time. (OrdinalCLIP then
+normalises with ImageNet's mean and std for its VGG-16; the views here are normalised as the CLIP model needs.)
+The augmentation is part of the store's provenance, so stores of different augmentations are never reused for
+each other.
+
 Views are produced as uint8 tensors (cheap to pass between worker processes); :func:`normalize_batch` turns a
 batch into the float input of the image encoder, in the same arithmetic as torchvision's ToTensor + Normalize.
 """
@@ -24,6 +33,9 @@ from PIL import Image
 from coopipe.errors import ParamsError
 from coopipe.models import PreprocessConfig
 
+AUGMENTATIONS = ("coop", "ordinalclip")  # CoOp's random resized crop; OrdinalCLIP's resize + random crop
+ORDINALCLIP_RESIZE = 256 / 224  # OrdinalCLIP resizes to 256 x 256 before its 224 crop
+
 _INTERPOLATION = {
     "bicubic": Image.Resampling.BICUBIC,
     "bilinear": Image.Resampling.BILINEAR,
@@ -40,9 +52,12 @@ class ViewSpec:
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip: bool = True
     seed: int = 0
+    augment: str = "coop"  # one of AUGMENTATIONS
 
     def __post_init__(self) -> None:
         # Checked here, before any store exists: a bad value must not leave a half-created store behind.
+        if self.augment not in AUGMENTATIONS:
+            raise ParamsError(f"augment must be one of {', '.join(AUGMENTATIONS)}, got {self.augment!r} (--augment)")
         if type(self.n_aug) is not int or self.n_aug < 0:
             raise ParamsError(f"views (augmented views per image) must be an integer >= 0, got {self.n_aug!r}")
         lo, hi = self.scale
@@ -61,12 +76,16 @@ class ViewSpec:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
+        data.pop("augment")  # named by "augmentation": CoOp's record stays what it was, so its stores stay reusable
         data["scale"], data["ratio"] = list(self.scale), list(self.ratio)
         data["center"] = "resize-shortest+center-crop"
         data["augmentation"] = "random-resized-crop+hflip" if self.flip else "random-resized-crop"
+        if self.augment == "ordinalclip":  # crop scale and ratio play no part
+            data["augmentation"] = "resize-square-256/224+random-crop" + ("+hflip" if self.flip else "")
+            data.pop("scale"), data.pop("ratio")
         if self.n_aug == 0:  # augmentation settings are irrelevant without augmented views
             for key in ("scale", "ratio", "flip", "seed", "augmentation"):
-                data.pop(key)
+                data.pop(key, None)
         return data
 
 
@@ -124,11 +143,26 @@ def _random_resized_crop_box(
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def augmented_view(img: Image.Image, cfg: PreprocessConfig, spec: ViewSpec, gen: torch.Generator) -> torch.Tensor:
-    """Random resized crop (+ horizontal flip) to ``image_size``, as in CoOp's reference training transform."""
-    top, left, h, w = _random_resized_crop_box(img.width, img.height, spec, gen)
+def _resize_random_crop(img: Image.Image, cfg: PreprocessConfig, gen: torch.Generator) -> Image.Image:
+    """OrdinalCLIP's Resize((R, R)) then RandomCrop(size), R = 256/224 of the input size; the crop's place drawn as
+    torchvision's RandomCrop.get_params draws it (top, then left), from ``gen``."""
     size = cfg.image_size
-    out = img.resize((size, size), _resample(cfg), box=(left, top, left + w, top + h))
+    square = int(round(size * ORDINALCLIP_RESIZE))
+    img = img.resize((square, square), _resample(cfg))
+    top = int(torch.randint(0, square - size + 1, size=(1,), generator=gen))
+    left = int(torch.randint(0, square - size + 1, size=(1,), generator=gen))
+    return img.crop((left, top, left + size, top + size))
+
+
+def augmented_view(img: Image.Image, cfg: PreprocessConfig, spec: ViewSpec, gen: torch.Generator) -> torch.Tensor:
+    """Random resized crop (+ horizontal flip) to ``image_size``, as in CoOp's reference training transform; or
+    OrdinalCLIP's resize + random crop (+ flip) with ``spec.augment == "ordinalclip"``."""
+    size = cfg.image_size
+    if spec.augment == "ordinalclip":
+        out = _resize_random_crop(img, cfg, gen)
+    else:
+        top, left, h, w = _random_resized_crop_box(img.width, img.height, spec, gen)
+        out = img.resize((size, size), _resample(cfg), box=(left, top, left + w, top + h))
     if spec.flip and float(torch.rand(1, generator=gen)) < 0.5:
         out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return _to_uint8_chw(out)

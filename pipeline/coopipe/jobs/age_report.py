@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from coopipe.age_report import (
-    PROTOCOL_NOTE,
+    protocol_note,
     AgeCell,
     age_cells,
     age_markdown,
@@ -167,7 +167,8 @@ def _dataset_report(dataset: str, found: Sequence[tuple[Path, Mapping[str, Any]]
     for decoding in ("exp", "max"):
         lines += age_markdown(cells[decoding], constant_mae=constants or None, dataset=dataset, decoding=decoding)[:-1]
         lines.append("")
-    lines.append(PROTOCOL_NOTE)  # once, after both tables
+    selected = any((r.get("selection") or {}).get("rule") == "best validation epoch" for r in records)
+    lines.append(protocol_note(selected))  # once, after both tables
     epochs_note = _epochs_note(records)
     if epochs_note:
         lines += ["", epochs_note]

@@ -95,6 +95,7 @@ def run_encode(
     views: int = EncodeConfig.views,
     crop_scale: tuple[float, float] = EncodeConfig.crop_scale,
     aug_seed: int = EncodeConfig.aug_seed,
+    augment: str = EncodeConfig.augment,
     shots: Sequence[int] = (),
     seeds: Sequence[int] = (),
     options: EncodeOptions = EncodeOptions(),
@@ -110,7 +111,7 @@ def run_encode(
     ``confine_paths`` refuses image paths that resolve outside the dataset's image folder (for split files
     and manifests from untrusted sources); by default they may point anywhere.
     """
-    spec = ViewSpec(n_aug=views, scale=tuple(crop_scale), seed=aug_seed)  # type: ignore[arg-type]  # checked first
+    spec = ViewSpec(n_aug=views, scale=tuple(crop_scale), seed=aug_seed, augment=augment)  # type: ignore[arg-type]  # checked first
     check_model_name(model)  # an unknown or unsupported model is refused before the data is read
     data = load_dataset(dataset, data_root, **dict(dataset_options or {}))
     if confine_paths:

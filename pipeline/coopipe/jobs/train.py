@@ -51,6 +51,8 @@ from coopipe.features import read_split, select_store
 from coopipe.models import LoadedClip, sha256_file
 from coopipe.lookup import fewshot_index_for, fewshot_index_path, resolve_model
 from coopipe.metrics_log import EpochMetricsLog
+from coopipe.selection import BestEpoch, selection_record
+from coopipe.selection_store import clear_best, load_best, save_best
 from coopipe.stacked import StackedRun, default_max_stack, train_stacked
 from coopipe.train import train_prompt
 from coopipe.train_config import EpochRecord, TrainConfig, TrainResult, TrainState, batch_slices
@@ -183,12 +185,14 @@ class _Prepared:
     on_step: Callable[[], None]
     template: str  # the dataset's hand-crafted prompt (for methods that need zero-shot text features)
     dataset: str  # its name (for a method whose published setting differs by dataset)
+    best: BestEpoch | None = None  # model selection: the best epoch stored before a resume
+    on_best: Callable[[BestEpoch], None] | None = None  # model selection: stores each new best epoch
 
     def stacked_run(self) -> StackedRun:
         return StackedRun(self.train.features, self.train.labels, self.train.classnames, self.config,
                           val_feats=self.val_feats, val_labels=self.val_labels, on_epoch=self.on_epoch,
                           resume_state=self.resume, on_step=self.on_step, template=self.template,
-                          dataset=self.dataset)
+                          dataset=self.dataset, best=self.best, on_best=self.on_best)
 
 
 def _train_locked(**kwargs: Any) -> dict[str, Any]:
@@ -199,7 +203,7 @@ def _train_locked(**kwargs: Any) -> dict[str, Any]:
         result = train_prompt(prepared.train.features, prepared.train.labels, prepared.clip, prepared.train.classnames,
                             prepared.config, val_feats=prepared.val_feats, val_labels=prepared.val_labels,
                             on_epoch=prepared.on_epoch, resume_state=prepared.resume, on_step=prepared.on_step,
-                            template=prepared.template, dataset=prepared.dataset)
+                            template=prepared.template, dataset=prepared.dataset, best=prepared.best, on_best=prepared.on_best)
     return _finish(prepared, result)
 
 
@@ -251,6 +255,9 @@ def _prepare(
             val = subset.apply(read_split(val_store, index.val_indices, all_views=False))
             val_feats, val_labels, stores["val"] = val.features, val.labels, val_store
         except StoreError as exc:
+            if config.select_every:  # selection scores the validation split, never anything else
+                raise StoreError(f"model selection (select_every {config.select_every}) needs the few-shot "
+                                 f"validation split: {exc}") from exc
             logger.warning("training without validation: %s", exc)
 
     resume: TrainState | None = None
@@ -271,6 +278,10 @@ def _prepare(
             return _complete_outputs(ckpt, clip)
         resume = ckpt.train_state()
         logger.info("resuming %s from epoch %d", out_dir, resume.epoch)
+    # model selection's best epoch so far: stored as it is found, read back on resume, cleared on a fresh start
+    if resume is None:
+        clear_best(out_dir)
+    best = load_best(out_dir, config, resumed_epoch=resume.epoch) if resume is not None else None
 
     record = dict(params_record or {})
     run = RunRecord(dataset=dataset, shots=shots, seed=seed, classes=classes, pretrained="none" if clip.weights.kind == "none" else clip.weights.value,
@@ -301,7 +312,8 @@ def _prepare(
     return _Prepared(out_dir=out_dir, clip=clip, config=config, train=train, val_feats=val_feats,
                      val_labels=val_labels, resume=resume, stores=stores, record=record, run=run, bar=bar,
                      metrics=metrics, on_epoch=on_epoch, on_step=lambda: bar.update(1),
-                     template=dataset_template(dataset), dataset=dataset)
+                     template=dataset_template(dataset), dataset=dataset, best=best,
+                     on_best=lambda kept: save_best(out_dir, kept, config))
 
 
 def _finish(prepared: _Prepared, result: TrainResult, *, stacked_runs: int = 1) -> dict[str, Any]:
@@ -385,6 +397,7 @@ def _summary(ckpt: Checkpoint, *, skipped: bool, seconds: float | None = None) -
         "final_loss": history[-1].get("loss"),
         "final_train_acc": history[-1].get("train_acc"),
         "final_val_acc": history[-1].get("val_acc"),
+        "selection": meta.get("selection") or selection_record(0, None),
         "train_seconds": seconds,
         "skipped": skipped,
     }

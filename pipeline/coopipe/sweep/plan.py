@@ -123,6 +123,7 @@ class EncodeTask:
     shots: tuple[int, ...]
     seeds: tuple[int, ...]
     views: int
+    augment: str = EncodeConfig.augment  # coopipe.views.AUGMENTATIONS
     options: Mapping[str, Any] = field(default_factory=dict)  # EncodeOptions fields (batch_size, num_workers...)
     dataset_options: Mapping[str, Any] = field(default_factory=dict)  # the dataset builder's (min_age, max_age...)
 
@@ -154,6 +155,7 @@ class SweepSpec:
     targets: tuple[str, ...] = ()
     skip_missing: bool = False
     views: int = EncodeConfig.views
+    augment: str = EncodeConfig.augment
     encode_shots: tuple[int, ...] = ()
     encode: bool = True
     encode_options: Mapping[str, Any] = field(default_factory=dict)
@@ -357,7 +359,8 @@ def plan_sweep(spec: SweepSpec) -> SweepPlan:
         encodes.append(EncodeTask(
             dataset=registry_name, name=name, data_root=str(spec.data_root), splits=("train", "val", "test") if fewshot else ("test",),
             shots=(spec.encode_shots or encode_shots_for(spec.shots)) if fewshot else (),
-            seeds=tuple(spec.seeds) if fewshot else (), views=spec.views, options=dict(spec.encode_options),
+            seeds=tuple(spec.seeds) if fewshot else (), views=spec.views, augment=spec.augment,
+            options=dict(spec.encode_options),
             dataset_options=dict(spec.dataset_options),
         ))
     return SweepPlan(settings=spec.settings, runs_dir=runs_dir, encodes=tuple(encodes) if spec.encode else (),

@@ -163,7 +163,8 @@ def encode_dataset(task: EncodeTask, settings: RunSettings) -> None:
             fcntl.flock(fh, fcntl.LOCK_EX)
         options = EncodeOptions(**{"device": settings.device, "progress": False, **dict(task.options)})
         run_encode(dataset=task.dataset, data_root=task.data_root, splits=task.splits, cache_dir=cache,
-                   model=settings.model, pretrained=settings.pretrained, views=task.views, shots=task.shots,
+                   model=settings.model, pretrained=settings.pretrained, views=task.views, augment=task.augment,
+                   shots=task.shots,
                    seeds=task.seeds, options=options, dataset_options=task.dataset_options)
 
 

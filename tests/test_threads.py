@@ -41,16 +41,32 @@ def test_step_threads_sets_the_count_for_the_block_and_restores_it() -> None:
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        with threads.step_threads(2, 512) as used:
+        idle = lambda: 2  # noqa: E731  # both cores free: the size rule alone decides
+        with threads.step_threads(2, 512, free=idle) as used:
             assert used == 1 and torch.get_num_threads() == 1
         assert torch.get_num_threads() == 2
-        with threads.step_threads(500, 512) as used:
+        with threads.step_threads(500, 512, free=idle) as used:
             assert used == 2 and torch.get_num_threads() == 2
-        with pytest.raises(RuntimeError), threads.step_threads(2, 512):
+        with threads.step_threads(500, 512, free=lambda: 1) as used:  # another process wants the other core
+            assert used == 1 and torch.get_num_threads() == 1
+        with threads.step_threads(500, 512, free=lambda: None) as used:  # counts unreadable: the pool's size
+            assert used == 2
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError), threads.step_threads(2, 512, free=idle):
             raise RuntimeError("a failing step")
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_free_cores_counts_the_runnable_threads_of_other_processes() -> None:
+    own = ["12 (python) R 1 2", "13 (pt main thread) S 1 2", "14 (a) b) R 1 2"]  # a name may hold ") "
+    assert threads._runnable_elsewhere("1.00 0.50 0.20 3/120 999\n", own) == 1
+    assert threads._runnable_elsewhere("1.00 0.50 0.20 1/120 999\n", own[:2]) == 0
+    assert threads._runnable_elsewhere("1.00 0.50 0.20 1/120 999\n", []) == 0  # the caller counts as its own
+    free = threads.free_cores()
+    if free is not None:  # Linux
+        assert 1 <= free <= len(os.sched_getaffinity(0))
 
 
 def test_yielding_waits_leaves_a_users_wait_policy_alone() -> None:

@@ -32,12 +32,13 @@ import contextlib
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator, MutableMapping
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "SPIN_COUNT", "SPLIT_ROWS_WIDTH", "WAIT_VARIABLES", "free_cores", "step_threads", "threads_for", "yielding_waits",
+    "RESAMPLE_S", "SPIN_COUNT", "SPLIT_ROWS_WIDTH", "WAIT_VARIABLES", "free_cores", "step_threads", "threads_for", "yielding_waits",
 ]
 
 WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")  # a user who sets either keeps their own wait policy
@@ -47,6 +48,7 @@ SPIN_COUNT = 10_000
 # Below this many elements per activation (packed text rows x width) a pass runs on one thread: 16 rows of a
 # 512-wide text tower. Measured on 2 cores (oneDNN fp32): 2 threads beat one from 48 rows up (docs/performance.md).
 SPLIT_ROWS_WIDTH = 16 * 512
+RESAMPLE_S = 0.0005  # a second look at the runnable count, where the first saw another process's thread
 
 
 def yielding_waits(environ: MutableMapping[str, str] = os.environ) -> bool:
@@ -76,23 +78,34 @@ def _runnable_elsewhere(loadavg: str, own_states: list[str]) -> int:
     return max(running - max(own, 1), 0)
 
 
+def _runnable_now() -> int:
+    """Runnable threads of other processes, one snapshot (see :func:`_runnable_elsewhere`)."""
+    with open("/proc/loadavg") as f:
+        loadavg = f.read()
+    if int(loadavg.split()[3].split("/")[0]) <= 1:  # only the calling thread: no need to read the others
+        return 0
+    states = []
+    for task in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError), open(f"/proc/self/task/{task}/stat") as f:
+            states.append(f.read())
+    return _runnable_elsewhere(loadavg, states)
+
+
 def free_cores() -> int | None:
     """Cores this process may use (its affinity) that no other process's runnable thread wants right now.
 
     A snapshot when a step starts: steps are short and repeated, so a load that comes and goes is followed step by
-    step. None where the counts cannot be read (not Linux): the caller then keeps the pool's size.
+    step. A thread seen runnable is looked for again :data:`RESAMPLE_S` later (the fewer counts): a kernel worker
+    or a process that wakes for an instant should not halve the threads of a whole step on a quiet machine.
+    None where the counts cannot be read (not Linux): the caller then keeps the pool's size.
     """
     try:
         cores = len(os.sched_getaffinity(0))
-        with open("/proc/loadavg") as f:
-            loadavg = f.read()
-        if int(loadavg.split()[3].split("/")[0]) <= 1:  # only the calling thread: no need to read the others
-            return cores
-        states = []
-        for task in os.listdir("/proc/self/task"):
-            with contextlib.suppress(OSError), open(f"/proc/self/task/{task}/stat") as f:
-                states.append(f.read())
-        return max(cores - _runnable_elsewhere(loadavg, states), 1)
+        others = _runnable_now()
+        if others:
+            time.sleep(RESAMPLE_S)
+            others = min(others, _runnable_now())
+        return max(cores - others, 1)
     except (AttributeError, OSError, ValueError, IndexError):
         return None
 

@@ -23,7 +23,8 @@ Two levers, both here:
 
 The thread count changes only the order of float summations inside a product, never what is computed
 (``tests/test_threads.py`` checks a CoCoOp step's loss and gradients with the policy against the plain
-computation in float64).
+computation in float64, and one thread against two: bit for bit in float64, within rounding in float32, where
+oneDNN's products may round differently, so a float32 run's last bits follow the machine's load).
 """
 
 from __future__ import annotations

@@ -87,16 +87,11 @@ def _attend(block: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(batch, 1, 1, 1))
 
 
-def _batched_block(
-    block: Any, x: torch.Tensor, packing: _Packing, gemm: FrozenGemm, qkv: torch.Tensor | None = None
-) -> torch.Tensor:
-    """One ``ResidualAttentionBlock`` on b packed sequences of the same layout: x (b, N, width) -> (b, N, width).
-
-    ``qkv``: the packed in-projection of ``ln_1(x)`` (b, N, 3 * width) where the caller has it already."""
+def _batched_block(block: Any, x: torch.Tensor, packing: _Packing, gemm: FrozenGemm) -> torch.Tensor:
+    """One ``ResidualAttentionBlock`` on b packed sequences of the same layout: x (b, N, width) -> (b, N, width)."""
     b, _, width = x.shape
     heads = block.attn.num_heads
-    if qkv is None:
-        qkv = _in_projection(block, block.ln_1(x), 0, 3, gemm)  # (b, N, 3 * width)
+    qkv = _in_projection(block, block.ln_1(x), 0, 3, gemm)  # (b, N, 3 * width)
     padded = qkv.index_select(1, packing.to_padded).reshape(-1, 3 * width)  # (b * bins * S, 3 * width)
     q, k, v = _heads(padded, b * packing.bins, 3, heads)  # (b * bins, heads, S, head_dim) each
     attended = _merge(_attend(block, q, k, v, packing.mask)).view(b, -1, width)  # (b, bins * S, width)
@@ -119,41 +114,17 @@ def _batched_last_block(block: Any, x: torch.Tensor, packing: _Packing, gemm: Fr
     return x + block.ls_2(gemm.mlp(block.mlp, block.ln_2(x)))  # type: ignore[no-any-return]
 
 
-def _first_block_frozen_rows(
-    block: Any, prefix: torch.Tensor, suffix: torch.Tensor, packing: _Packing, gemm: FrozenGemm
-) -> torch.Tensor:
-    """The first block where the class rows are frozen and the same for all b sequences: prefixes (b, P, width)
-    and class rows (N_s, width), positional embeddings added -> (b, N, width).
-
-    Why: before the first attention a class row depends on nothing learned (its token and position embeddings,
-    the frozen weights), so its ``ln_1`` and q/k/v in-projection run once, not b times, and outside autograd
-    (nothing to back-propagate through them). Measured at K = 100, batch 1, one thread: 3-5% of a training step's
-    CPU time. The rows' values are the same products as in :func:`_batched_block`."""
-    b = prefix.shape[0]
-    with torch.no_grad():
-        frozen = _in_projection(block, block.ln_1(suffix), 0, 3, gemm)  # (N_s, 3 * width)
-    qkv = torch.cat([_in_projection(block, block.ln_1(prefix), 0, 3, gemm), frozen.expand(b, -1, -1)], dim=1)
-    x = torch.cat([prefix, suffix.expand(b, -1, -1)], dim=1)  # (b, N, width)
-    return _batched_block(block, x, packing, gemm, qkv=qkv)
-
-
 def _forward_packed(
     encoder: PromptTextEncoder, packing: _Packing, prefix: torch.Tensor, suffix: torch.Tensor
 ) -> torch.Tensor:
     """Per-sequence prefixes (b, P, width) and class rows (N_s, width) shared by all b, or (b, N_s, width) each its
     own (stacked runs, :mod:`coopipe.stacked_text`) -> (b, n, embed_dim) normalised."""
     tower = encoder.tower
+    if suffix.ndim == 2:
+        suffix = suffix.unsqueeze(0).expand(prefix.shape[0], -1, -1)  # (b, N_s, width)
+    x = torch.cat([prefix, suffix], dim=1)  # (b, N, width)
+    x = x + tower.positional_embedding[packing.positions].to(x.dtype)  # (b, N, width)
     *blocks, last = tower.blocks
-    positional = tower.positional_embedding[packing.positions].to(prefix.dtype)  # (N, width)
-    n_prefix = prefix.shape[1]
-    if blocks and suffix.ndim == 2 and not suffix.requires_grad:
-        x = _first_block_frozen_rows(
-            blocks.pop(0), prefix + positional[:n_prefix], suffix + positional[n_prefix:], packing, encoder.gemm
-        )  # (b, N, width)
-    else:
-        if suffix.ndim == 2:
-            suffix = suffix.unsqueeze(0).expand(prefix.shape[0], -1, -1)  # (b, N_s, width)
-        x = torch.cat([prefix, suffix], dim=1) + positional  # (b, N, width)
     for block in blocks:
         x = _batched_block(block, x, packing, encoder.gemm)
     pooled = _batched_last_block(last, x, packing, encoder.gemm)  # (b, n, width)

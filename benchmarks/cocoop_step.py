@@ -14,11 +14,11 @@ over the loaded model (each configuration runs in a spawned child so peaks do no
 spinning Python loops, started just before and stopped just after that timing) beside it, and reports each
 side's loaded time and slowdown (loaded / quiet). The reference-style side runs with libgomp's default waits, as
 the reference runs; coopipe with its own (:mod:`coopipe.threads`); ``--plain-waits`` adds a coopipe side with
-libgomp's default waits too, to show what the thread policy changes; ``--pool-threads`` a coopipe side that
-always uses the pool's threads (no cap by the cores other processes leave free, :func:`coopipe.threads.free_cores`).
+libgomp's default waits too, to show what the thread policy changes; ``--share-cores`` a coopipe side with the
+opt-in cap by the cores other processes leave free (``COOPIPE_SHARE_CORES=1``, :func:`coopipe.threads.free_cores`).
 
     python benchmarks/cocoop_step.py [--model RN50] [--classes 10 100] [--batches 1 32] [--repeats 3] [--threads 2]
-                                     [--load 1] [--plain-waits] [--pool-threads]
+                                     [--load 1] [--plain-waits] [--share-cores]
 """
 
 from __future__ import annotations
@@ -176,8 +176,6 @@ def _measure(args: argparse.Namespace, kind: str, k: int, batch: int, out: Any) 
     Spawned, not forked: a child forked after the parent's OpenMP pool has run can hang on its first parallel
     region (seen here with torch's CPU build)."""
     torch.set_num_threads(args.threads)
-    if kind == "coopipe-pool":
-        threads.free_cores = lambda: None  # this child only: every step on the pool's threads, as before the cap
     clip = load_clip(args.model, "none")
     clip.model.requires_grad_(False)
     _reset_peak()
@@ -235,8 +233,8 @@ def main() -> None:
     parser.add_argument("--load", type=int, default=0, help="busy processes beside a second, loaded timing of each side")
     parser.add_argument("--plain-waits", action="store_true",
                         help="also time coopipe with libgomp's default waits (GOMP_SPINCOUNT=300000)")
-    parser.add_argument("--pool-threads", action="store_true",
-                        help="also time coopipe on the pool's threads whatever other processes run (no free-core cap)")
+    parser.add_argument("--share-cores", action="store_true",
+                        help="also time coopipe with the opt-in free-core cap (COOPIPE_SHARE_CORES=1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     clip = load_clip(args.model, "none")
@@ -245,13 +243,14 @@ def main() -> None:
     print(_cpu(), f"threads={args.threads} load={args.load} torch={torch.__version__}", flush=True)
     sides = [("reference", 1)] + [("coopipe", b) for b in args.batches]
     sides += [("coopipe-plain", b) for b in args.batches] if args.plain_waits else []
-    sides += [("coopipe-pool", b) for b in args.batches] if args.pool_threads else []
+    sides += [("coopipe-shared", b) for b in args.batches] if args.share_cores else []
     rows = []
     for k in args.classes:
         for kind, batch in sides:
             queue = ctx.Queue()
             child = ctx.Process(target=_measure, args=(args, kind, k, batch, queue))
-            with _environ(LIBGOMP_DEFAULT_WAITS if kind in ("reference", "coopipe-plain") else {}):
+            with _environ(LIBGOMP_DEFAULT_WAITS if kind in ("reference", "coopipe-plain")
+                          else {threads.SHARE_VARIABLE: "1"} if kind == "coopipe-shared" else {}):
                 child.start()
             row = queue.get()
             child.join()
@@ -269,7 +268,7 @@ def main() -> None:
         for r in rows:
             if r["K"] != k or r["kind"] == "reference":
                 continue
-            side = f"K{k}_b{r['batch']}" + {"coopipe-plain": "_plain", "coopipe-pool": "_pool"}.get(r["kind"], "")
+            side = f"K{k}_b{r['batch']}" + {"coopipe-plain": "_plain", "coopipe-shared": "_shared"}.get(r["kind"], "")
             summary[f"speedup_{side}"] = round(ref["s_per_image"] / r["s_per_image"], 2)
             if r["kind"] == "coopipe":
                 summary[f"mem_ratio_{side}"] = round(r["peak_mb"] / max(ref["peak_mb"], 1e-9), 3)

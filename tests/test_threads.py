@@ -170,3 +170,23 @@ def test_a_step_on_one_thread_and_on_two(clip64: LoadedClip, monkeypatch: pytest
             assert torch.equal(one, two)
         else:
             assert torch.allclose(one, two, rtol=1e-4, atol=1e-6 * float(two.abs().max()))
+
+
+def test_the_free_core_cap_is_off_unless_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without ``COOPIPE_SHARE_CORES`` a step's threads follow its size alone, whatever else runs, so the same seed
+    gives the identical float32 run; with it the cores other processes leave free cap them."""
+    monkeypatch.setattr(threads, "free_cores", lambda: 1)  # as if another process wanted the other core
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.delenv(threads.SHARE_VARIABLE, raising=False)
+        with threads.step_threads(500, 512) as used:
+            assert used == 2
+        monkeypatch.setenv(threads.SHARE_VARIABLE, "0")
+        with threads.step_threads(500, 512) as used:
+            assert used == 2
+        monkeypatch.setenv(threads.SHARE_VARIABLE, "1")
+        with threads.step_threads(500, 512) as used:
+            assert used == 1
+    finally:
+        torch.set_num_threads(before)

@@ -17,9 +17,11 @@ Two levers, both here:
   ``OMP_WAIT_POLICY`` nor ``GOMP_SPINCOUNT``.
 - :func:`threads_for` / :func:`step_threads`: one thread where a pass is too small to split (fewer than
   :data:`SPLIT_ROWS_WIDTH` text rows x width elements per activation), otherwise the pool's size, but never more
-  than the cores other processes leave free when the step starts (:func:`free_cores`). A thread that lands on a
-  core another process also wants is preempted for a time slice, and its partners wait for it at every barrier;
-  one thread on the one free core instead runs at that core's full speed.
+  than the cores other processes leave free when the step starts (:func:`free_cores`) where the user asks for it
+  (:data:`SHARE_VARIABLE` set, :func:`shares_cores`). A thread that lands on a core another process also wants is
+  preempted for a time slice, and its partners wait for it at every barrier; one thread on the one free core
+  instead runs at that core's full speed. It is asked for, not the default, because it makes a float32 run's
+  rounding follow its neighbours: without it the same seed gives the identical run on the same CPU.
 
 The thread count changes only the order of float summations inside a product, never what is computed
 (``tests/test_threads.py`` checks a CoCoOp step's loss and gradients with the policy against the plain
@@ -39,7 +41,7 @@ from collections.abc import Callable, Iterator, MutableMapping
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "RESAMPLE_S", "SPIN_COUNT", "SPLIT_ROWS_WIDTH", "WAIT_VARIABLES", "free_cores", "step_threads", "threads_for", "yielding_waits",
+    "RESAMPLE_S", "SHARE_VARIABLE", "SPIN_COUNT", "SPLIT_ROWS_WIDTH", "WAIT_VARIABLES", "free_cores", "shares_cores", "step_threads", "threads_for", "yielding_waits",
 ]
 
 WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")  # a user who sets either keeps their own wait policy
@@ -49,6 +51,8 @@ SPIN_COUNT = 10_000
 # Below this many elements per activation (packed text rows x width) a pass runs on one thread: 16 rows of a
 # 512-wide text tower. Measured on 2 cores (oneDNN fp32): 2 threads beat one from 48 rows up (docs/performance.md).
 SPLIT_ROWS_WIDTH = 16 * 512
+# Set (to anything but 0) to cap a step's threads by the cores free when it starts (:func:`free_cores`).
+SHARE_VARIABLE = "COOPIPE_SHARE_CORES"
 RESAMPLE_S = 0.0005  # a second look at the runnable count, where the first saw another process's thread
 
 
@@ -111,14 +115,24 @@ def free_cores() -> int | None:
         return None
 
 
+def shares_cores(environ: MutableMapping[str, str] = os.environ) -> bool:
+    """Whether the user asked for the free-core cap (:data:`SHARE_VARIABLE`): faster beside other work, at the price
+    of float32 rounding that follows the load (docs/performance.md section 9)."""
+    return environ.get(SHARE_VARIABLE, "") not in ("", "0")
+
+
+def _no_cap() -> None:
+    return None
+
+
 @contextlib.contextmanager
 def step_threads(rows: int, width: int, *, free: Callable[[], int | None] | None = None) -> Iterator[int]:
     """Run the block (a step's forward and backward) on :func:`threads_for` threads, at most ``free()`` of them
-    (:func:`free_cores` unless given; a None count: no cap), then restore the pool's size."""
+    (:func:`free_cores` unless given, where :func:`shares_cores`; a None count: no cap), then restore the pool's size."""
     import torch  # here, not at the top: yielding_waits must be importable before torch is
 
     before = torch.get_num_threads()
-    cap = (free or free_cores)()
+    cap = (free or (free_cores if shares_cores() else _no_cap))()
     threads = threads_for(rows, width, before if cap is None else min(before, cap))
     if threads == before:
         yield threads

@@ -32,8 +32,8 @@ __all__ = ["check_stackable", "stacked_text_features"]
 def _prompted(learner: Learner) -> PromptedLearner:
     """``learner`` as a learner with prompts, or :class:`ParamsError` (a feature-space learner has no text pass)."""
     if not isinstance(learner, PromptedLearner):
-        raise ParamsError(f"{type(learner).__name__} has no prompts for the text tower (a feature-space method): "
-                          f"its runs cannot share a text pass; train them unstacked (max_stack=1, or sweep --stack off)")
+        raise ParamsError(f"{type(learner).__name__} has no prompts for the text tower (a feature-space method): its "
+                          f"runs cannot share a text pass; train them unstacked (max_stack=1, or sweep --stack off)")
     return learner
 
 

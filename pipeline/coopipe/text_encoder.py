@@ -1,4 +1,10 @@
-"""The frozen CLIP text tower, run on tokenised prompts or on a :class:`PromptLearner`'s prompts, exactly and fast.
+"""The frozen CLIP text tower, run on tokenised prompts or on prompt learners' prompts, exactly and fast.
+
+The one text path of every prompt method (:meth:`PromptTextEncoder.encode_prompts`): G *groups* of K prompts of
+one layout, each group its own first P positions (its prefix) and its class rows: one group for CoOp, KgCoOp,
+ProGrad, OrdinalCLIP's CoOp row and the rank prompts (whose rank tokens are class rows), one per run for stacked
+runs (:mod:`coopipe.stacked_text`), one per image for CoCoOp (:mod:`coopipe.cocoop_text`). What it reads of a
+learner is :class:`PromptRows`.
 
 Why the shortcuts are exact (see the project's CoOp notes): the text transformer is causal and pooled at [EOS], so
 the output at [EOS] never depends on later positions, and the first positions of every prompt never depend on
@@ -7,11 +13,12 @@ what follows them.
 - ``share_prefix`` (the packed path, the default for prompt learners): the first P positions are the same for
   every class (``[SOS] [V]1..[V]M`` with the class token at the end, ``[SOS] [V]1..[V]M/2`` in the middle, only
   ``[SOS]`` with class-specific context or the class token at the front). Each class chunk becomes ONE flat
-  sequence: the P prefix rows, then every class's own positions P..[EOS] back to back (nothing after [EOS], no
-  padding), each with the positional embedding of its position inside its own prompt. Every layer runs ``ln_1``,
-  the packed q/k/v in-projection, ``out_proj`` and the MLP once over all rows (the GEMMs are ~80% of the time,
-  so rows saved are time saved); prefix rows attend causally among themselves, a class's rows attend to the
-  prefix and to their own earlier rows (one SDPA call over bins of consecutive classes, see :class:`_Packing`).
+  sequence per group: the group's P prefix rows, then every class's own positions P..[EOS] back to back (nothing
+  after [EOS], no padding), each with the positional embedding of its position inside its own prompt. Every layer
+  runs ``ln_1``, the packed q/k/v in-projection, ``out_proj`` and the MLP once over all rows of all groups (the
+  GEMMs are ~80% of the time, so rows saved are time saved); prefix rows attend causally among themselves, a
+  class's rows attend to the prefix and to their own earlier rows (one SDPA call over the groups' bins of
+  consecutive classes, see :class:`_Packing`: the groups share the layout).
   With P = 1 (class-specific context, class token at the front) this still removes all padding and is ~25-35%
   faster than ``cut`` alone, so every layout uses it. The last layer computes keys/values for all rows but queries,
   ``out_proj`` and the MLP only for the K [EOS] rows, the only ones pooled. The blocks are re-implemented by
@@ -236,7 +243,8 @@ class PromptRows(Protocol):
 
 
 class PromptTextEncoder:
-    """Runs the frozen text tower of ``clip`` on token ids or on a prompt learner's prompts.
+    """Runs the frozen text tower of ``clip`` on token ids (:meth:`encode_tokens`) or on prompt learners' prompts
+    (:meth:`encode_prompts`; calling the encoder on one learner is its one group).
 
     Options (keyword-only): ``cut`` and ``share_prefix`` (the exact shortcuts, both on by default),
     ``class_chunk`` (classes per chunk, None = all at once), ``checkpoint_chunks`` (recompute each chunk in the

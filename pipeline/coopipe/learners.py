@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,7 @@ from torch import nn
 
 from coopipe.cocoop_text import DEFAULT_IMAGE_CHUNK
 from coopipe.errors import CheckpointError
-from coopipe.text_encoder import PromptTextEncoder, coop_logits
+from coopipe.text_encoder import PromptRows, PromptTextEncoder, coop_logits
 
 if TYPE_CHECKING:
     from coopipe.methods.registry import MethodSpec
@@ -40,8 +40,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ClassifierLearner", "FitData", "Learner", "StepInputs", "is_image_conditional", "predict_logits",
-           "restore_learner"]
+__all__ = ["ClassifierLearner", "FitData", "Learner", "PromptedLearner", "StepInputs", "is_image_conditional",
+           "predict_logits", "restore_learner"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +98,13 @@ class Learner(Protocol):
     def named_parameters(
         self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
     ) -> Iterator[tuple[str, nn.Parameter]]: ...
+
+
+@runtime_checkable
+class PromptedLearner(Learner, PromptRows, Protocol):
+    """A learner whose classifier is prompts through the frozen text tower (CoOp, CoCoOp, the rank prompts and the
+    methods built on them): it declares what the text path reads (:class:`coopipe.text_encoder.PromptRows`), so its
+    runs can share a text pass (:mod:`coopipe.stacked_text`). Feature-space learners are not."""
 
 
 class ClassifierLearner:

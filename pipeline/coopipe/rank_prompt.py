@@ -8,8 +8,8 @@ one token per rank as its config). The weights are the reference's "linear" inte
 unified (one for all ranks), random N(0, 0.02) of ``n_ctx`` tokens or initialised from words.
 
 The classifier does not depend on the image, so one text pass per step serves the whole batch. The learner
-exposes the pieces :class:`coopipe.text_encoder.PromptTextEncoder` reads from a CoOp learner (prefix shared by
-every rank, packed rows per rank), so the exact packed text path runs it unchanged: every rank prompt has the same
+declares what the text path reads (:class:`coopipe.text_encoder.PromptRows`: the prefix shared by every rank, the
+packed rows per rank), so the exact packed text path runs it as it runs CoOp's: every rank prompt has the same
 length, and only the last three rows (rank token, '.', [EOS]) differ between ranks.
 """
 
@@ -53,7 +53,7 @@ class RankPromptLearner(nn.Module):
     """Unified context ``ctx`` (n_ctx, width) and base rank embeddings ``rank_embeds`` (n_base, width).
 
     ``logits``/``class_text_features``/``loss`` are the method seam's learner interface; the other members are the
-    CoOp-learner interface :class:`PromptTextEncoder` runs (``shared_length``, ``packed_embeddings``, ...).
+    text path's :class:`~coopipe.text_encoder.PromptRows` (``shared_length``, ``packed_embeddings``, ...).
     """
 
     image_conditional = False
@@ -161,7 +161,7 @@ class RankPromptLearner(nn.Module):
     # ---------------------------------------------------------------- the method seam
     def class_text_features(self, encoder: PromptTextEncoder) -> torch.Tensor:
         """L2-normalised text features of every rank: (K, D), differentiable in ctx and the base ranks."""
-        return encoder(self)  # type: ignore[arg-type]  # duck-typed: the CoOp-learner interface above
+        return encoder(self)
 
     def logits(
         self, encoder: PromptTextEncoder, image_features: torch.Tensor, logit_scale: torch.Tensor, **_: Any

@@ -1,4 +1,10 @@
-"""The frozen CLIP text tower, run on tokenised prompts or on a :class:`PromptLearner`'s prompts, exactly and fast.
+"""The frozen CLIP text tower, run on tokenised prompts or on prompt learners' prompts, exactly and fast.
+
+The one text path of every prompt method (:meth:`PromptTextEncoder.encode_prompts`): G *groups* of K prompts of
+one layout, each group its own first P positions (its prefix) and its class rows: one group for CoOp, KgCoOp,
+ProGrad, OrdinalCLIP's CoOp row and the rank prompts (whose rank tokens are class rows), one per run for stacked
+runs (:mod:`coopipe.stacked_text`), one per image for CoCoOp (:mod:`coopipe.cocoop_text`). What it reads of a
+learner is :class:`PromptRows`.
 
 Why the shortcuts are exact (see the project's CoOp notes): the text transformer is causal and pooled at [EOS], so
 the output at [EOS] never depends on later positions, and the first positions of every prompt never depend on
@@ -7,11 +13,12 @@ what follows them.
 - ``share_prefix`` (the packed path, the default for prompt learners): the first P positions are the same for
   every class (``[SOS] [V]1..[V]M`` with the class token at the end, ``[SOS] [V]1..[V]M/2`` in the middle, only
   ``[SOS]`` with class-specific context or the class token at the front). Each class chunk becomes ONE flat
-  sequence: the P prefix rows, then every class's own positions P..[EOS] back to back (nothing after [EOS], no
-  padding), each with the positional embedding of its position inside its own prompt. Every layer runs ``ln_1``,
-  the packed q/k/v in-projection, ``out_proj`` and the MLP once over all rows (the GEMMs are ~80% of the time,
-  so rows saved are time saved); prefix rows attend causally among themselves, a class's rows attend to the
-  prefix and to their own earlier rows (one SDPA call over bins of consecutive classes, see :class:`_Packing`).
+  sequence per group: the group's P prefix rows, then every class's own positions P..[EOS] back to back (nothing
+  after [EOS], no padding), each with the positional embedding of its position inside its own prompt. Every layer
+  runs ``ln_1``, the packed q/k/v in-projection, ``out_proj`` and the MLP once over all rows of all groups (the
+  GEMMs are ~80% of the time, so rows saved are time saved); prefix rows attend causally among themselves, a
+  class's rows attend to the prefix and to their own earlier rows (one SDPA call over the groups' bins of
+  consecutive classes, see :class:`_Packing`: the groups share the layout).
   With P = 1 (class-specific context, class token at the front) this still removes all padding and is ~25-35%
   faster than ``cut`` alone, so every layout uses it. The last layer computes keys/values for all rows but queries,
   ``out_proj`` and the MLP only for the K [EOS] rows, the only ones pooled. The blocks are re-implemented by
@@ -35,9 +42,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +53,6 @@ from torch.utils.checkpoint import checkpoint
 from coopipe.errors import ParamsError
 from coopipe.frozen_gemm import FrozenGemm
 from coopipe.models import LoadedClip
-from coopipe.prompt import PromptLearner
 from coopipe.text_tower import TextTower, resolve_text_tower
 
 logger = logging.getLogger(__name__)
@@ -164,38 +170,81 @@ def _in_projection(block: Any, x: torch.Tensor, first: int, count: int, gemm: Fr
     return gemm.linear(x, attn.in_proj_weight[rows], bias)
 
 
-def _packed_block(block: Any, x: torch.Tensor, packing: _Packing, gemm: FrozenGemm) -> torch.Tensor:
-    """One open_clip ``ResidualAttentionBlock`` on the packed rows x (N, width) -> (N, width).
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """SDPA over (G * bins) bins, the packing's (bins, 1, Q, S) mask repeated for each of the G groups."""
+    groups = q.shape[0] // mask.shape[0]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask if groups == 1 else mask.repeat(groups, 1, 1, 1))
 
-    ``block`` is a plain ``ResidualAttentionBlock`` (checked by ``TextTower.supports_manual_blocks``).
+
+def _packed_block(block: Any, x: torch.Tensor, packing: _Packing, gemm: FrozenGemm) -> torch.Tensor:
+    """One open_clip ``ResidualAttentionBlock`` on G packed sequences of one layout: x (G, N, width) -> (G, N, width).
+
+    ``block`` is a plain ``ResidualAttentionBlock`` (checked by ``TextTower.supports_manual_blocks``). Every GEMM
+    runs once over the G x N rows; attention runs on the G x bins bins.
     """
-    qkv = _in_projection(block, block.ln_1(x), 0, 3, gemm)  # (N, 3 * width), packed q|k|v as in torch
-    padded = qkv.index_select(0, packing.to_padded)  # (bins * S, 3 * width)
-    q, k, v = _heads(padded, packing.bins, 3, block.attn.num_heads)  # (bins, heads, S, head_dim) each
-    attended = F.scaled_dot_product_attention(q, k, v, attn_mask=packing.mask)  # (bins, heads, S, head_dim)
-    x = x + block.ls_1(gemm.layer(block.attn.out_proj, _merge(attended).index_select(0, packing.from_padded)))
-    return x + block.ls_2(gemm.mlp(block.mlp, block.ln_2(x)))  # type: ignore[no-any-return]
+    groups, _, width = x.shape
+    heads = block.attn.num_heads
+    qkv = _in_projection(block, block.ln_1(x), 0, 3, gemm)  # (G, N, 3 * width), packed q|k|v as in torch
+    padded = qkv.index_select(1, packing.to_padded).reshape(-1, 3 * width)  # (G * bins * S, 3 * width)
+    q, k, v = _heads(padded, groups * packing.bins, 3, heads)  # (G * bins, heads, S, head_dim) each
+    attended = _merge(_attend(q, k, v, packing.mask)).view(groups, -1, width)  # (G, bins * S, width)
+    x = x + block.ls_1(gemm.layer(block.attn.out_proj, attended.index_select(1, packing.from_padded)))  # (G, N, width)
+    return x + block.ls_2(gemm.mlp(block.mlp, block.ln_2(x)))
 
 
 def _packed_last_block(block: Any, x: torch.Tensor, packing: _Packing, gemm: FrozenGemm) -> torch.Tensor:
-    """The last block, output only at the [EOS] rows: x (N, width) -> (n, width).
+    """The last block, output only at each class's [EOS]: x (G, N, width) -> (G, n, width).
 
     Keys/values are needed for every row, but queries, ``out_proj`` and the MLP only for the n pooled rows.
     """
+    groups, _, width = x.shape
     heads = block.attn.num_heads
-    normed = block.ln_1(x)  # (N, width)
-    kv = _in_projection(block, normed, 1, 2, gemm)  # (N, 2 * width), packed k|v
-    k, v = _heads(kv.index_select(0, packing.to_padded), packing.bins, 2, heads)  # (bins, heads, S, head_dim)
-    q = _in_projection(block, normed.index_select(0, packing.eos_to_padded), 0, 1, gemm)  # (bins * E, width)
-    (q,) = _heads(q, packing.bins, 1, heads)  # (bins, heads, E, head_dim)
-    attended = F.scaled_dot_product_attention(q, k, v, attn_mask=packing.eos_mask)  # (bins, heads, E, head_dim)
-    x = x.index_select(0, packing.eos)  # (n, width)
-    x = x + block.ls_1(gemm.layer(block.attn.out_proj, _merge(attended).index_select(0, packing.eos_from_padded)))
-    return x + block.ls_2(gemm.mlp(block.mlp, block.ln_2(x)))  # type: ignore[no-any-return]
+    normed = block.ln_1(x)  # (G, N, width)
+    kv = _in_projection(block, normed, 1, 2, gemm)  # (G, N, 2 * width), packed k|v
+    k, v = _heads(kv.index_select(1, packing.to_padded).reshape(-1, 2 * width), groups * packing.bins, 2, heads)
+    q = _in_projection(block, normed.index_select(1, packing.eos_to_padded), 0, 1, gemm)  # (G, bins * E, width)
+    (q,) = _heads(q.reshape(-1, width), groups * packing.bins, 1, heads)  # (G * bins, heads, E, head_dim)
+    attended = _merge(_attend(q, k, v, packing.eos_mask)).view(groups, -1, width)  # (G, bins * E, width)
+    x = x.index_select(1, packing.eos)  # (G, n, width)
+    x = x + block.ls_1(gemm.layer(block.attn.out_proj, attended.index_select(1, packing.eos_from_padded)))
+    return x + block.ls_2(gemm.mlp(block.mlp, block.ln_2(x)))
+
+
+@runtime_checkable
+class PromptRows(Protocol):
+    """What the text path reads of a prompt learner (CoOp's, CoCoOp's, the rank prompts'): declared, not guessed.
+
+    Why these members: the packed path needs the positions every class shares (``shared_length`` and their
+    embeddings, ``shared_prefix_embeddings``) and each class's own rows up to its [EOS] (``packed_embeddings``);
+    the plain path needs the padded prompts (``prompt_embeddings``) and where each is pooled (``eos_index``).
+    """
+
+    n_cls: int
+    context_length: int  # the tower's L the prompts were tokenised for
+    eos_index: torch.Tensor  # (n_cls,) position of each class's [EOS]
+
+    @property
+    def shared_length(self) -> int:
+        """P: the leading positions identical for every class ([SOS] and the context before the class token)."""
+        ...
+
+    def shared_prefix_embeddings(self) -> torch.Tensor:
+        """(1, P, width): the shared positions' embeddings (no positional embedding)."""
+        ...
+
+    def packed_embeddings(self, classes: slice, start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Positions ``start .. eos`` of each class of ``classes``, class after class: rows (N, width), each row's
+        position in its prompt (N,), rows per class (n,)."""
+        ...
+
+    def prompt_embeddings(self, classes: slice = slice(None), *, length: int | None = None) -> torch.Tensor:
+        """The prompts of ``classes`` padded to ``length`` (L when None): (n, length, width)."""
+        ...
 
 
 class PromptTextEncoder:
-    """Runs the frozen text tower of ``clip`` on token ids or on a prompt learner's prompts.
+    """Runs the frozen text tower of ``clip`` on token ids (:meth:`encode_tokens`) or on prompt learners' prompts
+    (:meth:`encode_prompts`; calling the encoder on one learner is its one group).
 
     Options (keyword-only): ``cut`` and ``share_prefix`` (the exact shortcuts, both on by default),
     ``class_chunk`` (classes per chunk, None = all at once), ``checkpoint_chunks`` (recompute each chunk in the
@@ -243,7 +292,7 @@ class PromptTextEncoder:
     def _run_chunk(self, fn: Callable[..., torch.Tensor], *args: torch.Tensor) -> torch.Tensor:
         wants_grad = torch.is_grad_enabled() and any(a.requires_grad for a in args)
         if self.checkpoint_chunks and wants_grad:
-            return checkpoint(fn, *args, use_reentrant=False)  # type: ignore[no-any-return]
+            return checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
 
     def _head(self, pooled: torch.Tensor) -> torch.Tensor:
@@ -258,14 +307,57 @@ class PromptTextEncoder:
         x = tower.transformer(x, attn_mask=tower.attn_mask[:length, :length])  # (n, T, width)
         return self._head(x[torch.arange(x.shape[0], device=x.device), eos])  # (n, embed_dim)
 
-    def _forward_packed(self, packing: _Packing, prefix: torch.Tensor, suffix: torch.Tensor) -> torch.Tensor:
-        """The packed rows of one chunk, prefix (P, width) and suffix (N_s, width) embeddings -> (n, embed_dim)."""
-        x = torch.cat([prefix, suffix])  # (N, width)
-        x = x + self.tower.positional_embedding[packing.positions].to(x.dtype)  # (N, width)
+    @property
+    def packs(self) -> bool:
+        """Whether prompts take the packed path (``share_prefix`` on a tower of plain blocks) or the plain one."""
+        return self.share_prefix and self._manual_blocks
+
+    def _forward_packed(self, packing: _Packing, prefix: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """G groups' prefixes (G, P, width) and their class rows (G, N_s, width), or (1, N_s, width) shared by
+        every group, packed as ``packing`` says -> (G, n, embed_dim) normalised."""
+        if rows.shape[0] != prefix.shape[0]:
+            rows = rows.expand(prefix.shape[0], -1, -1)  # (G, N_s, width)
+        x = torch.cat([prefix, rows], dim=1)  # (G, N, width)
+        x = x + self.tower.positional_embedding[packing.positions].to(x.dtype)  # (G, N, width)
         *blocks, last = self.tower.blocks
         for block in blocks:
-            x = _packed_block(block, x, packing, self.gemm)  # (N, width)
-        return self._head(_packed_last_block(last, x, packing, self.gemm))  # (n, embed_dim)
+            x = _packed_block(block, x, packing, self.gemm)  # (G, N, width)
+        return self._head(_packed_last_block(last, x, packing, self.gemm))  # (G, n, embed_dim)
+
+    def _forward_plain(self, eos: torch.Tensor, prefix: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """G groups' prefixes (G, P, width) and their classes' prompt positions P..T-1 (G or 1, n, T - P, width):
+        the G x n padded prompts through open_clip's own transformer, pooled at ``eos`` (n,) -> (G, n, embed_dim)."""
+        groups, n = prefix.shape[0], rows.shape[1]
+        prompts = torch.cat(
+            [prefix.unsqueeze(1).expand(-1, n, -1, -1), rows.expand(groups, -1, -1, -1)], dim=2
+        )  # (G, n, T, width)
+        return self._forward_full(prompts.flatten(0, 1), eos.repeat(groups)).view(groups, n, -1)
+
+    def _class_passes(
+        self, prompts: Sequence[PromptRows], n_prefix: int
+    ) -> Iterator[tuple[Callable[..., torch.Tensor], torch.Tensor]]:
+        """For each class chunk: its forward (a function of the groups' prefixes and the rows) and its class rows
+        (R, ..., width), one learner's each (R = 1: shared by every group)."""
+        layout, dtype = prompts[0], self.tower.dtype
+        for classes in _chunks(layout.n_cls, self.class_chunk):
+            if self.packs:
+                packed = [p.packed_embeddings(classes, n_prefix) for p in prompts]  # (N_s, width), (N_s,), (n,) each
+                _, positions, lengths = packed[0]  # one layout: the same for every learner
+                packing = _Packing.build(n_prefix, positions, lengths, BIN_ROWS)
+                yield functools.partial(self._forward_packed, packing), _stack([r for r, _, _ in packed]).to(dtype)
+            else:
+                eos = layout.eos_index[classes]  # (n,)
+                length = int(eos.max()) + 1 if self.cut else layout.context_length
+                rows = [p.prompt_embeddings(classes, length=length)[:, n_prefix:] for p in prompts]  # (n, T - P, width)
+                yield functools.partial(self._forward_plain, eos), _stack(rows).to(dtype)
+
+    def check_prompts(self, prompts: PromptRows) -> None:
+        """Raise :class:`ParamsError` unless ``prompts`` live on the tower's device and fit its context length."""
+        device = prompts.eos_index.device
+        if device != self.device:
+            raise ParamsError(f"prompt learner is on {device} but the text tower on {self.device}; move one of them")
+        if prompts.context_length != self.tower.context_length:
+            raise ParamsError("prompt learner was built for another model (context lengths differ)")
 
     # ---------------------------------------------------------------- public API
     def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -293,31 +385,47 @@ class PromptTextEncoder:
             texts = [texts]
         return self.encode_tokens(torch.as_tensor(self.tokenizer(list(texts)), dtype=torch.long))
 
-    def __call__(self, learner: PromptLearner) -> torch.Tensor:
-        """L2-normalised text features of every class of ``learner``: (n_cls, embed_dim), differentiable in ctx."""
-        if learner.ctx.device != self.device:
-            raise ParamsError(
-                f"prompt learner is on {learner.ctx.device} but the text tower on {self.device}; move one of them"
-            )
-        if learner.context_length != self.tower.context_length:
-            raise ParamsError("prompt learner was built for another model (context lengths differ)")
+    def encode_prompts(
+        self, prompts: Sequence[PromptRows], prefix: torch.Tensor | None = None, *, group_chunk: int | None = None
+    ) -> torch.Tensor:
+        """L2-normalised text features (G, K, embed_dim) of G groups of K class prompts of one layout, differentiable
+        in every learned row: the one text path of every prompt method.
+
+        A group is K prompts sharing their first P = ``shared_length`` positions: ``prefix`` (G, P, width) gives
+        each group's (default: each learner's own, ``shared_prefix_embeddings``), ``prompts`` the class rows from
+        P on: one learner per group (stacked runs), or one learner whose rows every group shares (CoCoOp: a group
+        per image, its prefix ``[SOS] [V]1(x)..[V]M(x)``). CoOp, KgCoOp, ProGrad and the rank prompts are one group.
+        Classes run in chunks of ``class_chunk``, groups in chunks of ``group_chunk`` (None: all at once).
+        """
+        layout = prompts[0]
+        self.check_prompts(layout)
+        if prefix is None:
+            prefix = _stack([p.shared_prefix_embeddings()[0] for p in prompts])  # (R, P, width)
+        if len(prompts) not in (1, prefix.shape[0]) or prefix.shape[1] != layout.shared_length:
+            raise ParamsError(f"{len(prompts)} prompt learners for prefixes of shape {tuple(prefix.shape)}: give one "
+                              f"learner, or one per group, and P = {layout.shared_length} prefix positions")
+        chunks = list(_chunks(prefix.shape[0], group_chunk))
         outputs = []
         with self._autocast():
-            if self.share_prefix and self._manual_blocks:
-                n_prefix = learner.shared_length
-                prefix = learner.shared_prefix_embeddings()[0].to(self.tower.dtype)  # (P, width)
-                for classes in _chunks(learner.n_cls, self.class_chunk):
-                    # (N_s, width) rows, (N_s,) their positions, (n,) rows per class
-                    suffix, positions, lengths = learner.packed_embeddings(classes, n_prefix)
-                    forward = functools.partial(self._forward_packed, _Packing.build(n_prefix, positions, lengths, BIN_ROWS))
-                    outputs.append(self._run_chunk(forward, prefix, suffix.to(self.tower.dtype)))
-            else:
-                for classes in _chunks(learner.n_cls, self.class_chunk):
-                    eos = learner.eos_index[classes]  # (n,)
-                    length = int(eos.max()) + 1 if self.cut else learner.context_length
-                    x = learner.prompt_embeddings(classes, length=length).to(self.tower.dtype)  # (n, T, width)
-                    outputs.append(self._run_chunk(self._forward_full, x, eos))
-        return torch.cat(outputs).to(self.tower.dtype)  # (n_cls, embed_dim)
+            prefix = prefix.to(self.tower.dtype)
+            passes: Iterable[tuple[Callable[..., torch.Tensor], torch.Tensor]] = self._class_passes(
+                prompts, layout.shared_length)
+            if len(chunks) > 1:
+                passes = list(passes)  # built once, run for every group chunk
+            for groups in chunks:
+                row = [self._run_chunk(forward, prefix[groups], rows) for forward, rows in passes]
+                outputs.append(torch.cat(row, dim=1))  # (g, K, embed_dim)
+        return torch.cat(outputs).to(self.tower.dtype)  # (G, K, embed_dim)
+
+    def __call__(self, learner: PromptRows) -> torch.Tensor:
+        """L2-normalised text features of every class of ``learner``: (n_cls, embed_dim), differentiable in its
+        learned rows (one group: :meth:`encode_prompts`)."""
+        return self.encode_prompts([learner])[0]
+
+
+def _stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack`` on a new leading axis; one tensor is only unsqueezed (a view, no copy)."""
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(list(tensors))
 
 
 def coop_logits(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:

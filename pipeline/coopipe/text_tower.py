@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -23,6 +23,15 @@ from coopipe.errors import ParamsError
 logger = logging.getLogger(__name__)
 
 _EOS_POOLS = ("argmax", "eos")
+_T = TypeVar("_T")
+
+
+def _checked(part: object, kind: type[_T], name: str) -> _T:
+    """``part`` typed as ``kind``, or :class:`ParamsError`: a text tower whose part is something else is not open_clip's."""
+    if not isinstance(part, kind):
+        raise ParamsError(f"the text tower's {name} is a {type(part).__name__}, not a {kind.__name__}: not an open_clip "
+                          f"CLIP text tower")
+    return part
 
 
 @dataclass(frozen=True)
@@ -37,13 +46,17 @@ class TextTower:
     pool_type: str  # "argmax" or "eos"
     eos_id: int | None
 
+    def _part(self, name: str, kind: type[_T]) -> _T:
+        """``holder.<name>``, checked to be a ``kind`` (an ``nn.Module`` attribute is typed as a module or tensor)."""
+        return _checked(getattr(self.holder, name), kind, name)
+
     @property
     def token_embedding(self) -> nn.Embedding:
-        return self.holder.token_embedding  # type: ignore[return-value]
+        return self._part("token_embedding", nn.Embedding)
 
     @property
     def positional_embedding(self) -> torch.Tensor:  # (context_length, width)
-        return self.holder.positional_embedding  # type: ignore[return-value]
+        return self._part("positional_embedding", torch.Tensor)
 
     @property
     def transformer(self) -> Any:  # open_clip.transformer.Transformer (duck-typed: resblocks, get_cast_dtype)
@@ -51,7 +64,7 @@ class TextTower:
 
     @property
     def ln_final(self) -> nn.Module:
-        return self.holder.ln_final  # type: ignore[return-value]
+        return self._part("ln_final", nn.Module)
 
     @property
     def text_projection(self) -> torch.Tensor | nn.Module | None:  # (width, embed_dim) or nn.Linear
@@ -59,7 +72,7 @@ class TextTower:
 
     @property
     def attn_mask(self) -> torch.Tensor:  # (context_length, context_length) additive causal mask
-        return self.holder.attn_mask  # type: ignore[return-value]
+        return self._part("attn_mask", torch.Tensor)
 
     @property
     def width(self) -> int:
@@ -75,12 +88,12 @@ class TextTower:
 
     @property
     def blocks(self) -> nn.ModuleList:
-        return self.transformer.resblocks  # type: ignore[no-any-return]
+        return _checked(self.transformer.resblocks, nn.ModuleList, "transformer.resblocks")
 
     @property
     def dtype(self) -> torch.dtype:
         """The dtype open_clip casts embeddings to before the transformer (its ``get_cast_dtype``)."""
-        return self.transformer.get_cast_dtype()  # type: ignore[no-any-return]
+        return _checked(self.transformer.get_cast_dtype(), torch.dtype, "transformer.get_cast_dtype()")
 
     @property
     def device(self) -> torch.device:
@@ -98,7 +111,7 @@ class TextTower:
         if proj is None:
             return pooled
         if isinstance(proj, nn.Module):
-            return proj(pooled)  # type: ignore[no-any-return]
+            return _checked(proj(pooled), torch.Tensor, "text_projection(pooled)")
         return pooled @ proj
 
     def supports_manual_blocks(self) -> bool:

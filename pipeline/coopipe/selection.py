@@ -34,7 +34,7 @@ from coopipe.train_config import EpochRecord, TrainConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SELECTED_ON", "BestEpoch", "Selector", "check_selection_record", "selection_phrase", "selection_record"]
+__all__ = ["SELECTED_ON", "BestEpoch", "Selector", "check_kept", "check_selection_record", "selection_phrase", "selection_record"]
 
 SELECTED_ON = "few-shot validation accuracy"  # what the kept epoch was chosen on: never the test split
 
@@ -60,13 +60,20 @@ def check_selection_record(record: Mapping[str, Any], max_epoch: int) -> str | N
     """What is wrong with a checkpoint's selection record (None: nothing): a kept epoch of the run, a fraction."""
     if record.get("rule") == "last epoch":
         return None
-    epoch, val_acc, every = record.get("epoch"), record.get("val_acc"), record.get("every")
     if record.get("rule") != "best validation epoch" or record.get("on") != SELECTED_ON:
         return f"field 'selection' names no known rule ({record.get('rule')!r} on {record.get('on')!r})"
-    if not (isinstance(epoch, int) and isinstance(every, int)) or isinstance(epoch, bool) or not 1 <= epoch <= max_epoch:
-        return f"field 'selection.epoch' must be an epoch of the {max_epoch}-epoch run, got {epoch!r}"
+    if not isinstance(record.get("every"), int):
+        return f"field 'selection.every' must be a whole number of epochs, got {record.get('every')!r}"
+    return check_kept(record.get("epoch"), record.get("val_acc"), max_epoch, field="selection.")
+
+
+def check_kept(epoch: object, val_acc: object, max_epoch: int, *, field: str = "") -> str | None:
+    """What is wrong with a kept epoch's number and validation accuracy as a record holds them (None: nothing):
+    one rule for the checkpoint's ``selection`` field and the stored best epoch (:mod:`coopipe.selection_store`)."""
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or not 1 <= epoch <= max_epoch:
+        return f"field '{field}epoch' must be an epoch of the {max_epoch}-epoch run, got {epoch!r}"
     if isinstance(val_acc, bool) or not isinstance(val_acc, int | float) or not 0 <= val_acc <= 1:
-        return f"field 'selection.val_acc' must be a fraction in [0, 1], got {val_acc!r}"
+        return f"field '{field}val_acc' must be a fraction in [0, 1], got {val_acc!r}"
     return None
 
 

@@ -31,7 +31,7 @@ from coopipe.checkpoint_check import RECORD_DIGEST, record_digest
 from coopipe.errors import CheckpointError, ParamsError
 from coopipe.json_records import fields_of, read_json
 from coopipe.models import sha256_file
-from coopipe.selection import BestEpoch
+from coopipe.selection import BestEpoch, check_kept
 from coopipe.train_config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -93,10 +93,8 @@ def load_best(directory: str | os.PathLike[str], config: TrainConfig, *, resumed
             raise CheckpointError(f"{path}: its record was changed after it was written (its {RECORD_DIGEST} "
                                   f"differs); {_FIX}")
         epoch, val_acc = record["epoch"], record["val_acc"]
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or not 1 <= epoch <= config.max_epoch:
-            raise CheckpointError(f"{path}: epoch {epoch!r} is not an epoch of this {config.max_epoch}-epoch run; {_FIX}")
-        if isinstance(val_acc, bool) or not isinstance(val_acc, int | float) or not 0 <= val_acc <= 1:
-            raise CheckpointError(f"{path}: validation accuracy {val_acc!r} is not a fraction in [0, 1]; {_FIX}")
+        if problem := check_kept(epoch, val_acc, config.max_epoch):
+            raise CheckpointError(f"{path}: {problem}; {_FIX}")
         try:
             saved = TrainConfig.from_dict(record["config"])
         except ParamsError as exc:

@@ -61,6 +61,10 @@ TEXTS = ["a centered satellite photo of forest.", "a photo of a dog.", "sea or l
 COSINE = 1e-8
 RELATIVE = 1e-4
 MODELS = ["RN50", "ViT-B-32", pytest.param("ViT-B-16", marks=pytest.mark.slow)]
+# The prompt tests run the text tower only, and RN50's is ViT-B-32's and ViT-B-16's (width 512, 8 heads, 12 layers:
+# ``ARCHITECTURES`` in tests/clip_reference.py): the fast tier runs them on RN50, the slow tier on all three.
+TEXT_MODELS = ["RN50", *(pytest.param(name, marks=pytest.mark.slow) for name in ("ViT-B-32", "ViT-B-16"))]
+text_models = pytest.mark.parametrize("case", TEXT_MODELS, indirect=True)
 
 
 def assert_close(ours: torch.Tensor, reference: torch.Tensor, what: str) -> None:
@@ -94,7 +98,7 @@ def case(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     folder = tmp_path_factory.mktemp(f"weights-{name}")
     checkpoint = save_checkpoint(state, folder / f"{name}.pt")
     hf_home = folder / "hf"
-    write_hub_cache(hf_home, name, state)
+    write_hub_cache(hf_home, name, checkpoint)
     with pytest.MonkeyPatch.context() as patch:
         offline_hub(patch, hf_home)
         tag = load_clip(name, "openai")
@@ -158,15 +162,28 @@ def encode(folder: Path, cache: Path, model: str, pretrained: str, engine: str) 
     return paths, features
 
 
+@pytest.fixture(scope="module")
+def eager_encoded(case: Case, images: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[np.ndarray, torch.Tensor]:
+    """``coopipe encode`` of ``images`` with the eager engine, once per model: the image-feature and zero-shot tests
+    read the same store (each encode builds the tower from the checkpoint file again)."""
+    cache = tmp_path_factory.mktemp(f"cache-{case.name}")
+    return encode(images, cache, f"{case.name}-quickgelu", str(case.checkpoint), "eager")
+
+
 @pytest.mark.parametrize("engine", ["eager", pytest.param("onnxruntime", marks=pytest.mark.slow)])  # ~20-50 s export
-def test_image_features_of_coopipe_encode_equal_the_original(case: Case, images: Path, engine: str, tmp_path) -> None:
+def test_image_features_of_coopipe_encode_equal_the_original(case: Case, images: Path, engine: str,
+                                                             eager_encoded: tuple[np.ndarray, torch.Tensor],
+                                                             tmp_path) -> None:
     if engine == "onnxruntime":
         pytest.importorskip("onnxruntime")
-    paths, ours = encode(images, tmp_path / "cache", f"{case.name}-quickgelu", str(case.checkpoint), engine)
+        paths, ours = encode(images, tmp_path / "cache", f"{case.name}-quickgelu", str(case.checkpoint), engine)
+    else:
+        paths, ours = eager_encoded
     assert len(paths) >= len(IMAGE_CLASSES)
     assert_close(ours, reference_images(case, images, paths), f"{case.name} {engine} image features")
 
 
+@text_models
 def test_hand_crafted_prompts_equal_the_original(case: Case) -> None:
     tokens = tokenize(TEXTS)
     assert torch.equal(torch.as_tensor(case.tag.tokenizer(TEXTS)), tokens)  # open_clip's tokenizer is OpenAI's
@@ -208,6 +225,7 @@ def given_context(case: Case, shape: tuple[int, ...], seed: int) -> torch.Tensor
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * scale
 
 
+@text_models
 @pytest.mark.parametrize(("csc", "position"), [(False, "end"), (True, "middle")])
 def test_coop_prompts_equal_the_original(case: Case, csc: bool, position: str) -> None:
     n_ctx = 5
@@ -221,6 +239,7 @@ def test_coop_prompts_equal_the_original(case: Case, csc: bool, position: str) -
             assert_close(PromptTextEncoder(clip)(learner), reference, f"{clip.weights_id} CoOp {position}")
 
 
+@text_models
 def test_cocoop_prompts_equal_the_original(case: Case) -> None:
     """CoCoOp (KaiyangZhou/CoOp trainers/cocoop.py): each image's Meta-Net shift added to every context vector."""
     clip = case.tag
@@ -238,6 +257,7 @@ def test_cocoop_prompts_equal_the_original(case: Case) -> None:
     assert_close(ours, reference, "CoCoOp")
 
 
+@text_models
 def test_rank_prompts_equal_the_original(case: Case) -> None:
     """OrdinalCLIP's prompt "[SOS] ctx [rank]. [EOS]", its rank token given by the learner's interpolation."""
     clip = case.tag
@@ -258,8 +278,9 @@ def test_rank_prompts_equal_the_original(case: Case) -> None:
     assert_close(ours, reference, "rank prompts")
 
 
-def test_zero_shot_logits_equal_the_original(case: Case, images: Path, tmp_path) -> None:
-    paths, features = encode(images, tmp_path / "cache", f"{case.name}-quickgelu", str(case.checkpoint), "eager")
+def test_zero_shot_logits_equal_the_original(case: Case, images: Path,
+                                            eager_encoded: tuple[np.ndarray, torch.Tensor]) -> None:
+    paths, features = eager_encoded
     template = "a centered satellite photo of {}."
     ours = coop_logits(features, zero_shot_classifier(case.tag, CLASSNAMES, template), case.tag.model.logit_scale)
     with torch.no_grad():

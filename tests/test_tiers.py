@@ -39,6 +39,7 @@ SLOW = {
     "test_sweep.py::test_killed_sweep_reruns_only_missing_runs",
     "test_sweep.py::test_local_cluster_of_two_workers_matches_one_by_one",
     "test_train.py::test_coop_learns_on_eurosat_features",
+    "test_write_points.py::test_a_full_disk_at_every_other_write_point_is_one_line_and_a_rerun_finishes",
     "test_write_points.py::test_a_full_disk_inside_a_dvclive_write_is_one_line_and_a_rerun_equals_an_uninterrupted_run",
     "test_write_points.py::test_a_full_disk_inside_each_zarr_write_of_an_encode_is_one_line_and_a_rerun_equals_an_uninterrupted_run",
 }

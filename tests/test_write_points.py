@@ -103,19 +103,63 @@ def _leftovers(folder: Path) -> list[Path]:
     return [p for p in folder.rglob("*") if ".tmp" in p.name]
 
 
+# Commands with many write points (a training run's checkpoints and logs, a report's figures, an index build): the
+# fast tier fails their first, middle and last write; the slow tier every other one.
+MANY_POINTS = ("train", "report", "interpret (FAISS index)")
+
+
+def _sampled(points: int) -> set[int]:
+    """The write points the fast tier fails for a command of ``MANY_POINTS``: the first, the middle and the last."""
+    return {1, (points + 1) // 2, points}
+
+
 @pytest.mark.parametrize("name", ["train", "eval --out", "predict --out", "zeroshot", "report", "cache export",
                                   "interpret (FAISS index)"])
-def test_a_full_disk_at_each_write_point_is_one_line_and_a_rerun_finishes(world, tmp_path, monkeypatch, name):
+def test_a_full_disk_at_each_write_point_is_one_line_and_a_rerun_finishes(world, uninterrupted, tmp_path, monkeypatch,
+                                                                           name):
+    """Every write point, except for ``MANY_POINTS`` the first, the middle and the last (the others: the next test)."""
+    _full_disk_at(world, uninterrupted, tmp_path, monkeypatch, name,
+                  lambda points: _sampled(points) if name in MANY_POINTS else set(range(1, points + 1)))
+
+
+@pytest.mark.slow  # the other write points of a training run, a report and an index build: about 30 s of CPU
+@pytest.mark.parametrize("name", MANY_POINTS)
+def test_a_full_disk_at_every_other_write_point_is_one_line_and_a_rerun_finishes(world, uninterrupted, tmp_path,
+                                                                                 monkeypatch, name):
+    _full_disk_at(world, uninterrupted, tmp_path, monkeypatch, name,
+                  lambda points: set(range(1, points + 1)) - _sampled(points))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(world, tmp_path_factory) -> Callable[[str], tuple[object, int]]:
+    """Command name -> (its uninterrupted result, its number of write points), run once per module: the fast test and
+    the slow one of a command in ``MANY_POINTS`` compare with the same run."""
+    done: dict[str, tuple[object, int]] = {}
+
+    def of(name: str) -> tuple[object, int]:
+        if name not in done:
+            args, result = _commands(world)[name]
+            clean = tmp_path_factory.mktemp("clean")
+            counter = DiskFull(0)
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(os, "fsync", counter)
+                res = CliRunner().invoke(app, args(clean))
+            assert res.exit_code == 0, res.output
+            done[name] = result(clean), counter.calls
+        return done[name]
+
+    return of
+
+
+def _full_disk_at(world: dict[str, Path], uninterrupted: Callable[[str], tuple[object, int]], tmp_path: Path,
+                  monkeypatch: pytest.MonkeyPatch, name: str, chosen: Callable[[int], set[int]]) -> None:
+    """For each write point that ``chosen`` picks from command ``name``'s count, fill the disk there (one line, exit 1,
+    no temporary file) and re-run to the uninterrupted result."""
     args, result = _commands(world)[name]
     runner = CliRunner()
-    clean = tmp_path / "clean"
-    counter = DiskFull(0)
-    monkeypatch.setattr(os, "fsync", counter)
-    res = runner.invoke(app, args(clean))
-    assert res.exit_code == 0, res.output
-    expected, points = result(clean), counter.calls
+    expected, points = uninterrupted(name)
     assert points >= 1
-    for n in range(1, points + 1):
+    for n in sorted(chosen(points)):
         folder = tmp_path / f"full{n}"
         monkeypatch.setattr(os, "fsync", DiskFull(n))
         res = runner.invoke(app, args(folder))

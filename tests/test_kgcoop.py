@@ -79,7 +79,8 @@ def test_paper_setting_and_labels() -> None:
 @pytest.mark.parametrize(("label", "batch"), [("kgcoop_w4", 128), ("prograd_lambda0.8", 32)])
 def test_cli_trains_evaluates_and_predicts(rn50: LoadedClip, tmp_path, label: str, batch: int) -> None:
     """KgCoOp and ProGrad through ``coopipe train`` (2 epochs), ``coopipe eval`` and ``predict``."""
-    from coopipe.checkpoint import load_checkpoint, load_classifier
+    from coopipe.checkpoint import load_checkpoint
+    from coopipe.classifier import load_classifier
     from coopipe.cli import app
     from coopipe.features import select_store
     from coopipe.predict import predict

@@ -23,16 +23,9 @@ from coopipe.baselines import (
     zero_shot,
     zero_shot_classifier,
 )
-from coopipe.checkpoint import (
-    CLASSIFIER_FILE,
-    META_FILE,
-    TENSORS_FILE,
-    export_classifier,
-    load_checkpoint,
-    load_classifier,
-    save_checkpoint,
-    save_result,
-)
+from coopipe.checkpoint import load_checkpoint, save_checkpoint, save_result
+from coopipe.checkpoint_files import CLASSIFIER_FILE, META_FILE, TENSORS_FILE
+from coopipe.classifier import export_classifier, load_classifier
 from coopipe.errors import CheckpointError, DatasetError, ParamsError, ProvenanceMismatchError, StoreError
 from coopipe.evaluate import (
     confusion_matrix,

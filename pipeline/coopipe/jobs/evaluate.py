@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 
 from coopipe.atomic import write_json
 from coopipe.baselines import IMAGENET_TEMPLATES, dataset_template, fit_linear_probe, zero_shot_classifier
-from coopipe.checkpoint import Checkpoint, load_checkpoint, load_learner
+from coopipe.checkpoint import Checkpoint, load_checkpoint
+from coopipe.trained_learner import load_learner
 from coopipe.datasets.ages import is_age_dataset
 from coopipe.departures import checkpoint_departures, training_record
 from coopipe.errors import CheckpointError, StoreError

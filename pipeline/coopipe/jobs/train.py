@@ -32,16 +32,9 @@ from coopipe.cost import training_cost
 from coopipe.departures import warn_single_view
 from coopipe.baselines import dataset_template
 from coopipe.checkpoint_check import RECORD_DIGEST, record_digest
-from coopipe.checkpoint import (
-    CLASSIFIER_FILE,
-    META_FILE,
-    Checkpoint,
-    RunRecord,
-    export_classifier,
-    load_checkpoint,
-    save_checkpoint,
-    save_result,
-)
+from coopipe.checkpoint import Checkpoint, RunRecord, load_checkpoint, save_checkpoint, save_result
+from coopipe.checkpoint_files import CLASSIFIER_FILE, META_FILE
+from coopipe.classifier import export_classifier
 from coopipe.errors import CheckpointError, MissingFileError, StoreError, TrainingDivergedError
 from coopipe.hardware import check_device
 from coopipe.locks import exclusive_lock

@@ -104,7 +104,8 @@ def test_stacked_runs_and_a_resumed_run_equal_runs_trained_alone(rn50: LoadedCli
     """Stacked, each run's penalty reads its own class text features: the summed loss gives each run its own
     gradient. A resumed run computes the zero-shot features again (not stored) and ends where an uninterrupted one
     does. Two runs (other seeds, shots and batches per epoch), 2 epochs, a 3-class toy problem."""
-    from coopipe.stacked import StackedRun, train_stacked
+    from coopipe.loop import StackedRun
+    from coopipe.stacked import train_stacked
     from coopipe.train import train_prompt
 
     names = ["cat", "dog", "sea or lake"]

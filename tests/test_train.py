@@ -200,7 +200,7 @@ def test_view_sampling_draws_among_augmented_views(rn50, toy, monkeypatch):
     assert [s.stop - s.start for s in batch_slices(20, 32, True)] == [20]
 
     # in training: every image row the loss sees is one of that image's augmented views, never the centre one
-    import coopipe.stepper as train_module  # the loop computes the logits there
+    import coopipe.loop as train_module  # the loop computes the logits there
 
     feats, labels = toy
     seen: list[torch.Tensor] = []

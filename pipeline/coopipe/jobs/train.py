@@ -44,7 +44,8 @@ from coopipe.features import read_split, select_store
 from coopipe.models import LoadedClip, sha256_file
 from coopipe.lookup import fewshot_index_for, fewshot_index_path, resolve_model
 from coopipe.metrics_log import EpochMetricsLog
-from coopipe.stacked import StackedRun, default_max_stack, train_stacked
+from coopipe.loop import StackedRun
+from coopipe.stacked import default_max_stack, train_stacked
 from coopipe.train import train_prompt
 from coopipe.train_config import EpochRecord, TrainConfig, TrainResult, TrainState, batch_slices
 from coopipe.transfer import ClassSubset, check_store_classes

@@ -582,4 +582,4 @@ def test_each_adapter_declares_its_label_kind_for_the_names_stores_carry():
     assert registry.label_kind("agemanifest-faces") == registry.label_kind("MORPH2") == "ordinal"
     assert registry.label_kind("imagefolder-pets") == registry.label_kind("toy") == registry.label_kind("eurosat") == "class"
     with pytest.raises(ValueError, match="label_kind"):
-        DatasetRegistry().register("ranks", lambda root: None, "", label_kind="rank")  # type: ignore[arg-type,return-value]
+        DatasetRegistry().register("ranks", lambda root: None, "", label_kind="rank")

@@ -36,7 +36,8 @@ def _work(mode: str, seeds: list[int], epochs: int, threads: int, device: str, s
 
     torch.set_num_threads(threads)
     from coopipe.models import load_clip
-    from coopipe.stacked import StackedRun, train_stacked
+    from coopipe.loop import StackedRun
+    from coopipe.stacked import train_stacked
     from coopipe.train import train_prompt
     from coopipe.train_config import TrainConfig
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 from conftest import make_toy_cache
 
-from coopipe.checkpoint import CLASSIFIER_FILE, load_checkpoint
+from coopipe.checkpoint import load_checkpoint
+from coopipe.checkpoint_files import CLASSIFIER_FILE
 from coopipe.errors import CheckpointError
 from coopipe.jobs.evaluate import run_eval
 from coopipe.jobs.train import run_train

@@ -18,7 +18,7 @@ import pytest
 import torch
 import typer
 from conftest import make_toy_cache
-from coopipe.checkpoint import META_FILE, TENSORS_FILE
+from coopipe.checkpoint_files import META_FILE, TENSORS_FILE
 from coopipe.checkpoint_check import record_digest
 from coopipe.cli_common import errors
 from coopipe.jobs.evaluate import run_eval
@@ -227,7 +227,9 @@ def _rebound(target: Path, change_meta=None, change_tensors=None) -> None:
     ("rank", "classes-null", "field 'run.classes' must be one of all, base, new, got None"),
 ])
 def test_the_reported_checkpoint_damage_is_one_line(runs, rn50, tmp_path, capsys, method, case, message):
-    from coopipe.checkpoint import CLASSIFIER_FILE, export_classifier, load_checkpoint
+    from coopipe.checkpoint import load_checkpoint
+    from coopipe.checkpoint_files import CLASSIFIER_FILE
+    from coopipe.classifier import export_classifier
     from coopipe.errors import CheckpointError
 
     cache, run, _ = runs[method]

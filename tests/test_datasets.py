@@ -12,6 +12,7 @@ from PIL import Image
 
 from coopipe.datasets import (
     Dataset,
+    DatasetRegistry,
     FewShotIndex,
     default_registry,
     few_shot_union,
@@ -570,3 +571,15 @@ def test_missing_shared_data_skips_or_fails(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setenv("COOPIPE_REQUIRE_DATA", "1")
     with pytest.raises(pytest.fail.Exception, match=r"shared data not found at .*absent"):
         require_data(tmp_path / "absent", "shared data")
+
+
+def test_each_adapter_declares_its_label_kind_for_the_names_stores_carry():
+    """A job that holds only a store or a run record knows the label kind from the adapter that built it: its
+    registered name, an alias, or the name with a qualifier (``agemanifest-faces``); an unregistered name is a class
+    dataset."""
+    registry = default_registry()
+    assert [n for n in registry.names() if registry.label_kind(n) == "ordinal"] == ["utkface", "morph", "agemanifest"]
+    assert registry.label_kind("agemanifest-faces") == registry.label_kind("MORPH2") == "ordinal"
+    assert registry.label_kind("imagefolder-pets") == registry.label_kind("toy") == registry.label_kind("eurosat") == "class"
+    with pytest.raises(ValueError, match="label_kind"):
+        DatasetRegistry().register("ranks", lambda root: None, "", label_kind="rank")

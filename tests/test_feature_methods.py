@@ -285,7 +285,8 @@ def test_a_run_resumed_from_its_checkpoint_equals_an_uninterrupted_one(rn50, hea
 def test_clipadapter_serves_new_classes_with_its_adapter_and_their_zero_shot_head(rn50, tmp_path):
     """Base-to-new: the checkpoint of a run on the first two classes, rebuilt for the other two, keeps the trained
     adapter and gets the new classes' zero-shot weights from the target dataset's template."""
-    from coopipe.checkpoint import load_checkpoint, load_learner, save_checkpoint
+    from coopipe.checkpoint import load_checkpoint, save_checkpoint
+    from coopipe.trained_learner import load_learner
     from coopipe.errors import CheckpointError
 
     base, new = NAMES[:2], NAMES[2:]

@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_toy_cache
-from coopipe.checkpoint import CLASSIFIER_FILE, META_FILE, export_classifier, load_checkpoint
+from coopipe.checkpoint import load_checkpoint
+from coopipe.checkpoint_files import CLASSIFIER_FILE, META_FILE
+from coopipe.classifier import export_classifier
 from coopipe.checkpoint_check import record_digest
 from coopipe.cli import app
 from coopipe.datasets.base import Dataset, Split

@@ -81,7 +81,8 @@ def test_paper_setting_and_labels() -> None:
 @pytest.mark.parametrize(("label", "batch"), [("kgcoop_w4", 128), ("prograd_lambda0.8", 32)])
 def test_cli_trains_evaluates_and_predicts(rn50: LoadedClip, tmp_path, label: str, batch: int) -> None:
     """KgCoOp and ProGrad through ``coopipe train`` (2 epochs), ``coopipe eval`` and ``predict``."""
-    from coopipe.checkpoint import load_checkpoint, load_classifier
+    from coopipe.checkpoint import load_checkpoint
+    from coopipe.classifier import load_classifier
     from coopipe.cli import app
     from coopipe.features import select_store
     from coopipe.predict import predict
@@ -105,7 +106,8 @@ def test_stacked_runs_and_a_resumed_run_equal_runs_trained_alone(rn50: LoadedCli
     """Stacked, each run's penalty reads its own class text features: the summed loss gives each run its own
     gradient. A resumed run computes the zero-shot features again (not stored) and ends where an uninterrupted one
     does. Two runs (other seeds, shots and batches per epoch), 2 epochs, a 3-class toy problem."""
-    from coopipe.stacked import StackedRun, train_stacked
+    from coopipe.loop import StackedRun
+    from coopipe.stacked import train_stacked
     from coopipe.train import train_prompt
 
     names = ["cat", "dog", "sea or lake"]

@@ -302,7 +302,7 @@ def test_train_eval_predict_and_no_base_to_new(toy_cache, rn50, tmp_path, name):
     line saying why. About 10 s each on 2 shared cores (the CLI loads the model)."""
     import json
 
-    from coopipe.checkpoint import load_learner
+    from coopipe.trained_learner import load_learner
     from coopipe.errors import CheckpointError, ParamsError
     from coopipe.features import select_store
     from coopipe.jobs.evaluate import run_eval

@@ -7,7 +7,9 @@ import json
 import pytest
 import torch
 
-from coopipe.checkpoint import META_FILE, RunRecord, load_checkpoint, load_learner, save_result
+from coopipe.checkpoint import RunRecord, load_checkpoint, save_result
+from coopipe.checkpoint_files import META_FILE
+from coopipe.trained_learner import load_learner
 from coopipe.errors import CheckpointError, ParamsError
 from coopipe.methods import MethodSpec
 from coopipe.text_encoder import PromptTextEncoder

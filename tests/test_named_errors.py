@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from coopipe.checkpoint import export_classifier, load_classifier
+from coopipe.classifier import export_classifier, load_classifier
 from coopipe.cli import app
 from coopipe.datasets.ages import read_age_list
 from coopipe.datasets.common import read_split_file

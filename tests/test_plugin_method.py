@@ -21,7 +21,9 @@ from conftest import make_toy_cache
 from sigkill import kill_and_resume
 from torch import nn
 
-from coopipe.checkpoint import CLASSIFIER_FILE, META_FILE, load_checkpoint, load_classifier
+from coopipe.checkpoint import load_checkpoint
+from coopipe.checkpoint_files import CLASSIFIER_FILE, META_FILE
+from coopipe.classifier import load_classifier
 from coopipe.learners import ClassifierLearner
 from coopipe.methods import Method, MethodSpec, Optimization, method_names, register, unregister
 from coopipe.models import LoadedClip

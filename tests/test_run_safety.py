@@ -14,7 +14,9 @@ import torch
 from conftest import make_toy_cache
 
 from coopipe.baselines import fit_linear_probe
-from coopipe.checkpoint import CLASSIFIER_FILE, META_FILE, export_classifier, load_checkpoint, load_classifier
+from coopipe.checkpoint import load_checkpoint
+from coopipe.checkpoint_files import CLASSIFIER_FILE, META_FILE
+from coopipe.classifier import export_classifier, load_classifier
 from coopipe.checkpoint_check import record_digest
 from coopipe.errors import CheckpointError, LockedError, TrainingDivergedError
 from coopipe.jobs.evaluate import run_eval

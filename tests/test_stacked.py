@@ -16,7 +16,8 @@ import torch
 
 from coopipe.errors import ParamsError
 from coopipe.methods import MethodSpec
-from coopipe.stacked import StackedRun, stack_key, train_stacked
+from coopipe.loop import StackedRun
+from coopipe.stacked import stack_key, train_stacked
 from coopipe.stacked_text import check_stackable
 from coopipe.train import train_prompt
 from coopipe.train_config import TrainConfig, TrainState

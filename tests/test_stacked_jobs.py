@@ -14,7 +14,8 @@ import pytest
 import torch
 from conftest import make_toy_cache
 
-from coopipe.checkpoint import META_FILE, load_checkpoint
+from coopipe.checkpoint import load_checkpoint
+from coopipe.checkpoint_files import META_FILE
 from coopipe.errors import ParamsError
 from coopipe.jobs.train import run_train, run_train_stacked
 from coopipe.methods import MethodSpec

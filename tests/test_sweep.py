@@ -162,10 +162,10 @@ def test_local_cluster_workers_keep_glibc_malloc_defaults(monkeypatch: pytest.Mo
     """dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536 (every large tensor of a step then mapped and
     page-faulted anew: a CoCoOp step measured 1.6x slower); the sweep's LocalCluster leaves it out. dask also
     writes the variable into the parent's environment when it spawns, so the test starts from a clean one."""
-    from coopipe.sweep.runner import _client
+    from coopipe.dask_cluster import dask_client
 
     monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
-    with _client(None, 1, 1) as client:
+    with dask_client(None, 1, 1) as client:
         seen = client.run(_malloc_trim_threshold)
     assert list(seen.values()) == [None]
 

@@ -23,16 +23,9 @@ from coopipe.baselines import (
     zero_shot,
     zero_shot_classifier,
 )
-from coopipe.checkpoint import (
-    CLASSIFIER_FILE,
-    META_FILE,
-    TENSORS_FILE,
-    export_classifier,
-    load_checkpoint,
-    load_classifier,
-    save_checkpoint,
-    save_result,
-)
+from coopipe.checkpoint import load_checkpoint, save_checkpoint, save_result
+from coopipe.checkpoint_files import CLASSIFIER_FILE, META_FILE, TENSORS_FILE
+from coopipe.classifier import export_classifier, load_classifier
 from coopipe.errors import CheckpointError, DatasetError, ParamsError, ProvenanceMismatchError, StoreError
 from coopipe.evaluate import (
     confusion_matrix,
@@ -207,7 +200,7 @@ def test_view_sampling_draws_among_augmented_views(rn50, toy, monkeypatch):
     assert [s.stop - s.start for s in batch_slices(20, 32, True)] == [20]
 
     # in training: every image row the loss sees is one of that image's augmented views, never the centre one
-    import coopipe.stepper as train_module  # the loop computes the logits there
+    import coopipe.loop as train_module  # the loop computes the logits there
 
     feats, labels = toy
     seen: list[torch.Tensor] = []

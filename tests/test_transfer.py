@@ -12,7 +12,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from coopipe.checkpoint import load_checkpoint, load_classifier
+from coopipe.checkpoint import load_checkpoint
+from coopipe.classifier import load_classifier
 from coopipe.cli import app
 from coopipe.errors import CheckpointError, DatasetError, ParamsError
 from coopipe.evaluate import evaluate_classifier

@@ -1,4 +1,4 @@
-"""Prompt checkpoints (safetensors + JSON) and exported K x D classifiers.
+"""Prompt checkpoints: a run folder's ``prompt.safetensors`` + ``prompt.json``, written and read.
 
 A checkpoint is a directory::
 
@@ -10,22 +10,20 @@ A checkpoint is a directory::
                          stores it was trained on (paths + provenance keys), training config and extra params,
                          epoch, history, coopipe / open_clip versions, sha256 of prompt.safetensors
 
-and, once exported, ``classifier.safetensors``: the class text features (K, D) of the learned prompt plus
-CLIP's logit scale, so inference and evaluation need no text encoder.
+and, once exported, ``classifier.safetensors`` (:mod:`coopipe.classifier`).
 
 Why this way: safetensors holds only tensors (no pickle, safe to load) and the JSON is readable by people and
-DVC. Every file is written atomically (:func:`coopipe.atomic.atomic_write`: a temporary file, then ``os.replace``), and
-the JSON (written last) records the tensor file's hash, so a reader never sees a half-written or mismatched
+DVC. Every file is written atomically (:func:`coopipe.atomic.atomic_write`: a temporary file, then ``os.replace``),
+and the JSON (written last) records the tensor file's hash, so a reader never sees a half-written or mismatched
 pair; while a checkpoint is overwritten, the previous tensor file is kept as ``prompt.safetensors.prev`` so a run
-killed between the two writes still resumes from the last consistent state. A checkpoint remembers the model, weights and class list it was trained for; using it with features from
-another model, other weights or another class list raises :class:`~coopipe.errors.CheckpointError` instead
-of silently producing garbage.
+killed between the two writes still resumes from the last consistent state. A loaded record is checked field by
+field (:mod:`coopipe.checkpoint_check`); whether it fits a store is :mod:`coopipe.compatibility`; the learner is
+rebuilt by :mod:`coopipe.trained_learner`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import shutil
@@ -36,82 +34,52 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 import coopipe
 from coopipe.atomic import atomic_write, write_json
 from coopipe.checkpoint_check import (
     RECORD_DIGEST,
-    check_classifier_rows,
     check_record,
     check_record_digest,
     check_tensors,
     record_digest,
 )
-from coopipe.errors import CheckpointError, MissingFileError, ParamsError
+from coopipe.checkpoint_files import (
+    CLASSIFIER_FILE,
+    META_FILE,
+    OPTIM_PREFIX,
+    PARAM_PREFIX,
+    PREVIOUS_SUFFIX,
+    TENSORS_FILE,
+    prefixed,
+    read_tensors,
+    write_tensors,
+)
+from coopipe.classifier import Classifier, export_classifier, load_classifier
+from coopipe.compatibility import check_compatible
+from coopipe.errors import CheckpointError, ParamsError
 from coopipe.json_records import fields_of, read_folder_record
-from coopipe.learners import Learner, restore_learner
 from coopipe.methods import MethodSpec
 from coopipe.models import LoadedClip, open_clip_version, sha256_file
 from coopipe.store import FeatureStore, provenance_key
+from coopipe.trained_learner import load_learner
 from coopipe.train_config import EpochRecord, TrainConfig, TrainResult, TrainState
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "CHECKPOINT_FORMAT",
-    "CLASSIFIER_FILE",
-    "CLASSIFIER_FORMAT",
-    "META_FILE",
-    "TENSORS_FILE",
     "Checkpoint",
-    "Classifier",
     "RunRecord",
-    "check_compatible",
-    "export_classifier",
     "load_checkpoint",
-    "load_classifier",
-    "load_learner",
     "save_checkpoint",
     "save_result",
     "store_ref",
 ]
 
 CHECKPOINT_FORMAT = "coopipe.prompt/2"
-FORMAT_1 = "coopipe.prompt/1"  # ctx apart, SGD momentum only, flat method fields in the config: read on load
-CLASSIFIER_FORMAT = "coopipe.classifier/1"
-TENSORS_FILE = "prompt.safetensors"
-META_FILE = "prompt.json"
-CLASSIFIER_FILE = "classifier.safetensors"
-PARAM_PREFIX = "param."  # every learner parameter (param.ctx, param.meta_net.linear1.weight, ...)
-OPTIM_PREFIX = "optim."  # the optimiser's state by parameter and key (resume only)
-PREVIOUS_SUFFIX = ".prev"  # the last consistent tensor file, kept while a new pair is being written
 
 
-# ---------------------------------------------------------------- tensor files
-def _write_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> Path:
-    clean = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
-    return atomic_write(path, lambda tmp: save_file(clean, str(tmp), metadata=dict(metadata)))
-
-
-def _read_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise MissingFileError(f"{what} {path} not found; train (coopipe train) or point to an existing checkpoint")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{what} {path} is not a readable safetensors file ({exc}); re-create it") from exc
-
-
-def _read_safetensors_metadata(path: Path) -> dict[str, str]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as fh:
-        return dict(fh.metadata() or {})
-
-
-# ---------------------------------------------------------------- store references
 def store_ref(store: FeatureStore) -> dict[str, Any]:
     """What a checkpoint records about a store it used: path, provenance key and the identifying fields."""
     prov = store.provenance
@@ -127,36 +95,6 @@ def store_ref(store: FeatureStore) -> dict[str, Any]:
         "n_classes": len(prov.get("classnames", [])),
     }
 
-
-def check_compatible(
-    *,
-    what: str,
-    model: str,
-    weights: str,
-    classnames: Sequence[str],
-    store: FeatureStore,
-) -> None:
-    """Raise :class:`CheckpointError` (one line: both files, the difference, the fix) unless ``store`` holds
-    features of the same model, weights and class list as ``what`` (a checkpoint or classifier path)."""
-    prov = store.provenance
-    problems = []
-    if prov.get("model") != model:
-        problems.append(f"model {model} vs {prov.get('model')}")
-    if prov.get("weights") != weights:
-        problems.append(f"weights {weights} vs {prov.get('weights')}")
-    theirs = list(prov.get("classnames", []))
-    if theirs != list(classnames):
-        if len(theirs) != len(classnames):
-            problems.append(f"{len(classnames)} classes vs {len(theirs)}")
-        else:
-            i = next(i for i, (a, b) in enumerate(zip(classnames, theirs)) if a != b)
-            problems.append(f"class {i} is {classnames[i]!r} vs {theirs[i]!r}")
-    if problems:
-        raise CheckpointError(
-            f"{what} does not fit store {store.path}: {'; '.join(problems)} (checkpoint vs store); evaluate it on "
-            f"a store encoded with the checkpoint's model, weights and dataset (coopipe encode --model {model} "
-            f"--pretrained ...), or retrain on this store"
-        )
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -198,7 +136,7 @@ class Checkpoint:
     @property
     def learner_tensors(self) -> dict[str, torch.Tensor]:
         """Every trained tensor of the learner by name, for ``restore_learner``."""
-        return _prefixed(self.tensors, PARAM_PREFIX)
+        return prefixed(self.tensors, PARAM_PREFIX)
 
     @property
     def ctx(self) -> torch.Tensor:
@@ -273,7 +211,7 @@ class Checkpoint:
             epoch=self.epoch,
             params=self.learner_tensors,
             generator_state=self.tensors["generator_state"],
-            optimizer=_prefixed(self.tensors, OPTIM_PREFIX),
+            optimizer=prefixed(self.tensors, OPTIM_PREFIX),
             history=self.history,
             variant=self.variant,
             frozen=tuple(self.meta["tensors"].get("frozen") or ()),
@@ -337,44 +275,6 @@ class Checkpoint:
             return learner.class_text_features(self.config.text_encoder(clip)).float().cpu()
 
 
-def load_learner(ckpt: Checkpoint, clip: LoadedClip, classnames: Sequence[str] | None = None, *,
-                 template: str | None = None) -> Learner:
-    """The one way to rebuild a trained prompt: ``ckpt``'s method and variant, for ``classnames`` (default: the
-    trained classes), on ``clip`` (checked to be the checkpoint's model and weights), holding the learned tensors
-    (the context, and CoCoOp's Meta-Net).
-
-    Other class names need a prompt that does not belong to its classes (:attr:`MethodSpec.transferable`); what a
-    learner derives from its class names (CLIP-Adapter's zero-shot head) is then built for them with ``template``,
-    the target dataset's hand-crafted prompt (:meth:`coopipe.methods.Method.for_classes`).
-    """
-    ckpt.check_clip(clip)
-    spec = ckpt.method
-    names = list(ckpt.classnames if classnames is None else classnames)
-    if names != ckpt.classnames and not spec.transferable:
-        raise CheckpointError(
-            f"checkpoint {ckpt.path} holds a {spec.label()} prompt tied to its {len(ckpt.classnames)} training classes, "
-            f"which cannot serve other classes ({spec.transfer_refusal()}); train a method that can (coop without "
-            f"--csc, or cocoop) for base-to-new or cross-dataset evaluation"
-        )
-    derived = spec.definition.class_derived if names != ckpt.classnames else ()
-    if derived and template is None:
-        raise CheckpointError(f"checkpoint {ckpt.path}: a {spec.label()} prompt for other classes needs the target "
-                              f"dataset's prompt template to build its zero-shot head; evaluate through coopipe eval")
-    try:
-        learner = restore_learner(spec, clip, names, {k: t for k, t in ckpt.learner_tensors.items() if k not in derived})
-        if derived:
-            spec.definition.for_classes(learner, clip, str(template))
-        return learner
-    except ParamsError as exc:
-        raise CheckpointError(f"checkpoint {ckpt.path}: its prompt {spec.label()} cannot be rebuilt ({exc})") from exc
-    except CheckpointError as exc:  # a tensor missing or of another shape: name the run it came from
-        raise CheckpointError(f"checkpoint {ckpt.path}: {exc}") from exc
-
-
-def _prefixed(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {name[len(prefix) :]: t for name, t in tensors.items() if name.startswith(prefix)}
-
-
 def save_checkpoint(
     directory: str | os.PathLike[str],
     *,
@@ -408,7 +308,7 @@ def save_checkpoint(
     if include_resume:
         tensors["generator_state"] = state.generator_state
         tensors.update({OPTIM_PREFIX + key: t for key, t in state.optimizer.items()})
-    tensor_path = _write_tensors(tensor_file, tensors, {"format": CHECKPOINT_FORMAT})
+    tensor_path = write_tensors(tensor_file, tensors, {"format": CHECKPOINT_FORMAT})
     meta = {
         "format": CHECKPOINT_FORMAT,
         "model": clip.name,
@@ -481,7 +381,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
                                          fix="re-train")
     meta_path = directory / META_FILE
     fmt = meta.get("format") if isinstance(meta, dict) else None
-    if fmt not in (CHECKPOINT_FORMAT, FORMAT_1):
+    if fmt != CHECKPOINT_FORMAT:
         raise CheckpointError(
             f"{meta_path} is not a coopipe prompt checkpoint (format {fmt!r}, expected {CHECKPOINT_FORMAT!r})"
         )
@@ -502,116 +402,9 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
                     f"{tensor_path} does not match {meta_path} (sha256 differs: written by another run or modified); "
                     f"delete the folder and re-train"
                 )
-        tensors = _read_tensors(tensor_path, "checkpoint tensors")
-        if fmt == FORMAT_1:
-            meta, tensors = _read_format_1(meta, tensors)
+        tensors = read_tensors(tensor_path, "checkpoint tensors")
         if not any(name.startswith(PARAM_PREFIX) for name in tensors):
             raise CheckpointError(f"{tensor_path} holds no learned tensor; re-train")
         check_tensors(meta, tensors, tensor_path)
         check_record_digest(meta, meta_path)  # last: the checks above name what is wrong where they can
     return Checkpoint(path=directory, meta=meta, tensors=tensors)
-
-
-def _read_format_1(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """A checkpoint of the first format (the built-in methods, SGD) in today's layout: the context beside the other
-    parameters, momentum buffers as optimiser state, the method record in the config instead of its fields."""
-    method = dict(meta.get("method") or {})
-    name = str(method.get("method", "coop"))
-    options = {"coop": ("n_ctx", "ctx_init", "csc", "class_token_position"), "cocoop": ("n_ctx", "ctx_init"),
-               "rank": ("n_ctx", "ctx_init", "n_base_ranks")}.get(name, ())
-    record = {"method": name, **{k: method[k] for k in options if k in method}}
-    config = {k: v for k, v in dict(meta.get("config") or {}).items()
-              if k not in ("n_ctx", "ctx_init", "csc", "class_token_position")}
-    upgraded: dict[str, torch.Tensor] = {}
-    for key, tensor in tensors.items():
-        if key == "ctx":
-            key = PARAM_PREFIX + "ctx"
-        elif key == "momentum_buffer":
-            key = OPTIM_PREFIX + "ctx.momentum_buffer"
-        elif key.startswith("momentum."):
-            key = OPTIM_PREFIX + key[len("momentum."):] + ".momentum_buffer"
-        upgraded[key] = tensor
-    return {**meta, "method": record, "config": {**config, "method": record}}, upgraded
-
-
-# ---------------------------------------------------------------- exported classifier
-@dataclass
-class Classifier:
-    """A K x D text classifier exported from a prompt (or a zero-shot baseline)."""
-
-    path: Path
-    text_features: torch.Tensor  # (K, D) L2-normalised, float32
-    logit_scale: float  # CLIP's log scale
-    classnames: list[str]
-    model: str
-    weights: str
-    source: dict[str, Any]
-
-    def check_store(self, store: FeatureStore) -> None:
-        check_compatible(
-            what=f"classifier {self.path}",
-            model=self.model,
-            weights=self.weights,
-            classnames=self.classnames,
-            store=store,
-        )
-
-
-def export_classifier(
-    path: str | os.PathLike[str],
-    text_features: torch.Tensor,
-    *,
-    classnames: Sequence[str],
-    model: str,
-    weights: str,
-    logit_scale: float,
-    source: Mapping[str, Any] | None = None,
-) -> Path:
-    """Write the (K, D) normalised class text features and the logit scale as safetensors (identity in metadata)."""
-    feats = torch.nn.functional.normalize(text_features.detach().float().cpu(), dim=-1)  # (K, D)
-    if feats.ndim != 2 or feats.shape[0] != len(classnames):
-        raise CheckpointError(
-            f"classifier of shape {tuple(feats.shape)} does not have one row per class ({len(classnames)})"
-        )
-    metadata = {
-        "format": CLASSIFIER_FORMAT,
-        "model": model,
-        "weights": weights,
-        "classnames": json.dumps(list(classnames)),
-        "source": json.dumps(dict(source or {}), default=str),
-        "coopipe_version": coopipe.__version__,
-    }
-    tensors = {"text_features": feats, "logit_scale": torch.tensor(float(logit_scale), dtype=torch.float32)}
-    return _write_tensors(Path(path), tensors, metadata)
-
-
-def load_classifier(path: str | os.PathLike[str]) -> Classifier:
-    """Load an exported classifier (a ``classifier.safetensors`` file or the checkpoint directory holding it)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / CLASSIFIER_FILE
-    tensors = _read_tensors(path, "classifier")
-    meta = _read_safetensors_metadata(path)
-    if meta.get("format") != CLASSIFIER_FORMAT or "text_features" not in tensors:
-        raise CheckpointError(f"{path} is not a coopipe classifier (format {meta.get('format')!r}); re-export it")
-    try:
-        classnames = list(json.loads(meta["classnames"]))
-        source = dict(json.loads(meta.get("source", "{}")))
-    except (KeyError, json.JSONDecodeError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"classifier {path} has unreadable metadata ({exc}); re-export it") from exc
-    with fields_of(path, what="classifier", fix="re-run `coopipe train` with the same options to regenerate it",
-                   error=CheckpointError):
-        check_classifier_rows(tensors["text_features"], classnames, path)
-        if not bool(torch.isfinite(tensors["text_features"]).all()) or not bool(torch.isfinite(tensors["logit_scale"]).all()):
-            raise CheckpointError(
-                f"classifier {path} holds non-finite values (NaN/inf: its training diverged); re-train with a lower --lr"
-            )
-        return Classifier(
-            path=path,
-            text_features=tensors["text_features"],
-            logit_scale=float(tensors["logit_scale"]),
-            classnames=classnames,
-            model=meta.get("model", ""),
-            weights=meta.get("weights", ""),
-            source=source,
-        )

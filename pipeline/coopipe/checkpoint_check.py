@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from coopipe.checkpoint_files import OPTIM_PREFIX, PARAM_PREFIX, TENSORS_FILE
 from coopipe.config import CLASS_SUBSETS
 from coopipe.errors import CheckpointError, ParamsError
 from coopipe.methods import MethodSpec, get_method
@@ -29,8 +30,6 @@ from coopipe.option_check import check_train_options
 from coopipe.selection import check_selection_record
 from coopipe.train_config import ADDED_OPTIONS, EpochRecord, TrainConfig
 
-FIRST_FORMAT = "coopipe.prompt/1"  # the loader converts it (coopipe.checkpoint)
-PARAM_PREFIX, OPTIM_PREFIX = "param.", "optim."  # the checkpoint's tensor names (coopipe.checkpoint)
 _PER_PARAM_STATE = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")  # SGD's, Adam's: a parameter's shape
 _FIX = "delete the run folder and re-train (or restore it from a copy)"
 
@@ -38,7 +37,7 @@ _FIX = "delete the run folder and re-train (or restore it from a copy)"
 _RECORD: dict[str, tuple[tuple[type, ...], bool]] = {
     "model": ((str,), True), "weights": ((str,), True), "classnames": ((list,), True), "variant": ((dict,), True),
     "config": ((dict,), True), "epoch": ((int,), True), "tensors": ((dict,), True), "history": ((list,), False),
-    "method": ((dict,), False), "run": ((dict,), False), "stores": ((dict,), False), "params": ((dict,), False),
+    "method": ((dict,), True), "run": ((dict,), False), "stores": ((dict,), False), "params": ((dict,), False),
     "complete": ((bool,), False), "max_epoch": ((int,), False), "embed_dim": ((int,), False),
     "logit_scale": ((int, float), False), "classifier": ((dict,), False), "selection": ((dict,), False),
 }
@@ -93,7 +92,7 @@ def check_record(meta: Mapping[str, Any], where: Path) -> None:
         raise _fail(where, "field 'classnames' must be a non-empty list of names")
     if meta["epoch"] < 0 or not math.isfinite(float(meta.get("logit_scale") or 0.0)):
         raise _fail(where, "field 'epoch' is negative or 'logit_scale' is not finite")
-    file = meta["tensors"].get("file", "prompt.safetensors")
+    file = meta["tensors"].get("file", TENSORS_FILE)
     if not isinstance(file, str) or Path(file).name != file or file in ("", ".", ".."):
         raise _fail(where, f"field 'tensors.file' must be a file name in the run folder, got {file!r}")
     if not isinstance(meta["tensors"].get("sha256"), str | None):
@@ -102,15 +101,12 @@ def check_record(meta: Mapping[str, Any], where: Path) -> None:
     if frozen is not None and not (isinstance(frozen, list) and all(isinstance(n, str) for n in frozen)):
         raise _fail(where, "field 'tensors.frozen' must be a list of parameter names")
     try:
-        if meta.get("format") == FIRST_FORMAT:  # flat method fields: rebuilt after the loader converts the record
-            config = TrainConfig(seed=int(meta["config"].get("seed", 1)), max_epoch=int(meta["config"]["max_epoch"]))
-        else:
-            absent = sorted({f.name for f in dataclasses.fields(TrainConfig)} - set(meta["config"]) - set(ADDED_OPTIONS))
-            if absent:  # a default would silently replace what the run trained with
-                raise _fail(where, f"field 'config' misses {', '.join(absent)}")
-            check_train_options({k: v for k, v in meta["config"].items() if k != "method"})
-            config = TrainConfig.from_dict(meta["config"])
-        MethodSpec.from_dict(meta.get("method") or meta["variant"])
+        absent = sorted({f.name for f in dataclasses.fields(TrainConfig)} - set(meta["config"]) - set(ADDED_OPTIONS))
+        if absent:  # a default would silently replace what the run trained with
+            raise _fail(where, f"field 'config' misses {', '.join(absent)}")
+        check_train_options({k: v for k, v in meta["config"].items() if k != "method"})
+        config = TrainConfig.from_dict(meta["config"])
+        MethodSpec.from_dict(meta["method"])
         history = [EpochRecord.from_dict(r) for r in meta.get("history") or []]
     except (ParamsError, TypeError, ValueError, KeyError, AttributeError) as exc:
         raise _fail(where, f"its config, method or history record is malformed ({exc})") from exc
@@ -139,7 +135,7 @@ def check_record(meta: Mapping[str, Any], where: Path) -> None:
     variant = meta["variant"]
     if not all(isinstance(v, str | int | None) or (isinstance(v, float) and math.isfinite(v)) for v in variant.values()):
         raise _fail(where, "field 'variant' must hold plain values (names, numbers, true/false)")
-    spec_name = (meta.get("method") or variant).get("method", "coop")
+    spec_name = meta["method"].get("method", "coop")
     floats = {f.name for f in dataclasses.fields(get_method(spec_name).options) if "float" in str(f.type)}
     if odd := sorted(k for k, v in variant.items() if isinstance(v, float) and k not in floats):
         raise _fail(where, f"field 'variant' holds a fractional {', '.join(odd)}, which the method records as a whole "
@@ -149,11 +145,10 @@ def check_record(meta: Mapping[str, Any], where: Path) -> None:
     absent = sorted(_VARIANT_KEYS.get(spec_name, set()) - set(variant))
     if absent:
         raise _fail(where, f"its 'variant' record misses {', '.join(absent)}")
-    method = meta.get("method")
-    if method is not None:
-        differ = sorted(k for k in set(method) & set(meta["variant"]) if method[k] != meta["variant"][k])
-        if differ:
-            raise _fail(where, f"its 'variant' and 'method' records disagree on {', '.join(differ)}")
+    method = meta["method"]
+    differ = sorted(k for k in set(method) & set(meta["variant"]) if method[k] != meta["variant"][k])
+    if differ:
+        raise _fail(where, f"its 'variant' and 'method' records disagree on {', '.join(differ)}")
     if any(not isinstance(r.epoch, int) or isinstance(r.epoch, bool) for r in history):
         raise _fail(where, "field 'history' holds a record without a whole epoch number")
     for r in history:  # the config's schedule must be the one the history ran (binds lr, warm-up and epochs to it)
@@ -174,7 +169,7 @@ def check_tensors(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], 
     Every method stores its learner's parameters as ``param.<name>`` and its optimiser's state as
     ``optim.<name>.<key>``; the context (methods with ``n_ctx``) and OrdinalCLIP's base rank embeddings have the
     shapes their options give."""
-    spec = MethodSpec.from_dict(meta.get("method") or meta["variant"])
+    spec = MethodSpec.from_dict(meta["method"])
     n_cls = len(meta["classnames"])
     unknown = sorted(n for n in tensors if n != "generator_state" and not n.startswith((PARAM_PREFIX, OPTIM_PREFIX)))
     if unknown:
@@ -246,10 +241,3 @@ def _check_resume_state(meta: Mapping[str, Any], tensors: Mapping[str, torch.Ten
         raise _fail(where, f"it resumes after epoch {meta['epoch']} but misses optimiser tensor(s) "
                            f"{', '.join(missing[:3])} (training would go on from a fresh momentum)")
 
-
-def check_classifier_rows(text_features: torch.Tensor, classnames: list[str], where: Path) -> None:
-    """An exported classifier has one row per class name (fewer rows used to end in an ``IndexError``)."""
-    if text_features.ndim != 2 or text_features.shape[0] != len(classnames) or not text_features.dtype.is_floating_point:
-        raise CheckpointError(f"classifier {where} holds {text_features.dtype} {tuple(text_features.shape)}, not one "
-                              f"row per class ({len(classnames)}); re-run `coopipe train` with the same options to "
-                              f"regenerate it")

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from coopipe.checkpoint import Checkpoint
-from coopipe.datasets.ages import is_age_dataset
+from coopipe.datasets import is_age_dataset
 from coopipe.errors import CoopipeError
 from coopipe.selection import selection_phrase, selection_record
 from coopipe.train_config import TrainConfig

@@ -41,7 +41,9 @@ from safetensors.torch import load_file, save_file
 
 import coopipe
 from coopipe.atomic import atomic_write, write_json, write_text
-from coopipe.checkpoint import CLASSIFIER_FILE, Checkpoint, load_checkpoint, load_classifier
+from coopipe.checkpoint import Checkpoint, load_checkpoint
+from coopipe.checkpoint_files import CLASSIFIER_FILE
+from coopipe.classifier import load_classifier
 from coopipe.errors import CheckpointError, MissingFileError, ParamsError
 from coopipe.json_records import fields_of, read_folder_record
 from coopipe.head import TEXT_PATH_OPTIONS, Head, ImagePrompt, head_of_run

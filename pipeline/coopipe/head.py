@@ -3,7 +3,7 @@ or from an exported folder.
 
 Why one type: ``coopipe predict`` must give the same answer for a run and for its export, so both are read into a
 :class:`Head` and the same code computes the logits. A prompt that does not depend on the image (CoOp, rank
-prompts) is one fixed (K, D) matrix of normalised class text features (:class:`~coopipe.checkpoint.Classifier`);
+prompts) is one fixed (K, D) matrix of normalised class text features (:class:`~coopipe.classifier.Classifier`);
 an image-conditional prompt (CoCoOp) is its learned tensors (context and Meta-Net), which need CLIP's text tower
 for every image, so its logits need the loaded model.
 """
@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from coopipe.checkpoint import Checkpoint, Classifier
+from coopipe.checkpoint import Checkpoint
+from coopipe.classifier import Classifier
 from coopipe.encode import EncodeOptions
 from coopipe.errors import CheckpointError, StoreError
 from coopipe.evaluate import check_finite_logits, classifier_logits

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from coopipe.checkpoint import Checkpoint
-from coopipe.datasets.ages import is_age_dataset
+from coopipe.datasets import is_age_dataset
 from coopipe.datasets.fewshot import FewShotIndex, draw_index
 from coopipe.errors import CheckpointError, StoreError
 from coopipe.models import BUNDLED, SCHEMES, LoadedClip, check_model_name, load_clip, tag_of_identity

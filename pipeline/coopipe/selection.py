@@ -13,7 +13,7 @@ kept one only when its validation accuracy is strictly higher, so among equal ac
 kept. The kept epoch's learned tensors become the run's result (checkpoint, classifier, evaluation, predict,
 export all read them); the training itself, its resume state and its history are unchanged.
 
-Resume: the stepper reports each new best to ``on_best`` (the run folder writes it durably,
+Resume: the loop (:mod:`coopipe.loop`) reports each new best to ``on_best`` (the run folder writes it durably,
 :mod:`coopipe.selection_store`) before the epoch's checkpoint is saved, and a resumed run starts from the stored
 best. A stored best newer than the checkpoint (a kill between the two writes) is still the right start: training
 is deterministic, so the re-run epochs reproduce the same accuracies and none of them beats it strictly.
@@ -84,7 +84,7 @@ def selection_phrase(every: int) -> str:
 
 
 class Selector:
-    """Keeps the best epoch of one run (see the module docstring); the stepper calls :meth:`observe` after each
+    """Keeps the best epoch of one run (see the module docstring); the loop calls :meth:`observe` after each
     epoch's validation and :meth:`restore` once the run is finished."""
 
     def __init__(self, every: int, max_epoch: int, *, best: BestEpoch | None = None,

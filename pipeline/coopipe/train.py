@@ -9,8 +9,8 @@ reference's augmentation as far as the cache allows (a centre-only cache trains 
 The protocol (:class:`TrainConfig`, :mod:`coopipe.train_config`) follows CoOp's reference configs: SGD (lr 0.002,
 momentum 0.9, weight decay 5e-4, batch 32), one warm-up epoch at 1e-5, then cosine decay per epoch.
 
-One loop trains every method and every number of runs: :func:`train_prompt` is the one-run case of :func:`coopipe.stacked.drive`, which trains runs stacked in one text pass
-(:func:`coopipe.stacked.train_stacked`); each run's state and schedule is a :class:`coopipe.stepper.RunStepper`.
+One loop trains every method and every number of runs (:func:`coopipe.loop.train_runs`): :func:`train_prompt` is
+the one-run case of :func:`coopipe.stacked.train_stacked`, which trains runs stacked in one text pass.
 The learner and the optimiser come from the run's method (:mod:`coopipe.methods`); the optimiser moves every
 parameter of the learner, by name. Image-independent learners (CoOp, rank prompts) run one text pass per step that serves
 the whole batch; image-conditional ones (CoCoOp) run the batched B x K text path of :mod:`coopipe.cocoop_text` on
@@ -18,7 +18,7 @@ each step's images, the Meta-Net seeing the feature of the view drawn for that i
 setting (:meth:`TrainConfig.for_method`): M = 4 from "a photo of a", 10 epochs, batch 1, the same SGD and schedule;
 a batch above 1 is a departure from the paper (fewer, averaged steps), offered for speed.
 
-Determinism and resume: see :mod:`coopipe.stepper` (two explicit generators per run; a resumed run equals an
+Determinism and resume: see :mod:`coopipe.loop` (two explicit generators per run; a resumed run equals an
 uninterrupted one).
 """
 
@@ -31,10 +31,10 @@ import numpy as np
 import torch
 
 from coopipe.datasets.common import DEFAULT_TEMPLATE
+from coopipe.loop import StackedRun
 from coopipe.models import LoadedClip
 from coopipe.selection import BestEpoch
-from coopipe.stacked import drive
-from coopipe.stepper import RunStepper, StackedRun
+from coopipe.stacked import train_stacked
 from coopipe.train_config import EpochRecord, TrainConfig, TrainResult, TrainState
 
 logger = logging.getLogger(__name__)
@@ -76,7 +76,5 @@ def train_prompt(
     run = StackedRun(train_feats, train_labels, classnames, config, val_feats=val_feats, val_labels=val_labels,
                      on_epoch=on_epoch, resume_state=resume_state, stop_after=stop_after, on_step=on_step,
                      template=template, dataset=dataset, best=best, on_best=on_best)
-    stepper = RunStepper(run, clip, config.text_encoder(clip))
-    drive([stepper])
-    return stepper.result()
+    return train_stacked([run], clip, max_stack=1)[0]
 

@@ -1,7 +1,7 @@
 """The training protocol's data: :class:`TrainConfig` (CoOp's and CoCoOp's reference settings), the per-epoch and
 resume records, and the per-epoch random draws (views, batches) every run makes from its own generator.
 
-Why a module of its own: the training loop (:mod:`coopipe.stepper`, :mod:`coopipe.stacked`, :mod:`coopipe.train`),
+Why a module of its own: the training loop (:mod:`coopipe.loop`, :mod:`coopipe.stacked`, :mod:`coopipe.train`),
 checkpoints and the sweep all read these types; keeping them apart from the loop keeps each file one job.
 
 The protocol follows CoOp's reference configs (Dassl trainer): SGD (lr 0.002, momentum 0.9, weight decay 5e-4,

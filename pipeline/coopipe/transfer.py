@@ -121,7 +121,7 @@ def context_text_features(ckpt: Checkpoint, clip: LoadedClip, classnames: Sequen
     """The L2-normalised class text features (K', D) of ``ckpt``'s learned prompt for ``classnames``.
 
     Needs a prompt that does not belong to its classes (a unified context); a class-specific context is tied to
-    the classes it was trained for and raises :class:`CheckpointError` (see :func:`coopipe.checkpoint.load_learner`).
+    the classes it was trained for and raises :class:`CheckpointError` (see :func:`coopipe.trained_learner.load_learner`).
     """
     if list(classnames) != ckpt.classnames:
         logger.info("building a %d-class classifier from the context of %s", len(classnames), ckpt.path)

@@ -24,7 +24,8 @@ import numpy as np
 import pytest
 from conftest import copy_eurosat_folder, make_store
 
-from coopipe.checkpoint import load_checkpoint, load_classifier
+from coopipe.checkpoint import load_checkpoint
+from coopipe.classifier import load_classifier
 from coopipe.store import open_store
 
 pytestmark = pytest.mark.slow  # six kills and three full runs each: about a minute per test on 2 cores

@@ -14,7 +14,6 @@ from coopipe.datasets.ages import (
     build_age_manifest,
     build_morph,
     build_utkface,
-    is_age_dataset,
     rank_values,
     read_age_split_file,
     write_age_split_file,
@@ -81,18 +80,21 @@ def default_registry() -> DatasetRegistry:
         "utkface",
         build_utkface,
         "UTKFace faces, age from the file name (ranks 0..100); $DATA/utkface/images/; seeded age-stratified split",
+        label_kind="ordinal",
     )
     registry.register(
         "morph",
         build_morph,
         "MORPH Album2 in OrdinalCLIP's lists: $DATA/MORPH/data_list/ET_proto_{train,val}.txt (val doubles as test)",
         aliases=("morph2", "morph_album2"),
+        label_kind="ordinal",
     )
     registry.register(
         "agemanifest",
         build_age_manifest,
         "CSV/JSON manifest with path, age[, split] columns (data root = the manifest file); ranks 0..100",
         aliases=("age_manifest", "age-manifest"),
+        label_kind="ordinal",
     )
     return registry
 
@@ -104,3 +106,11 @@ def load_dataset(name: str, data_root: str | Path, **options: Any) -> Dataset:
     sub-folders; for ``manifest`` the manifest file. Unknown names raise :class:`UnknownDatasetError`.
     """
     return default_registry().build(name, data_root, **options)
+
+
+def is_age_dataset(dataset: Dataset | str) -> bool:
+    """Whether ``dataset`` has ordinal labels (ages): such datasets take the age few-shot rule and the age metrics.
+    A :class:`Dataset` says so itself; a dataset name (what a store's provenance or a run record carries) is
+    answered by the adapter that builds it (:meth:`DatasetRegistry.label_kind`)."""
+    kind = default_registry().label_kind(dataset) if isinstance(dataset, str) else dataset.label_kind
+    return kind == "ordinal"

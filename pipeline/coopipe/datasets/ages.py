@@ -48,7 +48,6 @@ __all__ = [
     "build_age_manifest",
     "build_morph",
     "build_utkface",
-    "is_age_dataset",
     "parse_age",
     "rank_classnames",
     "rank_values",
@@ -68,20 +67,6 @@ def rank_classnames(min_age: int = MIN_AGE, max_age: int = MAX_AGE) -> tuple[str
     """The class names of the ranks: the ages as numbers (``"0" .. "100"``)."""
     _check_range(min_age, max_age)
     return tuple(str(age) for age in range(min_age, max_age + 1))
-
-
-def is_age_dataset(dataset: Dataset | str) -> bool:
-    """Whether ``dataset`` (a :class:`Dataset`: its ordinal label kind; or the dataset name a store or checkpoint
-    records) came from an age adapter (``utkface``, ``morph``, ``agemanifest-*``): such datasets take the age
-    metrics.
-
-    Why the name: the built dataset's name is what every store's provenance and every run record carries, and the
-    age adapters own these names, so a job that only holds a store knows its label kind without the images.
-    """
-    if not isinstance(dataset, str):
-        return dataset.label_kind == "ordinal"
-    name = dataset
-    return name in ("utkface", "morph") or name.startswith("agemanifest-")
 
 
 def rank_values(classnames: Sequence[str]) -> np.ndarray:

@@ -86,11 +86,12 @@ class Dataset:
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    """A registry entry: how to build a dataset from a data root."""
+    """A registry entry: how to build a dataset from a data root, and the label kind of what it builds."""
 
     name: str
     description: str
     builder: Callable[..., Dataset]
+    label_kind: str = "class"  # the built datasets' (Dataset.label_kind), known without the images
 
 
 class DatasetRegistry:
@@ -105,12 +106,15 @@ class DatasetRegistry:
         self._aliases: dict[str, str] = {}  # lower-case alias -> lower-case registered name
 
     def register(
-        self, name: str, builder: Callable[..., Dataset], description: str, *, aliases: Iterable[str] = ()
+        self, name: str, builder: Callable[..., Dataset], description: str, *, aliases: Iterable[str] = (),
+        label_kind: str = "class",
     ) -> None:
         key = name.lower()
         if key in self._entries or key in self._aliases:
             raise ValueError(f"dataset {name!r} registered twice")
-        self._entries[key] = DatasetInfo(name, description, builder)
+        if label_kind not in LABEL_KINDS:
+            raise ValueError(f"dataset {name!r}: label_kind must be one of {LABEL_KINDS}, got {label_kind!r}")
+        self._entries[key] = DatasetInfo(name, description, builder, label_kind)
         for alias in aliases:
             self.add_alias(alias, name)
 
@@ -127,6 +131,23 @@ class DatasetRegistry:
 
     def names(self) -> list[str]:
         return [info.name for info in self._entries.values()]
+
+    def label_kind(self, built_name: str) -> str:
+        """The label kind of a built dataset by the name stores and run records carry: a registered name or alias,
+        or one with a qualifier (``agemanifest-faces``, ``imagefolder-pets``); ``class`` for a name no adapter
+        registered (a store written directly, as the tests do).
+
+        Why by name: the label kind is not in a store's provenance (adding it would change every store's key, and
+        stores encoded before would no longer be found), so a job that holds only a store or a checkpoint asks the
+        adapter that built it."""
+        key = built_name.lower()
+        while True:
+            entry = self._entries.get(self._aliases.get(key, key))
+            if entry is not None:
+                return entry.label_kind
+            if "-" not in key:
+                return "class"
+            key = key.rpartition("-")[0]
 
     def infos(self) -> list[DatasetInfo]:
         return list(self._entries.values())

@@ -6,7 +6,7 @@
 - ``run_linear_probe``: logistic regression on the few-shot train features, C searched on the few-shot val split.
 Each writes ``metrics.json`` (method, dataset, shots, seed + metrics) into its run folder.
 
-Age datasets (:func:`coopipe.datasets.ages.is_age_dataset`) branch into :mod:`coopipe.jobs.age_eval`: the same
+Age datasets (:func:`coopipe.datasets.is_age_dataset`) branch into :mod:`coopipe.jobs.age_eval`: the same
 files gain MAE (both decodings), CS(1..10), within +-1/3/5 years and the constant predictor's MAE, plus a
 ``predictions.csv``; zero-shot defaults to the age prompt (ensembling: the age prompts); the linear probe is the
 rank probe decoded by expectation; ``run_ridge_probe`` is the ridge-regression baseline.
@@ -32,8 +32,9 @@ from tqdm.auto import tqdm
 
 from coopipe.atomic import write_json
 from coopipe.baselines import IMAGENET_TEMPLATES, dataset_template, fit_linear_probe, zero_shot_classifier
-from coopipe.checkpoint import Checkpoint, load_checkpoint, load_learner
-from coopipe.datasets.ages import is_age_dataset
+from coopipe.checkpoint import Checkpoint, load_checkpoint
+from coopipe.trained_learner import load_learner
+from coopipe.datasets import is_age_dataset
 from coopipe.departures import checkpoint_departures, training_record
 from coopipe.errors import CheckpointError, StoreError
 from coopipe.cost import TrainingCost, measure_inference, read_training_cost

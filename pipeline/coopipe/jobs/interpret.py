@@ -18,7 +18,8 @@ from pathlib import Path
 
 
 from coopipe.atomic import write_json, write_text
-from coopipe.checkpoint import Checkpoint, load_checkpoint, load_learner
+from coopipe.checkpoint import Checkpoint, load_checkpoint
+from coopipe.trained_learner import load_learner
 from coopipe.errors import ParamsError, StoreError
 from coopipe.features import read_split, select_store
 from coopipe.interpret.projection import evaluate_projection

@@ -32,16 +32,9 @@ from coopipe.cost import training_cost
 from coopipe.departures import warn_single_view
 from coopipe.baselines import dataset_template
 from coopipe.checkpoint_check import RECORD_DIGEST, record_digest
-from coopipe.checkpoint import (
-    CLASSIFIER_FILE,
-    META_FILE,
-    Checkpoint,
-    RunRecord,
-    export_classifier,
-    load_checkpoint,
-    save_checkpoint,
-    save_result,
-)
+from coopipe.checkpoint import Checkpoint, RunRecord, load_checkpoint, save_checkpoint, save_result
+from coopipe.checkpoint_files import CLASSIFIER_FILE, META_FILE
+from coopipe.classifier import export_classifier
 from coopipe.errors import CheckpointError, MissingFileError, StoreError, TrainingDivergedError
 from coopipe.hardware import check_device
 from coopipe.locks import exclusive_lock
@@ -51,9 +44,10 @@ from coopipe.features import read_split, select_store
 from coopipe.models import LoadedClip, sha256_file
 from coopipe.lookup import fewshot_index_for, fewshot_index_path, resolve_model
 from coopipe.metrics_log import EpochMetricsLog
+from coopipe.loop import StackedRun
 from coopipe.selection import BestEpoch, selection_record
 from coopipe.selection_store import clear_best, load_best, save_best
-from coopipe.stacked import StackedRun, default_max_stack, train_stacked
+from coopipe.stacked import default_max_stack, train_stacked
 from coopipe.train import train_prompt
 from coopipe.train_config import EpochRecord, TrainConfig, TrainResult, TrainState, batch_slices
 from coopipe.transfer import ClassSubset, check_store_classes

@@ -14,10 +14,10 @@ shell scripts always used, so finished grids of earlier versions are recognised:
 
 Tasks are ordered longest first (CoOp, most shots first), so the cheap ones fill the workers at the end.
 
-Age datasets (:func:`~coopipe.datasets.ages.is_age_dataset`: ``utkface``, ``morph``, ``agemanifest-*``) get their
-own defaults: without ``methods`` the grid runs OrdinalCLIP's comparison (:data:`AGE_METHODS`: its CoOp row
-``ordcoop``, CoCoOp and the rank prompts), zero-shot runs both the age prompt and prompt ensembling, and ``ridge``
-adds the ridge-regression probe beside the (rank) linear probe.
+Age datasets (:func:`~coopipe.datasets.is_age_dataset`: those whose adapter declares ordinal labels, ``utkface``,
+``morph``, ``agemanifest-*``) get their own defaults: without ``methods`` the grid runs OrdinalCLIP's comparison
+(:data:`AGE_METHODS`: its CoOp row ``ordcoop``, CoCoOp and the rank prompts), zero-shot runs both the age prompt and
+prompt ensembling, and ``ridge`` adds the ridge-regression probe beside the (rank) linear probe.
 
 Base-to-new without ``methods`` trains :data:`BASE2NEW_METHODS`: the CoOp row of CoCoOp's base-to-new table, CoOp's
 ``vit_b16_ctxv1`` config (M = 4 from "a photo of a"; ``KaiyangZhou/CoOp: configs/trainers/CoOp/vit_b16_ctxv1.yaml``),
@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from coopipe.config import EncodeConfig, FewShotConfig, ModelSpec, PathsConfig
-from coopipe.datasets.ages import is_age_dataset
+from coopipe.datasets import is_age_dataset
 from coopipe.errors import CoopipeError, DatasetError, ParamsError
 from coopipe.lookup import run_name
 from coopipe.methods import MethodSpec, epochs_for, get_method, method_names

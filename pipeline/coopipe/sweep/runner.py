@@ -10,7 +10,7 @@ available memory (one on cuda); ``jobs=N`` forces N workers and splits the cores
 on its workers); ``scheduler='inline'`` runs them one by one in this process (debugging, and the reference the
 tests compare the cluster with). On this machine's CPU, stacks of runs train in this process with all the cores
 (in a dask worker they ran 1.6-2x slower, measured before the workers' MALLOC_TRIM_THRESHOLD_ was unset: see
-``_MALLOC_TRIM``), phase by phase before the other units, which go to the workers side by side; with ``jobs=1``
+``coopipe.dask_cluster``), phase by phase before the other units, which go to the workers side by side; with ``jobs=1``
 everything runs here.
 
 Encoding runs alone, before the runs, one ``run_encode`` per dataset behind a blocking per-dataset lock
@@ -32,13 +32,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import dask
 from distributed import WorkerPlugin
 from tqdm.auto import tqdm  # type: ignore[import-untyped]
 
 from coopipe.sweep.plan import EncodeTask, RunSettings, RunTask, SweepPlan
 from coopipe.config import SweepConfig
 from coopipe.errors import ParamsError
+from coopipe.dask_cluster import dask_client
 from coopipe.frozen_gemm import onednn_available
 from coopipe.sweep.tasks import ModelPool, RunResult, execute_stack, set_threads
 from coopipe.logs import route_worker_logging
@@ -307,7 +307,7 @@ def _run_tasks(plan: SweepPlan, pending: Sequence[RunTask], outcome: SweepOutcom
                     _run_inline(plan, {phase: here[phase]}, threads_per_run(1), finish, pool)
                 if apart[phase]:
                     if client is None:
-                        client = stack_of_clients.enter_context(_client(scheduler, n, outcome.threads))
+                        client = stack_of_clients.enter_context(dask_client(scheduler, n, outcome.threads))
                         client.register_plugin(SweepWorker(outcome.threads), name=PLUGIN_NAME)
                     _run_phase(client, apart[phase], plan.settings, finish)
 
@@ -351,42 +351,6 @@ def _run_phase(client: Any, units: Sequence[Unit], settings: RunSettings,
                 retry = client.submit(run_on_worker, (again,), settings, pure=False)
                 futures[retry] = (again,)
                 done.add(retry)
-
-
-# dask's nanny starts every worker with MALLOC_TRIM_THRESHOLD_=65536, which turns off glibc's adaptive mmap
-# threshold: each large tensor of a training step is then mapped and page-faulted anew. Measured on 2 cores, one
-# thread, a CoCoOp step at 101 classes: 366 ms alone, 590 ms with that variable (199 ms of it in the kernel,
-# 124,000 minor page faults a step). The sweep's workers keep glibc's default (a variable the user sets wins).
-_MALLOC_TRIM = "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_"
-
-
-class _client:
-    """A dask Client on ``scheduler``, or on a LocalCluster of ``n`` single-process workers (closed on exit)."""
-
-    def __init__(self, scheduler: str | None, n: int, threads: int) -> None:
-        self.scheduler, self.n, self.threads = scheduler, n, threads
-        self.cluster: Any = None
-        self.client: Any = None
-
-    def __enter__(self) -> Any:
-        from distributed import Client, LocalCluster
-
-        if self.scheduler:
-            self.client = Client(self.scheduler)
-        else:
-            env = {k: str(self.threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
-            with dask.config.set({_MALLOC_TRIM: None}):  # None unsets it (distributed.nanny._get_env_variables)
-                self.cluster = LocalCluster(n_workers=self.n, threads_per_worker=1, processes=True, memory_limit=0,
-                                            dashboard_address=":0", env=env, silence_logs=logging.ERROR)
-            self.client = Client(self.cluster)
-        return self.client
-
-    def __exit__(self, *exc: object) -> None:
-        try:
-            self.client.close()
-        finally:
-            if self.cluster is not None:
-                self.cluster.close()
 
 
 def report_is_current(runs_dir: Path) -> bool:

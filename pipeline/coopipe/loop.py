@@ -18,6 +18,9 @@ Image-conditional learners (CoCoOp: "no single K x D classifier") get no shared 
 logits through the batched B x K path, or back-propagate chunk by chunk inside their loss (``loss_backward``), and
 complete an epoch at its end, validation scoring every validation image.
 
+Model selection (``config.select_every``, :mod:`coopipe.selection`): each validated epoch is shown to the run's
+selector before its checkpoint, and a finished run's result holds the kept epoch's tensors instead of the last's.
+
 Determinism: all randomness comes from two explicit ``torch.Generator`` objects derived from ``config.seed``
 (one initialises the learner, one draws views and batch order), so the same seed gives the identical learner on
 the CPU; resuming from a :class:`TrainState` (:mod:`coopipe.resume`) gives the same result as an uninterrupted run.

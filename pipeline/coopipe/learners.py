@@ -76,6 +76,7 @@ class FitData:
     template: str  # the dataset's hand-crafted prompt template ("a photo of a {}."), for zero-shot text features
     clip: LoadedClip  # the frozen model (its text tower gives the zero-shot class text features)
     logit_scale: torch.Tensor  # scalar, log scale
+    ordinal: bool = False  # the classes are ranks (ages): a probe picks its regularisation by MAE, not accuracy
 
 
 class Learner(Protocol):

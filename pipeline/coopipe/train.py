@@ -55,6 +55,7 @@ def train_prompt(
     stop_after: int | None = None,
     on_step: Callable[[], None] | None = None,
     template: str = DEFAULT_TEMPLATE,
+    ordinal: bool = False,
 ) -> TrainResult:
     """Learn the parameters of ``config.method``'s learner (CoOp context; CoCoOp context and Meta-Net; ...) from cached features.
 
@@ -63,12 +64,13 @@ def train_prompt(
     accuracy; the result is always the last epoch's prompt, as in CoOp and CoCoOp. ``on_epoch(record, state)`` is
     called after every epoch (progress bars, logging, checkpointing ``state``). ``resume_state`` continues a run;
     ``stop_after`` stops once that many epochs are complete (the schedule still spans ``config.max_epoch``).
-    ``template``: the dataset's hand-crafted prompt, for methods that need zero-shot text features (KgCoOp, ...).
+    ``template``: the dataset's hand-crafted prompt, for methods that need zero-shot text features (KgCoOp, ...);
+    ``ordinal``: the classes are ranks (ages), for methods that treat them so (the linear probe's C criterion).
     Computation runs on the device of ``clip``'s weights.
     """
     run = StackedRun(train_feats, train_labels, classnames, config, val_feats=val_feats, val_labels=val_labels,
                      on_epoch=on_epoch, resume_state=resume_state, stop_after=stop_after, on_step=on_step,
-                     template=template)
+                     template=template, ordinal=ordinal)
     stepper = RunStepper(run, clip, config.text_encoder(clip))
     drive([stepper])
     return stepper.result()

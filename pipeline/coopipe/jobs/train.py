@@ -51,6 +51,7 @@ from coopipe.datasets.ages import is_age_dataset
 from coopipe.features import SplitFeatures, read_split, select_store
 from coopipe.models import LoadedClip, sha256_file
 from coopipe.lookup import fewshot_index_for, fewshot_index_path, resolve_model
+from coopipe.methods import MethodSpec
 from coopipe.metrics_log import EpochMetricsLog
 from coopipe.store import FeatureStore
 from coopipe.stacked import StackedRun, default_max_stack, train_stacked
@@ -228,7 +229,9 @@ def _prepare(
     check_interval(checkpoint_every, "checkpoint_every (--checkpoint-every)")
     check_device(device)
     clip = clip or resolve_model(cache_dir, dataset, model, pretrained, device)
-    config = TrainConfig.for_method(str(opts.pop("method", "coop")), shots, dataset, seed=seed, **opts)
+    method = opts.pop("method", "coop")  # a label or a spec (a spec keeps what its label does not say: a user's prompts)
+    config = TrainConfig.for_method(method if isinstance(method, MethodSpec) else str(method), shots, dataset, seed=seed,
+                                    **opts)
     # M in tokens (init words) and whatever else only the model knows: every record of the run holds the same
     config = dataclasses.replace(config, method=config.method.resolve(clip))
     if 0 < config.max_epoch <= config.warmup_epoch:

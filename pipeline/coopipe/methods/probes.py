@@ -43,6 +43,10 @@ logger = logging.getLogger(__name__)
 __all__ = ["LinearProbe", "LinearProbeLearner", "Ridge", "RidgeLearner"]
 
 
+UNSEEN_SCORE = -1e300  # a class the fit never saw (an empty rank): exp underflows to 0, so probabilities and arg-max
+# are sklearn's; finite, since non-finite logits mean a diverged run to the evaluation
+
+
 def _frozen64(*shape: int, device: torch.device) -> nn.Parameter:
     """A float64 parameter of zeros the optimiser never moves (the fit fills it; the checkpoint stores it)."""
     return nn.Parameter(torch.zeros(shape, dtype=torch.float64, device=device), requires_grad=False)
@@ -99,7 +103,8 @@ class ProbeLearner(nn.Module):
 
 class LinearProbeLearner(ProbeLearner):
     """Logistic regression ``weight`` (K, D), ``bias`` (K,), ``present`` (K,) (1 for a class the fit saw: the others
-    score -inf, as sklearn knows only its ``classes_``), the chosen ``C`` and its validation score ``val_score``."""
+    score :data:`UNSEEN_SCORE`, as sklearn knows only its ``classes_``), the chosen ``C`` and its validation score
+    ``val_score``."""
 
     def __init__(self, clip: LoadedClip, classnames: Sequence[str], *, method: str) -> None:
         super().__init__(clip, classnames, method=method)
@@ -128,7 +133,7 @@ class LinearProbeLearner(ProbeLearner):
 
     def scores(self, features: np.ndarray) -> np.ndarray:
         present = _numpy(self.present).astype(bool)
-        scores = np.full((features.shape[0], self.n_cls), -np.inf)
+        scores = np.full((features.shape[0], self.n_cls), UNSEEN_SCORE)
         scores[:, present] = normalized_rows(features, "probe") @ _numpy(self.weight)[present].T + _numpy(self.bias)[present]
         return scores
 

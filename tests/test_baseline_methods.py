@@ -9,6 +9,7 @@ metrics (an ``utkface`` store of ranks 20..25).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -90,12 +91,21 @@ def test_classification_baselines_through_the_sweep_match_their_closed_forms(rn5
 
 
 def test_methods_all_runs_each_baseline_once(tmp_path: Path) -> None:
+    """``--methods all --zeroshot --linear-probe`` (methods_grid.sh): each baseline once; ``--no-zeroshot`` and no
+    ``--linear-probe`` leave them out; a baseline named in --methods and asked by its flag runs once too."""
     spec = SweepSpec(datasets=("eurosat",), all_methods=True, methods=(), zeroshot=True, linear_probe=True,
                      shots=(1, 2), seeds=(1, 2), encode=False, runs=str(tmp_path))
     runs = [t.run_dir for t in plan_sweep(spec).tasks]
     assert len(runs) == len(set(runs))
     methods = [t.method.label() for t in plan_sweep(spec).tasks]
     assert methods.count("zeroshot") == 1 and methods.count("linear_probe") == 4 and "ridge" not in methods
+    assert "coop" in methods and "tipadapter" in methods
+    bare = [t.method.method for t in plan_sweep(dataclasses.replace(spec, zeroshot=False, linear_probe=False)).tasks]
+    assert "zeroshot" not in bare and "linear_probe" not in bare
+    named = SweepSpec(datasets=("eurosat",), methods=(MethodSpec("linear_probe"), MethodSpec("zeroshot")),
+                      linear_probe=True, zeroshot=True, shots=(1,), seeds=(1,), encode=False, runs=str(tmp_path))
+    assert sorted(t.label for t in plan_sweep(named).tasks) == ["linear_probe eurosat 1-shot seed 1",
+                                                                "zeroshot eurosat"]
     assert MethodSpec.parse("zeroshot_ensemble") == MethodSpec.of("zeroshot", ensemble=True)
 
 

@@ -159,9 +159,7 @@ def run_eval(
         folder = ckpt.path / "transfer" / str(dataset) if dataset != source else ckpt.path
         out = folder / metrics_filename(classes)
     if is_age_dataset(str(dataset)) and classes == "all":
-        predicted = load_learner(ckpt, clip or load_clip(ckpt.model, pretrained or checkpoint_pretrained(ckpt),
-                                                         device=device), test.classnames).predict_ages(test.center) \
-            if ages else None  # type: ignore[attr-defined]
+        predicted = _predicted_ages(ckpt, test, clip=clip, pretrained=pretrained, device=device) if ages else None
         fields, age_evaluation, paths = age_eval.trained_run_age_metrics(
             cache_dir=cache_dir, dataset=str(dataset), shots=record.shots, seed=record.seed, logits=logits,
             test=test, model=ckpt.model, weights=ckpt.weights, predicted=predicted)
@@ -169,6 +167,14 @@ def run_eval(
         age_eval.write_predictions(Path(out).parent / age_eval.PREDICTIONS_FILE, paths, age_evaluation)
     write_json(Path(out), metrics)
     return metrics
+
+
+def _predicted_ages(ckpt: Checkpoint, test: SplitFeatures, *, clip: LoadedClip | None, pretrained: str | None,
+                    device: str) -> Any:
+    """Ages (N,) of a method that predicts them (``predicts_ages``: the ridge probe), from its rebuilt learner."""
+    clip = clip or load_clip(ckpt.model, pretrained or checkpoint_pretrained(ckpt), device=device)
+    learner: Any = load_learner(ckpt, clip, test.classnames)
+    return learner.predict_ages(test.center)
 
 
 def _prompt_logits(ckpt: Checkpoint, test: SplitFeatures, *, clip: LoadedClip | None, pretrained: str | None,

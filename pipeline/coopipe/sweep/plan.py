@@ -60,6 +60,7 @@ AGE_METHODS = (  # an age dataset's default methods: OrdinalCLIP's table (its Co
 BASE2NEW_METHODS = (MethodSpec.of("coop", ctx_init=INIT_WORDS),)  # CoCoOp's table: CoOp vit_b16_ctxv1
 ALL_METHODS = "all"  # ``--methods all``: every registered method that suits the dataset (registered_methods)
 ZEROSHOT, LINEAR_PROBE, RIDGE = "zeroshot", "linear_probe", "ridge"  # the baselines' methods (coopipe.methods)
+BASELINES = (ZEROSHOT, LINEAR_PROBE, RIDGE)  # asked by their sweep flags
 
 
 @dataclass(frozen=True)
@@ -169,10 +170,12 @@ class SweepSpec:
 
 def registered_methods(dataset: str) -> tuple[MethodSpec, ...]:
     """Every registered method in its paper setting that can train on ``dataset``, in registration order: a method
-    that needs ordered labels (rank prompts) only on an age dataset. Why from the registry: a method added as a
-    module joins every comparison with no list to update."""
+    that needs ordered labels (rank prompts) only on an age dataset; the baselines only by their own flags
+    (``--zeroshot``, ``--linear-probe``, ``--ridge``: ``--no-zeroshot`` leaves zero-shot out of ``--methods all``).
+    Why from the registry: a method added as a module joins every comparison with no list to update."""
     age = is_age_dataset(dataset)
-    return tuple(MethodSpec(name) for name in method_names() if age or not get_method(name).ordered_labels)
+    return tuple(MethodSpec(name) for name in method_names()
+                 if (age or not get_method(name).ordered_labels) and name not in BASELINES)
 
 
 def parse_variant(name: str) -> MethodSpec:

@@ -58,6 +58,7 @@ def _sweep(cache: Path, runs: Path, dataset: str, **spec) -> None:
     assert out.count("failed") == 0, [r.detail() for r in out.results]
 
 
+@pytest.mark.slow  # two sweeps (a linear probe's C search, three runs): minutes on 2 cores shared by other work
 def test_classification_baselines_through_the_sweep_match_their_closed_forms(rn50, tmp_path: Path) -> None:
     cache = make_toy_cache(tmp_path / "cache", rn50, CLASSES, {"train": (4, 2), "val": (3, 1), "test": (5, 1)})
     runs = tmp_path / "runs"

@@ -55,7 +55,7 @@ from coopipe.methods import MethodSpec
 from coopipe.metrics_log import EpochMetricsLog
 from coopipe.selection import BestEpoch, selection_record
 from coopipe.selection_store import clear_best, load_best, save_best
-from coopipe.store import FeatureStore
+from coopipe.store import FeatureStore, find_stores
 from coopipe.stacked import StackedRun, default_max_stack, train_stacked
 from coopipe.train import train_prompt
 from coopipe.train_config import EpochRecord, TrainConfig, TrainResult, TrainState, batch_slices
@@ -247,13 +247,13 @@ def _prepare(
     if config.method.definition.fewshot:
         train, train_store, val_feats, val_labels, stores = _fewshot_data(cache_dir, dataset, shots, seed, clip,
                                                                           config, classes)
-    else:  # a method that reads no training image (zero-shot CLIP): the class names of the test store, no draw
-        train_store = select_store(cache_dir, dataset, "test", model=clip.name, weights=clip.weights_id)
+    else:  # a method that reads no training image (zero-shot CLIP): the dataset's class names, no draw
+        split, train_store = _class_list_store(cache_dir, dataset, clip)
         names = ClassSubset.of(train_store.classnames(), classes).classnames
         train = SplitFeatures(torch.zeros(0, 1, int(clip.embed_dim)), torch.zeros(0, dtype=torch.long), list(names),
                               train_store)
         val_feats = val_labels = None
-        stores = {"test": train_store}
+        stores = {split: train_store}
 
     resume: TrainState | None = None
     if (out_dir / META_FILE).is_file():
@@ -311,6 +311,17 @@ def _prepare(
                      metrics=metrics, on_epoch=on_epoch, on_step=lambda: bar.update(1),
                      template=dataset_template(dataset), dataset=dataset, ordinal=is_age_dataset(dataset), best=best,
                      on_best=lambda kept: save_best(out_dir, kept, config))
+
+
+def _class_list_store(cache_dir: Path, dataset: str, clip: LoadedClip) -> tuple[str, FeatureStore]:
+    """The split and store whose class list a method that reads no image takes: the train or val store where there
+    is one (so that the run touches nothing of the test split, as no method's fit does), else the test store (a
+    zero-shot sweep encodes only that). Every split's store holds the dataset's whole class list."""
+    for split in ("train", "val"):
+        found = find_stores(cache_dir, dataset, split, model=clip.name, weights=clip.weights_id)
+        if found:
+            return split, found[0]
+    return "test", select_store(cache_dir, dataset, "test", model=clip.name, weights=clip.weights_id)
 
 
 def _fewshot_data(cache_dir: Path, dataset: str, shots: int, seed: int, clip: LoadedClip, config: TrainConfig,

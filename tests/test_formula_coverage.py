@@ -23,6 +23,9 @@ FORMULA_TESTS = {
     "tipadapterf": "test_feature_methods.py::test_tipadapter_cache_logits_loss_and_key_gradients_follow_the_reference",
     "lpp": "test_lpp_clap.py::test_lpp_start_logits_loss_gradients_and_steps_follow_the_reference",
     "clap": "test_lpp_clap.py::test_clap_start_logits_loss_and_gradients_follow_the_reference",
+    "zeroshot": "test_baseline_methods.py::test_baseline_logits_and_loss_follow_their_closed_forms",
+    "linear_probe": "test_baseline_methods.py::test_baseline_logits_and_loss_follow_their_closed_forms",
+    "ridge": "test_baseline_methods.py::test_baseline_logits_and_loss_follow_their_closed_forms",
 }
 
 

@@ -54,7 +54,7 @@ def _train(cache: Path, out: Path, method: str, clip) -> None:
 def test_fit_data_holds_no_test_split():
     names = {f.name for f in dataclasses.fields(FitData)}
     assert names == {"train_feats", "train_labels", "val_feats", "val_labels", "classnames", "template", "clip",
-                     "logit_scale", "dataset"}  # dataset: its name only (a method's per-dataset setting)
+                     "logit_scale", "dataset", "ordinal"}  # dataset: its name only (a method's per-dataset setting)
     assert not any("test" in name for name in names)
 
 
@@ -84,6 +84,9 @@ def test_training_is_blind_to_the_test_split(caches, rn50, tmp_path, monkeypatch
             (r.loss, r.train_acc, r.val_acc) for r in reference.history], name
     assert len(seen) == len(caches)
     for data in seen:  # the few-shot training draw (2 per class) and the validation split, nothing else
+        if not definition.fewshot:  # zero-shot CLIP reads no image at all, only the class names
+            assert data.train_feats.shape[0] == 0 and data.val_feats is None
+            continue
         assert data.train_feats.shape[0] == 2 * len(CLASSES) and bool(torch.isfinite(data.train_feats).all())
         assert data.val_feats is not None and data.val_feats.shape[0] == SIZES["val"][0] * len(CLASSES)
         assert int(data.train_labels.max()) < len(CLASSES) and int(data.val_labels.max()) < len(CLASSES)

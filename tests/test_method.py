@@ -51,7 +51,7 @@ def test_paper_settings_and_bad_specs():
     with pytest.raises(ParamsError, match="cocoop has no option.*csc"):
         MethodSpec.of("cocoop", csc=True)
     assert MethodSpec.parse("cocoop_m4") == MethodSpec.of("cocoop", n_ctx=4)  # random init, M = 4
-    for bad in ("coop_m0", "coop_sideways", "coop_m16", "linear_probe"):
+    for bad in ("coop_m0", "coop_sideways", "coop_m16", "linear", "linear_probe_x"):  # linear_probe is a method
         with pytest.raises(ParamsError):
             MethodSpec.parse(bad)
     assert not MethodSpec.of("coop", csc=True).transferable and MethodSpec().transferable

@@ -22,6 +22,7 @@ from coopipe.checkpoint import CLASSIFIER_FILE, META_FILE, load_checkpoint, load
 from coopipe.errors import CheckpointError, ParamsError, StoreError
 from coopipe.jobs.evaluate import run_eval
 from coopipe.jobs.train import run_train
+from coopipe.methods import MethodSpec
 from coopipe.selection import SELECTED_ON, Selector
 from coopipe.selection_store import BEST_FILE
 from coopipe.train_config import EpochRecord, TrainConfig
@@ -112,6 +113,8 @@ def test_the_planted_best_epoch_is_kept_earliest_among_ties_and_only_on_candidat
 
 def test_selection_is_off_by_default_and_needs_a_validation_split(caches, rn50, tmp_path):
     from coopipe.sweep.options import train_args
+    from coopipe.sweep.plan import RunSettings
+    from coopipe.sweep.tasks import _overrides
 
     assert TrainConfig().select_every == 0 == TrainConfig.for_method("rank", 16, "utkface").select_every
     assert train_args("--select-every 5") == {"select_every": 5}  # a sweep's --train-args reach it
@@ -120,8 +123,13 @@ def test_selection_is_off_by_default_and_needs_a_validation_split(caches, rn50, 
                   progress=False, overrides={"select_every": -2})
     with pytest.raises(ParamsError, match="select_every must be 0"):
         TrainConfig(select_every=-1)
-    with pytest.raises(ParamsError, match="trains nothing.*select_every must be 0"):
-        TrainConfig.for_method("tipadapter", 16, select_every=1)
+    for method in ("tipadapter", "zeroshot", "linear_probe"):  # a training-free method has no epoch to select
+        with pytest.raises(ParamsError, match="trains nothing.*select_every must be 0"):
+            TrainConfig.for_method(method, 16, select_every=1)
+    # a sweep's --select-every reaches the methods that train, not the training-free ones it runs beside them
+    settings = RunSettings(train_options={"select_every": 1})
+    assert _overrides(settings, MethodSpec.of("coop"))["select_every"] == 1
+    assert "select_every" not in _overrides(settings, MethodSpec.of("zeroshot"))
     no_val = tmp_path / "noval"
     make_toy_cache(no_val, rn50, CLASSES, {"train": (4, 2)})
     (no_val / "toy" / "fewshot").mkdir(parents=True, exist_ok=True)

@@ -36,7 +36,8 @@ def test_plan_folders_order_and_encodes(tmp_path: Path):
     assert labels.index("coop_middle eurosat 1-shot seed 2") < labels.index("linear_probe eurosat 16-shot seed 1")
     assert labels.index("linear_probe eurosat 1-shot seed 2") < labels.index("zeroshot eurosat")
     kinds = [t.kind for t in plan.tasks]
-    assert kinds.count("coop") == 8 and kinds.count("linear_probe") == 4 and kinds.count("zeroshot") == 2
+    methods = [t.method.method for t in plan.tasks if t.kind == "coop"]  # the baselines are methods
+    assert methods.count("coop") == 8 and methods.count("linear_probe") == 4 and methods.count("zeroshot") == 2
     assert kinds.count("transfer") == 8 and kinds[-8:] == ["transfer"] * 8  # phase 1, after the source runs
     run = next(t for t in plan.tasks if t.label == "coop_middle eurosat 16-shot seed 2")
     assert run.run_dir == str(tmp_path / "runs/eurosat/coop_middle/shots16_seed2")
@@ -176,7 +177,7 @@ def test_methods_all_plans_every_registered_method_that_suits_the_dataset(tmp_pa
     import dataclasses
 
     from coopipe.methods import Method, get_method, method_names, register, unregister
-    from coopipe.sweep.plan import registered_methods
+    from coopipe.sweep.plan import BASELINES, registered_methods
 
     @dataclasses.dataclass(frozen=True)
     class Opts:
@@ -193,7 +194,8 @@ def test_methods_all_plans_every_registered_method_that_suits_the_dataset(tmp_pa
         spec = SweepSpec(datasets=("eurosat",), methods=(), all_methods=True, shots=(1,), seeds=(1,), base2new=True,
                          encode=False, runs=str(tmp_path / "runs"))
         by_kind = {(t.kind, t.method.label()) for t in plan_sweep(spec).tasks}
-        expected = [n for n in method_names() if not get_method(n).ordered_labels]  # rank prompts, ordcoop
+        expected = [n for n in method_names()  # not the rank prompts, ordcoop, nor the baselines (their own flags)
+                    if not get_method(n).ordered_labels and n not in BASELINES]
         assert {label for kind, label in by_kind if kind == "coop"} == set(expected)
         assert ("coop", "closedset") in by_kind and ("base2new", "closedset") not in by_kind
         assert ("base2new", "cocoop") in by_kind

@@ -15,6 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SLOW = {
     "fault/test_kill_loop.py::test_encode_killed_at_random_points_resumes_to_the_same_store",
     "fault/test_kill_loop.py::test_train_killed_at_random_points_resumes_bitwise",
+    "test_baseline_methods.py::test_age_baselines_through_the_sweep_match_their_closed_forms",
+    "test_baseline_methods.py::test_classification_baselines_through_the_sweep_match_their_closed_forms",
     "test_age_jobs.py::test_age_jobs_end_to_end",
     "test_age_sweep.py::test_age_sweep_end_to_end",
     "test_cli_pipeline.py::test_train_eval_baselines_interpret",

@@ -38,6 +38,7 @@ __all__ = [
     "IMAGENET_TEMPLATES",
     "LinearProbe",
     "clean_classname",
+    "normalized_rows",
     "dataset_template",
     "fit_linear_probe",
     "zero_shot",
@@ -138,14 +139,19 @@ def clean_classname(name: str) -> str:
 
 
 def dataset_template(dataset: str) -> str:
-    """The hand-crafted zero-shot prompt of a CoOp dataset name (or alias); ``a photo of a {}.`` otherwise.
+    """The hand-crafted zero-shot prompt of a CoOp dataset name (or alias), the age prompt of an age dataset;
+    ``a photo of a {}.`` otherwise.
 
     For user datasets (``imagefolder``, ``manifest``) pass the :class:`~coopipe.datasets.base.Dataset`'s own
     ``template`` instead: it is not recoverable from the name.
     """
-    from coopipe.datasets import default_registry
+    from coopipe.datasets import default_registry, is_age_dataset
+    from coopipe.datasets.ages import AGE_TEMPLATE
     from coopipe.datasets.coop import COOP_SPECS_BY_NAME
     from coopipe.errors import UnknownDatasetError
+
+    if is_age_dataset(dataset):
+        return AGE_TEMPLATE
 
     try:
         name = default_registry().resolve(dataset)
@@ -207,7 +213,8 @@ def zero_shot(
     return evaluate_classifier(weights, image_features, labels, clip.model.logit_scale.detach().cpu())
 
 
-def _normalized(features: torch.Tensor | np.ndarray, what: str) -> np.ndarray:
+def normalized_rows(features: torch.Tensor | np.ndarray, what: str) -> np.ndarray:
+    """(N, D) float64 features, each row L2-normalised (the probes' input); ``what`` names them in errors."""
     arr = features.detach().cpu().numpy() if isinstance(features, torch.Tensor) else np.asarray(features)
     arr = arr.astype(np.float64)
     if arr.ndim != 2:
@@ -235,7 +242,7 @@ class LinearProbe:
 
     def logits(self, features: torch.Tensor | np.ndarray) -> np.ndarray:
         """(N, K) decision scores over all ``n_classes`` (classes absent from training get -inf)."""
-        scores = self.classifier.decision_function(_normalized(features, "probe"))
+        scores = self.classifier.decision_function(normalized_rows(features, "probe"))
         if scores.ndim == 1:  # binary problem: sklearn returns the positive-class margin only
             scores = np.stack([-scores, scores], axis=1)
         full = np.full((scores.shape[0], self.n_classes), -np.inf)
@@ -310,8 +317,8 @@ def _search_probe(
     refine_steps: int,
     max_iter: int,
 ) -> LinearProbe:
-    x_train, y_train = _normalized(train_features, "train"), _labels(train_labels)
-    x_val, y_val = _normalized(val_features, "validation"), _labels(val_labels)
+    x_train, y_train = normalized_rows(train_features, "train"), _labels(train_labels)
+    x_val, y_val = normalized_rows(val_features, "validation"), _labels(val_labels)
     if x_train.shape[0] != y_train.size or x_val.shape[0] != y_val.size:
         raise DatasetError("linear probe: feature rows and labels differ in number")
     if x_val.shape[1] != x_train.shape[1]:

@@ -315,7 +315,7 @@ def ridge(
     out: Annotated[Optional[Path], typer.Option(help="Output folder (default runs/<dataset>/ridge/shotsK_seedS).")] = None,
 ) -> None:
     """Ridge regression of age on the cached features (alpha chosen on validation): the plain age baseline."""
-    from coopipe.jobs.age_eval import run_ridge_probe
+    from coopipe.jobs.evaluate import run_ridge_probe
     from coopipe.lookup import run_name
 
     with errors():

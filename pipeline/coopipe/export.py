@@ -174,7 +174,9 @@ def export_run(
 
 
 def _write_prompt(path: Path, tensors: Mapping[str, torch.Tensor], spec: MethodSpec) -> Path:
-    clean = {name: t.detach().float().cpu().contiguous().clone() for name, t in tensors.items()}
+    # at least float32; a float64 fit (the probes') stays float64, so the export scores as the run does
+    clean = {name: t.detach().to(torch.promote_types(t.dtype, torch.float32)).cpu().contiguous().clone()
+             for name, t in tensors.items()}
     meta = {"format": EXPORT_FORMAT, "method": json.dumps(spec.to_dict())}
     return atomic_write(path, lambda tmp: save_file(clean, str(tmp), metadata=meta))
 

@@ -77,6 +77,7 @@ class FitData:
     clip: LoadedClip  # the frozen model (its text tower gives the zero-shot class text features)
     logit_scale: torch.Tensor  # scalar, log scale
     dataset: str | None = None  # the dataset's name, for a method whose published setting differs by dataset
+    ordinal: bool = False  # the classes are ranks (ages): a probe picks its regularisation by MAE, not accuracy
 
 
 class Learner(Protocol):

@@ -81,6 +81,7 @@ class StackedRun:
     dataset: str | None = None  # the dataset's name (a method's per-dataset setting: Tip-Adapter's search grid)
     best: BestEpoch | None = None  # model selection: the best epoch kept before a resume (coopipe.selection)
     on_best: Callable[[BestEpoch], None] | None = None  # model selection: called with each new best epoch
+    ordinal: bool = False  # the classes are ranks (ages), for a method that treats them so (FitData.ordinal)
 
 
 def train_runs(runs: Sequence[StackedRun], clip: LoadedClip, encoder: PromptTextEncoder) -> list[TrainResult]:
@@ -154,8 +155,11 @@ class TrainingRun:
         config = self.config = run.config
         self.device = device = resolve_text_tower(clip.model).device
         names = list(run.classnames)
-        feats, labels = check_features(run.train_feats, run.train_labels, n_classes=len(names), dim=clip.embed_dim,
-                                       what="training")
+        if config.method.definition.fewshot:
+            feats, labels = check_features(run.train_feats, run.train_labels, n_classes=len(names),
+                                           dim=clip.embed_dim, what="training")
+        else:  # a method that reads no training image (zero-shot CLIP): the run gets none
+            feats, labels = torch.as_tensor(run.train_feats).float(), torch.as_tensor(run.train_labels).long()
         if feats.ndim == 2:
             feats = feats.unsqueeze(1)  # (N, 1, D)
         self.feats, self.labels = feats.to(device), labels.to(device)  # (N, V, D), (N,)
@@ -177,7 +181,7 @@ class TrainingRun:
         self.fit_data = FitData(
             train_feats=self.feats, train_labels=self.labels, val_feats=None if self.val is None else self.val[0],
             val_labels=None if self.val is None else self.val[1], classnames=tuple(names), template=run.template,
-            clip=clip, logit_scale=self.logit_scale, dataset=run.dataset)
+            clip=clip, logit_scale=self.logit_scale, dataset=run.dataset, ordinal=run.ordinal)
         config.method.definition.prepare(self.learner, self.fit_data)
         self.setup_seconds = time.perf_counter() - self.started  # the method's one-off cost (coopipe.cost)
         self.conditional = is_image_conditional(self.learner)

@@ -115,9 +115,11 @@ def model_card(record: Mapping[str, Any], metrics: Mapping[str, Mapping[str, Any
         + (f"; setting of {source['variant']['setting']}" if "setting" in (source.get("variant") or {}) else ""),
         f"- model: `{model['name']}`, weights `{model['weights']}` (load with pretrained=`{model['pretrained']}`), "
         f"text activation {model['activation']}",
-        f"- dataset: {source.get('dataset')}, {source.get('shots')} shots per class, seed {source.get('seed')}, "
-        f"classes: {source.get('classes')}; "
-        + (f"trained {source.get('epoch')} epochs" if method.trains else "training-free (fitted once to the few-shot splits)"),
+        f"- dataset: {source.get('dataset')}, "
+        + (f"{source.get('shots')} shots per class, seed {source.get('seed')}, " if method.fewshot else "")
+        + f"classes: {source.get('classes')}; "
+        + (f"trained {source.get('epoch')} epochs" if method.trains else "training-free (fitted once to the few-shot splits)"
+           if method.fewshot else "training-free (no training image: the class names alone)"),
         f"- classes ({len(classes)}): {shown}",
         f"- head: {head}",
         f"- preprocessing: {record['preprocess']['view']}; image_size {record['preprocess']['image_size']}, "

@@ -25,7 +25,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from threadpoolctl import threadpool_limits
 
-from coopipe.baselines import COARSE_C, _fit, _normalized
+from coopipe.baselines import COARSE_C, _fit, normalized_rows
 from coopipe.datasets.ages import AGE_TEMPLATE
 from coopipe.errors import DatasetError, ParamsError
 from coopipe.ordinal import AgeEvaluation, evaluate_ages
@@ -86,7 +86,7 @@ class RidgeProbe:
     search: list[tuple[float, float]] = field(default_factory=list)  # (alpha, val MAE)
 
     def predict(self, features: Array) -> np.ndarray:
-        pred = _normalized(features, "ridge") @ self.coef + self.intercept  # (N,)
+        pred = normalized_rows(features, "ridge") @ self.coef + self.intercept  # (N,)
         return np.clip(pred, *self.age_range) if self.age_range is not None else pred
 
     def evaluate(self, features: Array, true_ages: Array | Sequence[float]) -> AgeEvaluation:
@@ -103,8 +103,8 @@ def fit_ridge_probe(
     age_range: tuple[float, float] | None = None,
 ) -> RidgeProbe:
     """Closed-form ridge regression of ages on (N, D) features; ``age_range`` clips predictions (e.g. (0, 100))."""
-    x, y = _normalized(train_features, "train"), _ages(train_ages, "train")
-    xv, yv = _normalized(val_features, "validation"), _ages(val_ages, "validation")
+    x, y = normalized_rows(train_features, "train"), _ages(train_ages, "train")
+    xv, yv = normalized_rows(val_features, "validation"), _ages(val_ages, "validation")
     if x.shape[0] != y.size or xv.shape[0] != yv.size or x.shape[0] < 2:
         raise DatasetError("ridge probe: need >= 2 train rows and as many ages as feature rows")
     if xv.shape[1] != x.shape[1]:
@@ -143,7 +143,7 @@ class RankProbe:
 
     def log_probs(self, features: Array) -> np.ndarray:
         """(N, K) log class probabilities; ranks absent from training get -inf."""
-        proba = self.classifier.predict_proba(_normalized(features, "probe"))
+        proba = self.classifier.predict_proba(normalized_rows(features, "probe"))
         full = np.full((proba.shape[0], self.values.size), -np.inf)
         with np.errstate(divide="ignore"):
             full[:, self.classifier.classes_] = np.log(proba)
@@ -166,8 +166,8 @@ def fit_rank_linear_probe(
     blas_threads: int | None = 1,
 ) -> RankProbe:
     """Fit the rank probe on (N, D) features and rank labels; ``values`` are the ranks' ages (K,)."""
-    x, y = _normalized(train_features, "train"), np.asarray(train_labels, dtype=np.int64).reshape(-1)
-    xv, yv = _normalized(val_features, "validation"), np.asarray(val_labels, dtype=np.int64).reshape(-1)
+    x, y = normalized_rows(train_features, "train"), np.asarray(train_labels, dtype=np.int64).reshape(-1)
+    xv, yv = normalized_rows(val_features, "validation"), np.asarray(val_labels, dtype=np.int64).reshape(-1)
     v = np.asarray(values, dtype=np.float64)
     if x.shape[0] != y.size or xv.shape[0] != yv.size:
         raise DatasetError("rank probe: feature rows and labels differ in number")

@@ -59,6 +59,7 @@ def train_prompt(
     dataset: str | None = None,
     best: BestEpoch | None = None,
     on_best: Callable[[BestEpoch], None] | None = None,
+    ordinal: bool = False,
 ) -> TrainResult:
     """Learn the parameters of ``config.method``'s learner (CoOp context; CoCoOp context and Meta-Net; ...) from cached features.
 
@@ -70,11 +71,12 @@ def train_prompt(
     called after every epoch (progress bars, logging, checkpointing ``state``). ``resume_state`` continues a run;
     ``stop_after`` stops once that many epochs are complete (the schedule still spans ``config.max_epoch``).
     ``template``: the dataset's hand-crafted prompt, for methods that need zero-shot text features (KgCoOp, ...);
-    ``dataset``: its name, for methods whose published setting differs by dataset (Tip-Adapter's search grid).
+    ``dataset``: its name, for methods whose published setting differs by dataset (Tip-Adapter's search grid);
+    ``ordinal``: the classes are ranks (ages), for methods that treat them so (the linear probe's C criterion).
     Computation runs on the device of ``clip``'s weights.
     """
     run = StackedRun(train_feats, train_labels, classnames, config, val_feats=val_feats, val_labels=val_labels,
                      on_epoch=on_epoch, resume_state=resume_state, stop_after=stop_after, on_step=on_step,
-                     template=template, dataset=dataset, best=best, on_best=on_best)
+                     template=template, dataset=dataset, best=best, on_best=on_best, ordinal=ordinal)
     return train_stacked([run], clip, max_stack=1)[0]
 

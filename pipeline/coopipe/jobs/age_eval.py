@@ -1,5 +1,5 @@
 """Age estimation in the evaluation jobs: MAE (both decodings), CS(1..10), accuracy within +-1/3/5 years, the
-constant predictor beside every number, predictions for the predicted-vs-true plot, and the age baselines.
+constant predictor beside every number, and predictions for the predicted-vs-true plot.
 
 Why a module of its own: the classification jobs (:mod:`coopipe.jobs.evaluate`) stay as they are and call in here
 with a one-line ``if is_age_dataset(...)`` branch; everything that knows about ages lives here.
@@ -24,17 +24,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from coopipe.baselines import zero_shot_classifier
 from coopipe.datasets.ages import AGE_TEMPLATE, rank_values
 from coopipe.datasets.fewshot import FewShotIndex
 from coopipe.errors import StoreError
-from coopipe.evaluate import Evaluation, classifier_logits, evaluate_predictions
-from coopipe.features import SplitFeatures, read_split, select_store
-from coopipe.atomic import write_json, write_text
-from coopipe.lookup import fewshot_index, infer_model
-from coopipe.models import LoadedClip
+from coopipe.features import SplitFeatures, select_store
+from coopipe.atomic import write_text
+from coopipe.lookup import fewshot_index
 from coopipe.ordinal import AgeEvaluation, evaluate_ages, median_predictor_mae
-from coopipe.regression import AGE_TEMPLATES, fit_rank_linear_probe, fit_ridge_probe
+from coopipe.regression import evaluate_age_predictions
 from coopipe.store import FeatureStore, find_stores
 
 logger = logging.getLogger(__name__)
@@ -45,9 +42,6 @@ __all__ = [
     "age_templates",
     "constant_fields",
     "describe_age_metrics",
-    "run_age_linear_probe",
-    "run_age_zeroshot",
-    "run_ridge_probe",
     "train_draw_ages",
     "write_predictions",
 ]
@@ -117,31 +111,10 @@ def cached_train_ages(cache_dir: str | os.PathLike[str], dataset: str, *, model:
 
 def age_templates(templates: Sequence[str] | None, ensemble: bool) -> list[str]:
     """The zero-shot prompts of an age dataset: given ones, else :data:`AGE_TEMPLATES` (ensemble) or the age prompt."""
-    if templates:
-        return list(templates)
-    return list(AGE_TEMPLATES) if ensemble else [AGE_TEMPLATE]
+    from coopipe.methods.zeroshot import TEMPLATE_SEP, ZeroShotOptions, zero_shot_templates
 
-
-def _classification(logits: torch.Tensor | np.ndarray, labels: torch.Tensor, n_classes: int) -> Evaluation:
-    """Exact-age accuracy and friends from rank logits (kept beside the age metrics)."""
-    z = torch.as_tensor(np.asarray(logits, dtype=np.float64) if isinstance(logits, np.ndarray) else logits)
-    return evaluate_predictions(labels, z.argmax(dim=-1), n_classes)
-
-
-def _write(out_dir: Path, metrics: dict[str, Any], paths: Sequence[str], evaluation: AgeEvaluation,
-           filename: str = "metrics.json") -> dict[str, Any]:
-    write_predictions(out_dir / PREDICTIONS_FILE, paths, evaluation)
-    write_json(out_dir / filename, metrics)
-    constant = metrics.get("constant_mae")
-    logger.info("%s: MAE %.2f (exp) / %.2f (max) years, constant predictor %s", out_dir, metrics["mae_exp"],
-                metrics["mae_max"], "n/a" if constant is None else f"{constant:.2f}")
-    return metrics
-
-
-def _class_metrics(evaluation: Evaluation, classnames: Sequence[str]) -> dict[str, Any]:
-    data = evaluation.to_dict(classnames)
-    data.pop("confusion", None)  # 101 x 101 ranks: not for a metrics file
-    return data
+    return zero_shot_templates(ZeroShotOptions(ensemble=ensemble, templates=TEMPLATE_SEP.join(templates or ())),
+                               AGE_TEMPLATE)
 
 
 def describe_age_metrics(metrics: dict[str, Any]) -> list[str]:
@@ -168,11 +141,24 @@ def trained_run_age_metrics(
     test: SplitFeatures,
     model: str,
     weights: str,
+    predicted: np.ndarray | None = None,
 ) -> tuple[dict[str, Any], AgeEvaluation, list[str]]:
-    """Age metrics of a trained prompt's logits (N, K) on ``test``; the constant from the run's few-shot draw."""
-    evaluation = evaluate_ages(logits, test.labels, rank_values(test.classnames))
+    """Age metrics of a trained run's logits (N, K) on ``test`` (or of its ``predicted`` ages (N,): a regression);
+    the constant from the run's few-shot draw (a run without one, zero-shot CLIP: every cached train image)."""
+    values = rank_values(test.classnames)
+    evaluation = (evaluate_ages(logits, test.labels, values) if predicted is None else
+                  evaluate_age_predictions(predicted, values[test.labels.numpy()]))
+    if not shots:
+        try:
+            train_ages, source = cached_train_ages(cache_dir, dataset, model=model, weights=weights,
+                                                   classnames=test.classnames)
+        except StoreError as exc:  # only the test split is cached (a cross-dataset target): the metrics stand without it
+            logger.warning("no constant predictor beside the metrics: %s", exc)
+            return {**age_fields(evaluation), **NO_CONSTANT}, evaluation, split_paths(test)
+        return {**age_fields(evaluation), **constant_fields(train_ages, evaluation.true, source)}, evaluation, \
+            split_paths(test)
     try:
-        if shots is None or seed is None:
+        if seed is None:
             raise StoreError("the run records no few-shot draw")
         index = fewshot_index(Path(cache_dir), dataset, shots, seed, None)
         train_ages = train_draw_ages(cache_dir, index, model=model, weights=weights, classnames=test.classnames)
@@ -188,130 +174,3 @@ def trained_run_age_metrics(
                     evaluation, split_paths(test))
     fields = {**age_fields(evaluation), **constant_fields(train_ages, evaluation.true, source)}
     return fields, evaluation, split_paths(test)
-
-
-# ---------------------------------------------------------------- zero-shot
-def run_age_zeroshot(
-    *,
-    cache_dir: str | os.PathLike[str],
-    dataset: str,
-    out_dir: str | os.PathLike[str],
-    clip: LoadedClip,
-    ensemble: bool = False,
-    templates: Sequence[str] | None = None,
-) -> dict[str, Any]:
-    """Zero-shot age estimation (the age prompt) or prompt ensembling over :data:`AGE_TEMPLATES` on the test store."""
-    store = select_store(cache_dir, dataset, "test", model=clip.name, weights=clip.weights_id)
-    test = read_split(store, all_views=False)
-    chosen = age_templates(templates, ensemble)
-    weights = zero_shot_classifier(clip, test.classnames, chosen)  # (K, D)
-    logits = classifier_logits(weights, test.center, clip.model.logit_scale.detach().cpu())  # (N, K)
-    evaluation = evaluate_ages(logits, test.labels, rank_values(test.classnames))
-    try:
-        train_ages, source = cached_train_ages(cache_dir, dataset, model=clip.name, weights=clip.weights_id,
-                                               classnames=test.classnames)
-        constant = constant_fields(train_ages, evaluation.true, source)
-    except StoreError as exc:  # only the test split is cached (a cross-dataset target): the metrics stand without it
-        logger.warning("no constant predictor beside the zero-shot metrics: %s", exc)
-        constant = dict(NO_CONSTANT)
-    metrics = {
-        "method": "zeroshot_ensemble" if len(chosen) > 1 else "zeroshot", "dataset": dataset, "shots": 0,
-        "seed": None, "model": clip.name, "weights": clip.weights_id, "templates": chosen, "store": str(store.path),
-        "classes": "all", **_class_metrics(_classification(logits, test.labels, len(test.classnames)), test.classnames),
-        **age_fields(evaluation), **constant,
-    }
-    return _write(Path(out_dir), metrics, split_paths(test), evaluation)
-
-
-# ---------------------------------------------------------------- probes on the few-shot features
-def _probe_data(cache_dir: Path, dataset: str, shots: int, seed: int, model: str | None,
-                weights: str | None) -> tuple[str, str, SplitFeatures, SplitFeatures, SplitFeatures, FewShotIndex]:
-    """(model, weights, train, val, test) centre-view features of the (shots, seed) draw; no model is loaded."""
-    if model is None:
-        model, weights = infer_model(cache_dir, dataset)
-    elif weights is None:  # the weights of this model's cached features (one set, or say which to pick)
-        found = sorted({s.provenance["weights"] for s in find_stores(cache_dir, dataset, "train", model=model)})
-        if len(found) != 1:
-            raise StoreError(f"{cache_dir} holds {len(found)} sets of {model} train features for {dataset} "
-                             f"({', '.join(found) or 'none'}); " + ("pick one with --pretrained" if found else
-                             f"run `coopipe encode --dataset {dataset} --model {model} ...` first"))
-        weights = found[0]
-    def store(split: str, positions: tuple[int, ...] | None = None) -> FeatureStore:
-        return select_store(cache_dir, dataset, split, model=model, weights=weights, positions=positions)
-
-    full = [s for s in find_stores(cache_dir, dataset, "train", model=model, weights=weights)
-            if s.provenance.get("rows", "all") == "all"]
-    index = fewshot_index(cache_dir, dataset, shots, seed, full[0] if full else None)
-    train = read_split(store("train", index.train_indices), index.train_indices, all_views=False)
-    if not index.val_indices:
-        raise StoreError(f"the age probes choose their regularisation on validation; {dataset} has no validation "
-                         f"images in the {shots}-shot draw (seed {seed}): give the dataset a val split")
-    val = read_split(store("val", index.val_indices), index.val_indices, all_views=False)
-    test = read_split(store("test"), all_views=False)
-    return model, weights, train, val, test, index
-
-
-def _probe_info(method: str, dataset: str, shots: int, seed: int, model: str, weights: str,
-                test: SplitFeatures, train_ages: np.ndarray, evaluation: AgeEvaluation) -> dict[str, Any]:
-    return {
-        "method": method, "dataset": dataset, "shots": shots, "seed": seed, "model": model, "weights": weights,
-        "store": str(test.store.path), **age_fields(evaluation),
-        **constant_fields(train_ages, evaluation.true, f"the {shots}-shot train draw, seed {seed} "
-                                                       f"({train_ages.size} images)"),
-    }
-
-
-def run_age_linear_probe(
-    *,
-    cache_dir: str | os.PathLike[str],
-    dataset: str,
-    shots: int,
-    seed: int,
-    out_dir: str | os.PathLike[str],
-    model: str | None = None,
-    weights: str | None = None,
-) -> dict[str, Any]:
-    """The rank linear probe (logistic regression over ranks, expectation decoding, C on validation MAE)."""
-    model, weights, train, val, test, _ = _probe_data(Path(cache_dir), dataset, shots, seed, model, weights)
-    values = rank_values(train.classnames)
-    probe = fit_rank_linear_probe(train.center, train.labels, val.center, val.labels, values)
-    log_probs = probe.log_probs(test.center)  # (N, K)
-    evaluation = evaluate_ages(log_probs, test.labels, values)
-    metrics = {
-        **_probe_info("linear_probe", dataset, shots, seed, model, weights, test, values[train.labels.numpy()],
-                      evaluation),
-        **_class_metrics(_classification(log_probs, test.labels, values.size), train.classnames),
-        "C": probe.C, "val_mae": probe.val_mae,
-    }
-    return _write(Path(out_dir), metrics, split_paths(test), evaluation)
-
-
-def run_ridge_probe(
-    *,
-    cache_dir: str | os.PathLike[str],
-    dataset: str,
-    shots: int,
-    seed: int,
-    out_dir: str | os.PathLike[str],
-    model: str | None = None,
-    weights: str | None = None,
-) -> dict[str, Any]:
-    """Closed-form ridge regression of age on the few-shot centre-view features, alpha on validation MAE.
-
-    Writes ``<out_dir>/metrics.json`` (the jobs' layout: ``runs/<dataset>/ridge/shotsK_seedS``) and
-    ``predictions.csv``. Predictions are clipped to the rank range. Needs no model: only the cached features.
-    """
-    model, weights, train, val, test, _ = _probe_data(Path(cache_dir), dataset, shots, seed, model, weights)
-    values = rank_values(train.classnames)
-    y = train.labels.numpy()
-    probe = fit_ridge_probe(train.center, values[y], val.center, values[val.labels.numpy()],
-                            age_range=(float(values.min()), float(values.max())))
-    evaluation = probe.evaluate(test.center, values[test.labels.numpy()])
-    # exact-age accuracy of the rounded prediction, as the other methods' arg-max accuracy
-    rounded = np.clip(np.searchsorted(values, evaluation.pred_max), 0, values.size - 1)
-    metrics = {
-        **_probe_info("ridge", dataset, shots, seed, model, weights, test, values[y], evaluation),
-        **_class_metrics(evaluate_predictions(test.labels, rounded, values.size), train.classnames),
-        "alpha": probe.alpha, "val_mae": probe.val_mae,
-    }
-    return _write(Path(out_dir), metrics, split_paths(test), evaluation)

@@ -2,14 +2,15 @@
 
 - ``run_eval``: a trained run (its exported classifier, so no text encoder is needed) on the test store of
   its dataset, model and weights (or any compatible store given explicitly);
-- ``run_zeroshot``: zero-shot CLIP with the dataset's hand-crafted prompt, or prompt ensembling;
-- ``run_linear_probe``: logistic regression on the few-shot train features, C searched on the few-shot val split.
+- ``run_fit``: a training-free method's run and its evaluation in one call; ``run_zeroshot`` (zero-shot CLIP with the
+  dataset's hand-crafted prompt, or prompt ensembling), ``run_linear_probe`` and ``run_ridge_probe`` are it for the
+  baselines, which are methods (:mod:`coopipe.methods.zeroshot`, :mod:`coopipe.methods.probes`).
 Each writes ``metrics.json`` (method, dataset, shots, seed + metrics) into its run folder.
 
 Age datasets (:func:`coopipe.datasets.is_age_dataset`) branch into :mod:`coopipe.jobs.age_eval`: the same
 files gain MAE (both decodings), CS(1..10), within +-1/3/5 years and the constant predictor's MAE, plus a
 ``predictions.csv``; zero-shot defaults to the age prompt (ensembling: the age prompts); the linear probe is the
-rank probe decoded by expectation; ``run_ridge_probe`` is the ridge-regression baseline.
+rank probe decoded by expectation; the ridge probe's ages are its own predictions.
 
 Class lists other than the training one (see :mod:`coopipe.transfer`): ``classes='base'|'new'`` evaluates on
 that half of the sorted classes (CoCoOp's base-to-new protocol; written to ``metrics_<classes>.json``), and
@@ -21,7 +22,6 @@ classifier is built from the learned context with the evaluated class names thro
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,19 +31,21 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from coopipe.atomic import write_json
-from coopipe.baselines import IMAGENET_TEMPLATES, dataset_template, fit_linear_probe, zero_shot_classifier
+from coopipe.baselines import dataset_template
 from coopipe.checkpoint import Checkpoint, load_checkpoint
 from coopipe.trained_learner import load_learner
 from coopipe.datasets import is_age_dataset
 from coopipe.departures import checkpoint_departures, training_record
 from coopipe.errors import CheckpointError, StoreError
-from coopipe.cost import TrainingCost, measure_inference, read_training_cost
-from coopipe.evaluate import check_finite_logits, classifier_logits, evaluate_classifier, evaluate_predictions
+from coopipe.cost import measure_inference, read_training_cost
+from coopipe.evaluate import check_finite_logits, classifier_logits, evaluate_predictions
 from coopipe.features import SplitFeatures, read_split, select_store
 from coopipe.learners import predict_logits
 from coopipe.hardware import check_device
 from coopipe.jobs import age_eval
-from coopipe.lookup import checkpoint_pretrained, fewshot_index_for, resolve_model
+from coopipe.lookup import checkpoint_pretrained, resolve_model
+from coopipe.methods import MethodSpec
+from coopipe.methods.zeroshot import TEMPLATE_SEP
 from coopipe.models import LoadedClip, load_clip
 from coopipe.report.records import departures
 from coopipe.store import open_store
@@ -135,8 +137,9 @@ def run_eval(
                                          template=dataset_template(str(dataset))),
         device="cpu" if exported else device)
     y = torch.as_tensor(test.labels)
+    ages = ckpt.method.definition.predicts_ages  # the ridge probe: ages in years, its logits only pick the nearest rank
     evaluation = evaluate_predictions(y, logits.argmax(dim=-1), logits.shape[1],
-                                      loss=float(F.cross_entropy(logits, y)) if len(y) else None)
+                                      loss=float(F.cross_entropy(logits, y)) if len(y) and not ages else None)
     info: dict[str, Any] = {"classes": classes, "train_classes": trained_classes}
     if not ckpt.complete:
         info["incomplete"] = True
@@ -148,6 +151,8 @@ def run_eval(
         epochs=ckpt.epoch, paper_epochs=ckpt.method.paper_epochs(record.shots or 16, record.dataset),
         split=split, store=str(feature_store.path), **training_record(ckpt), **info,
     )
+    metrics.update(ckpt.method.definition.record_fields(ckpt.method.options, ckpt.learner_tensors,
+                                                        dataset_template(str(dataset))))
     metrics["departures"] += [d for d in checkpoint_departures(ckpt, feature_store.provenance)
                               if d not in metrics["departures"]]
     metrics["cost"] = {**(read_training_cost(ckpt.path) or {}), **inference.to_dict()}
@@ -155,13 +160,22 @@ def run_eval(
         folder = ckpt.path / "transfer" / str(dataset) if dataset != source else ckpt.path
         out = folder / metrics_filename(classes)
     if is_age_dataset(str(dataset)) and classes == "all":
-        fields, ages, paths = age_eval.trained_run_age_metrics(
+        predicted = _predicted_ages(ckpt, test, clip=clip, pretrained=pretrained, device=device) if ages else None
+        fields, age_evaluation, paths = age_eval.trained_run_age_metrics(
             cache_dir=cache_dir, dataset=str(dataset), shots=record.shots, seed=record.seed, logits=logits,
-            test=test, model=ckpt.model, weights=ckpt.weights)
+            test=test, model=ckpt.model, weights=ckpt.weights, predicted=predicted)
         metrics.update(fields)
-        age_eval.write_predictions(Path(out).parent / age_eval.PREDICTIONS_FILE, paths, ages)
+        age_eval.write_predictions(Path(out).parent / age_eval.PREDICTIONS_FILE, paths, age_evaluation)
     write_json(Path(out), metrics)
     return metrics
+
+
+def _predicted_ages(ckpt: Checkpoint, test: SplitFeatures, *, clip: LoadedClip | None, pretrained: str | None,
+                    device: str) -> Any:
+    """Ages (N,) of a method that predicts them (``predicts_ages``: the ridge probe), from its rebuilt learner."""
+    clip = clip or load_clip(ckpt.model, pretrained or checkpoint_pretrained(ckpt), device=device)
+    learner: Any = load_learner(ckpt, clip, test.classnames)
+    return learner.predict_ages(test.center)
 
 
 def _prompt_logits(ckpt: Checkpoint, test: SplitFeatures, *, clip: LoadedClip | None, pretrained: str | None,
@@ -190,6 +204,39 @@ def _prompt_logits(ckpt: Checkpoint, test: SplitFeatures, *, clip: LoadedClip | 
     return logits
 
 
+def run_fit(
+    method: MethodSpec,
+    *,
+    cache_dir: str | Path,
+    dataset: str,
+    out_dir: str | Path,
+    shots: int = 0,
+    seed: int = 0,
+    model: str | None = None,
+    pretrained: str | None = None,
+    device: str = "cpu",
+    clip: LoadedClip | None = None,
+    classes: str = "all",
+) -> dict[str, Any]:
+    """Run a training-free method (zero-shot CLIP, a probe) into ``out_dir`` and evaluate it on the test store: the
+    same run folder, checkpoint and metrics as ``coopipe train`` + ``coopipe eval``, in one call.
+
+    ``classes='base'|'new'`` evaluates on that half (``metrics_<classes>.json``); the run is made on the base half,
+    so one folder holds both halves (a method that scores any class list: zero-shot CLIP). A method that reads no
+    training image needs only the test store.
+    """
+    from coopipe.jobs.train import run_train
+
+    check_device(device)
+    clip = clip or resolve_model(Path(cache_dir), dataset, model, pretrained, device,
+                                 split="train" if method.definition.fewshot else "test")
+    run_train(cache_dir=cache_dir, dataset=dataset, shots=shots, seed=seed, out_dir=out_dir,
+              overrides={"method": method}, device=device, progress=False, clip=clip,
+              classes="all" if classes == "all" else "base", params_record={"cli": f"coopipe {method.method}"})
+    return run_eval(out_dir, cache_dir=cache_dir, classes=classes, out=Path(out_dir) / metrics_filename(classes),
+                    device=device, clip=clip)
+
+
 def run_zeroshot(
     *,
     cache_dir: str | Path,
@@ -203,31 +250,11 @@ def run_zeroshot(
     clip: LoadedClip | None = None,
     classes: str = "all",
 ) -> dict[str, Any]:
-    """Zero-shot CLIP (the dataset's hand-crafted prompt) or prompt ensembling on the test store.
-
-    ``classes='base'|'new'`` evaluates on that half of the classes (written to ``metrics_<classes>.json``).
-    """
-    check_device(device)
-    clip = clip or resolve_model(Path(cache_dir), dataset, model, pretrained, device, split="test")
-    if is_age_dataset(dataset) and classes == "all":
-        return age_eval.run_age_zeroshot(cache_dir=cache_dir, dataset=dataset, out_dir=out_dir, clip=clip,
-                                         ensemble=ensemble, templates=templates)
-    store = select_store(cache_dir, dataset, "test", model=clip.name, weights=clip.weights_id)
-    test = ClassSubset.of(store.classnames(), classes).apply(read_split(store, all_views=False))
-    chosen = list(templates) if templates else (list(IMAGENET_TEMPLATES) if ensemble else [dataset_template(dataset)])
-    started = time.perf_counter()
-    weights = zero_shot_classifier(clip, test.classnames, chosen)  # (K, D): its one text pass is its "training"
-    setup = time.perf_counter() - started
-    evaluation, inference = measure_inference(len(test.labels), lambda: evaluate_classifier(
-        weights, test.center, test.labels, clip.model.logit_scale.detach().cpu()))
-    metrics = _metrics(
-        evaluation, test.classnames, method="zeroshot_ensemble" if len(chosen) > 1 else "zeroshot", dataset=dataset,
-        shots=0, seed=None, model=clip.name, weights=clip.weights_id, templates=chosen, store=str(store.path),
-        classes=classes,
-    )
-    metrics["cost"] = {**TrainingCost(setup, 0.0, 0, 0, device=device).to_dict(), **inference.to_dict()}
-    write_json(Path(out_dir) / metrics_filename(classes), metrics)
-    return metrics
+    """Zero-shot CLIP (the dataset's hand-crafted prompt), prompt ensembling, or the given ``templates`` on the test
+    store (:mod:`coopipe.methods.zeroshot`); ``classes='base'|'new'``: that half of the classes."""
+    method = MethodSpec.of("zeroshot", ensemble=ensemble, templates=TEMPLATE_SEP.join(templates) if templates else None)
+    return run_fit(method, cache_dir=cache_dir, dataset=dataset, out_dir=out_dir, model=model, pretrained=pretrained,
+                   device=device, clip=clip, classes=classes)
 
 
 def run_linear_probe(
@@ -242,36 +269,25 @@ def run_linear_probe(
     device: str = "cpu",
     clip: LoadedClip | None = None,
 ) -> dict[str, Any]:
-    """CLIP's linear probe on the K-shot centre-view features; C chosen on the few-shot validation split."""
-    cache_dir = Path(cache_dir)
-    if is_age_dataset(dataset):  # the rank probe, decoded by expectation; needs no model
-        weights = None
-        if pretrained is not None:  # a weights file or tag: its identity needs the model loaded
-            loaded = resolve_model(cache_dir, dataset, model, pretrained, device)
-            model, weights = loaded.name, loaded.weights_id
-        return age_eval.run_age_linear_probe(cache_dir=cache_dir, dataset=dataset, shots=shots, seed=seed,
-                                             out_dir=out_dir, model=model, weights=weights)
-    clip = clip or resolve_model(cache_dir, dataset, model, pretrained, device)
-    kw: dict[str, Any] = {"model": clip.name, "weights": clip.weights_id}
-    index = fewshot_index_for(cache_dir, dataset, shots, seed, clip)
-    train = read_split(select_store(cache_dir, dataset, "train", positions=index.train_indices, **kw),
-                       index.train_indices, all_views=False)
-    if not index.val_indices:
-        raise StoreError(f"the linear probe needs a validation split to choose C; {dataset} has none recorded")
-    val = read_split(select_store(cache_dir, dataset, "val", positions=index.val_indices, **kw),
-                     index.val_indices, all_views=False)
-    test_store = select_store(cache_dir, dataset, "test", **kw)
-    test = read_split(test_store, all_views=False)
-    started = time.perf_counter()
-    probe = fit_linear_probe(train.center, train.labels, val.center, val.labels, n_classes=len(train.classnames))
-    fit = TrainingCost(time.perf_counter() - started, 0.0, 0, len(train.labels), device="cpu")  # sklearn: CPU
-    evaluation, inference = measure_inference(len(test.labels), lambda: probe.evaluate(test.center, test.labels))
-    metrics = _metrics(
-        evaluation, train.classnames, method="linear_probe", dataset=dataset, shots=shots, seed=seed,
-        model=clip.name, weights=clip.weights_id, C=probe.C, val_accuracy=probe.val_accuracy,
-        store=str(test_store.path),
-    )
-    metrics["cost"] = {**fit.to_dict(), **inference.to_dict()}
-    write_json(Path(out_dir) / "metrics.json", metrics)
-    return metrics
-from coopipe.jobs.age_eval import run_ridge_probe  # noqa: F401  (the age baselines beside the others)
+    """CLIP's linear probe on the K-shot centre-view features, C chosen on the few-shot validation split
+    (:mod:`coopipe.methods.probes`; on an age dataset the rank probe, C by validation MAE)."""
+    return run_fit(MethodSpec("linear_probe"), cache_dir=cache_dir, dataset=dataset, out_dir=out_dir, shots=shots,
+                   seed=seed, model=model, pretrained=pretrained, device=device, clip=clip)
+
+
+def run_ridge_probe(
+    *,
+    cache_dir: str | Path,
+    dataset: str,
+    shots: int,
+    seed: int,
+    out_dir: str | Path,
+    model: str | None = None,
+    pretrained: str | None = None,
+    device: str = "cpu",
+    clip: LoadedClip | None = None,
+) -> dict[str, Any]:
+    """Closed-form ridge regression of age on the few-shot centre-view features, alpha on validation MAE
+    (:mod:`coopipe.methods.probes`); an age dataset only."""
+    return run_fit(MethodSpec("ridge"), cache_dir=cache_dir, dataset=dataset, out_dir=out_dir, shots=shots,
+                   seed=seed, model=model, pretrained=pretrained, device=device, clip=clip)

@@ -40,13 +40,16 @@ from coopipe.hardware import check_device
 from coopipe.locks import exclusive_lock
 from coopipe.option_check import check_interval, check_train_options
 from coopipe.ordinal import check_ordered_labels
-from coopipe.features import read_split, select_store
+from coopipe.datasets import is_age_dataset
+from coopipe.features import SplitFeatures, read_split, select_store
 from coopipe.models import LoadedClip, sha256_file
 from coopipe.lookup import fewshot_index_for, fewshot_index_path, resolve_model
+from coopipe.methods import MethodSpec
 from coopipe.metrics_log import EpochMetricsLog
 from coopipe.loop import StackedRun
 from coopipe.selection import BestEpoch, selection_record
 from coopipe.selection_store import clear_best, load_best, save_best
+from coopipe.store import FeatureStore, find_stores
 from coopipe.stacked import default_max_stack, train_stacked
 from coopipe.train import train_prompt
 from coopipe.train_config import EpochRecord, TrainConfig, TrainResult, TrainState, batch_slices
@@ -179,6 +182,7 @@ class _Prepared:
     on_step: Callable[[], None]
     template: str  # the dataset's hand-crafted prompt (for methods that need zero-shot text features)
     dataset: str  # its name (for a method whose published setting differs by dataset)
+    ordinal: bool  # the classes are ranks (ages)
     best: BestEpoch | None = None  # model selection: the best epoch stored before a resume
     on_best: Callable[[BestEpoch], None] | None = None  # model selection: stores each new best epoch
 
@@ -186,7 +190,7 @@ class _Prepared:
         return StackedRun(self.train.features, self.train.labels, self.train.classnames, self.config,
                           val_feats=self.val_feats, val_labels=self.val_labels, on_epoch=self.on_epoch,
                           resume_state=self.resume, on_step=self.on_step, template=self.template,
-                          dataset=self.dataset, best=self.best, on_best=self.on_best)
+                          dataset=self.dataset, ordinal=self.ordinal, best=self.best, on_best=self.on_best)
 
 
 def _train_locked(**kwargs: Any) -> dict[str, Any]:
@@ -197,7 +201,8 @@ def _train_locked(**kwargs: Any) -> dict[str, Any]:
         result = train_prompt(prepared.train.features, prepared.train.labels, prepared.clip, prepared.train.classnames,
                             prepared.config, val_feats=prepared.val_feats, val_labels=prepared.val_labels,
                             on_epoch=prepared.on_epoch, resume_state=prepared.resume, on_step=prepared.on_step,
-                            template=prepared.template, dataset=prepared.dataset, best=prepared.best, on_best=prepared.on_best)
+                            template=prepared.template, dataset=prepared.dataset, ordinal=prepared.ordinal,
+                            best=prepared.best, on_best=prepared.on_best)
     return _finish(prepared, result)
 
 
@@ -224,35 +229,25 @@ def _prepare(
     check_interval(checkpoint_every, "checkpoint_every (--checkpoint-every)")
     check_device(device)
     clip = clip or resolve_model(cache_dir, dataset, model, pretrained, device)
-    config = TrainConfig.for_method(str(opts.pop("method", "coop")), shots, dataset, seed=seed, **opts)
+    method = opts.pop("method", "coop")  # a label or a spec (a spec keeps what its label does not say: a user's prompts)
+    config = TrainConfig.for_method(method if isinstance(method, MethodSpec) else str(method), shots, dataset, seed=seed,
+                                    **opts)
     # M in tokens (init words) and whatever else only the model knows: every record of the run holds the same
     config = dataclasses.replace(config, method=config.method.resolve(clip))
     if 0 < config.max_epoch <= config.warmup_epoch:
         logger.warning("%d epoch(s), all of them warm-up: the run trains at the warm-up learning rate %g only, never at "
                        "lr %g; train more epochs or set warmup_epoch 0", config.max_epoch, config.warmup_lr, config.lr)
 
-    index = fewshot_index_for(cache_dir, dataset, shots, seed, clip)
-    train_store = select_store(cache_dir, dataset, "train", model=clip.name, weights=clip.weights_id,
-                               positions=index.train_indices, need_views=config.views != "center")
-    warn_single_view(int(train_store.provenance.get("views", {}).get("n_aug", 0)), trains=config.views != "center")
-    train = read_split(train_store, index.train_indices)
-    subset = ClassSubset.of(train.classnames, classes)
-    train = subset.apply(train)
-    if config.method.definition.ordered_labels:
-        check_ordered_labels(train.classnames, dataset, config.method.label())
-    stores = {"train": train_store}
-    val_feats = val_labels = None
-    if index.val_indices:
-        try:
-            val_store = select_store(cache_dir, dataset, "val", model=clip.name, weights=clip.weights_id,
-                                     positions=index.val_indices)
-            val = subset.apply(read_split(val_store, index.val_indices, all_views=False))
-            val_feats, val_labels, stores["val"] = val.features, val.labels, val_store
-        except StoreError as exc:
-            if config.select_every:  # selection scores the validation split, never anything else
-                raise StoreError(f"model selection (select_every {config.select_every}) needs the few-shot "
-                                 f"validation split: {exc}") from exc
-            logger.warning("training without validation: %s", exc)
+    if config.method.definition.fewshot:
+        train, train_store, val_feats, val_labels, stores = _fewshot_data(cache_dir, dataset, shots, seed, clip,
+                                                                          config, classes)
+    else:  # a method that reads no training image (zero-shot CLIP): the dataset's class names, no draw
+        split, train_store = _class_list_store(cache_dir, dataset, clip)
+        names = ClassSubset.of(train_store.classnames(), classes).classnames
+        train = SplitFeatures(torch.zeros(0, 1, int(clip.embed_dim)), torch.zeros(0, dtype=torch.long), list(names),
+                              train_store)
+        val_feats = val_labels = None
+        stores = {split: train_store}
 
     resume: TrainState | None = None
     if (out_dir / META_FILE).is_file():
@@ -278,8 +273,10 @@ def _prepare(
     best = load_best(out_dir, config, resumed_epoch=resume.epoch) if resume is not None else None
 
     record = dict(params_record or {})
-    run = RunRecord(dataset=dataset, shots=shots, seed=seed, classes=classes, pretrained="none" if clip.weights.kind == "none" else clip.weights.value,
-                    fewshot_index=str(fewshot_index_path(cache_dir, dataset, shots, seed)))
+    fewshot = config.method.definition.fewshot
+    run = RunRecord(dataset=dataset, shots=shots if fewshot else 0, seed=seed if fewshot else None, classes=classes,
+                    pretrained="none" if clip.weights.kind == "none" else clip.weights.value,
+                    fewshot_index=str(fewshot_index_path(cache_dir, dataset, shots, seed)) if fewshot else None)
     last_save = [time.monotonic()]
     # the bar counts optimiser steps, so a long epoch (CoCoOp's batch 1, a large K) shows its rate and ETA as it goes
     steps = len(batch_slices(len(train.labels), config.batch_size, config.drop_last))
@@ -306,8 +303,49 @@ def _prepare(
     return _Prepared(out_dir=out_dir, clip=clip, config=config, train=train, val_feats=val_feats,
                      val_labels=val_labels, resume=resume, stores=stores, record=record, run=run, bar=bar,
                      metrics=metrics, on_epoch=on_epoch, on_step=lambda: bar.update(1),
-                     template=dataset_template(dataset), dataset=dataset, best=best,
+                     template=dataset_template(dataset), dataset=dataset, ordinal=is_age_dataset(dataset), best=best,
                      on_best=lambda kept: save_best(out_dir, kept, config))
+
+
+def _class_list_store(cache_dir: Path, dataset: str, clip: LoadedClip) -> tuple[str, FeatureStore]:
+    """The split and store whose class list a method that reads no image takes: the train or val store where there
+    is one (so that the run touches nothing of the test split, as no method's fit does), else the test store (a
+    zero-shot sweep encodes only that). Every split's store holds the dataset's whole class list."""
+    for split in ("train", "val"):
+        found = find_stores(cache_dir, dataset, split, model=clip.name, weights=clip.weights_id)
+        if found:
+            return split, found[0]
+    return "test", select_store(cache_dir, dataset, "test", model=clip.name, weights=clip.weights_id)
+
+
+def _fewshot_data(cache_dir: Path, dataset: str, shots: int, seed: int, clip: LoadedClip, config: TrainConfig,
+                  classes: str) -> tuple[SplitFeatures, FeatureStore, Any, Any, dict[str, Any]]:
+    """The (shots, seed) draw's train split (every cached view the run draws from), its few-shot validation
+    features and labels (None when the draw has none) and the stores they came from."""
+    index = fewshot_index_for(cache_dir, dataset, shots, seed, clip)
+    train_store = select_store(cache_dir, dataset, "train", model=clip.name, weights=clip.weights_id,
+                               positions=index.train_indices, need_views=config.views != "center")
+    warn_single_view(int(train_store.provenance.get("views", {}).get("n_aug", 0)), trains=config.views != "center")
+    train = read_split(train_store, index.train_indices)
+    subset = ClassSubset.of(train.classnames, classes)
+    train = subset.apply(train)
+    if config.method.definition.ordered_labels:
+        check_ordered_labels(train.classnames, dataset, config.method.label())
+    stores: dict[str, Any] = {"train": train_store}
+    val_feats = val_labels = None
+    if index.val_indices:
+        try:
+            val_store = select_store(cache_dir, dataset, "val", model=clip.name, weights=clip.weights_id,
+                                     positions=index.val_indices)
+            val = subset.apply(read_split(val_store, index.val_indices, all_views=False))
+            val_feats, val_labels, stores["val"] = val.features, val.labels, val_store
+        except StoreError as exc:
+            if config.select_every:  # selection scores the validation split, never anything else
+                raise StoreError(f"model selection (select_every {config.select_every}) needs the few-shot "
+                                 f"validation split: {exc}") from exc
+            logger.warning("training without validation: %s", exc)
+
+    return train, train_store, val_feats, val_labels, stores
 
 
 def _finish(prepared: _Prepared, result: TrainResult, *, stacked_runs: int = 1) -> dict[str, Any]:

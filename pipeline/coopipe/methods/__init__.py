@@ -12,11 +12,13 @@ from coopipe.methods.coop import CoOp
 from coopipe.methods.kgcoop import KgCoOp
 from coopipe.methods.lpp import LPP
 from coopipe.methods.ordinal_coop import OrdinalCoOp
+from coopipe.methods.probes import LinearProbe, Ridge
 from coopipe.methods.prograd import ProGrad
 from coopipe.methods.rank import RankPrompts
 from coopipe.methods.taskres import TaskRes
 from coopipe.methods.tipadapter import TipAdapter
 from coopipe.methods.tipadapterf import TipAdapterF
+from coopipe.methods.zeroshot import ZeroShot
 from coopipe.methods.registry import (
     Method,
     MethodSpec,
@@ -30,6 +32,9 @@ from coopipe.methods.registry import (
 
 __all__ = ["Method", "MethodSpec", "Optimization", "epochs_for", "get_method", "method_names", "register", "unregister"]
 
+register(ZeroShot())
+register(LinearProbe())
+register(Ridge())
 register(CoOp())
 register(CoCoOp())
 register(KgCoOp())

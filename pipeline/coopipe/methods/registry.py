@@ -74,14 +74,17 @@ class NoOptions:
 class Method:
     """One prompt-learning method. Subclass it in one module and :func:`register` an instance.
 
-    Class attributes: ``name`` (the run label's head, ``[a-z0-9]+``), ``title`` (the report's readable name),
+    Class attributes: ``name`` (the run label's head, ``[a-z0-9]+`` words joined by ``_``), ``title`` (the report's readable name),
     ``options`` (a frozen dataclass; its defaults are the paper's setting), ``image_conditional`` (the
     prompt depends on the image: no single K x D classifier), ``stackable`` (runs that differ in seed and shots
     may share one text pass: the learner implements the packed prompt interface), ``ordered_labels`` (the classes
     must be ranks, e.g. ages: training refuses other datasets), ``batch_size`` (the paper's), ``trains`` (False:
     a training-free method, e.g. Tip-Adapter, whose :meth:`prepare` fits everything: its runs have 0 epochs and no
-    optimiser, and are saved, evaluated and reported like any other), ``paper``, ``learned``, ``head_tensors``
-    and ``inference`` (what an export's record and model card say the method is and computes).
+    optimiser, and are saved, evaluated and reported like any other), ``fewshot`` (False: the method reads no
+    training images, e.g. zero-shot CLIP: one run per dataset whatever the shots and seeds, needing only the class
+    names), ``predicts_ages`` (the learner's ``predict_ages(features)`` gives ages in years directly, e.g. the ridge
+    probe: age metrics come from them rather than from decoding the logits over ranks), ``paper``, ``learned``,
+    ``head_tensors`` and ``inference`` (what an export's record and model card say the method is and computes).
     Override what differs from CoOp: :meth:`epochs`, :meth:`train_setting`, :meth:`optimizer`, the label parts,
     :meth:`build_learner`.
     The learner brings its loss (``learner.loss(logits, labels, step)``, which may read the batch's image features
@@ -98,6 +101,8 @@ class Method:
     ordered_labels: ClassVar[bool] = False
     batch_size: ClassVar[int] = 32
     trains: ClassVar[bool] = True
+    fewshot: ClassVar[bool] = True
+    predicts_ages: ClassVar[bool] = False
     class_derived: ClassVar[tuple[str, ...]] = ()  # learner parameters computed from the class names (for_classes)
     # How an export describes the method (coopipe.export, coopipe.model_card): the method owns its words, so that a
     # card never describes one method's head with another's.
@@ -192,6 +197,12 @@ class Method:
         ``learner`` rebuilt for classes it did not train on (base-to-new, transfer), with the target dataset's
         hand-crafted ``template`` (default: nothing)."""
 
+    def record_fields(self, options: Any, tensors: Mapping[str, torch.Tensor], template: str) -> dict[str, Any]:
+        """What a run's metrics record of what the method fitted or used, from its saved ``tensors`` by name and the
+        evaluated dataset's hand-crafted ``template`` (default: nothing; the linear probe's C, zero-shot's
+        prompts)."""
+        return {}
+
     def finish(self, learner: Learner, data: FitData) -> None:
         """Complete ``learner`` after its last epoch, before it is saved (default: nothing): what a method fits on the
         trained learner (Tip-Adapter's alpha and beta, searched on the few-shot validation split). Sees what
@@ -221,8 +232,9 @@ _REGISTRY = _Registry()
 def register(method: Method) -> Method:
     """Make ``method`` known by its name (to labels, the CLI, the sweep and the report); returns it."""
     name = getattr(method, "name", "")
-    if not isinstance(name, str) or not name.isalnum() or name != name.lower():
-        raise ParamsError(f"a method name must be lower-case letters and digits, got {name!r}")
+    if not isinstance(name, str) or not all(w.isalnum() and w.isascii() for w in name.split(LABEL_SEP)) \
+            or name != name.lower():
+        raise ParamsError(f"a method name must be lower-case letters and digits (words joined by '_'), got {name!r}")
     known = _REGISTRY.methods.get(name)
     if known is not None and type(known) is not type(method):
         raise ParamsError(f"method {name!r} is registered already ({type(known).__name__})")
@@ -248,6 +260,15 @@ def get_method(name: str) -> Method:
         return _REGISTRY.methods[name]
     except KeyError:
         raise ParamsError(f"unknown method {name!r}; available: {', '.join(method_names())}") from None
+
+
+def _label_head(label: str) -> str:
+    """The registered method a label starts with: the longest name equal to the label or followed by ``_``
+    (``linear_probe`` before a method ``linear``, whose label parts would follow it the same way)."""
+    heads = [n for n in method_names() if label == n or label.startswith(n + LABEL_SEP)]
+    if not heads:
+        raise ParamsError(f"{label!r} is not a method label (it must start with one of {', '.join(method_names())})")
+    return max(heads, key=len)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -354,9 +375,8 @@ class MethodSpec:
     @classmethod
     def parse(cls, label: str) -> MethodSpec:
         """The spec a label names (the inverse of :meth:`label`)."""
-        head, *rest = label.split(LABEL_SEP)
-        if head not in method_names():
-            raise ParamsError(f"{label!r} is not a method label (it must start with one of {', '.join(method_names())})")
+        head = _label_head(label)
+        rest = label[len(head) + 1:].split(LABEL_SEP) if len(label) > len(head) else []
         definition = get_method(head)
         given: dict[str, Any] = {}
         for part in rest:

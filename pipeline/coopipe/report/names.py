@@ -29,12 +29,6 @@ DATASET_LABELS: dict[str, str] = {
     "imagenet_r": "ImageNet-R",
     AVERAGE: "Average",
 }
-_BASELINE_NAMES = {
-    "zeroshot": "Zero-shot CLIP",
-    "zeroshot_ensemble": "Zero-shot CLIP (ensemble)",
-    "linear_probe": "Linear probe CLIP",
-    "ridge": "Ridge probe",
-}
 
 
 def dataset_label(name: str) -> str:
@@ -47,10 +41,10 @@ def dataset_order(name: str) -> tuple[int, str]:
 
 
 def method_order(method: str) -> tuple[int, str]:
-    """Sort key: the baselines, then the registered methods in registration order (the paper's); a variant
-    (``coop_csc_middle``, ``coop_init-...``) right after its method's plain label, variants by name; unknown
-    labels last."""
-    order = (*_BASELINE_NAMES, *method_names())
+    """Sort key: the registered methods in registration order (the baselines first, then the paper's); a variant
+    (``coop_csc_middle``, ``coop_init-...``, ``zeroshot_ensemble``) right after its method's plain label, variants by
+    name; unknown labels last."""
+    order = method_names()
     if method in order:
         return (order.index(method), "")
     try:
@@ -64,12 +58,10 @@ def method_label(method: str, model: str = "", *, with_model: bool = False) -> s
     """Readable method name: ``coop_csc_middle`` -> ``CoOp (CSC, middle)``; ``coop_m8`` -> ``CoOp (M=8)``;
     ``cocoop`` -> ``CoCoOp``; ``rank`` -> ``Rank prompts (OrdinalCLIP)``: the registered method's title and
     the words for its departures from the paper's setting."""
-    name = _BASELINE_NAMES.get(method)
-    if name is None:
-        try:
-            name = MethodSpec.parse(method).readable()
-        except ParamsError:
-            name = method
+    try:
+        name = MethodSpec.parse(method).readable()
+    except ParamsError:
+        name = method
     return f"{name} [{model}]" if with_model and model else name
 
 

@@ -7,9 +7,10 @@ shell scripts always used, so finished grids of earlier versions are recognised:
 - CoOp: ``<runs>/<dataset>/<method label>/shots<K>_seed<S>/metrics.json``;
 - base-to-new: ``<runs>/<dataset>/base2new/<method label>/shots<K>_seed<S>/metrics_{base,new}.json`` and
   ``<runs>/<dataset>/base2new/zeroshot/metrics_{base,new}.json``;
-- baselines: ``<runs>/<dataset>/zeroshot[_ensemble]/metrics.json``,
-  ``<runs>/<dataset>/linear_probe/shots<K>_seed<S>/metrics.json``, and for age datasets
-  ``<runs>/<dataset>/ridge/shotsK_seedS/metrics.json`` (the ridge probe);
+- baselines are methods (:mod:`coopipe.methods.zeroshot`, :mod:`coopipe.methods.probes`) in the same layout; zero-shot
+  CLIP reads no training image, so it has one run per dataset: ``<runs>/<dataset>/zeroshot[_ensemble]/metrics.json``
+  and ``<runs>/<dataset>/base2new/zeroshot/metrics_{base,new}.json``; ``--linear-probe`` and ``--ridge`` (age
+  datasets) add ``<runs>/<dataset>/{linear_probe,ridge}/shots<K>_seed<S>/``;
 - transfer: ``<source run>/transfer/<target>/metrics.json`` (phase 1: after the source runs).
 
 Tasks are ordered longest first (CoOp, most shots first), so the cheap ones fill the workers at the end.
@@ -58,7 +59,8 @@ AGE_METHODS = (  # an age dataset's default methods: OrdinalCLIP's table (its Co
 )
 BASE2NEW_METHODS = (MethodSpec.of("coop", ctx_init=INIT_WORDS),)  # CoCoOp's table: CoOp vit_b16_ctxv1
 ALL_METHODS = "all"  # ``--methods all``: every registered method that suits the dataset (registered_methods)
-FEWSHOT_KINDS = ("coop", "base2new", "linear_probe", "ridge")  # tasks that need the few-shot train/val stores
+ZEROSHOT, LINEAR_PROBE, RIDGE = "zeroshot", "linear_probe", "ridge"  # the baselines' methods (coopipe.methods)
+BASELINES = (ZEROSHOT, LINEAR_PROBE, RIDGE)  # asked by their sweep flags
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,7 @@ class RunSettings:
 class RunTask:
     """One run: a run folder, the files that mark it finished, and what to compute there."""
 
-    kind: str  # coop | base2new | zeroshot | zeroshot_halves | linear_probe | ridge | transfer
+    kind: str  # coop (a run of a method on all classes) | base2new (on the base half, evaluated on both) | transfer
     dataset: str  # the dataset's cache name (for transfer: the source)
     run_dir: str
     label: str
@@ -89,12 +91,16 @@ class RunTask:
     seed: int | None = None
     target: str | None = None  # transfer: the dataset evaluated on
     phase: int = 0  # 1: needs a phase-0 run's result (transfer)
-    ensemble: bool = False  # zeroshot: prompt ensembling (run folder ``zeroshot_ensemble``)
 
     @property
     def needs(self) -> str:
         """The dataset whose stores this task reads (encoded before it runs)."""
         return self.target if self.kind == "transfer" and self.target else self.dataset
+
+    @property
+    def reads_fewshot(self) -> bool:
+        """Whether the task needs the few-shot train/val stores (a training run of a method that reads images)."""
+        return self.kind in ("coop", "base2new") and self.method is not None and self.method.definition.fewshot
 
     def finished(self) -> bool:
         """Every done file exists and none is a metrics file marked incomplete (``eval --allow-incomplete``)."""
@@ -166,10 +172,12 @@ class SweepSpec:
 
 def registered_methods(dataset: str) -> tuple[MethodSpec, ...]:
     """Every registered method in its paper setting that can train on ``dataset``, in registration order: a method
-    that needs ordered labels (rank prompts) only on an age dataset. Why from the registry: a method added as a
-    module joins every comparison with no list to update."""
+    that needs ordered labels (rank prompts) only on an age dataset; the baselines only by their own flags
+    (``--zeroshot``, ``--linear-probe``, ``--ridge``: ``--no-zeroshot`` leaves zero-shot out of ``--methods all``).
+    Why from the registry: a method added as a module joins every comparison with no list to update."""
     age = is_age_dataset(dataset)
-    return tuple(MethodSpec(name) for name in method_names() if age or not get_method(name).ordered_labels)
+    return tuple(MethodSpec(name) for name in method_names()
+                 if (age or not get_method(name).ordered_labels) and name not in BASELINES)
 
 
 def parse_variant(name: str) -> MethodSpec:
@@ -277,6 +285,13 @@ def warmup_only(settings: RunSettings) -> bool:
     return settings.epochs is not None and warmup > 0 and settings.epochs <= warmup
 
 
+def _once(tasks: Sequence[RunTask]) -> list[RunTask]:
+    """Each run folder once, where it was first asked: a baseline asked by ``--methods all`` and by its flag, or
+    zero-shot CLIP (one run per dataset) asked at every shot and seed, runs once."""
+    seen: set[str] = set()
+    return [t for t in tasks if not (t.run_dir in seen or seen.add(t.run_dir))]  # type: ignore[func-returns-value]
+
+
 def plan_sweep(spec: SweepSpec) -> SweepPlan:
     """Every run of ``spec`` (finished ones included: the runner skips them) and the encodes they need."""
     _check(spec)
@@ -296,11 +311,17 @@ def plan_sweep(spec: SweepSpec) -> SweepPlan:
     def coop_task(kind: str, ds: str, m: MethodSpec, k: int, s: int) -> RunTask:
         label = safe_name(m.label())  # the run folder: no ':' or other unsafe characters of the init words
         folder = runs / ds / "base2new" / label if kind == "base2new" else runs / ds / label
-        run = folder / run_name(k, s)
         done = ("metrics_base.json", "metrics_new.json") if kind == "base2new" else ("metrics.json",)
-        what = f"{m.label()} {ds} base2new" if kind == "base2new" else f"{m.label()} {ds}"
+        what = f"{m.label()} {ds} base/new" if kind == "base2new" else f"{m.label()} {ds}"
+        if not m.definition.fewshot:  # reads no training image (zero-shot CLIP): one run whatever the shots and seeds
+            return RunTask(kind, ds, str(folder), what, tuple(str(folder / f) for f in done), 1.0 + len(done) - 1,
+                           method=m)
+        run = folder / run_name(k, s)
+        if kind == "base2new":
+            what = f"{m.label()} {ds} base2new"
         per_step = 8.0 if m.image_conditional else 1.0  # image-conditional (CoCoOp): a K-class text pass per image, not per batch
-        cost = _epochs(spec, k, ds, m) * k * per_step * (0.5 if kind == "base2new" else 1.0) + 20
+        cost = (_epochs(spec, k, ds, m) * k * per_step * (0.5 if kind == "base2new" else 1.0) + 20
+                if m.definition.trains else 5.0 + math.log2(k))  # a closed-form fit: seconds, fewer with few shots
         return RunTask(kind, ds, str(run), f"{what} {k}-shot seed {s}", tuple(str(run / f) for f in done), cost,
                        method=m, shots=k, seed=s)
 
@@ -317,7 +338,7 @@ def plan_sweep(spec: SweepSpec) -> SweepPlan:
         if spec.all_methods and (spec.base2new or spec.targets):
             for m in {m for m, _, _ in grid if not m.transferable}:
                 logger.info("%s cannot score classes it did not train on: left out of base-to-new and transfer", m)
-        other_classes = [(m, k, s) for m, k, s in grid if m.transferable]  # _check refused the others by name
+        other_classes = [(m, k, s) for m, k, s in grid if m.transferable and m.definition.fewshot]
         if spec.fewshot:
             tasks += [coop_task("coop", ds, m, k, s) for m, k, s in grid]
         if spec.base2new and spec.methods is None and not spec.all_methods:  # CoCoOp's table's CoOp row
@@ -325,25 +346,15 @@ def plan_sweep(spec: SweepSpec) -> SweepPlan:
         elif spec.base2new:
             tasks += [coop_task("base2new", ds, m, k, s) for m, k, s in other_classes]
         if spec.base2new and spec.zeroshot:
-            run = runs / ds / "base2new" / "zeroshot"
-            tasks.append(RunTask("zeroshot_halves", ds, str(run), f"zeroshot {ds} base/new",
-                                 (str(run / "metrics_base.json"), str(run / "metrics_new.json")), 2.0))
-        probes = [("linear_probe", spec.linear_probe), ("ridge", spec.ridge)]
-        for kind in [kind for kind, wanted in probes if wanted]:
-            for k in sorted(set(spec.shots), reverse=True):
-                for s in spec.seeds:
-                    run = runs / ds / kind / run_name(k, s)
-                    tasks.append(RunTask(kind, ds, str(run), f"{kind} {ds} {k}-shot seed {s}",
-                                         (str(run / "metrics.json"),), 5.0 + math.log2(k), shots=k, seed=s))
+            tasks.append(coop_task("base2new", ds, MethodSpec(ZEROSHOT), 0, 0))
+        probes = [MethodSpec(name) for name, wanted in ((LINEAR_PROBE, spec.linear_probe), (RIDGE, spec.ridge)) if wanted]
+        tasks += [coop_task("coop", ds, m, k, s) for m in probes for k in shots for s in spec.seeds]
         full_zeroshot = spec.zeroshot and (spec.fewshot or spec.linear_probe or spec.ridge or not spec.base2new)
         zeroshot_sets = [ds, *(names[t] for t in targets)] if full_zeroshot else []
         for name in zeroshot_sets:
             # an age dataset gets both (the ensemble of age templates costs one more text pass)
             for ensemble in (False, True) if is_age_dataset(name) else (spec.settings.ensemble,):
-                method = "zeroshot_ensemble" if ensemble else "zeroshot"
-                run = runs / name / method
-                tasks.append(RunTask("zeroshot", name, str(run), f"{method} {name}", (str(run / "metrics.json"),),
-                                     1.0, ensemble=ensemble))
+                tasks.append(coop_task("coop", name, MethodSpec.of(ZEROSHOT, ensemble=ensemble), 0, 0))
         for m, k, s in other_classes if targets and spec.fewshot else []:
             source = runs / ds / safe_name(m.label()) / run_name(k, s)
             for t in targets:
@@ -351,11 +362,12 @@ def plan_sweep(spec: SweepSpec) -> SweepPlan:
                 tasks.append(RunTask("transfer", ds, str(out), f"{m.label()} {ds}->{names[t]} {k}-shot seed {s}",
                                      (str(out / "metrics.json"),), 1.0, method=m, shots=k, seed=s,
                                      target=names[t], phase=1))
+    tasks = _once(tasks)
     tasks.sort(key=lambda t: (t.phase, -t.cost))  # stable: longest first within a phase
     encodes = []
     for registry_name in [*spec.datasets, *targets]:
         name = names[registry_name]
-        fewshot = any(t.dataset == name and t.kind in FEWSHOT_KINDS for t in tasks)
+        fewshot = any(t.dataset == name and t.reads_fewshot for t in tasks)
         encodes.append(EncodeTask(
             dataset=registry_name, name=name, data_root=str(spec.data_root), splits=("train", "val", "test") if fewshot else ("test",),
             shots=(spec.encode_shots or encode_shots_for(spec.shots)) if fewshot else (),

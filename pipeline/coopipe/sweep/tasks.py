@@ -1,8 +1,7 @@
 """What one sweep task does where it runs (a dask worker, or this process): one run folder, start to end.
 
 :func:`execute_task` skips a finished run, takes ``flock`` on ``<run>.lock`` without waiting (a run another process
-holds is reported ``held``, never run twice), checks again under the lock, then trains and evaluates (or runs a
-baseline) through the job functions, logging into ``<run>/log.txt``. Errors never escape: the result says
+holds is reported ``held``, never run twice), checks again under the lock, then trains and evaluates through the job functions, logging into ``<run>/log.txt``. Errors never escape: the result says
 ``failed`` with the message, so one bad run does not stop the sweep. Interrupted training resumes from its last
 checkpoint the next time the task runs (``run_train`` does that).
 """
@@ -185,31 +184,26 @@ def _execute_locked(task: RunTask, settings: RunSettings, pool: ModelPool, t0: f
 
 def _overrides(s: RunSettings, m: MethodSpec) -> dict[str, Any]:
     """The training options of a run of method ``m``: the sweep's options, the method itself, ``--epochs`` (not for
-    a training-free method: it runs 0 epochs whatever the grid's)."""
+    a training-free method: it runs 0 epochs whatever the grid's, and has no epoch for ``select_every`` to keep)."""
     overrides: dict[str, Any] = {**dict(s.train_options), "method": m}
     if not m.definition.trains:
-        return {k: v for k, v in overrides.items() if k not in ("max_epoch", "warmup_epoch")}
+        return {k: v for k, v in overrides.items() if k not in ("max_epoch", "warmup_epoch", "select_every")}
     if s.epochs:
         overrides["max_epoch"] = s.epochs
     return overrides
 
 
 def _run(task: RunTask, s: RunSettings, pool: ModelPool) -> dict[str, Any]:
-    from coopipe.jobs.age_eval import run_ridge_probe
-    from coopipe.jobs.evaluate import run_eval, run_linear_probe, run_zeroshot
+    from coopipe.jobs.evaluate import run_eval
     from coopipe.jobs.train import run_train
 
     run = Path(task.run_dir)
-    if task.kind == "ridge":  # cached features only: no model to load
-        assert task.seed is not None
-        return _age_summary(run_ridge_probe(cache_dir=s.cache, dataset=task.dataset, shots=task.shots,
-                                            seed=task.seed, out_dir=run, model=s.model))
     clip = pool.get(s.model, s.pretrained, s.device)
     if task.kind in ("coop", "base2new"):
-        assert task.method is not None and task.seed is not None
+        assert task.method is not None
         overrides = _overrides(s, task.method)
         classes = "base" if task.kind == "base2new" else "all"
-        run_train(cache_dir=s.cache, dataset=task.dataset, shots=task.shots, seed=task.seed, out_dir=run,
+        run_train(cache_dir=s.cache, dataset=task.dataset, shots=task.shots, seed=int(task.seed or 0), out_dir=run,
                   overrides=overrides, device=s.device, progress=False, params_record={"cli": "coopipe sweep"},
                   clip=clip, classes=classes)
         if classes == "all":
@@ -217,16 +211,6 @@ def _run(task: RunTask, s: RunSettings, pool: ModelPool) -> dict[str, Any]:
         return {half: run_eval(run, cache_dir=s.cache, classes=half, out=run / f"metrics_{half}.json",
                                pretrained=s.pretrained, device=s.device, clip=clip)["accuracy"]
                 for half in ("base", "new")}
-    if task.kind == "zeroshot":
-        return _age_summary(run_zeroshot(cache_dir=s.cache, dataset=task.dataset, out_dir=run,
-                                         ensemble=task.ensemble or s.ensemble, device=s.device, clip=clip))
-    if task.kind == "zeroshot_halves":
-        return {half: run_zeroshot(cache_dir=s.cache, dataset=task.dataset, out_dir=run, classes=half,
-                                   device=s.device, clip=clip)["accuracy"] for half in ("base", "new")}
-    if task.kind == "linear_probe":
-        assert task.seed is not None
-        return _age_summary(run_linear_probe(cache_dir=s.cache, dataset=task.dataset, shots=task.shots,
-                                             seed=task.seed, out_dir=run, clip=clip))
     if task.kind == "transfer":
         source = run.parent.parent
         if not (source / "metrics.json").is_file():

@@ -11,8 +11,9 @@ from collections.abc import Sequence
 
 from params import load_params
 
-from coopipe.jobs.evaluate import run_eval, run_linear_probe, run_zeroshot
+from coopipe.jobs.evaluate import run_eval, run_fit, run_zeroshot
 from coopipe.logs import run_stage
+from coopipe.methods import MethodSpec
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -33,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     elif args.what == "zeroshot":
         run_zeroshot(out_dir=args.out, classes=args.classes or "all", **common, **model)
     else:
-        run_linear_probe(shots=args.shots, seed=args.seed, out_dir=args.out, **common, **model)
+        run_fit(MethodSpec("linear_probe"), shots=args.shots, seed=args.seed, out_dir=args.out, **common, **model)
 
 
 if __name__ == "__main__":

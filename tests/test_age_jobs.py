@@ -67,13 +67,10 @@ def test_age_jobs_end_to_end(cache: Path, faces: Path, tmp_path: Path, rn50) -> 
     from coopipe.datasets.fewshot import FewShotIndex
     from coopipe.jobs.age_eval import age_templates, describe_age_metrics
     from coopipe.jobs.age_report import run_age_report
-    from coopipe.jobs.evaluate import (
-        run_eval,
-        run_ridge_probe,
-        run_zeroshot,
-    )
+    from coopipe.jobs.evaluate import run_eval, run_fit, run_zeroshot
     from coopipe.jobs.train import run_train
     from coopipe.lookup import fewshot_index_path
+    from coopipe.methods import MethodSpec
     from coopipe.regression import AGE_TEMPLATES
 
     data = load_dataset("utkface", faces)
@@ -93,7 +90,8 @@ def test_age_jobs_end_to_end(cache: Path, faces: Path, tmp_path: Path, rn50) -> 
                        ensemble=True, templates=AGE_TEMPLATES[:2])  # two prompts keep the text pass short
     assert ens["method"] == "zeroshot_ensemble" and ens["templates"] == list(AGE_TEMPLATES[:2])
 
-    ridge = run_ridge_probe(cache_dir=cache, dataset="utkface", shots=2, seed=1, out_dir=runs / "ridge" / "shots2_seed1")
+    ridge = run_fit(MethodSpec("ridge"), cache_dir=cache, dataset="utkface", shots=2, seed=1,
+                    out_dir=runs / "ridge" / "shots2_seed1")
     assert ridge["method"] == "ridge" and ridge["alpha"] > 0
     assert _check_age_metrics(runs / "ridge" / "shots2_seed1", n_test)["constant_median"] == np.median(draw_ages)
     res = CliRunner().invoke(app, ["linear-probe", "--features", str(cache), "--dataset", "utkface", "--shots", "2",

@@ -46,7 +46,8 @@ def test_training_cost_is_setup_plus_epochs_over_images_seen():
 
 
 def test_train_eval_zeroshot_and_probe_record_their_cost(cache, rn50, tmp_path):
-    from coopipe.jobs.evaluate import run_eval, run_linear_probe, run_zeroshot
+    from coopipe.jobs.evaluate import run_eval, run_fit, run_zeroshot
+    from coopipe.methods import MethodSpec
     from coopipe.jobs.train import run_train
 
     run = tmp_path / "run"
@@ -64,5 +65,5 @@ def test_train_eval_zeroshot_and_probe_record_their_cost(cache, rn50, tmp_path):
 
     zero = run_zeroshot(cache_dir=cache, dataset="toy", out_dir=tmp_path / "zs", clip=rn50)["cost"]
     assert zero["epochs"] == 0 and zero["train_seconds"] > 0 and zero["inference_images_per_s"] > 0
-    probe = run_linear_probe(cache_dir=cache, dataset="toy", shots=2, seed=1, out_dir=tmp_path / "lp", clip=rn50)
+    probe = run_fit(MethodSpec("linear_probe"), cache_dir=cache, dataset="toy", shots=2, seed=1, out_dir=tmp_path / "lp", clip=rn50)
     assert probe["cost"]["images"] == 2 * len(CLASSES) and probe["cost"]["train_seconds"] > 0

@@ -235,13 +235,14 @@ def linear_probe(
     pretrained: Annotated[Optional[str], typer.Option(help="Weights (default: inferred).")] = None,
 ) -> None:
     """Linear probe (logistic regression, C searched on the few-shot validation split) on cached features."""
+    from coopipe.jobs.evaluate import run_fit
     from coopipe.lookup import run_name
-    from coopipe.jobs.evaluate import run_linear_probe
+    from coopipe.methods import MethodSpec
 
     with errors():
         folder = out or Path(PathsConfig.runs) / dataset / "linear_probe" / run_name(shots, seed)
-        print_metrics(run_linear_probe(cache_dir=features, dataset=dataset, shots=shots, seed=seed,
-                                        out_dir=folder, model=model, pretrained=pretrained))
+        print_metrics(run_fit(MethodSpec("linear_probe"), cache_dir=features, dataset=dataset, shots=shots,
+                              seed=seed, out_dir=folder, model=model, pretrained=pretrained))
 
 
 @app.command()
@@ -315,12 +316,14 @@ def ridge(
     out: Annotated[Optional[Path], typer.Option(help="Output folder (default runs/<dataset>/ridge/shotsK_seedS).")] = None,
 ) -> None:
     """Ridge regression of age on the cached features (alpha chosen on validation): the plain age baseline."""
-    from coopipe.jobs.evaluate import run_ridge_probe
+    from coopipe.jobs.evaluate import run_fit
     from coopipe.lookup import run_name
+    from coopipe.methods import MethodSpec
 
     with errors():
         folder = out or Path(PathsConfig.runs) / dataset / "ridge" / run_name(shots, seed)
-        print_metrics(run_ridge_probe(cache_dir=features, dataset=dataset, shots=shots, seed=seed, out_dir=folder))
+        print_metrics(run_fit(MethodSpec("ridge"), cache_dir=features, dataset=dataset, shots=shots, seed=seed,
+                              out_dir=folder))
 
 
 @app.command()

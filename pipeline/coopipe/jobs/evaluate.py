@@ -2,9 +2,10 @@
 
 - ``run_eval``: a trained run (its exported classifier, so no text encoder is needed) on the test store of
   its dataset, model and weights (or any compatible store given explicitly);
-- ``run_fit``: a training-free method's run and its evaluation in one call; ``run_zeroshot`` (zero-shot CLIP with the
-  dataset's hand-crafted prompt, or prompt ensembling), ``run_linear_probe`` and ``run_ridge_probe`` are it for the
-  baselines, which are methods (:mod:`coopipe.methods.zeroshot`, :mod:`coopipe.methods.probes`).
+- ``run_fit``: a training-free method's run and its evaluation in one call, for the baselines, which are methods
+  (:mod:`coopipe.methods.zeroshot`, :mod:`coopipe.methods.probes`): ``run_fit(MethodSpec("linear_probe"), ...)``
+  is the linear probe, ``run_fit(MethodSpec("ridge"), ...)`` the ridge probe; ``run_zeroshot`` is it for zero-shot
+  CLIP with the dataset's hand-crafted prompt, prompt ensembling or given templates.
 Each writes ``metrics.json`` (method, dataset, shots, seed + metrics) into its run folder.
 
 Age datasets (:func:`coopipe.datasets.is_age_dataset`) branch into :mod:`coopipe.jobs.age_eval`: the same
@@ -255,39 +256,3 @@ def run_zeroshot(
     method = MethodSpec.of("zeroshot", ensemble=ensemble, templates=TEMPLATE_SEP.join(templates) if templates else None)
     return run_fit(method, cache_dir=cache_dir, dataset=dataset, out_dir=out_dir, model=model, pretrained=pretrained,
                    device=device, clip=clip, classes=classes)
-
-
-def run_linear_probe(
-    *,
-    cache_dir: str | Path,
-    dataset: str,
-    shots: int,
-    seed: int,
-    out_dir: str | Path,
-    model: str | None = None,
-    pretrained: str | None = None,
-    device: str = "cpu",
-    clip: LoadedClip | None = None,
-) -> dict[str, Any]:
-    """CLIP's linear probe on the K-shot centre-view features, C chosen on the few-shot validation split
-    (:mod:`coopipe.methods.probes`; on an age dataset the rank probe, C by validation MAE)."""
-    return run_fit(MethodSpec("linear_probe"), cache_dir=cache_dir, dataset=dataset, out_dir=out_dir, shots=shots,
-                   seed=seed, model=model, pretrained=pretrained, device=device, clip=clip)
-
-
-def run_ridge_probe(
-    *,
-    cache_dir: str | Path,
-    dataset: str,
-    shots: int,
-    seed: int,
-    out_dir: str | Path,
-    model: str | None = None,
-    pretrained: str | None = None,
-    device: str = "cpu",
-    clip: LoadedClip | None = None,
-) -> dict[str, Any]:
-    """Closed-form ridge regression of age on the few-shot centre-view features, alpha on validation MAE
-    (:mod:`coopipe.methods.probes`); an age dataset only."""
-    return run_fit(MethodSpec("ridge"), cache_dir=cache_dir, dataset=dataset, out_dir=out_dir, shots=shots,
-                   seed=seed, model=model, pretrained=pretrained, device=device, clip=clip)
